@@ -1,0 +1,721 @@
+//! Configuration loading, in two phases: raw serde structs read from YAML (unknown
+//! keys are errors), then validation into a [`Config`] whose cross-references
+//! (route → provider → model) are checked. Every problem names its file and field.
+//! This is the only module that knows YAML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::canonical::{ChatRequest, Params};
+use crate::provider::http::Timeouts;
+
+// === raw files ===
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    routes: BTreeMap<String, RawRoute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    max_body_bytes: Option<usize>,
+    #[serde(default)]
+    max_concurrency: Option<usize>,
+    #[serde(default)]
+    request_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    provider: String,
+    model: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    params: RawParams,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawParams {
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    stop: Option<Vec<String>>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    /// Backend-specific fields added to the request body as they are.
+    #[serde(default)]
+    extra: Map<String, Value>,
+}
+
+/// The backend protocols the gateway speaks. Each kind maps to one codec module.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible Chat Completions server.
+    Openai,
+    /// The built-in deterministic stand-in (no network).
+    Sandbox,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: ProviderKind,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    self_hosted: Option<bool>,
+    #[serde(default)]
+    stream_usage: Option<bool>,
+    #[serde(default)]
+    chat_path: Option<String>,
+    #[serde(default)]
+    embeddings_path: Option<String>,
+    #[serde(default)]
+    sandbox: Option<RawSandbox>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default)]
+    connect: Option<String>,
+    #[serde(default)]
+    headers: Option<String>,
+    #[serde(default)]
+    idle: Option<String>,
+    #[serde(default)]
+    total: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    models: BTreeMap<String, RawSandboxModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSandboxModel {
+    #[serde(default)]
+    reply: Option<SandboxReply>,
+    #[serde(default)]
+    script: Vec<String>,
+    #[serde(default)]
+    chunk_chars: Option<usize>,
+    #[serde(default)]
+    chunk_delay: Option<String>,
+    #[serde(default)]
+    first_token_delay: Option<String>,
+    #[serde(default)]
+    delay: Option<String>,
+    #[serde(default)]
+    fail: Option<RawSandboxFail>,
+    #[serde(default)]
+    cut_after: Option<usize>,
+    #[serde(default)]
+    embedding_dims: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandboxFail {
+    status: u16,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+// === validated config ===
+
+/// What a sandbox model answers.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxReply {
+    /// Repeats the last user message (as JSON under JSON mode).
+    #[default]
+    Echo,
+    /// Cycles through `script`, one entry per user turn.
+    Script,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxModel {
+    pub reply: SandboxReply,
+    pub script: Vec<String>,
+    /// Characters per streamed chunk; 0 streams word by word.
+    pub chunk_chars: usize,
+    pub chunk_delay: Duration,
+    pub first_token_delay: Duration,
+    /// Added before the answer (or the stream's headers).
+    pub delay: Duration,
+    pub fail: Option<(u16, String)>,
+    /// Cut the stream (an abrupt end, no finish) after this many chunks.
+    pub cut_after: Option<usize>,
+    pub embedding_dims: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    Bearer,
+    Header(String),
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub id: String,
+    pub file: PathBuf,
+    pub kind: ProviderKind,
+    pub description: Option<String>,
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub auth: Auth,
+    pub headers: BTreeMap<String, String>,
+    pub timeouts: Timeouts,
+    pub models: Option<Vec<String>>,
+    pub self_hosted: bool,
+    pub stream_usage: bool,
+    pub chat_path: String,
+    pub embeddings_path: String,
+    pub sandbox: BTreeMap<String, SandboxModel>,
+}
+
+/// Parameters a route forces onto every request it serves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParamOverrides {
+    pub params: Params,
+    pub extra: Map<String, Value>,
+}
+
+impl ParamOverrides {
+    pub fn is_empty(&self) -> bool {
+        self.params == Params::default() && self.extra.is_empty()
+    }
+
+    pub fn apply(&self, req: &mut ChatRequest) {
+        let o = &self.params;
+        let p = &mut req.params;
+        macro_rules! set {
+            ($($f:ident),*) => {$( if o.$f.is_some() { p.$f = o.$f.clone(); } )*};
+        }
+        set!(
+            temperature,
+            top_p,
+            max_tokens,
+            max_completion_tokens,
+            seed,
+            presence_penalty,
+            frequency_penalty
+        );
+        if !o.stop.is_empty() {
+            p.stop.clone_from(&o.stop);
+        }
+        for (k, v) in &self.extra {
+            req.extra.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub provider: String,
+    pub model: String,
+    pub description: Option<String>,
+    pub overrides: ParamOverrides,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_concurrency: usize,
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_concurrency: 4096,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub prompts_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    pub routes: BTreeMap<String, RouteConfig>,
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+/// One problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// Dotted path of the field, empty when the whole file is at fault.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.field, self.message)
+        }
+    }
+}
+
+struct Problems {
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    fn add(&mut self, file: &Path, field: impl Into<String>, message: impl Into<String>) {
+        self.list.push(Problem {
+            file: file.display().to_string(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        file: &Path,
+        field: &str,
+        raw: &Option<String>,
+        default: Duration,
+    ) -> Duration {
+        match raw {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.add(
+                        file,
+                        field,
+                        format!("`{s}` is not a duration like `500ms` or `30s`: {e}"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+}
+
+fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, problems: &mut Problems) -> Option<T> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.add(path, "", format!("cannot read file: {e}"));
+            return None;
+        }
+    };
+    // An empty file is an empty mapping.
+    let text = if text.trim().is_empty() {
+        "{}"
+    } else {
+        text.as_str()
+    };
+    let de = serde_yaml::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let field = e.path().to_string();
+            let field = if field == "." { String::new() } else { field };
+            let inner = e.into_inner();
+            let mut msg = inner.to_string();
+            if let Some(loc) = inner.location() {
+                if !msg.contains("line") {
+                    msg = format!("{msg} (line {}, column {})", loc.line(), loc.column());
+                }
+            }
+            problems.add(path, field, msg);
+            None
+        }
+    }
+}
+
+/// The folders that sit beside the gateway file.
+pub fn providers_dir(gateway_file: &Path) -> PathBuf {
+    gateway_file
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("providers")
+}
+
+pub fn prompts_dir(gateway_file: &Path) -> PathBuf {
+    gateway_file
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("prompts")
+}
+
+/// Loads and validates the gateway file and the `providers/` folder beside it.
+pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
+    let mut problems = Problems { list: Vec::new() };
+    let gw: RawGateway = read_yaml(gateway_file, &mut problems).unwrap_or_default();
+
+    let dir = providers_dir(gateway_file);
+    let mut providers = BTreeMap::new();
+    match std::fs::read_dir(&dir) {
+        Err(e) => problems.add(&dir, "", format!("cannot read the providers folder: {e}")),
+        Ok(entries) => {
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect();
+            files.sort();
+            for file in files {
+                let Some(id) = file.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                    continue;
+                };
+                if !valid_id(&id) {
+                    problems.add(&file, "", "a provider file name must be letters, digits, `-` or `_` (it is the provider id)");
+                    continue;
+                }
+                if providers.contains_key(&id) {
+                    problems.add(
+                        &file,
+                        "",
+                        format!("provider `{id}` is defined twice (.yaml and .yml)"),
+                    );
+                    continue;
+                }
+                if let Some(raw) = read_yaml::<RawProvider>(&file, &mut problems) {
+                    let p = validate_provider(id.clone(), file, raw, &mut problems);
+                    providers.insert(id, p);
+                }
+            }
+        }
+    }
+
+    let listen = match gw
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:8080")
+        .parse::<SocketAddr>()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            problems.add(
+                gateway_file,
+                "listen",
+                format!("not a HOST:PORT address: {e}"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        }
+    };
+    let d = Limits::default();
+    let limits = Limits {
+        max_body_bytes: gw.limits.max_body_bytes.unwrap_or(d.max_body_bytes),
+        max_concurrency: gw.limits.max_concurrency.unwrap_or(d.max_concurrency),
+        request_timeout: problems.duration(
+            gateway_file,
+            "limits.request_timeout",
+            &gw.limits.request_timeout,
+            d.request_timeout,
+        ),
+    };
+    if limits.max_concurrency == 0 {
+        problems.add(gateway_file, "limits.max_concurrency", "must be at least 1");
+    }
+
+    let mut routes = BTreeMap::new();
+    for (name, r) in gw.routes {
+        let field = format!("routes.{name}");
+        match providers.get(&r.provider) {
+            None => {
+                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                problems.add(
+                    gateway_file,
+                    format!("{field}.provider"),
+                    format!(
+                        "unknown provider `{}` (providers: {})",
+                        r.provider,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            Some(p) => {
+                if let Some(models) = &p.models {
+                    if !models.contains(&r.model) {
+                        problems.add(
+                            gateway_file,
+                            format!("{field}.model"),
+                            format!(
+                                "provider `{}` has no model `{}` (its models: {})",
+                                p.id,
+                                r.model,
+                                models.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(t) = r.params.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                problems.add(
+                    gateway_file,
+                    format!("{field}.params.temperature"),
+                    "must be between 0 and 2",
+                );
+            }
+        }
+        let rp = r.params;
+        routes.insert(
+            name.clone(),
+            RouteConfig {
+                name,
+                provider: r.provider,
+                model: r.model,
+                description: r.description,
+                overrides: ParamOverrides {
+                    params: Params {
+                        temperature: rp.temperature,
+                        top_p: rp.top_p,
+                        max_tokens: rp.max_tokens,
+                        max_completion_tokens: rp.max_completion_tokens,
+                        stop: rp.stop.unwrap_or_default(),
+                        seed: rp.seed,
+                        n: None,
+                        presence_penalty: rp.presence_penalty,
+                        frequency_penalty: rp.frequency_penalty,
+                        user: None,
+                    },
+                    extra: rp.extra,
+                },
+            },
+        );
+    }
+
+    if problems.list.is_empty() {
+        Ok(Config {
+            file: gateway_file.to_owned(),
+            prompts_dir: prompts_dir(gateway_file),
+            listen,
+            limits,
+            routes,
+            providers,
+        })
+    } else {
+        Err(problems.list)
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+fn validate_provider(
+    id: String,
+    file: PathBuf,
+    raw: RawProvider,
+    problems: &mut Problems,
+) -> ProviderConfig {
+    let d = Timeouts::default();
+    let t = &raw.timeouts;
+    let timeouts = Timeouts {
+        connect: problems.duration(&file, "timeouts.connect", &t.connect, d.connect),
+        headers: problems.duration(&file, "timeouts.headers", &t.headers, d.headers),
+        idle: problems.duration(&file, "timeouts.idle", &t.idle, d.idle),
+        total: problems.duration(&file, "timeouts.total", &t.total, d.total),
+    };
+    let auth = match raw.auth.as_deref() {
+        None | Some("bearer") => Auth::Bearer,
+        Some("none") => Auth::None,
+        Some(h) if h.starts_with("header:") && h.len() > 7 => {
+            let name = h[7..].trim().to_owned();
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                problems.add(
+                    &file,
+                    "auth",
+                    format!("`{name}` is not a valid header name"),
+                );
+            }
+            Auth::Header(name)
+        }
+        Some(other) => {
+            problems.add(
+                &file,
+                "auth",
+                format!("`{other}` is not one of `bearer`, `header:NAME`, `none`"),
+            );
+            Auth::Bearer
+        }
+    };
+    for (k, v) in &raw.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+            || http::HeaderValue::from_str(v).is_err()
+        {
+            problems.add(&file, format!("headers.{k}"), "not a valid HTTP header");
+        }
+    }
+    let mut base_url = raw.base_url.clone().unwrap_or_default();
+    let mut sandbox = BTreeMap::new();
+    match raw.kind {
+        ProviderKind::Sandbox => {
+            if raw.base_url.is_some() {
+                problems.add(
+                    &file,
+                    "base_url",
+                    "a sandbox provider has no base_url (it answers in-process)",
+                );
+            }
+            match raw.sandbox {
+                None => problems.add(
+                    &file,
+                    "sandbox",
+                    "a sandbox provider needs a `sandbox.models` section",
+                ),
+                Some(s) => {
+                    for (name, m) in s.models {
+                        let f = |k: &str| format!("sandbox.models.{name}.{k}");
+                        if m.reply == Some(SandboxReply::Script) && m.script.is_empty() {
+                            problems.add(
+                                &file,
+                                f("script"),
+                                "`reply: script` needs at least one scripted reply",
+                            );
+                        }
+                        if let Some(fail) = &m.fail {
+                            if !(400..=599).contains(&fail.status) {
+                                problems.add(
+                                    &file,
+                                    f("fail.status"),
+                                    "must be an HTTP error status (400-599)",
+                                );
+                            }
+                        }
+                        let model = SandboxModel {
+                            reply: m.reply.unwrap_or_default(),
+                            script: m.script,
+                            chunk_chars: m.chunk_chars.unwrap_or(0),
+                            chunk_delay: problems.duration(
+                                &file,
+                                &f("chunk_delay"),
+                                &m.chunk_delay,
+                                Duration::ZERO,
+                            ),
+                            first_token_delay: problems.duration(
+                                &file,
+                                &f("first_token_delay"),
+                                &m.first_token_delay,
+                                Duration::ZERO,
+                            ),
+                            delay: problems.duration(&file, &f("delay"), &m.delay, Duration::ZERO),
+                            fail: m.fail.map(|f| {
+                                let msg = f.message.unwrap_or_else(|| {
+                                    format!("sandbox: simulated HTTP {} failure", f.status)
+                                });
+                                (f.status, msg)
+                            }),
+                            cut_after: m.cut_after,
+                            embedding_dims: m.embedding_dims.unwrap_or(16).clamp(1, 8192),
+                        };
+                        sandbox.insert(name, model);
+                    }
+                }
+            }
+        }
+        ProviderKind::Openai => {
+            if raw.sandbox.is_some() {
+                problems.add(
+                    &file,
+                    "sandbox",
+                    "only a `kind: sandbox` provider takes a sandbox section",
+                );
+            }
+            match raw.base_url.as_deref() {
+                None => problems.add(&file, "base_url", "an HTTP provider needs a base_url"),
+                Some(u) => match reqwest::Url::parse(u) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                    _ => problems.add(&file, "base_url", format!("`{u}` is not an http(s) URL")),
+                },
+            }
+            base_url = base_url.trim_end_matches('/').to_owned();
+        }
+    }
+    if let Some(env) = &raw.api_key_env {
+        if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            problems.add(
+                &file,
+                "api_key_env",
+                "must be the name of an environment variable",
+            );
+        }
+    }
+    let models = match raw.kind {
+        ProviderKind::Sandbox => Some(sandbox.keys().cloned().collect()),
+        ProviderKind::Openai => raw.models,
+    };
+    ProviderConfig {
+        id,
+        file,
+        kind: raw.kind,
+        description: raw.description,
+        base_url,
+        api_key_env: raw.api_key_env,
+        auth,
+        headers: raw.headers,
+        timeouts,
+        models,
+        self_hosted: raw.self_hosted.unwrap_or(raw.kind == ProviderKind::Sandbox),
+        stream_usage: raw.stream_usage.unwrap_or(true),
+        chat_path: raw.chat_path.unwrap_or_else(|| "/chat/completions".into()),
+        embeddings_path: raw.embeddings_path.unwrap_or_else(|| "/embeddings".into()),
+        sandbox,
+    }
+}

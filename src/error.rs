@@ -1,0 +1,194 @@
+//! The error model. Backend failures are classified once, into [`ErrorKind`], where
+//! the codec or transport first sees them; routing (retry, fallback) decides on the
+//! kind, metrics label by it, and the ingress turns a [`GatewayError`] into the
+//! client dialect's error JSON exactly once, at the edge.
+
+use std::time::Duration;
+
+/// What went wrong with a backend call. Low cardinality: used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The backend could not be reached (refused, DNS, TLS, reset before a reply).
+    Connect,
+    /// The backend did not answer in time (headers, first token, idle gap or total).
+    Timeout,
+    /// 429, or a vendor code meaning the same.
+    RateLimited,
+    /// 5xx, 529, "loading", "overloaded".
+    Overloaded,
+    /// The gateway's credentials for the backend were refused (401/403).
+    Auth,
+    /// The backend rejected the request as invalid (400/404/422).
+    BadRequest,
+    /// The prompt does not fit the model's context window.
+    ContextLength,
+    /// The backend's safety filter blocked the prompt or the answer.
+    ContentFilter,
+    /// The backend answered with something that is not its documented format, or
+    /// cut a stream short.
+    MalformedResponse,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Auth => "auth",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::ContextLength => "context_length",
+            ErrorKind::ContentFilter => "content_filter",
+            ErrorKind::MalformedResponse => "malformed_response",
+        }
+    }
+
+    /// Whether another attempt (same or next target) may succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connect
+                | ErrorKind::Timeout
+                | ErrorKind::RateLimited
+                | ErrorKind::Overloaded
+                | ErrorKind::MalformedResponse
+        )
+    }
+
+    /// The HTTP status the gateway answers with for this kind.
+    pub fn client_status(self, upstream_status: Option<u16>) -> u16 {
+        match self {
+            ErrorKind::Connect | ErrorKind::MalformedResponse | ErrorKind::Auth => 502,
+            ErrorKind::Timeout => 504,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Overloaded => 503,
+            ErrorKind::ContextLength | ErrorKind::ContentFilter => 400,
+            ErrorKind::BadRequest => upstream_status
+                .filter(|s| matches!(s, 400 | 404 | 409 | 413 | 415 | 422))
+                .unwrap_or(400),
+        }
+    }
+
+    /// Classification of a bare HTTP status, before any vendor-specific refinement.
+    pub fn from_status(status: u16) -> ErrorKind {
+        match status {
+            401 | 403 => ErrorKind::Auth,
+            408 | 504 => ErrorKind::Timeout,
+            429 => ErrorKind::RateLimited,
+            413 => ErrorKind::ContextLength,
+            400..=499 => ErrorKind::BadRequest,
+            _ => ErrorKind::Overloaded,
+        }
+    }
+}
+
+/// A classified backend failure. The message is safe to show to a client: it never
+/// contains the provider's credentials (see [`UpstreamError::redact`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{provider}: {kind:?}: {message}")]
+pub struct UpstreamError {
+    pub kind: ErrorKind,
+    /// The backend's HTTP status, when it answered at all.
+    pub status: Option<u16>,
+    pub message: String,
+    /// Provider id (filled in by the transport).
+    pub provider: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl UpstreamError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        UpstreamError {
+            kind,
+            status: None,
+            message: message.into(),
+            provider: String::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Removes every occurrence of `secret` from the message.
+    pub fn redact(mut self, secret: Option<&str>) -> Self {
+        if let Some(s) = secret.filter(|s| s.len() >= 4) {
+            if self.message.contains(s) {
+                self.message = self.message.replace(s, "[redacted]");
+            }
+        }
+        self
+    }
+}
+
+/// Everything that can end a request with an error, converted to an HTTP response
+/// exactly once by the ingress of the client's dialect.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the model `{model}` does not exist; available models: {available}")]
+    UnknownModel { model: String, available: String },
+    #[error("provider `{provider}` is unavailable: {reason}")]
+    ProviderUnavailable { provider: String, reason: String },
+    #[error("route `{route}` does not support {capability}")]
+    Unsupported { route: String, capability: String },
+    #[error("{0}")]
+    Upstream(UpstreamError),
+    #[error("no such endpoint: {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        GatewayError::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::InvalidRequest { .. } | GatewayError::Unsupported { .. } => 400,
+            GatewayError::PayloadTooLarge { .. } => 413,
+            GatewayError::UnknownModel { .. } | GatewayError::NotFound { .. } => 404,
+            GatewayError::ProviderUnavailable { .. } => 503,
+            GatewayError::Upstream(e) => e.kind.client_status(e.status),
+            GatewayError::Internal(_) => 500,
+        }
+    }
+
+    /// A short, stable name for the error: the `code` of the error JSON and the
+    /// `kind` label of the error metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidRequest { .. } => "invalid_request",
+            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::UnknownModel { .. } => "model_not_found",
+            GatewayError::ProviderUnavailable { .. } => "provider_unavailable",
+            GatewayError::Unsupported { .. } => "unsupported",
+            GatewayError::Upstream(e) => match e.kind {
+                ErrorKind::ContextLength => "context_length_exceeded",
+                k => k.as_str(),
+            },
+            GatewayError::NotFound { .. } => "not_found",
+            GatewayError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl From<UpstreamError> for GatewayError {
+    fn from(e: UpstreamError) -> Self {
+        GatewayError::Upstream(e)
+    }
+}

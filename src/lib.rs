@@ -1,0 +1,48 @@
+//! promptgate: a model-agnostic prompt orchestration gateway. See ARCHITECTURE.md
+//! for the map; the request flow is `server` (edge, dialect) → `gateway`
+//! (pipeline) → `provider` (backends) → back through `server`.
+
+pub mod canonical;
+pub mod config;
+pub mod error;
+pub mod framing;
+pub mod gateway;
+pub mod metrics;
+pub mod provider;
+pub mod server;
+pub mod snapshot;
+pub mod tokens;
+pub mod wire;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use config::Problem;
+pub use gateway::Gateway;
+
+/// Loads the config at `path` and builds a ready gateway plus its server settings,
+/// reading provider keys through `env`.
+pub fn load(
+    path: &Path,
+    env: provider::registry::EnvLookup<'_>,
+) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
+    let cfg = config::load(path)?;
+    let snapshot = snapshot::Snapshot::build(cfg.clone(), env);
+    let gw = Gateway::new(snapshot).map_err(|e| {
+        vec![Problem {
+            file: path.display().to_string(),
+            field: String::new(),
+            message: format!("cannot set up metrics: {e}"),
+        }]
+    })?;
+    Ok((gw, cfg))
+}
+
+/// The server settings a config asks for.
+pub fn server_settings(cfg: &config::Config) -> server::ServerSettings {
+    server::ServerSettings {
+        max_body_bytes: cfg.limits.max_body_bytes,
+        max_concurrency: cfg.limits.max_concurrency,
+        request_timeout: cfg.limits.request_timeout,
+    }
+}

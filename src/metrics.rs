@@ -1,0 +1,124 @@
+//! Prometheus metrics. One registry per gateway instance (so tests running several
+//! gateways in one process do not share counters). Labels are low-cardinality:
+//! route and provider names come from config, `kind` from [`crate::error`].
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, provider and final HTTP status.
+    pub requests: IntCounterVec,
+    /// Whole request time as the client sees it (to response end), by route.
+    pub request_seconds: HistogramVec,
+    /// Time waiting on the backend (to response headers / full body), by provider.
+    pub upstream_seconds: HistogramVec,
+    /// Time to the first streamed token, by route and provider.
+    pub ttft_seconds: HistogramVec,
+    /// The gateway's own processing time per request.
+    pub overhead_seconds: HistogramVec,
+    /// Tokens by route, provider, direction (`in`/`out`) and source (`reported`/`estimated`).
+    pub tokens: IntCounterVec,
+    /// Errors by kind (the error JSON's `code`) and route.
+    pub errors: IntCounterVec,
+    /// Streams that ended with an error event after they began.
+    pub stream_errors: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("promptgate".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Requests by route, provider and HTTP status",
+            ),
+            &["route", "provider", "status"],
+        )?;
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Request latency seen by the client",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let upstream_seconds = HistogramVec::new(
+            HistogramOpts::new("upstream_duration_seconds", "Time waiting on the backend")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["provider"],
+        )?;
+        let ttft_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "time_to_first_token_seconds",
+                "Time to the first streamed token",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "provider"],
+        )?;
+        let overhead_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_overhead_seconds",
+                "Gateway processing time per request, excluding time waiting on the backend",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "tokens_total",
+                "Tokens by route, provider, direction and source",
+            ),
+            &["route", "provider", "direction", "source"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new("errors_total", "Errors by kind and route"),
+            &["kind", "route"],
+        )?;
+        let stream_errors = IntCounterVec::new(
+            Opts::new(
+                "stream_errors_total",
+                "Streams ended with an error event after they began, by route, provider and kind",
+            ),
+            &["route", "provider", "kind"],
+        )?;
+        let in_flight = IntGauge::new("requests_in_flight", "Requests being served")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_seconds.clone()))?;
+        registry.register(Box::new(upstream_seconds.clone()))?;
+        registry.register(Box::new(ttft_seconds.clone()))?;
+        registry.register(Box::new(overhead_seconds.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(stream_errors.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            request_seconds,
+            upstream_seconds,
+            ttft_seconds,
+            overhead_seconds,
+            tokens,
+            errors,
+            stream_errors,
+            in_flight,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8192);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}

@@ -1,0 +1,392 @@
+//! The shared upstream transport: one pooled HTTP client per provider, auth
+//! headers, the four timeouts (connect, response headers, idle gap between stream
+//! chunks, total), classification of network failures, and the stream loop that
+//! feeds a codec's [`StreamDecoder`] whole frames. Codecs never touch the network.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+
+use super::{Codec, EventStream, HttpCall, Provider, StreamDecoder};
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::FrameDecoder;
+
+/// Timeouts for one provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// From sending the request to the response headers.
+    pub headers: Duration,
+    /// Longest silence between two stream chunks.
+    pub idle: Duration,
+    /// The whole call, body or stream included.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            headers: Duration::from_secs(120),
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Everything an HTTP provider needs, resolved from its config file.
+pub struct HttpSettings {
+    pub id: String,
+    pub base_url: String,
+    /// Header carrying the credential, and its full value (e.g. `Bearer sk-…`).
+    pub auth: Option<(HeaderName, String)>,
+    /// The raw secret, so it can be scrubbed from any error text.
+    pub secret: Option<String>,
+    pub headers: HeaderMap,
+    pub timeouts: Timeouts,
+}
+
+pub struct HttpProvider {
+    id: Arc<str>,
+    base_url: String,
+    client: reqwest::Client,
+    headers: HeaderMap,
+    secret: Option<String>,
+    timeouts: Timeouts,
+    codec: Arc<dyn Codec>,
+}
+
+impl HttpProvider {
+    pub fn new(settings: HttpSettings, codec: Arc<dyn Codec>) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(settings.timeouts.connect)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build()
+            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        let mut headers = settings.headers;
+        if let Some((name, value)) = settings.auth {
+            let mut v = HeaderValue::from_str(&value).map_err(|_| {
+                "the API key contains characters not allowed in a header".to_string()
+            })?;
+            v.set_sensitive(true);
+            headers.insert(name, v);
+        }
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(HttpProvider {
+            id: settings.id.into(),
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            client,
+            headers,
+            secret: settings.secret,
+            timeouts: settings.timeouts,
+            codec,
+        })
+    }
+
+    /// Stamps the provider id on an error and removes the credential from its text.
+    fn own(&self, e: UpstreamError) -> UpstreamError {
+        let mut e = e.redact(self.secret.as_deref());
+        if e.provider.is_empty() {
+            e.provider = self.id.to_string();
+        }
+        e
+    }
+
+    /// Sends `call` and waits for response headers. Non-2xx answers are read and
+    /// classified by the codec.
+    async fn send(&self, call: HttpCall) -> Result<reqwest::Response, UpstreamError> {
+        let mut url = String::with_capacity(self.base_url.len() + call.path.len());
+        url.push_str(&self.base_url);
+        url.push_str(&call.path);
+        let mut rb = self
+            .client
+            .post(url)
+            .headers(self.headers.clone())
+            .body(call.body);
+        for (k, v) in call.headers {
+            rb = rb.header(k, v);
+        }
+        let resp = match tokio::time::timeout(self.timeouts.headers, rb.send()).await {
+            Err(_) => {
+                return Err(UpstreamError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "backend sent no response headers within {}",
+                        humantime::format_duration(self.timeouts.headers)
+                    ),
+                ))
+            }
+            Ok(r) => r.map_err(classify_transport_error)?,
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = tokio::time::timeout(self.timeouts.idle, resp.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let mut err = self.codec.error(status.as_u16(), &body);
+        err.status = Some(status.as_u16());
+        err.retry_after = retry_after;
+        Err(err)
+    }
+
+    async fn call_json<T>(
+        &self,
+        call: Result<HttpCall, UpstreamError>,
+        decode: impl FnOnce(&[u8]) -> Result<T, UpstreamError>,
+    ) -> Result<T, UpstreamError> {
+        let work = async {
+            let resp = self.send(call?).await?;
+            let body = resp.bytes().await.map_err(classify_transport_error)?;
+            decode(&body)
+        };
+        match tokio::time::timeout(self.timeouts.total, work).await {
+            Ok(r) => r.map_err(|e| self.own(e)),
+            Err(_) => Err(self.own(UpstreamError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "backend did not finish within {}",
+                    humantime::format_duration(self.timeouts.total)
+                ),
+            ))),
+        }
+    }
+}
+
+impl Provider for HttpProvider {
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<ChatResponse, UpstreamError>> {
+        Box::pin(self.call_json(self.codec.chat_call(req, model), |b| {
+            self.codec.chat_response(b)
+        }))
+    }
+
+    fn chat_stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<EventStream, UpstreamError>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + self.timeouts.total;
+            let call = self.codec.chat_call(req, model).map_err(|e| self.own(e))?;
+            let resp = self.send(call).await.map_err(|e| self.own(e))?;
+            let is_json = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/json"));
+            let stream: EventStream = if is_json {
+                // The backend ignored `stream` or put an error in a 200 body: read it
+                // whole and replay it as events.
+                let body = tokio::time::timeout_at(deadline, resp.bytes())
+                    .await
+                    .map_err(|_| {
+                        self.own(UpstreamError::new(
+                            ErrorKind::Timeout,
+                            "backend body timed out",
+                        ))
+                    })?
+                    .map_err(|e| self.own(classify_transport_error(e)))?;
+                let full = self.codec.chat_response(&body).map_err(|e| self.own(e))?;
+                let events: Vec<Result<StreamEvent, UpstreamError>> =
+                    response_events(full).into_iter().map(Ok).collect();
+                Box::pin(futures_util::stream::iter(events))
+            } else {
+                event_stream(
+                    resp,
+                    self.codec.stream_decoder(),
+                    self.codec.stream_framing(),
+                    StreamLimits {
+                        idle: self.timeouts.idle,
+                        deadline,
+                    },
+                    self.id.clone(),
+                    self.secret.clone(),
+                )
+            };
+            Ok(stream)
+        })
+    }
+
+    fn embed<'a>(
+        &'a self,
+        req: &'a EmbeddingsRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<EmbeddingsResponse, UpstreamError>> {
+        Box::pin(self.call_json(self.codec.embeddings_call(req, model), |b| {
+            self.codec.embeddings_response(b)
+        }))
+    }
+}
+
+struct StreamLimits {
+    idle: Duration,
+    deadline: Instant,
+}
+
+/// Reads a streamed body, frames it, and yields the codec's events. Ends with one
+/// error on a stall, a cut, a malformed frame or an in-band error event.
+fn event_stream(
+    resp: reqwest::Response,
+    mut decoder: Box<dyn StreamDecoder>,
+    framing: crate::framing::Framing,
+    limits: StreamLimits,
+    provider: Arc<str>,
+    secret: Option<String>,
+) -> EventStream {
+    let own = move |e: UpstreamError| {
+        let mut e = e.redact(secret.as_deref());
+        e.provider = provider.to_string();
+        e
+    };
+    Box::pin(async_stream::stream! {
+        let mut body = resp.bytes_stream();
+        let mut frames = FrameDecoder::new(framing);
+        let mut events = Vec::with_capacity(8);
+        loop {
+            let wait_until = (Instant::now() + limits.idle).min(limits.deadline);
+            let next = match tokio::time::timeout_at(wait_until, body.next()).await {
+                Err(_) => {
+                    let what = if Instant::now() >= limits.deadline { "the total time limit" } else { "the idle timeout" };
+                    yield Err(own(UpstreamError::new(
+                        ErrorKind::Timeout,
+                        format!("backend stream stalled past {what}"),
+                    )));
+                    return;
+                }
+                Ok(n) => n,
+            };
+            let bytes = match next {
+                None => {
+                    let mut result = Ok(());
+                    if let Some(f) = frames.finish() {
+                        result = decoder.frame(f, &mut events);
+                    }
+                    for ev in events.drain(..) {
+                        yield Ok(ev);
+                    }
+                    if let Err(e) = result {
+                        yield Err(own(e));
+                    } else if !decoder.finished() {
+                        yield Err(own(UpstreamError::new(
+                            ErrorKind::MalformedResponse,
+                            "backend closed the stream before it was complete",
+                        )));
+                    }
+                    return;
+                }
+                Some(Err(e)) => {
+                    let mut e = classify_transport_error(e);
+                    if e.kind == ErrorKind::Connect {
+                        e.kind = ErrorKind::MalformedResponse;
+                        e.message = format!("backend stream was cut: {}", e.message);
+                    }
+                    yield Err(own(e));
+                    return;
+                }
+                Some(Ok(b)) => b,
+            };
+            frames.push(&bytes);
+            while let Some(frame) = frames.next_frame() {
+                let result = decoder.frame(frame, &mut events);
+                for ev in events.drain(..) {
+                    yield Ok(ev);
+                }
+                if let Err(e) = result {
+                    yield Err(own(e));
+                    return;
+                }
+                if decoder.finished() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Replays a complete response as the events a stream of it would carry.
+pub fn response_events(resp: ChatResponse) -> Vec<StreamEvent> {
+    let mut out = Vec::with_capacity(4 + resp.choices.len());
+    out.push(StreamEvent::Meta(StreamMeta {
+        id: resp.id,
+        created: resp.created,
+        model: resp.model,
+        system_fingerprint: resp.system_fingerprint,
+    }));
+    for c in resp.choices {
+        let m = c.message;
+        out.push(StreamEvent::Delta(Delta {
+            choice: c.index,
+            role: Some(Role::Assistant),
+            content: m.content.map(|c| c.text().into_owned()),
+            reasoning: m.reasoning,
+            tool_calls: m
+                .tool_calls
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| ToolCallDelta {
+                    index: i as u32,
+                    id: Some(t.id),
+                    name: Some(t.name),
+                    arguments: Some(t.arguments),
+                })
+                .collect(),
+            finish_reason: None,
+        }));
+        out.push(StreamEvent::Delta(Delta {
+            choice: c.index,
+            finish_reason: Some(c.finish_reason.unwrap_or(FinishReason::Stop)),
+            ..Delta::default()
+        }));
+    }
+    if let Some(u) = resp.usage {
+        out.push(StreamEvent::Usage(u));
+    }
+    out.push(StreamEvent::Done);
+    out
+}
+
+/// Classifies a failure of the HTTP client itself (no HTTP answer to classify).
+pub fn classify_transport_error(e: reqwest::Error) -> UpstreamError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() {
+        ErrorKind::Connect
+    } else if e.is_body() || e.is_decode() {
+        ErrorKind::MalformedResponse
+    } else {
+        ErrorKind::Connect
+    };
+    // The URL is dropped: some backends carry credentials in the query string.
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    UpstreamError::new(kind, msg)
+}

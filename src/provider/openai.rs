@@ -1,0 +1,110 @@
+//! Codec for OpenAI-compatible backends: OpenAI itself, vLLM, llama.cpp's `/v1`,
+//! Ollama's `/v1`, DeepSeek, Moonshot, Zhipu v4, DashScope compatible mode, Qianfan
+//! v2. Vendor differences are configuration ([`Quirks`]), not new code.
+
+use super::{Codec, HttpCall, StreamDecoder};
+use crate::canonical::*;
+use crate::error::UpstreamError;
+use crate::framing::{Frame, Framing};
+use crate::wire::openai as wire;
+
+/// Per-vendor differences within the OpenAI-compatible family.
+#[derive(Debug, Clone)]
+pub struct Quirks {
+    /// Ask for `stream_options.include_usage` on every stream, so usage is
+    /// reported even when the client did not ask (some servers reject the field).
+    pub stream_usage: bool,
+    /// Path of chat completions under the base URL.
+    pub chat_path: String,
+    /// Path of embeddings under the base URL.
+    pub embeddings_path: String,
+}
+
+impl Default for Quirks {
+    fn default() -> Self {
+        Quirks {
+            stream_usage: true,
+            chat_path: "/chat/completions".into(),
+            embeddings_path: "/embeddings".into(),
+        }
+    }
+}
+
+pub struct OpenAiCodec {
+    pub quirks: Quirks,
+}
+
+impl Codec for OpenAiCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: self.quirks.chat_path.clone(),
+            body: wire::encode_chat_request(req, model, self.quirks.stream_usage),
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        wire::decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(OpenAiStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        wire::classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: self.quirks.embeddings_path.clone(),
+            body: wire::encode_embeddings_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        wire::decode_embeddings_response(body)
+    }
+}
+
+#[derive(Default)]
+struct OpenAiStream {
+    chunks: wire::ChunkDecoder,
+}
+
+impl StreamDecoder for OpenAiStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => {
+                // Older llama.cpp builds write `error: {json}` lines; others send
+                // `event: error`.
+                if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
+                    let val = serde_json::from_str(v)
+                        .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
+                    return Err(wire::classify_error_value(200, &val));
+                }
+                if ev.event.as_deref() == Some("error") {
+                    let val = serde_json::from_str::<serde_json::Value>(&ev.data)
+                        .map(|v| v.get("error").cloned().unwrap_or(v))
+                        .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
+                    return Err(wire::classify_error_value(200, &val));
+                }
+                self.chunks.decode(&ev.data, out)
+            }
+            Frame::Line(l) => self.chunks.decode(&l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.chunks.finished()
+    }
+}

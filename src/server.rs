@@ -1,0 +1,480 @@
+//! The HTTP edge: the axum router, the tower layers for cross-cutting concerns
+//! (request id and timing, catch-panic, load shedding, body limit, trace), and the
+//! OpenAI-dialect handlers. This is the only place a [`GatewayError`] becomes an
+//! HTTP response, and the only place that knows the client's dialect.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use http::{HeaderName, HeaderValue, StatusCode};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tower::ServiceBuilder;
+
+use crate::canonical::EmbeddingEncoding;
+use crate::error::GatewayError;
+use crate::gateway::{ChatOutcome, Gateway, Served};
+use crate::snapshot::Route;
+use crate::wire::openai as wire;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The gateway's own processing time for the request, in microseconds: everything
+/// except waiting on the backend.
+pub const OVERHEAD: HeaderName = HeaderName::from_static("x-promptgate-overhead-us");
+pub const ROUTE: HeaderName = HeaderName::from_static("x-promptgate-route");
+pub const PROVIDER: HeaderName = HeaderName::from_static("x-promptgate-provider");
+/// `reported` or `estimated` (counted by the gateway's tokenizer).
+pub const USAGE: HeaderName = HeaderName::from_static("x-promptgate-usage");
+
+/// Settings fixed for the life of the listener.
+#[derive(Clone)]
+pub struct ServerSettings {
+    pub max_body_bytes: usize,
+    pub max_concurrency: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct AppState {
+    gw: Arc<Gateway>,
+    settings: ServerSettings,
+}
+
+/// The request's id, set by the edge layer (or generated here if a handler runs
+/// without it, e.g. in a unit test).
+#[derive(Clone)]
+pub struct RequestId(pub Arc<str>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = Infallible;
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(|| RequestId(new_request_id().into())))
+    }
+}
+
+/// What a handler tells the edge about its response, for headers and metrics.
+#[derive(Clone)]
+struct Outcome {
+    route: Option<Arc<Route>>,
+    upstream: Duration,
+    error: Option<&'static str>,
+    /// Streams record their own duration when they end.
+    streaming: bool,
+}
+
+fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let prefix = *PREFIX.get_or_init(rand::random);
+    format!(
+        "pg-{prefix:08x}{:012x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// Outermost layer: request id, timing header, request metrics.
+async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id: Arc<str> = match req
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| valid_request_id(v))
+    {
+        Some(v) => String::from_utf8_lossy(v.as_bytes()).into(),
+        None => new_request_id().into(),
+    };
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let metrics = &app.gw.metrics;
+    metrics.in_flight.inc();
+    let mut resp = next.run(req).await;
+    metrics.in_flight.dec();
+    let elapsed = start.elapsed();
+    let outcome = resp.extensions_mut().remove::<Outcome>();
+    let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
+    let overhead = elapsed.saturating_sub(upstream);
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(REQUEST_ID, v);
+    }
+    h.insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
+    if let Some(o) = outcome {
+        let (route, provider) = match &o.route {
+            Some(r) => (&*r.name, &*r.provider_id),
+            None => ("", ""),
+        };
+        let status = resp.status();
+        let mut code = itoa::Buffer::new();
+        metrics
+            .requests
+            .with_label_values(&[route, provider, code.format(status.as_u16())])
+            .inc();
+        if let Some(kind) = o.error {
+            metrics.errors.with_label_values(&[kind, route]).inc();
+        }
+        if o.route.is_some() {
+            metrics
+                .overhead_seconds
+                .with_label_values(&[route])
+                .observe(overhead.as_secs_f64());
+            if !o.streaming {
+                metrics
+                    .request_seconds
+                    .with_label_values(&[route])
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The OpenAI-dialect error response for `err`, logged once here.
+fn error_response(err: GatewayError, id: &RequestId, route: Option<Arc<Route>>) -> Response {
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_server_error() {
+        tracing::warn!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %err, "request failed");
+    } else {
+        tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %err, "request rejected");
+    }
+    let mut resp = json_response(status, wire::error_body(&err, &id.0));
+    if let GatewayError::Upstream(e) = &err {
+        if let Some(ra) = e.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(ra.as_secs()));
+        }
+    }
+    resp.extensions_mut().insert(Outcome {
+        route,
+        upstream: Duration::ZERO,
+        error: Some(err.code()),
+        streaming: false,
+    });
+    resp
+}
+
+/// A request body read under the size limit; a too-large body is a 413 in the
+/// client's dialect, not the framework's plain-text one.
+struct LimitedBody(Bytes);
+
+impl FromRequest<AppState> for LimitedBody {
+    type Rejection = Response;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let id = req
+            .extensions()
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(|| RequestId(new_request_id().into()));
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(LimitedBody(b)),
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(error_response(
+                GatewayError::PayloadTooLarge {
+                    limit: state.settings.max_body_bytes,
+                },
+                &id,
+                None,
+            )),
+            Err(rej) => Err(error_response(
+                GatewayError::invalid(
+                    format!("cannot read request body: {}", rej.body_text()),
+                    None,
+                ),
+                &id,
+                None,
+            )),
+        }
+    }
+}
+
+fn served_headers(resp: &mut Response, route: Arc<Route>, upstream: Duration, streaming: bool) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&route.name) {
+        h.insert(ROUTE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&route.provider_id) {
+        h.insert(PROVIDER, v);
+    }
+    resp.extensions_mut().insert(Outcome {
+        route: Some(route),
+        upstream,
+        error: None,
+        streaming,
+    });
+}
+
+async fn chat_completions(
+    State(app): State<AppState>,
+    id: RequestId,
+    LimitedBody(body): LimitedBody,
+) -> Response {
+    let req = match wire::decode_chat_request(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(e, &id, None),
+    };
+    drop(body);
+    let include_usage = req.include_usage;
+    let snap = app.gw.snapshot();
+    let route = snap.route(&req.model).cloned();
+    let served =
+        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(&snap, req)).await {
+            Err(_) => {
+                return error_response(
+                    GatewayError::Upstream(crate::error::UpstreamError::new(
+                        crate::error::ErrorKind::Timeout,
+                        "no response from the backend within the gateway's request timeout",
+                    )),
+                    &id,
+                    route,
+                )
+            }
+            Ok(Err(e)) => return error_response(e, &id, route),
+            Ok(Ok(s)) => s,
+        };
+    let Served {
+        route,
+        value,
+        upstream,
+    } = served;
+    match value {
+        ChatOutcome::Complete(resp) => {
+            let estimated = resp.usage.is_some_and(|u| u.estimated);
+            let mut out = json_response(
+                StatusCode::OK,
+                wire::encode_chat_response(&resp, &route.name),
+            );
+            out.headers_mut().insert(
+                USAGE,
+                HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
+            );
+            served_headers(&mut out, route, upstream, false);
+            out
+        }
+        ChatOutcome::Stream(mut events) => {
+            let mut encoder = wire::ChunkEncoder::new(&route.name, include_usage);
+            let request_id = id.0.clone();
+            let body = async_stream::stream! {
+                let mut buf = Vec::with_capacity(512);
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        Ok(ev) => encoder.encode(&ev, &mut buf),
+                        Err(e) => {
+                            encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                            yield Ok::<Bytes, Infallible>(Bytes::from(std::mem::take(&mut buf)));
+                            return;
+                        }
+                    }
+                    if !buf.is_empty() {
+                        yield Ok(Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(512))));
+                    }
+                }
+            };
+            let mut out = Response::new(Body::from_stream(body));
+            let h = out.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache"),
+            );
+            h.insert(
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            );
+            served_headers(&mut out, route, upstream, true);
+            out
+        }
+    }
+}
+
+async fn embeddings(
+    State(app): State<AppState>,
+    id: RequestId,
+    LimitedBody(body): LimitedBody,
+) -> Response {
+    let req = match wire::decode_embeddings_request(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(e, &id, None),
+    };
+    let encoding: EmbeddingEncoding = req.encoding;
+    let snap = app.gw.snapshot();
+    let route = snap.route(&req.model).cloned();
+    match app.gw.embed(&snap, req).await {
+        Err(e) => error_response(e, &id, route),
+        Ok(served) => {
+            let mut out = json_response(
+                StatusCode::OK,
+                wire::encode_embeddings_response(&served.value, &served.route.name, encoding),
+            );
+            out.headers_mut().insert(
+                USAGE,
+                HeaderValue::from_static(if served.value.usage.estimated {
+                    "estimated"
+                } else {
+                    "reported"
+                }),
+            );
+            let Served {
+                route, upstream, ..
+            } = served;
+            served_headers(&mut out, route, upstream, false);
+            out
+        }
+    }
+}
+
+async fn list_models(State(app): State<AppState>) -> Response {
+    let mut resp = Response::new(Body::from(app.gw.snapshot().models_body.clone()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn get_model(
+    State(app): State<AppState>,
+    id: RequestId,
+    Path(model): Path<String>,
+) -> Response {
+    let snap = app.gw.snapshot();
+    if snap.route(&model).is_none() {
+        return error_response(
+            GatewayError::UnknownModel {
+                model,
+                available: snap.route_list.clone(),
+            },
+            &id,
+            None,
+        );
+    }
+    let created = snap
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let body = serde_json::json!({"id": model, "object": "model", "created": created, "owned_by": "promptgate"});
+    json_response(StatusCode::OK, body.to_string().into_bytes())
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let mut resp = Response::new(Body::from(app.gw.metrics.render()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+async fn not_found(id: RequestId, req: Request) -> Response {
+    error_response(
+        GatewayError::NotFound {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+        },
+        &id,
+        None,
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
+    tracing::error!("a request handler panicked");
+    let err = GatewayError::Internal("the gateway hit an internal error".into());
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        wire::error_body(&err, ""),
+    )
+}
+
+async fn overloaded(_: tower::BoxError) -> Response {
+    let err = GatewayError::Upstream(crate::error::UpstreamError::new(
+        crate::error::ErrorKind::Overloaded,
+        "the gateway is at its concurrency limit; retry shortly",
+    ));
+    json_response(StatusCode::SERVICE_UNAVAILABLE, wire::error_body(&err, ""))
+}
+
+/// The whole HTTP application.
+pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
+    let state = AppState {
+        gw,
+        settings: settings.clone(),
+    };
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .with_state(state.clone());
+    api.layer(
+        ServiceBuilder::new()
+            .layer(middleware::from_fn_with_state(state, edge))
+            .layer(tower_http::trace::TraceLayer::new_for_http())
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                panic_response,
+            ))
+            .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+            .load_shed()
+            .concurrency_limit(settings.max_concurrency),
+    )
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        error_response(self, &RequestId(new_request_id().into()), None)
+    }
+}

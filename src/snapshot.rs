@@ -1,0 +1,93 @@
+//! The config snapshot: everything derived from the configuration files (routes,
+//! built providers, pre-encoded model list), immutable once built. The gateway
+//! holds the current one behind an `ArcSwap`; a request loads it once and keeps
+//! that `Arc` to its end, so a reload never changes a request midway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::config::{Config, ParamOverrides};
+use crate::provider::registry::{self, EnvLookup, ProviderState};
+use crate::tokens::{encoding_for, Encoding};
+
+/// A public model name and where it goes.
+pub struct Route {
+    pub name: Arc<str>,
+    pub provider_id: Arc<str>,
+    pub provider: ProviderState,
+    /// The backend's model name.
+    pub model: String,
+    pub overrides: ParamOverrides,
+    /// Tokenizer used when the backend reports no usage.
+    pub encoding: Encoding,
+}
+
+pub struct Snapshot {
+    pub config: Config,
+    routes: HashMap<String, Arc<Route>>,
+    pub providers: BTreeMap<String, ProviderState>,
+    /// `GET /v1/models`, encoded once.
+    pub models_body: Bytes,
+    /// "a, b, c": the route names, for unknown-model errors.
+    pub route_list: String,
+    pub loaded_at: SystemTime,
+}
+
+impl Snapshot {
+    /// Builds providers and routes from a validated config.
+    pub fn build(config: Config, env: EnvLookup<'_>) -> Snapshot {
+        let providers: BTreeMap<String, ProviderState> = config
+            .providers
+            .iter()
+            .map(|(id, p)| (id.clone(), registry::build(p, env)))
+            .collect();
+        let mut routes = HashMap::new();
+        for (name, r) in &config.routes {
+            let provider = providers
+                .get(&r.provider)
+                .cloned()
+                .unwrap_or_else(|| ProviderState::Unavailable("not configured".into()));
+            routes.insert(
+                name.clone(),
+                Arc::new(Route {
+                    name: name.as_str().into(),
+                    provider_id: r.provider.as_str().into(),
+                    provider,
+                    model: r.model.clone(),
+                    overrides: r.overrides.clone(),
+                    encoding: encoding_for(&r.model),
+                }),
+            );
+        }
+        let loaded_at = SystemTime::now();
+        let created = loaded_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let models_body = Bytes::from(crate::wire::openai::encode_models(
+            config.routes.keys().map(String::as_str),
+            created,
+        ));
+        let route_list = config
+            .routes
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Snapshot {
+            config,
+            routes,
+            providers,
+            models_body,
+            route_list,
+            loaded_at,
+        }
+    }
+
+    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
+        self.routes.get(model)
+    }
+}

@@ -1,0 +1,1511 @@
+//! The OpenAI Chat Completions wire format, both directions: it is the gateway's
+//! main ingress dialect and the format of every OpenAI-compatible backend. Wire
+//! structs are private to this module; the rest of the gateway sees only canonical
+//! types and the functions below.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::canonical::*;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
+
+// === decoding (a client's request, a backend's response) ===
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum InRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Function,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InContent {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Deserialize)]
+struct InFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<ArgText>,
+}
+
+/// Tool-call arguments: a JSON string by the spec, but some servers send an object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ArgText {
+    Text(String),
+    Json(Value),
+}
+
+impl ArgText {
+    fn into_string(self) -> String {
+        match self {
+            ArgText::Text(s) => s,
+            ArgText::Json(v) => v.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct InToolCall {
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<InFunction>,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: InRole,
+    #[serde(default)]
+    content: Option<InContent>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<InToolCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    /// Legacy single function call (ChatGLM3's server, old OpenAI).
+    #[serde(default)]
+    function_call: Option<InFunction>,
+    #[serde(default, alias = "reasoning")]
+    reasoning_content: Option<String>,
+}
+
+fn part_from_wire(v: Value) -> Part {
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => match v.get("text").and_then(Value::as_str) {
+            Some(t) => Part::Text(t.to_owned()),
+            None => Part::Other(v),
+        },
+        Some("image_url") => {
+            let img = v.get("image_url");
+            let url = img
+                .and_then(|i| i.get("url").or(Some(i)))
+                .and_then(Value::as_str);
+            match url {
+                Some(u) => Part::Image {
+                    url: u.to_owned(),
+                    detail: img
+                        .and_then(|i| i.get("detail"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                },
+                None => Part::Other(v),
+            }
+        }
+        _ => Part::Other(v),
+    }
+}
+
+fn new_call_id() -> String {
+    format!("call_{:016x}", rand::random::<u64>())
+}
+
+impl InMessage {
+    fn into_canonical(self) -> Message {
+        let mut tool_calls: Vec<ToolCall> = self
+            .tool_calls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                let f = c.function.unwrap_or(InFunction {
+                    name: None,
+                    arguments: None,
+                });
+                ToolCall {
+                    id: c.id.filter(|i| !i.is_empty()).unwrap_or_else(new_call_id),
+                    name: f.name.unwrap_or_default(),
+                    arguments: f.arguments.map(ArgText::into_string).unwrap_or_default(),
+                }
+            })
+            .collect();
+        if let Some(f) = self.function_call {
+            tool_calls.push(ToolCall {
+                id: new_call_id(),
+                name: f.name.unwrap_or_default(),
+                arguments: f.arguments.map(ArgText::into_string).unwrap_or_default(),
+            });
+        }
+        Message {
+            role: match self.role {
+                InRole::System => Role::System,
+                InRole::Developer => Role::Developer,
+                InRole::User => Role::User,
+                InRole::Assistant => Role::Assistant,
+                InRole::Tool | InRole::Function => Role::Tool,
+            },
+            content: self.content.map(|c| match c {
+                InContent::Text(t) => Content::Text(t),
+                InContent::Parts(p) => Content::Parts(p.into_iter().map(part_from_wire).collect()),
+            }),
+            name: self.name,
+            tool_calls,
+            tool_call_id: self.tool_call_id,
+            reasoning: self.reasoning_content,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct InToolDef {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    function: InFunctionDef,
+}
+
+#[derive(Deserialize)]
+struct InFunctionDef {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Value>,
+    #[serde(default)]
+    strict: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InStop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct InStreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct InChatRequest {
+    model: String,
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    stop: Option<InStop>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    tools: Option<Vec<InToolDef>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<InStreamOptions>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// Turns a serde error into a 400 that names the offending field.
+fn decode_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let msg = inner.to_string();
+    if inner.is_syntax() || inner.is_eof() {
+        return GatewayError::invalid(format!("request body is not valid JSON: {msg}"), None);
+    }
+    // serde names a missing field in its message ("missing field `messages`").
+    let missing = msg
+        .strip_prefix("missing field `")
+        .and_then(|r| r.split('`').next())
+        .map(str::to_owned);
+    let param = match (missing, path.as_str()) {
+        (Some(field), "." | "") => field,
+        (Some(field), p) => format!("{p}.{field}"),
+        (None, p) => p.to_owned(),
+    };
+    let param = if param == "." { String::new() } else { param };
+    if param.is_empty() {
+        GatewayError::invalid(format!("invalid request body: {msg}"), None)
+    } else {
+        GatewayError::invalid(format!("invalid field `{param}`: {msg}"), Some(&param))
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let v = serde_path_to_error::deserialize(de).map_err(decode_error)?;
+    Ok(v)
+}
+
+fn tool_choice_from_wire(v: Value) -> Result<ToolChoice, GatewayError> {
+    let bad = || {
+        GatewayError::invalid(
+            "invalid field `tool_choice`: expected \"none\", \"auto\", \"required\" or {\"type\":\"function\",\"function\":{\"name\":…}}",
+            Some("tool_choice"),
+        )
+    };
+    match &v {
+        Value::String(s) => match s.as_str() {
+            "none" => Ok(ToolChoice::None),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
+            _ => Err(bad()),
+        },
+        Value::Object(o) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(|n| ToolChoice::Function(n.to_owned()))
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+fn response_format_from_wire(v: Value) -> Result<ResponseFormat, GatewayError> {
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(ResponseFormat::Text),
+        Some("json_object") => Ok(ResponseFormat::JsonObject),
+        Some("json_schema") => Ok(ResponseFormat::JsonSchema(
+            v.get("json_schema").cloned().unwrap_or(Value::Null),
+        )),
+        _ => Err(GatewayError::invalid(
+            "invalid field `response_format.type`: expected \"text\", \"json_object\" or \"json_schema\"",
+            Some("response_format.type"),
+        )),
+    }
+}
+
+/// Decodes a client's `POST /v1/chat/completions` body.
+pub fn decode_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    let r: InChatRequest = parse(body)?;
+    if r.messages.is_empty() {
+        return Err(GatewayError::invalid(
+            "invalid field `messages`: at least one message is required",
+            Some("messages"),
+        ));
+    }
+    let mut tools = Vec::new();
+    for (i, t) in r.tools.unwrap_or_default().into_iter().enumerate() {
+        if t.kind.as_deref().is_some_and(|k| k != "function") {
+            return Err(GatewayError::invalid(
+                format!("invalid field `tools[{i}].type`: only \"function\" tools are supported"),
+                Some(&format!("tools[{i}].type")),
+            ));
+        }
+        tools.push(Tool {
+            name: t.function.name,
+            description: t.function.description,
+            parameters: t.function.parameters,
+            strict: t.function.strict,
+        });
+    }
+    Ok(ChatRequest {
+        model: r.model,
+        messages: r
+            .messages
+            .into_iter()
+            .map(InMessage::into_canonical)
+            .collect(),
+        params: Params {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            max_tokens: r.max_tokens,
+            max_completion_tokens: r.max_completion_tokens,
+            stop: match r.stop {
+                None => Vec::new(),
+                Some(InStop::One(s)) => vec![s],
+                Some(InStop::Many(v)) => v,
+            },
+            seed: r.seed,
+            n: r.n,
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            user: r.user,
+        },
+        tools,
+        tool_choice: r.tool_choice.map(tool_choice_from_wire).transpose()?,
+        parallel_tool_calls: r.parallel_tool_calls,
+        response_format: r
+            .response_format
+            .map(response_format_from_wire)
+            .transpose()?,
+        stream: r.stream.unwrap_or(false),
+        include_usage: r
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        extra: r.extra,
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct InPromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+struct InCompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct InUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+    #[serde(default)]
+    total_tokens: Option<u32>,
+    #[serde(default)]
+    prompt_tokens_details: Option<InPromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<InCompletionDetails>,
+}
+
+impl InUsage {
+    fn into_canonical(self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self
+                .total_tokens
+                .unwrap_or(self.prompt_tokens + self.completion_tokens),
+            cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            reasoning_tokens: self
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens),
+            estimated: false,
+        }
+    }
+}
+
+/// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.
+pub fn finish_reason_from_wire(s: &str) -> FinishReason {
+    match s {
+        "length" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        "content_filter" | "sensitive" => FinishReason::ContentFilter,
+        "error" | "abort" | "network_error" => FinishReason::Error,
+        _ => FinishReason::Stop,
+    }
+}
+
+#[derive(Deserialize)]
+struct InChoice {
+    #[serde(default)]
+    index: u32,
+    message: InMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InResponse {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    created: Option<u64>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Option<Vec<InChoice>>,
+    #[serde(default)]
+    usage: Option<InUsage>,
+    #[serde(default)]
+    system_fingerprint: Option<String>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+/// Decodes a backend's chat completion body (HTTP 2xx).
+pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+    let r: InResponse = serde_json::from_slice(body).map_err(|e| {
+        UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            format!("backend sent a body that is not a chat completion: {e}"),
+        )
+    })?;
+    if let Some(err) = r.error {
+        return Err(classify_error_value(200, &err));
+    }
+    let Some(choices) = r.choices else {
+        return Err(UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            "backend response has no `choices`",
+        ));
+    };
+    Ok(ChatResponse {
+        id: r.id.unwrap_or_else(new_completion_id),
+        created: r.created.unwrap_or_else(unix_now),
+        model: r.model.unwrap_or_default(),
+        choices: choices
+            .into_iter()
+            .map(|c| {
+                let mut message = c.message.into_canonical();
+                message.role = Role::Assistant;
+                let mut finish = c.finish_reason.as_deref().map(finish_reason_from_wire);
+                if finish == Some(FinishReason::Stop) && !message.tool_calls.is_empty() {
+                    finish = Some(FinishReason::ToolCalls);
+                }
+                Choice {
+                    index: c.index,
+                    message,
+                    finish_reason: finish,
+                }
+            })
+            .collect(),
+        usage: r.usage.map(InUsage::into_canonical),
+        system_fingerprint: r.system_fingerprint,
+    })
+}
+
+pub fn new_completion_id() -> String {
+    format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32)
+}
+
+// --- stream chunks ---
+
+#[derive(Deserialize, Default)]
+struct InDelta {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default, alias = "reasoning")]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<InToolCall>>,
+    #[serde(default)]
+    function_call: Option<InFunction>,
+}
+
+#[derive(Deserialize)]
+struct InChunkChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: Option<InDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InChunk {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    created: Option<u64>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    system_fingerprint: Option<String>,
+    #[serde(default)]
+    choices: Vec<InChunkChoice>,
+    #[serde(default)]
+    usage: Option<InUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+/// State of decoding one OpenAI-style stream from a backend.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    started: bool,
+    done: bool,
+    /// Legacy `function_call` streams have no index or id; keep one per choice.
+    legacy_call_started: bool,
+}
+
+impl ChunkDecoder {
+    /// Decodes the `data` of one SSE event into canonical events.
+    pub fn decode(&mut self, data: &str, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let data = data.trim();
+        if data == "[DONE]" {
+            self.done = true;
+            out.push(StreamEvent::Done);
+            return Ok(());
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let c: InChunk = serde_json::from_str(data).map_err(|e| {
+            UpstreamError::new(
+                ErrorKind::MalformedResponse,
+                format!("backend sent a stream event that is not a chat completion chunk: {e}"),
+            )
+        })?;
+        if let Some(err) = c.error {
+            return Err(classify_error_value(200, &err));
+        }
+        if !self.started {
+            self.started = true;
+            out.push(StreamEvent::Meta(StreamMeta {
+                id: c.id.unwrap_or_else(new_completion_id),
+                created: c.created.unwrap_or_else(unix_now),
+                model: c.model.unwrap_or_default(),
+                system_fingerprint: c.system_fingerprint,
+            }));
+        }
+        for ch in c.choices {
+            let d = ch.delta.unwrap_or_default();
+            let mut tool_calls: Vec<ToolCallDelta> = d
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let (name, arguments) = match t.function {
+                        Some(f) => (f.name, f.arguments.map(ArgText::into_string)),
+                        None => (None, None),
+                    };
+                    ToolCallDelta {
+                        index: t.index.unwrap_or(i as u32),
+                        id: t.id.filter(|s| !s.is_empty()),
+                        name,
+                        arguments,
+                    }
+                })
+                .collect();
+            if let Some(f) = d.function_call {
+                let first = !self.legacy_call_started;
+                self.legacy_call_started = true;
+                tool_calls.push(ToolCallDelta {
+                    index: 0,
+                    id: first.then(new_call_id),
+                    name: f.name,
+                    arguments: f.arguments.map(ArgText::into_string),
+                });
+            }
+            let delta = Delta {
+                choice: ch.index,
+                role: d.role.as_deref().map(|_| Role::Assistant),
+                content: d.content,
+                reasoning: d.reasoning_content,
+                tool_calls,
+                finish_reason: ch.finish_reason.as_deref().map(finish_reason_from_wire),
+            };
+            out.push(StreamEvent::Delta(delta));
+        }
+        if let Some(u) = c.usage {
+            out.push(StreamEvent::Usage(u.into_canonical()));
+        }
+        Ok(())
+    }
+
+    /// True once `[DONE]` arrived.
+    pub fn finished(&self) -> bool {
+        self.done
+    }
+}
+
+// --- errors from a backend ---
+
+/// Classifies an OpenAI-style error object (`{"message","type","code","param"}`, or
+/// a bare string) that came with `status`.
+pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
+    let (message, etype, code) = match err {
+        Value::String(s) => (s.clone(), String::new(), String::new()),
+        Value::Object(o) => {
+            let s = |k: &str| match o.get(k) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(v) => v.to_string(),
+            };
+            (s("message"), s("type"), s("code"))
+        }
+        other => (other.to_string(), String::new(), String::new()),
+    };
+    let lower = message.to_ascii_lowercase();
+    let base = if status == 200 {
+        // An error inside a successful response: classify by its own words.
+        match code.parse::<u16>() {
+            Ok(c) if (400..600).contains(&c) => ErrorKind::from_status(c),
+            _ => match etype.as_str() {
+                "rate_limit_error" | "rate_limit_exceeded" => ErrorKind::RateLimited,
+                "invalid_request_error" => ErrorKind::BadRequest,
+                "authentication_error" => ErrorKind::Auth,
+                _ => ErrorKind::Overloaded,
+            },
+        }
+    } else {
+        ErrorKind::from_status(status)
+    };
+    let kind = if code == "context_length_exceeded"
+        || etype == "exceed_context_size_error"
+        || lower.contains("maximum context length")
+        || lower.contains("context length")
+        || lower.contains("context window")
+        || lower.contains("prompt is too long")
+    {
+        ErrorKind::ContextLength
+    } else if code == "content_filter"
+        || code == "content_policy_violation"
+        || etype == "content_filter"
+    {
+        ErrorKind::ContentFilter
+    } else {
+        base
+    };
+    let mut text = if message.is_empty() {
+        format!("backend answered HTTP {status}")
+    } else {
+        message
+    };
+    if text.len() > 1000 {
+        let mut cut = 1000;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    let mut e = UpstreamError::new(kind, text);
+    if status != 200 {
+        e = e.with_status(status);
+    }
+    e
+}
+
+/// Classifies a backend's non-2xx answer from its status and body.
+pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut o)) => {
+            let err = o
+                .remove("error")
+                .or_else(|| o.remove("detail").map(|d| Value::String(d.to_string())))
+                .unwrap_or(Value::Object(o));
+            classify_error_value(status, &err)
+        }
+        _ => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            let mut e = classify_error_value(status, &Value::String(text));
+            if e.message.trim().is_empty() {
+                e.message = format!("backend answered HTTP {status}");
+            }
+            e
+        }
+    }
+}
+
+// === encoding (a request to a backend, a response to a client) ===
+
+#[derive(Serialize)]
+struct OutFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutToolCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunction<'a>,
+}
+
+struct OutParts<'a>(&'a [Part]);
+
+impl Serialize for OutParts<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for p in self.0 {
+            match p {
+                Part::Text(t) => {
+                    seq.serialize_element(&serde_json::json!({"type":"text","text":t}))?
+                }
+                Part::Image { url, detail } => {
+                    let mut img = Map::new();
+                    img.insert("url".into(), Value::String(url.clone()));
+                    if let Some(d) = detail {
+                        img.insert("detail".into(), Value::String(d.clone()));
+                    }
+                    seq.serialize_element(&serde_json::json!({"type":"image_url","image_url":img}))?
+                }
+                Part::Other(v) => seq.serialize_element(v)?,
+            }
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutContent<'a> {
+    Text(&'a str),
+    Parts(OutParts<'a>),
+}
+
+fn out_content(c: &Content) -> OutContent<'_> {
+    match c {
+        Content::Text(t) => OutContent::Text(t),
+        Content::Parts(p) => OutContent::Parts(OutParts(p)),
+    }
+}
+
+#[derive(Serialize)]
+struct OutMessage<'a> {
+    role: &'static str,
+    content: Option<OutContent<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OutToolCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+fn out_tool_calls(calls: &[ToolCall]) -> Vec<OutToolCall<'_>> {
+    calls
+        .iter()
+        .map(|c| OutToolCall {
+            id: &c.id,
+            kind: "function",
+            function: OutFunction {
+                name: &c.name,
+                arguments: &c.arguments,
+            },
+        })
+        .collect()
+}
+
+fn out_message(m: &Message) -> OutMessage<'_> {
+    OutMessage {
+        role: m.role.as_str(),
+        content: m.content.as_ref().map(out_content),
+        name: m.name.as_deref(),
+        tool_calls: out_tool_calls(&m.tool_calls),
+        tool_call_id: m.tool_call_id.as_deref(),
+    }
+}
+
+#[derive(Serialize)]
+struct OutFunctionDef<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct OutTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunctionDef<'a>,
+}
+
+#[derive(Serialize)]
+struct OutStreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct OutChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<OutMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<OutTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<Value>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<OutStreamOptions>,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
+fn tool_choice_to_wire(c: &ToolChoice) -> Value {
+    match c {
+        ToolChoice::None => Value::String("none".into()),
+        ToolChoice::Auto => Value::String("auto".into()),
+        ToolChoice::Required => Value::String("required".into()),
+        ToolChoice::Function(n) => serde_json::json!({"type":"function","function":{"name":n}}),
+    }
+}
+
+fn response_format_to_wire(f: &ResponseFormat) -> Value {
+    match f {
+        ResponseFormat::Text => serde_json::json!({"type":"text"}),
+        ResponseFormat::JsonObject => serde_json::json!({"type":"json_object"}),
+        ResponseFormat::JsonSchema(s) => serde_json::json!({"type":"json_schema","json_schema":s}),
+    }
+}
+
+/// Encodes a canonical request as an OpenAI-compatible body for `model`.
+/// `stream_usage` asks a streaming backend for its final usage chunk.
+pub fn encode_chat_request(req: &ChatRequest, model: &str, stream_usage: bool) -> Vec<u8> {
+    let out = OutChatRequest {
+        model,
+        messages: req.messages.iter().map(out_message).collect(),
+        temperature: req.params.temperature,
+        top_p: req.params.top_p,
+        max_tokens: req.params.max_tokens,
+        max_completion_tokens: req.params.max_completion_tokens,
+        stop: &req.params.stop,
+        seed: req.params.seed,
+        n: req.params.n,
+        presence_penalty: req.params.presence_penalty,
+        frequency_penalty: req.params.frequency_penalty,
+        user: req.params.user.as_deref(),
+        tools: req
+            .tools
+            .iter()
+            .map(|t| OutTool {
+                kind: "function",
+                function: OutFunctionDef {
+                    name: &t.name,
+                    description: t.description.as_deref(),
+                    parameters: t.parameters.as_ref(),
+                    strict: t.strict,
+                },
+            })
+            .collect(),
+        tool_choice: req.tool_choice.as_ref().map(tool_choice_to_wire),
+        parallel_tool_calls: req.parallel_tool_calls,
+        response_format: req.response_format.as_ref().map(response_format_to_wire),
+        stream: req.stream,
+        stream_options: (req.stream && (stream_usage || req.include_usage)).then_some(
+            OutStreamOptions {
+                include_usage: true,
+            },
+        ),
+        extra: &req.extra,
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct OutPromptDetails {
+    cached_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct OutCompletionDetails {
+    reasoning_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct OutUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<OutPromptDetails>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_tokens_details: Option<OutCompletionDetails>,
+    /// Marks counts made by the gateway's tokenizer (the backend reported none).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    estimated: bool,
+}
+
+fn out_usage(u: &Usage) -> OutUsage {
+    OutUsage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
+        prompt_tokens_details: u
+            .cached_tokens
+            .map(|c| OutPromptDetails { cached_tokens: c }),
+        completion_tokens_details: u.reasoning_tokens.map(|r| OutCompletionDetails {
+            reasoning_tokens: r,
+        }),
+        estimated: u.estimated,
+    }
+}
+
+#[derive(Serialize)]
+struct OutRespMessage<'a> {
+    role: &'static str,
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OutToolCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    refusal: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct OutChoice<'a> {
+    index: u32,
+    message: OutRespMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct OutResponse<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<OutChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<OutUsage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_fingerprint: Option<&'a str>,
+}
+
+/// Encodes a canonical response for a client; `model` is the name the client asked for.
+pub fn encode_chat_response(resp: &ChatResponse, model: &str) -> Vec<u8> {
+    let out = OutResponse {
+        id: &resp.id,
+        object: "chat.completion",
+        created: resp.created,
+        model,
+        choices: resp
+            .choices
+            .iter()
+            .map(|c| OutChoice {
+                index: c.index,
+                message: OutRespMessage {
+                    role: "assistant",
+                    content: c.message.content.as_ref().map(Content::text),
+                    tool_calls: out_tool_calls(&c.message.tool_calls),
+                    reasoning_content: c.message.reasoning.as_deref(),
+                    refusal: None,
+                },
+                logprobs: None,
+                finish_reason: c.finish_reason.map(FinishReason::as_str),
+            })
+            .collect(),
+        usage: resp.usage.as_ref().map(out_usage),
+        system_fingerprint: resp.system_fingerprint.as_deref(),
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+// --- stream chunks to a client ---
+
+#[derive(Serialize)]
+struct OutDeltaFunction<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct OutDeltaToolCall<'a> {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: OutDeltaFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OutDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OutDeltaToolCall<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutChunkChoice<'a> {
+    index: u32,
+    delta: OutDelta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct OutChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_fingerprint: Option<&'a str>,
+    choices: Vec<OutChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<OutUsage>>,
+}
+
+/// Encodes canonical stream events as the SSE bytes an OpenAI client expects.
+#[derive(Debug)]
+pub struct ChunkEncoder {
+    meta: StreamMeta,
+    /// The public model name to show.
+    model: String,
+    include_usage: bool,
+    role_sent: bool,
+}
+
+impl ChunkEncoder {
+    pub fn new(model: &str, include_usage: bool) -> Self {
+        ChunkEncoder {
+            meta: StreamMeta {
+                id: new_completion_id(),
+                created: unix_now(),
+                model: String::new(),
+                system_fingerprint: None,
+            },
+            model: model.to_owned(),
+            include_usage,
+            role_sent: false,
+        }
+    }
+
+    fn write(
+        &self,
+        out: &mut Vec<u8>,
+        choices: Vec<OutChunkChoice<'_>>,
+        usage: Option<Option<OutUsage>>,
+    ) {
+        let chunk = OutChunk {
+            id: &self.meta.id,
+            object: "chat.completion.chunk",
+            created: self.meta.created,
+            model: &self.model,
+            system_fingerprint: self.meta.system_fingerprint.as_deref(),
+            choices,
+            usage,
+        };
+        out.extend_from_slice(b"data: ");
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &chunk);
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// Appends the bytes for `ev` to `out` (nothing for events the dialect has no
+    /// frame for).
+    pub fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<u8>) {
+        match ev {
+            StreamEvent::Meta(m) => {
+                if !m.id.is_empty() {
+                    self.meta.id.clone_from(&m.id);
+                }
+                self.meta.created = m.created;
+                self.meta
+                    .system_fingerprint
+                    .clone_from(&m.system_fingerprint);
+            }
+            StreamEvent::Delta(d) => {
+                let role = if self.role_sent {
+                    None
+                } else {
+                    self.role_sent = true;
+                    Some("assistant")
+                };
+                let tool_calls = d
+                    .tool_calls
+                    .iter()
+                    .map(|t| OutDeltaToolCall {
+                        index: t.index,
+                        id: t.id.as_deref(),
+                        kind: t.id.as_ref().map(|_| "function"),
+                        function: OutDeltaFunction {
+                            name: t.name.as_deref(),
+                            arguments: t.arguments.as_deref(),
+                        },
+                    })
+                    .collect();
+                let choice = OutChunkChoice {
+                    index: d.choice,
+                    delta: OutDelta {
+                        role,
+                        content: d.content.as_deref(),
+                        reasoning_content: d.reasoning.as_deref(),
+                        tool_calls,
+                    },
+                    logprobs: None,
+                    finish_reason: d.finish_reason.map(FinishReason::as_str),
+                };
+                let usage = self.include_usage.then_some(None);
+                self.write(out, vec![choice], usage);
+            }
+            StreamEvent::Usage(u) => {
+                if self.include_usage {
+                    self.write(out, Vec::new(), Some(Some(out_usage(u))));
+                }
+            }
+            StreamEvent::Done => out.extend_from_slice(b"data: [DONE]\n\n"),
+        }
+    }
+
+    /// The final event for a stream that failed after it began.
+    pub fn encode_error(&self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&error_body(err, request_id));
+        out.extend_from_slice(b"\n\n");
+    }
+}
+
+// --- errors to a client ---
+
+#[derive(Serialize)]
+struct OutErrorDetail<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'a str>,
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
+    request_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutError<'a> {
+    error: OutErrorDetail<'a>,
+}
+
+/// OpenAI's error JSON for `err`.
+pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
+    let (kind, param, upstream_status, provider) = match err {
+        GatewayError::InvalidRequest { param, .. } => {
+            ("invalid_request_error", param.as_deref(), None, None)
+        }
+        GatewayError::PayloadTooLarge { .. }
+        | GatewayError::UnknownModel { .. }
+        | GatewayError::Unsupported { .. }
+        | GatewayError::NotFound { .. } => ("invalid_request_error", None, None, None),
+        GatewayError::ProviderUnavailable { provider, .. } => {
+            ("upstream_error", None, None, Some(provider.as_str()))
+        }
+        GatewayError::Upstream(e) => (
+            match e.kind {
+                ErrorKind::BadRequest | ErrorKind::ContextLength | ErrorKind::ContentFilter => {
+                    "invalid_request_error"
+                }
+                ErrorKind::RateLimited => "rate_limit_error",
+                _ => "upstream_error",
+            },
+            None,
+            e.status,
+            Some(e.provider.as_str()).filter(|p| !p.is_empty()),
+        ),
+        GatewayError::Internal(_) => ("server_error", None, None, None),
+    };
+    let param = match (param, err) {
+        (None, GatewayError::UnknownModel { .. }) => Some("model"),
+        (p, _) => p,
+    };
+    let out = OutError {
+        error: OutErrorDetail {
+            message: err.to_string(),
+            kind,
+            param,
+            code: err.code(),
+            upstream_status,
+            provider,
+            request_id,
+        },
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+// === embeddings ===
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InEmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+struct InEmbeddingsRequest {
+    model: String,
+    input: InEmbeddingInput,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+pub fn decode_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, GatewayError> {
+    let r: InEmbeddingsRequest = parse(body)?;
+    let input = match r.input {
+        InEmbeddingInput::One(s) => EmbeddingInput::Texts(vec![s]),
+        InEmbeddingInput::Many(v) => EmbeddingInput::Texts(v),
+        InEmbeddingInput::Tokens(t) => EmbeddingInput::Tokens(vec![t]),
+        InEmbeddingInput::ManyTokens(t) => EmbeddingInput::Tokens(t),
+    };
+    if input.is_empty() {
+        return Err(GatewayError::invalid(
+            "invalid field `input`: at least one input is required",
+            Some("input"),
+        ));
+    }
+    let encoding = match r.encoding_format.as_deref() {
+        None | Some("float") => EmbeddingEncoding::Float,
+        Some("base64") => EmbeddingEncoding::Base64,
+        Some(other) => {
+            return Err(GatewayError::invalid(
+                format!(
+                    "invalid field `encoding_format`: `{other}` is not \"float\" or \"base64\""
+                ),
+                Some("encoding_format"),
+            ))
+        }
+    };
+    Ok(EmbeddingsRequest {
+        model: r.model,
+        input,
+        encoding,
+        dimensions: r.dimensions,
+        user: r.user,
+        extra: r.extra,
+    })
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutEmbeddingInput<'a> {
+    Texts(&'a [String]),
+    Tokens(&'a [Vec<u32>]),
+}
+
+#[derive(Serialize)]
+struct OutEmbeddingsRequest<'a> {
+    model: &'a str,
+    input: OutEmbeddingInput<'a>,
+    encoding_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
+pub fn encode_embeddings_request(req: &EmbeddingsRequest, model: &str) -> Vec<u8> {
+    let out = OutEmbeddingsRequest {
+        model,
+        input: match &req.input {
+            EmbeddingInput::Texts(t) => OutEmbeddingInput::Texts(t),
+            EmbeddingInput::Tokens(t) => OutEmbeddingInput::Tokens(t),
+        },
+        encoding_format: "float",
+        dimensions: req.dimensions,
+        user: req.user.as_deref(),
+        extra: &req.extra,
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InVector {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Deserialize)]
+struct InEmbedding {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: InVector,
+}
+
+#[derive(Deserialize)]
+struct InEmbeddingsResponse {
+    data: Vec<InEmbedding>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<InUsage>,
+}
+
+pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+    let malformed = |m: String| UpstreamError::new(ErrorKind::MalformedResponse, m);
+    let r: InEmbeddingsResponse = serde_json::from_slice(body).map_err(|e| {
+        malformed(format!(
+            "backend sent a body that is not an embeddings list: {e}"
+        ))
+    })?;
+    let mut data = r.data;
+    data.sort_by_key(|d| d.index.unwrap_or(0));
+    let mut vectors = Vec::with_capacity(data.len());
+    for d in data {
+        vectors.push(match d.embedding {
+            InVector::Floats(v) => v,
+            InVector::Base64(s) => decode_base64_vector(&s)
+                .ok_or_else(|| malformed("backend sent an invalid base64 embedding".into()))?,
+        });
+    }
+    Ok(EmbeddingsResponse {
+        model: r.model.unwrap_or_default(),
+        vectors,
+        usage: r.usage.map(InUsage::into_canonical).unwrap_or_default(),
+    })
+}
+
+fn decode_base64_vector(s: &str) -> Option<Vec<f32>> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+fn encode_base64_vector(v: &[f32]) -> String {
+    use base64::Engine;
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    for f in v {
+        bytes.extend_from_slice(&f.to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutVector<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct OutEmbedding<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: OutVector<'a>,
+}
+
+#[derive(Serialize)]
+struct OutEmbeddingUsage {
+    prompt_tokens: u32,
+    total_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct OutEmbeddingsResponse<'a> {
+    object: &'static str,
+    data: Vec<OutEmbedding<'a>>,
+    model: &'a str,
+    usage: OutEmbeddingUsage,
+}
+
+pub fn encode_embeddings_response(
+    resp: &EmbeddingsResponse,
+    model: &str,
+    encoding: EmbeddingEncoding,
+) -> Vec<u8> {
+    let out = OutEmbeddingsResponse {
+        object: "list",
+        data: resp
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(index, v)| OutEmbedding {
+                object: "embedding",
+                index,
+                embedding: match encoding {
+                    EmbeddingEncoding::Float => OutVector::Floats(v),
+                    EmbeddingEncoding::Base64 => OutVector::Base64(encode_base64_vector(v)),
+                },
+            })
+            .collect(),
+        model,
+        usage: OutEmbeddingUsage {
+            prompt_tokens: resp.usage.prompt_tokens,
+            total_tokens: resp.usage.total_tokens.max(resp.usage.prompt_tokens),
+        },
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+// === models ===
+
+#[derive(Serialize)]
+struct OutModel<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+#[derive(Serialize)]
+struct OutModels<'a> {
+    object: &'static str,
+    data: Vec<OutModel<'a>>,
+}
+
+/// The `GET /v1/models` body for the given public model names.
+pub fn encode_models<'a>(names: impl Iterator<Item = &'a str>, created: u64) -> Vec<u8> {
+    let out = OutModels {
+        object: "list",
+        data: names
+            .map(|id| OutModel {
+                id,
+                object: "model",
+                created,
+                owned_by: "promptgate",
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
