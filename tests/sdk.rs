@@ -1,0 +1,82 @@
+//! Drives the running gateway with the official Python SDKs (tests/sdk/*.py).
+//!
+//! The gateway and the fake upstream run in-process on this test's runtime, so
+//! pytest is spawned with `tokio::process` and awaited: the runtime keeps serving
+//! while it runs. The Python interpreter comes from `PROMPTGATE_PYTHON` (set by
+//! `scripts/test`) or the repo's `.venv`.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROMPTGATE_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    panic!(
+        "no Python for the SDK tests: PROMPTGATE_PYTHON is unset and {} does not exist; \
+         run the tests with `scripts/test` (it creates .venv with requirements-test.txt)",
+        venv.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk() {
+    let python = python();
+    let (fake, gw) = common::setup().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+
+    let child = tokio::process::Command::new(&python)
+        .args(["-m", "pytest", "tests/sdk", "-q", "-p", "no:cacheprovider"])
+        .current_dir(root)
+        .env("PROMPTGATE_BASE_URL", gw.url("/v1"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // The SDKs must talk to the loopback gateway, never through a proxy.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("pytest did not finish within 300s")
+        .expect("waiting for pytest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    if !stderr.trim().is_empty() {
+        println!("--- pytest stderr ---\n{stderr}");
+    }
+    assert!(
+        out.status.success(),
+        "pytest failed ({}); output above",
+        out.status
+    );
+
+    // test_extra_body_passthrough sends extra_body={"top_k": 5, "vendor_flag": true}:
+    // unknown fields must reach the upstream untouched.
+    let reqs = fake.requests();
+    let passed = reqs
+        .iter()
+        .find(|r| r.path == "/v1/chat/completions" && r.body.get("vendor_flag").is_some())
+        .unwrap_or_else(|| {
+            panic!(
+                "no upstream request carried `vendor_flag`; bodies seen: {:#?}",
+                reqs.iter().map(|r| &r.body).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(passed.body["vendor_flag"], serde_json::json!(true));
+    assert_eq!(passed.body["top_k"], serde_json::json!(5));
+    assert_eq!(passed.body["model"], serde_json::json!("chat"));
+}
