@@ -369,6 +369,15 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, problems: &mut Problem
             let field = if field == "." { String::new() } else { field };
             let inner = e.into_inner();
             let mut msg = inner.to_string();
+            // serde_yaml prefixes nested errors with its own path; the field says it.
+            let mut prefix = field.as_str();
+            while !prefix.is_empty() {
+                if let Some(rest) = msg.strip_prefix(&format!("{prefix}: ")) {
+                    msg = rest.to_owned();
+                    break;
+                }
+                prefix = prefix.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+            }
             if let Some(loc) = inner.location() {
                 if !msg.contains("line") {
                     msg = format!("{msg} (line {}, column {})", loc.line(), loc.column());

@@ -1509,3 +1509,270 @@ pub fn encode_models<'a>(names: impl Iterator<Item = &'a str>, created: u64) -> 
     };
     serde_json::to_vec(&out).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::framing::{Frame, FrameDecoder, Framing};
+    use serde_json::json;
+
+    fn fixture(rel: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel);
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
+        let mut frames = FrameDecoder::new(Framing::Sse);
+        frames.push(sse.as_bytes());
+        let mut dec = ChunkDecoder::default();
+        let mut out = Vec::new();
+        while let Some(Frame::Sse(ev)) = frames.next_frame() {
+            dec.decode(&ev.data, &mut out)?;
+        }
+        assert!(dec.finished());
+        Ok(out)
+    }
+
+    #[test]
+    fn request_round_trips_to_an_openai_backend() {
+        let client = json!({
+            "model": "route",
+            "messages": [
+                {"role": "developer", "content": "Be terse."},
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png", "detail": "low"}},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}
+            ],
+            "temperature": 0.5, "top_p": 0.9, "max_completion_tokens": 100, "stop": ["END"], "seed": 7,
+            "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}, "strict": true}}],
+            "tool_choice": "required", "parallel_tool_calls": false,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+            "logit_bias": {"50256": -100}, "reasoning_effort": "low", "top_k": 20
+        });
+        let req = decode_chat_request(client.to_string().as_bytes()).unwrap();
+        assert_eq!(req.messages[0].role, Role::Developer);
+        assert_eq!(req.tool_choice, Some(ToolChoice::Required));
+        assert_eq!(req.extra.len(), 3, "unknown fields kept: {:?}", req.extra);
+        let upstream: Value =
+            serde_json::from_slice(&encode_chat_request(&req, "backend-model", true)).unwrap();
+        let mut expected = client.clone();
+        expected["model"] = json!("backend-model");
+        assert_eq!(upstream, expected);
+    }
+
+    #[test]
+    fn stop_string_and_stream_options_decode() {
+        let req = decode_chat_request(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":"\n","stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(req.params.stop, vec!["\n".to_string()]);
+        assert!(req.stream && req.include_usage);
+        let up: Value = serde_json::from_slice(&encode_chat_request(&req, "m", false)).unwrap();
+        assert_eq!(up["stop"], json!(["\n"]));
+        assert_eq!(up["stream_options"], json!({"include_usage": true}));
+    }
+
+    #[test]
+    fn invalid_requests_name_the_field() {
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (br#"{"messages":[]}"#, Some("model")),
+            (
+                br#"{"model":"m","messages":[{"content":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user"}],"temperature":"hot"}"#,
+                Some("temperature"),
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user"}],"tool_choice":"sometimes"}"#,
+                Some("tool_choice"),
+            ),
+            (br#"{"model":"m","#, None),
+        ];
+        for (body, param) in cases {
+            match decode_chat_request(body) {
+                Err(GatewayError::InvalidRequest { param: p, .. }) => {
+                    assert_eq!(p.as_deref(), param)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn recorded_responses_decode() {
+        let r = decode_chat_response(fixture("openai/chat.json").as_bytes()).unwrap();
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        assert_eq!(r.usage.unwrap().cached_tokens, Some(4));
+        let r = decode_chat_response(fixture("llamacpp-openai/10-chat.body").as_bytes()).unwrap();
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text("Hello from the tiny test model".into()))
+        );
+        assert_eq!(r.usage.unwrap(), Usage::new(23, 7));
+        let r = decode_chat_response(fixture("openai/chat_tool_calls.json").as_bytes()).unwrap();
+        assert_eq!(r.choices[0].message.tool_calls[0].name, "get_weather");
+        let client: Value = serde_json::from_slice(&encode_chat_response(&r, "route")).unwrap();
+        assert_eq!(
+            client["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Paris\",\"unit\":\"c\"}"
+        );
+        assert_eq!(client["model"], "route");
+    }
+
+    #[test]
+    fn error_inside_a_200_body_is_an_error() {
+        let e =
+            decode_chat_response(fixture("openai/chat_error_in_200.json").as_bytes()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+        let e = decode_chat_response(b"<html>oops</html>").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+    }
+
+    #[test]
+    fn legacy_function_call_becomes_a_tool_call() {
+        // ChatGLM3's OpenAI-style server answers with `function_call`.
+        let body = br#"{"model":"chatglm3-6b","id":"","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"","function_call":{"name":"track","arguments":"{\"symbol\": \"AAPL\"}"}},"finish_reason":"function_call"}]}"#;
+        let r = decode_chat_response(body).unwrap();
+        let call = &r.choices[0].message.tool_calls[0];
+        assert_eq!(call.name, "track");
+        assert!(call.id.starts_with("call_"));
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
+    }
+
+    #[test]
+    fn streams_decode_and_reencode() {
+        let events = stream_events(&fixture("openai/chat_stream_tool_calls.sse")).unwrap();
+        assert!(matches!(events[0], StreamEvent::Meta(_)));
+        assert_eq!(events.last(), Some(&StreamEvent::Done));
+        assert!(events.contains(&StreamEvent::Usage(Usage::new(40, 18))));
+        let mut enc = ChunkEncoder::new("route", true);
+        let mut out = Vec::new();
+        for ev in &events {
+            enc.encode(ev, &mut out);
+        }
+        // Re-decoding what we send gives the same events.
+        let again = stream_events(std::str::from_utf8(&out).unwrap()).unwrap();
+        assert_eq!(&again[1..], &events[1..]);
+
+        let events = stream_events(&fixture("llamacpp-openai/12-chat-stream-usage.body")).unwrap();
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => d.content.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Hello from the tiny test model");
+    }
+
+    #[test]
+    fn stream_error_events_are_errors() {
+        let e = stream_events(&fixture("openai/chat_stream_error_event.sse")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+        let mut dec = ChunkDecoder::default();
+        let e = dec.decode("{not json", &mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+    }
+
+    #[test]
+    fn backend_errors_classify_by_status_and_body() {
+        let cases: [(u16, &str, ErrorKind); 9] = [
+            (
+                429,
+                &fixture("openai/error_429.json"),
+                ErrorKind::RateLimited,
+            ),
+            (401, &fixture("openai/error_401.json"), ErrorKind::Auth),
+            (
+                400,
+                &fixture("openai/error_400_context.json"),
+                ErrorKind::ContextLength,
+            ),
+            (
+                500,
+                &fixture("openai/error_500.json"),
+                ErrorKind::Overloaded,
+            ),
+            // llama.cpp
+            (
+                400,
+                r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error","n_prompt_tokens":9000,"n_ctx":4096}}"#,
+                ErrorKind::ContextLength,
+            ),
+            (
+                503,
+                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#,
+                ErrorKind::Overloaded,
+            ),
+            // vLLM's flat error, FastAPI's detail, Ollama's string
+            (
+                400,
+                r#"{"object":"error","message":"bad temperature","type":"BadRequestError","param":null,"code":400}"#,
+                ErrorKind::BadRequest,
+            ),
+            (
+                400,
+                r#"{"detail":"Invalid request"}"#,
+                ErrorKind::BadRequest,
+            ),
+            (400, r#"{"error":"content_filter"}"#, ErrorKind::BadRequest),
+        ];
+        for (status, body, kind) in cases {
+            let e = classify_error_body(status, body.as_bytes());
+            assert_eq!(e.kind, kind, "{status} {body}");
+            assert!(!e.message.is_empty());
+        }
+        let e = classify_error_body(
+            400,
+            br#"{"error":{"code":"content_filter","param":"prompt","message":"The response was filtered"}}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::ContentFilter);
+        assert_eq!(
+            classify_error_body(502, b"Bad Gateway").kind,
+            ErrorKind::Overloaded
+        );
+    }
+
+    #[test]
+    fn error_json_has_the_openai_shape() {
+        let e = GatewayError::Upstream(
+            UpstreamError::new(ErrorKind::RateLimited, "slow down").with_status(429),
+        );
+        let v: Value = serde_json::from_slice(&error_body(&e, "pg-1")).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "rate_limited");
+        assert_eq!(v["error"]["upstream_status"], 429);
+        assert_eq!(v["error"]["request_id"], "pg-1");
+        assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn embeddings_accept_every_input_shape() {
+        for (body, n) in [
+            (r#"{"model":"m","input":"a"}"#, 1),
+            (r#"{"model":"m","input":["a","b"]}"#, 2),
+            (r#"{"model":"m","input":[1,2,3]}"#, 1),
+            (r#"{"model":"m","input":[[1],[2]]}"#, 2),
+        ] {
+            assert_eq!(
+                decode_embeddings_request(body.as_bytes())
+                    .unwrap()
+                    .input
+                    .len(),
+                n
+            );
+        }
+        let r = decode_embeddings_response(fixture("openai/embeddings.json").as_bytes()).unwrap();
+        assert_eq!(r.vectors[1], vec![0.5, -0.25, 0.125, 1.0]);
+        let b64 = encode_base64_vector(&r.vectors[1]);
+        assert_eq!(decode_base64_vector(&b64).unwrap(), r.vectors[1]);
+    }
+}
