@@ -82,6 +82,222 @@ pub enum ProviderKind {
     Openai,
     /// The built-in deterministic stand-in (no network).
     Sandbox,
+    /// Anthropic Messages API.
+    Anthropic,
+    /// Google Gemini generateContent.
+    Gemini,
+    /// Zhipu GLM open platform v4 (API key or JWT auth).
+    Zhipu,
+    /// Self-hosted ChatGLM-6B `api.py` (`POST /` with prompt + history).
+    Chatglm,
+    /// llama.cpp server's native `/completion`.
+    Llamacpp,
+    /// Ollama's native `/api/chat` and `/api/embed`.
+    Ollama,
+    /// Baidu Qianfan v1 (wenxinworkshop) with OAuth access tokens.
+    Qianfan,
+    /// Alibaba DashScope native text-generation API.
+    Dashscope,
+    /// Azure OpenAI (deployments, api-version, api-key header).
+    Azure,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Sandbox => "sandbox",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::Zhipu => "zhipu",
+            ProviderKind::Chatglm => "chatglm",
+            ProviderKind::Llamacpp => "llamacpp",
+            ProviderKind::Ollama => "ollama",
+            ProviderKind::Qianfan => "qianfan",
+            ProviderKind::Dashscope => "dashscope",
+            ProviderKind::Azure => "azure",
+        }
+    }
+
+    /// The auth header a kind uses when the file does not say.
+    fn default_auth(self) -> Auth {
+        match self {
+            ProviderKind::Anthropic => Auth::Header("x-api-key".into()),
+            ProviderKind::Gemini => Auth::Header("x-goog-api-key".into()),
+            ProviderKind::Azure => Auth::Header("api-key".into()),
+            _ => Auth::Bearer,
+        }
+    }
+
+    /// What the protocol can carry at all; a provider file may narrow it.
+    fn default_capabilities(self) -> Capabilities {
+        let all = Capabilities::default();
+        match self {
+            ProviderKind::Chatglm => Capabilities {
+                tools: false,
+                json_mode: false,
+                embeddings: false,
+                vision: false,
+                ..all
+            },
+            ProviderKind::Llamacpp => Capabilities {
+                tools: false,
+                embeddings: false,
+                vision: false,
+                ..all
+            },
+            _ => all,
+        }
+    }
+}
+
+/// What a model can serve. A request needing something its target lacks is
+/// rejected with a 400 naming the capability, before anything is sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub streaming: bool,
+    pub tools: bool,
+    pub json_mode: bool,
+    pub embeddings: bool,
+    pub vision: bool,
+    /// Prompt + output tokens the model accepts, when known.
+    pub context_window: Option<u32>,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            streaming: true,
+            tools: true,
+            json_mode: true,
+            embeddings: true,
+            vision: true,
+            context_window: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawCapabilities {
+    #[serde(default)]
+    streaming: Option<bool>,
+    #[serde(default)]
+    tools: Option<bool>,
+    #[serde(default)]
+    json_mode: Option<bool>,
+    #[serde(default)]
+    embeddings: Option<bool>,
+    #[serde(default)]
+    vision: Option<bool>,
+    #[serde(default)]
+    context_window: Option<u32>,
+}
+
+impl RawCapabilities {
+    fn over(self, base: Capabilities) -> Capabilities {
+        Capabilities {
+            streaming: self.streaming.unwrap_or(base.streaming),
+            tools: self.tools.unwrap_or(base.tools),
+            json_mode: self.json_mode.unwrap_or(base.json_mode),
+            embeddings: self.embeddings.unwrap_or(base.embeddings),
+            vision: self.vision.unwrap_or(base.vision),
+            context_window: self.context_window.or(base.context_window),
+        }
+    }
+}
+
+/// A model entry: a bare name, or a name with its own capabilities.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawModel {
+    Name(String),
+    Detailed {
+        name: String,
+        #[serde(flatten)]
+        caps: RawCapabilitiesFlat,
+    },
+}
+
+/// `RawCapabilities` for use under `flatten` (which cannot deny unknown fields).
+#[derive(Deserialize, Default)]
+struct RawCapabilitiesFlat {
+    #[serde(default)]
+    streaming: Option<bool>,
+    #[serde(default)]
+    tools: Option<bool>,
+    #[serde(default)]
+    json_mode: Option<bool>,
+    #[serde(default)]
+    embeddings: Option<bool>,
+    #[serde(default)]
+    vision: Option<bool>,
+    #[serde(default)]
+    context_window: Option<u32>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnthropic {
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    default_max_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAzure {
+    api_version: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZhipu {
+    /// `api_key` (default: the key as a bearer token) or `jwt` (sign from `id.secret`).
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    jwt_ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQianfan {
+    secret_key_env: String,
+    #[serde(default)]
+    token_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    template: String,
+    #[serde(default)]
+    stop: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLlamacpp {
+    #[serde(default)]
+    templates: BTreeMap<String, RawTemplate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChatglm {
+    #[serde(default)]
+    max_length: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOllama {
+    #[serde(default)]
+    keep_alive: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -101,7 +317,9 @@ struct RawProvider {
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
-    models: Option<Vec<String>>,
+    models: Option<Vec<RawModel>>,
+    #[serde(default)]
+    capabilities: RawCapabilities,
     #[serde(default)]
     self_hosted: Option<bool>,
     #[serde(default)]
@@ -112,6 +330,20 @@ struct RawProvider {
     embeddings_path: Option<String>,
     #[serde(default)]
     sandbox: Option<RawSandbox>,
+    #[serde(default)]
+    anthropic: Option<RawAnthropic>,
+    #[serde(default)]
+    azure: Option<RawAzure>,
+    #[serde(default)]
+    zhipu: Option<RawZhipu>,
+    #[serde(default)]
+    qianfan: Option<RawQianfan>,
+    #[serde(default)]
+    llamacpp: Option<RawLlamacpp>,
+    #[serde(default)]
+    chatglm: Option<RawChatglm>,
+    #[serde(default)]
+    ollama: Option<RawOllama>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +432,47 @@ pub enum Auth {
     None,
 }
 
+/// A chat template for backends that take a raw prompt (llama.cpp native): the
+/// minijinja source (rendered with `messages`, `add_generation_prompt`,
+/// `bos_token`) and the stop words that end a turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTemplate {
+    pub source: String,
+    pub stop: Vec<String>,
+}
+
+/// Settings only one kind of provider has.
+#[derive(Debug, Clone)]
+pub enum KindSettings {
+    None,
+    Sandbox(BTreeMap<String, SandboxModel>),
+    Anthropic {
+        version: String,
+        default_max_tokens: u32,
+    },
+    Azure {
+        api_version: String,
+    },
+    Zhipu {
+        jwt: bool,
+        jwt_ttl: Duration,
+    },
+    Qianfan {
+        secret_key_env: String,
+        token_url: String,
+    },
+    /// Chat templates by upstream model name; `*` is the fallback for any model.
+    Llamacpp {
+        templates: BTreeMap<String, ChatTemplate>,
+    },
+    Chatglm {
+        max_length: Option<u32>,
+    },
+    Ollama {
+        keep_alive: Option<String>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     pub id: String,
@@ -211,12 +484,32 @@ pub struct ProviderConfig {
     pub auth: Auth,
     pub headers: BTreeMap<String, String>,
     pub timeouts: Timeouts,
-    pub models: Option<Vec<String>>,
+    /// The models routes may use, with their capabilities; `None` = any model,
+    /// with the provider's capabilities.
+    pub models: Option<Vec<(String, Capabilities)>>,
+    pub capabilities: Capabilities,
     pub self_hosted: bool,
     pub stream_usage: bool,
     pub chat_path: String,
     pub embeddings_path: String,
-    pub sandbox: BTreeMap<String, SandboxModel>,
+    pub settings: KindSettings,
+}
+
+impl ProviderConfig {
+    /// The capabilities of one of this provider's models.
+    pub fn capabilities_of(&self, model: &str) -> Capabilities {
+        self.models
+            .as_ref()
+            .and_then(|m| m.iter().find(|(n, _)| n == model))
+            .map(|(_, c)| *c)
+            .unwrap_or(self.capabilities)
+    }
+
+    pub fn has_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|(n, _)| n == model))
+    }
 }
 
 /// Parameters a route forces onto every request it serves.
@@ -496,19 +789,19 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
                 );
             }
             Some(p) => {
-                if let Some(models) = &p.models {
-                    if !models.contains(&r.model) {
-                        problems.add(
-                            gateway_file,
-                            format!("{field}.model"),
-                            format!(
-                                "provider `{}` has no model `{}` (its models: {})",
-                                p.id,
-                                r.model,
-                                models.join(", ")
-                            ),
-                        );
-                    }
+                if !p.has_model(&r.model) {
+                    let names: Vec<&str> =
+                        p.models.iter().flatten().map(|(n, _)| n.as_str()).collect();
+                    problems.add(
+                        gateway_file,
+                        format!("{field}.model"),
+                        format!(
+                            "provider `{}` has no model `{}` (its models: {})",
+                            p.id,
+                            r.model,
+                            names.join(", ")
+                        ),
+                    );
                 }
             }
         }
@@ -583,7 +876,8 @@ fn validate_provider(
         total: problems.duration(&file, "timeouts.total", &t.total, d.total),
     };
     let auth = match raw.auth.as_deref() {
-        None | Some("bearer") => Auth::Bearer,
+        None => raw.kind.default_auth(),
+        Some("bearer") => Auth::Bearer,
         Some("none") => Auth::None,
         Some(h) if h.starts_with("header:") && h.len() > 7 => {
             let name = h[7..].trim().to_owned();
@@ -612,93 +906,8 @@ fn validate_provider(
             problems.add(&file, format!("headers.{k}"), "not a valid HTTP header");
         }
     }
-    let mut base_url = raw.base_url.clone().unwrap_or_default();
-    let mut sandbox = BTreeMap::new();
-    match raw.kind {
-        ProviderKind::Sandbox => {
-            if raw.base_url.is_some() {
-                problems.add(
-                    &file,
-                    "base_url",
-                    "a sandbox provider has no base_url (it answers in-process)",
-                );
-            }
-            match raw.sandbox {
-                None => problems.add(
-                    &file,
-                    "sandbox",
-                    "a sandbox provider needs a `sandbox.models` section",
-                ),
-                Some(s) => {
-                    for (name, m) in s.models {
-                        let f = |k: &str| format!("sandbox.models.{name}.{k}");
-                        if m.reply == Some(SandboxReply::Script) && m.script.is_empty() {
-                            problems.add(
-                                &file,
-                                f("script"),
-                                "`reply: script` needs at least one scripted reply",
-                            );
-                        }
-                        if let Some(fail) = &m.fail {
-                            if !(400..=599).contains(&fail.status) {
-                                problems.add(
-                                    &file,
-                                    f("fail.status"),
-                                    "must be an HTTP error status (400-599)",
-                                );
-                            }
-                        }
-                        let model = SandboxModel {
-                            reply: m.reply.unwrap_or_default(),
-                            script: m.script,
-                            chunk_chars: m.chunk_chars.unwrap_or(0),
-                            chunk_delay: problems.duration(
-                                &file,
-                                &f("chunk_delay"),
-                                &m.chunk_delay,
-                                Duration::ZERO,
-                            ),
-                            first_token_delay: problems.duration(
-                                &file,
-                                &f("first_token_delay"),
-                                &m.first_token_delay,
-                                Duration::ZERO,
-                            ),
-                            delay: problems.duration(&file, &f("delay"), &m.delay, Duration::ZERO),
-                            fail: m.fail.map(|f| {
-                                let msg = f.message.unwrap_or_else(|| {
-                                    format!("sandbox: simulated HTTP {} failure", f.status)
-                                });
-                                (f.status, msg)
-                            }),
-                            cut_after: m.cut_after,
-                            embedding_dims: m.embedding_dims.unwrap_or(16).clamp(1, 8192),
-                        };
-                        sandbox.insert(name, model);
-                    }
-                }
-            }
-        }
-        ProviderKind::Openai => {
-            if raw.sandbox.is_some() {
-                problems.add(
-                    &file,
-                    "sandbox",
-                    "only a `kind: sandbox` provider takes a sandbox section",
-                );
-            }
-            match raw.base_url.as_deref() {
-                None => problems.add(&file, "base_url", "an HTTP provider needs a base_url"),
-                Some(u) => match reqwest::Url::parse(u) {
-                    Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-                    _ => problems.add(&file, "base_url", format!("`{u}` is not an http(s) URL")),
-                },
-            }
-            base_url = base_url.trim_end_matches('/').to_owned();
-        }
-    }
     if let Some(env) = &raw.api_key_env {
-        if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if !valid_env_name(env) {
             problems.add(
                 &file,
                 "api_key_env",
@@ -706,9 +915,205 @@ fn validate_provider(
             );
         }
     }
-    let models = match raw.kind {
-        ProviderKind::Sandbox => Some(sandbox.keys().cloned().collect()),
-        ProviderKind::Openai => raw.models,
+
+    // Kind-specific sections: only the provider's own kind may have one.
+    let sections: [(&str, bool, ProviderKind); 8] = [
+        ("sandbox", raw.sandbox.is_some(), ProviderKind::Sandbox),
+        (
+            "anthropic",
+            raw.anthropic.is_some(),
+            ProviderKind::Anthropic,
+        ),
+        ("azure", raw.azure.is_some(), ProviderKind::Azure),
+        ("zhipu", raw.zhipu.is_some(), ProviderKind::Zhipu),
+        ("qianfan", raw.qianfan.is_some(), ProviderKind::Qianfan),
+        ("llamacpp", raw.llamacpp.is_some(), ProviderKind::Llamacpp),
+        ("chatglm", raw.chatglm.is_some(), ProviderKind::Chatglm),
+        ("ollama", raw.ollama.is_some(), ProviderKind::Ollama),
+    ];
+    for (name, present, kind) in sections {
+        if present && kind != raw.kind {
+            problems.add(
+                &file,
+                name,
+                format!(
+                    "a `{name}` section belongs to `kind: {name}`, not `kind: {}`",
+                    raw.kind.as_str()
+                ),
+            );
+        }
+    }
+
+    let mut base_url = raw.base_url.clone().unwrap_or_default();
+    if raw.kind == ProviderKind::Sandbox {
+        if raw.base_url.is_some() {
+            problems.add(
+                &file,
+                "base_url",
+                "a sandbox provider has no base_url (it answers in-process)",
+            );
+        }
+    } else {
+        match raw.base_url.as_deref() {
+            None => problems.add(&file, "base_url", "an HTTP provider needs a base_url"),
+            Some(u) => match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                _ => problems.add(&file, "base_url", format!("`{u}` is not an http(s) URL")),
+            },
+        }
+        base_url = base_url.trim_end_matches('/').to_owned();
+    }
+
+    let settings = match raw.kind {
+        ProviderKind::Sandbox => match raw.sandbox {
+            None => {
+                problems.add(
+                    &file,
+                    "sandbox",
+                    "a sandbox provider needs a `sandbox.models` section",
+                );
+                KindSettings::Sandbox(BTreeMap::new())
+            }
+            Some(s) => KindSettings::Sandbox(sandbox_models(&file, s, problems)),
+        },
+        ProviderKind::Anthropic => {
+            let a = raw.anthropic.unwrap_or(RawAnthropic {
+                version: None,
+                default_max_tokens: None,
+            });
+            KindSettings::Anthropic {
+                version: a.version.unwrap_or_else(|| "2023-06-01".into()),
+                default_max_tokens: a.default_max_tokens.unwrap_or(4096),
+            }
+        }
+        ProviderKind::Azure => match raw.azure {
+            Some(a) => KindSettings::Azure {
+                api_version: a.api_version,
+            },
+            None => {
+                problems.add(
+                    &file,
+                    "azure.api_version",
+                    "Azure OpenAI needs an api_version (e.g. `2024-10-21`)",
+                );
+                KindSettings::None
+            }
+        },
+        ProviderKind::Zhipu => {
+            let z = raw.zhipu.unwrap_or(RawZhipu {
+                auth: None,
+                jwt_ttl: None,
+            });
+            let jwt = match z.auth.as_deref() {
+                None | Some("api_key") => false,
+                Some("jwt") => true,
+                Some(other) => {
+                    problems.add(
+                        &file,
+                        "zhipu.auth",
+                        format!("`{other}` is not `api_key` or `jwt`"),
+                    );
+                    false
+                }
+            };
+            KindSettings::Zhipu {
+                jwt,
+                jwt_ttl: problems.duration(
+                    &file,
+                    "zhipu.jwt_ttl",
+                    &z.jwt_ttl,
+                    Duration::from_secs(1800),
+                ),
+            }
+        }
+        ProviderKind::Qianfan => match raw.qianfan {
+            Some(q) => {
+                if !valid_env_name(&q.secret_key_env) {
+                    problems.add(
+                        &file,
+                        "qianfan.secret_key_env",
+                        "must be the name of an environment variable",
+                    );
+                }
+                KindSettings::Qianfan {
+                    secret_key_env: q.secret_key_env,
+                    token_url: q
+                        .token_url
+                        .unwrap_or_else(|| "https://aip.baidubce.com/oauth/2.0/token".into()),
+                }
+            }
+            None => {
+                problems.add(
+                    &file,
+                    "qianfan.secret_key_env",
+                    "Qianfan v1 needs the secret key's environment variable (the API key is api_key_env)",
+                );
+                KindSettings::None
+            }
+        },
+        ProviderKind::Llamacpp => {
+            let mut templates = BTreeMap::new();
+            for (model, t) in raw.llamacpp.map(|l| l.templates).unwrap_or_default() {
+                let mut env = minijinja::Environment::new();
+                if let Err(e) = env.add_template("t", &t.template) {
+                    problems.add(
+                        &file,
+                        format!("llamacpp.templates.{model}.template"),
+                        format!("does not compile: {e}"),
+                    );
+                }
+                templates.insert(
+                    model,
+                    ChatTemplate {
+                        source: t.template,
+                        stop: t.stop,
+                    },
+                );
+            }
+            if templates.is_empty() {
+                problems.add(
+                    &file,
+                    "llamacpp.templates",
+                    "llama.cpp's native API takes a raw prompt: give at least one chat template (`*` for every model)",
+                );
+            }
+            KindSettings::Llamacpp { templates }
+        }
+        ProviderKind::Chatglm => KindSettings::Chatglm {
+            max_length: raw.chatglm.and_then(|c| c.max_length),
+        },
+        ProviderKind::Ollama => KindSettings::Ollama {
+            keep_alive: raw.ollama.and_then(|o| o.keep_alive),
+        },
+        ProviderKind::Openai | ProviderKind::Gemini | ProviderKind::Dashscope => KindSettings::None,
+    };
+
+    let capabilities = raw.capabilities.over(raw.kind.default_capabilities());
+    let models = match (&settings, raw.models) {
+        (KindSettings::Sandbox(m), _) => Some(m.keys().map(|k| (k.clone(), capabilities)).collect()),
+        (_, None) => None,
+        (_, Some(list)) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, m)| match m {
+                    RawModel::Name(n) => (n, capabilities),
+                    RawModel::Detailed { name, caps } => {
+                        for k in caps.unknown.keys() {
+                            problems.add(&file, format!("models[{i}].{k}"), "unknown field (expected a capability: streaming, tools, json_mode, embeddings, vision, context_window)");
+                        }
+                        let c = RawCapabilities {
+                            streaming: caps.streaming,
+                            tools: caps.tools,
+                            json_mode: caps.json_mode,
+                            embeddings: caps.embeddings,
+                            vision: caps.vision,
+                            context_window: caps.context_window,
+                        };
+                        (name, c.over(capabilities))
+                    }
+                })
+                .collect(),
+        ),
     };
     ProviderConfig {
         id,
@@ -721,10 +1126,71 @@ fn validate_provider(
         headers: raw.headers,
         timeouts,
         models,
-        self_hosted: raw.self_hosted.unwrap_or(raw.kind == ProviderKind::Sandbox),
+        capabilities,
+        self_hosted: raw.self_hosted.unwrap_or(matches!(
+            raw.kind,
+            ProviderKind::Sandbox
+                | ProviderKind::Chatglm
+                | ProviderKind::Llamacpp
+                | ProviderKind::Ollama
+        )),
         stream_usage: raw.stream_usage.unwrap_or(true),
         chat_path: raw.chat_path.unwrap_or_else(|| "/chat/completions".into()),
         embeddings_path: raw.embeddings_path.unwrap_or_else(|| "/embeddings".into()),
-        sandbox,
+        settings,
     }
+}
+
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn sandbox_models(
+    file: &Path,
+    s: RawSandbox,
+    problems: &mut Problems,
+) -> BTreeMap<String, SandboxModel> {
+    let mut out = BTreeMap::new();
+    for (name, m) in s.models {
+        let f = |k: &str| format!("sandbox.models.{name}.{k}");
+        if m.reply == Some(SandboxReply::Script) && m.script.is_empty() {
+            problems.add(
+                file,
+                f("script"),
+                "`reply: script` needs at least one scripted reply",
+            );
+        }
+        if let Some(fail) = &m.fail {
+            if !(400..=599).contains(&fail.status) {
+                problems.add(
+                    file,
+                    f("fail.status"),
+                    "must be an HTTP error status (400-599)",
+                );
+            }
+        }
+        let model = SandboxModel {
+            reply: m.reply.unwrap_or_default(),
+            script: m.script,
+            chunk_chars: m.chunk_chars.unwrap_or(0),
+            chunk_delay: problems.duration(file, &f("chunk_delay"), &m.chunk_delay, Duration::ZERO),
+            first_token_delay: problems.duration(
+                file,
+                &f("first_token_delay"),
+                &m.first_token_delay,
+                Duration::ZERO,
+            ),
+            delay: problems.duration(file, &f("delay"), &m.delay, Duration::ZERO),
+            fail: m.fail.map(|f| {
+                let msg = f
+                    .message
+                    .unwrap_or_else(|| format!("sandbox: simulated HTTP {} failure", f.status));
+                (f.status, msg)
+            }),
+            cut_after: m.cut_after,
+            embedding_dims: m.embedding_dims.unwrap_or(16).clamp(1, 8192),
+        };
+        out.insert(name, model);
+    }
+    out
 }

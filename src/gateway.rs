@@ -84,6 +84,7 @@ impl Gateway {
         if !route.overrides.is_empty() {
             route.overrides.apply(&mut req);
         }
+        check_capabilities(route, &req)?;
         let started = Instant::now();
         if !req.stream {
             let result = provider.chat(&req, &route.model).await;
@@ -146,6 +147,9 @@ impl Gateway {
         req: EmbeddingsRequest,
     ) -> Result<Served<EmbeddingsResponse>, GatewayError> {
         let (route, provider) = Self::resolve(snap, &req.model)?;
+        if !route.capabilities.embeddings {
+            return Err(unsupported(route, "embeddings"));
+        }
         let started = Instant::now();
         let result = provider.embed(&req, &route.model).await;
         let upstream = started.elapsed();
@@ -199,6 +203,40 @@ impl Gateway {
             .with_label_values(&labels("out"))
             .inc_by(u64::from(u.completion_tokens));
     }
+}
+
+fn unsupported(route: &Route, capability: &str) -> GatewayError {
+    GatewayError::Unsupported {
+        route: route.name.to_string(),
+        capability: capability.to_owned(),
+    }
+}
+
+/// Rejects a request its target cannot serve, before anything is sent.
+fn check_capabilities(route: &Route, req: &ChatRequest) -> Result<(), GatewayError> {
+    let caps = &route.capabilities;
+    if req.stream && !caps.streaming {
+        return Err(unsupported(route, "streaming"));
+    }
+    if !req.tools.is_empty() && !caps.tools {
+        return Err(unsupported(route, "tools (function calling)"));
+    }
+    if matches!(
+        req.response_format,
+        Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_))
+    ) && !caps.json_mode
+    {
+        return Err(unsupported(route, "JSON mode (response_format)"));
+    }
+    if !caps.vision {
+        let has_image = req.messages.iter().any(|m| {
+            matches!(&m.content, Some(Content::Parts(p)) if p.iter().any(|p| matches!(p, Part::Image { .. })))
+        });
+        if has_image {
+            return Err(unsupported(route, "vision (image input)"));
+        }
+    }
+    Ok(())
 }
 
 /// Reads events until the first one a client would see as output (text, a tool

@@ -22,9 +22,11 @@ use tower::ServiceBuilder;
 
 use crate::canonical::EmbeddingEncoding;
 use crate::error::GatewayError;
+use crate::error::{ErrorKind, UpstreamError};
 use crate::gateway::{ChatOutcome, Gateway, Served};
 use crate::snapshot::Route;
-use crate::wire::openai as wire;
+use crate::wire::openai::{self as wire, OpenAi};
+use crate::wire::Dialect;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The gateway's own processing time for the request, in microseconds: everything
@@ -159,15 +161,21 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     resp
 }
 
-/// The OpenAI-dialect error response for `err`, logged once here.
-fn error_response(err: GatewayError, id: &RequestId, route: Option<Arc<Route>>) -> Response {
-    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+/// The error response for `err` in the client's dialect, logged once here.
+fn error_response(
+    dialect: &dyn Dialect,
+    err: GatewayError,
+    id: &RequestId,
+    route: Option<Arc<Route>>,
+) -> Response {
+    let status =
+        StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
     if status.is_server_error() {
         tracing::warn!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %err, "request failed");
     } else {
         tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %err, "request rejected");
     }
-    let mut resp = json_response(status, wire::error_body(&err, &id.0));
+    let mut resp = json_response(status, dialect.error_body(&err, &id.0));
     if let GatewayError::Upstream(e) = &err {
         if let Some(ra) = e.retry_after {
             resp.headers_mut()
@@ -183,36 +191,25 @@ fn error_response(err: GatewayError, id: &RequestId, route: Option<Arc<Route>>) 
     resp
 }
 
-/// A request body read under the size limit; a too-large body is a 413 in the
-/// client's dialect, not the framework's plain-text one.
-struct LimitedBody(Bytes);
+/// A request body read under the size limit. A too-large body becomes a 413 in
+/// the client's dialect (the handler knows which), not the framework's plain text.
+struct LimitedBody(Result<Bytes, GatewayError>);
 
 impl FromRequest<AppState> for LimitedBody {
-    type Rejection = Response;
+    type Rejection = Infallible;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let id = req
-            .extensions()
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(|| RequestId(new_request_id().into()));
-        match Bytes::from_request(req, state).await {
-            Ok(b) => Ok(LimitedBody(b)),
-            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(error_response(
-                GatewayError::PayloadTooLarge {
+        Ok(LimitedBody(match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(b),
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(GatewayError::PayloadTooLarge {
                     limit: state.settings.max_body_bytes,
-                },
-                &id,
+                })
+            }
+            Err(rej) => Err(GatewayError::invalid(
+                format!("cannot read request body: {}", rej.body_text()),
                 None,
             )),
-            Err(rej) => Err(error_response(
-                GatewayError::invalid(
-                    format!("cannot read request body: {}", rej.body_text()),
-                    None,
-                ),
-                &id,
-                None,
-            )),
-        }
+        }))
     }
 }
 
@@ -232,32 +229,32 @@ fn served_headers(resp: &mut Response, route: Arc<Route>, upstream: Duration, st
     });
 }
 
-async fn chat_completions(
+/// Chat in any client dialect: decode, run the pipeline, encode the answer or
+/// the stream.
+async fn chat<D: Dialect + Default>(
     State(app): State<AppState>,
     id: RequestId,
     LimitedBody(body): LimitedBody,
 ) -> Response {
-    let req = match wire::decode_chat_request(&body) {
+    let dialect = D::default();
+    let d: &dyn Dialect = &dialect;
+    let req = match body.and_then(|b| d.decode_chat(&b)) {
         Ok(r) => r,
-        Err(e) => return error_response(e, &id, None),
+        Err(e) => return error_response(d, e, &id, None),
     };
-    drop(body);
-    let include_usage = req.include_usage;
     let snap = app.gw.snapshot();
     let route = snap.route(&req.model).cloned();
+    let mut encoder = req.stream.then(|| d.stream_encoder(&req));
     let served =
         match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(&snap, req)).await {
             Err(_) => {
-                return error_response(
-                    GatewayError::Upstream(crate::error::UpstreamError::new(
-                        crate::error::ErrorKind::Timeout,
-                        "no response from the backend within the gateway's request timeout",
-                    )),
-                    &id,
-                    route,
-                )
+                let e = UpstreamError::new(
+                    ErrorKind::Timeout,
+                    "no response from the backend within the gateway's request timeout",
+                );
+                return error_response(d, e.into(), &id, route);
             }
-            Ok(Err(e)) => return error_response(e, &id, route),
+            Ok(Err(e)) => return error_response(d, e, &id, route),
             Ok(Ok(s)) => s,
         };
     let Served {
@@ -265,13 +262,10 @@ async fn chat_completions(
         value,
         upstream,
     } = served;
-    match value {
-        ChatOutcome::Complete(resp) => {
+    match (value, encoder.take()) {
+        (ChatOutcome::Complete(resp), _) => {
             let estimated = resp.usage.is_some_and(|u| u.estimated);
-            let mut out = json_response(
-                StatusCode::OK,
-                wire::encode_chat_response(&resp, &route.name),
-            );
+            let mut out = json_response(StatusCode::OK, d.encode_chat(&resp, &route.name));
             out.headers_mut().insert(
                 USAGE,
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
@@ -279,8 +273,7 @@ async fn chat_completions(
             served_headers(&mut out, route, upstream, false);
             out
         }
-        ChatOutcome::Stream(mut events) => {
-            let mut encoder = wire::ChunkEncoder::new(&route.name, include_usage);
+        (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
             let request_id = id.0.clone();
             let body = async_stream::stream! {
                 let mut buf = Vec::with_capacity(512);
@@ -315,6 +308,12 @@ async fn chat_completions(
             served_headers(&mut out, route, upstream, true);
             out
         }
+        (ChatOutcome::Stream(_), None) => error_response(
+            d,
+            GatewayError::Internal("a stream was returned for a non-streaming request".into()),
+            &id,
+            Some(route),
+        ),
     }
 }
 
@@ -323,15 +322,15 @@ async fn embeddings(
     id: RequestId,
     LimitedBody(body): LimitedBody,
 ) -> Response {
-    let req = match wire::decode_embeddings_request(&body) {
+    let req = match body.and_then(|b| wire::decode_embeddings_request(&b)) {
         Ok(r) => r,
-        Err(e) => return error_response(e, &id, None),
+        Err(e) => return error_response(&OpenAi, e, &id, None),
     };
     let encoding: EmbeddingEncoding = req.encoding;
     let snap = app.gw.snapshot();
     let route = snap.route(&req.model).cloned();
     match app.gw.embed(&snap, req).await {
-        Err(e) => error_response(e, &id, route),
+        Err(e) => error_response(&OpenAi, e, &id, route),
         Ok(served) => {
             let mut out = json_response(
                 StatusCode::OK,
@@ -371,6 +370,7 @@ async fn get_model(
     let snap = app.gw.snapshot();
     if snap.route(&model).is_none() {
         return error_response(
+            &OpenAi,
             GatewayError::UnknownModel {
                 model,
                 available: snap.route_list.clone(),
@@ -403,6 +403,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
 
 async fn not_found(id: RequestId, req: Request) -> Response {
     error_response(
+        &OpenAi,
         GatewayError::NotFound {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
@@ -436,7 +437,7 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         settings: settings.clone(),
     };
     let api = Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/chat/completions", post(chat::<OpenAi>))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
@@ -475,6 +476,6 @@ pub async fn serve(
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        error_response(self, &RequestId(new_request_id().into()), None)
+        error_response(&OpenAi, self, &RequestId(new_request_id().into()), None)
     }
 }

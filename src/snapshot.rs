@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::config::{Config, ParamOverrides};
+use crate::config::{Capabilities, Config, ParamOverrides};
 use crate::provider::registry::{self, EnvLookup, ProviderState};
 use crate::tokens::{encoding_for, Encoding};
 
@@ -23,6 +23,8 @@ pub struct Route {
     pub overrides: ParamOverrides,
     /// Tokenizer used when the backend reports no usage.
     pub encoding: Encoding,
+    /// What the target model can serve.
+    pub capabilities: Capabilities,
 }
 
 pub struct Snapshot {
@@ -50,6 +52,11 @@ impl Snapshot {
                 .get(&r.provider)
                 .cloned()
                 .unwrap_or_else(|| ProviderState::Unavailable("not configured".into()));
+            let capabilities = config
+                .providers
+                .get(&r.provider)
+                .map(|p| p.capabilities_of(&r.model))
+                .unwrap_or_default();
             routes.insert(
                 name.clone(),
                 Arc::new(Route {
@@ -59,6 +66,7 @@ impl Snapshot {
                     model: r.model.clone(),
                     overrides: r.overrides.clone(),
                     encoding: encoding_for(&r.model),
+                    capabilities,
                 }),
             );
         }

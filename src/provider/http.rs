@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
+use super::auth::{AuthPart, Credential};
 use super::{Codec, EventStream, HttpCall, Provider, StreamDecoder};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -43,8 +44,7 @@ impl Default for Timeouts {
 pub struct HttpSettings {
     pub id: String,
     pub base_url: String,
-    /// Header carrying the credential, and its full value (e.g. `Bearer sk-…`).
-    pub auth: Option<(HeaderName, String)>,
+    pub credential: Credential,
     /// The raw secret, so it can be scrubbed from any error text.
     pub secret: Option<String>,
     pub headers: HeaderMap,
@@ -56,6 +56,7 @@ pub struct HttpProvider {
     base_url: String,
     client: reqwest::Client,
     headers: HeaderMap,
+    credential: Credential,
     secret: Option<String>,
     timeouts: Timeouts,
     codec: Arc<dyn Codec>,
@@ -71,12 +72,11 @@ impl HttpProvider {
             .build()
             .map_err(|e| format!("cannot build HTTP client: {e}"))?;
         let mut headers = settings.headers;
-        if let Some((name, value)) = settings.auth {
-            let mut v = HeaderValue::from_str(&value).map_err(|_| {
-                "the API key contains characters not allowed in a header".to_string()
-            })?;
-            v.set_sensitive(true);
-            headers.insert(name, v);
+        let mut credential = settings.credential;
+        // A static header goes into the shared header map once.
+        if let Credential::Static(AuthPart::Header(name, value)) = &credential {
+            headers.insert(name.clone(), value.clone());
+            credential = Credential::None;
         }
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -87,14 +87,25 @@ impl HttpProvider {
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
             client,
             headers,
+            credential,
             secret: settings.secret,
             timeouts: settings.timeouts,
             codec,
         })
     }
 
+    /// A rejected credential is dropped from the cache so the next call refreshes it.
+    fn on_error(&self, e: &UpstreamError) {
+        if e.kind == ErrorKind::Auth {
+            if let Credential::Dynamic(src) = &self.credential {
+                src.invalidate();
+            }
+        }
+    }
+
     /// Stamps the provider id on an error and removes the credential from its text.
     fn own(&self, e: UpstreamError) -> UpstreamError {
+        self.on_error(&e);
         let mut e = e.redact(self.secret.as_deref());
         if e.provider.is_empty() {
             e.provider = self.id.to_string();
@@ -115,6 +126,16 @@ impl HttpProvider {
             .body(call.body);
         for (k, v) in call.headers {
             rb = rb.header(k, v);
+        }
+        let dynamic = match &self.credential {
+            Credential::None => None,
+            Credential::Static(part) => Some(part.clone()),
+            Credential::Dynamic(src) => Some(src.get(&self.client).await?),
+        };
+        match dynamic {
+            Some(AuthPart::Header(k, v)) => rb = rb.header(k, v),
+            Some(AuthPart::Query(k, v)) => rb = rb.query(&[(k, v)]),
+            None => {}
         }
         let resp = match tokio::time::timeout(self.timeouts.headers, rb.send()).await {
             Err(_) => {

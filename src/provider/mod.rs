@@ -5,6 +5,7 @@
 //! an in-process provider. [`registry::build`] turns a provider file into an
 //! `Arc<dyn Provider>` by its `kind`: the one place that matches on kinds.
 
+pub mod auth;
 pub mod http;
 pub mod openai;
 pub mod registry;

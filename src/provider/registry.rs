@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
+use super::auth::{Credential, QianfanToken, ZhipuJwt};
 use super::http::{HttpProvider, HttpSettings};
 use super::openai::{OpenAiCodec, Quirks};
 use super::sandbox::SandboxProvider;
 use super::{Codec, Provider};
-use crate::config::{Auth, ProviderConfig, ProviderKind};
+use crate::config::{Auth, KindSettings, ProviderConfig, ProviderKind};
 
 /// A provider ready to serve, or the reason it cannot (e.g. its key is unset).
 #[derive(Clone)]
@@ -21,28 +22,33 @@ pub enum ProviderState {
 /// Reads an environment variable; injectable so tests need no process-global state.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
-    match cfg.kind {
-        ProviderKind::Sandbox => ProviderState::Ready(Arc::new(SandboxProvider::new(
-            &cfg.id,
-            cfg.sandbox.clone(),
-            cfg.timeouts,
-        ))),
-        ProviderKind::Openai => http(
-            cfg,
-            env,
-            Arc::new(OpenAiCodec {
-                quirks: Quirks {
-                    stream_usage: cfg.stream_usage,
-                    chat_path: cfg.chat_path.clone(),
-                    embeddings_path: cfg.embeddings_path.clone(),
-                },
-            }),
-        ),
+fn openai_quirks(cfg: &ProviderConfig) -> Quirks {
+    Quirks {
+        stream_usage: cfg.stream_usage,
+        chat_path: cfg.chat_path.clone(),
+        embeddings_path: cfg.embeddings_path.clone(),
     }
 }
 
-fn http(cfg: &ProviderConfig, env: EnvLookup<'_>, codec: Arc<dyn Codec>) -> ProviderState {
+pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
+    let codec: Arc<dyn Codec> = match (cfg.kind, &cfg.settings) {
+        (ProviderKind::Sandbox, KindSettings::Sandbox(models)) => {
+            return ProviderState::Ready(Arc::new(SandboxProvider::new(
+                &cfg.id,
+                models.clone(),
+                cfg.timeouts,
+            )))
+        }
+        (ProviderKind::Openai, _) => Arc::new(OpenAiCodec {
+            quirks: openai_quirks(cfg),
+        }),
+        (kind, _) => {
+            return ProviderState::Unavailable(format!(
+                "provider kind `{}` is not available in this build",
+                kind.as_str()
+            ))
+        }
+    };
     let secret = match &cfg.api_key_env {
         None => None,
         Some(var) => match env(var) {
@@ -54,13 +60,9 @@ fn http(cfg: &ProviderConfig, env: EnvLookup<'_>, codec: Arc<dyn Codec>) -> Prov
             }
         },
     };
-    let auth = match (&cfg.auth, &secret) {
-        (_, None) | (Auth::None, _) => None,
-        (Auth::Bearer, Some(s)) => Some((http::header::AUTHORIZATION, format!("Bearer {s}"))),
-        (Auth::Header(name), Some(s)) => match http::HeaderName::from_bytes(name.as_bytes()) {
-            Ok(h) => Some((h, s.clone())),
-            Err(_) => return ProviderState::Unavailable(format!("invalid auth header `{name}`")),
-        },
+    let credential = match credential(cfg, secret.as_deref(), env) {
+        Ok(c) => c,
+        Err(e) => return ProviderState::Unavailable(e),
     };
     let mut headers = HeaderMap::new();
     for (k, v) in &cfg.headers {
@@ -74,7 +76,7 @@ fn http(cfg: &ProviderConfig, env: EnvLookup<'_>, codec: Arc<dyn Codec>) -> Prov
     let settings = HttpSettings {
         id: cfg.id.clone(),
         base_url: cfg.base_url.clone(),
-        auth,
+        credential,
         secret,
         headers,
         timeouts: cfg.timeouts,
@@ -82,5 +84,50 @@ fn http(cfg: &ProviderConfig, env: EnvLookup<'_>, codec: Arc<dyn Codec>) -> Prov
     match HttpProvider::new(settings, codec) {
         Ok(p) => ProviderState::Ready(Arc::new(p)),
         Err(e) => ProviderState::Unavailable(e),
+    }
+}
+
+/// How a provider authenticates, from its auth setting and kind settings.
+fn credential(
+    cfg: &ProviderConfig,
+    secret: Option<&str>,
+    env: EnvLookup<'_>,
+) -> Result<Credential, String> {
+    let Some(secret) = secret else {
+        return Ok(Credential::None);
+    };
+    match &cfg.settings {
+        KindSettings::Zhipu { jwt: true, jwt_ttl } => {
+            return Ok(Credential::Dynamic(Box::new(ZhipuJwt::new(
+                secret, *jwt_ttl,
+            )?)))
+        }
+        KindSettings::Qianfan {
+            secret_key_env,
+            token_url,
+        } => {
+            let sk = env(secret_key_env)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| {
+                    format!("environment variable {secret_key_env} (its secret key) is not set")
+                })?;
+            return Ok(Credential::Dynamic(Box::new(QianfanToken::new(
+                token_url,
+                secret,
+                sk.trim(),
+            ))));
+        }
+        _ => {}
+    }
+    match &cfg.auth {
+        Auth::None => Ok(Credential::None),
+        Auth::Bearer => {
+            Credential::header(http::header::AUTHORIZATION, &format!("Bearer {secret}"))
+        }
+        Auth::Header(name) => {
+            let h = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("invalid auth header `{name}`"))?;
+            Credential::header(h, secret)
+        }
     }
 }

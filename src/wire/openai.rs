@@ -1180,12 +1180,37 @@ impl ChunkEncoder {
             StreamEvent::Done => out.extend_from_slice(b"data: [DONE]\n\n"),
         }
     }
+}
 
-    /// The final event for a stream that failed after it began.
-    pub fn encode_error(&self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>) {
+impl super::StreamEncoder for ChunkEncoder {
+    fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<u8>) {
+        ChunkEncoder::encode(self, ev, out);
+    }
+
+    /// A final `data: {"error":…}` event: what OpenAI's SDKs raise on.
+    fn encode_error(&mut self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&error_body(err, request_id));
         out.extend_from_slice(b"\n\n");
+    }
+}
+
+/// The OpenAI Chat Completions dialect, for the HTTP edge.
+#[derive(Default)]
+pub struct OpenAi;
+
+impl super::Dialect for OpenAi {
+    fn decode_chat(&self, body: &[u8]) -> Result<ChatRequest, GatewayError> {
+        decode_chat_request(body)
+    }
+    fn encode_chat(&self, resp: &ChatResponse, model: &str) -> Vec<u8> {
+        encode_chat_response(resp, model)
+    }
+    fn stream_encoder(&self, req: &ChatRequest) -> Box<dyn super::StreamEncoder> {
+        Box::new(ChunkEncoder::new(&req.model, req.include_usage))
+    }
+    fn error_body(&self, err: &GatewayError, request_id: &str) -> Vec<u8> {
+        error_body(err, request_id)
     }
 }
 
