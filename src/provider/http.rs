@@ -210,6 +210,13 @@ impl Provider for HttpProvider {
         model: &'a str,
     ) -> BoxFuture<'a, Result<EventStream, UpstreamError>> {
         Box::pin(async move {
+            if !self.codec.native_streaming() {
+                let full = self.chat(req, model).await?;
+                let events: Vec<Result<StreamEvent, UpstreamError>> =
+                    response_events(full).into_iter().map(Ok).collect();
+                let stream: EventStream = Box::pin(futures_util::stream::iter(events));
+                return Ok(stream);
+            }
             let deadline = Instant::now() + self.timeouts.total;
             let call = self.codec.chat_call(req, model).map_err(|e| self.own(e))?;
             let resp = self.send(call).await.map_err(|e| self.own(e))?;

@@ -65,6 +65,11 @@ pub struct HttpCall {
 pub trait Codec: Send + Sync + 'static {
     fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError>;
     fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError>;
+    /// False for backends without a streaming API: streams are then served from
+    /// one complete response, replayed as events.
+    fn native_streaming(&self) -> bool {
+        true
+    }
     fn stream_framing(&self) -> Framing;
     fn stream_decoder(&self) -> Box<dyn StreamDecoder>;
     /// Classifies a non-2xx answer.

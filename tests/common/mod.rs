@@ -4,6 +4,8 @@
 //! Everything is per test: no global state, no fixed ports.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod native;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -321,7 +323,12 @@ pub fn write_config(dir: &Path, gateway: &str, providers: &[(String, String)]) {
 }
 
 pub fn test_env(name: &str) -> Option<String> {
-    let vars: HashMap<&str, &str> = [("FAKE_UPSTREAM_KEY", FAKE_KEY)].into_iter().collect();
+    let vars: HashMap<&str, &str> = [
+        ("FAKE_UPSTREAM_KEY", FAKE_KEY),
+        ("FAKE_UPSTREAM_SECRET", "fake-secret-key-7890"),
+    ]
+    .into_iter()
+    .collect();
     vars.get(name).map(|v| v.to_string())
 }
 

@@ -1,0 +1,291 @@
+//! The conformance suite: the same cases run against every backend protocol,
+//! each through the real gateway in front of a fixture-driven fake of that
+//! protocol (`tests/common/native.rs`). A protocol is one file in
+//! `tests/protocols/` and one line in `protocols!` below.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::native::{self, Protocol, EXPECTED_TEXT};
+use common::{client, spawn_gateway, sse_data};
+use serde_json::{json, Value};
+
+struct Setup {
+    gw: common::Gw,
+    fake: native::NativeState,
+}
+
+async fn setup(proto: &'static Protocol) -> Setup {
+    let (base, fake) = native::spawn(proto).await;
+    let gateway = format!(
+        "listen: 127.0.0.1:0\nroutes:\n  conf:\n    provider: {k}\n    model: {m}\n",
+        k = proto.kind,
+        m = proto.model
+    );
+    let providers = vec![(format!("{}.yaml", proto.kind), (proto.provider_yaml)(&base))];
+    let gw = spawn_gateway(&gateway, &providers).await;
+    Setup { gw, fake }
+}
+
+fn request(scenario: &str, stream: bool) -> Value {
+    json!({
+        "model": "conf",
+        "stream": stream,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": scenario}
+        ]
+    })
+}
+
+fn weather_tool() -> Value {
+    json!([{"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+}
+
+async fn post(s: &Setup, body: &Value) -> reqwest::Response {
+    client()
+        .post(s.gw.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn ok_json(s: &Setup, body: &Value) -> Value {
+    let resp = post(s, body).await;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+fn check_usage(proto: &Protocol, u: &Value) {
+    if proto.reports_usage {
+        assert_eq!(u["prompt_tokens"], 12, "{u}");
+        assert_eq!(u["completion_tokens"], 6, "{u}");
+        assert_eq!(u["total_tokens"], 18, "{u}");
+        assert!(u.get("estimated").is_none(), "{u}");
+    } else {
+        assert_eq!(u["estimated"], true, "{u}");
+        assert!(u["completion_tokens"].as_u64().unwrap() > 0, "{u}");
+    }
+}
+
+/// Reads a stream; returns (text, finish reason, usage chunk, tool calls by index).
+async fn read_stream(
+    resp: reqwest::Response,
+) -> (
+    String,
+    Option<String>,
+    Option<Value>,
+    Vec<(String, String)>,
+    String,
+) {
+    assert_eq!(resp.status(), 200);
+    let raw = resp.text().await.unwrap();
+    let data = sse_data(&raw);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{raw}");
+    let (mut text, mut finish, mut usage, mut calls) =
+        (String::new(), None, None, Vec::<(String, String)>::new());
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        assert!(c.get("error").is_none(), "{raw}");
+        if let Some(u) = c.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+        }
+        let Some(choice) = c["choices"].get(0) else {
+            continue;
+        };
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+        for tc in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, Default::default());
+            }
+            if let Some(n) = tc["function"]["name"].as_str() {
+                calls[i].0.push_str(n);
+            }
+            if let Some(a) = tc["function"]["arguments"].as_str() {
+                calls[i].1.push_str(a);
+            }
+        }
+    }
+    (text, finish, usage, calls, raw)
+}
+
+pub async fn chat(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    let v = ok_json(&s, &request("chat", false)).await;
+    assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["model"], "conf");
+    check_usage(proto, &v["usage"]);
+}
+
+pub async fn multi_turn(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    let body = json!({"model": "conf", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "chat"}
+    ]});
+    let v = ok_json(&s, &body).await;
+    assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT);
+    let log = s.fake.log.lock().unwrap().clone();
+    (proto.check_multi_turn)(&log.last().unwrap().1);
+}
+
+pub async fn stream(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    let mut body = request("chat", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (text, finish, usage, _, raw) = read_stream(post(&s, &body).await).await;
+    assert_eq!(text, EXPECTED_TEXT, "{raw}");
+    assert_eq!(finish.as_deref(), Some("stop"), "{raw}");
+    check_usage(proto, &usage.expect("a usage chunk"));
+}
+
+pub async fn tools(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    for stream in [false, true] {
+        let mut body = request("tools", stream);
+        body["tools"] = weather_tool();
+        let resp = post(&s, &body).await;
+        if !proto.tools {
+            assert_eq!(
+                resp.status(),
+                400,
+                "a backend without tools must refuse them"
+            );
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "unsupported");
+            assert!(v["error"]["message"].as_str().unwrap().contains("tools"));
+            assert!(
+                s.fake.log.lock().unwrap().is_empty(),
+                "nothing was sent upstream"
+            );
+            continue;
+        }
+        let (name, args, finish) = if stream {
+            let (_, finish, _, calls, raw) = read_stream(resp).await;
+            assert_eq!(calls.len(), 1, "{raw}");
+            (calls[0].0.clone(), calls[0].1.clone(), finish)
+        } else {
+            let v: Value = resp.json().await.unwrap();
+            let call = &v["choices"][0]["message"]["tool_calls"][0];
+            assert!(call["id"].as_str().is_some_and(|i| !i.is_empty()), "{v}");
+            (
+                call["function"]["name"].as_str().unwrap().to_owned(),
+                call["function"]["arguments"].as_str().unwrap().to_owned(),
+                v["choices"][0]["finish_reason"].as_str().map(str::to_owned),
+            )
+        };
+        assert_eq!(name, "get_weather");
+        assert_eq!(
+            serde_json::from_str::<Value>(&args).unwrap(),
+            json!({"city": "Paris"})
+        );
+        assert_eq!(finish.as_deref(), Some("tool_calls"));
+        // The tool definition reached the backend in its own format.
+        let log = s.fake.log.lock().unwrap().clone();
+        assert!(log.last().unwrap().1.to_string().contains("get_weather"));
+    }
+}
+
+pub async fn length(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    let mut body = request("length", false);
+    body["max_tokens"] = json!(5);
+    let v = ok_json(&s, &body).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    body["stream"] = json!(true);
+    let (_, finish, _, _, raw) = read_stream(post(&s, &body).await).await;
+    assert_eq!(finish.as_deref(), Some("length"), "{raw}");
+}
+
+pub async fn errors(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    let common: [(&str, u16, &str); 5] = [
+        ("error_429", 429, "rate_limited"),
+        ("error_500", 503, "overloaded"),
+        ("error_401", 502, "auth"),
+        ("error_400_context", 400, "context_length_exceeded"),
+        ("error_400", 400, "bad_request"),
+    ];
+    for (scenario, status, code) in common.iter().chain(proto.extra_errors) {
+        for stream in [false, true] {
+            let resp = post(&s, &request(scenario, stream)).await;
+            let got = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(
+                (got, v["error"]["code"].as_str()),
+                (*status, Some(*code)),
+                "{scenario} stream={stream}: {v}"
+            );
+            assert!(!v.to_string().contains(common::FAKE_KEY));
+        }
+    }
+}
+
+pub async fn stream_error(proto: &'static Protocol) {
+    let s = setup(proto).await;
+    let resp = post(&s, &request("stream_error", true)).await;
+    assert_eq!(resp.status(), 200);
+    let raw = resp.text().await.unwrap();
+    assert!(
+        raw.contains("Hello"),
+        "output before the failure is forwarded: {raw}"
+    );
+    assert!(!raw.contains("[DONE]"));
+    let last: Value = serde_json::from_str(sse_data(&raw).last().unwrap()).unwrap();
+    assert!(last["error"]["code"].is_string(), "{raw}");
+}
+
+/// Expands to the suite's test functions for the module's `PROTOCOL`.
+macro_rules! conformance_cases {
+    () => {
+        #[tokio::test]
+        async fn chat() {
+            crate::chat(&PROTOCOL).await
+        }
+        #[tokio::test]
+        async fn multi_turn() {
+            crate::multi_turn(&PROTOCOL).await
+        }
+        #[tokio::test]
+        async fn stream() {
+            crate::stream(&PROTOCOL).await
+        }
+        #[tokio::test]
+        async fn tools() {
+            crate::tools(&PROTOCOL).await
+        }
+        #[tokio::test]
+        async fn length() {
+            crate::length(&PROTOCOL).await
+        }
+        #[tokio::test]
+        async fn errors() {
+            crate::errors(&PROTOCOL).await
+        }
+        #[tokio::test]
+        async fn stream_error() {
+            crate::stream_error(&PROTOCOL).await
+        }
+    };
+}
+
+// One line per backend protocol.
+#[path = "protocols/openai.rs"]
+mod openai;
