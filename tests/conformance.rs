@@ -208,10 +208,15 @@ pub async fn length(proto: &'static Protocol) {
     let mut body = request("length", false);
     body["max_tokens"] = json!(5);
     let v = ok_json(&s, &body).await;
-    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let want = if proto.length { "length" } else { "stop" };
+    assert_eq!(v["choices"][0]["finish_reason"], want, "{v}");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
     body["stream"] = json!(true);
-    let (_, finish, _, _, raw) = read_stream(post(&s, &body).await).await;
-    assert_eq!(finish.as_deref(), Some("length"), "{raw}");
+    let (text, finish, _, _, raw) = read_stream(post(&s, &body).await).await;
+    assert_eq!(finish.as_deref(), Some(want), "{raw}");
+    assert!(!text.is_empty());
 }
 
 pub async fn errors(proto: &'static Protocol) {

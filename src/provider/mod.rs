@@ -80,6 +80,11 @@ pub trait Codec: Send + Sync + 'static {
         model: &str,
     ) -> Result<HttpCall, UpstreamError>;
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError>;
+    /// A cheap `GET` path (relative to the base URL) that answers 2xx when the
+    /// backend is ready to serve, for readiness and health checks.
+    fn health_path(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Per-stream state of a codec: turns frames into canonical events.

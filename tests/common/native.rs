@@ -27,8 +27,11 @@ pub enum Framing {
 
 /// One backend protocol as the conformance suite sees it.
 pub struct Protocol {
-    /// The provider `kind`, also the fixture folder name.
+    /// The provider `kind`.
     pub kind: &'static str,
+    /// The fixture folder under `tests/fixtures/` (usually the kind; a variant of
+    /// a kind, e.g. a vendor on the `openai` codec, has its own folder).
+    pub fixtures: &'static str,
     /// The provider file for a backend at `base_url` (no trailing slash). Keys come
     /// from `FAKE_UPSTREAM_KEY` (and `FAKE_UPSTREAM_SECRET` where a second is needed).
     pub provider_yaml: fn(base_url: &str) -> String,
@@ -43,6 +46,9 @@ pub struct Protocol {
     pub reports_usage: bool,
     /// The backend supports tool calls (otherwise the gateway must refuse them).
     pub tools: bool,
+    /// The backend says when output was cut at the token limit (otherwise the
+    /// `length` case only checks that an answer came back).
+    pub length: bool,
     /// Checks the native body of a multi-turn request with a system prompt
     /// (system "Be brief.", user "Hi", assistant "Hello!", user "chat").
     pub check_multi_turn: fn(body: &Value),
@@ -89,11 +95,11 @@ async fn handle(proto: &'static Protocol, state: NativeState, req: Request) -> R
         Framing::Sse => ("sse", "text/event-stream"),
         Framing::Ndjson => ("ndjson", "application/x-ndjson"),
     };
-    let streamed = fixture_path(proto.kind, &format!("{scenario}.{ext}"));
+    let streamed = fixture_path(proto.fixtures, &format!("{scenario}.{ext}"));
     if stream && streamed.exists() {
         return respond(200, ctype, std::fs::read_to_string(streamed).unwrap());
     }
-    let json = fixture_path(proto.kind, &format!("{scenario}.json"));
+    let json = fixture_path(proto.fixtures, &format!("{scenario}.json"));
     match std::fs::read_to_string(&json) {
         Ok(text) => {
             let status = scenario

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 pub static PROTOCOL: Protocol = Protocol {
     kind: "openai",
+    fixtures: "openai",
     provider_yaml: |base| {
         format!("kind: openai\nbase_url: {base}/v1\napi_key_env: FAKE_UPSTREAM_KEY\n")
     },
@@ -14,6 +15,7 @@ pub static PROTOCOL: Protocol = Protocol {
     framing: Framing::Sse,
     reports_usage: true,
     tools: true,
+    length: true,
     check_multi_turn: |body: &Value| {
         assert_eq!(
             body["messages"],
