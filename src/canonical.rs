@@ -154,7 +154,7 @@ pub struct ChatRequest {
     /// The client asked for a final usage event in the stream.
     pub include_usage: bool,
     /// Request fields the gateway does not model; OpenAI-compatible backends get them
-    /// back unchanged, other codecs ignore them.
+    /// back unchanged, native codecs pass on those their protocol has a place for.
     pub extra: Map<String, Value>,
 }
 

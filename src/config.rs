@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+mod prompts;
+
 use crate::canonical::{ChatRequest, Params};
 use crate::provider::http::Timeouts;
 
@@ -26,6 +28,25 @@ struct RawGateway {
     limits: RawLimits,
     #[serde(default)]
     routes: BTreeMap<String, RawRoute>,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    key_env: Option<String>,
+}
+
+/// The admin listener: its own address (loopback by default) and its own key.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Environment variable holding the admin key; without it admin calls are refused.
+    pub key_env: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -129,6 +150,11 @@ impl ProviderKind {
         }
     }
 
+    /// Whether the protocol reports token usage; the gateway estimates it otherwise.
+    pub fn reports_usage(self) -> bool {
+        !matches!(self, ProviderKind::Sandbox | ProviderKind::Chatglm)
+    }
+
     /// What the protocol can carry at all; a provider file may narrow it.
     fn default_capabilities(self) -> Capabilities {
         let all = Capabilities::default();
@@ -143,6 +169,10 @@ impl ProviderKind {
             ProviderKind::Llamacpp => Capabilities {
                 tools: false,
                 embeddings: false,
+                vision: false,
+                ..all
+            },
+            ProviderKind::Qianfan => Capabilities {
                 vision: false,
                 ..all
             },
@@ -579,15 +609,19 @@ pub struct Config {
     pub file: PathBuf,
     pub prompts_dir: PathBuf,
     pub listen: SocketAddr,
+    pub admin: AdminConfig,
     pub limits: Limits,
     pub routes: BTreeMap<String, RouteConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
+    pub prompts: BTreeMap<String, crate::prompt::PromptDef>,
 }
 
 /// One problem found in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub file: String,
+    /// The line in `file`, where known.
+    pub line: Option<usize>,
     /// Dotted path of the field, empty when the whole file is at fault.
     pub field: String,
     pub message: String,
@@ -595,15 +629,19 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
         if self.field.is_empty() {
-            write!(f, "{}: {}", self.file, self.message)
+            write!(f, ": {}", self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file, self.field, self.message)
+            write!(f, ": {}: {}", self.field, self.message)
         }
     }
 }
 
-struct Problems {
+pub(crate) struct Problems {
     list: Vec<Problem>,
 }
 
@@ -611,6 +649,7 @@ impl Problems {
     fn add(&mut self, file: &Path, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(Problem {
             file: file.display().to_string(),
+            line: None,
             field: field.into(),
             message: message.into(),
         });
@@ -640,7 +679,10 @@ impl Problems {
     }
 }
 
-fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, problems: &mut Problems) -> Option<T> {
+pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    problems: &mut Problems,
+) -> Option<T> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -671,12 +713,16 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, problems: &mut Problem
                 }
                 prefix = prefix.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
             }
-            if let Some(loc) = inner.location() {
-                if !msg.contains("line") {
-                    msg = format!("{msg} (line {}, column {})", loc.line(), loc.column());
-                }
+            // The location is reported as the problem's line instead.
+            if let Some(i) = msg.find(" at line ") {
+                msg.truncate(i);
             }
-            problems.add(path, field, msg);
+            problems.list.push(Problem {
+                file: path.display().to_string(),
+                line: inner.location().map(|l| l.line()),
+                field,
+                message: msg,
+            });
             None
         }
     }
@@ -841,14 +887,51 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         );
     }
 
+    let admin_listen = match gw
+        .admin
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:9090")
+        .parse::<SocketAddr>()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            problems.add(
+                gateway_file,
+                "admin.listen",
+                format!("not a HOST:PORT address: {e}"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        }
+    };
+    let admin = AdminConfig {
+        listen: admin_listen,
+        key_env: gw
+            .admin
+            .key_env
+            .unwrap_or_else(|| "PROMPTGATE_ADMIN_KEY".into()),
+    };
+    if !valid_env_name(&admin.key_env) {
+        problems.add(
+            gateway_file,
+            "admin.key_env",
+            "must be the name of an environment variable",
+        );
+    }
+
+    let route_names: Vec<&str> = routes.keys().map(String::as_str).collect();
+    let prompts = prompts::load_dir(&prompts_dir(gateway_file), &route_names, &mut problems);
+
     if problems.list.is_empty() {
         Ok(Config {
             file: gateway_file.to_owned(),
             prompts_dir: prompts_dir(gateway_file),
             listen,
+            admin,
             limits,
             routes,
             providers,
+            prompts,
         })
     } else {
         Err(problems.list)

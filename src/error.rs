@@ -143,6 +143,8 @@ pub enum GatewayError {
     Unsupported { route: String, capability: String },
     #[error("{0}")]
     Upstream(UpstreamError),
+    #[error("{message}")]
+    NotFoundPrompt { message: String },
     #[error("no such endpoint: {method} {path}")]
     NotFound { method: String, path: String },
     #[error("internal error: {0}")]
@@ -161,7 +163,9 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } | GatewayError::Unsupported { .. } => 400,
             GatewayError::PayloadTooLarge { .. } => 413,
-            GatewayError::UnknownModel { .. } | GatewayError::NotFound { .. } => 404,
+            GatewayError::UnknownModel { .. }
+            | GatewayError::NotFound { .. }
+            | GatewayError::NotFoundPrompt { .. } => 404,
             GatewayError::ProviderUnavailable { .. } => 503,
             GatewayError::Upstream(e) => e.kind.client_status(e.status),
             GatewayError::Internal(_) => 500,
@@ -182,6 +186,7 @@ impl GatewayError {
                 k => k.as_str(),
             },
             GatewayError::NotFound { .. } => "not_found",
+            GatewayError::NotFoundPrompt { .. } => "prompt_not_found",
             GatewayError::Internal(_) => "internal_error",
         }
     }

@@ -80,6 +80,12 @@ impl Gateway {
         snap: &Snapshot,
         mut req: ChatRequest,
     ) -> Result<Served<ChatOutcome>, GatewayError> {
+        if req.messages.is_empty() {
+            return Err(GatewayError::invalid(
+                "invalid field `messages`: at least one message is required",
+                Some("messages"),
+            ));
+        }
         let (route, provider) = Self::resolve(snap, &req.model)?;
         if !route.overrides.is_empty() {
             route.overrides.apply(&mut req);

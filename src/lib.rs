@@ -2,13 +2,16 @@
 //! for the map; the request flow is `server` (edge, dialect) → `gateway`
 //! (pipeline) → `provider` (backends) → back through `server`.
 
+pub mod admin;
 pub mod canonical;
 pub mod config;
 pub mod error;
 pub mod framing;
 pub mod gateway;
 pub mod metrics;
+pub mod prompt;
 pub mod provider;
+pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod tokens;
@@ -27,10 +30,11 @@ pub fn load(
     env: provider::registry::EnvLookup<'_>,
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
     let cfg = config::load(path)?;
-    let snapshot = snapshot::Snapshot::build(cfg.clone(), env);
+    let snapshot = snapshot::Snapshot::build(cfg.clone(), env)?;
     let gw = Gateway::new(snapshot).map_err(|e| {
         vec![Problem {
             file: path.display().to_string(),
+            line: None,
             field: String::new(),
             message: format!("cannot set up metrics: {e}"),
         }]

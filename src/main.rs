@@ -30,10 +30,29 @@ enum Command {
         /// Listen on HOST:PORT instead of the configured address.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve the admin API on HOST:PORT instead of the configured address.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
     },
     /// Validate the whole configuration and report every problem; exits non-zero
     /// if there is any.
     Check {
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+    },
+    /// Render a prompt version without calling a model: prints the messages and
+    /// the route and parameters the version would use.
+    Render {
+        /// `ID`, `ID@VERSION` or `ID@LABEL` (default label: production).
+        prompt: String,
+        /// A variable, `NAME=VALUE` (numbers, booleans, lists and objects as JSON).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+    },
+    /// List prompts with their versions, content hashes and labels.
+    Prompts {
         #[arg(long, default_value = "promptgate.yaml")]
         config: PathBuf,
     },
@@ -43,17 +62,28 @@ fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// Loads and fully validates the configuration (templates compiled too).
+fn load_snapshot(config: &std::path::Path) -> Result<promptgate::snapshot::Snapshot, ExitCode> {
+    let problems = match promptgate::config::load(config) {
+        Err(p) => p,
+        Ok(cfg) => match promptgate::snapshot::Snapshot::build(cfg, &env_lookup) {
+            Ok(s) => return Ok(s),
+            Err(p) => p,
+        },
+    };
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    eprintln!("{} problem(s) found", problems.len());
+    Err(ExitCode::FAILURE)
+}
+
 #[allow(clippy::print_stdout)]
 fn check(config: PathBuf) -> ExitCode {
-    match promptgate::config::load(&config) {
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("error: {p}");
-            }
-            eprintln!("{} problem(s) found", problems.len());
-            ExitCode::FAILURE
-        }
-        Ok(cfg) => {
+    match load_snapshot(&config) {
+        Err(code) => code,
+        Ok(snap) => {
+            let cfg = &snap.config;
             for p in cfg.providers.values() {
                 if let ProviderState::Unavailable(reason) =
                     promptgate::provider::registry::build(p, &env_lookup)
@@ -66,16 +96,152 @@ fn check(config: PathBuf) -> ExitCode {
                 }
             }
             println!(
-                "ok: {} route(s), {} provider(s)",
+                "ok: {} route(s), {} provider(s), {} prompt(s)",
                 cfg.routes.len(),
-                cfg.providers.len()
+                cfg.providers.len(),
+                cfg.prompts.len()
             );
             ExitCode::SUCCESS
         }
     }
 }
 
-fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
+#[allow(clippy::print_stdout)]
+fn render(config: PathBuf, prompt: String, vars: Vec<String>) -> ExitCode {
+    use promptgate::prompt::{PromptRef, Selector};
+    let snap = match load_snapshot(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let (id, selector) = Selector::parse_ref(&prompt);
+    let Some(def) = snap.prompts.get(&id) else {
+        let ids: Vec<&str> = snap.prompts.prompts().map(|p| p.id.as_str()).collect();
+        eprintln!("error: no prompt `{id}` (prompts: {})", ids.join(", "));
+        return ExitCode::FAILURE;
+    };
+    let mut variables = serde_json::Map::new();
+    for v in &vars {
+        let Some((name, text)) = v.split_once('=') else {
+            eprintln!("error: `--var {v}` is not NAME=VALUE");
+            return ExitCode::FAILURE;
+        };
+        let value = match def.variables.iter().find(|d| d.name == name) {
+            Some(d) => match d.ty.parse_text(text) {
+                Some(val) => val,
+                None => {
+                    eprintln!("error: variable `{name}` must be a {}", d.ty.as_str());
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => serde_json::Value::String(text.to_owned()),
+        };
+        variables.insert(name.to_owned(), value);
+    }
+    let r = PromptRef {
+        id,
+        selector,
+        variables,
+    };
+    match snap.prompts.render(&r) {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(out) => {
+            println!(
+                "# {}@{}  route: {}",
+                out.id,
+                out.version,
+                out.route.as_deref().unwrap_or("(the request's model)")
+            );
+            let p = &out.params;
+            let mut params = Vec::new();
+            if let Some(t) = p.temperature {
+                params.push(format!("temperature={t}"));
+            }
+            if let Some(t) = p.top_p {
+                params.push(format!("top_p={t}"));
+            }
+            if let Some(t) = p.max_tokens {
+                params.push(format!("max_tokens={t}"));
+            }
+            if let Some(t) = p.seed {
+                params.push(format!("seed={t}"));
+            }
+            if !p.stop.is_empty() {
+                params.push(format!("stop={:?}", p.stop));
+            }
+            if !p.tools.is_empty() {
+                params.push(format!(
+                    "tools={}",
+                    p.tools
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ));
+            }
+            if p.response_format.is_some() {
+                params.push("response_format=json".into());
+            }
+            if !params.is_empty() {
+                println!("# params: {}", params.join(" "));
+            }
+            for m in &out.messages {
+                println!("\n[{}]", m.role.as_str());
+                println!(
+                    "{}",
+                    m.content
+                        .as_ref()
+                        .map(|c| c.text().into_owned())
+                        .unwrap_or_default()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn prompts(config: PathBuf) -> ExitCode {
+    let snap = match load_snapshot(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    for p in snap.prompts.prompts() {
+        println!("{}  ({})", p.id, p.file.display());
+        if let Some(d) = &p.description {
+            println!("  {d}");
+        }
+        println!("  labels: {}", promptgate::prompt::describe_labels(p));
+        for v in p.versions.values() {
+            let labels: Vec<&str> = p
+                .labels
+                .iter()
+                .filter(|(_, n)| **n == v.number)
+                .map(|(l, _)| l.as_str())
+                .collect();
+            println!(
+                "  v{}  {}  route: {}{}",
+                v.number,
+                v.hash,
+                v.route.as_deref().unwrap_or("-"),
+                if labels.is_empty() {
+                    String::new()
+                } else {
+                    format!("  [{}]", labels.join(", "))
+                }
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve(
+    config: PathBuf,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -107,7 +273,8 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             }
         }
         // Load the tokenizers now, off the request path.
-        tokio::task::spawn_blocking(promptgate::tokens::warm);
+        let encodings = snap.encodings_to_preload();
+        tokio::task::spawn_blocking(move || promptgate::tokens::warm(&encodings));
         let addr = listen.unwrap_or(cfg.listen);
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -125,6 +292,44 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             "promptgate listening on http://{local} ({} routes)",
             cfg.routes.len()
         );
+        let env: promptgate::reload::SharedEnv = std::sync::Arc::new(env_lookup);
+        let reloader = promptgate::reload::Reloader::new(gw.clone(), &config, env);
+        let _watcher = match reloader.watch(std::time::Duration::from_millis(200)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP or POST /admin/reload");
+                None
+            }
+        };
+        #[cfg(unix)]
+        {
+            let r = reloader.clone();
+            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let _ = r.reload("SIGHUP").await;
+                    }
+                });
+            }
+        }
+        let admin_addr = admin_listen.unwrap_or(cfg.admin.listen);
+        let admin_listener = match tokio::net::TcpListener::bind(admin_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {admin_addr} for the admin API: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let admin_key = std::env::var(&cfg.admin.key_env).ok();
+        if admin_key.as_deref().is_none_or(str::is_empty) {
+            tracing::warn!(variable = %cfg.admin.key_env, "no admin key set: the admin API refuses every call");
+        }
+        let admin_local = admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        eprintln!("promptgate admin API on http://{admin_local}");
+        let admin = promptgate::admin::router(reloader.clone(), admin_key);
+        tokio::spawn(async move {
+            let _ = axum::serve(admin_listener, admin).await;
+        });
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
@@ -165,7 +370,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { config, listen } => serve(config, listen),
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+        } => serve(config, listen, admin_listen),
         Command::Check { config } => check(config),
+        Command::Render {
+            prompt,
+            vars,
+            config,
+        } => render(config, prompt, vars),
+        Command::Prompts { config } => prompts(config),
     }
 }

@@ -25,6 +25,14 @@ pub struct Metrics {
     /// Streams that ended with an error event after they began.
     pub stream_errors: IntCounterVec,
     pub in_flight: IntGauge,
+    /// Requests that used a prompt, by prompt, version and HTTP status.
+    pub prompt_requests: IntCounterVec,
+    /// Prompt lookups or renders that failed (unknown prompt/label, bad variables).
+    pub prompt_errors: IntCounterVec,
+    /// Config reloads by result (`ok`, `error`).
+    pub reloads: IntCounterVec,
+    /// Unix time of the last successful config load.
+    pub last_reload: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -94,6 +102,32 @@ impl Metrics {
             &["route", "provider", "kind"],
         )?;
         let in_flight = IntGauge::new("requests_in_flight", "Requests being served")?;
+        let prompt_requests = IntCounterVec::new(
+            Opts::new(
+                "prompt_requests_total",
+                "Requests that used a prompt, by prompt, version and status",
+            ),
+            &["prompt", "version", "status"],
+        )?;
+        let prompt_errors = IntCounterVec::new(
+            Opts::new(
+                "prompt_errors_total",
+                "Prompt lookups or renders that failed, by prompt",
+            ),
+            &["prompt"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new("config_reloads_total", "Configuration reloads by result"),
+            &["result"],
+        )?;
+        let last_reload = IntGauge::new(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load",
+        )?;
+        registry.register(Box::new(prompt_requests.clone()))?;
+        registry.register(Box::new(prompt_errors.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(last_reload.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(upstream_seconds.clone()))?;
@@ -114,6 +148,10 @@ impl Metrics {
             errors,
             stream_errors,
             in_flight,
+            prompt_requests,
+            prompt_errors,
+            reloads,
+            last_reload,
         })
     }
 

@@ -20,10 +20,11 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
 
-use crate::canonical::EmbeddingEncoding;
+use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::gateway::{ChatOutcome, Gateway, Served};
+use crate::prompt::PromptRef;
 use crate::snapshot::Route;
 use crate::wire::openai::{self as wire, OpenAi};
 use crate::wire::Dialect;
@@ -36,6 +37,9 @@ pub const ROUTE: HeaderName = HeaderName::from_static("x-promptgate-route");
 pub const PROVIDER: HeaderName = HeaderName::from_static("x-promptgate-provider");
 /// `reported` or `estimated` (counted by the gateway's tokenizer).
 pub const USAGE: HeaderName = HeaderName::from_static("x-promptgate-usage");
+/// The prompt id and version a response was rendered from.
+pub const PROMPT: HeaderName = HeaderName::from_static("x-promptgate-prompt");
+pub const PROMPT_VERSION: HeaderName = HeaderName::from_static("x-promptgate-prompt-version");
 
 /// Settings fixed for the life of the listener.
 #[derive(Clone)]
@@ -70,9 +74,17 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     }
 }
 
+/// The prompt version a response used.
+#[derive(Clone)]
+struct PromptUse {
+    id: String,
+    version: u32,
+}
+
 /// What a handler tells the edge about its response, for headers and metrics.
 #[derive(Clone)]
 struct Outcome {
+    prompt: Option<PromptUse>,
     route: Option<Arc<Route>>,
     upstream: Duration,
     error: Option<&'static str>,
@@ -135,6 +147,13 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         if let Some(kind) = o.error {
             metrics.errors.with_label_values(&[kind, route]).inc();
         }
+        if let Some(p) = &o.prompt {
+            let mut v = itoa::Buffer::new();
+            metrics
+                .prompt_requests
+                .with_label_values(&[&p.id, v.format(p.version), code.format(status.as_u16())])
+                .inc();
+        }
         if o.route.is_some() {
             metrics
                 .overhead_seconds
@@ -183,6 +202,7 @@ fn error_response(
         }
     }
     resp.extensions_mut().insert(Outcome {
+        prompt: None,
         route,
         upstream: Duration::ZERO,
         error: Some(err.code()),
@@ -222,6 +242,7 @@ fn served_headers(resp: &mut Response, route: Arc<Route>, upstream: Duration, st
         h.insert(PROVIDER, v);
     }
     resp.extensions_mut().insert(Outcome {
+        prompt: None,
         route: Some(route),
         upstream,
         error: None,
@@ -238,15 +259,140 @@ async fn chat<D: Dialect + Default>(
 ) -> Response {
     let dialect = D::default();
     let d: &dyn Dialect = &dialect;
-    let req = match body.and_then(|b| d.decode_chat(&b)) {
+    let mut req = match body.and_then(|b| d.decode_chat(&b)) {
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
+    // The prompt extension object, in any dialect.
+    let prompt = match req.extra.remove("prompt").map(PromptRef::from_json) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => return error_response(d, e, &id, None),
+    };
+    serve_chat(app, d, id, req, prompt).await
+}
+
+/// `POST /v1/prompts/{id}/chat/completions`: the body holds `variables`, an
+/// optional `version` or `label`, and the usual chat options; `model` and
+/// `messages` are optional (the version names its route; messages are appended).
+async fn prompt_chat(
+    State(app): State<AppState>,
+    id: RequestId,
+    Path(prompt_id): Path<String>,
+    LimitedBody(body): LimitedBody,
+) -> Response {
+    let d: &dyn Dialect = &OpenAi;
+    let parsed = body.and_then(|b| {
+        serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
+            GatewayError::invalid(format!("request body is not valid JSON: {e}"), None)
+        })
+    });
+    let mut obj = match parsed {
+        Ok(serde_json::Value::Object(o)) => o,
+        Ok(_) => {
+            return error_response(
+                d,
+                GatewayError::invalid("request body must be a JSON object", None),
+                &id,
+                None,
+            )
+        }
+        Err(e) => return error_response(d, e, &id, None),
+    };
+    let mut pref = serde_json::Map::new();
+    pref.insert("id".into(), serde_json::Value::String(prompt_id));
+    for k in ["variables", "version", "label"] {
+        if let Some(v) = obj.remove(k) {
+            pref.insert(k.into(), v);
+        }
+    }
+    let prompt = match PromptRef::from_json(serde_json::Value::Object(pref)) {
+        Ok(p) => p,
+        Err(e) => return error_response(d, e, &id, None),
+    };
+    obj.entry("model")
+        .or_insert_with(|| serde_json::Value::String(String::new()));
+    obj.entry("messages")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    let req = match d.decode_chat(&serde_json::to_vec(&obj).unwrap_or_default()) {
+        Ok(r) => r,
+        Err(e) => return error_response(d, e, &id, None),
+    };
+    serve_chat(app, d, id, req, Some(prompt)).await
+}
+
+/// Runs a decoded chat request (after rendering its prompt, if any) and encodes
+/// the outcome in dialect `d`.
+async fn serve_chat(
+    app: AppState,
+    d: &dyn Dialect,
+    id: RequestId,
+    mut req: ChatRequest,
+    prompt: Option<PromptRef>,
+) -> Response {
     let snap = app.gw.snapshot();
+    let used = match prompt {
+        None => None,
+        Some(p) => match snap.prompts.render(&p) {
+            Ok(r) => {
+                let used = PromptUse {
+                    id: r.id.clone(),
+                    version: r.version,
+                };
+                r.apply(&mut req);
+                if req.model.is_empty() {
+                    let e = GatewayError::invalid(
+                        format!(
+                            "prompt `{}` version {} names no route: give `model`",
+                            used.id, used.version
+                        ),
+                        Some("model"),
+                    );
+                    return error_response(d, e, &id, None);
+                }
+                Some(used)
+            }
+            Err(e) => {
+                let mut resp = error_response(d, e, &id, None);
+                app.gw
+                    .metrics
+                    .prompt_errors
+                    .with_label_values(&[&p.id])
+                    .inc();
+                resp.headers_mut().insert(
+                    PROMPT,
+                    HeaderValue::from_str(&p.id).unwrap_or(HeaderValue::from_static("-")),
+                );
+                return resp;
+            }
+        },
+    };
+    let mut resp = run_chat(&app, d, &id, &snap, req).await;
+    if let Some(u) = used {
+        if let Ok(v) = HeaderValue::from_str(&u.id) {
+            resp.headers_mut().insert(PROMPT, v);
+        }
+        resp.headers_mut()
+            .insert(PROMPT_VERSION, HeaderValue::from(u.version));
+        if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
+            o.prompt = Some(u);
+        }
+    }
+    resp
+}
+
+async fn run_chat(
+    app: &AppState,
+    d: &dyn Dialect,
+    id: &RequestId,
+    snap: &Arc<crate::snapshot::Snapshot>,
+    req: ChatRequest,
+) -> Response {
+    let id = id.clone();
     let route = snap.route(&req.model).cloned();
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
     let served =
-        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(&snap, req)).await {
+        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(snap, req)).await {
             Err(_) => {
                 let e = UpstreamError::new(
                     ErrorKind::Timeout,
@@ -438,6 +584,11 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
     };
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::<OpenAi>))
+        .route(
+            "/v1/messages",
+            post(chat::<crate::wire::anthropic::Anthropic>),
+        )
+        .route("/v1/prompts/{prompt}/chat/completions", post(prompt_chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))

@@ -29,6 +29,7 @@ pub struct Route {
 
 pub struct Snapshot {
     pub config: Config,
+    pub prompts: crate::prompt::Registry,
     routes: HashMap<String, Arc<Route>>,
     pub providers: BTreeMap<String, ProviderState>,
     /// `GET /v1/models`, encoded once.
@@ -39,8 +40,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds providers and routes from a validated config.
-    pub fn build(config: Config, env: EnvLookup<'_>) -> Snapshot {
+    /// Builds providers, routes and compiled prompts from a validated config.
+    pub fn build(
+        config: Config,
+        env: EnvLookup<'_>,
+    ) -> Result<Snapshot, Vec<crate::config::Problem>> {
+        let prompts = crate::prompt::Registry::build(config.prompts.clone())?;
         let providers: BTreeMap<String, ProviderState> = config
             .providers
             .iter()
@@ -85,17 +90,34 @@ impl Snapshot {
             .map(String::as_str)
             .collect::<Vec<_>>()
             .join(", ");
-        Snapshot {
+        Ok(Snapshot {
             config,
+            prompts,
             routes,
             providers,
             models_body,
             route_list,
             loaded_at,
-        }
+        })
     }
 
     pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
         self.routes.get(model)
+    }
+
+    /// Tokenizer encodings that routes to backends without usage reporting need.
+    pub fn encodings_to_preload(&self) -> Vec<Encoding> {
+        let mut out = Vec::new();
+        for r in self.routes.values() {
+            let silent = self
+                .config
+                .providers
+                .get(&*r.provider_id)
+                .is_some_and(|p| !p.kind.reports_usage());
+            if silent && !out.contains(&r.encoding) {
+                out.push(r.encoding);
+            }
+        }
+        out
     }
 }

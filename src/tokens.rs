@@ -1,6 +1,8 @@
 //! Token counting with tiktoken, for usage a backend did not report. Each encoding
-//! loads once per process (lazily, and warmed in the background at startup), never
-//! on a request's hot path after that.
+//! loads once per process. The encodings that routes to backends without usage
+//! reporting will need are loaded at startup, in the background; any other is
+//! loaded the first time a backend leaves usage out (the tables take tens of MB,
+//! so a gateway whose backends all report usage never loads them).
 
 use std::sync::OnceLock;
 
@@ -55,10 +57,11 @@ fn bpe(enc: Encoding) -> Option<&'static CoreBPE> {
     }
 }
 
-/// Loads both encodings; call once at startup off the request path.
-pub fn warm() {
-    let _ = bpe(Encoding::O200k);
-    let _ = bpe(Encoding::Cl100k);
+/// Loads `encodings`; call at startup, off the request path.
+pub fn warm(encodings: &[Encoding]) {
+    for e in encodings {
+        let _ = bpe(*e);
+    }
 }
 
 pub fn count(enc: Encoding, text: &str) -> u32 {

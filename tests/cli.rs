@@ -54,10 +54,10 @@ fn check_reports_every_problem_with_file_and_field() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
-        "promptgate.yaml: routes.b.colour: unknown field `colour`",
+        "promptgate.yaml:9: routes.b.colour: unknown field `colour`",
         "typo.yaml: timeouts.connect: `fast` is not a duration",
-        "weird.yaml: kind: unknown variant `telepathy`",
-        "extra.yaml: api_key: unknown field `api_key`",
+        "weird.yaml:1: kind: unknown variant `telepathy`",
+        "extra.yaml:3: api_key: unknown field `api_key`",
     ] {
         assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
     }
@@ -90,7 +90,7 @@ fn serve_answers_offline_with_the_shipped_config() {
     let mut child = bin()
         .args(["serve", "--config"])
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/promptgate.yaml"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -99,7 +99,7 @@ fn serve_answers_offline_with_the_shipped_config() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
+            if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
                 let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
             }
         }
@@ -122,4 +122,198 @@ fn serve_answers_offline_with_the_shipped_config() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(body["choices"][0]["message"]["content"], "round trip");
+}
+
+#[test]
+fn render_and_prompts_commands_work_on_the_shipped_prompts() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/promptgate.yaml");
+    let out = bin()
+        .args(["render", "refund-answer@2", "--config", cfg])
+        .args([
+            "--var",
+            "customer_name=ada",
+            "--var",
+            "question=Can I return shoes?",
+        ])
+        .args(["--var", "order_total=12.5", "--var", "vip=true"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("# refund-answer@2  route: sandbox-echo"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Customer: Ada (VIP)") && text.contains("Order total: 12.50 EUR"),
+        "{text}"
+    );
+
+    let out = bin()
+        .args([
+            "render",
+            "tuihuo-zixun",
+            "--config",
+            cfg,
+            "--var",
+            "guke=王先生",
+            "--var",
+            "wenti=能退吗",
+            "--var",
+            "tianshu=3",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("签收天数：3 天"));
+
+    let out = bin()
+        .args([
+            "render",
+            "refund-answer",
+            "--config",
+            cfg,
+            "--var",
+            "order_total=lots",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`order_total` must be a number"));
+
+    let out = bin().args(["prompts", "--config", cfg]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("refund-answer") && text.contains("[production]") && text.contains("sha256:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_reports_prompt_problems_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_config(
+        dir.path(),
+        "routes:\n  r:\n    provider: sb\n    model: echo\n",
+        &[(
+            "sb.yaml".into(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
+        )],
+    );
+    std::fs::write(
+        dir.path().join("prompts/p.yaml"),
+        "variables:\n  a: {type: string}\nlabels:\n  production: 3\nversions:\n  1:\n    route: nowhere\n    messages:\n      - role: user\n        content: \"{{ a }} {{ b }}\"\n      - role: user\n        content: \"{% for x in a %}\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(dir.path().join("promptgate.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.yaml:4: labels.production: points at version 3, which does not exist"),
+        "{err}"
+    );
+    assert!(
+        err.contains("p.yaml:6: versions.1.route: unknown route `nowhere`"),
+        "{err}"
+    );
+    // Fix those two; then the templates are checked.
+    std::fs::write(
+        dir.path().join("prompts/p.yaml"),
+        "variables:\n  a: {type: string}\nlabels:\n  production: 1\nversions:\n  1:\n    route: r\n    messages:\n      - role: user\n        content: \"{{ a }} {{ b }}\"\n      - role: user\n        content: \"{% for x in a %}\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(dir.path().join("promptgate.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.yaml:10: versions.1.messages[0].content: template uses `b`, which is not a declared variable"), "{err}");
+    assert!(
+        err.contains("p.yaml:12: versions.1.messages[1].content: template does not compile"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sighup_reloads_a_running_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_config(
+        dir.path(),
+        "routes:\n  r:\n    provider: sb\n    model: echo\n",
+        &[(
+            "sb.yaml".into(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
+        )],
+    );
+    let prompt = |n: u32| {
+        format!("labels: {{production: {n}}}\nversions:\n  1:\n    route: r\n    messages: [{{role: user, content: one}}]\n  2:\n    route: r\n    messages: [{{role: user, content: two}}]\n")
+    };
+    std::fs::write(dir.path().join("prompts/p.yaml"), prompt(1)).unwrap();
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(dir.path().join("promptgate.yaml"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the gateway started");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = |rt: &tokio::runtime::Runtime| -> String {
+        rt.block_on(async {
+            let v: serde_json::Value = common::client()
+                .post(format!("http://{addr}/v1/prompts/p/chat/completions"))
+                .json(&serde_json::json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+    };
+    assert_eq!(answer(&rt), "one");
+    // Move the file out of the watched folder's sight: write it elsewhere and
+    // rename in, then signal (the watcher may also catch it; either way it must
+    // be served within the deadline).
+    std::fs::write(dir.path().join("prompts/p.yaml"), prompt(2)).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while answer(&rt) != "two" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never happened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -292,5 +292,25 @@ macro_rules! conformance_cases {
 }
 
 // One line per backend protocol.
+#[path = "protocols/anthropic.rs"]
+mod anthropic;
+#[path = "protocols/azure.rs"]
+mod azure;
+#[path = "protocols/chatglm.rs"]
+mod chatglm;
+#[path = "protocols/chatglm3.rs"]
+mod chatglm3;
+#[path = "protocols/dashscope.rs"]
+mod dashscope;
+#[path = "protocols/gemini.rs"]
+mod gemini;
+#[path = "protocols/llamacpp.rs"]
+mod llamacpp;
+#[path = "protocols/ollama.rs"]
+mod ollama;
 #[path = "protocols/openai.rs"]
 mod openai;
+#[path = "protocols/qianfan.rs"]
+mod qianfan;
+#[path = "protocols/zhipu.rs"]
+mod zhipu;

@@ -166,7 +166,7 @@ impl HttpProvider {
             .unwrap_or_default();
         let mut err = self.codec.error(status.as_u16(), &body);
         err.status = Some(status.as_u16());
-        err.retry_after = retry_after;
+        err.retry_after = retry_after.or(err.retry_after);
         Err(err)
     }
 

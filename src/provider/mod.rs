@@ -5,11 +5,20 @@
 //! an in-process provider. [`registry::build`] turns a provider file into an
 //! `Arc<dyn Provider>` by its `kind`: the one place that matches on kinds.
 
+pub mod anthropic;
 pub mod auth;
+pub mod azure;
+pub mod chatglm;
+pub mod dashscope;
+pub mod gemini;
 pub mod http;
+pub mod llamacpp;
+pub mod ollama;
 pub mod openai;
+pub mod qianfan;
 pub mod registry;
 pub mod sandbox;
+pub mod zhipu;
 
 use std::pin::Pin;
 

@@ -42,6 +42,37 @@ pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
         (ProviderKind::Openai, _) => Arc::new(OpenAiCodec {
             quirks: openai_quirks(cfg),
         }),
+        (
+            ProviderKind::Anthropic,
+            KindSettings::Anthropic {
+                version,
+                default_max_tokens,
+            },
+        ) => Arc::new(super::anthropic::AnthropicCodec::new(
+            version,
+            *default_max_tokens,
+        )),
+        (ProviderKind::Llamacpp, KindSettings::Llamacpp { templates }) => {
+            match super::llamacpp::LlamacppCodec::new(templates) {
+                Ok(c) => Arc::new(c),
+                Err(e) => return ProviderState::Unavailable(e),
+            }
+        }
+        (ProviderKind::Ollama, KindSettings::Ollama { keep_alive }) => {
+            Arc::new(super::ollama::OllamaCodec::new(keep_alive.clone()))
+        }
+        (ProviderKind::Gemini, _) => Arc::new(super::gemini::GeminiCodec::new()),
+        (ProviderKind::Dashscope, _) => Arc::new(super::dashscope::DashscopeCodec::new()),
+        (ProviderKind::Zhipu, _) => Arc::new(super::zhipu::ZhipuCodec::new()),
+        (ProviderKind::Chatglm, KindSettings::Chatglm { max_length }) => {
+            Arc::new(super::chatglm::ChatglmCodec::new(*max_length))
+        }
+        (ProviderKind::Azure, KindSettings::Azure { api_version }) => {
+            Arc::new(super::azure::AzureCodec::new(api_version, cfg.stream_usage))
+        }
+        (ProviderKind::Qianfan, KindSettings::Qianfan { .. }) => {
+            Arc::new(super::qianfan::QianfanCodec::new())
+        }
         (kind, _) => {
             return ProviderState::Unavailable(format!(
                 "provider kind `{}` is not available in this build",

@@ -2,7 +2,16 @@
 //! file; everything outside sees canonical types. A protocol that clients may speak
 //! to the gateway implements [`Dialect`], which is all the HTTP edge needs.
 
+pub mod anthropic;
+pub mod azure;
+pub mod chatglm;
+pub mod dashscope;
+pub mod gemini;
+pub mod llamacpp;
+pub mod ollama;
 pub mod openai;
+pub mod qianfan;
+pub mod zhipu;
 
 use crate::canonical::{ChatRequest, ChatResponse, StreamEvent};
 use crate::error::GatewayError;

@@ -299,14 +299,10 @@ fn response_format_from_wire(v: Value) -> Result<ResponseFormat, GatewayError> {
 }
 
 /// Decodes a client's `POST /v1/chat/completions` body.
+/// An empty `messages` list is accepted here: a prompt may supply the messages;
+/// the gateway rejects a request that still has none.
 pub fn decode_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     let r: InChatRequest = parse(body)?;
-    if r.messages.is_empty() {
-        return Err(GatewayError::invalid(
-            "invalid field `messages`: at least one message is required",
-            Some("messages"),
-        ));
-    }
     let mut tools = Vec::new();
     for (i, t) in r.tools.unwrap_or_default().into_iter().enumerate() {
         if t.kind.as_deref().is_some_and(|k| k != "function") {
@@ -460,7 +456,10 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
         ));
     };
     Ok(ChatResponse {
-        id: r.id.unwrap_or_else(new_completion_id),
+        id: r
+            .id
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(new_completion_id),
         created: r.created.unwrap_or_else(unix_now),
         model: r.model.unwrap_or_default(),
         choices: choices
@@ -539,6 +538,10 @@ pub struct ChunkDecoder {
     done: bool,
     /// Legacy `function_call` streams have no index or id; keep one per choice.
     legacy_call_started: bool,
+    /// Choices (by index, below 64) whose finish reason was already emitted.
+    /// ChatGLM3's server sends `function_call` and then a trailing `stop`; the
+    /// first finish reason of a choice is the one that counts.
+    finished_choices: u64,
 }
 
 impl ChunkDecoder {
@@ -601,14 +604,30 @@ impl ChunkDecoder {
                     arguments: f.arguments.map(ArgText::into_string),
                 });
             }
+            let mut finish_reason = ch.finish_reason.as_deref().map(finish_reason_from_wire);
+            let mut dropped_finish = false;
+            if finish_reason.is_some() {
+                let bit = 1u64.checked_shl(ch.index).unwrap_or(0);
+                if self.finished_choices & bit != 0 {
+                    finish_reason = None;
+                    dropped_finish = true;
+                }
+                self.finished_choices |= bit;
+            }
+            if finish_reason == Some(FinishReason::Stop) && self.legacy_call_started {
+                finish_reason = Some(FinishReason::ToolCalls);
+            }
             let delta = Delta {
                 choice: ch.index,
                 role: d.role.as_deref().map(|_| Role::Assistant),
                 content: d.content,
                 reasoning: d.reasoning_content,
                 tool_calls,
-                finish_reason: ch.finish_reason.as_deref().map(finish_reason_from_wire),
+                finish_reason,
             };
+            if dropped_finish && !delta.has_output() {
+                continue;
+            }
             out.push(StreamEvent::Delta(delta));
         }
         if let Some(u) = c.usage {
@@ -1245,6 +1264,9 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
         | GatewayError::UnknownModel { .. }
         | GatewayError::Unsupported { .. }
         | GatewayError::NotFound { .. } => ("invalid_request_error", None, None, None),
+        GatewayError::NotFoundPrompt { .. } => {
+            ("invalid_request_error", Some("prompt"), None, None)
+        }
         GatewayError::ProviderUnavailable { provider, .. } => {
             ("upstream_error", None, None, Some(provider.as_str()))
         }
@@ -1535,6 +1557,85 @@ pub fn encode_models<'a>(names: impl Iterator<Item = &'a str>, created: u64) -> 
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
+// === OpenAI-shaped vendor APIs ===
+
+/// How an OpenAI-shaped vendor API (Zhipu v4, …) differs from OpenAI's own request
+/// body. The vendor's codec builds it from the canonical request; every value is
+/// final (already mapped or clamped) and `None` fields are not sent.
+#[derive(Debug, Clone, Default)]
+pub struct VendorChat {
+    /// The sampling and output parameters to send (`user` is sent as `user`; a
+    /// vendor that names it differently moves it into `extra`).
+    pub params: Params,
+    /// `developer` messages go out as `system` (the vendor has no such role).
+    pub developer_as_system: bool,
+    /// Whether the request's tool definitions are sent.
+    pub tools: bool,
+    pub tool_choice: Option<ToolChoice>,
+    pub response_format: Option<ResponseFormat>,
+    /// Ask for a final usage chunk with `stream_options.include_usage`.
+    pub stream_options: bool,
+    /// Every other top-level field (the request's `extra` merged with the vendor's
+    /// own fields).
+    pub extra: Map<String, Value>,
+}
+
+/// Encodes a canonical request as an OpenAI-shaped body for a vendor whose
+/// differences are described by `v`. Messages, content parts and tool calls are
+/// written exactly as for OpenAI.
+pub fn encode_vendor_chat_request(req: &ChatRequest, model: &str, v: &VendorChat) -> Vec<u8> {
+    let p = &v.params;
+    let out = OutChatRequest {
+        model,
+        messages: req
+            .messages
+            .iter()
+            .map(|m| {
+                let mut o = out_message(m);
+                if v.developer_as_system && m.role == Role::Developer {
+                    o.role = "system";
+                }
+                o
+            })
+            .collect(),
+        temperature: p.temperature,
+        top_p: p.top_p,
+        max_tokens: p.max_tokens,
+        max_completion_tokens: p.max_completion_tokens,
+        stop: &p.stop,
+        seed: p.seed,
+        n: p.n,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        user: p.user.as_deref(),
+        tools: if v.tools {
+            req.tools
+                .iter()
+                .map(|t| OutTool {
+                    kind: "function",
+                    function: OutFunctionDef {
+                        name: &t.name,
+                        description: t.description.as_deref(),
+                        parameters: t.parameters.as_ref(),
+                        strict: t.strict,
+                    },
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        tool_choice: v.tool_choice.as_ref().map(tool_choice_to_wire),
+        parallel_tool_calls: None,
+        response_format: v.response_format.as_ref().map(response_format_to_wire),
+        stream: req.stream,
+        stream_options: (req.stream && v.stream_options).then_some(OutStreamOptions {
+            include_usage: true,
+        }),
+        extra: &v.extra,
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1799,5 +1900,88 @@ mod tests {
         assert_eq!(r.vectors[1], vec![0.5, -0.25, 0.125, 1.0]);
         let b64 = encode_base64_vector(&r.vectors[1]);
         assert_eq!(decode_base64_vector(&b64).unwrap(), r.vectors[1]);
+    }
+
+    #[test]
+    fn chatglm3_legacy_function_call_streams_end_with_one_tool_calls_finish() {
+        // ChatGLM3's openai_api_demo: CRLF frames, `: ping` comments, `id: ""`, a
+        // `function_call` delta finishing with "function_call", then a trailing
+        // "stop" chunk that must not override it.
+        let events = stream_events(&fixture("chatglm3/tools.sse")).unwrap();
+        let finishes: Vec<FinishReason> = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => d.finish_reason,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(finishes, vec![FinishReason::ToolCalls]);
+        let calls: Vec<&ToolCallDelta> = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => Some(&d.tool_calls),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0]
+            .id
+            .as_deref()
+            .is_some_and(|i| i.starts_with("call_")));
+        assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
+        let StreamEvent::Meta(meta) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert!(
+            meta.id.is_empty(),
+            "the encoder keeps its own id for an empty one"
+        );
+
+        let events = stream_events(&fixture("chatglm3/chat.sse")).unwrap();
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => d.content.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Hello from the fake upstream.");
+        assert!(!events.iter().any(|e| matches!(e, StreamEvent::Usage(_))));
+
+        // Non-streaming: `id: ""` gets a generated id; the call gets an id.
+        let r = decode_chat_response(fixture("chatglm3/tools.json").as_bytes()).unwrap();
+        assert!(r.id.starts_with("chatcmpl-"));
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
+        assert_eq!(
+            r.choices[0].message.tool_calls[0].arguments,
+            "{\"city\": \"Paris\"}"
+        );
+    }
+
+    #[test]
+    fn vendor_bodies_change_only_what_they_say() {
+        let req = decode_chat_request(
+            br#"{"model":"r","stream":true,"messages":[{"role":"developer","content":"d"},{"role":"user","content":"u"}],"temperature":1.5,"n":2,"logit_bias":{"1":1}}"#,
+        )
+        .unwrap();
+        let v = VendorChat {
+            params: Params {
+                temperature: Some(0.9),
+                ..Params::default()
+            },
+            developer_as_system: true,
+            stream_options: true,
+            extra: Map::from_iter([("x".to_string(), json!(1))]),
+            ..VendorChat::default()
+        };
+        let body: Value =
+            serde_json::from_slice(&encode_vendor_chat_request(&req, "m", &v)).unwrap();
+        assert_eq!(
+            body,
+            json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+                "messages": [{"role": "system", "content": "d"}, {"role": "user", "content": "u"}],
+                "temperature": 0.9, "x": 1})
+        );
     }
 }

@@ -233,17 +233,45 @@ pub async fn spawn_fake() -> Fake {
     Fake { addr, state }
 }
 
-/// A running gateway and the folder holding its config.
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+/// A running gateway (API and admin listeners) and the folder holding its config.
 pub struct Gw {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub gw: Arc<promptgate::Gateway>,
+    pub reloader: Arc<promptgate::reload::Reloader>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Gw {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+    /// `POST /admin/reload` with the admin key; returns (status, body).
+    pub async fn admin_reload(&self) -> (u16, Value) {
+        let r = client()
+            .post(self.admin_url("/admin/reload"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+    pub async fn admin_status(&self) -> Value {
+        client()
+            .get(self.admin_url("/admin/status"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("promptgate.yaml")
@@ -334,8 +362,20 @@ pub fn test_env(name: &str) -> Option<String> {
 
 /// Starts a gateway in this process on an ephemeral port.
 pub async fn spawn_gateway(gateway: &str, providers: &[(String, String)]) -> Gw {
+    spawn_gateway_with_prompts(gateway, providers, &[]).await
+}
+
+/// Same, with prompt files (name, text) in its `prompts/` folder.
+pub async fn spawn_gateway_with_prompts(
+    gateway: &str,
+    providers: &[(String, String)],
+    prompts: &[(&str, &str)],
+) -> Gw {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), gateway, providers);
+    for (name, text) in prompts {
+        std::fs::write(dir.path().join("prompts").join(name), text).unwrap();
+    }
     let path = dir.path().join("promptgate.yaml");
     let (gw, cfg) = match promptgate::load(&path, &test_env) {
         Ok(x) => x,
@@ -344,6 +384,11 @@ pub async fn spawn_gateway(gateway: &str, providers: &[(String, String)]) -> Gw 
     let router = promptgate::server::router(gw.clone(), promptgate::server_settings(&cfg));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let env: promptgate::reload::SharedEnv = Arc::new(test_env);
+    let reloader = promptgate::reload::Reloader::new(gw.clone(), &path, env);
+    let admin = promptgate::admin::router(reloader.clone(), Some(ADMIN_KEY.to_string()));
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = promptgate::server::serve(listener, router, async {
@@ -351,10 +396,15 @@ pub async fn spawn_gateway(gateway: &str, providers: &[(String, String)]) -> Gw 
         })
         .await;
     });
+    tokio::spawn(async move {
+        let _ = axum::serve(admin_listener, admin).await;
+    });
     Gw {
         addr,
+        admin_addr,
         dir,
         gw,
+        reloader,
         shutdown: Some(tx),
     }
 }

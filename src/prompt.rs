@@ -1,0 +1,539 @@
+//! Versioned prompt templates. A prompt has typed variables, immutable numbered
+//! versions (chat messages as minijinja templates, a default route and
+//! parameters, reserved retrieval hooks) and labels that point at versions. The
+//! [`Registry`] compiles every template once per config snapshot, with strict
+//! undefined variables and no loader (rendering cannot read files, environment or
+//! network). User variables are data: they are passed as values, never parsed as
+//! template code.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::canonical::{ChatRequest, Message, ResponseFormat, Role, Tool, ToolChoice};
+use crate::config::Problem;
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarType {
+    String,
+    Number,
+    Integer,
+    Boolean,
+    List,
+    Object,
+}
+
+impl VarType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VarType::String => "string",
+            VarType::Number => "number",
+            VarType::Integer => "integer",
+            VarType::Boolean => "boolean",
+            VarType::List => "list",
+            VarType::Object => "object",
+        }
+    }
+
+    pub fn accepts(self, v: &Value) -> bool {
+        match self {
+            VarType::String => v.is_string(),
+            VarType::Number => v.is_number(),
+            VarType::Integer => v.is_i64() || v.is_u64(),
+            VarType::Boolean => v.is_boolean(),
+            VarType::List => v.is_array(),
+            VarType::Object => v.is_object(),
+        }
+    }
+
+    /// Reads a command-line value (`--var k=v`) as this type.
+    pub fn parse_text(self, s: &str) -> Option<Value> {
+        match self {
+            VarType::String => Some(Value::String(s.to_owned())),
+            _ => serde_json::from_str::<Value>(s)
+                .ok()
+                .filter(|v| self.accepts(v)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VarDef {
+    pub name: String,
+    pub ty: VarType,
+    /// `None` = required.
+    pub default: Option<Value>,
+    pub description: Option<String>,
+}
+
+/// Parameters a version sets for its requests (defaults: a request's own values win).
+#[derive(Debug, Clone, Default)]
+pub struct PromptParams {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub seed: Option<i64>,
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// A retrieval hook: fills variable `into` with context from `retriever` for the
+/// rendered `query`, before the messages are rendered. The syntax is fixed now;
+/// retrievers are configured in `promptgate.yaml`.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub retriever: String,
+    pub query: String,
+    pub top_k: u32,
+    pub into: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageTemplate {
+    pub role: Role,
+    pub source: String,
+    /// Line in the prompt file where the template starts.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct VersionDef {
+    pub number: u32,
+    /// `sha256:` + 16 hex digits over the version's content.
+    pub hash: String,
+    pub description: Option<String>,
+    pub route: Option<String>,
+    pub params: PromptParams,
+    pub retrieval: Vec<Hook>,
+    pub messages: Vec<MessageTemplate>,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PromptDef {
+    pub id: String,
+    pub file: PathBuf,
+    pub description: Option<String>,
+    pub variables: Vec<VarDef>,
+    pub labels: BTreeMap<String, u32>,
+    pub versions: BTreeMap<u32, VersionDef>,
+}
+
+/// Which version a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Version(u32),
+    Label(String),
+}
+
+impl Default for Selector {
+    fn default() -> Self {
+        Selector::Label("production".into())
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Version(v) => write!(f, "version {v}"),
+            Selector::Label(l) => write!(f, "label `{l}`"),
+        }
+    }
+}
+
+impl Selector {
+    /// `ID`, `ID@3` or `ID@staging`.
+    pub fn parse_ref(s: &str) -> (String, Selector) {
+        match s.split_once('@') {
+            None => (s.to_owned(), Selector::default()),
+            Some((id, sel)) => (
+                id.to_owned(),
+                match sel.parse::<u32>() {
+                    Ok(n) => Selector::Version(n),
+                    Err(_) => Selector::Label(sel.to_owned()),
+                },
+            ),
+        }
+    }
+}
+
+/// A request's use of a prompt: the extension object of the chat APIs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRef {
+    pub id: String,
+    pub selector: Selector,
+    pub variables: Map<String, Value>,
+}
+
+impl PromptRef {
+    /// Reads `{"id", "version"?, "label"?, "variables"?}`.
+    pub fn from_json(v: Value) -> Result<PromptRef, GatewayError> {
+        let bad = |m: &str, p: &str| GatewayError::invalid(m.to_owned(), Some(p));
+        let Value::Object(mut o) = v else {
+            return Err(bad("`prompt` must be an object with `id`", "prompt"));
+        };
+        let id = match o.remove("id") {
+            Some(Value::String(s)) if !s.is_empty() => s,
+            _ => return Err(bad("`prompt.id` must be a non-empty string", "prompt.id")),
+        };
+        let selector = match (o.remove("version"), o.remove("label")) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "give `prompt.version` or `prompt.label`, not both",
+                    "prompt.version",
+                ))
+            }
+            (Some(v), None) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) => Selector::Version(n),
+                None => {
+                    return Err(bad(
+                        "`prompt.version` must be a version number",
+                        "prompt.version",
+                    ))
+                }
+            },
+            (None, Some(Value::String(l))) => Selector::Label(l),
+            (None, Some(_)) => return Err(bad("`prompt.label` must be a string", "prompt.label")),
+            (None, None) => Selector::default(),
+        };
+        let variables = match o.remove("variables") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return Err(bad(
+                    "`prompt.variables` must be an object",
+                    "prompt.variables",
+                ))
+            }
+        };
+        if let Some(k) = o.keys().next() {
+            return Err(bad(
+                &format!("unknown field `prompt.{k}`"),
+                &format!("prompt.{k}"),
+            ));
+        }
+        Ok(PromptRef {
+            id,
+            selector,
+            variables,
+        })
+    }
+}
+
+/// The outcome of rendering: messages to put first, and the version's defaults.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub id: String,
+    pub version: u32,
+    pub messages: Vec<Message>,
+    pub route: Option<String>,
+    pub params: PromptParams,
+}
+
+impl Rendered {
+    /// Puts the rendered messages before the client's and fills in the version's
+    /// parameters wherever the request did not set its own.
+    pub fn apply(self, req: &mut ChatRequest) {
+        let mut messages = self.messages;
+        messages.append(&mut req.messages);
+        req.messages = messages;
+        if let Some(route) = self.route {
+            req.model = route;
+        }
+        let p = &mut req.params;
+        let d = self.params;
+        p.temperature = p.temperature.or(d.temperature);
+        p.top_p = p.top_p.or(d.top_p);
+        if p.max_tokens.is_none() && p.max_completion_tokens.is_none() {
+            p.max_tokens = d.max_tokens;
+        }
+        if p.stop.is_empty() {
+            p.stop = d.stop;
+        }
+        p.seed = p.seed.or(d.seed);
+        if req.tools.is_empty() {
+            req.tools = d.tools;
+        }
+        if req.tool_choice.is_none() {
+            req.tool_choice = d.tool_choice;
+        }
+        if req.response_format.is_none() {
+            req.response_format = d.response_format;
+        }
+    }
+}
+
+fn template_name(id: &str, version: u32, index: usize) -> String {
+    format!("{id}@{version}/messages[{index}]")
+}
+
+/// Names the template language provides itself; they need no declaration.
+const BUILTIN_NAMES: &[&str] = &[
+    "range",
+    "dict",
+    "namespace",
+    "debug",
+    "loop",
+    "self",
+    "super",
+    "varargs",
+    "kwargs",
+    "caller",
+    "true",
+    "false",
+    "none",
+    "True",
+    "False",
+    "None",
+];
+
+/// All prompts of a snapshot, compiled.
+pub struct Registry {
+    env: minijinja::Environment<'static>,
+    prompts: BTreeMap<String, PromptDef>,
+}
+
+impl Registry {
+    /// Compiles every template; reports each problem with `file:line`.
+    pub fn build(prompts: BTreeMap<String, PromptDef>) -> Result<Registry, Vec<Problem>> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.set_recursion_limit(64);
+        let mut problems = Vec::new();
+        for p in prompts.values() {
+            let file = p.file.display().to_string();
+            let mut declared: Vec<&str> = p.variables.iter().map(|v| v.name.as_str()).collect();
+            for v in p.versions.values() {
+                let hooks: Vec<&str> = v.retrieval.iter().map(|h| h.into.as_str()).collect();
+                declared.extend(&hooks);
+                for (i, m) in v.messages.iter().enumerate() {
+                    let name = template_name(&p.id, v.number, i);
+                    if let Err(e) = env.add_template_owned(name.clone(), m.source.clone()) {
+                        problems.push(Problem {
+                            file: file.clone(),
+                            line: Some(m.line + e.line().unwrap_or(1).saturating_sub(1)),
+                            field: format!("versions.{}.messages[{i}].content", v.number),
+                            message: format!(
+                                "template does not compile: {}",
+                                e.detail().unwrap_or(&e.to_string())
+                            ),
+                        });
+                        continue;
+                    }
+                    if let Ok(t) = env.get_template(&name) {
+                        let mut unknown: Vec<String> = t
+                            .undeclared_variables(false)
+                            .into_iter()
+                            .filter(|n| {
+                                !declared.contains(&n.as_str())
+                                    && !BUILTIN_NAMES.contains(&n.as_str())
+                            })
+                            .collect();
+                        unknown.sort();
+                        for n in unknown {
+                            problems.push(Problem {
+                                file: file.clone(),
+                                line: Some(m.line),
+                                field: format!("versions.{}.messages[{i}].content", v.number),
+                                message: format!(
+                                    "template uses `{n}`, which is not a declared variable"
+                                ),
+                            });
+                        }
+                    }
+                }
+                declared.truncate(declared.len() - hooks.len());
+            }
+        }
+        if problems.is_empty() {
+            Ok(Registry { env, prompts })
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn prompts(&self) -> impl Iterator<Item = &PromptDef> {
+        self.prompts.values()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&PromptDef> {
+        self.prompts.get(id)
+    }
+
+    /// Finds the version a selector names.
+    pub fn resolve(
+        &self,
+        id: &str,
+        sel: &Selector,
+    ) -> Result<(&PromptDef, &VersionDef), GatewayError> {
+        let not_found = |message: String| GatewayError::NotFoundPrompt { message };
+        let p = self.prompts.get(id).ok_or_else(|| {
+            let ids: Vec<&str> = self.prompts.keys().map(String::as_str).collect();
+            not_found(format!(
+                "prompt `{id}` does not exist; prompts: {}",
+                if ids.is_empty() {
+                    "none".to_string()
+                } else {
+                    ids.join(", ")
+                }
+            ))
+        })?;
+        let number = match sel {
+            Selector::Version(n) => *n,
+            Selector::Label(l) => *p.labels.get(l).ok_or_else(|| {
+                not_found(format!(
+                    "prompt `{id}` has no label `{l}`; labels: {}",
+                    describe_labels(p)
+                ))
+            })?,
+        };
+        let v = p.versions.get(&number).ok_or_else(|| {
+            let vs: Vec<String> = p.versions.keys().map(u32::to_string).collect();
+            not_found(format!(
+                "prompt `{id}` has no version {number}; versions: {}",
+                vs.join(", ")
+            ))
+        })?;
+        Ok((p, v))
+    }
+
+    /// Validates the variables (types, required, unknown), applies defaults and
+    /// renders the version's messages.
+    pub fn render(&self, r: &PromptRef) -> Result<Rendered, GatewayError> {
+        let (p, v) = self.resolve(&r.id, &r.selector)?;
+        let vars = check_variables(p, &r.variables)?;
+        if let Some(h) = v.retrieval.first() {
+            return Err(GatewayError::invalid(
+                format!(
+                    "prompt `{}` version {} needs retriever `{}`, which is not configured",
+                    p.id, v.number, h.retriever
+                ),
+                Some("prompt"),
+            ));
+        }
+        let ctx = minijinja::Value::from_serialize(&vars);
+        let mut messages = Vec::with_capacity(v.messages.len());
+        for (i, m) in v.messages.iter().enumerate() {
+            let name = template_name(&p.id, v.number, i);
+            let text =
+                self.env
+                    .get_template(&name)
+                    .and_then(|t| t.render(&ctx))
+                    .map_err(|e| {
+                        let line = m.line + e.line().unwrap_or(1).saturating_sub(1);
+                        GatewayError::invalid(
+                            format!(
+                            "prompt `{}` version {} failed to render messages[{i}] ({}:{line}): {}",
+                            p.id,
+                            v.number,
+                            p.file.display(),
+                            e.detail().map(str::to_owned).unwrap_or_else(|| e.to_string())
+                        ),
+                            Some("prompt.variables"),
+                        )
+                    })?;
+            messages.push(Message::text(m.role, text));
+        }
+        Ok(Rendered {
+            id: p.id.clone(),
+            version: v.number,
+            messages,
+            route: v.route.clone(),
+            params: v.params.clone(),
+        })
+    }
+}
+
+pub fn describe_labels(p: &PromptDef) -> String {
+    if p.labels.is_empty() {
+        return "none".into();
+    }
+    p.labels
+        .iter()
+        .map(|(l, v)| format!("{l}→{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_variables(
+    p: &PromptDef,
+    given: &Map<String, Value>,
+) -> Result<Map<String, Value>, GatewayError> {
+    for k in given.keys() {
+        if !p.variables.iter().any(|v| &v.name == k) {
+            let names: Vec<&str> = p.variables.iter().map(|v| v.name.as_str()).collect();
+            return Err(GatewayError::invalid(
+                format!(
+                    "prompt `{}` has no variable `{k}`; its variables: {}",
+                    p.id,
+                    names.join(", ")
+                ),
+                Some(&format!("prompt.variables.{k}")),
+            ));
+        }
+    }
+    let mut out = Map::new();
+    for v in &p.variables {
+        let param = format!("prompt.variables.{}", v.name);
+        match (given.get(&v.name), &v.default) {
+            (Some(val), _) if !val.is_null() => {
+                if !v.ty.accepts(val) {
+                    return Err(GatewayError::invalid(
+                        format!(
+                            "variable `{}` of prompt `{}` must be a {}, got {}",
+                            v.name,
+                            p.id,
+                            v.ty.as_str(),
+                            json_type(val)
+                        ),
+                        Some(&param),
+                    ));
+                }
+                out.insert(v.name.clone(), val.clone());
+            }
+            (_, Some(d)) => {
+                out.insert(v.name.clone(), d.clone());
+            }
+            (_, None) => {
+                return Err(GatewayError::invalid(
+                    format!(
+                        "variable `{}` ({}) of prompt `{}` is required",
+                        v.name,
+                        v.ty.as_str(),
+                        p.id
+                    ),
+                    Some(&param),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The content hash of a version: everything that shapes its requests.
+pub fn version_hash(content: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(content.to_string().as_bytes());
+    let mut s = String::from("sha256:");
+    for b in &digest[..8] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}

@@ -1,0 +1,187 @@
+//! Codec for Anthropic's Messages API (`POST {base_url}/messages`, e.g.
+//! `https://api.anthropic.com/v1`). The API key travels in `x-api-key` (the kind's
+//! default auth); this codec adds `anthropic-version`. The wire format lives in
+//! [`crate::wire::anthropic`].
+
+use super::{Codec, HttpCall, StreamDecoder};
+use crate::canonical::*;
+use crate::error::UpstreamError;
+use crate::framing::{Frame, Framing};
+use crate::wire::anthropic as wire;
+
+pub struct AnthropicCodec {
+    /// The `anthropic-version` header.
+    version: String,
+    /// `max_tokens` when the client gave no output limit (the API requires one).
+    default_max_tokens: u32,
+}
+
+impl AnthropicCodec {
+    pub fn new(version: &str, default_max_tokens: u32) -> Self {
+        AnthropicCodec {
+            version: version.to_owned(),
+            default_max_tokens,
+        }
+    }
+}
+
+impl Codec for AnthropicCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/messages".into(),
+            body: wire::encode_chat_request(req, model, self.default_max_tokens),
+            headers: vec![("anthropic-version", self.version.clone())],
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        wire::decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(AnthropicStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        wire::classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        _req: &EmbeddingsRequest,
+        _model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Err(wire::embeddings_unsupported())
+    }
+
+    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        Err(wire::embeddings_unsupported())
+    }
+}
+
+#[derive(Default)]
+struct AnthropicStream {
+    events: wire::EventDecoder,
+}
+
+impl StreamDecoder for AnthropicStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => self.events.decode(ev.event.as_deref(), &ev.data, out),
+            Frame::Line(l) => self.events.decode(None, &l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.events.finished()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::framing::FrameDecoder;
+
+    fn fixture(name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/anthropic")
+            .join(name);
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    /// Feeds `sse` to the codec's decoder in `step`-byte pieces.
+    fn run(sse: &str, step: usize) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
+        let codec = AnthropicCodec::new("2023-06-01", 1024);
+        let mut dec = codec.stream_decoder();
+        let mut frames = FrameDecoder::new(codec.stream_framing());
+        let mut out = Vec::new();
+        for piece in sse.as_bytes().chunks(step) {
+            frames.push(piece);
+            while let Some(f) = frames.next_frame() {
+                if let Err(e) = dec.frame(f, &mut out) {
+                    return (out, Err(e), dec.finished());
+                }
+            }
+        }
+        (out, Ok(()), dec.finished())
+    }
+
+    #[test]
+    fn call_has_path_version_header_and_max_tokens() {
+        let codec = AnthropicCodec::new("2023-06-01", 777);
+        let req = ChatRequest {
+            model: "route".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            params: Params::default(),
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
+            stream: false,
+            include_usage: false,
+            extra: Default::default(),
+        };
+        let call = codec.chat_call(&req, "claude-x").unwrap();
+        assert_eq!(call.path, "/messages");
+        assert_eq!(
+            call.headers,
+            vec![("anthropic-version", "2023-06-01".to_string())]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(body["max_tokens"], 777);
+        assert_eq!(body["model"], "claude-x");
+    }
+
+    #[test]
+    fn streams_decode_at_any_split() {
+        for step in [1, 3, 7, 64, 100_000] {
+            let (events, result, done) = run(&fixture("chat.sse"), step);
+            result.unwrap();
+            assert!(done);
+            let text: String = events
+                .iter()
+                .filter_map(|e| match e {
+                    StreamEvent::Delta(d) => d.content.clone(),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(text, "Hello from the fake upstream.");
+            let usage: Vec<_> = events
+                .iter()
+                .filter(|e| matches!(e, StreamEvent::Usage(_)))
+                .collect();
+            assert_eq!(usage.len(), 1, "usage is reported once");
+        }
+    }
+
+    #[test]
+    fn in_stream_error_ends_the_stream() {
+        let (events, result, done) = run(&fixture("stream_error.sse"), 5);
+        let e = result.unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Overloaded);
+        assert!(!done);
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, StreamEvent::Delta(d) if d.content.as_deref() == Some("Hello"))));
+    }
+
+    #[test]
+    fn embeddings_are_refused() {
+        let codec = AnthropicCodec::new("2023-06-01", 1);
+        let req = EmbeddingsRequest {
+            model: "m".into(),
+            input: EmbeddingInput::Texts(vec!["a".into()]),
+            encoding: EmbeddingEncoding::Float,
+            dimensions: None,
+            user: None,
+            extra: Default::default(),
+        };
+        let e = codec.embeddings_call(&req, "m").unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+    }
+}

@@ -1,0 +1,420 @@
+//! The self-hosted ChatGLM-6B / ChatGLM2-6B `api.py` server: `POST /` with
+//! `{"prompt","history":[[q,a],…],"max_length","top_p","temperature"}`, answered
+//! with `{"response","history","status","time"}`. No roles, no system prompt, no
+//! streaming, no usage, no finish reason, no tools.
+//!
+//! How a chat transcript is folded into `prompt` + `history`:
+//! - every `system`/`developer` message (wherever it stands) is joined with `\n`
+//!   and prepended to the first user turn as `"{system}\n\n{user text}"` (if the
+//!   request has no user turn at all, the system text is the prompt);
+//! - consecutive turns of the same side are merged with `\n`; a `tool` message
+//!   counts as a user turn reading `Tool result: {content}`, and an assistant tool
+//!   call is written into its turn as `Call {name}({arguments})`;
+//! - the turns become `[user, assistant]` pairs in `history`; a leading assistant
+//!   turn is paired with an empty question; the last user turn is the `prompt`;
+//! - a transcript ending with an assistant turn cannot be continued by this API
+//!   and is refused (400 `bad_request`) before anything is sent.
+//!
+//! `max_length` counts prompt **and** output tokens. It is the provider's
+//! `chatglm.max_length` when set; when the client gives an output limit it is that
+//! limit plus the prompt's length in characters (an upper bound of its tokens), or
+//! the smaller of the two when both apply; otherwise it is not sent (the server
+//! uses 2048). Temperature `≤ 0` is sent as 0.01 (the server treats 0 as "unset"
+//! and would sample at 0.95); `top_p` is clamped to [0.01, 1]. Stop words, seed
+//! and response formats have no equivalent and are not sent.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::openai;
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+
+#[derive(Serialize)]
+struct OutRequest<'a> {
+    prompt: &'a str,
+    history: &'a [(String, String)],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_length: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    User,
+    Assistant,
+}
+
+/// The transcript folded into ChatGLM's shape.
+#[derive(Debug, PartialEq)]
+struct Folded {
+    prompt: String,
+    history: Vec<(String, String)>,
+}
+
+fn push_line(buf: &mut String, text: &str) {
+    if !buf.is_empty() {
+        buf.push('\n');
+    }
+    buf.push_str(text);
+}
+
+fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
+    let mut system = String::new();
+    let mut turns: Vec<(Side, String)> = Vec::new();
+    for m in messages {
+        let text = m.content.as_ref().map(Content::text).unwrap_or_default();
+        let (side, text) = match m.role {
+            Role::System | Role::Developer => {
+                push_line(&mut system, &text);
+                continue;
+            }
+            Role::User => (Side::User, text.into_owned()),
+            Role::Tool => (Side::User, format!("Tool result: {text}")),
+            Role::Assistant => {
+                let mut t = text.into_owned();
+                for c in &m.tool_calls {
+                    push_line(&mut t, &format!("Call {}({})", c.name, c.arguments));
+                }
+                (Side::Assistant, t)
+            }
+        };
+        match turns.last_mut() {
+            Some((s, buf)) if *s == side => push_line(buf, &text),
+            _ => turns.push((side, text)),
+        }
+    }
+    let mut turns = turns.into_iter().peekable();
+    let mut history = Vec::new();
+    let mut prompt = None;
+    while let Some((side, text)) = turns.next() {
+        match side {
+            // Only a leading assistant turn can follow nothing.
+            Side::Assistant => history.push((String::new(), text)),
+            Side::User => match turns.next() {
+                Some((_, answer)) => history.push((text, answer)),
+                None => prompt = Some(text),
+            },
+        }
+    }
+    let prompt = match prompt {
+        Some(p) => p,
+        None if history.is_empty() && !system.is_empty() => std::mem::take(&mut system),
+        None if history.is_empty() => {
+            return Err(UpstreamError::new(
+                ErrorKind::BadRequest,
+                "ChatGLM needs a user message to answer",
+            ))
+        }
+        None => {
+            return Err(UpstreamError::new(
+                ErrorKind::BadRequest,
+                "ChatGLM cannot continue an assistant message: the conversation must end with a user message",
+            ))
+        }
+    };
+    let mut folded = Folded { prompt, history };
+    if !system.is_empty() {
+        let first = match folded.history.first_mut() {
+            Some(pair) => &mut pair.0,
+            None => &mut folded.prompt,
+        };
+        *first = if first.is_empty() {
+            system
+        } else {
+            format!("{system}\n\n{first}")
+        };
+    }
+    Ok(folded)
+}
+
+fn max_length(configured: Option<u32>, output_limit: Option<u32>, f: &Folded) -> Option<u32> {
+    let derived = output_limit.map(|out| {
+        let chars: usize = f.prompt.chars().count()
+            + f.history
+                .iter()
+                .map(|(q, a)| q.chars().count() + a.chars().count())
+                .sum::<usize>();
+        out.saturating_add(u32::try_from(chars).unwrap_or(u32::MAX))
+    });
+    match (configured, derived) {
+        (Some(c), Some(d)) => Some(c.min(d)),
+        (c, d) => c.or(d),
+    }
+}
+
+/// Encodes a canonical request as an `api.py` body. `configured_max_length` is
+/// the provider's `chatglm.max_length`.
+pub fn encode_chat_request(
+    req: &ChatRequest,
+    configured_max_length: Option<u32>,
+) -> Result<Vec<u8>, UpstreamError> {
+    let folded = fold(&req.messages)?;
+    let p = &req.params;
+    let out = OutRequest {
+        prompt: &folded.prompt,
+        history: &folded.history,
+        max_length: max_length(configured_max_length, p.output_limit(), &folded),
+        top_p: p.top_p.map(|t| t.clamp(0.01, 1.0)),
+        temperature: p.temperature.map(|t| if t <= 0.0 { 0.01 } else { t }),
+    };
+    Ok(serde_json::to_vec(&out).unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Status {
+    Code(u16),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+struct InReply {
+    #[serde(default)]
+    response: Option<String>,
+    #[serde(default)]
+    status: Option<Status>,
+    #[serde(default)]
+    detail: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    message: Option<Value>,
+}
+
+/// Refines an error classified from status and text: ChatGLM (Hugging Face
+/// `generate`) states an over-long input in its own words.
+fn refine(mut e: UpstreamError) -> UpstreamError {
+    if matches!(e.kind, ErrorKind::BadRequest | ErrorKind::Overloaded) {
+        let m = e.message.to_lowercase();
+        if (m.contains("max_length") && m.contains("input length"))
+            || m.contains("too long")
+            || m.contains("exceeds the maximum")
+        {
+            e.kind = ErrorKind::ContextLength;
+        }
+    }
+    e
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Decodes an `api.py` answer (HTTP 2xx). A `status` other than 2xx in the body,
+/// or a body with no `response`, is an error.
+pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+    let r: InReply = serde_json::from_slice(body).map_err(|e| {
+        UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            format!("backend sent a body that is not a ChatGLM reply: {e}"),
+        )
+    })?;
+    let status = match &r.status {
+        None => None,
+        Some(Status::Code(c)) => Some(*c),
+        Some(Status::Text(t)) => t.trim().parse().ok(),
+    };
+    let why = r
+        .error
+        .as_ref()
+        .or(r.detail.as_ref())
+        .or(r.message.as_ref())
+        .map(text_of);
+    let failed = status.filter(|s| !(200..300).contains(s));
+    match (failed, r.response) {
+        (None, Some(text)) if why.is_none() || !text.is_empty() => Ok(ChatResponse {
+            id: openai::new_completion_id(),
+            created: unix_now(),
+            model: String::new(),
+            choices: vec![Choice {
+                index: 0,
+                message: Message::text(Role::Assistant, text),
+                finish_reason: Some(FinishReason::Stop),
+            }],
+            usage: None,
+            system_fingerprint: None,
+        }),
+        (failed, response) => {
+            let status = failed.unwrap_or(500);
+            let message = why
+                .or(response.filter(|t| !t.is_empty()))
+                .unwrap_or_else(|| format!("ChatGLM answered with status {status}"));
+            let mut e = UpstreamError::new(ErrorKind::from_status(status), message);
+            if e.kind == ErrorKind::Timeout {
+                e.kind = ErrorKind::Overloaded;
+            }
+            Err(refine(e))
+        }
+    }
+}
+
+/// Classifies a non-2xx answer: FastAPI's `{"detail": …}`, uvicorn's plain
+/// `Internal Server Error`, or a reverse proxy's body.
+pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
+    refine(openai::classify_error_body(status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn fixture(name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/chatglm")
+            .join(name);
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn request(v: Value) -> ChatRequest {
+        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn encode(v: Value, max_length: Option<u32>) -> Result<Value, UpstreamError> {
+        encode_chat_request(&request(v), max_length).map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    #[test]
+    fn transcript_folds_into_prompt_and_history() {
+        let body = encode(
+            json!({"model": "m", "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "developer", "content": "Answer in English."},
+                {"role": "user", "content": "chat"}
+            ], "temperature": 0.7, "top_p": 0.9}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "prompt": "chat",
+                "history": [["Be brief.\nAnswer in English.\n\nHi", "Hello!"]],
+                "temperature": 0.7, "top_p": 0.9
+            })
+        );
+        let body = encode(
+            json!({"model": "m", "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "chat"}
+            ]}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(body, json!({"prompt": "Be brief.\n\nchat", "history": []}));
+    }
+
+    #[test]
+    fn odd_transcripts_have_documented_rules() {
+        // Consecutive user turns merge; a leading assistant turn gets an empty
+        // question; tool traffic becomes text.
+        let body = encode(
+            json!({"model": "m", "messages": [
+                {"role": "assistant", "content": "Welcome."},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": [{"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}
+            ]}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"prompt": "Tool result: 42", "history": [["", "Welcome."], ["a\nb", "Call f({})"]]})
+        );
+        let e = encode(
+            json!({"model": "m", "messages": [
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}
+            ]}),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        let body = encode(
+            json!({"model": "m", "messages": [{"role": "system", "content": "Say hi."}]}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(body["prompt"], "Say hi.");
+    }
+
+    #[test]
+    fn max_length_and_sampling() {
+        let msgs = json!([{"role": "user", "content": "abcd"}]);
+        let b = encode(
+            json!({"model": "m", "messages": msgs, "max_tokens": 10}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(b["max_length"], 14);
+        let b = encode(
+            json!({"model": "m", "messages": msgs, "max_tokens": 10}),
+            Some(8),
+        )
+        .unwrap();
+        assert_eq!(b["max_length"], 8);
+        let b = encode(json!({"model": "m", "messages": msgs}), Some(8192)).unwrap();
+        assert_eq!(b["max_length"], 8192);
+        let b = encode(
+            json!({"model": "m", "messages": msgs, "temperature": 0, "top_p": 0, "stop": ["x"], "seed": 1}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            b,
+            json!({"prompt": "abcd", "history": [], "temperature": 0.01, "top_p": 0.01})
+        );
+    }
+
+    #[test]
+    fn replies_decode() {
+        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text("Hello from the fake upstream.".into()))
+        );
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        assert!(r.usage.is_none());
+        assert!(r.id.starts_with("chatcmpl-"));
+        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+        assert!(e.message.contains("CUDA out of memory"));
+        let e = decode_chat_response(b"Internal Server Error").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+        let e = decode_chat_response(br#"{"detail":"Model not loaded"}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+        // An empty answer is still an answer.
+        let r = decode_chat_response(br#"{"response":"","history":[],"status":200}"#).unwrap();
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text(String::new()))
+        );
+    }
+
+    #[test]
+    fn errors_classify() {
+        let cases = [
+            (429, "error_429.json", ErrorKind::RateLimited),
+            (500, "error_500.json", ErrorKind::Overloaded),
+            (401, "error_401.json", ErrorKind::Auth),
+            (400, "error_400.json", ErrorKind::BadRequest),
+            (400, "error_400_context.json", ErrorKind::ContextLength),
+        ];
+        for (status, name, kind) in cases {
+            let e = classify_error_body(status, fixture(name).as_bytes());
+            assert_eq!(e.kind, kind, "{name}");
+            assert!(!e.message.is_empty());
+        }
+    }
+}

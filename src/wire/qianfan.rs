@@ -1,0 +1,991 @@
+//! Baidu Qianfan v1 ("wenxinworkshop"): `POST …/chat/{endpoint}` and
+//! `…/embeddings/{endpoint}`, the OAuth access token in the query string (added by
+//! the transport). Not OpenAI-shaped:
+//!
+//! - request: `messages` of `user`/`assistant`/`function` turns that must start
+//!   with a user turn, alternate and be odd in number; a top-level `system`;
+//!   `temperature` in (0, 1], `top_p`, `penalty_score` in [1, 2],
+//!   `max_output_tokens`, `stop`, `stream`, `user_id`, legacy `functions`,
+//!   `tool_choice`, `response_format` as a string;
+//! - response: the text in `result`, `finish_reason` (`normal`, `stop`, `length`,
+//!   `content_filter`, `function_call`), one `function_call` with `thoughts`,
+//!   `need_clear_history` when moderation flagged the conversation, OpenAI-style
+//!   `usage`;
+//! - streams: SSE `data:` events with `sentence_id`, a `result` delta and `usage`;
+//!   the last has `is_end: true` (no `[DONE]`);
+//! - errors: `{"error_code","error_msg"}`, usually inside HTTP 200, for every call;
+//!   the code decides the kind (see [`kind_of_code`]).
+//!
+//! How a transcript is folded into Baidu's strict turns:
+//! - `system`/`developer` messages are joined with `\n` into `system` (with no
+//!   user turn at all, that text is sent as the single user message);
+//! - a `tool` message becomes a `function` turn named after the call it answers;
+//!   an assistant turn carries its first tool call as `function_call` (v1 has one
+//!   call per turn; further calls of the same turn are not sent);
+//! - consecutive turns of the same side are merged (text joined with `\n`; a run
+//!   of `function` results stays `function`, a mix becomes `user`); leading
+//!   assistant turns are dropped; a transcript ending with an assistant turn is
+//!   refused (400 `bad_request`), since v1 cannot continue an answer;
+//! - only text is sent (v1 chat takes no images).
+//!
+//! Parameters: temperature is clamped into (0, 1] (`≤ 0` → 1e-9, as Baidu's SDK
+//! sends for 0; above 1 → 1) rather than scaled; `top_p` is clamped to [0, 1];
+//! `penalty_score` = 1 + frequency (else presence) penalty / 2, clamped to [1, 2];
+//! `max_output_tokens` = the output limit (at least 2); JSON mode is
+//! `"json_object"`; a forced function is `tool_choice`, `tool_choice: none` sends
+//! no functions; seed and `n` have no equivalent. The request's `extra` fields
+//! (e.g. a route's `disable_search`) are added to the body as they are, except
+//! one named like a field the codec itself writes.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::openai;
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+
+// === request ===
+
+#[derive(Serialize)]
+struct OutFunctionCall<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutMessage<'a> {
+    role: &'static str,
+    content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_call: Option<OutFunctionCall<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: Cow<'a, Value>,
+}
+
+#[derive(Serialize)]
+struct OutRequest<'a> {
+    messages: Vec<OutMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    penalty_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    functions: Vec<OutFunction<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'static str>,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
+fn push_line(buf: &mut String, text: &str) {
+    if !buf.is_empty() {
+        buf.push('\n');
+    }
+    buf.push_str(text);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    User,
+    Assistant,
+}
+
+struct Turn<'a> {
+    side: Side,
+    role: &'static str,
+    content: String,
+    name: Option<&'a str>,
+    call: Option<&'a ToolCall>,
+}
+
+/// The transcript as Baidu's alternating, odd-length `messages` plus `system`.
+fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), UpstreamError> {
+    let mut system = String::new();
+    let mut turns: Vec<Turn<'_>> = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let text = m.content.as_ref().map(Content::text).unwrap_or_default();
+        let turn = match m.role {
+            Role::System | Role::Developer => {
+                push_line(&mut system, &text);
+                continue;
+            }
+            Role::User => Turn {
+                side: Side::User,
+                role: "user",
+                content: text.into_owned(),
+                name: None,
+                call: None,
+            },
+            Role::Tool => {
+                // The function's name, from the assistant call this result answers.
+                let name = m
+                    .tool_call_id
+                    .as_deref()
+                    .and_then(|id| {
+                        messages[..i]
+                            .iter()
+                            .rev()
+                            .flat_map(|p| p.tool_calls.iter())
+                            .find(|c| c.id == id)
+                            .map(|c| c.name.as_str())
+                    })
+                    .or(m.name.as_deref())
+                    .unwrap_or("function");
+                Turn {
+                    side: Side::User,
+                    role: "function",
+                    content: text.into_owned(),
+                    name: Some(name),
+                    call: None,
+                }
+            }
+            Role::Assistant => Turn {
+                side: Side::Assistant,
+                role: "assistant",
+                content: text.into_owned(),
+                name: None,
+                call: m.tool_calls.first(),
+            },
+        };
+        if turns.is_empty() && turn.side == Side::Assistant {
+            continue; // a leading assistant turn is dropped
+        }
+        match turns.last_mut() {
+            Some(last) if last.side == turn.side => {
+                push_line(&mut last.content, &turn.content);
+                if last.role != turn.role {
+                    last.role = "user";
+                    last.name = None;
+                }
+                if last.call.is_none() {
+                    last.call = turn.call;
+                }
+            }
+            _ => turns.push(turn),
+        }
+    }
+    let mut system = (!system.is_empty()).then_some(system);
+    match turns.last() {
+        Some(t) if t.side == Side::Assistant => {
+            return Err(UpstreamError::new(
+                ErrorKind::BadRequest,
+                "Qianfan cannot continue an assistant message: the conversation must end with a user message",
+            ))
+        }
+        Some(_) => {}
+        None => match system.take() {
+            Some(s) => turns.push(Turn {
+                side: Side::User,
+                role: "user",
+                content: s,
+                name: None,
+                call: None,
+            }),
+            None => {
+                return Err(UpstreamError::new(
+                    ErrorKind::BadRequest,
+                    "Qianfan needs a user message to answer",
+                ))
+            }
+        },
+    }
+    let out = turns
+        .into_iter()
+        .map(|t| OutMessage {
+            role: t.role,
+            content: t.content,
+            name: t.name,
+            function_call: t.call.map(|c| OutFunctionCall {
+                name: &c.name,
+                arguments: &c.arguments,
+            }),
+        })
+        .collect();
+    Ok((out, system))
+}
+
+fn empty_schema() -> Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+/// Encodes a canonical request as a Qianfan v1 chat body (the endpoint is in the
+/// path, not the body).
+pub fn encode_chat_request(req: &ChatRequest) -> Result<Vec<u8>, UpstreamError> {
+    let (messages, system) = fold(&req.messages)?;
+    let p = &req.params;
+    let send_functions = !req.tools.is_empty() && req.tool_choice != Some(ToolChoice::None);
+    let mut out = OutRequest {
+        messages,
+        system,
+        temperature: p
+            .temperature
+            .map(|t| if t <= 0.0 { 1e-9 } else { t.min(1.0) }),
+        top_p: p.top_p.map(|t| t.clamp(0.0, 1.0)),
+        penalty_score: p
+            .frequency_penalty
+            .or(p.presence_penalty)
+            .map(|x| (1.0 + x / 2.0).clamp(1.0, 2.0)),
+        max_output_tokens: p.output_limit().map(|m| m.max(2)),
+        stop: &p.stop,
+        stream: req.stream,
+        user_id: p.user.as_deref(),
+        functions: if send_functions {
+            req.tools
+                .iter()
+                .map(|t| OutFunction {
+                    name: &t.name,
+                    description: t.description.as_deref().unwrap_or(""),
+                    parameters: t
+                        .parameters
+                        .as_ref()
+                        .map(Cow::Borrowed)
+                        .unwrap_or_else(|| Cow::Owned(empty_schema())),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        tool_choice: match &req.tool_choice {
+            Some(ToolChoice::Function(name)) if send_functions => {
+                Some(serde_json::json!({"type": "function", "function": {"name": name}}))
+            }
+            _ => None,
+        },
+        response_format: match req.response_format {
+            Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_)) => Some("json_object"),
+            _ => None,
+        },
+        extra: &req.extra,
+    };
+    // An extra field named like one the codec writes would make a duplicate key:
+    // the codec's value wins.
+    let written = [
+        ("messages", true),
+        ("system", out.system.is_some()),
+        ("temperature", out.temperature.is_some()),
+        ("top_p", out.top_p.is_some()),
+        ("penalty_score", out.penalty_score.is_some()),
+        ("max_output_tokens", out.max_output_tokens.is_some()),
+        ("stop", !out.stop.is_empty()),
+        ("stream", out.stream),
+        ("user_id", out.user_id.is_some()),
+        ("functions", !out.functions.is_empty()),
+        ("tool_choice", out.tool_choice.is_some()),
+        ("response_format", out.response_format.is_some()),
+    ];
+    let ours = |k: &str| written.iter().any(|(name, on)| *on && *name == k);
+    let filtered: Map<String, Value>;
+    if req.extra.keys().any(|k| ours(k)) {
+        filtered = req
+            .extra
+            .iter()
+            .filter(|(k, _)| !ours(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.extra = &filtered;
+    }
+    Ok(serde_json::to_vec(&out).unwrap_or_default())
+}
+
+// === response ===
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ArgText {
+    Text(String),
+    Json(Value),
+}
+
+#[derive(Deserialize)]
+struct InFunctionCall {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<ArgText>,
+    #[serde(default)]
+    thoughts: Option<String>,
+}
+
+impl InFunctionCall {
+    fn arguments(self) -> (String, String, Option<String>) {
+        let args = match self.arguments {
+            None => String::new(),
+            Some(ArgText::Text(s)) => s,
+            Some(ArgText::Json(v)) => v.to_string(),
+        };
+        (
+            self.name.unwrap_or_default(),
+            args,
+            self.thoughts.filter(|t| !t.is_empty()),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct InUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+    #[serde(default)]
+    total_tokens: Option<u32>,
+}
+
+impl InUsage {
+    fn canonical(&self) -> Usage {
+        let mut u = Usage::new(self.prompt_tokens, self.completion_tokens);
+        if let Some(t) = self.total_tokens {
+            u.total_tokens = t;
+        }
+        u
+    }
+}
+
+/// One reply body or one stream event: the same shape.
+#[derive(Deserialize)]
+struct InReply {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    created: Option<u64>,
+    #[serde(default)]
+    result: Option<String>,
+    #[serde(default)]
+    is_truncated: bool,
+    #[serde(default)]
+    need_clear_history: bool,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    function_call: Option<InFunctionCall>,
+    #[serde(default)]
+    usage: Option<InUsage>,
+    #[serde(default)]
+    is_end: Option<bool>,
+    #[serde(default)]
+    error_code: Option<i64>,
+    #[serde(default)]
+    error_msg: Option<String>,
+}
+
+fn parse_reply(body: &[u8]) -> Result<InReply, UpstreamError> {
+    let r: InReply = serde_json::from_slice(body).map_err(|e| {
+        UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            format!("backend sent a body that is not a Qianfan reply: {e}"),
+        )
+    })?;
+    match r.error_code {
+        Some(code) if code != 0 => Err(classify_code(200, code, r.error_msg.as_deref())),
+        _ => Ok(r),
+    }
+}
+
+fn finish_reason(r: &InReply, moderated: bool, called: bool) -> FinishReason {
+    if moderated || r.need_clear_history {
+        return FinishReason::ContentFilter;
+    }
+    match r.finish_reason.as_deref() {
+        Some("length") => FinishReason::Length,
+        Some("content_filter") => FinishReason::ContentFilter,
+        Some("function_call") => FinishReason::ToolCalls,
+        _ if called => FinishReason::ToolCalls,
+        _ if r.is_truncated => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+fn new_call_id() -> String {
+    format!("call_{:016x}", rand::random::<u64>())
+}
+
+/// Decodes a chat reply (HTTP 2xx); an `error_code` inside it is an error.
+pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+    let mut r = parse_reply(body)?;
+    let call = r.function_call.take().map(InFunctionCall::arguments);
+    let finish = finish_reason(&r, false, call.is_some());
+    let text = r.result.take().unwrap_or_default();
+    let mut message = Message::text(Role::Assistant, text);
+    if let Some((name, arguments, thoughts)) = call {
+        if message
+            .content
+            .as_ref()
+            .is_some_and(|c| c.text().is_empty())
+        {
+            message.content = None;
+        }
+        message.reasoning = thoughts;
+        message.tool_calls.push(ToolCall {
+            id: new_call_id(),
+            name,
+            arguments,
+        });
+    }
+    Ok(ChatResponse {
+        id: r
+            .id
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(openai::new_completion_id),
+        created: r.created.unwrap_or_else(unix_now),
+        model: String::new(),
+        choices: vec![Choice {
+            index: 0,
+            message,
+            finish_reason: Some(finish),
+        }],
+        usage: r.usage.as_ref().map(InUsage::canonical),
+        system_fingerprint: None,
+    })
+}
+
+/// State of decoding one Qianfan stream.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    started: bool,
+    done: bool,
+    role_sent: bool,
+    /// A function call was streamed (it decides the finish reason).
+    called: bool,
+    /// An event flagged `need_clear_history`.
+    moderated: bool,
+}
+
+impl StreamState {
+    /// Decodes the `data` of one SSE event.
+    pub fn decode(&mut self, data: &str, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let data = data.trim();
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut r = parse_reply(data.as_bytes())?;
+        if !self.started {
+            self.started = true;
+            out.push(StreamEvent::Meta(StreamMeta {
+                id: r
+                    .id
+                    .clone()
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or_else(openai::new_completion_id),
+                created: r.created.unwrap_or_else(unix_now),
+                model: String::new(),
+                system_fingerprint: None,
+            }));
+        }
+        self.moderated |= r.need_clear_history;
+        let mut delta = Delta {
+            content: r.result.take().filter(|t| !t.is_empty()),
+            ..Delta::default()
+        };
+        if let Some(f) = r.function_call.take() {
+            let (name, arguments, thoughts) = f.arguments();
+            delta.reasoning = thoughts;
+            delta.tool_calls.push(ToolCallDelta {
+                index: 0,
+                id: Some(new_call_id()),
+                name: Some(name),
+                arguments: Some(arguments),
+            });
+            self.called = true;
+        }
+        if delta.has_output() {
+            if !self.role_sent {
+                self.role_sent = true;
+                delta.role = Some(Role::Assistant);
+            }
+            out.push(StreamEvent::Delta(delta));
+        }
+        if r.is_end == Some(true) {
+            out.push(StreamEvent::Delta(Delta {
+                finish_reason: Some(finish_reason(&r, self.moderated, self.called)),
+                ..Delta::default()
+            }));
+            if let Some(u) = &r.usage {
+                out.push(StreamEvent::Usage(u.canonical()));
+            }
+            out.push(StreamEvent::Done);
+            self.done = true;
+        }
+        Ok(())
+    }
+
+    /// True once the `is_end` event arrived.
+    pub fn finished(&self) -> bool {
+        self.done
+    }
+}
+
+// === errors ===
+
+/// The kind a Qianfan `error_code` means, when the code alone decides it.
+pub fn kind_of_code(code: i64) -> Option<ErrorKind> {
+    Some(match code {
+        // Unknown error, service unavailable, app creation failed, internal error,
+        // high load, console internal error.
+        1 | 2 | 15 | 336000 | 336100 | 500000 => ErrorKind::Overloaded,
+        // Cluster, daily, QPS and total request limits; RPM and TPM limits.
+        4 | 17 | 18 | 19 | 336501 | 336502 => ErrorKind::RateLimited,
+        // No permission, token/IAM failures, invalid or expired access token.
+        6 | 13 | 14 | 100 | 110 | 111 => ErrorKind::Auth,
+        // Unsupported method, invalid argument / JSON / param, permission, unknown
+        // API name, invalid HTTP method, invalid system or user settings.
+        3 | 336001..=336005 | 336101 | 336104 | 336105 => ErrorKind::BadRequest,
+        // Prompt tokens too long; input characters over the limit.
+        336103 | 336007 => ErrorKind::ContextLength,
+        _ => return None,
+    })
+}
+
+fn classify_code(status: u16, code: i64, msg: Option<&str>) -> UpstreamError {
+    let msg = msg.filter(|m| !m.is_empty()).unwrap_or("Qianfan error");
+    let lower = msg.to_lowercase();
+    let too_long = lower.contains("too long")
+        || lower.contains("max input characters")
+        || lower.contains("max length")
+        || msg.contains("过长")
+        || msg.contains("超长");
+    let kind = match kind_of_code(code) {
+        Some(ErrorKind::BadRequest) if too_long => ErrorKind::ContextLength,
+        Some(k) => k,
+        None if too_long => ErrorKind::ContextLength,
+        None if lower.contains("sensitive") || msg.contains("敏感") || msg.contains("审核") => {
+            ErrorKind::ContentFilter
+        }
+        None if lower.contains("limit reached") => ErrorKind::RateLimited,
+        None if status == 200 => ErrorKind::Overloaded,
+        None => ErrorKind::from_status(status),
+    };
+    let mut e = UpstreamError::new(kind, format!("{msg} (error_code {code})"));
+    if status != 200 {
+        e = e.with_status(status);
+    }
+    e
+}
+
+/// Classifies a non-2xx answer (a gateway in front of Qianfan may answer 429,
+/// 5xx or 401 with Baidu's error body or its own).
+pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
+    #[derive(Deserialize)]
+    struct InError {
+        error_code: i64,
+        #[serde(default)]
+        error_msg: Option<String>,
+    }
+    match serde_json::from_slice::<InError>(body) {
+        Ok(e) => classify_code(status, e.error_code, e.error_msg.as_deref()),
+        Err(_) => openai::classify_error_body(status, body),
+    }
+}
+
+// === embeddings ===
+
+#[derive(Serialize)]
+struct OutEmbeddings<'a> {
+    input: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+}
+
+/// Encodes an embeddings request (texts only; Qianfan takes no token arrays).
+pub fn encode_embeddings_request(req: &EmbeddingsRequest) -> Result<Vec<u8>, UpstreamError> {
+    let EmbeddingInput::Texts(input) = &req.input else {
+        return Err(UpstreamError::new(
+            ErrorKind::BadRequest,
+            "Qianfan embeddings take text input, not token arrays",
+        ));
+    };
+    let out = OutEmbeddings {
+        input,
+        user_id: req.user.as_deref(),
+    };
+    Ok(serde_json::to_vec(&out).unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+struct InEmbedding {
+    #[serde(default)]
+    index: usize,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct InEmbeddings {
+    #[serde(default)]
+    data: Vec<InEmbedding>,
+    #[serde(default)]
+    usage: Option<InUsage>,
+    #[serde(default)]
+    error_code: Option<i64>,
+    #[serde(default)]
+    error_msg: Option<String>,
+}
+
+pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+    let r: InEmbeddings = serde_json::from_slice(body).map_err(|e| {
+        UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            format!("backend sent a body that is not a Qianfan embeddings reply: {e}"),
+        )
+    })?;
+    if let Some(code) = r.error_code.filter(|c| *c != 0) {
+        return Err(classify_code(200, code, r.error_msg.as_deref()));
+    }
+    let mut data = r.data;
+    data.sort_by_key(|d| d.index);
+    Ok(EmbeddingsResponse {
+        model: String::new(),
+        vectors: data.into_iter().map(|d| d.embedding).collect(),
+        usage: r.usage.as_ref().map(InUsage::canonical).unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::framing::{Frame, FrameDecoder, Framing};
+    use serde_json::json;
+
+    fn fixture(name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/qianfan")
+            .join(name);
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn request(v: Value) -> ChatRequest {
+        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn encode(v: Value) -> Result<Value, UpstreamError> {
+        encode_chat_request(&request(v)).map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
+        let mut frames = FrameDecoder::new(Framing::Sse);
+        frames.push(text.as_bytes());
+        let mut st = StreamState::default();
+        let mut out = Vec::new();
+        while let Some(Frame::Sse(ev)) = frames.next_frame() {
+            if let Err(e) = st.decode(&ev.data, &mut out) {
+                return (out, Err(e), st.finished());
+            }
+        }
+        (out, Ok(()), st.finished())
+    }
+
+    fn finishes(ev: &[StreamEvent]) -> Vec<FinishReason> {
+        ev.iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => d.finish_reason,
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn request_has_top_level_system_and_baidu_parameters() {
+        let body = encode(json!({
+            "model": "route", "stream": true,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "developer", "content": "Use English."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Weather?"}
+            ],
+            "temperature": 1.5, "top_p": 0.5, "frequency_penalty": 1.0, "max_tokens": 1,
+            "stop": ["END"], "user": "u-1", "seed": 3, "n": 1,
+            "response_format": {"type": "json_object"}, "disable_search": true
+        }))
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Weather?"}
+                ],
+                "system": "Be brief.\nUse English.",
+                "temperature": 1.0, "top_p": 0.5, "penalty_score": 1.5, "max_output_tokens": 2,
+                "stop": ["END"], "stream": true, "user_id": "u-1",
+                "response_format": "json_object", "disable_search": true
+            })
+        );
+        let body = encode(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}], "temperature": 0}),
+        )
+        .unwrap();
+        assert_eq!(body["temperature"], 1e-9);
+        // Extras never duplicate a field the codec writes; others pass through.
+        let body = encode(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}],
+            "system": "from extra", "penalty_score": 1.2, "enable_citation": true}),
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"messages": [{"role": "user", "content": "x"}], "system": "from extra", "penalty_score": 1.2, "enable_citation": true})
+        );
+        let raw = encode_chat_request(&request(json!({"model": "r",
+            "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}],
+            "system": "from extra"})))
+        .unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        assert_eq!(text.matches("\"system\"").count(), 1, "{text}");
+        assert!(text.contains("\"system\":\"s\""), "{text}");
+    }
+
+    #[test]
+    fn tool_traffic_becomes_legacy_functions() {
+        let body = encode(json!({
+            "model": "r",
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "noon"}
+            ],
+            "tools": [
+                {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+                {"type": "function", "function": {"name": "get_time"}}
+            ],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
+        }))
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "messages": [
+                    {"role": "user", "content": "Weather in Paris?"},
+                    {"role": "assistant", "content": "", "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                    {"role": "function", "name": "get_weather", "content": "sunny\nnoon"}
+                ],
+                "functions": [
+                    {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+                    {"name": "get_time", "description": "", "parameters": {"type": "object", "properties": {}}}
+                ],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
+            })
+        );
+        let body = encode(json!({
+            "model": "r", "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"
+        }))
+        .unwrap();
+        assert!(body.get("functions").is_none() && body.get("tool_choice").is_none());
+    }
+
+    #[test]
+    fn turns_are_forced_into_alternation() {
+        let body = encode(json!({"model": "r", "messages": [
+            {"role": "assistant", "content": "Welcome!"},
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "c"},
+            {"role": "assistant", "content": "d"},
+            {"role": "tool", "tool_call_id": "zz", "name": "lookup", "content": "r"},
+            {"role": "user", "content": "e"}
+        ]}))
+        .unwrap();
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "a\nb"},
+                {"role": "assistant", "content": "c\nd"},
+                {"role": "user", "content": "r\ne"}
+            ])
+        );
+        let e = encode(json!({"model": "r", "messages": [
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+        ]}))
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        let body =
+            encode(json!({"model": "r", "messages": [{"role": "system", "content": "Say hi"}]}))
+                .unwrap();
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "user", "content": "Say hi"}])
+        );
+        assert!(body.get("system").is_none());
+    }
+
+    #[test]
+    fn replies_decode() {
+        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        assert_eq!(r.id, "as-fake0001");
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text("Hello from the fake upstream.".into()))
+        );
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        assert_eq!(r.usage, Some(Usage::new(12, 6)));
+        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let m = &r.choices[0].message;
+        assert_eq!(m.content, None);
+        assert_eq!(m.tool_calls[0].name, "get_weather");
+        assert_eq!(m.tool_calls[0].arguments, "{\"city\":\"Paris\"}");
+        assert!(m.tool_calls[0].id.starts_with("call_"));
+        assert!(m.reasoning.is_some());
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
+        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
+        let r = decode_chat_response(fixture("moderated.json").as_bytes()).unwrap();
+        assert_eq!(
+            r.choices[0].finish_reason,
+            Some(FinishReason::ContentFilter)
+        );
+        // Arguments sent as an object are kept as JSON text.
+        let r = decode_chat_response(
+            br#"{"result":"","function_call":{"name":"f","arguments":{"a":1}},"finish_reason":"function_call"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.choices[0].message.tool_calls[0].arguments, "{\"a\":1}");
+    }
+
+    #[test]
+    fn errors_inside_200_are_classified_by_code() {
+        let cases = [
+            ("error_in_200_qps.json", ErrorKind::RateLimited),
+            ("error_in_200_token.json", ErrorKind::Auth),
+            ("error_in_200_context.json", ErrorKind::ContextLength),
+            ("error_in_200_busy.json", ErrorKind::Overloaded),
+            ("error_in_200.json", ErrorKind::BadRequest),
+        ];
+        for (name, kind) in cases {
+            let e = decode_chat_response(fixture(name).as_bytes()).unwrap_err();
+            assert_eq!(e.kind, kind, "{name}");
+            assert_eq!(e.status, None);
+            assert!(e.message.contains("error_code"));
+        }
+        let e = decode_chat_response(
+            br#"{"error_code":336003,"error_msg":"the max length of current question is 4800"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ContextLength);
+        let e = decode_chat_response(br#"{"error_code":999999,"error_msg":"?"}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+    }
+
+    #[test]
+    fn http_errors_classify() {
+        let cases = [
+            (429, "error_429.json", ErrorKind::RateLimited),
+            (500, "error_500.json", ErrorKind::Overloaded),
+            (401, "error_401.json", ErrorKind::Auth),
+            (400, "error_400.json", ErrorKind::BadRequest),
+            (400, "error_400_context.json", ErrorKind::ContextLength),
+        ];
+        for (status, name, kind) in cases {
+            let e = classify_error_body(status, fixture(name).as_bytes());
+            assert_eq!(e.kind, kind, "{name}");
+            assert_eq!(e.status, Some(status));
+        }
+        assert_eq!(
+            classify_error_body(502, b"<html>Bad Gateway</html>").kind,
+            ErrorKind::Overloaded
+        );
+    }
+
+    #[test]
+    fn streams_end_at_is_end() {
+        let (ev, res, done) = stream(&fixture("chat.sse"));
+        res.unwrap();
+        assert!(done);
+        let StreamEvent::Meta(meta) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(meta.id, "as-fake0002");
+        let text: String = ev
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => d.content.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Hello from the fake upstream.");
+        assert_eq!(finishes(&ev), vec![FinishReason::Stop]);
+        // Usage is reported once, from the last event.
+        let usages: Vec<&StreamEvent> = ev
+            .iter()
+            .filter(|e| matches!(e, StreamEvent::Usage(_)))
+            .collect();
+        assert_eq!(usages, vec![&StreamEvent::Usage(Usage::new(12, 6))]);
+        assert_eq!(ev.last(), Some(&StreamEvent::Done));
+
+        let (ev, _, done) = stream(&fixture("tools.sse"));
+        assert!(done);
+        assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
+        let calls: Vec<&ToolCallDelta> = ev
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => Some(&d.tool_calls),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].id.is_some());
+        assert_eq!(calls[0].arguments.as_deref(), Some("{\"city\":\"Paris\"}"));
+
+        let (ev, _, _) = stream(&fixture("length.sse"));
+        assert_eq!(finishes(&ev), vec![FinishReason::Length]);
+
+        let (ev, res, done) = stream(&fixture("stream_error.sse"));
+        assert!(!done);
+        assert!(ev
+            .iter()
+            .any(|e| matches!(e, StreamEvent::Delta(d) if d.content.as_deref() == Some("Hello"))));
+        assert_eq!(res.unwrap_err().kind, ErrorKind::Overloaded);
+    }
+
+    #[test]
+    fn embeddings_round_trip() {
+        let req =
+            openai::decode_embeddings_request(br#"{"model":"m","input":["a","b"],"user":"u"}"#)
+                .unwrap();
+        let body: Value =
+            serde_json::from_slice(&encode_embeddings_request(&req).unwrap()).unwrap();
+        assert_eq!(body, json!({"input": ["a", "b"], "user_id": "u"}));
+        let tokens = openai::decode_embeddings_request(br#"{"model":"m","input":[1,2]}"#).unwrap();
+        assert_eq!(
+            encode_embeddings_request(&tokens).unwrap_err().kind,
+            ErrorKind::BadRequest
+        );
+        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        assert_eq!(r.vectors, vec![vec![0.5, -0.25], vec![0.125, 1.0]]);
+        assert_eq!(r.usage.prompt_tokens, 4);
+        let e = decode_embeddings_response(
+            br#"{"error_code":18,"error_msg":"Open api qps request limit reached"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::RateLimited);
+    }
+}

@@ -1,0 +1,449 @@
+//! Zhipu GLM open platform v4 (`/api/paas/v4/chat/completions`, `/embeddings`).
+//! The wire is OpenAI's, so bodies, chunks and tool calls go through
+//! [`super::openai`]; this file holds only what Zhipu does differently:
+//!
+//! - sampling: temperature must lie in (0, 1) — `≤ 0` becomes `do_sample: false`
+//!   with 0.01, `≥ 1` becomes 0.99 (what Zhipu's SDK does); `top_p` is clamped to
+//!   [0.01, 0.99];
+//! - no `developer` role (sent as `system`), the output limit is `max_tokens`, the
+//!   end user is `user_id`; `n`, penalties and `parallel_tool_calls` are not sent;
+//! - `tool_choice` only knows `auto`: `none` sends no tools, `required` and a
+//!   forced function become `auto`; a JSON schema response format becomes
+//!   `json_object`;
+//! - finish reasons `sensitive` (→ content_filter) and `network_error` (→ error);
+//! - errors carry a business code, `{"error":{"code":"1301","message":…}}`, on
+//!   non-2xx answers, inside 200 bodies and as stream events (`data:` with `error`
+//!   or `event: error`); the code decides the kind (see [`kind_of_code`]).
+//!
+//! Zhipu-only request fields (`thinking`, `request_id`, built-in tools) travel in
+//! the request's `extra`, e.g. a route's `params.extra`.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::openai;
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+
+/// Temperature and `do_sample` as Zhipu accepts them.
+fn sampling(temperature: Option<f64>) -> (Option<f64>, Option<bool>) {
+    match temperature {
+        None => (None, None),
+        Some(t) if t <= 0.0 => (Some(0.01), Some(false)),
+        Some(t) if t >= 1.0 => (Some(0.99), None),
+        Some(t) => (Some(t), None),
+    }
+}
+
+/// Encodes a canonical request as a Zhipu v4 chat body for `model`.
+pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
+    let p = &req.params;
+    let (temperature, do_sample) = sampling(p.temperature);
+    let mut extra = req.extra.clone();
+    if let Some(d) = do_sample {
+        extra.insert("do_sample".into(), Value::Bool(d));
+    }
+    if let Some(u) = &p.user {
+        extra.insert("user_id".into(), Value::String(u.clone()));
+    }
+    let send_tools = !req.tools.is_empty() && req.tool_choice != Some(ToolChoice::None);
+    let v = openai::VendorChat {
+        params: Params {
+            temperature,
+            top_p: p.top_p.map(|t| t.clamp(0.01, 0.99)),
+            max_tokens: p.output_limit(),
+            stop: p.stop.clone(),
+            seed: p.seed,
+            ..Params::default()
+        },
+        developer_as_system: true,
+        tools: send_tools,
+        tool_choice: (send_tools && req.tool_choice.is_some()).then_some(ToolChoice::Auto),
+        response_format: req.response_format.as_ref().map(|f| match f {
+            ResponseFormat::Text => ResponseFormat::Text,
+            ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_) => {
+                ResponseFormat::JsonObject
+            }
+        }),
+        // Zhipu reports usage on the last chunk without being asked.
+        stream_options: false,
+        extra,
+    };
+    openai::encode_vendor_chat_request(req, model, &v)
+}
+
+/// The kind a Zhipu business error code means, when the code alone decides it.
+pub fn kind_of_code(code: u32) -> Option<ErrorKind> {
+    Some(match code {
+        // Authentication, account state (1113 = in arrears, 1309 = plan expired).
+        1000..=1004 | 1100 | 1110..=1113 | 1121 | 1220 | 1309 => ErrorKind::Auth,
+        // Parameters, unknown model (1211), unsupported call, duplicate request.
+        1200 | 1210..=1215 | 1221 | 1222 | 1231 => ErrorKind::BadRequest,
+        1261 => ErrorKind::ContextLength,
+        1300 | 1301 => ErrorKind::ContentFilter,
+        // Concurrency, frequency, daily and plan usage limits.
+        1302..=1304 | 1308 | 1310 => ErrorKind::RateLimited,
+        // Internal error, account service busy, call process / network errors,
+        // model overloaded.
+        500 | 1120 | 1230 | 1234 | 1305 => ErrorKind::Overloaded,
+        _ => return None,
+    })
+}
+
+fn code_of(err: &Value) -> Option<u32> {
+    match err.get("code")? {
+        Value::String(s) => s.trim().parse().ok(),
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        _ => None,
+    }
+}
+
+/// Classifies a Zhipu error object (`{"code","message"}`) that came with `status`
+/// (200 for one inside a successful answer or a stream).
+pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
+    let mut e = openai::classify_error_value(status, err);
+    if let Some(kind) = code_of(err).and_then(kind_of_code) {
+        e.kind = kind;
+    } else if e.kind != ErrorKind::ContextLength {
+        let m = e.message.to_lowercase();
+        if m.contains("prompt exceeds max length")
+            || m.contains("prompt too long")
+            || m.contains("超长")
+        {
+            e.kind = ErrorKind::ContextLength;
+        }
+    }
+    e
+}
+
+/// Classifies a non-2xx answer from its status and body.
+pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut o)) if o.get("error").is_some_and(Value::is_object) => {
+            let err = o.remove("error").unwrap_or_default();
+            classify_error_value(status, &err)
+        }
+        _ => openai::classify_error_body(status, body),
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The top-level `error` object of a JSON body, if it has one. Bodies that do not
+/// mention `"error"` at all (nearly every success) are not parsed.
+fn top_level_error(body: &[u8]) -> Option<Value> {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        error: Option<Value>,
+    }
+    if !contains(body, b"\"error\"") {
+        return None;
+    }
+    serde_json::from_slice::<Probe>(body)
+        .ok()?
+        .error
+        .filter(|e| !e.is_null())
+}
+
+/// Decodes a chat completion body (HTTP 2xx); an `error` inside it is an error.
+pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+    if let Some(err) = top_level_error(body) {
+        return Err(classify_error_value(200, &err));
+    }
+    openai::decode_chat_response(body)
+}
+
+/// State of decoding one Zhipu stream: OpenAI chunks, with Zhipu's error codes.
+#[derive(Debug, Default)]
+pub struct ChunkDecoder {
+    chunks: openai::ChunkDecoder,
+}
+
+impl ChunkDecoder {
+    /// Decodes one SSE event (`event` name and `data`) into canonical events.
+    pub fn decode(
+        &mut self,
+        event: Option<&str>,
+        data: &str,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), UpstreamError> {
+        if event == Some("error") {
+            let v = serde_json::from_str::<Value>(data)
+                .map(|v| match v {
+                    Value::Object(mut o) if o.contains_key("error") => {
+                        o.remove("error").unwrap_or_default()
+                    }
+                    v => v,
+                })
+                .unwrap_or_else(|_| Value::String(data.to_owned()));
+            return Err(classify_error_value(200, &v));
+        }
+        if let Some(err) = top_level_error(data.as_bytes()) {
+            return Err(classify_error_value(200, &err));
+        }
+        self.chunks.decode(data, out)
+    }
+
+    /// True once `[DONE]` arrived.
+    pub fn finished(&self) -> bool {
+        self.chunks.finished()
+    }
+}
+
+/// Encodes an embeddings request (`model`, `input`, `dimensions`).
+pub fn encode_embeddings_request(req: &EmbeddingsRequest, model: &str) -> Vec<u8> {
+    openai::encode_embeddings_request(req, model)
+}
+
+pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+    if let Some(err) = top_level_error(body) {
+        return Err(classify_error_value(200, &err));
+    }
+    openai::decode_embeddings_response(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::framing::{Frame, FrameDecoder, Framing};
+    use serde_json::json;
+
+    fn fixture(name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/zhipu")
+            .join(name);
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
+        let mut frames = FrameDecoder::new(Framing::Sse);
+        frames.push(text.as_bytes());
+        let mut dec = ChunkDecoder::default();
+        let mut out = Vec::new();
+        while let Some(Frame::Sse(ev)) = frames.next_frame() {
+            if let Err(e) = dec.decode(ev.event.as_deref(), &ev.data, &mut out) {
+                return (out, Err(e), dec.finished());
+            }
+        }
+        (out, Ok(()), dec.finished())
+    }
+
+    fn text_of(events: &[StreamEvent]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => d.content.clone(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn request(v: Value) -> ChatRequest {
+        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn request_is_openai_shaped_with_zhipu_parameters() {
+        let req = request(json!({
+            "model": "route",
+            "messages": [
+                {"role": "developer", "content": "Be terse."},
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+            ],
+            "temperature": 1.4, "top_p": 1.0, "max_completion_tokens": 100, "stop": ["END"],
+            "seed": 7, "n": 2, "presence_penalty": 0.5, "user": "u-1",
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+            "tool_choice": "required", "parallel_tool_calls": false,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            "thinking": {"type": "enabled"}
+        }));
+        let body: Value = serde_json::from_slice(&encode_chat_request(&req, "glm-4-plus")).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "model": "glm-4-plus",
+                "messages": [
+                    {"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "Weather?"},
+                    {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+                ],
+                "temperature": 0.99, "top_p": 0.99, "max_tokens": 100, "stop": ["END"], "seed": 7,
+                "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+                "tool_choice": "auto",
+                "response_format": {"type": "json_object"},
+                "user_id": "u-1",
+                "thinking": {"type": "enabled"}
+            })
+        );
+    }
+
+    #[test]
+    fn zero_temperature_turns_sampling_off_and_tool_choice_none_drops_tools() {
+        let req = request(json!({
+            "model": "r", "stream": true,
+            "messages": [{"role": "user", "content": "x"}],
+            "temperature": 0, "top_p": 0,
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none",
+            "stream_options": {"include_usage": true}
+        }));
+        let body: Value =
+            serde_json::from_slice(&encode_chat_request(&req, "glm-4-flash")).unwrap();
+        assert_eq!(body["temperature"], 0.01);
+        assert_eq!(body["do_sample"], false);
+        assert_eq!(body["top_p"], 0.01);
+        assert_eq!(body["stream"], true);
+        assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
+        assert!(body.get("stream_options").is_none(), "{body}");
+        let mid = request(
+            json!({"model": "r", "messages": [{"role": "user", "content": "x"}], "temperature": 0.3}),
+        );
+        let body: Value = serde_json::from_slice(&encode_chat_request(&mid, "m")).unwrap();
+        assert_eq!(body["temperature"], 0.3);
+        assert!(body.get("do_sample").is_none());
+    }
+
+    #[test]
+    fn responses_decode() {
+        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text("Hello from the fake upstream.".into()))
+        );
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
+        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let call = &r.choices[0].message.tool_calls[0];
+        assert_eq!(
+            (
+                call.id.as_str(),
+                call.name.as_str(),
+                call.arguments.as_str()
+            ),
+            ("call_9f8e7d6c5b4a", "get_weather", "{\"city\":\"Paris\"}")
+        );
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
+        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
+        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+        // Text that merely mentions "error" is not an error.
+        let ok = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"no \"error\" here"},"finish_reason":"stop"}]}"#;
+        assert!(decode_chat_response(ok).is_ok());
+    }
+
+    #[test]
+    fn streams_decode_with_usage_on_the_last_chunk() {
+        let (ev, res, done) = stream(&fixture("chat.sse"));
+        res.unwrap();
+        assert!(done);
+        assert!(matches!(ev[0], StreamEvent::Meta(_)));
+        assert_eq!(text_of(&ev), "Hello from the fake upstream.");
+        assert!(ev.contains(&StreamEvent::Usage(Usage::new(12, 6))));
+        assert_eq!(ev.last(), Some(&StreamEvent::Done));
+        let (ev, _, _) = stream(&fixture("tools.sse"));
+        let calls: Vec<&ToolCallDelta> = ev
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => Some(&d.tool_calls),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
+        let finishes = |ev: &[StreamEvent]| -> Vec<FinishReason> {
+            ev.iter()
+                .filter_map(|e| match e {
+                    StreamEvent::Delta(d) => d.finish_reason,
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
+        let (ev, _, _) = stream(&fixture("sensitive.sse"));
+        assert_eq!(finishes(&ev), vec![FinishReason::ContentFilter]);
+        let (ev, _, _) = stream(&fixture("length.sse"));
+        assert_eq!(finishes(&ev), vec![FinishReason::Length]);
+        let (ev, _, _) = stream(&fixture("reasoning.sse"));
+        assert!(ev.iter().any(|e| matches!(e, StreamEvent::Delta(d) if d.reasoning.as_deref() == Some("The user greets."))));
+    }
+
+    #[test]
+    fn stream_errors_are_classified_by_code() {
+        let (ev, res, done) = stream(&fixture("stream_error.sse"));
+        assert_eq!(text_of(&ev), "Hello from");
+        assert_eq!(res.unwrap_err().kind, ErrorKind::Overloaded);
+        assert!(!done);
+        let (_, res, _) = stream(&fixture("stream_error_event.sse"));
+        assert_eq!(res.unwrap_err().kind, ErrorKind::RateLimited);
+        let mut d = ChunkDecoder::default();
+        assert_eq!(
+            d.decode(Some("error"), "boom", &mut Vec::new())
+                .unwrap_err()
+                .kind,
+            ErrorKind::Overloaded
+        );
+        let chunk = r#"{"id":"a","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"network_error"}]}"#;
+        let mut out = Vec::new();
+        ChunkDecoder::default()
+            .decode(None, chunk, &mut out)
+            .unwrap();
+        assert!(out.iter().any(
+            |e| matches!(e, StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Error))
+        ));
+    }
+
+    #[test]
+    fn errors_classify_by_business_code() {
+        let cases = [
+            (429, "error_429.json", ErrorKind::RateLimited),
+            (429, "error_429_balance.json", ErrorKind::Auth),
+            (500, "error_500.json", ErrorKind::Overloaded),
+            (401, "error_401.json", ErrorKind::Auth),
+            (400, "error_400.json", ErrorKind::BadRequest),
+            (400, "error_400_model.json", ErrorKind::BadRequest),
+            (400, "error_400_context.json", ErrorKind::ContextLength),
+            (400, "error_400_sensitive.json", ErrorKind::ContentFilter),
+        ];
+        for (status, name, kind) in cases {
+            let e = classify_error_body(status, fixture(name).as_bytes());
+            assert_eq!(e.kind, kind, "{name}");
+            assert_eq!(e.status, Some(status));
+            assert!(!e.message.is_empty());
+        }
+        // Numeric codes, unknown codes and bodies without a code.
+        let e = classify_error_body(400, br#"{"error":{"code":1261,"message":"x"}}"#);
+        assert_eq!(e.kind, ErrorKind::ContextLength);
+        let e = classify_error_body(
+            400,
+            br#"{"error":{"code":"9999","message":"Prompt too long"}}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::ContextLength);
+        let e = classify_error_body(429, br#"{"error":{"code":"9999","message":"?"}}"#);
+        assert_eq!(e.kind, ErrorKind::RateLimited);
+        assert_eq!(
+            classify_error_body(502, b"Bad Gateway").kind,
+            ErrorKind::Overloaded
+        );
+    }
+
+    #[test]
+    fn embeddings_decode() {
+        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        assert_eq!(
+            r.vectors,
+            vec![vec![0.25, -0.5, 0.125], vec![1.0, 0.0, -1.0]]
+        );
+        assert_eq!(r.usage.prompt_tokens, 7);
+        let e = decode_embeddings_response(br#"{"error":{"code":"1211","message":"no model"}}"#)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+    }
+}
