@@ -554,3 +554,32 @@ async fn admin_api_needs_its_key() {
         .unwrap();
     assert_eq!(r.status(), 403);
 }
+
+#[tokio::test]
+async fn the_anthropic_front_door_takes_the_same_prompt_object() {
+    let (_fake, gw) = gateway_with(&[("greeting.yaml", GREETING)]).await;
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .json(&json!({"model": "any", "max_tokens": 50, "messages": [],
+                      "prompt": {"id": "greeting", "variables": {"name": "Ada"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-prompt-version"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["content"][0]["text"], "Hello Ada");
+    // Errors come in Anthropic's shape.
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .json(&json!({"model": "any", "max_tokens": 50, "messages": [],
+                      "prompt": {"id": "greeting", "label": "nope", "variables": {"name": "Ada"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "not_found_error");
+}

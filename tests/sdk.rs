@@ -8,6 +8,18 @@
 
 mod common;
 
+// The native protocols' fakes, from the conformance suite (its test cases are not
+// wanted here).
+macro_rules! conformance_cases {
+    ($($t:tt)*) => {};
+}
+#[path = "protocols/anthropic.rs"]
+mod anthropic_protocol;
+#[path = "protocols/chatglm3.rs"]
+mod chatglm3_protocol;
+#[path = "protocols/chatglm.rs"]
+mod chatglm_protocol;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -30,7 +42,27 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk() {
     let python = python();
-    let (fake, gw) = common::setup().await;
+    // An OpenAI-format fake for most routes, plus fakes speaking Anthropic's,
+    // ChatGLM-6B's and ChatGLM3's formats behind `native-*` routes.
+    let fake = common::spawn_fake().await;
+    let mut routes = String::new();
+    let mut natives = Vec::new();
+    for (route, proto) in [
+        ("native-anthropic", &anthropic_protocol::PROTOCOL),
+        ("native-chatglm", &chatglm_protocol::PROTOCOL),
+        ("native-chatglm3", &chatglm3_protocol::PROTOCOL),
+    ] {
+        let (base, _state) = common::native::spawn(proto).await;
+        let provider = format!("{route}-provider");
+        routes.push_str(&format!(
+            "  {route}:\n    provider: {provider}\n    model: {}\n",
+            proto.model
+        ));
+        natives.push((format!("{provider}.yaml"), (proto.provider_yaml)(&base)));
+    }
+    let (g, mut p) = common::fake_config(&fake, &routes);
+    p.extend(natives);
+    let gw = common::spawn_gateway(&g, &p).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
 
     let child = tokio::process::Command::new(&python)

@@ -1325,12 +1325,11 @@ fn decode_message(i: usize, m: InMessage, out: &mut Vec<Message>) -> Result<(), 
     Ok(())
 }
 
-/// Decodes a client's `POST /v1/messages` body.
+/// Decodes a client's `POST /v1/messages` body. An empty `messages` list is
+/// accepted here (a prompt may supply the messages); the gateway rejects a
+/// request that still has none.
 pub fn decode_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     let r: InRequest = parse_body(body)?;
-    if r.messages.is_empty() {
-        return Err(invalid_at("messages", "at least one message is required"));
-    }
     let mut messages = Vec::with_capacity(r.messages.len() + 1);
     match r.system {
         Some(InSystem::Text(t)) if !t.is_empty() => {
@@ -2401,16 +2400,13 @@ mod tests {
 
     #[test]
     fn invalid_client_requests_name_the_field() {
-        let cases: [(&str, Option<&str>); 9] = [
+        // An empty `messages` list is the gateway's to reject (after prompts).
+        let cases: [(&str, Option<&str>); 8] = [
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
                 Some("max_tokens"),
             ),
             (r#"{"max_tokens":5,"messages":[]}"#, Some("model")),
-            (
-                r#"{"model":"m","max_tokens":5,"messages":[]}"#,
-                Some("messages"),
-            ),
             (
                 r#"{"model":"m","max_tokens":"many","messages":[{"role":"user","content":"x"}]}"#,
                 Some("max_tokens"),

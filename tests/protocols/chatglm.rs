@@ -38,31 +38,7 @@ pub static PROTOCOL: Protocol = Protocol {
     extra_errors: &[("error_in_200", 503, "overloaded")],
 };
 
-// `conformance_cases!()` minus `stream_error`: api.py cannot stream, so streams are
-// replayed from a complete answer and a failure is known before anything is sent
-// (an ordinary HTTP error, covered by `errors` with `stream: true`); a stream that
-// fails after its first output cannot happen with this backend.
-#[tokio::test]
-async fn chat() {
-    crate::chat(&PROTOCOL).await
-}
-#[tokio::test]
-async fn multi_turn() {
-    crate::multi_turn(&PROTOCOL).await
-}
-#[tokio::test]
-async fn stream() {
-    crate::stream(&PROTOCOL).await
-}
-#[tokio::test]
-async fn tools() {
-    crate::tools(&PROTOCOL).await
-}
-#[tokio::test]
-async fn length() {
-    crate::length(&PROTOCOL).await
-}
-#[tokio::test]
-async fn errors() {
-    crate::errors(&PROTOCOL).await
-}
+// api.py cannot stream: streams are replayed from a complete answer, so a
+// failure is known before anything is sent (an ordinary HTTP error, covered by
+// `errors` with `stream: true`).
+conformance_cases!(no_stream_error);
