@@ -71,5 +71,97 @@ fn codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec);
+/// A 50-content-chunk stream in a protocol's own format, built from its fixture
+/// by repeating the event that carries "Hello".
+fn stream_of_50(fixture: &str, framing: Framing) -> Option<String> {
+    let sep = match framing {
+        Framing::Sse => {
+            if fixture.contains("\r\n\r\n") {
+                "\r\n\r\n"
+            } else {
+                "\n\n"
+            }
+        }
+        Framing::Ndjson => "\n",
+    };
+    let frames: Vec<&str> = fixture.split_inclusive(sep).collect();
+    let i = frames.iter().position(|f| f.contains("Hello"))?;
+    let mut out = String::new();
+    for f in &frames[..i] {
+        out.push_str(f);
+    }
+    for _ in 0..50 {
+        out.push_str(frames[i]);
+    }
+    for f in &frames[i + 1..] {
+        out.push_str(f);
+    }
+    Some(out)
+}
+
+/// Every native codec, built from the shipped provider files: encode a typical
+/// request, decode a typical response, and re-frame a 50-chunk stream into the
+/// client's OpenAI SSE.
+fn native_codecs(c: &mut Criterion) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = promptgate::config::load(&root.join("promptgate.yaml")).unwrap();
+    let mut req = wire::decode_chat_request(REQUEST.as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    for p in cfg.providers.values() {
+        let kind = p.kind.as_str();
+        if seen.contains(&kind) || kind == "sandbox" {
+            continue;
+        }
+        seen.push(kind);
+        let codec = promptgate::provider::registry::codec(p).unwrap();
+        let dir = root.join("tests/fixtures").join(kind);
+        let Ok(body) = std::fs::read(dir.join("chat.json")) else {
+            continue;
+        };
+        let mut g = c.benchmark_group(format!("codec/{kind}"));
+        req.stream = false;
+        g.bench_function("encode_request", |b| {
+            b.iter(|| codec.chat_call(black_box(&req), "model").unwrap())
+        });
+        g.bench_function("decode_response", |b| {
+            b.iter(|| codec.chat_response(black_box(&body)).unwrap())
+        });
+        let ext = match codec.stream_framing() {
+            Framing::Sse => "sse",
+            Framing::Ndjson => "ndjson",
+        };
+        let stream = std::fs::read_to_string(dir.join(format!("chat.{ext}")))
+            .ok()
+            .filter(|_| codec.native_streaming())
+            .and_then(|f| stream_of_50(&f, codec.stream_framing()));
+        if let Some(stream) = stream {
+            g.throughput(Throughput::Elements(50));
+            g.bench_function("reframe_50_chunks", |b| {
+                b.iter(|| {
+                    let mut frames = FrameDecoder::new(codec.stream_framing());
+                    let mut dec = codec.stream_decoder();
+                    let mut enc = wire::ChunkEncoder::new("route", true);
+                    let mut events = Vec::new();
+                    let mut out = Vec::with_capacity(512);
+                    let mut sent = 0;
+                    for piece in stream.as_bytes().chunks(1460) {
+                        frames.push(piece);
+                        while let Some(f) = frames.next_frame() {
+                            dec.frame(f, &mut events).unwrap();
+                            for e in events.drain(..) {
+                                enc.encode(&e, &mut out);
+                            }
+                            sent += out.len();
+                            out.clear();
+                        }
+                    }
+                    sent
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, codec, native_codecs);
 criterion_main!(benches);

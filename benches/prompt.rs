@@ -58,6 +58,7 @@ fn prompt(c: &mut Criterion) {
     let r = PromptRef {
         id: "support".into(),
         selector: Selector::default(),
+        explicit_selector: None,
         variables: json!({
             "name": "ada lovelace",
             "vip": true,

@@ -3,10 +3,10 @@
 //! configured key every admin call is refused.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use crate::config::Problem;
 use crate::provider::registry::ProviderState;
 use crate::reload::Reloader;
+use crate::router::FaultKind;
+use crate::snapshot::Plan;
 
 #[derive(Clone)]
 struct AdminState {
@@ -126,11 +128,250 @@ async fn status(State(st): State<AdminState>) -> Response {
                 "problems": problems_json(&f.problems),
             })),
         },
-        "routes": snap.config.routes.values().map(|r| json!({"name": r.name, "provider": r.provider, "model": r.model})).collect::<Vec<_>>(),
+        "routes": routes_json(&snap),
+        "faults": faults_json(&st),
         "providers": providers,
         "prompts": prompts,
     });
     json_response(StatusCode::OK, body)
+}
+
+fn routes_json(snap: &crate::snapshot::Snapshot) -> Value {
+    let target = |t: &crate::snapshot::Target| {
+        let (state, rate, calls) = t.health.summary(&snap.breaker);
+        json!({
+            "target": &*t.id,
+            "provider": &*t.provider_id,
+            "model": t.model,
+            "self_hosted": t.self_hosted,
+            "breaker": state.as_str(),
+            "recent_error_rate": rate,
+            "recent_calls": calls,
+        })
+    };
+    let mut routes: Vec<&std::sync::Arc<crate::snapshot::Route>> = snap.routes().collect();
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    Value::Array(
+        routes
+            .into_iter()
+            .map(|r| match &r.plan {
+                Plan::Chain(c) => json!({
+                    "name": &*r.name, "strategy": "fallback", "private": r.private,
+                    "targets": c.iter().map(|t| target(t)).collect::<Vec<_>>(),
+                }),
+                Plan::Split { arms, .. } => json!({
+                    "name": &*r.name, "strategy": "split", "private": r.private,
+                    "arms": arms.iter().map(|a| json!({
+                        "arm": &*a.name,
+                        "targets": a.chain.iter().map(|t| target(t)).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                }),
+            })
+            .collect(),
+    )
+}
+
+fn faults_json(st: &AdminState) -> Value {
+    let now = SystemTime::now();
+    Value::Array(
+        st.reloader
+            .gateway()
+            .book()
+            .active_faults()
+            .into_iter()
+            .map(|(p, f)| {
+                json!({
+                    "provider": p,
+                    "fault": f.kind.describe(),
+                    "expires_at": unix(f.until_wall),
+                    "expires_in_ms": f.until_wall.duration_since(now).map(|d| d.as_millis() as u64).unwrap_or(0),
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn experiments(State(st): State<AdminState>) -> Response {
+    let snap = st.reloader.gateway().snapshot();
+    let mut out = Vec::new();
+    let mut routes: Vec<_> = snap.routes().collect();
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    for r in routes {
+        let Plan::Split { subject, arms } = &r.plan else {
+            continue;
+        };
+        let mut lower = 0.0;
+        let arms_json: Vec<Value> = arms
+            .iter()
+            .map(|a| {
+                let (requests, errors, p50, p95, mean_tokens) = a.stats.summary();
+                let share = a.upper - lower;
+                lower = a.upper;
+                json!({
+                    "arm": &*a.name,
+                    "weight": share,
+                    "prompt": a.prompt.as_ref().map(|s| s.to_string()),
+                    "requests": requests,
+                    "errors": errors,
+                    "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
+                    "latency_p50_ms": p50 * 1000.0,
+                    "latency_p95_ms": p95 * 1000.0,
+                    "mean_tokens": mean_tokens,
+                })
+            })
+            .collect();
+        out.push(json!({
+            "route": &*r.name,
+            "subject": match subject {
+                crate::config::Subject::User => "user".to_string(),
+                crate::config::Subject::Key => "key".to_string(),
+                crate::config::Subject::Header(h) => format!("header:{h}"),
+            },
+            "arms": arms_json,
+        }));
+    }
+    json_response(StatusCode::OK, json!({"experiments": out}))
+}
+
+fn parse_fault(body: &Value) -> Result<(FaultKind, Duration), String> {
+    let dur = |k: &str| -> Result<Option<Duration>, String> {
+        match body.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => humantime::parse_duration(s)
+                .map(Some)
+                .map_err(|e| format!("`{k}`: {e}")),
+            Some(Value::Number(n)) => Ok(n.as_f64().map(Duration::from_secs_f64)),
+            Some(_) => Err(format!("`{k}` must be a duration like \"30s\"")),
+        }
+    };
+    let duration =
+        dur("duration")?.ok_or("`duration` is required (faults expire by themselves)")?;
+    if duration > Duration::from_secs(3600) {
+        return Err("`duration` is at most 1h".into());
+    }
+    let kind = match body.get("fault").and_then(Value::as_str) {
+        Some("down") => FaultKind::Down,
+        Some("error") => {
+            let s = body.get("status").and_then(Value::as_u64).unwrap_or(503);
+            if !(400..=599).contains(&s) {
+                return Err("`status` must be 400-599".into());
+            }
+            FaultKind::Error(s as u16)
+        }
+        Some("slow") => FaultKind::Slow(dur("latency")?.ok_or("`slow` needs `latency`")?),
+        Some("stall") => FaultKind::Stall,
+        Some("rate_limited") => FaultKind::RateLimited,
+        Some("stream_cut") => FaultKind::StreamCut(
+            body.get("after_chunks").and_then(Value::as_u64).unwrap_or(0) as usize,
+        ),
+        Some("error_in_200") => FaultKind::ErrorIn200,
+        other => {
+            return Err(format!(
+                "`fault` must be one of down, error, slow, stall, rate_limited, stream_cut, error_in_200 (got {other:?})"
+            ))
+        }
+    };
+    Ok((kind, duration))
+}
+
+async fn inject_fault(State(st): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("body is not JSON: {e}"),
+            )
+        }
+    };
+    let Some(provider) = body.get("provider").and_then(Value::as_str) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`provider` is required",
+        );
+    };
+    let snap = st.reloader.gateway().snapshot();
+    if !snap.providers.contains_key(provider) {
+        let known: Vec<&str> = snap.providers.keys().map(String::as_str).collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no provider `{provider}` (providers: {})", known.join(", ")),
+        );
+    }
+    match parse_fault(&body) {
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+        Ok((kind, duration)) => {
+            tracing::warn!(provider, fault = %kind.describe(), duration = %humantime::format_duration(duration), "drill fault injected");
+            let describe = kind.describe();
+            st.reloader
+                .gateway()
+                .book()
+                .set_fault(provider, kind, duration);
+            json_response(
+                StatusCode::CREATED,
+                json!({"provider": provider, "fault": describe, "duration_ms": duration.as_millis() as u64}),
+            )
+        }
+    }
+}
+
+async fn clear_fault(State(st): State<AdminState>, Path(provider): Path<String>) -> Response {
+    let had = st.reloader.gateway().book().clear_fault(&provider);
+    tracing::warn!(provider = %provider, "drill fault cleared");
+    json_response(
+        StatusCode::OK,
+        json!({"provider": provider, "cleared": had}),
+    )
+}
+
+/// `POST /admin/providers/{id}/{disable|drain|enable}`: disable and drain stop new
+/// traffic to the provider (requests in flight finish) for `duration` (default 10m).
+async fn provider_action(
+    State(st): State<AdminState>,
+    Path((provider, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let snap = st.reloader.gateway().snapshot();
+    if !snap.providers.contains_key(&provider) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no provider `{provider}`"),
+        );
+    }
+    let book = st.reloader.gateway().book();
+    match action.as_str() {
+        "enable" => {
+            book.clear_fault(&provider);
+            json_response(
+                StatusCode::OK,
+                json!({"provider": provider, "state": "enabled"}),
+            )
+        }
+        "disable" | "drain" => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let duration = v
+                .get("duration")
+                .and_then(Value::as_str)
+                .and_then(|d| humantime::parse_duration(d).ok())
+                .unwrap_or(Duration::from_secs(600))
+                .min(Duration::from_secs(24 * 3600));
+            book.set_fault(&provider, FaultKind::Disabled, duration);
+            tracing::warn!(provider = %provider, action = %action, "provider taken out of rotation");
+            json_response(
+                StatusCode::OK,
+                json!({"provider": provider, "state": action, "duration_ms": duration.as_millis() as u64}),
+            )
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "action must be enable, disable or drain",
+        ),
+    }
 }
 
 async fn reload(State(st): State<AdminState>) -> Response {
@@ -166,6 +407,16 @@ pub fn router(reloader: Arc<Reloader>, key: Option<String>) -> Router {
     Router::new()
         .route("/admin/status", get(status))
         .route("/admin/reload", post(reload))
+        .route("/admin/experiments", get(experiments))
+        .route("/admin/faults", post(inject_fault))
+        .route(
+            "/admin/faults/{provider}",
+            axum::routing::delete(clear_fault),
+        )
+        .route(
+            "/admin/providers/{provider}/{action}",
+            post(provider_action),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(st.clone(), authorize))
         .with_state(st)

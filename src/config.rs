@@ -13,6 +13,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 mod prompts;
+mod routes;
+
+pub use routes::{
+    ArmConfig, BreakerConfig, RetryPolicy, RouteConfig, Strategy, Subject, TargetConfig,
+};
 
 use crate::canonical::{ChatRequest, Params};
 use crate::provider::http::Timeouts;
@@ -27,9 +32,11 @@ struct RawGateway {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
-    routes: BTreeMap<String, RawRoute>,
+    routes: BTreeMap<String, routes::RawRoute>,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    breaker: routes::RawBreaker,
 }
 
 #[derive(Deserialize, Default)]
@@ -60,17 +67,6 @@ struct RawLimits {
     request_timeout: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    provider: String,
-    model: String,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    params: RawParams,
-}
-
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawParams {
@@ -93,6 +89,26 @@ struct RawParams {
     /// Backend-specific fields added to the request body as they are.
     #[serde(default)]
     extra: Map<String, Value>,
+}
+
+impl RawParams {
+    fn into_overrides(self) -> ParamOverrides {
+        ParamOverrides {
+            params: Params {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                max_tokens: self.max_tokens,
+                max_completion_tokens: self.max_completion_tokens,
+                stop: self.stop.unwrap_or_default(),
+                seed: self.seed,
+                n: None,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                user: None,
+            },
+            extra: self.extra,
+        }
+    }
 }
 
 /// The backend protocols the gateway speaks. Each kind maps to one codec module.
@@ -579,15 +595,6 @@ impl ParamOverrides {
 }
 
 #[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub name: String,
-    pub provider: String,
-    pub model: String,
-    pub description: Option<String>,
-    pub overrides: ParamOverrides,
-}
-
-#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_concurrency: usize,
@@ -614,6 +621,7 @@ pub struct Config {
     pub routes: BTreeMap<String, RouteConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub prompts: BTreeMap<String, crate::prompt::PromptDef>,
+    pub breaker: BreakerConfig,
 }
 
 /// One problem found in the configuration.
@@ -816,76 +824,10 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
 
     let mut routes = BTreeMap::new();
     for (name, r) in gw.routes {
-        let field = format!("routes.{name}");
-        match providers.get(&r.provider) {
-            None => {
-                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
-                problems.add(
-                    gateway_file,
-                    format!("{field}.provider"),
-                    format!(
-                        "unknown provider `{}` (providers: {})",
-                        r.provider,
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                );
-            }
-            Some(p) => {
-                if !p.has_model(&r.model) {
-                    let names: Vec<&str> =
-                        p.models.iter().flatten().map(|(n, _)| n.as_str()).collect();
-                    problems.add(
-                        gateway_file,
-                        format!("{field}.model"),
-                        format!(
-                            "provider `{}` has no model `{}` (its models: {})",
-                            p.id,
-                            r.model,
-                            names.join(", ")
-                        ),
-                    );
-                }
-            }
-        }
-        if let Some(t) = r.params.temperature {
-            if !(0.0..=2.0).contains(&t) {
-                problems.add(
-                    gateway_file,
-                    format!("{field}.params.temperature"),
-                    "must be between 0 and 2",
-                );
-            }
-        }
-        let rp = r.params;
-        routes.insert(
-            name.clone(),
-            RouteConfig {
-                name,
-                provider: r.provider,
-                model: r.model,
-                description: r.description,
-                overrides: ParamOverrides {
-                    params: Params {
-                        temperature: rp.temperature,
-                        top_p: rp.top_p,
-                        max_tokens: rp.max_tokens,
-                        max_completion_tokens: rp.max_completion_tokens,
-                        stop: rp.stop.unwrap_or_default(),
-                        seed: rp.seed,
-                        n: None,
-                        presence_penalty: rp.presence_penalty,
-                        frequency_penalty: rp.frequency_penalty,
-                        user: None,
-                    },
-                    extra: rp.extra,
-                },
-            },
-        );
+        let route = routes::route(gateway_file, &name, r, &providers, &mut problems);
+        routes.insert(name, route);
     }
+    let breaker = routes::breaker(gateway_file, gw.breaker, &mut problems);
 
     let admin_listen = match gw
         .admin
@@ -932,6 +874,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             routes,
             providers,
             prompts,
+            breaker,
         })
     } else {
         Err(problems.list)

@@ -1,47 +1,118 @@
-//! The request pipeline, as plain async functions over canonical types: resolve the
-//! route in the request's snapshot, apply its overrides, call the provider, and
-//! fill in what the backend left out (usage). Dialect-free: the ingress decodes
-//! before and encodes after.
+//! The request pipeline, as plain async functions over canonical types: resolve
+//! the route in the request's snapshot, pick the arm (sticky), walk the fallback
+//! chain with retries, breakers and drill faults, and fill in what the backend
+//! left out (usage). One loop serves streaming and non-streaming requests: an
+//! attempt succeeds when a complete response arrives, or, for a stream, when the
+//! first output event arrives (the commit point). Dialect-free: the ingress
+//! decodes before and encodes after.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
+use http::HeaderMap;
 use tokio::time::Instant;
 
 use crate::canonical::*;
-use crate::error::{GatewayError, UpstreamError};
+use crate::config::Subject;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::provider::registry::ProviderState;
-use crate::provider::{EventStream, Provider};
-use crate::snapshot::{Route, Snapshot};
+use crate::provider::EventStream;
+use crate::router::{counts_against_target, Admission, Book, FaultKind};
+use crate::snapshot::{Arm, Route, Snapshot, Target};
 use crate::tokens;
+
+/// Header that restricts a request to self-hosted providers.
+pub const PRIVATE_HEADER: &str = "x-promptgate-data";
 
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    book: Arc<Book>,
     pub metrics: Metrics,
 }
 
 /// A pipeline result plus what the edge reports about it.
 pub struct Served<T> {
     pub route: Arc<Route>,
+    /// The target that answered.
+    pub target: Arc<Target>,
+    pub arm: Option<Arc<str>>,
+    pub attempts: u32,
     pub value: T,
-    /// Time spent waiting on the backend before the response could start.
+    /// Time spent waiting on backends before the response could start.
     pub upstream: Duration,
+}
+
+impl<T> Served<T> {
+    /// Takes the value out, keeping the facts about who served it.
+    pub fn split(self) -> (T, Served<()>) {
+        (
+            self.value,
+            Served {
+                route: self.route,
+                target: self.target,
+                arm: self.arm,
+                attempts: self.attempts,
+                value: (),
+                upstream: self.upstream,
+            },
+        )
+    }
 }
 
 pub enum ChatOutcome {
     Complete(ChatResponse),
     /// A stream whose first output has arrived: nothing has gone to the client yet,
-    /// so a failure before this point is still an ordinary error response.
+    /// so a failure before this point is still an ordinary error response (and
+    /// could fall back); after it, failures end the stream with an error event.
     Stream(EventStream),
 }
 
+/// What an attempt produced.
+enum Answer {
+    Complete(ChatResponse),
+    Stream(Vec<StreamEvent>, EventStream),
+}
+
+/// A request's headers, for the privacy flag and the split subject.
+pub struct RequestMeta<'a> {
+    pub headers: &'a HeaderMap,
+}
+
+impl RequestMeta<'_> {
+    pub fn private(&self) -> bool {
+        self.headers
+            .get(PRIVATE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("private"))
+    }
+
+    pub fn subject(&self, s: &Subject, req: &ChatRequest) -> Option<String> {
+        match s {
+            Subject::User => req.params.user.clone(),
+            Subject::Header(h) => self
+                .headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            Subject::Key => self
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .or_else(|| self.headers.get("x-api-key"))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+}
+
 impl Gateway {
-    pub fn new(snapshot: Snapshot) -> Result<Arc<Self>, prometheus::Error> {
+    pub fn new(snapshot: Snapshot, book: Arc<Book>) -> Result<Arc<Self>, prometheus::Error> {
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
+            book,
             metrics: Metrics::new()?,
         }))
     }
@@ -56,29 +127,39 @@ impl Gateway {
         self.snapshot.store(Arc::new(next));
     }
 
-    fn resolve<'s>(
-        snap: &'s Snapshot,
-        model: &str,
-    ) -> Result<(&'s Arc<Route>, &'s Arc<dyn Provider>), GatewayError> {
-        let route = snap
-            .route(model)
-            .ok_or_else(|| GatewayError::UnknownModel {
-                model: model.to_owned(),
-                available: snap.route_list.clone(),
-            })?;
-        match &route.provider {
-            ProviderState::Ready(p) => Ok((route, p)),
-            ProviderState::Unavailable(reason) => Err(GatewayError::ProviderUnavailable {
-                provider: route.provider_id.to_string(),
-                reason: reason.clone(),
-            }),
-        }
+    /// State that survives reloads: breakers, experiments, drill faults.
+    pub fn book(&self) -> &Arc<Book> {
+        &self.book
+    }
+
+    fn route<'s>(snap: &'s Snapshot, model: &str) -> Result<&'s Arc<Route>, GatewayError> {
+        snap.route(model).ok_or_else(|| GatewayError::UnknownModel {
+            model: model.to_owned(),
+            available: snap.route_list.clone(),
+        })
+    }
+
+    /// The prompt selector of the arm a request would be assigned to, for a split
+    /// over prompt versions.
+    pub fn arm_prompt(
+        &self,
+        snap: &Snapshot,
+        req: &ChatRequest,
+        meta: &RequestMeta<'_>,
+    ) -> Option<crate::prompt::Selector> {
+        let route = snap.route(&req.model)?;
+        let subject = match &route.plan {
+            crate::snapshot::Plan::Split { subject, .. } => meta.subject(subject, req),
+            crate::snapshot::Plan::Chain(_) => return None,
+        };
+        route.pick(subject.as_deref()).1?.prompt.clone()
     }
 
     pub async fn chat(
         self: &Arc<Self>,
         snap: &Snapshot,
         mut req: ChatRequest,
+        meta: &RequestMeta<'_>,
     ) -> Result<Served<ChatOutcome>, GatewayError> {
         if req.messages.is_empty() {
             return Err(GatewayError::invalid(
@@ -86,65 +167,276 @@ impl Gateway {
                 Some("messages"),
             ));
         }
-        let (route, provider) = Self::resolve(snap, &req.model)?;
-        if !route.overrides.is_empty() {
-            route.overrides.apply(&mut req);
-        }
-        check_capabilities(route, &req)?;
+        let route = Self::route(snap, &req.model)?;
+        let subject = match &route.plan {
+            crate::snapshot::Plan::Split { subject, .. } => meta.subject(subject, &req),
+            crate::snapshot::Plan::Chain(_) => None,
+        };
+        let (chain, arm) = route.pick(subject.as_deref());
+        let private = route.private || meta.private();
         let started = Instant::now();
-        if !req.stream {
-            let result = provider.chat(&req, &route.model).await;
-            let upstream = started.elapsed();
-            self.observe_upstream(route, upstream);
-            let mut resp = result?;
-            let usage = match resp.usage {
-                Some(u) => u,
-                None => tokens::estimate(route.encoding, &req, &tokens::response_text(&resp)),
-            };
-            resp.usage = Some(usage);
-            self.count_tokens(route, &usage);
-            return Ok(Served {
-                route: route.clone(),
-                value: ChatOutcome::Complete(resp),
-                upstream,
-            });
-        }
-        let stream = provider.chat_stream(&req, &route.model).await;
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                self.observe_upstream(route, started.elapsed());
-                return Err(e.into());
-            }
-        };
-        // Hold the response until the first output: a backend that fails before
-        // producing anything gets a proper error status, not a broken stream.
-        let (head, rest) = match peek_output(stream).await {
-            Ok(x) => x,
-            Err(e) => {
-                self.observe_upstream(route, started.elapsed());
-                return Err(e.into());
-            }
-        };
+        let (answer, target, attempts) = self.run_chain(snap, route, chain, &req, private).await?;
         let upstream = started.elapsed();
-        self.observe_upstream(route, upstream);
-        self.metrics
-            .ttft_seconds
-            .with_label_values(&[&route.name, &route.provider_id])
-            .observe(upstream.as_secs_f64());
-        let tap = UsageTap {
-            gateway: self.clone(),
-            route: route.clone(),
-            req,
-            started,
-            output: String::new(),
-            usage: None,
+        if !target.overrides.is_empty() {
+            target.overrides.apply(&mut req);
+        }
+        let arm_name = arm.map(|a| a.name.clone());
+        let value = match answer {
+            Answer::Complete(mut resp) => {
+                let usage = match resp.usage {
+                    Some(u) => u,
+                    None => tokens::estimate(target.encoding, &req, &tokens::response_text(&resp)),
+                };
+                resp.usage = Some(usage);
+                self.count_tokens(route, &target, arm, &usage);
+                ChatOutcome::Complete(resp)
+            }
+            Answer::Stream(head, rest) => {
+                self.metrics
+                    .ttft_seconds
+                    .with_label_values(&[&route.name, &target.provider_id])
+                    .observe(upstream.as_secs_f64());
+                if let Some(a) = arm {
+                    self.metrics
+                        .arm_ttft_seconds
+                        .with_label_values(&[&route.name, &a.name])
+                        .observe(upstream.as_secs_f64());
+                }
+                let tap = UsageTap {
+                    gateway: self.clone(),
+                    route: route.clone(),
+                    target: target.clone(),
+                    arm: arm.map(|a| (a.name.clone(), a.stats.clone())),
+                    req,
+                    started,
+                    output: String::new(),
+                    usage: None,
+                };
+                ChatOutcome::Stream(tap.wrap(head, rest))
+            }
         };
         Ok(Served {
             route: route.clone(),
-            value: ChatOutcome::Stream(tap.wrap(head, rest)),
+            target,
+            arm: arm_name,
+            attempts,
+            value,
             upstream,
         })
+    }
+
+    /// Why a target cannot take this request, before anything is sent.
+    fn unfit(&self, t: &Target, req: &ChatRequest, private: bool) -> Option<Skip> {
+        if private && !t.self_hosted {
+            return Some(Skip::NotPrivate);
+        }
+        if let ProviderState::Unavailable(r) = &t.provider {
+            return Some(Skip::Unavailable(r.clone()));
+        }
+        if self
+            .book
+            .fault(&t.provider_id)
+            .is_some_and(|f| f.kind == FaultKind::Disabled)
+        {
+            return Some(Skip::Unavailable("disabled by an operator".into()));
+        }
+        if let Err(capability) = check_capabilities(t, req) {
+            return Some(Skip::Capability(capability));
+        }
+        None
+    }
+
+    /// Tries the chain in order: the next target on a retryable failure, at once
+    /// on a non-retryable one; retries with backoff when the chain is exhausted
+    /// and attempts remain; within the route's deadline.
+    async fn run_chain(
+        &self,
+        snap: &Snapshot,
+        route: &Route,
+        chain: &[Arc<Target>],
+        req: &ChatRequest,
+        private: bool,
+    ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
+        let policy = route.retry;
+        let deadline = Instant::now() + policy.deadline;
+        let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
+        let mut attempts = 0u32;
+        let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
+        let mut skips: Vec<Skip> = Vec::new();
+        let mut prompt_tokens: Option<u32> = None;
+        let mut previous: Option<&Arc<Target>> = None;
+        let mut round = 0u32;
+        'rounds: while attempts < max_attempts {
+            let mut tried_this_round = false;
+            for t in chain {
+                if attempts >= max_attempts {
+                    break 'rounds;
+                }
+                if let Some(skip) = self.unfit(t, req, private) {
+                    if round == 0 {
+                        skips.push(skip);
+                    }
+                    continue;
+                }
+                if let Some(window) = t.capabilities.context_window {
+                    let need = *prompt_tokens
+                        .get_or_insert_with(|| tokens::prompt_tokens(t.encoding, req))
+                        + req.params.output_limit().unwrap_or(0);
+                    if need > window {
+                        if round == 0 {
+                            skips.push(Skip::Context(need, window));
+                        }
+                        continue;
+                    }
+                }
+                let admission = t.health.admit(&snap.breaker);
+                if admission == Admission::Rejected {
+                    if round == 0 {
+                        skips.push(Skip::Open);
+                    }
+                    continue;
+                }
+                // Back off before trying the same target again.
+                if round > 0 || previous.is_some_and(|p| Arc::ptr_eq(p, t)) {
+                    let exp = policy.backoff.saturating_mul(1 << (round.min(10)));
+                    let jitter = 0.5 + rand::random::<f64>() / 2.0;
+                    let mut wait = exp.min(policy.max_backoff).mul_f64(jitter);
+                    if let Some((_, e)) = errors.last() {
+                        if let Some(ra) = e.retry_after {
+                            wait = wait.max(ra);
+                        }
+                    }
+                    if Instant::now() + wait >= deadline {
+                        break 'rounds;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                attempts += 1;
+                tried_this_round = true;
+                let sent: Cow<'_, ChatRequest> = if t.overrides.is_empty() {
+                    Cow::Borrowed(req)
+                } else {
+                    let mut r = req.clone();
+                    t.overrides.apply(&mut r);
+                    Cow::Owned(r)
+                };
+                let started = Instant::now();
+                let remaining = deadline.saturating_duration_since(started);
+                let result = match tokio::time::timeout(remaining, self.attempt(t, &sent)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(UpstreamError::new(
+                        ErrorKind::Timeout,
+                        "the route's deadline passed during the attempt",
+                    )),
+                };
+                self.metrics
+                    .upstream_seconds
+                    .with_label_values(&[&t.provider_id])
+                    .observe(started.elapsed().as_secs_f64());
+                let probe = admission == Admission::Probe;
+                match result {
+                    Ok(answer) => {
+                        let state = t.health.record(&snap.breaker, false, probe);
+                        self.metrics
+                            .breaker_state
+                            .with_label_values(&[&t.id])
+                            .set(state.gauge());
+                        self.metrics
+                            .attempts
+                            .with_label_values(&[&route.name, &t.id, "ok"])
+                            .inc();
+                        if let Some((from, e)) = errors.last() {
+                            self.metrics
+                                .fallbacks
+                                .with_label_values(&[&route.name, from, &t.id, e.kind.as_str()])
+                                .inc();
+                        }
+                        return Ok((answer, t.clone(), attempts));
+                    }
+                    Err(mut e) => {
+                        if e.provider.is_empty() {
+                            e.provider = t.provider_id.to_string();
+                        }
+                        let state =
+                            t.health
+                                .record(&snap.breaker, counts_against_target(e.kind), probe);
+                        self.metrics
+                            .breaker_state
+                            .with_label_values(&[&t.id])
+                            .set(state.gauge());
+                        self.metrics
+                            .attempts
+                            .with_label_values(&[&route.name, &t.id, e.kind.as_str()])
+                            .inc();
+                        tracing::info!(route = %route.name, target = %t.id, kind = e.kind.as_str(),
+                            error = %e.message, "attempt failed");
+                        let retry = e.kind.retryable() || e.kind == ErrorKind::ContextLength;
+                        errors.push((t.id.clone(), e));
+                        if !retry {
+                            break 'rounds;
+                        }
+                        previous = Some(t);
+                    }
+                }
+            }
+            round += 1;
+            if !tried_this_round {
+                break;
+            }
+        }
+        Err(give_up(route, errors, skips, private))
+    }
+
+    /// One call to one target, with the drill fault of its provider applied.
+    async fn attempt(&self, t: &Target, req: &ChatRequest) -> Result<Answer, UpstreamError> {
+        let ProviderState::Ready(provider) = &t.provider else {
+            return Err(UpstreamError::new(
+                ErrorKind::Connect,
+                "provider unavailable",
+            ));
+        };
+        let fault = self.book.fault(&t.provider_id).map(|f| f.kind);
+        if let Some(f) = &fault {
+            if let Some(e) = f.failure() {
+                return Err(e);
+            }
+            if let FaultKind::Slow(d) = f {
+                tokio::time::sleep(*d).await;
+            }
+        }
+        let stall = fault == Some(FaultKind::Stall);
+        if !req.stream {
+            if stall {
+                tokio::time::sleep(t.headers_timeout).await;
+                return Err(stall_error(t.headers_timeout));
+            }
+            return provider.chat(req, &t.model).await.map(Answer::Complete);
+        }
+        let cut = match fault {
+            Some(FaultKind::StreamCut(n)) => Some(n),
+            _ => None,
+        };
+        let first_output = async {
+            if stall {
+                futures_util::future::pending::<()>().await;
+            }
+            let mut stream = provider.chat_stream(req, &t.model).await?;
+            if let Some(n) = cut {
+                stream = cut_after(stream, n);
+            }
+            peek_output(stream).await
+        };
+        match tokio::time::timeout(t.first_token_timeout, first_output).await {
+            Ok(Ok((head, rest))) => Ok(Answer::Stream(head, rest)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(UpstreamError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no output within the first-token timeout of {}",
+                    humantime::format_duration(t.first_token_timeout)
+                ),
+            )),
+        }
     }
 
     pub async fn embed(
@@ -152,18 +444,36 @@ impl Gateway {
         snap: &Snapshot,
         req: EmbeddingsRequest,
     ) -> Result<Served<EmbeddingsResponse>, GatewayError> {
-        let (route, provider) = Self::resolve(snap, &req.model)?;
-        if !route.capabilities.embeddings {
-            return Err(unsupported(route, "embeddings"));
-        }
+        let route = Self::route(snap, &req.model)?;
+        let (chain, arm) = route.pick(req.user.as_deref());
+        let target = chain
+            .iter()
+            .find(|t| t.capabilities.embeddings && matches!(t.provider, ProviderState::Ready(_)))
+            .ok_or_else(|| GatewayError::Unsupported {
+                route: route.name.to_string(),
+                capability: "embeddings".into(),
+            })?;
+        let ProviderState::Ready(provider) = &target.provider else {
+            return Err(GatewayError::Internal("unreachable: filtered above".into()));
+        };
         let started = Instant::now();
-        let result = provider.embed(&req, &route.model).await;
+        let result = match self
+            .book
+            .fault(&target.provider_id)
+            .and_then(|f| f.kind.failure())
+        {
+            Some(e) => Err(e),
+            None => provider.embed(&req, &target.model).await,
+        };
         let upstream = started.elapsed();
-        self.observe_upstream(route, upstream);
+        self.metrics
+            .upstream_seconds
+            .with_label_values(&[&target.provider_id])
+            .observe(upstream.as_secs_f64());
         let mut resp = result?;
         if resp.vectors.len() != req.input.len() {
             return Err(UpstreamError::new(
-                crate::error::ErrorKind::MalformedResponse,
+                ErrorKind::MalformedResponse,
                 format!(
                     "backend returned {} embeddings for {} inputs",
                     resp.vectors.len(),
@@ -175,31 +485,27 @@ impl Gateway {
         if resp.usage.prompt_tokens == 0 {
             let n = match &req.input {
                 EmbeddingInput::Texts(t) => {
-                    t.iter().map(|s| tokens::count(route.encoding, s)).sum()
+                    t.iter().map(|s| tokens::count(target.encoding, s)).sum()
                 }
                 EmbeddingInput::Tokens(t) => t.iter().map(|v| v.len() as u32).sum(),
             };
             resp.usage = Usage::new(n, 0);
             resp.usage.estimated = true;
         }
-        self.count_tokens(route, &resp.usage);
+        self.count_tokens(route, target, arm, &resp.usage);
         Ok(Served {
             route: route.clone(),
+            target: target.clone(),
+            arm: arm.map(|a| a.name.clone()),
+            attempts: 1,
             value: resp,
             upstream,
         })
     }
 
-    fn observe_upstream(&self, route: &Route, d: Duration) {
-        self.metrics
-            .upstream_seconds
-            .with_label_values(&[&route.provider_id])
-            .observe(d.as_secs_f64());
-    }
-
-    fn count_tokens(&self, route: &Route, u: &Usage) {
+    fn count_tokens(&self, route: &Route, t: &Target, arm: Option<&Arm>, u: &Usage) {
         let source = if u.estimated { "estimated" } else { "reported" };
-        let labels = |dir| [&*route.name, &*route.provider_id, dir, source];
+        let labels = |dir| [&*route.name, &*t.provider_id, dir, source];
         self.metrics
             .tokens
             .with_label_values(&labels("in"))
@@ -208,41 +514,150 @@ impl Gateway {
             .tokens
             .with_label_values(&labels("out"))
             .inc_by(u64::from(u.completion_tokens));
+        if let Some(a) = arm {
+            self.metrics
+                .arm_tokens
+                .with_label_values(&[&route.name, &a.name])
+                .inc_by(u64::from(u.total_tokens));
+        }
     }
 }
 
-fn unsupported(route: &Route, capability: &str) -> GatewayError {
-    GatewayError::Unsupported {
-        route: route.name.to_string(),
-        capability: capability.to_owned(),
+/// Why a target was passed over without a call.
+enum Skip {
+    NotPrivate,
+    Unavailable(String),
+    Capability(&'static str),
+    Context(u32, u32),
+    Open,
+}
+
+fn stall_error(after: Duration) -> UpstreamError {
+    UpstreamError::new(
+        ErrorKind::Timeout,
+        format!(
+            "backend sent no response headers within {}",
+            humantime::format_duration(after)
+        ),
+    )
+}
+
+/// The error for a request no target could serve: the last attempt's error,
+/// with every attempt listed; or, if nothing was tried, why.
+fn give_up(
+    route: &Route,
+    mut errors: Vec<(Arc<str>, UpstreamError)>,
+    skips: Vec<Skip>,
+    private: bool,
+) -> GatewayError {
+    if let Some((_, last)) = errors.pop() {
+        let mut e = last;
+        if !errors.is_empty() {
+            let earlier: Vec<String> = errors
+                .iter()
+                .map(|(t, err)| format!("{t}: {}", err.kind.as_str()))
+                .collect();
+            e.message = format!(
+                "{} (after earlier attempts: {})",
+                e.message,
+                earlier.join(", ")
+            );
+        }
+        return GatewayError::Upstream(e);
+    }
+    if let Some(Skip::Capability(c)) = skips.iter().find(|s| matches!(s, Skip::Capability(_))) {
+        if skips
+            .iter()
+            .all(|s| matches!(s, Skip::Capability(_) | Skip::NotPrivate))
+        {
+            return GatewayError::Unsupported {
+                route: route.name.to_string(),
+                capability: (*c).to_owned(),
+            };
+        }
+    }
+    if private && skips.iter().all(|s| matches!(s, Skip::NotPrivate)) {
+        return GatewayError::ProviderUnavailable {
+            provider: route.name.to_string(),
+            reason: "the request is private and no target of this route is a self-hosted provider"
+                .into(),
+        };
+    }
+    if let Some(Skip::Context(need, window)) = skips.iter().find(|s| matches!(s, Skip::Context(..)))
+    {
+        if skips
+            .iter()
+            .all(|s| matches!(s, Skip::Context(..) | Skip::NotPrivate))
+        {
+            return GatewayError::Upstream(UpstreamError::new(
+                ErrorKind::ContextLength,
+                format!("the request needs about {need} tokens; no target of this route holds more than {window}"),
+            ));
+        }
+    }
+    let reasons: Vec<String> = skips
+        .iter()
+        .map(|s| match s {
+            Skip::NotPrivate => "not self-hosted".to_string(),
+            Skip::Unavailable(r) => r.clone(),
+            Skip::Capability(c) => format!("no {c}"),
+            Skip::Context(n, w) => format!("{n} tokens > window {w}"),
+            Skip::Open => "circuit open".to_string(),
+        })
+        .collect();
+    GatewayError::ProviderUnavailable {
+        provider: route.name.to_string(),
+        reason: format!(
+            "no target can take the request now ({})",
+            reasons.join("; ")
+        ),
     }
 }
 
-/// Rejects a request its target cannot serve, before anything is sent.
-fn check_capabilities(route: &Route, req: &ChatRequest) -> Result<(), GatewayError> {
-    let caps = &route.capabilities;
+/// Whether a target can serve what the request needs.
+fn check_capabilities(t: &Target, req: &ChatRequest) -> Result<(), &'static str> {
+    let caps = &t.capabilities;
     if req.stream && !caps.streaming {
-        return Err(unsupported(route, "streaming"));
+        return Err("streaming");
     }
     if !req.tools.is_empty() && !caps.tools {
-        return Err(unsupported(route, "tools (function calling)"));
+        return Err("tools (function calling)");
     }
     if matches!(
         req.response_format,
         Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_))
     ) && !caps.json_mode
     {
-        return Err(unsupported(route, "JSON mode (response_format)"));
+        return Err("JSON mode (response_format)");
     }
     if !caps.vision {
         let has_image = req.messages.iter().any(|m| {
             matches!(&m.content, Some(Content::Parts(p)) if p.iter().any(|p| matches!(p, Part::Image { .. })))
         });
         if has_image {
-            return Err(unsupported(route, "vision (image input)"));
+            return Err("vision (image input)");
         }
     }
     Ok(())
+}
+
+/// A drill's stream cut: the stream ends with an error after `n` events that
+/// carry output.
+fn cut_after(mut inner: EventStream, n: usize) -> EventStream {
+    Box::pin(async_stream::stream! {
+        let mut seen = 0usize;
+        while let Some(ev) = inner.next().await {
+            let output = matches!(&ev, Ok(StreamEvent::Delta(d)) if d.has_output());
+            if output {
+                if seen >= n {
+                    yield Err(UpstreamError::new(ErrorKind::MalformedResponse, format!("drill: stream cut after {n} chunks")));
+                    return;
+                }
+                seen += 1;
+            }
+            yield ev;
+        }
+    })
 }
 
 /// Reads events until the first one a client would see as output (text, a tool
@@ -271,6 +686,8 @@ async fn peek_output(
 struct UsageTap {
     gateway: Arc<Gateway>,
     route: Arc<Route>,
+    target: Arc<Target>,
+    arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
     req: ChatRequest,
     started: Instant,
     output: String,
@@ -305,34 +722,55 @@ impl UsageTap {
     fn finish(&mut self) -> Usage {
         let usage = match self.usage {
             Some(u) => u,
-            None => tokens::estimate(self.route.encoding, &self.req, &self.output),
+            None => tokens::estimate(self.target.encoding, &self.req, &self.output),
         };
-        self.gateway.count_tokens(&self.route, &usage);
-        self.record_end();
+        let m = &self.gateway.metrics;
+        let source = if usage.estimated {
+            "estimated"
+        } else {
+            "reported"
+        };
+        for (dir, n) in [
+            ("in", usage.prompt_tokens),
+            ("out", usage.completion_tokens),
+        ] {
+            m.tokens
+                .with_label_values(&[&self.route.name, &self.target.provider_id, dir, source])
+                .inc_by(u64::from(n));
+        }
+        if let Some((arm, _)) = &self.arm {
+            m.arm_tokens
+                .with_label_values(&[&self.route.name, arm])
+                .inc_by(u64::from(usage.total_tokens));
+        }
+        self.record_end(true, u64::from(usage.total_tokens));
         usage
     }
 
-    fn record_end(&self) {
-        self.gateway
-            .metrics
-            .request_seconds
+    fn record_end(&self, ok: bool, tokens: u64) {
+        let elapsed = self.started.elapsed();
+        let m = &self.gateway.metrics;
+        m.request_seconds
             .with_label_values(&[&self.route.name])
-            .observe(self.started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        if let Some((arm, stats)) = &self.arm {
+            m.arm_seconds
+                .with_label_values(&[&self.route.name, arm])
+                .observe(elapsed.as_secs_f64());
+            stats.record(ok, elapsed, tokens);
+        }
     }
 
     fn fail(&self, e: &UpstreamError) {
-        self.gateway
-            .metrics
-            .stream_errors
-            .with_label_values(&[&self.route.name, &self.route.provider_id, e.kind.as_str()])
+        let m = &self.gateway.metrics;
+        m.stream_errors
+            .with_label_values(&[&self.route.name, &self.target.provider_id, e.kind.as_str()])
             .inc();
-        self.gateway
-            .metrics
-            .errors
+        m.errors
             .with_label_values(&[e.kind.as_str(), &self.route.name])
             .inc();
-        self.record_end();
-        tracing::warn!(route = %self.route.name, provider = %self.route.provider_id,
+        self.record_end(false, 0);
+        tracing::warn!(route = %self.route.name, target = %self.target.id,
             kind = e.kind.as_str(), error = %e.message, "stream failed after it began");
     }
 
@@ -344,7 +782,10 @@ impl UsageTap {
                     Some(ev) => ev,
                     None => match rest.next().await {
                         Some(Ok(ev)) => ev,
-                        Some(Err(e)) => {
+                        Some(Err(mut e)) => {
+                            if e.provider.is_empty() {
+                                e.provider = self.target.provider_id.to_string();
+                            }
                             self.fail(&e);
                             yield Err(e);
                             return;

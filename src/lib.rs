@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod prompt;
 pub mod provider;
 pub mod reload;
+pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod tokens;
@@ -30,8 +31,9 @@ pub fn load(
     env: provider::registry::EnvLookup<'_>,
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
     let cfg = config::load(path)?;
-    let snapshot = snapshot::Snapshot::build(cfg.clone(), env)?;
-    let gw = Gateway::new(snapshot).map_err(|e| {
+    let book = std::sync::Arc::new(router::Book::default());
+    let snapshot = snapshot::Snapshot::build(cfg.clone(), env, &book)?;
+    let gw = Gateway::new(snapshot, book).map_err(|e| {
         vec![Problem {
             file: path.display().to_string(),
             line: None,

@@ -66,7 +66,11 @@ fn env_lookup(name: &str) -> Option<String> {
 fn load_snapshot(config: &std::path::Path) -> Result<promptgate::snapshot::Snapshot, ExitCode> {
     let problems = match promptgate::config::load(config) {
         Err(p) => p,
-        Ok(cfg) => match promptgate::snapshot::Snapshot::build(cfg, &env_lookup) {
+        Ok(cfg) => match promptgate::snapshot::Snapshot::build(
+            cfg,
+            &env_lookup,
+            &promptgate::router::Book::default(),
+        ) {
             Ok(s) => return Ok(s),
             Err(p) => p,
         },
@@ -139,6 +143,7 @@ fn render(config: PathBuf, prompt: String, vars: Vec<String>) -> ExitCode {
     }
     let r = PromptRef {
         id,
+        explicit_selector: Some(selector.clone()),
         selector,
         variables,
     };

@@ -33,6 +33,17 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Unix time of the last successful config load.
     pub last_reload: IntGauge,
+    /// Attempts by route, target and result (`ok` or the error kind).
+    pub attempts: IntCounterVec,
+    /// Fallbacks by route, from-target, to-target and the kind that caused them.
+    pub fallbacks: IntCounterVec,
+    /// Breaker state per target: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: prometheus::IntGaugeVec,
+    /// Per A/B arm: requests by status, latency, time to first token, tokens.
+    pub arm_requests: IntCounterVec,
+    pub arm_seconds: HistogramVec,
+    pub arm_ttft_seconds: HistogramVec,
+    pub arm_tokens: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -124,6 +135,61 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load",
         )?;
+        let attempts = IntCounterVec::new(
+            Opts::new(
+                "attempts_total",
+                "Backend attempts by route, target and result",
+            ),
+            &["route", "target", "result"],
+        )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "fallbacks_total",
+                "Fallbacks by route, from-target, to-target and cause",
+            ),
+            &["route", "from", "to", "kind"],
+        )?;
+        let breaker_state = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "breaker_state",
+                "Circuit breaker per target: 0 closed, 1 half-open, 2 open",
+            ),
+            &["target"],
+        )?;
+        let arm_requests = IntCounterVec::new(
+            Opts::new("arm_requests_total", "Requests per A/B arm by status"),
+            &["route", "arm", "status"],
+        )?;
+        let arm_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "arm_request_duration_seconds",
+                "Request latency per A/B arm",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "arm"],
+        )?;
+        let arm_ttft_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "arm_time_to_first_token_seconds",
+                "Time to first token per A/B arm",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "arm"],
+        )?;
+        let arm_tokens = IntCounterVec::new(
+            Opts::new(
+                "arm_tokens_total",
+                "Tokens (prompt + completion) per A/B arm",
+            ),
+            &["route", "arm"],
+        )?;
+        registry.register(Box::new(attempts.clone()))?;
+        registry.register(Box::new(fallbacks.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(arm_requests.clone()))?;
+        registry.register(Box::new(arm_seconds.clone()))?;
+        registry.register(Box::new(arm_ttft_seconds.clone()))?;
+        registry.register(Box::new(arm_tokens.clone()))?;
         registry.register(Box::new(prompt_requests.clone()))?;
         registry.register(Box::new(prompt_errors.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
@@ -152,6 +218,13 @@ impl Metrics {
             prompt_errors,
             reloads,
             last_reload,
+            attempts,
+            fallbacks,
+            breaker_state,
+            arm_requests,
+            arm_seconds,
+            arm_ttft_seconds,
+            arm_tokens,
         })
     }
 

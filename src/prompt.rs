@@ -167,6 +167,8 @@ impl Selector {
 pub struct PromptRef {
     pub id: String,
     pub selector: Selector,
+    /// The selector the request named itself (`None`: the default, production).
+    pub explicit_selector: Option<Selector>,
     pub variables: Map<String, Value>,
 }
 
@@ -181,7 +183,7 @@ impl PromptRef {
             Some(Value::String(s)) if !s.is_empty() => s,
             _ => return Err(bad("`prompt.id` must be a non-empty string", "prompt.id")),
         };
-        let selector = match (o.remove("version"), o.remove("label")) {
+        let explicit = match (o.remove("version"), o.remove("label")) {
             (Some(_), Some(_)) => {
                 return Err(bad(
                     "give `prompt.version` or `prompt.label`, not both",
@@ -189,7 +191,7 @@ impl PromptRef {
                 ))
             }
             (Some(v), None) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
-                Some(n) => Selector::Version(n),
+                Some(n) => Some(Selector::Version(n)),
                 None => {
                     return Err(bad(
                         "`prompt.version` must be a version number",
@@ -197,10 +199,11 @@ impl PromptRef {
                     ))
                 }
             },
-            (None, Some(Value::String(l))) => Selector::Label(l),
+            (None, Some(Value::String(l))) => Some(Selector::Label(l)),
             (None, Some(_)) => return Err(bad("`prompt.label` must be a string", "prompt.label")),
-            (None, None) => Selector::default(),
+            (None, None) => None,
         };
+        let selector = explicit.clone().unwrap_or_default();
         let variables = match o.remove("variables") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(m)) => m,
@@ -220,6 +223,7 @@ impl PromptRef {
         Ok(PromptRef {
             id,
             selector,
+            explicit_selector: explicit,
             variables,
         })
     }

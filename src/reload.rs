@@ -109,9 +109,10 @@ impl Reloader {
         let _one = self.running.lock().await;
         let path = self.config_path.clone();
         let env = self.env.clone();
+        let book = self.gw.book().clone();
         let built = tokio::task::spawn_blocking(move || {
             let cfg = crate::config::load(&path)?;
-            Snapshot::build(cfg, &|k: &str| env(k))
+            Snapshot::build(cfg, &|k: &str| env(k), &book)
         })
         .await
         .unwrap_or_else(|e| {

@@ -23,9 +23,8 @@ use tower::ServiceBuilder;
 use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::gateway::{ChatOutcome, Gateway, Served};
+use crate::gateway::{ChatOutcome, Gateway, RequestMeta, Served};
 use crate::prompt::PromptRef;
-use crate::snapshot::Route;
 use crate::wire::openai::{self as wire, OpenAi};
 use crate::wire::Dialect;
 
@@ -85,7 +84,10 @@ struct PromptUse {
 #[derive(Clone)]
 struct Outcome {
     prompt: Option<PromptUse>,
-    route: Option<Arc<Route>>,
+    route: Option<Arc<str>>,
+    /// The provider that answered.
+    provider: Option<Arc<str>>,
+    arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
     upstream: Duration,
     error: Option<&'static str>,
     /// Streams record their own duration when they end.
@@ -134,10 +136,8 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     }
     h.insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
     if let Some(o) = outcome {
-        let (route, provider) = match &o.route {
-            Some(r) => (&*r.name, &*r.provider_id),
-            None => ("", ""),
-        };
+        let route = o.route.as_deref().unwrap_or("");
+        let provider = o.provider.as_deref().unwrap_or("");
         let status = resp.status();
         let mut code = itoa::Buffer::new();
         metrics
@@ -153,6 +153,19 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
                 .prompt_requests
                 .with_label_values(&[&p.id, v.format(p.version), code.format(status.as_u16())])
                 .inc();
+        }
+        if let Some((arm, stats)) = &o.arm {
+            metrics
+                .arm_requests
+                .with_label_values(&[route, arm, code.format(status.as_u16())])
+                .inc();
+            if !o.streaming {
+                metrics
+                    .arm_seconds
+                    .with_label_values(&[route, arm])
+                    .observe(elapsed.as_secs_f64());
+                stats.record(status.is_success(), elapsed, 0);
+            }
         }
         if o.route.is_some() {
             metrics
@@ -185,7 +198,7 @@ fn error_response(
     dialect: &dyn Dialect,
     err: GatewayError,
     id: &RequestId,
-    route: Option<Arc<Route>>,
+    route: Option<Arc<str>>,
 ) -> Response {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -201,9 +214,15 @@ fn error_response(
                 .insert(http::header::RETRY_AFTER, HeaderValue::from(ra.as_secs()));
         }
     }
+    let provider = match &err {
+        GatewayError::Upstream(e) if !e.provider.is_empty() => Some(Arc::from(e.provider.as_str())),
+        _ => None,
+    };
     resp.extensions_mut().insert(Outcome {
         prompt: None,
         route,
+        provider,
+        arm: None,
         upstream: Duration::ZERO,
         error: Some(err.code()),
         streaming: false,
@@ -233,18 +252,43 @@ impl FromRequest<AppState> for LimitedBody {
     }
 }
 
-fn served_headers(resp: &mut Response, route: Arc<Route>, upstream: Duration, streaming: bool) {
+/// The target that answered, the attempts it took and the A/B arm.
+pub const TARGET: HeaderName = HeaderName::from_static("x-promptgate-target");
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-promptgate-attempts");
+pub const ARM: HeaderName = HeaderName::from_static("x-promptgate-arm");
+
+fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&route.name) {
-        h.insert(ROUTE, v);
+    for (name, value) in [
+        (ROUTE, &*served.route.name),
+        (PROVIDER, &*served.target.provider_id),
+        (TARGET, &*served.target.id),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
     }
-    if let Ok(v) = HeaderValue::from_str(&route.provider_id) {
-        h.insert(PROVIDER, v);
+    h.insert(ATTEMPTS, HeaderValue::from(served.attempts));
+    let arm = served.arm.as_ref().and_then(|name| {
+        let stats = match &served.route.plan {
+            crate::snapshot::Plan::Split { arms, .. } => {
+                arms.iter().find(|a| &a.name == name)?.stats.clone()
+            }
+            crate::snapshot::Plan::Chain(_) => return None,
+        };
+        Some((name.clone(), stats))
+    });
+    if let Some((name, _)) = &arm {
+        if let Ok(v) = HeaderValue::from_str(name) {
+            h.insert(ARM, v);
+        }
     }
     resp.extensions_mut().insert(Outcome {
         prompt: None,
-        route: Some(route),
-        upstream,
+        route: Some(served.route.name.clone()),
+        provider: Some(served.target.provider_id.clone()),
+        arm,
+        upstream: served.upstream,
         error: None,
         streaming,
     });
@@ -255,6 +299,7 @@ fn served_headers(resp: &mut Response, route: Arc<Route>, upstream: Duration, st
 async fn chat<D: Dialect + Default>(
     State(app): State<AppState>,
     id: RequestId,
+    headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Response {
     let dialect = D::default();
@@ -269,7 +314,7 @@ async fn chat<D: Dialect + Default>(
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, d, id, req, prompt).await
+    serve_chat(app, d, id, &headers, req, prompt).await
 }
 
 /// `POST /v1/prompts/{id}/chat/completions`: the body holds `variables`, an
@@ -279,6 +324,7 @@ async fn prompt_chat(
     State(app): State<AppState>,
     id: RequestId,
     Path(prompt_id): Path<String>,
+    headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Response {
     let d: &dyn Dialect = &OpenAi;
@@ -318,7 +364,7 @@ async fn prompt_chat(
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, d, id, req, Some(prompt)).await
+    serve_chat(app, d, id, &headers, req, Some(prompt)).await
 }
 
 /// Runs a decoded chat request (after rendering its prompt, if any) and encodes
@@ -327,47 +373,63 @@ async fn serve_chat(
     app: AppState,
     d: &dyn Dialect,
     id: RequestId,
+    headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
 ) -> Response {
     let snap = app.gw.snapshot();
+    let meta = RequestMeta { headers };
     let used = match prompt {
         None => None,
-        Some(p) => match snap.prompts.render(&p) {
-            Ok(r) => {
-                let used = PromptUse {
-                    id: r.id.clone(),
-                    version: r.version,
-                };
-                r.apply(&mut req);
-                if req.model.is_empty() {
-                    let e = GatewayError::invalid(
-                        format!(
-                            "prompt `{}` version {} names no route: give `model`",
-                            used.id, used.version
-                        ),
-                        Some("model"),
-                    );
-                    return error_response(d, e, &id, None);
+        Some(mut p) => {
+            // A split over prompt versions: a request that names no version gets
+            // its arm's, and stays on the split route.
+            let mut pinned_route = None;
+            if p.explicit_selector.is_none() {
+                if let Some(sel) = app.gw.arm_prompt(&snap, &req, &meta) {
+                    p.selector = sel;
+                    pinned_route = Some(req.model.clone());
                 }
-                Some(used)
             }
-            Err(e) => {
-                let mut resp = error_response(d, e, &id, None);
-                app.gw
-                    .metrics
-                    .prompt_errors
-                    .with_label_values(&[&p.id])
-                    .inc();
-                resp.headers_mut().insert(
-                    PROMPT,
-                    HeaderValue::from_str(&p.id).unwrap_or(HeaderValue::from_static("-")),
-                );
-                return resp;
+            match snap.prompts.render(&p) {
+                Ok(r) => {
+                    let used = PromptUse {
+                        id: r.id.clone(),
+                        version: r.version,
+                    };
+                    r.apply(&mut req);
+                    if let Some(route) = pinned_route {
+                        req.model = route;
+                    }
+                    if req.model.is_empty() {
+                        let e = GatewayError::invalid(
+                            format!(
+                                "prompt `{}` version {} names no route: give `model`",
+                                used.id, used.version
+                            ),
+                            Some("model"),
+                        );
+                        return error_response(d, e, &id, None);
+                    }
+                    Some(used)
+                }
+                Err(e) => {
+                    let mut resp = error_response(d, e, &id, None);
+                    app.gw
+                        .metrics
+                        .prompt_errors
+                        .with_label_values(&[&p.id])
+                        .inc();
+                    resp.headers_mut().insert(
+                        PROMPT,
+                        HeaderValue::from_str(&p.id).unwrap_or(HeaderValue::from_static("-")),
+                    );
+                    return resp;
+                }
             }
-        },
+        }
     };
-    let mut resp = run_chat(&app, d, &id, &snap, req).await;
+    let mut resp = run_chat(&app, d, &id, &snap, req, &meta).await;
     if let Some(u) = used {
         if let Ok(v) = HeaderValue::from_str(&u.id) {
             resp.headers_mut().insert(PROMPT, v);
@@ -387,36 +449,37 @@ async fn run_chat(
     id: &RequestId,
     snap: &Arc<crate::snapshot::Snapshot>,
     req: ChatRequest,
+    meta: &RequestMeta<'_>,
 ) -> Response {
     let id = id.clone();
-    let route = snap.route(&req.model).cloned();
+    let route = snap.route(&req.model).map(|r| r.name.clone());
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
-    let served =
-        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(snap, req)).await {
-            Err(_) => {
-                let e = UpstreamError::new(
-                    ErrorKind::Timeout,
-                    "no response from the backend within the gateway's request timeout",
-                );
-                return error_response(d, e.into(), &id, route);
-            }
-            Ok(Err(e)) => return error_response(d, e, &id, route),
-            Ok(Ok(s)) => s,
-        };
-    let Served {
-        route,
-        value,
-        upstream,
-    } = served;
+    let served = match tokio::time::timeout(
+        app.settings.request_timeout,
+        app.gw.chat(snap, req, meta),
+    )
+    .await
+    {
+        Err(_) => {
+            let e = UpstreamError::new(
+                ErrorKind::Timeout,
+                "no response from the backend within the gateway's request timeout",
+            );
+            return error_response(d, e.into(), &id, route);
+        }
+        Ok(Err(e)) => return error_response(d, e, &id, route),
+        Ok(Ok(s)) => s,
+    };
+    let (value, served) = served.split();
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
             let estimated = resp.usage.is_some_and(|u| u.estimated);
-            let mut out = json_response(StatusCode::OK, d.encode_chat(&resp, &route.name));
+            let mut out = json_response(StatusCode::OK, d.encode_chat(&resp, &served.route.name));
             out.headers_mut().insert(
                 USAGE,
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
             );
-            served_headers(&mut out, route, upstream, false);
+            served_headers(&mut out, &served, false);
             out
         }
         (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
@@ -451,14 +514,14 @@ async fn run_chat(
                 HeaderName::from_static("x-accel-buffering"),
                 HeaderValue::from_static("no"),
             );
-            served_headers(&mut out, route, upstream, true);
+            served_headers(&mut out, &served, true);
             out
         }
         (ChatOutcome::Stream(_), None) => error_response(
             d,
             GatewayError::Internal("a stream was returned for a non-streaming request".into()),
             &id,
-            Some(route),
+            Some(served.route.name.clone()),
         ),
     }
 }
@@ -474,7 +537,7 @@ async fn embeddings(
     };
     let encoding: EmbeddingEncoding = req.encoding;
     let snap = app.gw.snapshot();
-    let route = snap.route(&req.model).cloned();
+    let route = snap.route(&req.model).map(|r| r.name.clone());
     match app.gw.embed(&snap, req).await {
         Err(e) => error_response(&OpenAi, e, &id, route),
         Ok(served) => {
@@ -490,10 +553,7 @@ async fn embeddings(
                     "reported"
                 }),
             );
-            let Served {
-                route, upstream, ..
-            } = served;
-            served_headers(&mut out, route, upstream, false);
+            served_headers(&mut out, &served, false);
             out
         }
     }

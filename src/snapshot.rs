@@ -1,30 +1,93 @@
-//! The config snapshot: everything derived from the configuration files (routes,
-//! built providers, pre-encoded model list), immutable once built. The gateway
-//! holds the current one behind an `ArcSwap`; a request loads it once and keeps
-//! that `Arc` to its end, so a reload never changes a request midway.
+//! The config snapshot: everything derived from the configuration files (routes
+//! with their targets, built providers, compiled prompts, pre-encoded model list),
+//! immutable once built. The gateway holds the current one behind an `ArcSwap`; a
+//! request loads it once and keeps that `Arc` to its end, so a reload never
+//! changes a request midway. State that must survive reloads (breakers,
+//! experiment figures, drill faults) lives in the [`Book`] and is looked up here,
+//! once per snapshot, never per request.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::config::{Capabilities, Config, ParamOverrides};
+use crate::config::{
+    BreakerConfig, Capabilities, Config, ParamOverrides, RetryPolicy, Strategy, Subject,
+};
+use crate::prompt::Selector;
 use crate::provider::registry::{self, EnvLookup, ProviderState};
+use crate::router::{ArmStats, Book, Health};
 use crate::tokens::{encoding_for, Encoding};
 
-/// A public model name and where it goes.
-pub struct Route {
-    pub name: Arc<str>,
+/// A provider + model a route can send to.
+pub struct Target {
+    /// `provider/model`: the name in headers, metrics and the admin status.
+    pub id: Arc<str>,
     pub provider_id: Arc<str>,
     pub provider: ProviderState,
     /// The backend's model name.
     pub model: String,
     pub overrides: ParamOverrides,
-    /// Tokenizer used when the backend reports no usage.
-    pub encoding: Encoding,
     /// What the target model can serve.
     pub capabilities: Capabilities,
+    /// Tokenizer used when the backend reports no usage.
+    pub encoding: Encoding,
+    pub self_hosted: bool,
+    pub first_token_timeout: Duration,
+    /// The provider's response-headers timeout (bounds a stalled call).
+    pub headers_timeout: Duration,
+    pub health: Arc<Health>,
+}
+
+pub struct Arm {
+    pub name: Arc<str>,
+    /// Upper end of this arm's share of [0, 1).
+    pub upper: f64,
+    pub chain: Vec<Arc<Target>>,
+    pub prompt: Option<Selector>,
+    pub stats: Arc<ArmStats>,
+}
+
+pub enum Plan {
+    Chain(Vec<Arc<Target>>),
+    Split { subject: Subject, arms: Vec<Arm> },
+}
+
+/// A public model name and how it is served.
+pub struct Route {
+    pub name: Arc<str>,
+    pub plan: Plan,
+    pub retry: RetryPolicy,
+    pub private: bool,
+}
+
+impl Route {
+    /// The arm a subject is assigned to (sticky), or the only chain.
+    pub fn pick(&self, subject: Option<&str>) -> (&[Arc<Target>], Option<&Arm>) {
+        match &self.plan {
+            Plan::Chain(c) => (c, None),
+            Plan::Split { arms, .. } => {
+                let x = match subject {
+                    Some(s) => crate::router::unit_interval(&self.name, s),
+                    None => rand::random::<f64>(),
+                };
+                let arm = arms
+                    .iter()
+                    .find(|a| x < a.upper)
+                    .or(arms.last())
+                    .expect("a split has at least one arm (validated)");
+                (&arm.chain, Some(arm))
+            }
+        }
+    }
+
+    pub fn targets(&self) -> Vec<&Arc<Target>> {
+        match &self.plan {
+            Plan::Chain(c) => c.iter().collect(),
+            Plan::Split { arms, .. } => arms.iter().flat_map(|a| a.chain.iter()).collect(),
+        }
+    }
 }
 
 pub struct Snapshot {
@@ -32,6 +95,7 @@ pub struct Snapshot {
     pub prompts: crate::prompt::Registry,
     routes: HashMap<String, Arc<Route>>,
     pub providers: BTreeMap<String, ProviderState>,
+    pub breaker: BreakerConfig,
     /// `GET /v1/models`, encoded once.
     pub models_body: Bytes,
     /// "a, b, c": the route names, for unknown-model errors.
@@ -44,6 +108,7 @@ impl Snapshot {
     pub fn build(
         config: Config,
         env: EnvLookup<'_>,
+        book: &Book,
     ) -> Result<Snapshot, Vec<crate::config::Problem>> {
         let prompts = crate::prompt::Registry::build(config.prompts.clone())?;
         let providers: BTreeMap<String, ProviderState> = config
@@ -51,27 +116,61 @@ impl Snapshot {
             .iter()
             .map(|(id, p)| (id.clone(), registry::build(p, env)))
             .collect();
-        let mut routes = HashMap::new();
-        for (name, r) in &config.routes {
+        let target = |t: &crate::config::TargetConfig| -> Arc<Target> {
             let provider = providers
-                .get(&r.provider)
+                .get(&t.provider)
                 .cloned()
                 .unwrap_or_else(|| ProviderState::Unavailable("not configured".into()));
-            let capabilities = config
-                .providers
-                .get(&r.provider)
-                .map(|p| p.capabilities_of(&r.model))
-                .unwrap_or_default();
+            let pc = config.providers.get(&t.provider);
+            let id: Arc<str> = format!("{}/{}", t.provider, t.model).into();
+            Arc::new(Target {
+                health: book.health(&id),
+                id,
+                provider_id: t.provider.as_str().into(),
+                provider,
+                model: t.model.clone(),
+                overrides: t.overrides.clone(),
+                capabilities: pc.map(|p| p.capabilities_of(&t.model)).unwrap_or_default(),
+                encoding: encoding_for(&t.model),
+                self_hosted: pc.is_some_and(|p| p.self_hosted),
+                first_token_timeout: t.first_token_timeout,
+                headers_timeout: pc
+                    .map(|p| p.timeouts.headers)
+                    .unwrap_or(Duration::from_secs(120)),
+            })
+        };
+        let mut routes = HashMap::new();
+        for (name, r) in &config.routes {
+            let plan = match &r.strategy {
+                Strategy::Chain(c) => Plan::Chain(c.iter().map(target).collect()),
+                Strategy::Split { subject, arms } => {
+                    let total: f64 = arms.iter().map(|a| a.weight).sum();
+                    let mut acc = 0.0;
+                    Plan::Split {
+                        subject: subject.clone(),
+                        arms: arms
+                            .iter()
+                            .map(|a| {
+                                acc += a.weight / total;
+                                Arm {
+                                    name: a.name.as_str().into(),
+                                    upper: acc,
+                                    chain: a.chain.iter().map(target).collect(),
+                                    prompt: a.prompt.clone(),
+                                    stats: book.arm(name, &a.name),
+                                }
+                            })
+                            .collect(),
+                    }
+                }
+            };
             routes.insert(
                 name.clone(),
                 Arc::new(Route {
                     name: name.as_str().into(),
-                    provider_id: r.provider.as_str().into(),
-                    provider,
-                    model: r.model.clone(),
-                    overrides: r.overrides.clone(),
-                    encoding: encoding_for(&r.model),
-                    capabilities,
+                    plan,
+                    retry: r.retry,
+                    private: r.private,
                 }),
             );
         }
@@ -91,6 +190,7 @@ impl Snapshot {
             .collect::<Vec<_>>()
             .join(", ");
         Ok(Snapshot {
+            breaker: config.breaker,
             config,
             prompts,
             routes,
@@ -105,17 +205,23 @@ impl Snapshot {
         self.routes.get(model)
     }
 
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.values()
+    }
+
     /// Tokenizer encodings that routes to backends without usage reporting need.
     pub fn encodings_to_preload(&self) -> Vec<Encoding> {
         let mut out = Vec::new();
         for r in self.routes.values() {
-            let silent = self
-                .config
-                .providers
-                .get(&*r.provider_id)
-                .is_some_and(|p| !p.kind.reports_usage());
-            if silent && !out.contains(&r.encoding) {
-                out.push(r.encoding);
+            for t in r.targets() {
+                let silent = self
+                    .config
+                    .providers
+                    .get(&*t.provider_id)
+                    .is_some_and(|p| !p.kind.reports_usage());
+                if silent && !out.contains(&t.encoding) {
+                    out.push(t.encoding);
+                }
             }
         }
         out

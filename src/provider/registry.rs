@@ -30,15 +30,9 @@ fn openai_quirks(cfg: &ProviderConfig) -> Quirks {
     }
 }
 
-pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
-    let codec: Arc<dyn Codec> = match (cfg.kind, &cfg.settings) {
-        (ProviderKind::Sandbox, KindSettings::Sandbox(models)) => {
-            return ProviderState::Ready(Arc::new(SandboxProvider::new(
-                &cfg.id,
-                models.clone(),
-                cfg.timeouts,
-            )))
-        }
+/// The codec for an HTTP provider's protocol: the one `match` on provider kinds.
+pub fn codec(cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+    Ok(match (cfg.kind, &cfg.settings) {
         (ProviderKind::Openai, _) => Arc::new(OpenAiCodec {
             quirks: openai_quirks(cfg),
         }),
@@ -53,10 +47,7 @@ pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
             *default_max_tokens,
         )),
         (ProviderKind::Llamacpp, KindSettings::Llamacpp { templates }) => {
-            match super::llamacpp::LlamacppCodec::new(templates) {
-                Ok(c) => Arc::new(c),
-                Err(e) => return ProviderState::Unavailable(e),
-            }
+            Arc::new(super::llamacpp::LlamacppCodec::new(templates)?)
         }
         (ProviderKind::Ollama, KindSettings::Ollama { keep_alive }) => {
             Arc::new(super::ollama::OllamaCodec::new(keep_alive.clone()))
@@ -74,11 +65,25 @@ pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
             Arc::new(super::qianfan::QianfanCodec::new())
         }
         (kind, _) => {
-            return ProviderState::Unavailable(format!(
-                "provider kind `{}` is not available in this build",
+            return Err(format!(
+                "provider kind `{}` has no HTTP codec (or its settings are missing)",
                 kind.as_str()
             ))
         }
+    })
+}
+
+pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
+    if let (ProviderKind::Sandbox, KindSettings::Sandbox(models)) = (cfg.kind, &cfg.settings) {
+        return ProviderState::Ready(Arc::new(SandboxProvider::new(
+            &cfg.id,
+            models.clone(),
+            cfg.timeouts,
+        )));
+    }
+    let codec = match codec(cfg) {
+        Ok(c) => c,
+        Err(e) => return ProviderState::Unavailable(e),
     };
     let secret = match &cfg.api_key_env {
         None => None,
