@@ -155,6 +155,7 @@ async fn chat(State(state): State<FakeState>, headers: HeaderMap, body: Bytes) -
         ("status-400-context", _) => json(400, fixture("openai/error_400_context.json")),
         ("error-in-200", _) => json(200, fixture("openai/chat_error_in_200.json")),
         ("invalid-json", false) => json(200, "{\"id\": \"x\", \"choices\": [".into()),
+        ("invalid-json", true) => sse(state, "data: {this is not json\n\n".into(), none, None),
         ("hang", _) => {
             tokio::time::sleep(Duration::from_secs(60)).await;
             json(200, fixture("openai/chat.json"))

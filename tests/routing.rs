@@ -1,0 +1,513 @@
+//! Routing that survives outages, end to end: fallback chains, the stream commit
+//! contract on both sides of the commit point, retries and deadlines, circuit
+//! breakers, sticky splits, private-only routes, and drill faults injected
+//! through the admin API.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A gateway with two fake upstreams: provider `fake` (the primary) and
+/// `backup`, plus the sandbox; `routes` is added to the gateway file.
+async fn two_fakes(routes: &str, gateway_extra: &str) -> (Fake, Fake, Gw) {
+    let fake = spawn_fake().await;
+    let backup = spawn_fake().await;
+    let (mut g, mut p) = fake_config(&fake, routes);
+    g.push_str(gateway_extra);
+    p.push((
+        "backup.yaml".into(),
+        format!(
+            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 10s}}\n",
+            backup.base_url()
+        ),
+    ));
+    let gw = spawn_gateway(&g, &p).await;
+    (fake, backup, gw)
+}
+
+async fn send(
+    gw: &Gw,
+    model: &str,
+    stream: bool,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut rb = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(model, stream));
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    let s = r.status().as_u16();
+    let h = r.headers().clone();
+    (s, h, r.text().await.unwrap())
+}
+
+fn ok_stream(text: &str) -> bool {
+    text.ends_with("data: [DONE]\n\n")
+        && text.contains("\" upstream\"")
+        && !text.contains("\"error\"")
+}
+
+fn models_seen(f: &Fake) -> Vec<String> {
+    f.requests()
+        .iter()
+        .map(|r| r.body["model"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn fallback_on_retryable_failures_in_both_modes() {
+    let routes = "  chain:\n    targets:\n      - {provider: fake, model: status-503}\n      - {provider: fake, model: status-429}\n      - {provider: backup, model: chat}\n";
+    let (fake, backup, gw) = two_fakes(routes, "").await;
+    let (s, h, body) = send(&gw, "chain", false, &[]).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(h["x-promptgate-target"], "backup/chat");
+    assert_eq!(h["x-promptgate-attempts"], "3");
+    assert_eq!(h["x-promptgate-provider"], "backup");
+    let (s, h, body) = send(&gw, "chain", true, &[]).await;
+    assert_eq!(s, 200);
+    assert!(ok_stream(&body), "{body}");
+    assert_eq!(h["x-promptgate-attempts"], "3");
+    assert_eq!(
+        models_seen(&fake),
+        ["status-503", "status-429", "status-503", "status-429"]
+    );
+    assert_eq!(backup.requests().len(), 2);
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("promptgate_fallbacks_total{from=\"fake/status-429\",kind=\"rate_limited\",route=\"chain\",to=\"backup/chat\"} 2"), "{m}");
+    assert!(m.contains("promptgate_attempts_total{result=\"overloaded\",route=\"chain\",target=\"fake/status-503\"} 2"));
+}
+
+#[tokio::test]
+async fn non_retryable_errors_return_at_once_and_context_length_moves_on() {
+    let routes = "  strict:\n    targets:\n      - {provider: fake, model: no-such-model}\n      - {provider: backup, model: chat}\n  long:\n    targets:\n      - {provider: fake, model: status-400-context}\n      - {provider: backup, model: chat}\n";
+    let (_fake, backup, gw) = two_fakes(routes, "").await;
+    let (s, _, body) = send(&gw, "strict", false, &[]).await;
+    assert_eq!(s, 404, "bad_request is the client's problem: {body}");
+    assert!(backup.requests().is_empty(), "no fallback on a bad request");
+    let (s, h, _) = send(&gw, "long", false, &[]).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-promptgate-target"], "backup/chat");
+}
+
+#[tokio::test]
+async fn declared_context_windows_skip_small_targets() {
+    let fake = spawn_fake().await;
+    let (g, mut p) = fake_config(&fake, "  sized:\n    targets:\n      - {provider: tiny, model: chat}\n      - {provider: fake, model: chat}\n");
+    p.push(("tiny.yaml".into(), format!("kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ncapabilities: {{context_window: 20}}\n", fake.base_url())));
+    let gw = spawn_gateway(&g, &p).await;
+    let mut body = chat_body("sized", false);
+    body["messages"][1]["content"] = json!("word ".repeat(50));
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-target"], "fake/chat");
+    assert_eq!(
+        r.headers()["x-promptgate-attempts"],
+        "1",
+        "the small target was skipped, not tried"
+    );
+}
+
+#[tokio::test]
+async fn stream_commit_contract() {
+    let routes = concat!(
+        "  before:\n    first_token_timeout: 300ms\n    targets:\n",
+        "      - {provider: fake, model: hang}\n      - {provider: fake, model: error-in-200}\n",
+        "      - {provider: fake, model: invalid-json}\n      - {provider: backup, model: chat}\n",
+        "  after:\n    targets:\n      - {provider: fake, model: cut}\n      - {provider: backup, model: chat}\n",
+        "  after-stall:\n    targets:\n      - {provider: fake, model: stall}\n      - {provider: backup, model: chat}\n",
+    );
+    let (_fake, backup, gw) = two_fakes(routes, "").await;
+    // Before the first token: a silent backend, an error in a 200 body and a
+    // malformed answer all fall over transparently.
+    let t = Instant::now();
+    let (s, h, body) = send(&gw, "before", true, &[]).await;
+    assert_eq!(s, 200);
+    assert!(ok_stream(&body), "{body}");
+    assert_eq!(h["x-promptgate-attempts"], "4");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the silent backend was abandoned at the first-token timeout"
+    );
+    // After the first token: no switch, an explicit error event, never a clean end.
+    for route in ["after", "after-stall"] {
+        let (s, _, body) = send(&gw, route, true, &[]).await;
+        assert_eq!(s, 200);
+        assert!(body.contains("\"content\":\"Hello\""));
+        assert!(!body.contains("[DONE]"), "{route}: {body}");
+        let last: Value = serde_json::from_str(sse_data(&body).last().unwrap()).unwrap();
+        assert!(last["error"]["code"].is_string(), "{route}: {body}");
+    }
+    assert_eq!(
+        backup.requests().len(),
+        1,
+        "only the pre-commit failure fell over"
+    );
+}
+
+#[tokio::test]
+async fn retries_back_off_and_respect_the_deadline() {
+    let routes = concat!(
+        "  again:\n    retry: {max_attempts: 3, backoff: 20ms}\n    provider: fake\n    model: status-503\n",
+        "  polite:\n    retry: {max_attempts: 3, backoff: 10ms, deadline: 1s}\n    provider: fake\n    model: status-429\n",
+    );
+    let (fake, _backup, gw) = two_fakes(routes, "").await;
+    let t = Instant::now();
+    let (s, _, body) = send(&gw, "again", false, &[]).await;
+    assert_eq!(s, 503);
+    assert!(
+        t.elapsed() >= Duration::from_millis(20),
+        "backed off between attempts"
+    );
+    assert_eq!(fake.requests().len(), 3);
+    assert!(
+        body.contains(
+            "after earlier attempts: fake/status-503: overloaded, fake/status-503: overloaded"
+        ),
+        "{body}"
+    );
+    // Retry-After: 7 does not fit in the 1s deadline, so the gateway answers now.
+    let t = Instant::now();
+    let (s, h, _) = send(&gw, "polite", false, &[]).await;
+    assert_eq!(s, 429);
+    assert_eq!(h["retry-after"], "7");
+    assert!(t.elapsed() < Duration::from_millis(900));
+    assert_eq!(
+        fake.requests().len(),
+        4,
+        "one attempt: the backend asked for 7s"
+    );
+}
+
+#[tokio::test]
+async fn circuit_breaker_opens_skips_and_half_opens() {
+    let routes = "  guarded:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n";
+    let breaker = "breaker: {consecutive_failures: 2, cooldown: 300ms, half_open_probes: 1}\n";
+    let (fake, backup, gw) = two_fakes(routes, breaker).await;
+    for _ in 0..2 {
+        assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    }
+    assert_eq!(fake.requests().len(), 2);
+    let st = gw.admin_status().await;
+    let guarded = st["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "guarded")
+        .unwrap()
+        .clone();
+    assert_eq!(guarded["targets"][0]["breaker"], "open", "{guarded}");
+    assert_eq!(guarded["targets"][0]["recent_error_rate"], 1.0);
+    // Open: the primary is skipped.
+    let (_, h, _) = send(&gw, "guarded", false, &[]).await;
+    assert_eq!(h["x-promptgate-attempts"], "1");
+    assert_eq!(fake.requests().len(), 2);
+    // After the cooldown one probe goes through; it fails, so it opens again.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    assert_eq!(fake.requests().len(), 3);
+    assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    assert_eq!(fake.requests().len(), 3);
+    assert_eq!(backup.requests().len(), 5);
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("promptgate_breaker_state{target=\"fake/status-500\"} 2"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn sticky_split_assigns_subjects_to_arms() {
+    let routes = concat!(
+        "  ab:\n    split:\n      subject: user\n      arms:\n",
+        "        - {name: control, weight: 50, provider: fake, model: chat}\n",
+        "        - {name: canary, weight: 50, provider: backup, model: chat}\n",
+    );
+    let (_fake, _backup, gw) = two_fakes(routes, "").await;
+    let mut arms = std::collections::BTreeMap::new();
+    for i in 0..40 {
+        let mut first = None;
+        for _ in 0..3 {
+            let mut body = chat_body("ab", false);
+            body["user"] = json!(format!("user-{i}"));
+            let r = client()
+                .post(gw.url("/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let arm = r.headers()["x-promptgate-arm"].to_str().unwrap().to_owned();
+            let target = r.headers()["x-promptgate-target"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert_eq!(
+                target,
+                if arm == "control" {
+                    "fake/chat"
+                } else {
+                    "backup/chat"
+                }
+            );
+            match &first {
+                None => first = Some(arm.clone()),
+                Some(a) => assert_eq!(a, &arm, "user-{i} moved between arms"),
+            }
+        }
+        *arms.entry(first.unwrap()).or_insert(0) += 1;
+    }
+    assert!(
+        arms.len() == 2 && arms.values().all(|n| *n >= 8),
+        "{arms:?}"
+    );
+    let e: Value = client()
+        .get(gw.admin_url("/admin/experiments"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let arms_json = e["experiments"][0]["arms"].as_array().unwrap();
+    let total: u64 = arms_json
+        .iter()
+        .map(|a| a["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 120, "{e}");
+    assert!(arms_json[0]["latency_p95_ms"].as_f64().unwrap() > 0.0);
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("promptgate_arm_requests_total{arm=\"canary\",route=\"ab\",status=\"200\"}"));
+}
+
+#[tokio::test]
+async fn private_requests_stay_on_self_hosted_targets() {
+    let routes = concat!(
+        "  mixed:\n    targets:\n      - {provider: fake, model: chat}\n      - {provider: sandbox, model: echo}\n",
+        "  public-only:\n    provider: fake\n    model: chat\n",
+    );
+    let (fake, _backup, gw) = two_fakes(routes, "").await;
+    let (s, h, _) = send(&gw, "mixed", false, &[("x-promptgate-data", "private")]).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-promptgate-target"], "sandbox/echo");
+    let (s, _, body) = send(
+        &gw,
+        "public-only",
+        true,
+        &[("x-promptgate-data", "private")],
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        body.contains("no target of this route is a self-hosted provider"),
+        "{body}"
+    );
+    assert!(
+        fake.requests().is_empty(),
+        "private data never reached the commercial backend"
+    );
+    let (_, h, _) = send(&gw, "mixed", false, &[]).await;
+    assert_eq!(h["x-promptgate-target"], "fake/chat");
+}
+
+async fn inject(gw: &Gw, body: Value) {
+    let r = client()
+        .post(gw.admin_url("/admin/faults"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+async fn clear(gw: &Gw, provider: &str) {
+    let r = client()
+        .delete(gw.admin_url(&format!("/admin/faults/{provider}")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The drill promise: with a healthy fallback, each of these faults on the
+/// primary costs clients nothing, streaming or not.
+#[tokio::test]
+async fn drill_faults_on_the_primary_produce_no_client_errors() {
+    let routes = "  drill:\n    first_token_timeout: 400ms\n    targets:\n      - {provider: fake, model: chat}\n      - {provider: backup, model: chat}\n";
+    let (fake, backup, gw) = two_fakes(
+        routes,
+        "breaker: {consecutive_failures: 1000, min_requests: 100000}\n",
+    )
+    .await;
+    let faults = [
+        json!({"fault": "down"}),
+        json!({"fault": "error", "status": 503}),
+        json!({"fault": "rate_limited"}),
+        json!({"fault": "stall"}),
+        json!({"fault": "stream_cut", "after_chunks": 0}),
+        json!({"fault": "error_in_200"}),
+    ];
+    for f in faults {
+        let mut body = f.clone();
+        body["provider"] = json!("fake");
+        body["duration"] = json!("30s");
+        inject(&gw, body).await;
+        let st = gw.admin_status().await;
+        assert_eq!(st["faults"][0]["provider"], "fake", "{st}");
+        for stream in [false, true] {
+            if f["fault"] == "stream_cut" && !stream {
+                continue;
+            }
+            for _ in 0..3 {
+                let (s, h, body) = send(&gw, "drill", stream, &[]).await;
+                assert_eq!(s, 200, "{f} stream={stream}: {body}");
+                assert_eq!(h["x-promptgate-target"], "backup/chat", "{f}");
+                if stream {
+                    assert!(ok_stream(&body), "{f}: {body}");
+                }
+            }
+        }
+        clear(&gw, "fake").await;
+        let (_, h, _) = send(&gw, "drill", false, &[]).await;
+        assert_eq!(
+            h["x-promptgate-target"], "fake/chat",
+            "{f}: traffic returns after the fault is cleared"
+        );
+    }
+    assert!(!backup.requests().is_empty());
+    // `slow` adds latency but the primary still serves; a cut after the first
+    // chunks is past the commit point: an error event, counted.
+    inject(
+        &gw,
+        json!({"provider": "fake", "fault": "slow", "latency": "150ms", "duration": "30s"}),
+    )
+    .await;
+    let t = Instant::now();
+    let (_, h, _) = send(&gw, "drill", false, &[]).await;
+    assert!(t.elapsed() >= Duration::from_millis(150));
+    assert_eq!(h["x-promptgate-target"], "fake/chat");
+    inject(
+        &gw,
+        json!({"provider": "fake", "fault": "stream_cut", "after_chunks": 2, "duration": "30s"}),
+    )
+    .await;
+    let (_, _, body) = send(&gw, "drill", true, &[]).await;
+    assert!(
+        !body.contains("[DONE]") && body.contains("drill: stream cut after 2 chunks"),
+        "{body}"
+    );
+    // Faults expire by themselves.
+    inject(
+        &gw,
+        json!({"provider": "fake", "fault": "down", "duration": "200ms"}),
+    )
+    .await;
+    assert_eq!(
+        send(&gw, "drill", false, &[]).await.1["x-promptgate-target"],
+        "backup/chat"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        send(&gw, "drill", false, &[]).await.1["x-promptgate-target"],
+        "fake/chat"
+    );
+    let st = gw.admin_status().await;
+    assert_eq!(st["faults"], json!([]));
+    let _ = fake;
+}
+
+#[tokio::test]
+async fn providers_can_be_drained_and_enabled() {
+    let routes = "  d:\n    targets:\n      - {provider: fake, model: chat}\n      - {provider: backup, model: chat}\n";
+    let (_fake, _backup, gw) = two_fakes(routes, "").await;
+    let c = client();
+    let r = c
+        .post(gw.admin_url("/admin/providers/fake/drain"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, h, _) = send(&gw, "d", false, &[]).await;
+    assert_eq!(h["x-promptgate-target"], "backup/chat");
+    assert_eq!(
+        h["x-promptgate-attempts"], "1",
+        "a drained provider is skipped, not tried"
+    );
+    let r = c
+        .post(gw.admin_url("/admin/providers/fake/enable"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, h, _) = send(&gw, "d", false, &[]).await;
+    assert_eq!(h["x-promptgate-target"], "fake/chat");
+    let r = c
+        .post(gw.admin_url("/admin/faults"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"provider": "nope", "fault": "down", "duration": "1s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .post(gw.admin_url("/admin/faults"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"provider": "fake", "fault": "down"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "faults must expire");
+}
+
+#[tokio::test]
+async fn per_target_model_mapping_and_overrides() {
+    let routes = "  mapped:\n    targets:\n      - {provider: fake, model: status-503, params: {temperature: 0.9}}\n      - {provider: backup, model: chat, params: {temperature: 0.1, extra: {top_k: 7}}}\n";
+    let (fake, backup, gw) = two_fakes(routes, "").await;
+    assert_eq!(send(&gw, "mapped", false, &[]).await.0, 200);
+    assert_eq!(fake.last().body["temperature"], 0.9);
+    let b = backup.last().body;
+    assert_eq!(
+        (
+            b["model"].clone(),
+            b["temperature"].clone(),
+            b["top_k"].clone()
+        ),
+        (json!("chat"), json!(0.1), json!(7))
+    );
+}
