@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod canonical;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod framing;
 pub mod gateway;

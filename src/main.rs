@@ -51,6 +51,48 @@ enum Command {
         #[arg(long, default_value = "promptgate.yaml")]
         config: PathBuf,
     },
+    /// Rehearse a provider outage on a running gateway: send bounded load through
+    /// a route, inject a fault on a provider for a while, restore it, and write a
+    /// report (Markdown + JSON).
+    Drill {
+        /// The gateway's base URL (load goes only here).
+        #[arg(long)]
+        gateway: String,
+        /// The gateway's admin API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Environment variable holding the admin key.
+        #[arg(long, default_value = "PROMPTGATE_ADMIN_KEY")]
+        admin_key_env: String,
+        #[arg(long)]
+        route: String,
+        #[arg(long)]
+        provider: String,
+        /// down, error, slow, stall, rate_limited, stream_cut, error_in_200
+        #[arg(long)]
+        fault: String,
+        /// For `error`: the HTTP status.
+        #[arg(long)]
+        status: Option<u16>,
+        /// For `slow`: added latency (e.g. 500ms).
+        #[arg(long)]
+        latency: Option<String>,
+        /// For `stream_cut`: output chunks before the cut.
+        #[arg(long)]
+        after_chunks: Option<u64>,
+        /// How long the fault lasts.
+        #[arg(long, default_value = "30s")]
+        duration: humantime::Duration,
+        #[arg(long, default_value = "5s")]
+        warmup: humantime::Duration,
+        #[arg(long, default_value = "10s")]
+        recovery: humantime::Duration,
+        #[arg(long, default_value_t = 20)]
+        rps: u32,
+        /// Report path prefix: writes PREFIX.md and PREFIX.json.
+        #[arg(long, default_value = "drill-report")]
+        out: PathBuf,
+    },
     /// List prompts with their versions, content hashes and labels.
     Prompts {
         #[arg(long, default_value = "promptgate.yaml")]
@@ -366,6 +408,45 @@ fn serve(
     })
 }
 
+#[allow(clippy::print_stdout)]
+fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(promptgate::drill::run(plan)) {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(report) => {
+            let md = promptgate::drill::markdown(&report);
+            let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+            let md_path = out.with_extension("md");
+            let json_path = out.with_extension("json");
+            if let Err(e) =
+                std::fs::write(&md_path, &md).and_then(|_| std::fs::write(&json_path, json))
+            {
+                eprintln!("error: cannot write the report: {e}");
+                return ExitCode::FAILURE;
+            }
+            println!("{md}");
+            println!(
+                "report written to {} and {}",
+                md_path.display(),
+                json_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -387,5 +468,45 @@ fn main() -> ExitCode {
             config,
         } => render(config, prompt, vars),
         Command::Prompts { config } => prompts(config),
+        Command::Drill {
+            gateway,
+            admin,
+            admin_key_env,
+            route,
+            provider,
+            fault,
+            status,
+            latency,
+            after_chunks,
+            duration,
+            warmup,
+            recovery,
+            rps,
+            out,
+        } => {
+            let mut f = serde_json::json!({ "fault": fault });
+            if let Some(s) = status {
+                f["status"] = s.into();
+            }
+            if let Some(l) = latency {
+                f["latency"] = l.into();
+            }
+            if let Some(n) = after_chunks {
+                f["after_chunks"] = n.into();
+            }
+            let plan = promptgate::drill::DrillPlan {
+                gateway: gateway.trim_end_matches('/').to_owned(),
+                admin: admin.trim_end_matches('/').to_owned(),
+                admin_key: std::env::var(&admin_key_env).unwrap_or_default(),
+                route,
+                provider,
+                fault: f,
+                warmup: warmup.into(),
+                duration: duration.into(),
+                recovery: recovery.into(),
+                rps,
+            };
+            drill(plan, out)
+        }
     }
 }
