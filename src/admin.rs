@@ -130,6 +130,7 @@ async fn status(State(st): State<AdminState>) -> Response {
         },
         "routes": routes_json(&snap),
         "faults": faults_json(&st),
+        "cache": cache_json(&st).await,
         "providers": providers,
         "prompts": prompts,
     });
@@ -189,6 +190,66 @@ fn faults_json(st: &AdminState) -> Value {
             })
             .collect(),
     )
+}
+
+async fn cache_json(st: &AdminState) -> Value {
+    let gw = st.reloader.gateway();
+    let (entries, bytes) = gw.cache.figures().await;
+    let snap = gw.snapshot();
+    let m = &gw.metrics;
+    let mut per_route = serde_json::Map::new();
+    for r in snap.routes() {
+        let count = |k: &str| m.cache_requests.with_label_values(&[&r.name, k]).get();
+        if r.cache.mode != crate::config::CacheMode::Off {
+            per_route.insert(
+                r.name.to_string(),
+                json!({"mode": format!("{:?}", r.cache.mode).to_lowercase(), "hits": count("hit"), "misses": count("miss"),
+                       "bypasses": count("bypass"), "refreshes": count("refresh")}),
+            );
+        }
+    }
+    json!({
+        "entries": entries,
+        "bytes": bytes,
+        "max_bytes": snap.config.cache.max_bytes,
+        "evictions": m.cache_evictions.get(),
+        "redis": snap.config.cache.redis.as_ref().map(|r| json!({"url_configured": !r.url.is_empty(), "errors": {
+            "connect": m.cache_redis_errors.with_label_values(&["connect"]).get(),
+            "get": m.cache_redis_errors.with_label_values(&["get"]).get(),
+            "set": m.cache_redis_errors.with_label_values(&["set"]).get(),
+        }})),
+        "routes": per_route,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct PurgeQuery {
+    route: Option<String>,
+    prompt: Option<String>,
+}
+
+/// `DELETE /admin/cache[?route=R][&prompt=P]`
+async fn purge_cache(
+    State(st): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<PurgeQuery>,
+) -> Response {
+    match st
+        .reloader
+        .gateway()
+        .cache
+        .purge(q.route.as_deref(), q.prompt.as_deref())
+        .await
+    {
+        Ok(n) => json_response(
+            StatusCode::OK,
+            json!({"removed": n, "route": q.route, "prompt": q.prompt}),
+        ),
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "cache_error",
+            &format!("the in-memory tier was purged; the shared tier failed: {e}"),
+        ),
+    }
 }
 
 async fn experiments(State(st): State<AdminState>) -> Response {
@@ -408,6 +469,7 @@ pub fn router(reloader: Arc<Reloader>, key: Option<String>) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/reload", post(reload))
         .route("/admin/experiments", get(experiments))
+        .route("/admin/cache", axum::routing::delete(purge_cache))
         .route("/admin/faults", post(inject_fault))
         .route(
             "/admin/faults/{provider}",

@@ -37,6 +37,69 @@ struct RawGateway {
     admin: RawAdmin,
     #[serde(default)]
     breaker: routes::RawBreaker,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default)]
+    max_bytes: Option<u64>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    time_to_idle: Option<String>,
+    #[serde(default)]
+    redis: Option<RawRedis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: String,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+}
+
+/// The response cache's settings (process-wide; read at start).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Memory bound of the in-process tier, in bytes.
+    pub max_bytes: u64,
+    /// TTL for routes that do not set their own.
+    pub ttl: Duration,
+    pub time_to_idle: Option<Duration>,
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub timeout: Duration,
+    pub prefix: String,
+}
+
+/// A route's cache policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    #[default]
+    Off,
+    On,
+    /// Only requests with temperature 0 or a seed.
+    Deterministic,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteCache {
+    pub mode: CacheMode,
+    /// `None`: the gateway's default TTL.
+    pub ttl: Option<Duration>,
+    /// Shared by all clients instead of partitioned by their key.
+    pub shared: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -622,6 +685,7 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub prompts: BTreeMap<String, crate::prompt::PromptDef>,
     pub breaker: BreakerConfig,
+    pub cache: CacheConfig,
 }
 
 /// One problem found in the configuration.
@@ -828,6 +892,41 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         routes.insert(name, route);
     }
     let breaker = routes::breaker(gateway_file, gw.breaker, &mut problems);
+    let cache = CacheConfig {
+        max_bytes: gw.cache.max_bytes.unwrap_or(64 * 1024 * 1024),
+        ttl: problems.duration(
+            gateway_file,
+            "cache.ttl",
+            &gw.cache.ttl,
+            Duration::from_secs(600),
+        ),
+        time_to_idle: gw.cache.time_to_idle.as_ref().map(|_| {
+            problems.duration(
+                gateway_file,
+                "cache.time_to_idle",
+                &gw.cache.time_to_idle,
+                Duration::ZERO,
+            )
+        }),
+        redis: gw.cache.redis.map(|r| {
+            if !(r.url.starts_with("redis://")
+                || r.url.starts_with("rediss://")
+                || r.url.starts_with("redis+unix://"))
+            {
+                problems.add(gateway_file, "cache.redis.url", "must be a redis:// URL");
+            }
+            RedisConfig {
+                timeout: problems.duration(
+                    gateway_file,
+                    "cache.redis.timeout",
+                    &r.timeout,
+                    Duration::from_millis(50),
+                ),
+                prefix: r.prefix.unwrap_or_else(|| "promptgate:".into()),
+                url: r.url,
+            }
+        }),
+    };
 
     let admin_listen = match gw
         .admin
@@ -875,6 +974,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             providers,
             prompts,
             breaker,
+            cache,
         })
     } else {
         Err(problems.list)

@@ -31,7 +31,16 @@ pub const PRIVATE_HEADER: &str = "x-promptgate-data";
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     book: Arc<Book>,
+    pub cache: Arc<crate::cache::Cache>,
     pub metrics: Metrics,
+}
+
+/// How the cache took part in a response.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheUse {
+    pub status: crate::cache::Status,
+    /// Age of the entry, on a hit.
+    pub age: Option<Duration>,
 }
 
 /// A pipeline result plus what the edge reports about it.
@@ -44,6 +53,7 @@ pub struct Served<T> {
     pub value: T,
     /// Time spent waiting on backends before the response could start.
     pub upstream: Duration,
+    pub cache: Option<CacheUse>,
 }
 
 impl<T> Served<T> {
@@ -58,6 +68,7 @@ impl<T> Served<T> {
                 attempts: self.attempts,
                 value: (),
                 upstream: self.upstream,
+                cache: self.cache,
             },
         )
     }
@@ -77,9 +88,11 @@ enum Answer {
     Stream(Vec<StreamEvent>, EventStream),
 }
 
-/// A request's headers, for the privacy flag and the split subject.
+/// A request's headers (privacy flag, split subject, cache directives, tenant)
+/// and the prompt version it was rendered from.
 pub struct RequestMeta<'a> {
     pub headers: &'a HeaderMap,
+    pub prompt: Option<(String, u32)>,
 }
 
 impl RequestMeta<'_> {
@@ -110,11 +123,34 @@ impl RequestMeta<'_> {
 
 impl Gateway {
     pub fn new(snapshot: Snapshot, book: Arc<Book>) -> Result<Arc<Self>, prometheus::Error> {
+        let metrics = Metrics::new()?;
+        let cache = crate::cache::Cache::new(
+            &snapshot.config.cache,
+            crate::cache::CacheMetrics {
+                evictions: metrics.cache_evictions.clone(),
+                redis_errors: metrics.cache_redis_errors.clone(),
+            },
+        );
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             book,
-            metrics: Metrics::new()?,
+            cache,
+            metrics,
         }))
+    }
+
+    /// Updates the cache gauges (called when metrics are scraped).
+    pub async fn refresh_cache_gauges(&self) {
+        let (entries, bytes) = self.cache.figures().await;
+        self.metrics.cache_entries.set(entries as i64);
+        self.metrics.cache_bytes.set(bytes as i64);
+    }
+
+    fn cache_count(&self, route: &Route, status: crate::cache::Status) {
+        self.metrics
+            .cache_requests
+            .with_label_values(&[&route.name, status.as_str()])
+            .inc();
     }
 
     /// The current snapshot; a request loads it once and uses it throughout.
@@ -174,8 +210,63 @@ impl Gateway {
         };
         let (chain, arm) = route.pick(subject.as_deref());
         let private = route.private || meta.private();
+        // The cache: a hit answers here; a miss makes this request the leader
+        // that fills the entry (identical misses wait for it).
+        let directive = crate::cache::Directive::from_headers(meta.headers);
+        let mut lease = None;
+        let mut cache_use = None;
+        if route.cache.mode != crate::config::CacheMode::Off {
+            let usable = directive != crate::cache::Directive::Bypass
+                && crate::cache::eligible(&route.cache, &req);
+            if usable {
+                let targets: Vec<&str> = chain.iter().map(|t| &*t.id).collect();
+                let tenant = if route.cache.shared {
+                    None
+                } else {
+                    crate::cache::tenant_of(meta.headers)
+                };
+                let prompt = meta.prompt.as_ref().map(|(id, v)| (id.as_str(), *v));
+                let key = crate::cache::key_of(&crate::cache::canonical(
+                    &route.name,
+                    &targets,
+                    tenant.as_deref(),
+                    prompt,
+                    &req,
+                ));
+                let refresh = directive == crate::cache::Directive::Refresh;
+                match self.cache.lookup(key, refresh, route.retry.deadline).await {
+                    crate::cache::Lookup::Hit(entry) => {
+                        self.cache_count(route, crate::cache::Status::Hit);
+                        return Ok(self.serve_hit(route, chain, arm, &entry, req.stream));
+                    }
+                    crate::cache::Lookup::Lead(l) => {
+                        let status = if refresh {
+                            crate::cache::Status::Refresh
+                        } else {
+                            crate::cache::Status::Miss
+                        };
+                        self.cache_count(route, status);
+                        cache_use = Some(CacheUse { status, age: None });
+                        lease = Some(l);
+                    }
+                }
+            } else {
+                self.cache_count(route, crate::cache::Status::Bypass);
+                cache_use = Some(CacheUse {
+                    status: crate::cache::Status::Bypass,
+                    age: None,
+                });
+            }
+        }
         let started = Instant::now();
         let (answer, target, attempts) = self.run_chain(snap, route, chain, &req, private).await?;
+        let store = lease.map(|lease| Store {
+            lease,
+            route: route.name.to_string(),
+            prompt: meta.prompt.as_ref().map(|(id, _)| id.clone()),
+            target: target.id.to_string(),
+            ttl: route.cache.ttl.unwrap_or(snap.config.cache.ttl),
+        });
         let upstream = started.elapsed();
         if !target.overrides.is_empty() {
             target.overrides.apply(&mut req);
@@ -189,6 +280,9 @@ impl Gateway {
                 };
                 resp.usage = Some(usage);
                 self.count_tokens(route, &target, arm, &usage);
+                if let Some(store) = store {
+                    store.put(&resp).await;
+                }
                 ChatOutcome::Complete(resp)
             }
             Answer::Stream(head, rest) => {
@@ -211,6 +305,7 @@ impl Gateway {
                     started,
                     output: String::new(),
                     usage: None,
+                    store: store.map(|s| (s, crate::cache::Assembler::default())),
                 };
                 ChatOutcome::Stream(tap.wrap(head, rest))
             }
@@ -222,7 +317,49 @@ impl Gateway {
             attempts,
             value,
             upstream,
+            cache: cache_use,
         })
+    }
+
+    /// Answers from a cache entry, as JSON or as a replayed stream.
+    fn serve_hit(
+        &self,
+        route: &Arc<Route>,
+        chain: &[Arc<Target>],
+        arm: Option<&Arm>,
+        entry: &crate::cache::Entry,
+        stream: bool,
+    ) -> Served<ChatOutcome> {
+        let target = route
+            .targets()
+            .into_iter()
+            .find(|t| *t.id == entry.target)
+            .or_else(|| chain.first())
+            .cloned()
+            .expect("a route has at least one target (validated)");
+        let resp = entry.response.clone();
+        let value = if stream {
+            let events: Vec<Result<StreamEvent, UpstreamError>> =
+                crate::provider::http::response_events(resp)
+                    .into_iter()
+                    .map(Ok)
+                    .collect();
+            ChatOutcome::Stream(Box::pin(futures_util::stream::iter(events)))
+        } else {
+            ChatOutcome::Complete(resp)
+        };
+        Served {
+            route: route.clone(),
+            target,
+            arm: arm.map(|a| a.name.clone()),
+            attempts: 0,
+            value,
+            upstream: Duration::ZERO,
+            cache: Some(CacheUse {
+                status: crate::cache::Status::Hit,
+                age: Some(entry.age()),
+            }),
+        }
     }
 
     /// Why a target cannot take this request, before anything is sent.
@@ -500,6 +637,7 @@ impl Gateway {
             attempts: 1,
             value: resp,
             upstream,
+            cache: None,
         })
     }
 
@@ -520,6 +658,32 @@ impl Gateway {
                 .with_label_values(&[&route.name, &a.name])
                 .inc_by(u64::from(u.total_tokens));
         }
+    }
+}
+
+/// A cache lease and what the entry needs besides the response.
+struct Store {
+    lease: crate::cache::Lease,
+    route: String,
+    prompt: Option<String>,
+    target: String,
+    ttl: Duration,
+}
+
+impl Store {
+    /// Fills the entry if the response may be cached; otherwise releases the
+    /// waiters to call upstream themselves.
+    async fn put(self, resp: &ChatResponse) {
+        let entry = crate::cache::cacheable(resp).then(|| crate::cache::Entry {
+            bytes: crate::cache::weight(resp),
+            response: resp.clone(),
+            target: self.target,
+            route: self.route,
+            prompt: self.prompt,
+            created: std::time::SystemTime::now(),
+            ttl: self.ttl,
+        });
+        self.lease.complete(entry).await;
     }
 }
 
@@ -692,10 +856,15 @@ struct UsageTap {
     started: Instant,
     output: String,
     usage: Option<Usage>,
+    /// A cache lease to fill once the stream has ended properly.
+    store: Option<(Store, crate::cache::Assembler)>,
 }
 
 impl UsageTap {
     fn observe(&mut self, ev: &StreamEvent) {
+        if let Some((_, asm)) = &mut self.store {
+            asm.push(ev);
+        }
         match ev {
             StreamEvent::Delta(d) => {
                 if let Some(c) = &d.content {
@@ -794,11 +963,16 @@ impl UsageTap {
                     },
                 };
                 if ev == StreamEvent::Done {
-                    if self.usage.is_none() {
+                    let usage = if self.usage.is_none() {
                         let usage = self.finish();
                         yield Ok(StreamEvent::Usage(usage));
+                        usage
                     } else {
-                        self.finish();
+                        self.finish()
+                    };
+                    if let Some((store, mut asm)) = self.store.take() {
+                        asm.push(&StreamEvent::Usage(usage));
+                        store.put(&asm.finish()).await;
                     }
                     yield Ok(ev);
                     return;

@@ -3,6 +3,8 @@
 //! (pipeline) → `provider` (backends) → back through `server`.
 
 pub mod admin;
+pub mod cache;
+pub mod cache_redis;
 pub mod canonical;
 pub mod config;
 pub mod drill;

@@ -44,6 +44,13 @@ pub struct Metrics {
     pub arm_seconds: HistogramVec,
     pub arm_ttft_seconds: HistogramVec,
     pub arm_tokens: IntCounterVec,
+    /// Cache decisions by route and result (hit, miss, bypass, refresh).
+    pub cache_requests: IntCounterVec,
+    pub cache_evictions: prometheus::IntCounter,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    /// Failures of the Redis tier by operation.
+    pub cache_redis_errors: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -183,6 +190,34 @@ impl Metrics {
             ),
             &["route", "arm"],
         )?;
+        let cache_requests = IntCounterVec::new(
+            Opts::new(
+                "cache_requests_total",
+                "Cache decisions by route and result",
+            ),
+            &["route", "result"],
+        )?;
+        let cache_evictions = prometheus::IntCounter::new(
+            "cache_evictions_total",
+            "Entries evicted from the in-memory cache to stay within its byte bound",
+        )?;
+        let cache_entries = IntGauge::new("cache_entries", "Entries in the in-memory cache")?;
+        let cache_bytes = IntGauge::new(
+            "cache_bytes",
+            "Approximate bytes held by the in-memory cache",
+        )?;
+        let cache_redis_errors = IntCounterVec::new(
+            Opts::new(
+                "cache_redis_errors_total",
+                "Failures of the Redis cache tier by operation",
+            ),
+            &["op"],
+        )?;
+        registry.register(Box::new(cache_requests.clone()))?;
+        registry.register(Box::new(cache_evictions.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(cache_redis_errors.clone()))?;
         registry.register(Box::new(attempts.clone()))?;
         registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
@@ -225,6 +260,11 @@ impl Metrics {
             arm_seconds,
             arm_ttft_seconds,
             arm_tokens,
+            cache_requests,
+            cache_evictions,
+            cache_entries,
+            cache_bytes,
+            cache_redis_errors,
         })
     }
 

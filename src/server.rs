@@ -256,6 +256,8 @@ impl FromRequest<AppState> for LimitedBody {
 pub const TARGET: HeaderName = HeaderName::from_static("x-promptgate-target");
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-promptgate-attempts");
 pub const ARM: HeaderName = HeaderName::from_static("x-promptgate-arm");
+/// `hit`, `miss`, `bypass` or `refresh` (with `age` on a hit).
+pub const CACHE: HeaderName = HeaderName::from_static("x-promptgate-cache");
 
 fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
     let h = resp.headers_mut();
@@ -269,6 +271,12 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
         }
     }
     h.insert(ATTEMPTS, HeaderValue::from(served.attempts));
+    if let Some(c) = &served.cache {
+        h.insert(CACHE, HeaderValue::from_static(c.status.as_str()));
+        if let Some(age) = c.age {
+            h.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+        }
+    }
     let arm = served.arm.as_ref().and_then(|name| {
         let stats = match &served.route.plan {
             crate::snapshot::Plan::Split { arms, .. } => {
@@ -378,7 +386,10 @@ async fn serve_chat(
     prompt: Option<PromptRef>,
 ) -> Response {
     let snap = app.gw.snapshot();
-    let meta = RequestMeta { headers };
+    let mut meta = RequestMeta {
+        headers,
+        prompt: None,
+    };
     let used = match prompt {
         None => None,
         Some(mut p) => {
@@ -401,6 +412,7 @@ async fn serve_chat(
                     if let Some(route) = pinned_route {
                         req.model = route;
                     }
+                    meta.prompt = Some((used.id.clone(), used.version));
                     if req.model.is_empty() {
                         let e = GatewayError::invalid(
                             format!(
@@ -599,6 +611,7 @@ async fn healthz() -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
+    app.gw.refresh_cache_gauges().await;
     let mut resp = Response::new(Body::from(app.gw.metrics.render()));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -60,6 +60,7 @@ pub struct Route {
     pub plan: Plan,
     pub retry: RetryPolicy,
     pub private: bool,
+    pub cache: crate::config::RouteCache,
 }
 
 impl Route {
@@ -171,6 +172,7 @@ impl Snapshot {
                     plan,
                     retry: r.retry,
                     private: r.private,
+                    cache: r.cache,
                 }),
             );
         }

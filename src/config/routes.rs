@@ -36,6 +36,18 @@ pub(super) struct RawRoute {
     /// Only self-hosted providers may serve this route.
     #[serde(default)]
     private: Option<bool>,
+    #[serde(default)]
+    cache: Option<RawRouteCache>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteCache {
+    mode: super::CacheMode,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    shared: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +181,7 @@ pub struct RouteConfig {
     pub strategy: Strategy,
     pub retry: RetryPolicy,
     pub private: bool,
+    pub cache: super::RouteCache,
 }
 
 impl RouteConfig {
@@ -476,12 +489,28 @@ pub(super) fn route(
         );
     }
     let private = r.private.unwrap_or(false);
+    let cache = match r.cache {
+        None => super::RouteCache::default(),
+        Some(c) => super::RouteCache {
+            mode: c.mode,
+            ttl: c.ttl.as_ref().map(|_| {
+                problems.duration(
+                    file,
+                    &format!("{field}.cache.ttl"),
+                    &c.ttl,
+                    Duration::from_secs(600),
+                )
+            }),
+            shared: c.shared.unwrap_or(false),
+        },
+    };
     let route = RouteConfig {
         name: name.to_owned(),
         description: r.description,
         strategy,
         retry,
         private,
+        cache,
     };
     if private {
         let public: Vec<String> = route

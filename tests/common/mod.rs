@@ -134,6 +134,10 @@ async fn chat(State(state): State<FakeState>, headers: HeaderMap, body: Bytes) -
     let none = Duration::ZERO;
     match (model.as_str(), stream) {
         ("chat", false) => json(200, fixture("openai/chat.json")),
+        ("slow-chat", false) => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            json(200, fixture("openai/chat.json"))
+        }
         ("chat", true) if usage => sse(state, fixture("openai/chat_stream_usage.sse"), none, None),
         ("chat", true) => sse(state, fixture("openai/chat_stream.sse"), none, None),
         ("nousage", false) => json(200, fixture("openai/chat_no_usage.json")),
@@ -311,6 +315,7 @@ pub fn fake_config(fake: &Fake, extra_routes: &str) -> (String, Vec<(String, Str
         "stream-error",
         "no-done",
         "slow",
+        "slow-chat",
     ];
     let mut gateway =
         String::from("listen: 127.0.0.1:0\nlimits:\n  max_body_bytes: 65536\nroutes:\n");

@@ -1,0 +1,677 @@
+//! The response cache: exact match on a stable hash of the canonical request
+//! after prompt rendering and route resolution. Level 1 is in memory (moka,
+//! bounded by bytes, per-entry TTL); an optional level 2 in Redis is shared by
+//! replicas, with compressed entries and a short timeout: when Redis is down or
+//! slow the gateway serves without it and counts the failure. Concurrent
+//! identical misses make one upstream call (single flight). Entries hold the
+//! canonical response, so a hit is replayed in any dialect, as JSON or as a
+//! stream. Errors, cut streams and `finish_reason: error` are never stored.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::canonical::*;
+use crate::config::{CacheConfig, CacheMode, RouteCache};
+
+pub type Key = [u8; 32];
+
+/// One cached response.
+#[derive(Debug)]
+pub struct Entry {
+    pub response: ChatResponse,
+    /// The target that produced it.
+    pub target: String,
+    pub route: String,
+    pub prompt: Option<String>,
+    pub created: SystemTime,
+    pub ttl: Duration,
+    pub bytes: u32,
+}
+
+impl Entry {
+    pub fn age(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(self.created)
+            .unwrap_or_default()
+    }
+}
+
+/// How a request used the cache (the `x-promptgate-cache` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Hit,
+    Miss,
+    Bypass,
+    Refresh,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Hit => "hit",
+            Status::Miss => "miss",
+            Status::Bypass => "bypass",
+            Status::Refresh => "refresh",
+        }
+    }
+}
+
+/// What the client asked of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directive {
+    Normal,
+    /// Do not read; store the fresh answer (`Cache-Control: no-cache`).
+    Refresh,
+    /// Neither read nor store (`Cache-Control: no-store`).
+    Bypass,
+}
+
+impl Directive {
+    pub fn from_headers(h: &http::HeaderMap) -> Directive {
+        if let Some(v) = h.get("x-promptgate-cache").and_then(|v| v.to_str().ok()) {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "refresh" | "no-cache" => return Directive::Refresh,
+                "bypass" | "no-store" => return Directive::Bypass,
+                _ => {}
+            }
+        }
+        let cc = h
+            .get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>();
+        if cc.iter().any(|d| d == "no-store") {
+            Directive::Bypass
+        } else if cc.iter().any(|d| d == "no-cache") {
+            Directive::Refresh
+        } else {
+            Directive::Normal
+        }
+    }
+}
+
+/// Whether a route's policy lets this request use the cache.
+pub fn eligible(policy: &RouteCache, req: &ChatRequest) -> bool {
+    match policy.mode {
+        CacheMode::Off => false,
+        CacheMode::On => true,
+        CacheMode::Deterministic => {
+            req.params.temperature == Some(0.0) || req.params.seed.is_some()
+        }
+    }
+}
+
+// === the key ===
+
+fn content_json(c: &Content) -> Value {
+    match c {
+        Content::Text(t) => Value::String(t.clone()),
+        Content::Parts(parts) => Value::Array(
+            parts
+                .iter()
+                .map(|p| match p {
+                    // A single text part means the same as plain text.
+                    Part::Text(t) => json!({"text": t}),
+                    Part::Image { url, detail } => json!({"image": url, "detail": detail}),
+                    Part::Other(v) => v.clone(),
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn normalized_content(c: &Content) -> Value {
+    match c {
+        Content::Parts(p) if p.len() == 1 && matches!(p[0], Part::Text(_)) => {
+            Value::String(c.text().into_owned())
+        }
+        _ => content_json(c),
+    }
+}
+
+fn nonzero(x: Option<f64>) -> Value {
+    match x {
+        Some(v) if v != 0.0 => json!(v),
+        _ => Value::Null,
+    }
+}
+
+/// The canonical form of everything that shapes the answer. Defaults are
+/// normalized (absent = the API's default), order-insensitive parts are sorted
+/// by the canonical writer, and fields that cannot change the output (`user`,
+/// `stream`, `stream_options`) are left out.
+pub fn canonical(
+    route: &str,
+    targets: &[&str],
+    tenant: Option<&str>,
+    prompt: Option<(&str, u32)>,
+    req: &ChatRequest,
+) -> Value {
+    let p = &req.params;
+    let messages: Vec<Value> = req
+        .messages
+        .iter()
+        .map(|m| {
+            json!({
+                "role": match m.role { Role::Developer => "system", r => r.as_str() },
+                "content": m.content.as_ref().map(normalized_content),
+                "name": m.name,
+                "tool_calls": m.tool_calls.iter().map(|t| json!([t.id, t.name, t.arguments])).collect::<Vec<_>>(),
+                "tool_call_id": m.tool_call_id,
+            })
+        })
+        .collect();
+    let tools: Vec<Value> = req
+        .tools
+        .iter()
+        .map(|t| json!({"name": t.name, "description": t.description, "parameters": t.parameters, "strict": t.strict}))
+        .collect();
+    let tool_choice = match (&req.tool_choice, req.tools.is_empty()) {
+        (None | Some(ToolChoice::Auto), false) => Value::Null,
+        (None | Some(ToolChoice::None), true) => Value::Null,
+        (Some(ToolChoice::None), false) => json!("none"),
+        (Some(ToolChoice::Auto), true) => Value::Null,
+        (Some(ToolChoice::Required), _) => json!("required"),
+        (Some(ToolChoice::Function(f)), _) => json!({"function": f}),
+    };
+    let response_format = match &req.response_format {
+        None | Some(ResponseFormat::Text) => Value::Null,
+        Some(ResponseFormat::JsonObject) => json!("json_object"),
+        Some(ResponseFormat::JsonSchema(s)) => json!({"json_schema": s}),
+    };
+    json!({
+        "v": 1,
+        "route": route,
+        "targets": targets,
+        "tenant": tenant,
+        "prompt": prompt.map(|(id, v)| json!([id, v])),
+        "messages": messages,
+        "temperature": p.temperature,
+        "top_p": p.top_p.filter(|t| *t != 1.0),
+        "max_output": p.output_limit(),
+        "stop": p.stop,
+        "seed": p.seed,
+        "n": p.n.filter(|n| *n != 1),
+        "presence_penalty": nonzero(p.presence_penalty),
+        "frequency_penalty": nonzero(p.frequency_penalty),
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": req.parallel_tool_calls.filter(|p| !*p),
+        "response_format": response_format,
+        "extra": Value::Object(req.extra.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect::<Map<_, _>>()),
+    })
+}
+
+/// Writes JSON with object keys sorted and nulls dropped, so equal requests
+/// give equal bytes whatever their field order.
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k)
+                .collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                write_canonical(&m[k.as_str()], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(b']');
+        }
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
+    }
+}
+
+pub fn key_of(canonical: &Value) -> Key {
+    let mut buf = Vec::with_capacity(1024);
+    write_canonical(canonical, &mut buf);
+    Sha256::digest(&buf).into()
+}
+
+/// A short, stable tenant id from the client's credential (never the key itself).
+pub fn tenant_of(h: &http::HeaderMap) -> Option<String> {
+    let v = h
+        .get(http::header::AUTHORIZATION)
+        .or_else(|| h.get("x-api-key"))?
+        .as_bytes();
+    let d = Sha256::digest(v);
+    Some(d[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+// === assembling a streamed response ===
+
+/// Rebuilds a complete response from stream events, to store a stream once it
+/// has ended properly.
+/// Text, reasoning, tool calls and finish reason of one choice being assembled.
+type PartialChoice = (String, Option<String>, Vec<ToolCall>, Option<FinishReason>);
+
+#[derive(Default)]
+pub struct Assembler {
+    meta: StreamMeta,
+    choices: Vec<PartialChoice>,
+    usage: Option<Usage>,
+}
+
+impl Assembler {
+    pub fn push(&mut self, ev: &StreamEvent) {
+        match ev {
+            StreamEvent::Meta(m) => self.meta = m.clone(),
+            StreamEvent::Usage(u) => self.usage = Some(*u),
+            StreamEvent::Done => {}
+            StreamEvent::Delta(d) => {
+                let i = d.choice as usize;
+                if self.choices.len() <= i {
+                    self.choices.resize_with(i + 1, Default::default);
+                }
+                let c = &mut self.choices[i];
+                if let Some(t) = &d.content {
+                    c.0.push_str(t);
+                }
+                if let Some(r) = &d.reasoning {
+                    c.1.get_or_insert_with(String::new).push_str(r);
+                }
+                for t in &d.tool_calls {
+                    let j = t.index as usize;
+                    if c.2.len() <= j {
+                        c.2.resize_with(j + 1, || ToolCall {
+                            id: String::new(),
+                            name: String::new(),
+                            arguments: String::new(),
+                        });
+                    }
+                    let call = &mut c.2[j];
+                    if let Some(id) = &t.id {
+                        call.id.clone_from(id);
+                    }
+                    if let Some(n) = &t.name {
+                        call.name.push_str(n);
+                    }
+                    if let Some(a) = &t.arguments {
+                        call.arguments.push_str(a);
+                    }
+                }
+                if d.finish_reason.is_some() {
+                    c.3 = d.finish_reason;
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) -> ChatResponse {
+        ChatResponse {
+            id: self.meta.id,
+            created: self.meta.created,
+            model: self.meta.model,
+            choices: self
+                .choices
+                .into_iter()
+                .enumerate()
+                .map(|(i, (text, reasoning, tool_calls, finish))| Choice {
+                    index: i as u32,
+                    message: Message {
+                        role: Role::Assistant,
+                        content: (!text.is_empty() || tool_calls.is_empty())
+                            .then_some(Content::Text(text)),
+                        name: None,
+                        tool_calls,
+                        tool_call_id: None,
+                        reasoning,
+                    },
+                    finish_reason: finish,
+                })
+                .collect(),
+            usage: self.usage,
+            system_fingerprint: self.meta.system_fingerprint,
+        }
+    }
+}
+
+/// Whether a response may be stored.
+pub fn cacheable(resp: &ChatResponse) -> bool {
+    !resp.choices.is_empty()
+        && resp
+            .choices
+            .iter()
+            .all(|c| c.finish_reason.is_some() && c.finish_reason != Some(FinishReason::Error))
+}
+
+// === the store ===
+
+/// The outcome of waiting for another request's identical call.
+#[derive(Clone)]
+pub enum Flight {
+    Pending,
+    Done(Arc<Entry>),
+    Failed,
+}
+
+pub struct Cache {
+    l1: moka::future::Cache<Key, Arc<Entry>>,
+    l2: Option<Arc<crate::cache_redis::RedisTier>>,
+    inflight: Mutex<HashMap<Key, watch::Receiver<Flight>>>,
+    pub metrics: CacheMetrics,
+}
+
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub evictions: prometheus::IntCounter,
+    pub redis_errors: prometheus::IntCounterVec,
+}
+
+struct EntryExpiry;
+
+impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _: &Key,
+        v: &Arc<Entry>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+/// A leader's promise to fill a key: dropping it without `complete` tells the
+/// waiters the call failed.
+pub struct Lease {
+    key: Key,
+    tx: Option<watch::Sender<Flight>>,
+    cache: Arc<Cache>,
+}
+
+impl Lease {
+    pub async fn complete(mut self, entry: Option<Entry>) -> Option<Arc<Entry>> {
+        let stored = match entry {
+            Some(e) => Some(self.cache.insert(self.key, e).await),
+            None => None,
+        };
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(stored.clone().map_or(Flight::Failed, Flight::Done));
+        }
+        self.cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+        stored
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Flight::Failed);
+            self.cache
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.key);
+        }
+    }
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    Hit(Arc<Entry>),
+    /// This request should call upstream and fill the key.
+    Lead(Lease),
+}
+
+impl Cache {
+    pub fn new(cfg: &CacheConfig, metrics: CacheMetrics) -> Arc<Cache> {
+        let ev = metrics.evictions.clone();
+        let mut b = moka::future::Cache::builder()
+            .max_capacity(cfg.max_bytes)
+            .weigher(|_: &Key, e: &Arc<Entry>| e.bytes)
+            .expire_after(EntryExpiry)
+            .support_invalidation_closures()
+            .eviction_listener(move |_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    ev.inc();
+                }
+            });
+        if let Some(tti) = cfg.time_to_idle {
+            b = b.time_to_idle(tti);
+        }
+        Arc::new(Cache {
+            l1: b.build(),
+            l2: cfg.redis.as_ref().map(|r| {
+                Arc::new(crate::cache_redis::RedisTier::new(
+                    r,
+                    metrics.redis_errors.clone(),
+                ))
+            }),
+            inflight: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn redis(&self) -> Option<&Arc<crate::cache_redis::RedisTier>> {
+        self.l2.as_ref()
+    }
+
+    async fn insert(&self, key: Key, e: Entry) -> Arc<Entry> {
+        let e = Arc::new(e);
+        if let Some(l2) = &self.l2 {
+            l2.store(&key, &e);
+        }
+        self.l1.insert(key, e.clone()).await;
+        e
+    }
+
+    async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        if let Some(e) = self.l1.get(key).await {
+            return Some(e);
+        }
+        let l2 = self.l2.as_ref()?;
+        let e = Arc::new(l2.load(key).await?);
+        self.l1.insert(*key, e.clone()).await;
+        Some(e)
+    }
+
+    /// Looks `key` up (unless refreshing); on a miss either waits for an
+    /// identical call already in flight or makes this request the leader.
+    pub async fn lookup(self: &Arc<Self>, key: Key, refresh: bool, wait: Duration) -> Lookup {
+        if !refresh {
+            if let Some(e) = self.get(&key).await {
+                return Lookup::Hit(e);
+            }
+        }
+        loop {
+            let rx = {
+                let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(&key) {
+                    Some(rx) if !refresh => rx.clone(),
+                    _ => {
+                        let (tx, rx) = watch::channel(Flight::Pending);
+                        map.insert(key, rx);
+                        return Lookup::Lead(Lease {
+                            key,
+                            tx: Some(tx),
+                            cache: self.clone(),
+                        });
+                    }
+                }
+            };
+            let mut rx = rx;
+            let outcome =
+                tokio::time::timeout(wait, rx.wait_for(|f| !matches!(f, Flight::Pending))).await;
+            match outcome {
+                Ok(Ok(f)) => match &*f {
+                    Flight::Done(e) => return Lookup::Hit(e.clone()),
+                    // The leader failed: try to lead ourselves.
+                    _ => continue,
+                },
+                // The leader went away or took too long: call upstream ourselves.
+                _ => {
+                    let (tx, _) = watch::channel(Flight::Pending);
+                    return Lookup::Lead(Lease {
+                        key,
+                        tx: Some(tx),
+                        cache: self.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Drops entries (all, or of one route, or of one prompt) here and in Redis.
+    pub async fn purge(&self, route: Option<&str>, prompt: Option<&str>) -> Result<u64, String> {
+        let (r, p) = (route.map(str::to_owned), prompt.map(str::to_owned));
+        let matches = move |e: &Entry| {
+            r.as_ref().is_none_or(|r| &e.route == r)
+                && p.as_ref().is_none_or(|p| e.prompt.as_ref() == Some(p))
+        };
+        let mut removed = self.l1.iter().filter(|(_, e)| matches(e)).count() as u64;
+        if route.is_none() && prompt.is_none() {
+            self.l1.invalidate_all();
+        } else {
+            self.l1
+                .invalidate_entries_if(move |_, e| matches(e))
+                .map_err(|e| e.to_string())?;
+        }
+        self.l1.run_pending_tasks().await;
+        if let Some(l2) = &self.l2 {
+            removed += l2.purge(route, prompt).await?;
+        }
+        Ok(removed)
+    }
+
+    /// (entries, bytes) in memory.
+    pub async fn figures(&self) -> (u64, u64) {
+        self.l1.run_pending_tasks().await;
+        (self.l1.entry_count(), self.l1.weighted_size())
+    }
+}
+
+/// The approximate memory an entry takes.
+pub fn weight(resp: &ChatResponse) -> u32 {
+    let mut n = 256 + resp.id.len() + resp.model.len();
+    for c in &resp.choices {
+        n += 64;
+        if let Some(t) = &c.message.content {
+            n += t.text().len();
+        }
+        if let Some(r) = &c.message.reasoning {
+            n += r.len();
+        }
+        for t in &c.message.tool_calls {
+            n += 48 + t.id.len() + t.name.len() + t.arguments.len();
+        }
+    }
+    n.min(u32::MAX as usize) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req(body: &str) -> ChatRequest {
+        crate::wire::openai::decode_chat_request(body.as_bytes()).unwrap()
+    }
+
+    fn key(body: &str) -> Key {
+        key_of(&canonical("r", &["p/m"], Some("t"), None, &req(body)))
+    }
+
+    const BASE: &str = r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0}"#;
+
+    #[test]
+    fn every_output_affecting_field_changes_the_key() {
+        let base = key(BASE);
+        let variants = [
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi!"}],"temperature":0}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:x"}}]}],"temperature":0}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0.5}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"top_p":0.5}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"max_tokens":5}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"stop":["x"]}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"seed":1}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required"}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"response_format":{"type":"json_object"}}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"reasoning_effort":"high"}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"thinking":{"type":"enabled"}}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"top_k":3}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"presence_penalty":0.5}"#,
+        ];
+        for v in variants {
+            assert_ne!(key(v), base, "{v}");
+        }
+        let r = req(BASE);
+        assert_ne!(
+            key_of(&canonical("r", &["p/m"], Some("other"), None, &r)),
+            base,
+            "tenant"
+        );
+        assert_ne!(
+            key_of(&canonical("r", &["p/x"], Some("t"), None, &r)),
+            base,
+            "target"
+        );
+        assert_ne!(
+            key_of(&canonical("r", &["p/m"], Some("t"), Some(("p", 2)), &r)),
+            base,
+            "prompt version"
+        );
+    }
+
+    #[test]
+    fn order_defaults_and_non_output_fields_do_not() {
+        let base = key(BASE);
+        for same in [
+            r#"{"temperature":0,"messages":[{"content":"s","role":"system"},{"content":"hi","role":"user"}],"model":"r"}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"temperature":0,"top_p":1,"n":1,"presence_penalty":0}"#,
+            r#"{"model":"r","messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"user":"u1","stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"model":"r","messages":[{"role":"developer","content":"s"},{"role":"user","content":"hi"}],"temperature":0,"response_format":{"type":"text"}}"#,
+        ] {
+            assert_eq!(key(same), base, "{same}");
+        }
+        let a = key(
+            r#"{"model":"r","messages":[{"role":"user","content":"hi"}],"temperature":0,"vendor":{"a":1,"b":2}}"#,
+        );
+        let b = key(
+            r#"{"model":"r","messages":[{"role":"user","content":"hi"}],"temperature":0,"vendor":{"b":2,"a":1}}"#,
+        );
+        assert_eq!(a, b, "nested field order");
+    }
+
+    #[test]
+    fn directives_from_headers() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(Directive::from_headers(&h), Directive::Normal);
+        h.insert("cache-control", "max-age=0, no-cache".parse().unwrap());
+        assert_eq!(Directive::from_headers(&h), Directive::Refresh);
+        h.insert("cache-control", "no-store".parse().unwrap());
+        assert_eq!(Directive::from_headers(&h), Directive::Bypass);
+        h.remove("cache-control");
+        h.insert("x-promptgate-cache", "refresh".parse().unwrap());
+        assert_eq!(Directive::from_headers(&h), Directive::Refresh);
+    }
+}

@@ -1,0 +1,444 @@
+//! The response cache end to end: hits and misses, key correctness, tenant
+//! isolation, policies, streaming replay, single flight, client directives,
+//! purge, the byte bound, and the Redis tier shared by two gateways (with Redis
+//! killed mid-test).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const ROUTES: &str = concat!(
+    "  cached:\n    provider: fake\n    model: chat\n    cache: {mode: on, ttl: 1h}\n",
+    "  slow-cached:\n    provider: fake\n    model: slow-chat\n    cache: {mode: on}\n",
+    "  shared:\n    provider: fake\n    model: chat\n    cache: {mode: on, shared: true}\n",
+    "  det:\n    provider: fake\n    model: chat\n    cache: {mode: deterministic}\n",
+    "  failing:\n    provider: fake\n    model: status-500\n    cache: {mode: on}\n",
+    "  cutting:\n    provider: fake\n    model: cut\n    cache: {mode: on}\n",
+    "  tools:\n    provider: fake\n    model: tools\n    cache: {mode: on}\n",
+);
+
+async fn setup_cache(extra: &str) -> (Fake, Gw) {
+    let fake = spawn_fake().await;
+    let (mut g, p) = fake_config(&fake, ROUTES);
+    g.push_str(extra);
+    let gw = spawn_gateway(&g, &p).await;
+    (fake, gw)
+}
+
+async fn call(
+    gw: &Gw,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut rb = client().post(gw.url("/v1/chat/completions")).json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    (
+        r.status().as_u16(),
+        r.headers().clone(),
+        r.text().await.unwrap(),
+    )
+}
+
+fn body(route: &str) -> Value {
+    chat_body(route, false)
+}
+
+#[tokio::test]
+async fn second_identical_request_is_a_hit_with_the_saved_usage() {
+    let (fake, gw) = setup_cache("").await;
+    let (s, h, first) = call(&gw, &body("cached"), &[]).await;
+    assert_eq!(
+        (s, h["x-promptgate-cache"].to_str().unwrap()),
+        (200, "miss")
+    );
+    let (s, h, second) = call(&gw, &body("cached"), &[]).await;
+    assert_eq!((s, h["x-promptgate-cache"].to_str().unwrap()), (200, "hit"));
+    assert!(h.contains_key("age"));
+    assert_eq!(fake.requests().len(), 1);
+    let (a, b): (Value, Value) = (
+        serde_json::from_str(&first).unwrap(),
+        serde_json::from_str(&second).unwrap(),
+    );
+    assert_eq!(a["choices"], b["choices"]);
+    assert_eq!(
+        b["usage"]["total_tokens"], 18,
+        "a hit reports the tokens it saved"
+    );
+    // Field order and defaults do not matter.
+    let reordered = json!({"messages": body("cached")["messages"], "stream": false, "top_p": 1, "model": "cached", "n": 1});
+    let (_, h, _) = call(&gw, &reordered, &[]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit");
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("promptgate_cache_requests_total{result=\"hit\",route=\"cached\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("promptgate_cache_entries 1"));
+}
+
+#[tokio::test]
+async fn output_affecting_fields_miss() {
+    let (fake, gw) = setup_cache("").await;
+    call(&gw, &body("cached"), &[]).await;
+    let changes: Vec<(&str, Value)> = vec![
+        ("temperature", json!(0.3)),
+        ("max_tokens", json!(7)),
+        ("seed", json!(42)),
+        ("stop", json!(["\n"])),
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("reasoning_effort", json!("high")),
+        ("vendor_knob", json!(1)),
+    ];
+    for (i, (k, v)) in changes.iter().enumerate() {
+        let mut b = body("cached");
+        b[*k] = v.clone();
+        let (_, h, _) = call(&gw, &b, &[]).await;
+        assert_eq!(h["x-promptgate-cache"], "miss", "{k}");
+        assert_eq!(fake.requests().len(), i + 2, "{k}");
+    }
+    let mut b = body("cached");
+    b["messages"][1]["content"] = json!("Say hello!");
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "miss");
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_unless_the_route_shares() {
+    let (fake, gw) = setup_cache("").await;
+    call(&gw, &body("cached"), &[("authorization", "Bearer alice")]).await;
+    let (_, h, _) = call(&gw, &body("cached"), &[("authorization", "Bearer bob")]).await;
+    assert_eq!(h["x-promptgate-cache"], "miss");
+    let (_, h, _) = call(&gw, &body("cached"), &[("authorization", "Bearer alice")]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit");
+    call(&gw, &body("shared"), &[("authorization", "Bearer alice")]).await;
+    let (_, h, _) = call(&gw, &body("shared"), &[("authorization", "Bearer bob")]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit");
+    assert_eq!(fake.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn deterministic_policy_errors_and_cut_streams() {
+    let (fake, gw) = setup_cache("").await;
+    let mut b = body("det");
+    b["temperature"] = json!(0.7);
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "bypass");
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "bypass");
+    b["temperature"] = json!(0);
+    call(&gw, &b, &[]).await;
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "hit");
+    let mut b = body("det");
+    b["seed"] = json!(7);
+    call(&gw, &b, &[]).await;
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "hit");
+    assert_eq!(fake.requests().len(), 4);
+
+    for _ in 0..2 {
+        assert_eq!(call(&gw, &body("failing"), &[]).await.0, 503);
+        let (s, _, text) = call(&gw, &chat_body("cutting", true), &[]).await;
+        assert_eq!(s, 200);
+        assert!(!text.contains("[DONE]"));
+    }
+    let failing = fake
+        .requests()
+        .iter()
+        .filter(|r| r.body["model"] == "status-500")
+        .count();
+    let cut = fake
+        .requests()
+        .iter()
+        .filter(|r| r.body["model"] == "cut")
+        .count();
+    assert_eq!(
+        (failing, cut),
+        (2, 2),
+        "errors and cut streams are never cached"
+    );
+}
+
+fn stream_text(sse: &str) -> (String, Vec<(String, String)>) {
+    let mut text = String::new();
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for d in sse_data(sse).iter().filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        for tc in c["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, Default::default());
+            }
+            calls[i]
+                .0
+                .push_str(tc["function"]["name"].as_str().unwrap_or(""));
+            calls[i]
+                .1
+                .push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    (text, calls)
+}
+
+#[tokio::test]
+async fn streams_are_stored_once_complete_and_replayed_as_streams() {
+    let (fake, gw) = setup_cache("").await;
+    let mut b = chat_body("cached", true);
+    b["stream_options"] = json!({"include_usage": true});
+    let (_, h, first) = call(&gw, &b, &[]).await;
+    assert_eq!(h["x-promptgate-cache"], "miss");
+    let (_, h, second) = call(&gw, &b, &[]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit");
+    assert_eq!(stream_text(&first), stream_text(&second));
+    assert!(second.ends_with("data: [DONE]\n\n"));
+    assert!(second.contains("\"total_tokens\":18"), "{second}");
+    // The same request without streaming is served from the stream's entry.
+    let (_, h, json_body) = call(&gw, &body("cached"), &[]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit");
+    let v: Value = serde_json::from_str(&json_body).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Hello from the fake upstream."
+    );
+    assert_eq!(fake.requests().len(), 1);
+    // Tool calls survive the round trip through the cache.
+    let (_, _, a) = call(&gw, &chat_body("tools", true), &[]).await;
+    let (_, h, b2) = call(&gw, &chat_body("tools", true), &[]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit");
+    assert_eq!(stream_text(&a).1, stream_text(&b2).1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_misses_make_one_upstream_call() {
+    let (fake, gw) = setup_cache("").await;
+    let gw = std::sync::Arc::new(gw);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move {
+            call(&gw, &body("slow-cached"), &[]).await
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (s, h, _) = t.await.unwrap();
+        assert_eq!(s, 200);
+        *statuses
+            .entry(h["x-promptgate-cache"].to_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(fake.requests().len(), 1, "{statuses:?}");
+    assert_eq!(statuses.get("miss"), Some(&1));
+}
+
+#[tokio::test]
+async fn client_directives_and_purge() {
+    let (fake, gw) = setup_cache("").await;
+    call(&gw, &body("cached"), &[]).await;
+    assert_eq!(
+        call(&gw, &body("cached"), &[("cache-control", "no-cache")])
+            .await
+            .1["x-promptgate-cache"],
+        "refresh"
+    );
+    assert_eq!(
+        call(&gw, &body("cached"), &[("cache-control", "no-store")])
+            .await
+            .1["x-promptgate-cache"],
+        "bypass"
+    );
+    assert_eq!(
+        call(&gw, &body("cached"), &[("x-promptgate-cache", "bypass")])
+            .await
+            .1["x-promptgate-cache"],
+        "bypass"
+    );
+    assert_eq!(fake.requests().len(), 4);
+    assert_eq!(
+        call(&gw, &body("cached"), &[]).await.1["x-promptgate-cache"],
+        "hit"
+    );
+    let r = client()
+        .delete(gw.admin_url("/admin/cache?route=cached"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["removed"], 1);
+    assert_eq!(
+        call(&gw, &body("cached"), &[]).await.1["x-promptgate-cache"],
+        "miss"
+    );
+    let st = gw.admin_status().await;
+    assert_eq!(st["cache"]["entries"], 1);
+    assert_eq!(st["cache"]["routes"]["cached"]["hits"], 1);
+}
+
+#[tokio::test]
+async fn memory_stays_within_the_byte_bound() {
+    let (_fake, gw) = setup_cache("cache: {max_bytes: 8192}\n").await;
+    for i in 0..200 {
+        let mut b = body("cached");
+        b["messages"][1]["content"] = json!(format!("distinct request {i}"));
+        assert_eq!(call(&gw, &b, &[]).await.0, 200);
+    }
+    let st = gw.admin_status().await;
+    let bytes = st["cache"]["bytes"].as_u64().unwrap();
+    assert!(bytes <= 8192, "{st}");
+    assert!(st["cache"]["evictions"].as_u64().unwrap() > 100, "{st}");
+}
+
+/// A throwaway redis-server on a free loopback port.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(port: Option<u16>) -> Redis {
+        let port = port.unwrap_or_else(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server is needed for the cache tier tests (.ci/run installs it): {e}")
+            });
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Redis { child, port };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_tier_is_shared_and_its_outage_fails_nothing() {
+    let mut redis = Redis::start(None);
+    let tier = format!(
+        "cache:\n  redis: {{url: \"redis://127.0.0.1:{}\", timeout: 100ms}}\n",
+        redis.port
+    );
+    let fake = spawn_fake().await;
+    let (mut g, p) = fake_config(&fake, ROUTES);
+    g.push_str(&tier);
+    let a = spawn_gateway(&g, &p).await;
+    let b = spawn_gateway(&g, &p).await;
+    assert_eq!(
+        call(&a, &body("cached"), &[]).await.1["x-promptgate-cache"],
+        "miss"
+    );
+    // The store is asynchronous: wait for it to land.
+    let mut hit = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (_, h, text) = call(&b, &body("cached"), &[("cache-control", "")]).await;
+        if h["x-promptgate-cache"] == "hit" {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                v["choices"][0]["message"]["content"],
+                "Hello from the fake upstream."
+            );
+            assert_eq!(v["usage"]["total_tokens"], 18);
+            hit = true;
+            break;
+        }
+    }
+    assert!(
+        hit,
+        "the second gateway found the first one's entry in Redis"
+    );
+    assert_eq!(fake.requests().len(), 1);
+    // Purge reaches Redis too.
+    let r = client()
+        .delete(a.admin_url("/admin/cache"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Redis dies: every request still succeeds; the failures are counted.
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    for i in 0..20 {
+        let mut q = body("cached");
+        q["messages"][1]["content"] = json!(format!("after the outage {i}"));
+        let (s, _, _) = call(&b, &q, &[]).await;
+        assert_eq!(s, 200);
+    }
+    let m = client()
+        .get(b.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("promptgate_cache_redis_errors_total"), "{m}");
+    let errors: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("promptgate_cache_redis_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(errors >= 1.0, "{m}");
+    // Redis comes back: the tier recovers by itself.
+    let _redis = Redis::start(Some(redis.port));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut q = body("cached");
+    q["messages"][1]["content"] = json!("after the return");
+    call(&a, &q, &[]).await;
+    let mut shared = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if call(&b, &q, &[]).await.1["x-promptgate-cache"] == "hit" {
+            shared = true;
+            break;
+        }
+    }
+    assert!(shared, "entries are shared again once Redis is back");
+}
