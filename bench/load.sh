@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# bench/load.sh — side-by-side load benchmark on loopback:
+#   (a) direct to a fixed nginx upstream   127.0.0.1:19001
+#   (b) through nginx proxy_pass           127.0.0.1:19002
+#   (c) through promptgate                 127.0.0.1:19003
+# See BENCHMARKS.md for what is measured and why.
+#
+# Environment knobs (all optional):
+#   BENCH_SKIP_BUILD=1     do not run `cargo build --release` (use the existing binary)
+#   PROMPTGATE_BIN=path    binary to run (default target/release/promptgate)
+#   BENCH_IDLE_WAIT=sec    max wait for an idle machine: no rustc/cargo, <15% CPU for 10 s (default 240)
+#   BENCH_RATE, BENCH_DURATION, BENCH_TP_DURATION, BENCH_TTFB_N   (1000, 10, 10, 500)
+#   BENCH_OUT=dir          results folder (default bench/out)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$ROOT/bench
+OUT=${BENCH_OUT:-$BENCH/out}
+TOOLS=$BENCH/.tools
+PG_BIN=${PROMPTGATE_BIN:-$ROOT/target/release/promptgate}
+RATE=${BENCH_RATE:-1000}
+DURATION=${BENCH_DURATION:-10}
+TP_DURATION=${BENCH_TP_DURATION:-10}
+TTFB_N=${BENCH_TTFB_N:-500}
+IDLE_WAIT=${BENCH_IDLE_WAIT:-240}
+PORTS=(19001 19002 19003)
+
+say() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+
+# ------------------------------------------------------------------ cleanup
+PIDS=()
+TMP=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ -n "$TMP" && -d "$TMP" ]]; then
+    mkdir -p "$OUT/logs"
+    cp -f "$TMP/promptgate.log" "$OUT/logs/promptgate.log" 2>/dev/null || true
+    cp -f "$TMP/nginx-upstream/logs/error.log" "$OUT/logs/nginx-upstream-error.log" 2>/dev/null || true
+    cp -f "$TMP/nginx-proxy/logs/error.log" "$OUT/logs/nginx-proxy-error.log" 2>/dev/null || true
+    rm -rf "$TMP"
+  fi
+  [[ $rc -eq 0 ]] || say "failed (exit $rc)"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------ tools
+apt_install() {
+  local pkg=$1
+  if ! apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    apt-get update -qq >/dev/null 2>&1 || true
+  fi
+  apt-cache policy "$pkg" | grep -q 'Candidate: [0-9]' || die "no apt candidate for $pkg"
+  say "installing $pkg (apt)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null || die "apt-get install $pkg failed"
+}
+command -v nginx >/dev/null || apt_install nginx
+command -v wrk >/dev/null || apt_install wrk
+command -v python3 >/dev/null || die "python3 is required"
+command -v pgrep >/dev/null || apt_install procps
+OHA=$(command -v oha || true)
+if [[ -z "$OHA" ]]; then
+  OHA=$TOOLS/bin/oha
+  if [[ ! -x "$OHA" ]]; then
+    say "installing oha (cargo install oha --locked, one-time, several minutes on 2 cores)"
+    cargo install oha --locked --root "$TOOLS" >"$BENCH/.oha-install.log" 2>&1 \
+      || die "cargo install oha failed (see bench/.oha-install.log)"
+  fi
+fi
+WRK=$(command -v wrk)
+NGINX=$(command -v nginx)
+
+# ------------------------------------------------------------------ build
+cd "$ROOT"
+if [[ "${BENCH_SKIP_BUILD:-0}" != 1 && -z "${PROMPTGATE_BIN:-}" ]]; then
+  say "cargo build --release"
+  cargo build --release --quiet --bin promptgate || die "cargo build --release failed"
+fi
+[[ -x "$PG_BIN" ]] || die "no promptgate binary at $PG_BIN"
+
+# ------------------------------------------------------------------ idle machine
+# Idle = no compiler process and under 15% machine CPU, for 10 s in a row. Another
+# engineer's build on the same 2 cores would otherwise distort every figure.
+compiling() { pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null || pgrep -x cc1 >/dev/null; }
+cpu_pct() {  # machine CPU use over 1 s, in percent
+  local a b
+  read -r _ a1 a2 a3 a4 a5 a6 a7 a8 _ < /proc/stat
+  sleep 1
+  read -r _ b1 b2 b3 b4 b5 b6 b7 b8 _ < /proc/stat
+  a=$((a1+a2+a3+a4+a5+a6+a7+a8)); b=$((b1+b2+b3+b4+b5+b6+b7+b8))
+  echo $(( 100 * ((b - a) - ((b4 + b5) - (a4 + a5))) / (b - a > 0 ? b - a : 1) ))
+}
+IDLE="yes"
+quiet=0; waited=0; told=0
+while (( quiet < 10 )); do
+  if compiling || (( $(cpu_pct) >= 15 )); then
+    quiet=0
+    if (( ! told )); then
+      say "machine busy (build or other load); waiting up to ${IDLE_WAIT}s for 10 quiet seconds"; told=1
+    fi
+    (( waited >= IDLE_WAIT )) && break
+    sleep 2; waited=$((waited + 3))
+  else
+    quiet=$((quiet + 1)); waited=$((waited + 1))
+  fi
+done
+if (( quiet < 10 )); then
+  IDLE="no (still busy after ${IDLE_WAIT}s wait)"; say "WARNING: machine not idle, measuring anyway"
+elif (( waited > 10 )); then
+  IDLE="yes (after waiting ${waited}s)"
+fi
+
+for p in "${PORTS[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is already in use"; fi
+done
+
+# ------------------------------------------------------------------ configs + start
+TMP=$(mktemp -d /tmp/promptgate-bench.XXXXXX)
+python3 "$BENCH/bench.py" gen --dir "$TMP" >/dev/null
+
+wait_port() {  # port pid name
+  for _ in $(seq 100); do
+    kill -0 "$2" 2>/dev/null || die "$3 exited during start-up"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "$3 is not listening on 127.0.0.1:$1 after 10s"
+}
+
+for inst in upstream proxy; do
+  "$NGINX" -t -q -c "$TMP/nginx-$inst/nginx.conf" -p "$TMP/nginx-$inst" \
+    || die "nginx ($inst) config test failed"
+done
+"$NGINX" -c "$TMP/nginx-upstream/nginx.conf" -p "$TMP/nginx-upstream" &
+NGX_UP=$!; PIDS+=("$NGX_UP")
+wait_port 19001 "$NGX_UP" "nginx upstream"
+"$NGINX" -c "$TMP/nginx-proxy/nginx.conf" -p "$TMP/nginx-proxy" &
+NGX_PX=$!; PIDS+=("$NGX_PX")
+wait_port 19002 "$NGX_PX" "nginx proxy"
+
+"$PG_BIN" check --config "$TMP/promptgate/promptgate.yaml" >&2 || die "promptgate check failed"
+"$PG_BIN" serve --config "$TMP/promptgate/promptgate.yaml" --listen 127.0.0.1:19003 \
+  2>"$TMP/promptgate.log" &
+PG=$!; PIDS+=("$PG")
+wait_port 19003 "$PG" "promptgate"
+say "started: nginx upstream pid $NGX_UP, nginx proxy pid $NGX_PX, promptgate pid $PG"
+
+python3 "$BENCH/bench.py" check --dir "$TMP" >&2 || die "smoke check failed (a target answered wrongly)"
+
+# ------------------------------------------------------------------ measure
+PG_VER="$("$PG_BIN" --version 2>/dev/null | head -1) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+uncommitted'))"
+# In the background + wait, so Ctrl-C/TERM reach the trap at once (timeout runs its
+# child in its own process group); cleanup then stops it like the servers.
+timeout 360 python3 "$BENCH/bench.py" run --dir "$TMP" --out "$OUT" \
+  --oha "$OHA" --wrk "$WRK" \
+  --pg-pid "$PG" --nginx-proxy-pid "$NGX_PX" --nginx-upstream-pid "$NGX_UP" \
+  --rate "$RATE" --duration "$DURATION" --tp-duration "$TP_DURATION" --ttfb-n "$TTFB_N" \
+  --idle "$IDLE" \
+  --oha-version "$("$OHA" --version | head -1)" \
+  --wrk-version "$("$WRK" -v 2>&1 | head -1 | cut -d' ' -f1-2)" \
+  --nginx-version "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
+  --pg-version "$PG_VER" &
+RUN=$!; PIDS=("$RUN" "${PIDS[@]}")
+wait "$RUN" || die "measurement failed"
+PIDS=("${PIDS[@]:1}")
+
+kill -0 "$PG" 2>/dev/null || die "promptgate died during the run"
+# (the gateway colours its log even into a file: strip ANSI escapes first)
+if sed 's/\x1b\[[0-9;]*m//g' "$TMP/promptgate.log" | grep -Eq ' (WARN|ERROR) '; then
+  say "promptgate logged warnings/errors during the run:"
+  sed 's/\x1b\[[0-9;]*m//g' "$TMP/promptgate.log" | grep -E ' (WARN|ERROR) ' | head -5 >&2
+fi
+say "results: $OUT/latest.md, $OUT/latest.json"
