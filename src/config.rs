@@ -431,6 +431,9 @@ struct RawProvider {
     capabilities: RawCapabilities,
     #[serde(default)]
     self_hosted: Option<bool>,
+    /// Active health checks: `{interval: 10s}`.
+    #[serde(default)]
+    health_check: Option<RawHealthCheck>,
     #[serde(default)]
     stream_usage: Option<bool>,
     #[serde(default)]
@@ -453,6 +456,12 @@ struct RawProvider {
     chatglm: Option<RawChatglm>,
     #[serde(default)]
     ollama: Option<RawOllama>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    interval: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -598,6 +607,8 @@ pub struct ProviderConfig {
     pub models: Option<Vec<(String, Capabilities)>>,
     pub capabilities: Capabilities,
     pub self_hosted: bool,
+    /// How often to run the provider's active health check, if at all.
+    pub health_check: Option<Duration>,
     pub stream_usage: bool,
     pub chat_path: String,
     pub embeddings_path: String,
@@ -1241,6 +1252,16 @@ fn validate_provider(
                 .collect(),
         ),
     };
+    let health_check = raw.health_check.map(|h| {
+        problems
+            .duration(
+                &file,
+                "health_check.interval",
+                &Some(h.interval),
+                Duration::from_secs(10),
+            )
+            .max(Duration::from_millis(100))
+    });
     ProviderConfig {
         id,
         file,
@@ -1260,6 +1281,7 @@ fn validate_provider(
                 | ProviderKind::Llamacpp
                 | ProviderKind::Ollama
         )),
+        health_check,
         stream_usage: raw.stream_usage.unwrap_or(true),
         chat_path: raw.chat_path.unwrap_or_else(|| "/chat/completions".into()),
         embeddings_path: raw.embeddings_path.unwrap_or_else(|| "/embeddings".into()),

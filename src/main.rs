@@ -377,6 +377,7 @@ fn serve(
         tokio::spawn(async move {
             let _ = axum::serve(admin_listener, admin).await;
         });
+        let _health = promptgate::gateway::spawn_health_checks(gw.clone());
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
@@ -454,6 +455,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Serve {

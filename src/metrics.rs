@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// Failures of the Redis tier by operation.
     pub cache_redis_errors: IntCounterVec,
+    /// Active health checks by provider and result.
+    pub health_checks: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -213,6 +215,14 @@ impl Metrics {
             ),
             &["op"],
         )?;
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "health_checks_total",
+                "Active health checks by provider and result",
+            ),
+            &["provider", "result"],
+        )?;
+        registry.register(Box::new(health_checks.clone()))?;
         registry.register(Box::new(cache_requests.clone()))?;
         registry.register(Box::new(cache_evictions.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
@@ -265,6 +275,7 @@ impl Metrics {
             cache_entries,
             cache_bytes,
             cache_redis_errors,
+            health_checks,
         })
     }
 

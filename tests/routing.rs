@@ -511,3 +511,97 @@ async fn per_target_model_mapping_and_overrides() {
         (json!("chat"), json!(0.1), json!(7))
     );
 }
+
+#[tokio::test]
+async fn active_health_checks_open_the_breaker_before_traffic_hits_it() {
+    let fake = spawn_fake().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let (g, mut p) = fake_config(&fake, "  checked:\n    targets:\n      - {provider: sick, model: chat}\n      - {provider: well, model: chat}\n");
+    p.push(("sick.yaml".into(), format!("kind: openai\nbase_url: http://127.0.0.1:{port}/v1\nhealth_check: {{interval: 100ms}}\n")));
+    p.push(("well.yaml".into(), format!("kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\nhealth_check: {{interval: 100ms}}\n", fake.base_url())));
+    let gw = spawn_gateway(&g, &p).await;
+    let _checks = promptgate::gateway::spawn_health_checks(gw.gw.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (s, h, _) = send(&gw, "checked", false, &[]).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-promptgate-target"], "well/chat");
+    assert_eq!(
+        h["x-promptgate-attempts"], "1",
+        "the dead target was skipped, not tried"
+    );
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("promptgate_health_checks_total{provider=\"sick\",result=\"failed\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("promptgate_health_checks_total{provider=\"well\",result=\"ok\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("promptgate_breaker_state{target=\"sick/chat\"} 2"),
+        "{m}"
+    );
+    // The healthy provider's checks carried its key.
+    assert!(fake
+        .requests()
+        .iter()
+        .all(|r| r.headers["authorization"] == format!("Bearer {FAKE_KEY}")));
+}
+
+#[tokio::test]
+async fn a_split_over_prompt_versions_renders_the_arm_version() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        concat!(
+            "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
+            "        - {name: v1, weight: 1, provider: sandbox, model: echo, prompt: {version: 1}}\n",
+            "        - {name: v2, weight: 1, provider: sandbox, model: echo, prompt: {version: 2}}\n",
+        ),
+    );
+    let prompt = "variables:\n  name: {type: string}\nlabels: {production: 1}\nversions:\n  1:\n    route: sandbox-echo\n    messages: [{role: user, content: \"one {{ name }}\"}]\n  2:\n    route: sandbox-echo\n    messages: [{role: user, content: \"two {{ name }}\"}]\n";
+    let gw = spawn_gateway_with_prompts(&g, &p, &[("greet.yaml", prompt)]).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let body = json!({"model": "greet-ab", "messages": [], "user": format!("u{i}"),
+                          "prompt": {"id": "greet", "variables": {"name": "x"}}});
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let arm = r.headers()["x-promptgate-arm"].to_str().unwrap().to_owned();
+        let version = r.headers()["x-promptgate-prompt-version"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(arm, format!("v{version}"), "the arm decides the version");
+        let v: Value = r.json().await.unwrap();
+        let expected = if version == "1" { "one x" } else { "two x" };
+        assert_eq!(v["choices"][0]["message"]["content"], expected);
+        seen.insert(version);
+    }
+    assert_eq!(seen.len(), 2);
+    // An explicit version wins over the arm.
+    let body = json!({"model": "greet-ab", "messages": [], "user": "u1",
+                      "prompt": {"id": "greet", "version": 2, "variables": {"name": "x"}}});
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-promptgate-prompt-version"], "2");
+}

@@ -194,6 +194,40 @@ impl HttpProvider {
 }
 
 impl Provider for HttpProvider {
+    fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
+        let path = self.codec.health_path()?.to_owned();
+        Some(Box::pin(async move {
+            let url = format!("{}{path}", self.base_url);
+            let mut rb = self.client.get(url).headers(self.headers.clone());
+            if let Credential::Dynamic(src) = &self.credential {
+                match src.get(&self.client).await.map_err(|e| self.own(e))? {
+                    AuthPart::Header(k, v) => rb = rb.header(k, v),
+                    AuthPart::Query(k, v) => rb = rb.query(&[(k, v)]),
+                }
+            }
+            let resp = tokio::time::timeout(self.timeouts.headers, rb.send())
+                .await
+                .map_err(|_| {
+                    self.own(UpstreamError::new(
+                        ErrorKind::Timeout,
+                        "health check timed out",
+                    ))
+                })?
+                .map_err(|e| self.own(classify_transport_error(e)))?;
+            let status = resp.status();
+            if status.is_success() {
+                Ok(())
+            } else {
+                let body = resp.bytes().await.unwrap_or_default();
+                Err(self.own(
+                    self.codec
+                        .error(status.as_u16(), &body)
+                        .with_status(status.as_u16()),
+                ))
+            }
+        }))
+    }
+
     fn chat<'a>(
         &'a self,
         req: &'a ChatRequest,

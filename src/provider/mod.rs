@@ -58,6 +58,12 @@ pub trait Provider: Send + Sync {
         req: &'a EmbeddingsRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<EmbeddingsResponse, UpstreamError>>;
+
+    /// An active health check: a cheap request showing the backend can serve.
+    /// `None` when the backend has no such request.
+    fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
+        None
+    }
 }
 
 /// An HTTP call a codec wants made: path relative to the provider's base URL, JSON

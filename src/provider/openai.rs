@@ -35,6 +35,10 @@ pub struct OpenAiCodec {
 }
 
 impl Codec for OpenAiCodec {
+    fn health_path(&self) -> Option<&str> {
+        Some("/models")
+    }
+
     fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
         Ok(HttpCall {
             path: self.quirks.chat_path.clone(),

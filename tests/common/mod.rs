@@ -229,6 +229,10 @@ pub async fn spawn_fake() -> Fake {
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
+        .route(
+            "/v1/models",
+            axum::routing::get(|| async { json(200, "{\"object\":\"list\",\"data\":[]}".into()) }),
+        )
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
