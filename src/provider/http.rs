@@ -60,6 +60,7 @@ pub struct HttpProvider {
     secret: Option<String>,
     timeouts: Timeouts,
     codec: Arc<dyn Codec>,
+    last_url: arc_swap::ArcSwapOption<(String, reqwest::Url)>,
 }
 
 impl HttpProvider {
@@ -91,7 +92,25 @@ impl HttpProvider {
             secret: settings.secret,
             timeouts: settings.timeouts,
             codec,
+            last_url: arc_swap::ArcSwapOption::empty(),
         })
+    }
+
+    /// The parsed URL for `path`. Most codecs use one path per call kind, so the
+    /// last parsed URL is kept and reused instead of re-parsing on every request.
+    fn url_for(&self, path: &str) -> Result<reqwest::Url, UpstreamError> {
+        if let Some(hit) = self.last_url.load().as_ref().filter(|h| h.0 == path) {
+            return Ok(hit.1.clone());
+        }
+        let mut text = String::with_capacity(self.base_url.len() + path.len());
+        text.push_str(&self.base_url);
+        text.push_str(path);
+        let url = reqwest::Url::parse(&text).map_err(|e| {
+            UpstreamError::new(ErrorKind::BadRequest, format!("invalid backend URL: {e}"))
+        })?;
+        self.last_url
+            .store(Some(Arc::new((path.to_owned(), url.clone()))));
+        Ok(url)
     }
 
     /// A rejected credential is dropped from the cache so the next call refreshes it.
@@ -116,12 +135,9 @@ impl HttpProvider {
     /// Sends `call` and waits for response headers. Non-2xx answers are read and
     /// classified by the codec.
     async fn send(&self, call: HttpCall) -> Result<reqwest::Response, UpstreamError> {
-        let mut url = String::with_capacity(self.base_url.len() + call.path.len());
-        url.push_str(&self.base_url);
-        url.push_str(&call.path);
         let mut rb = self
             .client
-            .post(url)
+            .post(self.url_for(&call.path)?)
             .headers(self.headers.clone())
             .body(call.body);
         for (k, v) in call.headers {
