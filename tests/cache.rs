@@ -308,6 +308,11 @@ async fn memory_stays_within_the_byte_bound() {
     let bytes = st["cache"]["bytes"].as_u64().unwrap();
     assert!(bytes <= 8192, "{st}");
     assert!(st["cache"]["evictions"].as_u64().unwrap() > 100, "{st}");
+    // A full cache still admits a new answer: its repeat is a hit.
+    let mut b = body("cached");
+    b["messages"][1]["content"] = json!("a brand new question");
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "miss");
+    assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "hit");
 }
 
 /// A throwaway redis-server on a free loopback port.
