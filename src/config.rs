@@ -436,6 +436,9 @@ struct RawProvider {
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     stream_usage: Option<bool>,
+    /// OpenAI-compatible servers that only know the legacy function-calling roles.
+    #[serde(default)]
+    legacy_functions: Option<bool>,
     #[serde(default)]
     chat_path: Option<String>,
     #[serde(default)]
@@ -610,6 +613,7 @@ pub struct ProviderConfig {
     /// How often to run the provider's active health check, if at all.
     pub health_check: Option<Duration>,
     pub stream_usage: bool,
+    pub legacy_functions: bool,
     pub chat_path: String,
     pub embeddings_path: String,
     pub settings: KindSettings,
@@ -1283,6 +1287,7 @@ fn validate_provider(
         )),
         health_check,
         stream_usage: raw.stream_usage.unwrap_or(true),
+        legacy_functions: raw.legacy_functions.unwrap_or(false),
         chat_path: raw.chat_path.unwrap_or_else(|| "/chat/completions".into()),
         embeddings_path: raw.embeddings_path.unwrap_or_else(|| "/embeddings".into()),
         settings,

@@ -18,6 +18,9 @@ pub struct Quirks {
     pub chat_path: String,
     /// Path of embeddings under the base URL.
     pub embeddings_path: String,
+    /// Write transcripts in the legacy function-calling form (roles
+    /// system/user/assistant/function), for servers such as ChatGLM3's demo.
+    pub legacy_functions: bool,
 }
 
 impl Default for Quirks {
@@ -26,6 +29,7 @@ impl Default for Quirks {
             stream_usage: true,
             chat_path: "/chat/completions".into(),
             embeddings_path: "/embeddings".into(),
+            legacy_functions: false,
         }
     }
 }
@@ -42,7 +46,12 @@ impl Codec for OpenAiCodec {
     fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
         Ok(HttpCall {
             path: self.quirks.chat_path.clone(),
-            body: wire::encode_chat_request(req, model, self.quirks.stream_usage),
+            body: wire::encode_chat_request_with(
+                req,
+                model,
+                self.quirks.stream_usage,
+                self.quirks.legacy_functions,
+            ),
             headers: Vec::new(),
         })
     }

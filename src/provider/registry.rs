@@ -27,6 +27,7 @@ fn openai_quirks(cfg: &ProviderConfig) -> Quirks {
         stream_usage: cfg.stream_usage,
         chat_path: cfg.chat_path.clone(),
         embeddings_path: cfg.embeddings_path.clone(),
+        legacy_functions: cfg.legacy_functions,
     }
 }
 

@@ -796,6 +796,9 @@ struct OutMessage<'a> {
     tool_calls: Vec<OutToolCall<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_call_id: Option<&'a str>,
+    /// Legacy single function call (servers that predate `tool_calls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function_call: Option<OutFunction<'a>>,
 }
 
 fn out_tool_calls(calls: &[ToolCall]) -> Vec<OutToolCall<'_>> {
@@ -819,7 +822,47 @@ fn out_message(m: &Message) -> OutMessage<'_> {
         name: m.name.as_deref(),
         tool_calls: out_tool_calls(&m.tool_calls),
         tool_call_id: m.tool_call_id.as_deref(),
+        function_call: None,
     }
+}
+
+/// The legacy function-calling form of a transcript, for servers that only know
+/// the roles system/user/assistant/function (ChatGLM3's `openai_api_demo`):
+/// `developer` becomes `system`, an assistant's first tool call becomes
+/// `function_call`, and a tool result becomes a `function` message named after
+/// the call it answers.
+fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut out = out_message(m);
+            match m.role {
+                Role::Developer => out.role = "system",
+                Role::Assistant if !m.tool_calls.is_empty() => {
+                    let c = &m.tool_calls[0];
+                    out.function_call = Some(OutFunction {
+                        name: &c.name,
+                        arguments: &c.arguments,
+                    });
+                    out.tool_calls = Vec::new();
+                }
+                Role::Tool => {
+                    out.role = "function";
+                    out.tool_call_id = None;
+                    out.name = m.name.as_deref().or_else(|| {
+                        let id = m.tool_call_id.as_deref()?;
+                        messages
+                            .iter()
+                            .flat_map(|x| x.tool_calls.iter())
+                            .find(|c| c.id == id)
+                            .map(|c| c.name.as_str())
+                    });
+                }
+                _ => {}
+            }
+            out
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -905,9 +948,24 @@ fn response_format_to_wire(f: &ResponseFormat) -> Value {
 /// Encodes a canonical request as an OpenAI-compatible body for `model`.
 /// `stream_usage` asks a streaming backend for its final usage chunk.
 pub fn encode_chat_request(req: &ChatRequest, model: &str, stream_usage: bool) -> Vec<u8> {
+    encode_chat_request_with(req, model, stream_usage, false)
+}
+
+/// As [`encode_chat_request`]; `legacy_functions` writes the transcript in the
+/// legacy function-calling form (see `out_messages_legacy`).
+pub fn encode_chat_request_with(
+    req: &ChatRequest,
+    model: &str,
+    stream_usage: bool,
+    legacy_functions: bool,
+) -> Vec<u8> {
     let out = OutChatRequest {
         model,
-        messages: req.messages.iter().map(out_message).collect(),
+        messages: if legacy_functions {
+            out_messages_legacy(&req.messages)
+        } else {
+            req.messages.iter().map(out_message).collect()
+        },
         temperature: req.params.temperature,
         top_p: req.params.top_p,
         max_tokens: req.params.max_tokens,
@@ -1689,6 +1747,28 @@ mod tests {
         let mut expected = client.clone();
         expected["model"] = json!("backend-model");
         assert_eq!(upstream, expected);
+    }
+
+    #[test]
+    fn legacy_function_form_for_old_servers() {
+        let req = decode_chat_request(
+            br#"{"model":"m","messages":[{"role":"developer","content":"d"},{"role":"user","content":"u"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"call_9","type":"function","function":{"name":"track","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"call_9","content":"42"}]}"#,
+        )
+        .unwrap();
+        let v: Value =
+            serde_json::from_slice(&encode_chat_request_with(&req, "m", false, true)).unwrap();
+        assert_eq!(v["messages"][0]["role"], "system");
+        assert_eq!(
+            v["messages"][2]["function_call"],
+            json!({"name": "track", "arguments": "{}"})
+        );
+        assert!(v["messages"][2].get("tool_calls").is_none());
+        assert_eq!(
+            v["messages"][3],
+            json!({"role": "function", "name": "track", "content": "42"})
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 pub static PROTOCOL: Protocol = Protocol {
     kind: "openai",
     fixtures: "chatglm3",
-    provider_yaml: |base| format!("kind: openai\nbase_url: {base}/v1\nself_hosted: true\n"),
+    provider_yaml: |base| {
+        format!("kind: openai\nbase_url: {base}/v1\nself_hosted: true\nlegacy_functions: true\n")
+    },
     model: "chatglm3-6b",
     is_stream: |path, _, body| {
         assert_eq!(path, "/v1/chat/completions");
