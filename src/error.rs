@@ -108,6 +108,30 @@ impl UpstreamError {
         }
     }
 
+    /// A failure a backend reported (in an error answer, or inside a 200 when
+    /// `status` is 200): an empty message becomes "backend answered HTTP N", a long
+    /// one is cut to 1,000 bytes (backends sometimes echo the prompt), and the
+    /// status is kept unless the answer claimed success.
+    pub fn from_backend(kind: ErrorKind, message: impl Into<String>, status: u16) -> Self {
+        let mut text: String = message.into();
+        if text.trim().is_empty() {
+            text = format!("backend answered HTTP {status}");
+        }
+        if text.len() > 1000 {
+            let mut cut = 1000;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let e = UpstreamError::new(kind, text);
+        if status == 200 {
+            e
+        } else {
+            e.with_status(status)
+        }
+    }
+
     pub fn with_status(mut self, status: u16) -> Self {
         self.status = Some(status);
         self

@@ -363,54 +363,6 @@ impl Drop for Redis {
     }
 }
 
-/// A gateway as a separate process (the real binary), for the shared tier.
-struct Process {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    fn start(gateway: &str, providers: &[(String, String)]) -> Process {
-        use std::io::{BufRead, BufReader};
-        let dir = tempfile::tempdir().unwrap();
-        write_config(dir.path(), gateway, providers);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_promptgate"))
-            .args(["serve", "--config"])
-            .arg(dir.path().join("promptgate.yaml"))
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("FAKE_UPSTREAM_KEY", FAKE_KEY)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway process started");
-        Process {
-            child,
-            base: format!("http://{addr}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn call_url(base: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
     let r = client()
         .post(format!("{base}/v1/chat/completions"))
@@ -437,7 +389,12 @@ async fn redis_tier_is_shared_by_two_processes_and_its_outage_fails_nothing() {
     g.push_str(&tier);
     // Replica A runs in this process, replica B is the real binary.
     let a = spawn_gateway(&g, &p).await;
-    let b = Process::start(&g, &p);
+    let b_dir = tempfile::tempdir().unwrap();
+    write_config(b_dir.path(), &g, &p);
+    let b = GatewayProcess::start(
+        &b_dir.path().join("promptgate.yaml"),
+        &[("FAKE_UPSTREAM_KEY", FAKE_KEY)],
+    );
     assert_eq!(
         call(&a, &body("cached"), &[]).await.1["x-promptgate-cache"],
         "miss"

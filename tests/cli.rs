@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn bin() -> Command {
@@ -87,30 +86,15 @@ fn check_reports_every_problem_with_file_and_field() {
 
 #[test]
 fn serve_answers_offline_with_the_shipped_config() {
-    let mut child = bin()
-        .args(["serve", "--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/promptgate.yaml"))
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the gateway started");
+    let gw = common::GatewayProcess::start(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/promptgate.yaml")),
+        &[],
+    );
+    let base = gw.base.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let body: serde_json::Value = rt.block_on(async {
         common::client()
-            .post(format!("http://{addr}/v1/chat/completions"))
+            .post(format!("{base}/v1/chat/completions"))
             .json(&serde_json::json!({"model": "sandbox-echo", "messages": [{"role": "user", "content": "round trip"}]}))
             .send()
             .await
@@ -119,8 +103,7 @@ fn serve_answers_offline_with_the_shipped_config() {
             .await
             .unwrap()
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(gw);
     assert_eq!(body["choices"][0]["message"]["content"], "round trip");
 }
 
@@ -258,31 +241,13 @@ fn sighup_reloads_a_running_gateway() {
         format!("labels: {{production: {n}}}\nversions:\n  1:\n    route: r\n    messages: [{{role: user, content: one}}]\n  2:\n    route: r\n    messages: [{{role: user, content: two}}]\n")
     };
     std::fs::write(dir.path().join("prompts/p.yaml"), prompt(1)).unwrap();
-    let mut child = bin()
-        .args(["serve", "--config"])
-        .arg(dir.path().join("promptgate.yaml"))
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the gateway started");
+    let gw = common::GatewayProcess::start(&dir.path().join("promptgate.yaml"), &[]);
+    let base = gw.base.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let answer = |rt: &tokio::runtime::Runtime| -> String {
         rt.block_on(async {
             let v: serde_json::Value = common::client()
-                .post(format!("http://{addr}/v1/prompts/p/chat/completions"))
+                .post(format!("{base}/v1/prompts/p/chat/completions"))
                 .json(&serde_json::json!({}))
                 .send()
                 .await
@@ -302,7 +267,7 @@ fn sighup_reloads_a_running_gateway() {
     // be served within the deadline).
     std::fs::write(dir.path().join("prompts/p.yaml"), prompt(2)).unwrap();
     let status = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &gw.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -314,6 +279,4 @@ fn sighup_reloads_a_running_gateway() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

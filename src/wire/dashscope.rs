@@ -718,29 +718,12 @@ fn classify(status: u16, code: &str, message: &str) -> UpstreamError {
             _ => ErrorKind::from_status(status),
         }
     };
-    let mut text = if message.is_empty() {
-        if code.is_empty() {
-            format!("backend answered HTTP {status}")
-        } else {
-            code.to_owned()
-        }
-    } else if code.is_empty() {
-        message.to_owned()
-    } else {
-        format!("{code}: {message}")
+    let text = match (code.is_empty(), message.is_empty()) {
+        (true, _) => message.to_owned(),
+        (false, true) => code.to_owned(),
+        (false, false) => format!("{code}: {message}"),
     };
-    if text.len() > 1000 {
-        let mut cut = 1000;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    let mut e = UpstreamError::new(kind, text);
-    if status != 200 {
-        e = e.with_status(status);
-    }
-    e
+    UpstreamError::from_backend(kind, text, status)
 }
 
 /// Classifies a non-2xx answer (or the data of an `event:error`) from its status

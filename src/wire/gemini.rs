@@ -898,17 +898,6 @@ impl EventDecoder {
 
 // --- errors ---
 
-fn truncate(mut text: String) -> String {
-    if text.len() > 1000 {
-        let mut cut = 1000;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    text
-}
-
 /// `"37s"` / `"1.5s"` (a protobuf Duration in JSON) → Duration.
 fn parse_delay(s: &str) -> Option<std::time::Duration> {
     let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
@@ -969,15 +958,7 @@ pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
     {
         kind = ErrorKind::ContextLength;
     }
-    let text = if message.is_empty() {
-        format!("backend answered HTTP {status}")
-    } else {
-        truncate(message)
-    };
-    let mut e = UpstreamError::new(kind, text);
-    if status != 200 {
-        e = e.with_status(status);
-    }
+    let mut e = UpstreamError::from_backend(kind, message, status);
     // Rate-limit answers carry a google.rpc.RetryInfo with `retryDelay`.
     e.retry_after = details
         .into_iter()

@@ -690,23 +690,7 @@ pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
     } else {
         base
     };
-    let mut text = if message.is_empty() {
-        format!("backend answered HTTP {status}")
-    } else {
-        message
-    };
-    if text.len() > 1000 {
-        let mut cut = 1000;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    let mut e = UpstreamError::new(kind, text);
-    if status != 200 {
-        e = e.with_status(status);
-    }
-    e
+    UpstreamError::from_backend(kind, message, status)
 }
 
 /// Classifies a backend's non-2xx answer from its status and body.

@@ -577,11 +577,7 @@ fn classify_code(status: u16, code: i64, msg: Option<&str>) -> UpstreamError {
         None if status == 200 => ErrorKind::Overloaded,
         None => ErrorKind::from_status(status),
     };
-    let mut e = UpstreamError::new(kind, format!("{msg} (error_code {code})"));
-    if status != 200 {
-        e = e.with_status(status);
-    }
-    e
+    UpstreamError::from_backend(kind, format!("{msg} (error_code {code})"), status)
 }
 
 /// Classifies a non-2xx answer (a gateway in front of Qianfan may answer 429,
