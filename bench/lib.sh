@@ -1,0 +1,77 @@
+# shellcheck shell=bash
+# Shared by bench/load.sh and bench/cache_hit.sh: the tools they need, the release
+# build, and waiting for an idle machine. The caller sets ROOT, BENCH, TOOLS,
+# PG_BIN, IDLE_WAIT and defines say/die before sourcing this file.
+
+apt_install() {
+  local pkg=$1
+  if ! apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    apt-get update -qq >/dev/null 2>&1 || true
+  fi
+  apt-cache policy "$pkg" | grep -q 'Candidate: [0-9]' || die "no apt candidate for $pkg"
+  say "installing $pkg (apt)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null || die "apt-get install $pkg failed"
+}
+
+# Installs what is missing; sets OHA, WRK and NGINX.
+bench_tools() {
+  command -v nginx >/dev/null || apt_install nginx
+  command -v wrk >/dev/null || apt_install wrk
+  command -v python3 >/dev/null || die "python3 is required"
+  command -v pgrep >/dev/null || apt_install procps
+  OHA=$(command -v oha || true)
+  if [[ -z "$OHA" ]]; then
+    OHA=$TOOLS/bin/oha
+    if [[ ! -x "$OHA" ]]; then
+      say "installing oha (cargo install oha --locked, one-time, several minutes on 2 cores)"
+      cargo install oha --locked --root "$TOOLS" >"$BENCH/.oha-install.log" 2>&1 \
+        || die "cargo install oha failed (see bench/.oha-install.log)"
+    fi
+  fi
+  WRK=$(command -v wrk)
+  NGINX=$(command -v nginx)
+}
+
+# Builds the release binary unless told not to (BENCH_SKIP_BUILD=1, PROMPTGATE_BIN).
+bench_build() {
+  cd "$ROOT"
+  if [[ "${BENCH_SKIP_BUILD:-0}" != 1 && -z "${PROMPTGATE_BIN:-}" ]]; then
+    say "cargo build --release"
+    cargo build --release --quiet --bin promptgate || die "cargo build --release failed"
+  fi
+  [[ -x "$PG_BIN" ]] || die "no promptgate binary at $PG_BIN"
+}
+
+# Idle = no compiler process and under 15% machine CPU, for 10 s in a row. Another
+# engineer's build on the same 2 cores would otherwise distort every figure.
+# Sets IDLE to a description for the report.
+bench_wait_idle() {
+  compiling() { pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null || pgrep -x cc1 >/dev/null; }
+  cpu_pct() {  # machine CPU use over 1 s, in percent
+    local a b
+    read -r _ a1 a2 a3 a4 a5 a6 a7 a8 _ < /proc/stat
+    sleep 1
+    read -r _ b1 b2 b3 b4 b5 b6 b7 b8 _ < /proc/stat
+    a=$((a1+a2+a3+a4+a5+a6+a7+a8)); b=$((b1+b2+b3+b4+b5+b6+b7+b8))
+    echo $(( 100 * ((b - a) - ((b4 + b5) - (a4 + a5))) / (b - a > 0 ? b - a : 1) ))
+  }
+  IDLE="yes"
+  quiet=0; waited=0; told=0
+  while (( quiet < 10 )); do
+    if compiling || (( $(cpu_pct) >= 15 )); then
+      quiet=0
+      if (( ! told )); then
+        say "machine busy (build or other load); waiting up to ${IDLE_WAIT}s for 10 quiet seconds"; told=1
+      fi
+      (( waited >= IDLE_WAIT )) && break
+      sleep 2; waited=$((waited + 3))
+    else
+      quiet=$((quiet + 1)); waited=$((waited + 1))
+    fi
+  done
+  if (( quiet < 10 )); then
+    IDLE="no (still busy after ${IDLE_WAIT}s wait)"; say "WARNING: machine not idle, measuring anyway"
+  elif (( waited > 10 )); then
+    IDLE="yes (after waiting ${waited}s)"
+  fi
+}
