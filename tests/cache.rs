@@ -76,14 +76,7 @@ async fn second_identical_request_is_a_hit_with_the_saved_usage() {
     let reordered = json!({"messages": body("cached")["messages"], "stream": false, "top_p": 1, "model": "cached", "n": 1});
     let (_, h, _) = call(&gw, &reordered, &[]).await;
     assert_eq!(h["x-promptgate-cache"], "hit");
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains("promptgate_cache_requests_total{result=\"hit\",route=\"cached\"} 2"),
         "{m}"

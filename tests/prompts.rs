@@ -112,14 +112,7 @@ async fn extension_object_renders_and_names_the_version() {
     .await;
     assert_eq!(v["choices"][0]["message"]["content"], "and one more thing");
 
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains(
             "promptgate_prompt_requests_total{prompt=\"greeting\",status=\"200\",version=\"1\"} 2"
@@ -321,14 +314,7 @@ async fn broken_prompt_files_never_start_and_never_replace_a_good_snapshot() {
     assert_eq!(st["config"]["last_error"]["problems"][0]["line"], 8);
     assert_eq!(st["prompts"][0]["id"], "greeting");
     assert_eq!(st["prompts"][0]["labels"]["production"], 1);
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(m.contains("promptgate_config_reloads_total{result=\"error\"} 1"));
 }
 

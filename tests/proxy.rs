@@ -415,14 +415,7 @@ async fn failures_after_the_stream_began_end_with_an_error_event() {
             .unwrap()
             .starts_with("pg-"));
     }
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains(
         "promptgate_stream_errors_total{kind=\"malformed_response\",provider=\"fake\",route=\"fake-cut\"} 1"
     ));
@@ -680,14 +673,7 @@ async fn metrics_count_requests_errors_latency_and_tokens() {
         &chat_body("fake-status-429", false),
     )
     .await;
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     for needle in [
         "promptgate_requests_total{provider=\"fake\",route=\"fake-chat\",status=\"200\"} 2",
         "promptgate_requests_total{provider=\"fake\",route=\"fake-status-429\",status=\"429\"} 1",

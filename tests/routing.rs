@@ -78,14 +78,7 @@ async fn fallback_on_retryable_failures_in_both_modes() {
         ["status-503", "status-429", "status-503", "status-429"]
     );
     assert_eq!(backup.requests().len(), 2);
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(m.contains("promptgate_fallbacks_total{from=\"fake/status-429\",kind=\"rate_limited\",route=\"chain\",to=\"backup/chat\"} 2"), "{m}");
     assert!(m.contains("promptgate_attempts_total{result=\"overloaded\",route=\"chain\",target=\"fake/status-503\"} 2"));
 }
@@ -226,14 +219,7 @@ async fn circuit_breaker_opens_skips_and_half_opens() {
     assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
     assert_eq!(fake.requests().len(), 3);
     assert_eq!(backup.requests().len(), 5);
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains("promptgate_breaker_state{target=\"fake/status-500\"} 2"),
         "{m}"
@@ -301,14 +287,7 @@ async fn sticky_split_assigns_subjects_to_arms() {
         .sum();
     assert_eq!(total, 120, "{e}");
     assert!(arms_json[0]["latency_p95_ms"].as_f64().unwrap() > 0.0);
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(m.contains("promptgate_arm_requests_total{arm=\"canary\",route=\"ab\",status=\"200\"}"));
 }
 
@@ -531,14 +510,7 @@ async fn active_health_checks_open_the_breaker_before_traffic_hits_it() {
         h["x-promptgate-attempts"], "1",
         "the dead target was skipped, not tried"
     );
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = gw.metrics().await;
     assert!(
         m.contains("promptgate_health_checks_total{provider=\"sick\",result=\"failed\"}"),
         "{m}"

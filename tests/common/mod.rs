@@ -258,6 +258,17 @@ impl Gw {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin_addr)
     }
