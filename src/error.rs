@@ -163,6 +163,9 @@ pub enum GatewayError {
     UnknownModel { model: String, available: String },
     #[error("provider `{provider}` is unavailable: {reason}")]
     ProviderUnavailable { provider: String, reason: String },
+    /// No target of a route could be tried (private-only, breakers open, …).
+    #[error("no target of route `{route}` can take the request: {reason}")]
+    NoTarget { route: String, reason: String },
     #[error("route `{route}` does not support {capability}")]
     Unsupported { route: String, capability: String },
     #[error("{0}")]
@@ -190,7 +193,7 @@ impl GatewayError {
             GatewayError::UnknownModel { .. }
             | GatewayError::NotFound { .. }
             | GatewayError::NotFoundPrompt { .. } => 404,
-            GatewayError::ProviderUnavailable { .. } => 503,
+            GatewayError::ProviderUnavailable { .. } | GatewayError::NoTarget { .. } => 503,
             GatewayError::Upstream(e) => e.kind.client_status(e.status),
             GatewayError::Internal(_) => 500,
         }
@@ -204,6 +207,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UnknownModel { .. } => "model_not_found",
             GatewayError::ProviderUnavailable { .. } => "provider_unavailable",
+            GatewayError::NoTarget { .. } => "no_target_available",
             GatewayError::Unsupported { .. } => "unsupported",
             GatewayError::Upstream(e) => match e.kind {
                 ErrorKind::ContextLength => "context_length_exceeded",

@@ -368,14 +368,17 @@ impl Gateway {
             return Some(Skip::NotPrivate);
         }
         if let ProviderState::Unavailable(r) = &t.provider {
-            return Some(Skip::Unavailable(r.clone()));
+            return Some(Skip::Unavailable(t.provider_id.clone(), r.clone()));
         }
         if self
             .book
             .fault(&t.provider_id)
             .is_some_and(|f| f.kind == FaultKind::Disabled)
         {
-            return Some(Skip::Unavailable("disabled by an operator".into()));
+            return Some(Skip::Unavailable(
+                t.provider_id.clone(),
+                "disabled by an operator".into(),
+            ));
         }
         if let Err(capability) = check_capabilities(t, req) {
             return Some(Skip::Capability(capability));
@@ -743,7 +746,8 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
 /// Why a target was passed over without a call.
 enum Skip {
     NotPrivate,
-    Unavailable(String),
+    /// (provider, why)
+    Unavailable(Arc<str>, String),
     Capability(&'static str),
     Context(u32, u32),
     Open,
@@ -794,11 +798,23 @@ fn give_up(
         }
     }
     if private && skips.iter().all(|s| matches!(s, Skip::NotPrivate)) {
-        return GatewayError::ProviderUnavailable {
-            provider: route.name.to_string(),
+        return GatewayError::NoTarget {
+            route: route.name.to_string(),
             reason: "the request is private and no target of this route is a self-hosted provider"
                 .into(),
         };
+    }
+    // Every target's provider is unavailable (e.g. its key is unset): name it.
+    if let Some(Skip::Unavailable(provider, reason)) = skips.first() {
+        if skips
+            .iter()
+            .all(|s| matches!(s, Skip::Unavailable(p, _) if p == provider))
+        {
+            return GatewayError::ProviderUnavailable {
+                provider: provider.to_string(),
+                reason: reason.clone(),
+            };
+        }
     }
     if let Some(Skip::Context(need, window)) = skips.iter().find(|s| matches!(s, Skip::Context(..)))
     {
@@ -816,18 +832,15 @@ fn give_up(
         .iter()
         .map(|s| match s {
             Skip::NotPrivate => "not self-hosted".to_string(),
-            Skip::Unavailable(r) => r.clone(),
+            Skip::Unavailable(p, r) => format!("{p}: {r}"),
             Skip::Capability(c) => format!("no {c}"),
             Skip::Context(n, w) => format!("{n} tokens > window {w}"),
             Skip::Open => "circuit open".to_string(),
         })
         .collect();
-    GatewayError::ProviderUnavailable {
-        provider: route.name.to_string(),
-        reason: format!(
-            "no target can take the request now ({})",
-            reasons.join("; ")
-        ),
+    GatewayError::NoTarget {
+        route: route.name.to_string(),
+        reason: reasons.join("; "),
     }
 }
 

@@ -542,6 +542,7 @@ async fn bad_input_gets_precise_errors() {
         .as_str()
         .unwrap()
         .contains("PROMPTGATE_TEST_UNSET_KEY"));
+    assert_eq!(v["error"]["provider"], "keyless");
 
     assert!(
         fake.requests().is_empty(),

@@ -309,6 +309,7 @@ async fn private_requests_stay_on_self_hosted_targets() {
     )
     .await;
     assert_eq!(s, 503, "{body}");
+    assert!(body.contains("\"code\":\"no_target_available\""), "{body}");
     assert!(
         body.contains("no target of this route is a self-hosted provider"),
         "{body}"

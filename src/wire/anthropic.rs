@@ -1800,7 +1800,9 @@ pub fn error_type(err: &GatewayError) -> &'static str {
         }
         GatewayError::PayloadTooLarge { .. } => "request_too_large",
         GatewayError::UnknownModel { .. } | GatewayError::NotFound { .. } => "not_found_error",
-        GatewayError::ProviderUnavailable { .. } | GatewayError::Internal(_) => "api_error",
+        GatewayError::ProviderUnavailable { .. }
+        | GatewayError::NoTarget { .. }
+        | GatewayError::Internal(_) => "api_error",
         GatewayError::Upstream(e) => match e.kind {
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Overloaded => "overloaded_error",

@@ -1312,6 +1312,7 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
         GatewayError::ProviderUnavailable { provider, .. } => {
             ("upstream_error", None, None, Some(provider.as_str()))
         }
+        GatewayError::NoTarget { .. } => ("upstream_error", None, None, None),
         GatewayError::Upstream(e) => (
             match e.kind {
                 ErrorKind::BadRequest | ErrorKind::ContextLength | ErrorKind::ContentFilter => {
