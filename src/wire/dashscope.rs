@@ -612,7 +612,7 @@ impl EventDecoder {
             .into_iter()
             .enumerate()
         {
-            let index = c.index.unwrap_or(i as u32);
+            let index = super::choice_index(c.index.unwrap_or(i as u32))?;
             let slot = index as usize;
             if self.choices.len() <= slot {
                 self.choices.resize(slot + 1, ChoiceState::default());
@@ -1121,6 +1121,15 @@ mod tests {
             Some(Content::Text("hi".into()))
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn a_giant_choice_index_is_malformed_not_an_allocation() {
+        let sse = "id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"choices\":[{\"index\":4294967295,\"message\":{\"content\":\"x\",\"role\":\"assistant\"},\"finish_reason\":\"null\"}]},\"request_id\":\"r\"}\n\n";
+        let (_, r) = stream(sse, sse.len());
+        assert_eq!(r.unwrap_err().kind, ErrorKind::MalformedResponse);
+        let ok = sse.replace("4294967295", "63");
+        assert!(stream(&ok, ok.len()).1.is_ok());
     }
 
     #[test]

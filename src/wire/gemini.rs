@@ -834,7 +834,7 @@ impl EventDecoder {
             self.usage = Some(u.canonical());
         }
         for (i, c) in r.candidates.into_iter().enumerate() {
-            let index = c.index.unwrap_or(i as u32);
+            let index = super::choice_index(c.index.unwrap_or(i as u32))?;
             let slot = index as usize;
             if self.candidates.len() <= slot {
                 self.candidates.resize(slot + 1, CandidateState::default());
@@ -1446,6 +1446,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContentFilter);
+    }
+
+    #[test]
+    fn a_giant_candidate_index_is_malformed_not_an_allocation() {
+        let sse = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"a\"}]}, \"index\": 4294967295}]}\n\n";
+        let e = stream(sse, sse.len()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+        let ok = sse.replace("4294967295", "63");
+        assert!(stream(&ok, ok.len()).is_ok());
     }
 
     #[test]

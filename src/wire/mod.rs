@@ -14,7 +14,26 @@ pub mod qianfan;
 pub mod zhipu;
 
 use crate::canonical::{ChatRequest, ChatResponse, StreamEvent};
-use crate::error::GatewayError;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
+
+/// Choice indexes a backend may use in a stream: `0..MAX_CHOICES`. Decoders keep
+/// per-choice state, and an index is an upstream-controlled number, so anything
+/// beyond this is a malformed response rather than a reason to allocate.
+pub const MAX_CHOICES: u32 = 64;
+
+/// `index` when it is below [`MAX_CHOICES`], else a `malformed_response` error.
+pub fn choice_index(index: u32) -> Result<u32, UpstreamError> {
+    if index < MAX_CHOICES {
+        Ok(index)
+    } else {
+        Err(UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            format!(
+                "backend sent choice index {index}; at most {MAX_CHOICES} choices are accepted"
+            ),
+        ))
+    }
+}
 
 /// A client-facing API dialect: how chat requests, responses, streams and errors
 /// look on the wire.

@@ -575,6 +575,7 @@ impl ChunkDecoder {
             }));
         }
         for ch in c.choices {
+            super::choice_index(ch.index)?;
             let d = ch.delta.unwrap_or_default();
             let mut tool_calls: Vec<ToolCallDelta> = d
                 .tool_calls
@@ -1862,6 +1863,15 @@ mod tests {
             })
             .collect();
         assert_eq!(text, "Hello from the tiny test model");
+    }
+
+    #[test]
+    fn a_giant_choice_index_is_malformed() {
+        let mut dec = ChunkDecoder::default();
+        let mut out = Vec::new();
+        let chunk = r#"{"id":"c","choices":[{"index":4294967295,"delta":{"content":"x"}}]}"#;
+        let e = dec.decode(chunk, &mut out).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
     }
 
     #[test]
