@@ -111,12 +111,12 @@ enum OutBlock<'a> {
         source: OutSource<'a>,
     },
     ToolUse {
-        id: &'a str,
+        id: Cow<'a, str>,
         name: &'a str,
         input: Value,
     },
     ToolResult {
-        tool_use_id: &'a str,
+        tool_use_id: Cow<'a, str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         content: Option<OutResultContent<'a>>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -184,8 +184,8 @@ struct OutRequest<'a> {
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<&'a String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<OutMetadata<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -213,9 +213,14 @@ fn image_source(url: &str) -> OutSource<'_> {
     OutSource::Url { url }
 }
 
+/// The API rejects text blocks that are empty or only whitespace.
+fn blank(t: &str) -> bool {
+    t.trim().is_empty()
+}
+
 fn part_block(p: &Part) -> Option<Block<'_>> {
     match p {
-        Part::Text(t) if t.is_empty() => None,
+        Part::Text(t) if blank(t) => None,
         Part::Text(t) => Some(Block::Known(OutBlock::Text { text: t })),
         Part::Image { url, .. } => Some(Block::Known(OutBlock::Image {
             source: image_source(url),
@@ -227,7 +232,7 @@ fn part_block(p: &Part) -> Option<Block<'_>> {
 
 fn content_blocks<'a>(c: &'a Content, out: &mut Vec<Block<'a>>) {
     match c {
-        Content::Text(t) if t.is_empty() => {}
+        Content::Text(t) if blank(t) => {}
         Content::Text(t) => out.push(Block::Known(OutBlock::Text { text: t })),
         Content::Parts(parts) => out.extend(parts.iter().filter_map(part_block)),
     }
@@ -245,7 +250,7 @@ fn tool_result(m: &Message) -> Block<'_> {
                 }
                 None => t.as_str(),
             };
-            (!t.is_empty()).then_some(OutResultContent::Text(t))
+            (!blank(t)).then_some(OutResultContent::Text(t))
         }
         Some(Content::Parts(parts)) => {
             let mut blocks = Vec::with_capacity(parts.len());
@@ -253,7 +258,7 @@ fn tool_result(m: &Message) -> Block<'_> {
                 if let (0, Part::Text(t)) = (i, p) {
                     if let Some(rest) = t.strip_prefix(TOOL_ERROR_PREFIX) {
                         is_error = true;
-                        if !rest.is_empty() {
+                        if !blank(rest) {
                             blocks.push(Block::Known(OutBlock::Text { text: rest }));
                         }
                         continue;
@@ -265,7 +270,7 @@ fn tool_result(m: &Message) -> Block<'_> {
         }
     };
     Block::Known(OutBlock::ToolResult {
-        tool_use_id: m.tool_call_id.as_deref().unwrap_or_default(),
+        tool_use_id: super::tool_id::portable(m.tool_call_id.as_deref().unwrap_or_default()),
         content,
         is_error,
     })
@@ -291,6 +296,13 @@ fn tool_choice_to_wire(choice: Option<&ToolChoice>, no_parallel: bool) -> Option
     Some(Value::Object(m))
 }
 
+/// `service_tier` values this API knows: `auto` (shared with OpenAI) and its own
+/// `standard_only`. OpenAI's `default`, `flex`, `scale` and `priority` would be
+/// refused, so they are dropped.
+fn service_tier_ok(v: &Value) -> bool {
+    matches!(v.as_str(), Some("auto" | "standard_only"))
+}
+
 /// Encodes a canonical request as a Messages body for `model`. `default_max_tokens`
 /// fills the required `max_tokens` when the client gave no limit.
 pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u32) -> Vec<u8> {
@@ -301,7 +313,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
             Role::System | Role::Developer => {
                 if let Some(c) = &m.content {
                     let t = c.text();
-                    if !t.is_empty() {
+                    if !blank(&t) {
                         if !system.is_empty() {
                             system.push_str("\n\n");
                         }
@@ -324,7 +336,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
                 }
                 for tc in &m.tool_calls {
                     b.push(Block::Known(OutBlock::ToolUse {
-                        id: &tc.id,
+                        id: super::tool_id::portable(&tc.id),
                         name: &tc.name,
                         input: tool_input(&tc.arguments),
                     }));
@@ -384,8 +396,12 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
         system: &system,
         messages,
         temperature: req.params.temperature.map(|t| t.clamp(0.0, 1.0)),
-        top_p: req.params.top_p,
-        stop_sequences: &req.params.stop,
+        // Current models refuse both at once; the temperature wins.
+        top_p: req
+            .params
+            .top_p
+            .filter(|_| req.params.temperature.is_none()),
+        stop_sequences: req.params.stop.iter().filter(|s| !blank(s)).collect(),
         metadata: req
             .params
             .user
@@ -417,6 +433,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
         passthrough: PASSTHROUGH
             .iter()
             .filter_map(|k| req.extra.get(*k).map(|v| (*k, v)))
+            .filter(|(k, v)| *k != "service_tier" || service_tier_ok(v))
             .collect(),
     };
     serde_json::to_vec(&out).unwrap_or_default()
@@ -1465,7 +1482,7 @@ enum RespBlock<'a> {
         text: Cow<'a, str>,
     },
     ToolUse {
-        id: &'a str,
+        id: Cow<'a, str>,
         name: &'a str,
         input: Value,
     },
@@ -1525,7 +1542,7 @@ pub fn encode_chat_response(resp: &ChatResponse, model: &str) -> Vec<u8> {
         }
         for tc in &m.tool_calls {
             content.push(RespBlock::ToolUse {
-                id: &tc.id,
+                id: super::tool_id::portable(&tc.id),
                 name: &tc.name,
                 input: tool_input(&tc.arguments),
             });
@@ -1686,7 +1703,10 @@ impl EventEncoder {
         let index = match known {
             Some(&(_, block)) => block,
             None => {
-                let id = t.id.clone().unwrap_or_else(new_tool_id);
+                let id = match t.id.as_deref() {
+                    Some(id) => super::tool_id::portable(id).into_owned(),
+                    None => new_tool_id(),
+                };
                 let block = self.open(
                     Open::Tool(t.index),
                     serde_json::json!({"type": "tool_use", "id": id,
@@ -1926,6 +1946,114 @@ mod tests {
     }
 
     #[test]
+    fn sampling_stops_and_service_tier_are_what_the_api_accepts() {
+        let mut req = request(vec![Message::text(Role::User, "hi")]);
+        req.params.temperature = Some(0.3);
+        req.params.top_p = Some(0.9);
+        req.params.stop = vec!["END".into(), " ".into(), "\n\t".into(), "".into()];
+        req.extra.insert("service_tier".into(), json!("auto"));
+        let v = encode(&req);
+        assert_eq!(v["temperature"], json!(0.3));
+        assert!(v.get("top_p").is_none(), "temperature wins: {v}");
+        assert_eq!(v["stop_sequences"], json!(["END"]));
+        assert_eq!(v["service_tier"], json!("auto"));
+
+        req.params.temperature = None;
+        req.params.stop = vec![" ".into()];
+        for tier in ["default", "flex", "priority", "scale"] {
+            req.extra.insert("service_tier".into(), json!(tier));
+            let v = encode(&req);
+            assert!(v.get("service_tier").is_none(), "{tier}: {v}");
+            assert_eq!(v["top_p"], json!(0.9), "top_p alone is kept");
+            assert!(v.get("stop_sequences").is_none());
+        }
+        req.extra
+            .insert("service_tier".into(), json!("standard_only"));
+        assert_eq!(encode(&req)["service_tier"], json!("standard_only"));
+    }
+
+    #[test]
+    fn whitespace_only_text_blocks_are_dropped() {
+        let mut parts = Message::text(Role::User, "");
+        parts.content = Some(Content::Parts(vec![
+            Part::Text(" \n".into()),
+            Part::Text("real".into()),
+        ]));
+        let mut call = Message::text(Role::Assistant, "  ");
+        call.tool_calls = vec![ToolCall {
+            id: "toolu_1".into(),
+            name: "f".into(),
+            arguments: "{}".into(),
+        }];
+        let mut result = Message::text(Role::Tool, "\n");
+        result.tool_call_id = Some("toolu_1".into());
+        let v = encode(&request(vec![
+            Message::text(Role::System, "  "),
+            Message::text(Role::User, "\n\n"),
+            parts,
+            call,
+            result,
+        ]));
+        assert!(v.get("system").is_none(), "{v}");
+        assert_eq!(v["messages"][0], json!({"role": "user", "content": "real"}));
+        assert_eq!(
+            v["messages"][1]["content"],
+            json!([{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}])
+        );
+        assert_eq!(
+            v["messages"][2]["content"],
+            json!([{"type": "tool_result", "tool_use_id": "toolu_1"}])
+        );
+    }
+
+    #[test]
+    fn foreign_tool_ids_are_mapped_to_the_id_pattern_consistently() {
+        // An id from another backend: too long and outside `[A-Za-z0-9_-]`.
+        let foreign = "call_0123456789abcdef~ts~c2lnbmF0dXJl+/=";
+        let mut call = Message::text(Role::Assistant, "");
+        call.tool_calls = vec![ToolCall {
+            id: foreign.into(),
+            name: "f".into(),
+            arguments: "{}".into(),
+        }];
+        let mut result = Message::text(Role::Tool, "42");
+        result.tool_call_id = Some(foreign.into());
+        let v = encode(&request(vec![Message::text(Role::User, "q"), call, result]));
+        let id = v["messages"][1]["content"][0]["id"].as_str().unwrap();
+        assert!(crate::wire::tool_id::is_portable(id), "{id}");
+        assert_eq!(v["messages"][2]["content"][0]["tool_use_id"], json!(id));
+
+        // And what a client is handed is within the pattern too.
+        let resp = response(
+            None,
+            vec![ToolCall {
+                id: foreign.into(),
+                name: "f".into(),
+                arguments: "{}".into(),
+            }],
+            FinishReason::ToolCalls,
+        );
+        let out: Value = serde_json::from_slice(&encode_chat_response(&resp, "m")).unwrap();
+        assert_eq!(out["content"][0]["id"], json!(id));
+        let mut enc = EventEncoder::new("m");
+        let mut bytes = Vec::new();
+        enc.encode(
+            &StreamEvent::Delta(Delta {
+                tool_calls: vec![ToolCallDelta {
+                    index: 0,
+                    id: Some(foreign.into()),
+                    name: Some("f".into()),
+                    arguments: Some("{}".into()),
+                }],
+                ..Delta::default()
+            }),
+            &mut bytes,
+        );
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.contains(id) && !text.contains("~ts~"), "{text}");
+    }
+
+    #[test]
     fn canonical_request_encodes_to_messages() {
         let mut user_parts = Message::text(Role::User, "");
         user_parts.content = Some(Content::Parts(vec![
@@ -2034,7 +2162,6 @@ mod tests {
                     ]}
                 ],
                 "temperature": 1.0,
-                "top_p": 0.9,
                 "stop_sequences": ["END"],
                 "metadata": {"user_id": "user-42"},
                 "tools": [
@@ -2380,6 +2507,8 @@ mod tests {
             serde_json::from_slice(&encode_chat_request(&req, "claude-x", 1)).unwrap();
         let mut expected = client.clone();
         expected["model"] = json!("claude-x");
+        // Both were sent; the backend gets the temperature only.
+        expected.as_object_mut().unwrap().remove("top_p");
         assert_eq!(upstream, expected);
     }
 

@@ -9,11 +9,16 @@
 //!   turn, named after the assistant tool call with the same id earlier in the
 //!   transcript. Adjacent turns of the same role are merged.
 //! - Tool-call arguments are objects on the wire and JSON strings in canonical
-//!   types. Gemini may omit call ids; we generate `call_<hex>`. A call's
-//!   `thoughtSignature` (Gemini 3 rejects replayed calls without it) is carried
-//!   inside the id we hand out, after [`SIGNATURE_MARK`], and put back on the
-//!   `functionCall` part when the client replays the call. Replayed calls with no
-//!   signature get Google's documented bypass value on Gemini ≥ 3 models.
+//!   types. Gemini may omit call ids; we generate `call_<32 hex>` (128 random
+//!   bits, so ids cannot be guessed). A call's `thoughtSignature` (Gemini 3
+//!   rejects replayed calls without it) is hundreds of base64 characters, too long
+//!   for any portable id, so it stays in the gateway: a bounded in-process map
+//!   ([`signatures`]) from the call id to the signature, read back when the client
+//!   replays the call. The id the client sees is always a portable one
+//!   (`wire::tool_id`). Replayed calls whose signature is unknown (history from
+//!   another backend or another gateway process, or evicted) get Google's
+//!   documented bypass value on Gemini ≥ 3 models. Ids of the older form
+//!   `<id>~ts~<signature>` are still read.
 //! - Tool and response schemas are cut down to the OpenAPI subset Gemini accepts
 //!   (see [`gemini_schema`]).
 //! - Streamed `usageMetadata` is a running total: only the last one is emitted, once,
@@ -37,7 +42,71 @@ pub const SIGNATURE_MARK: &str = "~ts~";
 const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
 
 fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
+    format!("call_{:032x}", rand::random::<u128>())
+}
+
+/// Thought signatures of the function calls handed to clients, by call id.
+///
+/// Bounded by entries and bytes, oldest first out; a signature that is gone is
+/// replaced by the documented bypass value, which costs the model its saved
+/// reasoning, never the request. One map per process, shared by every Gemini
+/// provider and every config snapshot, so a signature survives a reload.
+pub mod signatures {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    /// At most this many signatures are kept.
+    pub const MAX_ENTRIES: usize = 65_536;
+    /// At most this many bytes of ids and signatures are kept.
+    pub const MAX_BYTES: usize = 64 << 20;
+    /// A longer signature is not kept (Gemini's are a few kilobytes at most).
+    pub const MAX_SIGNATURE: usize = 64 << 10;
+
+    #[derive(Default)]
+    struct Book {
+        map: HashMap<Arc<str>, Arc<str>>,
+        order: VecDeque<Arc<str>>,
+        bytes: usize,
+    }
+
+    static BOOK: Mutex<Option<Book>> = Mutex::new(None);
+
+    /// Remembers `signature` for the call `id`.
+    pub fn remember(id: &str, signature: &str) {
+        if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+            return;
+        }
+        let mut guard = BOOK.lock().unwrap_or_else(PoisonError::into_inner);
+        let book = guard.get_or_insert_with(Book::default);
+        let id: Arc<str> = Arc::from(id);
+        let cost = id.len() + signature.len();
+        if let Some(old) = book.map.insert(Arc::clone(&id), Arc::from(signature)) {
+            book.bytes = book.bytes.saturating_sub(id.len() + old.len());
+        } else {
+            book.order.push_back(id);
+        }
+        book.bytes = book.bytes.saturating_add(cost);
+        while book.map.len() > MAX_ENTRIES || book.bytes > MAX_BYTES {
+            let Some(oldest) = book.order.pop_front() else {
+                break;
+            };
+            if let Some(sig) = book.map.remove(&oldest) {
+                book.bytes = book.bytes.saturating_sub(oldest.len() + sig.len());
+            }
+        }
+    }
+
+    /// The signature remembered for the call `id`.
+    pub fn recall(id: &str) -> Option<Arc<str>> {
+        let guard = BOOK.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.as_ref()?.map.get(id).cloned()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len() -> usize {
+        let guard = BOOK.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.as_ref().map_or(0, |b| b.map.len())
+    }
 }
 
 /// Splits an id we handed out into (id, thought signature).
@@ -45,18 +114,6 @@ fn split_call_id(id: &str) -> (&str, Option<&str>) {
     match id.split_once(SIGNATURE_MARK) {
         Some((base, sig)) if !sig.is_empty() => (base, Some(sig)),
         _ => (id, None),
-    }
-}
-
-fn join_call_id(id: String, signature: Option<&str>) -> String {
-    match signature.filter(|s| !s.is_empty()) {
-        Some(sig) => {
-            let mut out = id;
-            out.push_str(SIGNATURE_MARK);
-            out.push_str(sig);
-            out
-        }
-        None => id,
     }
 }
 
@@ -123,7 +180,7 @@ struct OutPart<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     function_response: Option<OutFunctionResponse<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    thought_signature: Option<&'a str>,
+    thought_signature: Option<Cow<'a, str>>,
 }
 
 impl<'a> OutPart<'a> {
@@ -495,7 +552,11 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                 let mut signed = false;
                 let first_call = parts.len();
                 for call in &m.tool_calls {
-                    let (_, signature) = split_call_id(&call.id);
+                    let signature = match split_call_id(&call.id) {
+                        (_, Some(sig)) => Some(Cow::Borrowed(sig)),
+                        (id, None) => signatures::recall(&crate::wire::tool_id::portable(id))
+                            .map(|s| Cow::Owned(s.to_string())),
+                    };
                     signed |= signature.is_some();
                     call_names.insert(call.id.as_str(), call.name.as_str());
                     parts.push(OutPart {
@@ -508,7 +569,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                     });
                 }
                 if sign_calls && !signed && !m.tool_calls.is_empty() {
-                    parts[first_call].thought_signature = Some(SKIP_SIGNATURE);
+                    parts[first_call].thought_signature = Some(Cow::Borrowed(SKIP_SIGNATURE));
                 }
                 ("model", parts)
             }
@@ -691,9 +752,15 @@ fn finish(reason: &str, has_calls: bool) -> FinishReason {
 }
 
 fn tool_call(f: InFunctionCall, signature: Option<&str>) -> ToolCall {
-    let id = f.id.filter(|i| !i.is_empty()).unwrap_or_else(new_call_id);
+    let id = match f.id.as_deref().filter(|i| !i.is_empty()) {
+        Some(id) => crate::wire::tool_id::portable(id).into_owned(),
+        None => new_call_id(),
+    };
+    if let Some(sig) = signature {
+        signatures::remember(&id, sig);
+    }
     ToolCall {
-        id: join_call_id(id, signature),
+        id,
         name: f.name.unwrap_or_default(),
         arguments: match f.args {
             Some(v @ Value::Object(_)) => v.to_string(),
@@ -1321,7 +1388,8 @@ mod tests {
         let resp = decode_chat_response(fixture("signed_call.json").as_bytes()).unwrap();
         let call = &resp.choices[0].message.tool_calls[0];
         assert!(call.id.starts_with("call_"), "{}", call.id);
-        assert!(call.id.ends_with("~ts~c2lnbmF0dXJl"), "{}", call.id);
+        // The signature stays in the gateway: the id is one every backend accepts.
+        assert!(crate::wire::tool_id::is_portable(&call.id), "{}", call.id);
         let req = request(vec![
             Message::text(Role::User, "Weather?"),
             assistant_call(&call.id, &call.name, &call.arguments),
@@ -1337,6 +1405,68 @@ mod tests {
             body["contents"][2]["parts"][0]["functionResponse"]["name"],
             "get_weather"
         );
+    }
+
+    #[test]
+    fn streamed_signed_calls_have_portable_ids_and_keep_their_signature() {
+        let sse = concat!(
+            "data: {\"candidates\": [{\"content\": {\"role\": \"model\", \"parts\": [{\"functionCall\": ",
+            "{\"name\": \"get_weather\", \"args\": {\"city\": \"Paris\"}}, \"thoughtSignature\": ",
+            "\"CiQBVKhc7/+/=c2lnbmF0dXJlIG9mIGEgc3RyZWFtZWQgY2FsbA==\"}]}, \"finishReason\": \"STOP\", \"index\": 0}]}\n\n"
+        );
+        let (events, done) = stream(sse, 7).unwrap();
+        assert!(done);
+        let id = events
+            .iter()
+            .find_map(|e| match e {
+                StreamEvent::Delta(d) => d.tool_calls.first().and_then(|t| t.id.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(crate::wire::tool_id::is_portable(&id), "{id}");
+        let req = request(vec![
+            Message::text(Role::User, "Weather?"),
+            assistant_call(&id, "get_weather", "{\"city\":\"Paris\"}"),
+            tool_result(&id, "sunny"),
+        ]);
+        let body = encode(&req, "gemini-3-pro-preview");
+        assert_eq!(
+            body["contents"][1]["parts"][0]["thoughtSignature"],
+            json!("CiQBVKhc7/+/=c2lnbmF0dXJlIG9mIGEgc3RyZWFtZWQgY2FsbA==")
+        );
+    }
+
+    #[test]
+    fn older_ids_carrying_a_signature_are_still_read() {
+        let id = "call_0123456789abcdef~ts~c2lnbmF0dXJl";
+        let req = request(vec![
+            Message::text(Role::User, "Weather?"),
+            assistant_call(id, "f", "{}"),
+            tool_result(id, "1"),
+        ]);
+        let body = encode(&req, "gemini-3-pro-preview");
+        assert_eq!(
+            body["contents"][1]["parts"][0]["thoughtSignature"],
+            json!("c2lnbmF0dXJl")
+        );
+        assert_eq!(
+            body["contents"][2]["parts"][0]["functionResponse"]["name"],
+            "f"
+        );
+    }
+
+    #[test]
+    fn the_signature_map_is_bounded() {
+        let big = "s".repeat(signatures::MAX_SIGNATURE + 1);
+        signatures::remember("call_too_big", &big);
+        assert!(signatures::recall("call_too_big").is_none());
+        for i in 0..(signatures::MAX_ENTRIES + 10) {
+            signatures::remember(&format!("call_bound_{i}"), "sig");
+        }
+        assert!(signatures::len() <= signatures::MAX_ENTRIES);
+        assert!(signatures::recall("call_bound_0").is_none(), "oldest out");
+        let last = format!("call_bound_{}", signatures::MAX_ENTRIES + 9);
+        assert_eq!(signatures::recall(&last).as_deref(), Some("sig"));
     }
 
     #[test]

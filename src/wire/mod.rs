@@ -57,3 +57,74 @@ pub trait StreamEncoder: Send {
     /// The final bytes of a stream that failed after it began.
     fn encode_error(&mut self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>);
 }
+
+/// Tool-call ids that every protocol accepts.
+///
+/// A tool call's id travels from the backend that made it, through the client, to
+/// whichever backend receives the next turn (possibly another one after a
+/// fallback). OpenAI accepts at most 40 characters, Anthropic only
+/// `[A-Za-z0-9_-]`, and backends invent ids of every shape (ChatGLM3 sends none,
+/// some servers send 46 characters, old Gemini ids carried a thought signature).
+/// So every id the gateway writes, to a client or to a backend, goes through
+/// [`tool_id::portable`]: an id already within 40 characters of `[A-Za-z0-9_-]`
+/// is kept as it is; any other id is replaced by `call_` + 32 hex digits of its
+/// SHA-256. The mapping is a pure function, so a call and the tool result that
+/// answers it map to the same id on every backend without any state, and a mapped
+/// id maps to itself.
+pub mod tool_id {
+    use std::borrow::Cow;
+
+    /// The longest id every protocol accepts (OpenAI's limit).
+    pub const MAX_LEN: usize = 40;
+
+    /// True when `id` is within [`MAX_LEN`] characters of `[A-Za-z0-9_-]`.
+    pub fn is_portable(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= MAX_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }
+
+    /// `id` unchanged when portable, else its stable portable replacement.
+    pub fn portable(id: &str) -> Cow<'_, str> {
+        if is_portable(id) {
+            return Cow::Borrowed(id);
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        let mut out = String::with_capacity(37);
+        out.push_str("call_");
+        for b in &digest[..16] {
+            out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        Cow::Owned(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn portable_ids_are_kept_and_others_mapped_stably() {
+            for id in ["call_abc", "toolu_01A-b_c", "x", &"a".repeat(40)] {
+                assert!(matches!(portable(id), Cow::Borrowed(_)), "{id}");
+            }
+            let odd = [
+                "",
+                "call_1~ts~c2lnbmF0dXJl+/=",
+                "chatcmpl-tool-0123456789abcdef0123456789abcdef",
+                "call.1",
+                "调用",
+            ];
+            for id in odd {
+                let p = portable(id);
+                assert!(is_portable(&p), "{id} → {p}");
+                assert_eq!(p, portable(id), "stable");
+                assert_eq!(portable(&p), p, "a mapped id maps to itself");
+            }
+            assert_ne!(portable("a.b"), portable("a.c"));
+        }
+    }
+}

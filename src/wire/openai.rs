@@ -725,7 +725,7 @@ struct OutFunction<'a> {
 
 #[derive(Serialize)]
 struct OutToolCall<'a> {
-    id: &'a str,
+    id: std::borrow::Cow<'a, str>,
     #[serde(rename = "type")]
     kind: &'static str,
     function: OutFunction<'a>,
@@ -780,7 +780,7 @@ struct OutMessage<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<OutToolCall<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    tool_call_id: Option<&'a str>,
+    tool_call_id: Option<std::borrow::Cow<'a, str>>,
     /// Legacy single function call (servers that predate `tool_calls`).
     #[serde(skip_serializing_if = "Option::is_none")]
     function_call: Option<OutFunction<'a>>,
@@ -790,7 +790,7 @@ fn out_tool_calls(calls: &[ToolCall]) -> Vec<OutToolCall<'_>> {
     calls
         .iter()
         .map(|c| OutToolCall {
-            id: &c.id,
+            id: super::tool_id::portable(&c.id),
             kind: "function",
             function: OutFunction {
                 name: &c.name,
@@ -806,7 +806,7 @@ fn out_message(m: &Message) -> OutMessage<'_> {
         content: m.content.as_ref().map(out_content),
         name: m.name.as_deref(),
         tool_calls: out_tool_calls(&m.tool_calls),
-        tool_call_id: m.tool_call_id.as_deref(),
+        tool_call_id: m.tool_call_id.as_deref().map(super::tool_id::portable),
         function_call: None,
     }
 }
@@ -1102,7 +1102,7 @@ struct OutDeltaFunction<'a> {
 struct OutDeltaToolCall<'a> {
     index: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
+    id: Option<std::borrow::Cow<'a, str>>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     kind: Option<&'static str>,
     function: OutDeltaFunction<'a>,
@@ -1212,7 +1212,7 @@ impl ChunkEncoder {
                     .iter()
                     .map(|t| OutDeltaToolCall {
                         index: t.index,
-                        id: t.id.as_deref(),
+                        id: t.id.as_deref().map(super::tool_id::portable),
                         kind: t.id.as_ref().map(|_| "function"),
                         function: OutDeltaFunction {
                             name: t.name.as_deref(),
