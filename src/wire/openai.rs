@@ -403,10 +403,12 @@ impl InUsage {
 /// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.
 pub fn finish_reason_from_wire(s: &str) -> FinishReason {
     match s {
-        "length" => FinishReason::Length,
+        // Zhipu: the model ran into its context window while answering.
+        "length" | "model_context_window_exceeded" => FinishReason::Length,
         "tool_calls" | "function_call" => FinishReason::ToolCalls,
         "content_filter" | "sensitive" => FinishReason::ContentFilter,
-        "error" | "abort" | "network_error" => FinishReason::Error,
+        // DeepSeek: the answer was cut for lack of server resources.
+        "error" | "abort" | "network_error" | "insufficient_system_resource" => FinishReason::Error,
         _ => FinishReason::Stop,
     }
 }
@@ -568,7 +570,11 @@ impl ChunkDecoder {
         if !self.started {
             self.started = true;
             out.push(StreamEvent::Meta(StreamMeta {
-                id: c.id.unwrap_or_else(new_completion_id),
+                // ChatGLM3's demo sends `"id": ""`.
+                id: c
+                    .id
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or_else(new_completion_id),
                 created: c.created.unwrap_or_else(unix_now),
                 model: c.model.unwrap_or_default(),
                 system_fingerprint: c.system_fingerprint,
@@ -672,6 +678,10 @@ pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
                 _ => ErrorKind::Overloaded,
             },
         }
+    } else if status == 402 {
+        // Payment required (DeepSeek's "Insufficient Balance"): the account, not
+        // the request, is at fault, and retrying cannot help.
+        ErrorKind::Auth
     } else {
         ErrorKind::from_status(status)
     };
@@ -1866,6 +1876,23 @@ mod tests {
     }
 
     #[test]
+    fn deepseek_payment_required_and_resource_finish() {
+        // DeepSeek: 402 "Insufficient Balance"; `insufficient_system_resource`
+        // means the answer was cut short.
+        let e = classify_error_body(
+            402,
+            br#"{"error":{"message":"Insufficient Balance","type":"unknown_error","param":null,"code":"invalid_request_error"}}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Auth);
+        assert_eq!(e.status, Some(402));
+        let r = decode_chat_response(
+            br#"{"id":"d1","object":"chat.completion","created":1,"model":"deepseek-chat","choices":[{"index":0,"message":{"role":"assistant","content":"Partial"},"logprobs":null,"finish_reason":"insufficient_system_resource"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Error));
+    }
+
+    #[test]
     fn a_giant_choice_index_is_malformed() {
         let mut dec = ChunkDecoder::default();
         let mut out = Vec::new();
@@ -2009,8 +2036,8 @@ mod tests {
             panic!("{events:?}")
         };
         assert!(
-            meta.id.is_empty(),
-            "the encoder keeps its own id for an empty one"
+            meta.id.starts_with("chatcmpl-") && meta.id.len() > 9,
+            "an empty id is replaced by a generated one: {meta:?}"
         );
 
         let events = stream_events(&fixture("chatglm3/chat.sse")).unwrap();

@@ -7,6 +7,12 @@
 //!   [0.01, 0.99];
 //! - no `developer` role (sent as `system`), the output limit is `max_tokens`, the
 //!   end user is `user_id`; `n`, penalties and `parallel_tool_calls` are not sent;
+//! - only one stop word is accepted: the first non-empty one is sent;
+//! - `user_id` must be 6 to 128 characters: a `user` outside that range is sent
+//!   as `pg-` + 32 hex digits of its SHA-256 (stable, so per-user accounting
+//!   still works, and never equal to a user id the client could send itself
+//!   unless it sends that exact text);
+//! - finish `model_context_window_exceeded` → length (shared with OpenAI's table);
 //! - `tool_choice` only knows `auto`: `none` sends no tools, `required` and a
 //!   forced function become `auto`; a JSON schema response format becomes
 //!   `json_object`;
@@ -35,6 +41,21 @@ fn sampling(temperature: Option<f64>) -> (Option<f64>, Option<bool>) {
     }
 }
 
+/// `user` as a `user_id` Zhipu accepts (6 to 128 characters).
+fn user_id(user: &str) -> String {
+    if (6..=128).contains(&user.chars().count()) {
+        return user.to_owned();
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(user.as_bytes());
+    let mut out = String::with_capacity(35);
+    out.push_str("pg-");
+    for b in &digest[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
 /// Encodes a canonical request as a Zhipu v4 chat body for `model`.
 pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
     let p = &req.params;
@@ -44,7 +65,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
         extra.insert("do_sample".into(), Value::Bool(d));
     }
     if let Some(u) = &p.user {
-        extra.insert("user_id".into(), Value::String(u.clone()));
+        extra.insert("user_id".into(), Value::String(user_id(u)));
     }
     let send_tools = !req.tools.is_empty() && req.tool_choice != Some(ToolChoice::None);
     let v = openai::VendorChat {
@@ -52,7 +73,13 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
             temperature,
             top_p: p.top_p.map(|t| t.clamp(0.01, 0.99)),
             max_tokens: p.output_limit(),
-            stop: p.stop.clone(),
+            stop: p
+                .stop
+                .iter()
+                .find(|s| !s.is_empty())
+                .cloned()
+                .into_iter()
+                .collect(),
             seed: p.seed,
             ..Params::default()
         },
@@ -257,7 +284,7 @@ mod tests {
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
             ],
             "temperature": 1.4, "top_p": 1.0, "max_completion_tokens": 100, "stop": ["END"],
-            "seed": 7, "n": 2, "presence_penalty": 0.5, "user": "u-1",
+            "seed": 7, "n": 2, "presence_penalty": 0.5, "user": "user-1",
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
             "tool_choice": "required", "parallel_tool_calls": false,
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
@@ -278,7 +305,7 @@ mod tests {
                 "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
                 "tool_choice": "auto",
                 "response_format": {"type": "json_object"},
-                "user_id": "u-1",
+                "user_id": "user-1",
                 "thinking": {"type": "enabled"}
             })
         );
@@ -307,6 +334,42 @@ mod tests {
         let body: Value = serde_json::from_slice(&encode_chat_request(&mid, "m")).unwrap();
         assert_eq!(body["temperature"], 0.3);
         assert!(body.get("do_sample").is_none());
+    }
+
+    #[test]
+    fn one_stop_word_and_a_user_id_of_six_to_128_characters() {
+        let req = request(json!({
+            "model": "r", "messages": [{"role": "user", "content": "x"}],
+            "stop": ["", "END", "STOP"], "user": "u1"
+        }));
+        let body: Value = serde_json::from_slice(&encode_chat_request(&req, "m")).unwrap();
+        assert_eq!(body["stop"], json!(["END"]));
+        let short = body["user_id"].as_str().unwrap();
+        assert!((6..=128).contains(&short.len()), "{short}");
+        assert_eq!(short, user_id("u1"), "stable");
+        assert_ne!(short, user_id("u2"));
+        let long = "x".repeat(129);
+        assert!((6..=128).contains(&user_id(&long).len()));
+        assert_eq!(user_id("user-42"), "user-42", "in range: sent as is");
+        assert_eq!(
+            user_id(&"用".repeat(128)),
+            "用".repeat(128),
+            "counted in characters"
+        );
+    }
+
+    #[test]
+    fn context_window_exceeded_finish_is_length() {
+        let r = decode_chat_response(fixture("context_window.json").as_bytes()).unwrap();
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
+        let chunk = r#"{"id":"a","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"model_context_window_exceeded"}]}"#;
+        let mut out = Vec::new();
+        ChunkDecoder::default()
+            .decode(None, chunk, &mut out)
+            .unwrap();
+        assert!(out.iter().any(
+            |e| matches!(e, StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Length))
+        ));
     }
 
     #[test]
