@@ -66,7 +66,7 @@ struct OutFunction<'a> {
 
 #[derive(Serialize)]
 struct OutToolCall<'a> {
-    id: &'a str,
+    id: Cow<'a, str>,
     #[serde(rename = "type")]
     kind: &'static str,
     function: OutFunction<'a>,
@@ -94,7 +94,7 @@ struct OutMessage<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<OutToolCall<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    tool_call_id: Option<&'a str>,
+    tool_call_id: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<&'a str>,
 }
@@ -137,6 +137,8 @@ struct OutParameters<'a> {
     stop: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<OutTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -240,7 +242,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, multimodal: bool) -> 
                     .tool_calls
                     .iter()
                     .map(|c| OutToolCall {
-                        id: &c.id,
+                        id: super::tool_id::portable(&c.id),
                         kind: "function",
                         function: OutFunction {
                             name: &c.name,
@@ -248,16 +250,21 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, multimodal: bool) -> 
                         },
                     })
                     .collect(),
-                tool_call_id: m.tool_call_id.as_deref(),
+                tool_call_id: m.tool_call_id.as_deref().map(super::tool_id::portable),
                 name,
             }
         })
         .collect();
     let p = &req.params;
-    let extra = PASSTHROUGH_PARAMETERS
+    let mut extra: Map<String, Value> = PASSTHROUGH_PARAMETERS
         .iter()
         .filter_map(|k| req.extra.get(*k).map(|v| ((*k).to_owned(), v.clone())))
         .collect();
+    // Qwen3 models think by default and then refuse non-streaming calls; a
+    // non-streaming request turns thinking off unless it asked for it.
+    if !req.stream && !extra.contains_key("enable_thinking") {
+        extra.insert("enable_thinking".into(), Value::Bool(false));
+    }
     let out = OutRequest {
         model,
         input: OutInput { messages },
@@ -271,6 +278,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, multimodal: bool) -> 
             seed: p.seed.map(|s| s.rem_euclid(1 << 31)),
             stop: &p.stop,
             presence_penalty: p.presence_penalty.map(|v| v.clamp(-2.0, 2.0)),
+            n: p.n,
             tools: req
                 .tools
                 .iter()
@@ -726,15 +734,28 @@ fn classify(status: u16, code: &str, message: &str) -> UpstreamError {
     UpstreamError::from_backend(kind, text, status)
 }
 
+/// The JSON of the first `data:` line of an SSE-framed body.
+fn sse_data(body: &[u8]) -> Option<Value> {
+    body.split(|b| *b == b'\n').find_map(|line| {
+        let rest = line.strip_prefix(b"data:")?;
+        serde_json::from_slice::<Value>(rest.trim_ascii()).ok()
+    })
+}
+
 /// Classifies a non-2xx answer (or the data of an `event:error`) from its status
-/// and body `{"request_id","code","message"}`.
+/// and body `{"request_id","code","message"}`. A streaming call's error answer
+/// is SSE-framed (`event:error`, `:HTTP_STATUS/400`, `data:{…}`): its `data`
+/// line is the body.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) => {
+    let parsed = serde_json::from_slice::<Value>(body)
+        .ok()
+        .or_else(|| sse_data(body));
+    match parsed {
+        Some(v) => {
             let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
             classify(status, field("code"), field("message"))
         }
-        Err(_) => {
+        None => {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
             classify(status, "", text.trim())
         }
@@ -997,6 +1018,32 @@ mod tests {
                 }
             })
         );
+    }
+
+    #[test]
+    fn non_streaming_calls_turn_thinking_off_and_n_is_sent() {
+        let mut req = request(vec![Message::text(Role::User, "hi")]);
+        req.params.n = Some(3);
+        let p = &encode(&req)["parameters"];
+        assert_eq!(p["enable_thinking"], json!(false), "{p}");
+        assert_eq!(p["n"], json!(3));
+        req.extra.insert("enable_thinking".into(), json!(true));
+        assert_eq!(encode(&req)["parameters"]["enable_thinking"], json!(true));
+        req.extra.clear();
+        req.stream = true;
+        assert!(encode(&req)["parameters"].get("enable_thinking").is_none());
+    }
+
+    #[test]
+    fn sse_framed_error_answers_are_read_from_their_data_line() {
+        for (name, kind) in [
+            ("error_400_inspection.sse", ErrorKind::ContentFilter),
+            ("error_400_arrearage.sse", ErrorKind::Auth),
+        ] {
+            let e = classify_error_body(400, fixture(name).as_bytes());
+            assert_eq!(e.kind, kind, "{name}: {}", e.message);
+            assert!(!e.message.contains("HTTP_STATUS"), "{}", e.message);
+        }
     }
 
     #[test]

@@ -95,20 +95,20 @@ async fn handle(proto: &'static Protocol, state: NativeState, req: Request) -> R
         Framing::Sse => ("sse", "text/event-stream"),
         Framing::Ndjson => ("ndjson", "application/x-ndjson"),
     };
+    // `error_400_x` answers 400; a streamed error fixture (`error_400_x.sse`) is
+    // how backends that frame their stream errors answer a streaming call.
+    let status = scenario
+        .strip_prefix("error_")
+        .and_then(|s| s.split('_').next())
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
     let streamed = fixture_path(proto.fixtures, &format!("{scenario}.{ext}"));
     if stream && streamed.exists() {
-        return respond(200, ctype, std::fs::read_to_string(streamed).unwrap());
+        return respond(status, ctype, std::fs::read_to_string(streamed).unwrap());
     }
     let json = fixture_path(proto.fixtures, &format!("{scenario}.json"));
     match std::fs::read_to_string(&json) {
-        Ok(text) => {
-            let status = scenario
-                .strip_prefix("error_")
-                .and_then(|s| s.split('_').next())
-                .and_then(|s| s.parse::<u16>().ok())
-                .unwrap_or(200);
-            respond(status, "application/json", text)
-        }
+        Ok(text) => respond(status, "application/json", text),
         Err(_) => respond(
             404,
             "application/json",

@@ -33,7 +33,10 @@ pub static PROTOCOL: Protocol = Protocol {
             ])
         );
         assert_eq!(body["parameters"]["result_format"], "message");
+        // Qwen3 models refuse non-streaming calls while thinking.
+        assert_eq!(body["parameters"]["enable_thinking"], false);
     },
+    // A streaming call's error answer is SSE-framed (`error_400_*.sse`).
     extra_errors: &[
         ("error_400_inspection", 400, "content_filter"),
         ("error_400_arrearage", 502, "auth"),
