@@ -70,6 +70,8 @@ struct OutFunctionCall<'a> {
 
 #[derive(Serialize)]
 struct OutToolCall<'a> {
+    /// Current Ollama matches tool results to calls by id.
+    id: Cow<'a, str>,
     function: OutFunctionCall<'a>,
 }
 
@@ -83,6 +85,8 @@ struct OutMessage<'a> {
     tool_calls: Vec<OutToolCall<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize)]
@@ -169,6 +173,7 @@ fn out_messages(req: &ChatRequest) -> Result<Vec<OutMessage<'_>>, UpstreamError>
         for c in &m.tool_calls {
             call_names.insert(&c.id, &c.name);
             tool_calls.push(OutToolCall {
+                id: super::tool_id::portable(&c.id),
                 function: OutFunctionCall {
                     name: &c.name,
                     arguments: arguments_object(c)?,
@@ -194,6 +199,10 @@ fn out_messages(req: &ChatRequest) -> Result<Vec<OutMessage<'_>>, UpstreamError>
             images,
             tool_calls,
             tool_name,
+            tool_call_id: match m.role {
+                Role::Tool => m.tool_call_id.as_deref().map(super::tool_id::portable),
+                _ => None,
+            },
         });
     }
     Ok(out)
@@ -344,6 +353,10 @@ struct InChat {
     eval_count: Option<u32>,
     #[serde(default)]
     error: Option<Value>,
+    /// The HTTP status an error line stands for (a stream's headers already
+    /// said 200 when it failed).
+    #[serde(default)]
+    status: Option<Value>,
 }
 
 impl InChat {
@@ -371,7 +384,14 @@ fn parse_chat(text: &[u8]) -> Result<InChat, UpstreamError> {
         ))
     })?;
     if let Some(err) = &c.error {
-        return Err(classify_error_value_ollama(200, err));
+        let status = c
+            .status
+            .as_ref()
+            .and_then(Value::as_u64)
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (400..600).contains(s))
+            .unwrap_or(200);
+        return Err(classify_error_value_ollama(status, err));
     }
     Ok(c)
 }
@@ -716,8 +736,8 @@ mod tests {
                     {"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]},
                     {"role": "assistant", "content": "", "tool_calls": [
-                        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-                    {"role": "tool", "content": "18°C, sunny", "tool_name": "get_weather"}
+                        {"id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                    {"role": "tool", "content": "18°C, sunny", "tool_name": "get_weather", "tool_call_id": "call_1"}
                 ],
                 "stream": true,
                 "tools": [{"type": "function", "function": {"name": "get_weather",
@@ -728,6 +748,38 @@ mod tests {
                 "keep_alive": "10m",
                 "think": false
             })
+        );
+    }
+
+    #[test]
+    fn mid_stream_error_lines_are_classified_by_their_status() {
+        let mut s = ChatStream::default();
+        let mut out = Vec::new();
+        s.line(r#"{"model":"m","created_at":"2025-06-02T09:14:05Z","message":{"role":"assistant","content":"Hi"},"done":false}"#, &mut out).unwrap();
+        let e = s
+            .line(
+                r#"{"error":"you (user) have reached your hourly usage limit","status":429}"#,
+                &mut out,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::RateLimited, "{e:?}");
+        let e = ChatStream::default()
+            .line(
+                r#"{"error":"upstream model crashed","status":500}"#,
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Overloaded);
+        let e = ChatStream::default()
+            .line(
+                r#"{"error":"model requires more system memory","status":"bogus"}"#,
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.kind,
+            ErrorKind::Overloaded,
+            "no usable status: the words decide"
         );
     }
 
