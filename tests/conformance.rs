@@ -257,6 +257,52 @@ pub async fn stream_error(proto: &'static Protocol) {
     assert!(last["error"]["code"].is_string(), "{raw}");
 }
 
+// === cases of one protocol ===
+/// The demo runs the calls it detects in a stream itself and streams on, so the
+/// client would never see them: a streamed request with tools is asked without
+/// streaming and replayed. A replayed call carries the text the model wrote
+/// for it (the demo refuses a null content and cannot parse "").
+#[tokio::test]
+async fn chatglm3_tool_turns_are_asked_whole_and_replayed_with_the_call_text() {
+    let s = setup(&chatglm3::PROTOCOL).await;
+    let mut body = request("tools", true);
+    body["tools"] = weather_tool();
+    let (_, finish, _, calls, raw) = read_stream(post(&s, &body).await).await;
+    assert_eq!(finish.as_deref(), Some("tool_calls"), "{raw}");
+    assert_eq!(calls.len(), 1, "{raw}");
+    assert_eq!(calls[0].0, "get_weather");
+    let sent = s.fake.log.lock().unwrap().last().unwrap().1.clone();
+    assert_ne!(sent["stream"], true, "asked without streaming: {sent}");
+
+    let id = raw
+        .split("\"id\":\"")
+        .filter_map(|r| r.split('"').next())
+        .find(|i| i.starts_with("call_"))
+        .unwrap()
+        .to_owned();
+    let replay = json!({"model": "conf", "tools": weather_tool(), "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": id, "content": "sunny"},
+        {"role": "user", "content": "chat"}
+    ]});
+    let v = ok_json(&s, &replay).await;
+    assert_eq!(v["choices"][0]["message"]["content"], native::EXPECTED_TEXT);
+    let sent = s.fake.log.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "assistant",
+            "content": "get_weather\n ```python\ntool_call(city='Paris')\n```",
+            "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}),
+        "{sent}"
+    );
+    assert_eq!(
+        sent["messages"][2],
+        json!({"role": "function", "name": "get_weather", "content": "sunny"})
+    );
+}
+
 /// Expands to the suite's test functions for the module's `PROTOCOL`.
 macro_rules! conformance_cases {
     () => {

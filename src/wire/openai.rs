@@ -772,6 +772,7 @@ impl Serialize for OutParts<'_> {
 enum OutContent<'a> {
     Text(&'a str),
     Parts(OutParts<'a>),
+    Owned(String),
 }
 
 fn out_content(c: &Content) -> OutContent<'_> {
@@ -821,11 +822,92 @@ fn out_message(m: &Message) -> OutMessage<'_> {
     }
 }
 
+/// `value` as a Python literal (`'text'`, `True`, `None`, `[1, 2]`, `{'k': 1}`).
+fn python_literal(value: &Value, out: &mut String) {
+    match value {
+        Value::Null => out.push_str("None"),
+        Value::Bool(true) => out.push_str("True"),
+        Value::Bool(false) => out.push_str("False"),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => {
+            out.push('\'');
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\'' => out.push_str("\\'"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+                    c => out.push(c),
+                }
+            }
+            out.push('\'');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_literal(v, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, v)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_literal(&Value::String(k.clone()), out);
+                out.push_str(": ");
+                python_literal(v, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn is_python_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// The text ChatGLM3 itself writes for a tool call: the function name on the
+/// first line, then a Python block calling `tool_call` with the arguments as
+/// keyword arguments. Its `openai_api_demo` splits a replayed `function_call`
+/// message's content at the first newline into (name, code), so the content
+/// must be exactly this (null is refused, "" breaks its parser).
+pub fn chatglm3_call_text(call: &ToolCall) -> String {
+    let mut args = String::new();
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&call.arguments) {
+        if map.keys().all(|k| is_python_identifier(k)) {
+            for (i, (k, v)) in map.iter().enumerate() {
+                if i > 0 {
+                    args.push_str(", ");
+                }
+                args.push_str(k);
+                args.push('=');
+                python_literal(v, &mut args);
+            }
+        } else {
+            args.push_str("**");
+            python_literal(&Value::Object(map), &mut args);
+        }
+    }
+    format!("{}\n ```python\ntool_call({args})\n```", call.name)
+}
+
 /// The legacy function-calling form of a transcript, for servers that only know
 /// the roles system/user/assistant/function (ChatGLM3's `openai_api_demo`):
 /// `developer` becomes `system`, an assistant's first tool call becomes
-/// `function_call`, and a tool result becomes a `function` message named after
-/// the call it answers.
+/// `function_call` with the call text ChatGLM3 writes as content (see
+/// [`chatglm3_call_text`]), and a tool result becomes a `function` message named
+/// after the call it answers.
 fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
     messages
         .iter()
@@ -839,6 +921,7 @@ fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
                         name: &c.name,
                         arguments: &c.arguments,
                     });
+                    out.content = Some(OutContent::Owned(chatglm3_call_text(c)));
                     out.tool_calls = Vec::new();
                 }
                 Role::Tool => {
@@ -947,13 +1030,19 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, stream_usage: bool) -
 }
 
 /// As [`encode_chat_request`]; `legacy_functions` writes the transcript in the
-/// legacy function-calling form (see `out_messages_legacy`).
+/// legacy function-calling form (see `out_messages_legacy`). Such a server
+/// (ChatGLM3's demo) runs the calls it detects in a stream itself and streams
+/// on, so the client would never see them: a streaming request with tools is
+/// asked without streaming, and the transport replays the JSON answer as a
+/// stream.
 pub fn encode_chat_request_with(
     req: &ChatRequest,
     model: &str,
     stream_usage: bool,
     legacy_functions: bool,
 ) -> Vec<u8> {
+    let calls_run_upstream = legacy_functions && !req.tools.is_empty();
+    let stream = req.stream && !calls_run_upstream;
     let out = OutChatRequest {
         model,
         messages: if legacy_functions {
@@ -987,8 +1076,8 @@ pub fn encode_chat_request_with(
         tool_choice: req.tool_choice.as_ref().map(tool_choice_to_wire),
         parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.as_ref().map(response_format_to_wire),
-        stream: req.stream,
-        stream_options: (req.stream && (stream_usage || req.include_usage)).then_some(
+        stream,
+        stream_options: (stream && (stream_usage || req.include_usage)).then_some(
             OutStreamOptions {
                 include_usage: true,
             },
@@ -1761,9 +1850,68 @@ mod tests {
             json!({"name": "track", "arguments": "{}"})
         );
         assert!(v["messages"][2].get("tool_calls").is_none());
+        // The demo refuses a null content and cannot parse "": it gets the text
+        // ChatGLM3 writes for a call.
+        assert_eq!(
+            v["messages"][2]["content"],
+            json!("track\n ```python\ntool_call()\n```")
+        );
         assert_eq!(
             v["messages"][3],
             json!({"role": "function", "name": "track", "content": "42"})
+        );
+    }
+
+    #[test]
+    fn chatglm3_call_text_is_what_the_model_writes() {
+        let call = |args: &str| ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: args.into(),
+        };
+        // As in the demo's own answer (tests/fixtures/chatglm3/tools.json).
+        assert_eq!(
+            chatglm3_call_text(&call(r#"{"city": "Paris"}"#)),
+            "get_weather\n ```python\ntool_call(city='Paris')\n```"
+        );
+        assert_eq!(
+            chatglm3_call_text(&call(
+                r#"{"q": "it's \"x\"\n", "n": 2.5, "ok": true, "none": null, "l": [1, {"a": false}]}"#
+            )),
+            "get_weather\n ```python\ntool_call(l=[1, {'a': False}], n=2.5, none=None, ok=True, q='it\\'s \"x\"\\n')\n```"
+        );
+        assert_eq!(
+            chatglm3_call_text(&call(r#"{"not an identifier": 1}"#)),
+            "get_weather\n ```python\ntool_call(**{'not an identifier': 1})\n```"
+        );
+        assert_eq!(
+            chatglm3_call_text(&call("not json")),
+            "get_weather\n ```python\ntool_call()\n```"
+        );
+    }
+
+    #[test]
+    fn legacy_function_streams_with_tools_are_asked_without_streaming() {
+        let mut req = decode_chat_request(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"u"}],
+                "tools":[{"type":"function","function":{"name":"f"}}]}"#,
+        )
+        .unwrap();
+        let v: Value =
+            serde_json::from_slice(&encode_chat_request_with(&req, "m", true, true)).unwrap();
+        assert!(
+            v.get("stream").is_none() && v.get("stream_options").is_none(),
+            "{v}"
+        );
+        let v: Value =
+            serde_json::from_slice(&encode_chat_request_with(&req, "m", true, false)).unwrap();
+        assert_eq!(v["stream"], true, "only in the legacy form");
+        req.tools.clear();
+        let v: Value =
+            serde_json::from_slice(&encode_chat_request_with(&req, "m", true, true)).unwrap();
+        assert_eq!(
+            v["stream"], true,
+            "no tools: the demo streams plain text fine"
         );
     }
 
