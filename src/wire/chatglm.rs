@@ -15,11 +15,15 @@
 //! - a transcript ending with an assistant turn cannot be continued by this API
 //!   and is refused (400 `bad_request`) before anything is sent.
 //!
-//! `max_length` counts prompt **and** output tokens. It is the provider's
-//! `chatglm.max_length` when set; when the client gives an output limit it is that
-//! limit plus the prompt's length in characters (an upper bound of its tokens), or
-//! the smaller of the two when both apply; otherwise it is not sent (the server
-//! uses 2048). Temperature `≤ 0` is sent as 0.01 (the server treats 0 as "unset"
+//! `max_length` counts prompt **and** output tokens, and the prompt the model
+//! sees is the history rendered by its chat template: `[Round N]\n\n问：{q}\n\n答：{a}\n\n`
+//! per round in ChatGLM2 (`[Round N]\n问：…\n答：…\n` in ChatGLM-6B), plus two
+//! special tokens. It is the provider's `chatglm.max_length` when set; when the
+//! client gives an output limit it is that limit plus the rendered prompt's length
+//! in characters (the longer template's; characters bound the tokens of text from
+//! above), or the smaller of the two when both apply; otherwise it is not sent
+//! (the server uses 2048). Counting the text alone left a multi-turn prompt
+//! longer than `max_length`, and the server then answered with nothing. Temperature `≤ 0` is sent as 0.01 (the server treats 0 as "unset"
 //! and would sample at 0.95); `top_p` is clamped to [0.01, 1]. Stop words, seed
 //! and response formats have no equivalent and are not sent.
 
@@ -131,13 +135,33 @@ fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
     Ok(folded)
 }
 
+/// Characters the chat template adds around `rounds` rounds (ChatGLM2's
+/// `[Round N]\n\n问：\n\n答：\n\n`, the longer of the two generations), plus the
+/// two special tokens (`[gMASK]`, `sop`) that start every prompt.
+fn template_chars(rounds: usize) -> usize {
+    // "[Round " + "]\n\n问：" + "\n\n答：" + "\n\n", in characters.
+    const PER_ROUND: usize = 18;
+    let mut total: usize = 2;
+    let mut digits = 1;
+    let mut next_power = 10;
+    for n in 1..=rounds {
+        if n == next_power {
+            digits += 1;
+            next_power = next_power.saturating_mul(10);
+        }
+        total = total.saturating_add(PER_ROUND + digits);
+    }
+    total
+}
+
 fn max_length(configured: Option<u32>, output_limit: Option<u32>, f: &Folded) -> Option<u32> {
     let derived = output_limit.map(|out| {
-        let chars: usize = f.prompt.chars().count()
-            + f.history
-                .iter()
-                .map(|(q, a)| q.chars().count() + a.chars().count())
-                .sum::<usize>();
+        let chars: usize = f
+            .history
+            .iter()
+            .map(|(q, a)| q.chars().count().saturating_add(a.chars().count()))
+            .fold(f.prompt.chars().count(), usize::saturating_add)
+            .saturating_add(template_chars(f.history.len().saturating_add(1)));
         out.saturating_add(u32::try_from(chars).unwrap_or(u32::MAX))
     });
     match (configured, derived) {
@@ -350,6 +374,48 @@ mod tests {
     }
 
     #[test]
+    fn max_length_covers_the_rendered_multi_turn_prompt() {
+        assert_eq!(
+            "[Round ]\n\n问：\n\n答：\n\n".chars().count(),
+            18,
+            "the template's characters"
+        );
+        assert_eq!(template_chars(1), 2 + 19);
+        assert_eq!(template_chars(10), 2 + 9 * 19 + 20);
+        // Twelve short turns: the template outweighs the text.
+        let mut msgs = Vec::new();
+        for i in 0..12 {
+            msgs.push(json!({"role": "user", "content": format!("q{i}")}));
+            msgs.push(json!({"role": "assistant", "content": "ok"}));
+        }
+        msgs.push(json!({"role": "user", "content": "last"}));
+        let b = encode(
+            json!({"model": "m", "messages": msgs, "max_tokens": 100}),
+            None,
+        )
+        .unwrap();
+        // What ChatGLM2's template renders for this history, in characters.
+        let mut rendered = String::new();
+        let history = b["history"].as_array().unwrap();
+        for (i, pair) in history.iter().enumerate() {
+            rendered.push_str(&format!(
+                "[Round {}]\n\n问：{}\n\n答：{}\n\n",
+                i + 1,
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ));
+        }
+        rendered.push_str(&format!(
+            "[Round {}]\n\n问：{}\n\n答：",
+            history.len() + 1,
+            b["prompt"].as_str().unwrap()
+        ));
+        let prompt = rendered.chars().count() as u64;
+        let max = b["max_length"].as_u64().unwrap();
+        assert!(max >= prompt + 2 + 100, "{max} < {prompt} + 2 + 100");
+    }
+
+    #[test]
     fn max_length_and_sampling() {
         let msgs = json!([{"role": "user", "content": "abcd"}]);
         let b = encode(
@@ -357,7 +423,8 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(b["max_length"], 14);
+        // 10 + "abcd" + one template round (18 + 1 digit) + 2 special tokens.
+        assert_eq!(b["max_length"], 35);
         let b = encode(
             json!({"model": "m", "messages": msgs, "max_tokens": 10}),
             Some(8),
