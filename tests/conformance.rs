@@ -303,6 +303,49 @@ async fn chatglm3_tool_turns_are_asked_whole_and_replayed_with_the_call_text() {
     );
 }
 
+/// Baidu refuses an access token before its announced expiry with error 110 or
+/// 111 (inside an HTTP 200): the gateway fetches a new token and calls once more.
+#[tokio::test]
+async fn qianfan_refreshes_a_refused_token_and_retries_once() {
+    let s = setup(&qianfan::PROTOCOL).await;
+    for (scenario, stream) in [("token_expired", false), ("token_expired_stream", true)] {
+        s.fake.log.lock().unwrap().clear();
+        let resp = post(&s, &request(scenario, stream)).await;
+        if stream {
+            let (text, finish, _, _, raw) = read_stream(resp).await;
+            assert_eq!(text, EXPECTED_TEXT, "{raw}");
+            assert_eq!(finish.as_deref(), Some("stop"));
+        } else {
+            assert_eq!(resp.status(), 200);
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT, "{v}");
+        }
+        let paths: Vec<String> = s
+            .fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.split('?').next().unwrap().to_owned())
+            .collect();
+        let token = "/oauth/2.0/token";
+        let chat = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/completions_pro";
+        let expected: Vec<&str> = if stream {
+            // The token fetched by the first case is cached.
+            vec![chat, token, chat]
+        } else {
+            vec![token, chat, token, chat]
+        };
+        assert_eq!(paths, expected, "{scenario}");
+    }
+    // A token refused again is the answer: one retry, not a loop.
+    s.fake.log.lock().unwrap().clear();
+    let resp = post(&s, &request("error_in_200_token", false)).await;
+    assert_eq!(resp.status(), 502);
+    let calls = s.fake.log.lock().unwrap().len();
+    assert_eq!(calls, 3, "call, token, call");
+}
+
 /// Expands to the suite's test functions for the module's `PROTOCOL`.
 macro_rules! conformance_cases {
     () => {

@@ -3,12 +3,78 @@
 //! upstream model is the endpoint (`completions_pro`, `ernie_speed`, …). The
 //! access token (fetched from the API key and secret key, cached, refreshed when
 //! Baidu rejects it) is added to the query string by the transport.
+//!
+//! An access token can expire or be revoked before its announced lifetime ends;
+//! Baidu then answers error 110 or 111. As Baidu's own SDK does, the call is made
+//! once more with a fresh token ([`TokenRetry`]); a second refusal is the answer.
 
-use super::{Codec, HttpCall, StreamDecoder};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use super::{Codec, EventStream, HttpCall, Provider, StreamDecoder};
 use crate::canonical::*;
 use crate::error::UpstreamError;
 use crate::framing::{Frame, Framing};
 use crate::wire::qianfan as wire;
+
+/// A Qianfan provider that retries a call once when the access token was
+/// refused as invalid or expired. The transport drops a refused token from its
+/// cache (any `auth` failure does), so the second call fetches a new one.
+pub struct TokenRetry {
+    inner: Arc<dyn Provider>,
+}
+
+impl TokenRetry {
+    pub fn new(inner: Arc<dyn Provider>) -> Self {
+        TokenRetry { inner }
+    }
+}
+
+impl Provider for TokenRetry {
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<ChatResponse, UpstreamError>> {
+        Box::pin(async move {
+            match self.inner.chat(req, model).await {
+                Err(e) if wire::is_token_refused(&e) => self.inner.chat(req, model).await,
+                r => r,
+            }
+        })
+    }
+
+    fn chat_stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<EventStream, UpstreamError>> {
+        Box::pin(async move {
+            match self.inner.chat_stream(req, model).await {
+                Err(e) if wire::is_token_refused(&e) => self.inner.chat_stream(req, model).await,
+                r => r,
+            }
+        })
+    }
+
+    fn embed<'a>(
+        &'a self,
+        req: &'a EmbeddingsRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<EmbeddingsResponse, UpstreamError>> {
+        Box::pin(async move {
+            match self.inner.embed(req, model).await {
+                Err(e) if wire::is_token_refused(&e) => self.inner.embed(req, model).await,
+                r => r,
+            }
+        })
+    }
+
+    fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
+        self.inner.health()
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct QianfanCodec;

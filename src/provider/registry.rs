@@ -119,6 +119,10 @@ pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
         timeouts: cfg.timeouts,
     };
     match HttpProvider::new(settings, codec) {
+        // Qianfan v1 retries once with a fresh token when Baidu refuses the old one.
+        Ok(p) if cfg.kind == ProviderKind::Qianfan => {
+            ProviderState::Ready(Arc::new(super::qianfan::TokenRetry::new(Arc::new(p))))
+        }
         Ok(p) => ProviderState::Ready(Arc::new(p)),
         Err(e) => ProviderState::Unavailable(e),
     }

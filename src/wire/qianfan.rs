@@ -559,7 +559,15 @@ pub fn kind_of_code(code: i64) -> Option<ErrorKind> {
 }
 
 fn classify_code(status: u16, code: i64, msg: Option<&str>) -> UpstreamError {
-    let msg = msg.filter(|m| !m.is_empty()).unwrap_or("Qianfan error");
+    let mut msg = msg.filter(|m| !m.is_empty()).unwrap_or("Qianfan error");
+    // Kept short enough that the code at the end survives the message cut.
+    if msg.len() > 900 {
+        let mut cut = 900;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg = &msg[..cut];
+    }
     let lower = msg.to_lowercase();
     let too_long = lower.contains("too long")
         || lower.contains("max input characters")
@@ -578,6 +586,19 @@ fn classify_code(status: u16, code: i64, msg: Option<&str>) -> UpstreamError {
         None => ErrorKind::from_status(status),
     };
     UpstreamError::from_backend(kind, format!("{msg} (error_code {code})"), status)
+}
+
+/// Error codes of an access token Baidu no longer accepts (110: invalid, 111:
+/// expired); a new token fixes them.
+const TOKEN_REFUSED: [i64; 2] = [110, 111];
+
+/// True when `e` is Baidu refusing the access token itself (error 110 or 111),
+/// which a fresh token fixes.
+pub fn is_token_refused(e: &UpstreamError) -> bool {
+    e.kind == ErrorKind::Auth
+        && TOKEN_REFUSED
+            .iter()
+            .any(|c| e.message.ends_with(&format!("(error_code {c})")))
 }
 
 /// Classifies a non-2xx answer (a gateway in front of Qianfan may answer 429,
@@ -864,6 +885,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.choices[0].message.tool_calls[0].arguments, "{\"a\":1}");
+    }
+
+    #[test]
+    fn refused_tokens_are_recognised_for_a_retry() {
+        for name in ["error_in_200_token.json", "token_expired_stream.1.json"] {
+            let e = decode_chat_response(fixture(name).as_bytes()).unwrap_err();
+            assert!(is_token_refused(&e), "{name}: {e:?}");
+        }
+        let e = classify_error_body(401, br#"{"error_code":110,"error_msg":"x"}"#);
+        assert!(is_token_refused(&e));
+        let long = format!(r#"{{"error_code":111,"error_msg":"{}"}}"#, "x".repeat(5000));
+        assert!(is_token_refused(&classify_error_body(200, long.as_bytes())));
+        // Other auth failures (no permission, bad key) are not retried.
+        let e = classify_error_body(200, br#"{"error_code":6,"error_msg":"No permission"}"#);
+        assert_eq!(e.kind, ErrorKind::Auth);
+        assert!(!is_token_refused(&e));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! `error_429`, …); the fake answers with `tests/fixtures/<kind>/<scenario>.json`
 //! (non-streaming, or any error) or `<scenario>.sse` / `.ndjson` (streaming). The
 //! HTTP status of an error fixture is in its name: `error_429.json` → 429;
-//! `error_in_200.json` → 200. Each protocol only says where its requests go and
-//! how to read the stream flag and the user text out of its native body.
+//! `error_in_200.json` → 200. A scenario may answer its n-th call differently:
+//! `<scenario>.<n>.json` (n from 1), when it exists, answers that call. Each
+//! protocol only says where its requests go and how to read the stream flag and
+//! the user text out of its native body.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
@@ -84,12 +86,18 @@ async fn handle(proto: &'static Protocol, state: NativeState, req: Request) -> R
         .await
         .unwrap();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    state
-        .log
-        .lock()
-        .unwrap()
-        .push((format!("{path}?{query}"), body.clone()));
     let scenario = (proto.user_text)(&body).trim().to_owned();
+    let call = {
+        let mut log = state.log.lock().unwrap();
+        log.push((format!("{path}?{query}"), body.clone()));
+        log.iter()
+            .filter(|(_, b)| (proto.user_text)(b).trim() == scenario)
+            .count()
+    };
+    let numbered = fixture_path(proto.fixtures, &format!("{scenario}.{call}.json"));
+    if let Ok(text) = std::fs::read_to_string(numbered) {
+        return respond(200, "application/json", text);
+    }
     let stream = (proto.is_stream)(&path, &query, &body);
     let (ext, ctype) = match proto.framing {
         Framing::Sse => ("sse", "text/event-stream"),
