@@ -346,6 +346,89 @@ async fn qianfan_refreshes_a_refused_token_and_retries_once() {
     assert_eq!(calls, 3, "call, token, call");
 }
 
+/// A tool turn made on Gemini falls over to Anthropic: the call id the client
+/// got from Gemini (which keeps its thought signature out of the id) is one
+/// Anthropic accepts, and the call and its result agree on it. Back on Gemini,
+/// the signature is restored from the id.
+#[tokio::test]
+async fn a_gemini_tool_turn_falls_over_to_anthropic_with_valid_ids() {
+    let (gemini_base, gemini) = native::spawn(&gemini::PROTOCOL).await;
+    let (anthropic_base, anthropic) = native::spawn(&anthropic::PROTOCOL).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  gem:\n    provider: gemini\n    model: gemini-3-pro-preview\n  fb:\n    targets:\n      - {provider: gemini-down, model: gemini-3-pro-preview}\n      - {provider: anthropic, model: claude-x}\n";
+    let providers = vec![
+        (
+            "gemini.yaml".to_owned(),
+            (gemini::PROTOCOL.provider_yaml)(&gemini_base),
+        ),
+        (
+            "gemini-down.yaml".to_owned(),
+            (gemini::PROTOCOL.provider_yaml)(&dead),
+        ),
+        (
+            "anthropic.yaml".to_owned(),
+            (anthropic::PROTOCOL.provider_yaml)(&anthropic_base),
+        ),
+    ];
+    let gw = spawn_gateway(gateway, &providers).await;
+    let send = |body: Value| {
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let resp = client().post(url).json(&body).send().await.unwrap();
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(status, 200, "{v}");
+            v
+        }
+    };
+    let portable = |id: &str| {
+        !id.is_empty()
+            && id.len() <= 40
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+
+    let first = send(
+        json!({"model": "gem", "tools": weather_tool(), "messages": [
+        {"role": "user", "content": "signed_call"}]}),
+    )
+    .await;
+    let call = &first["choices"][0]["message"]["tool_calls"][0];
+    let id = call["id"].as_str().unwrap().to_owned();
+    assert!(portable(&id), "{id}");
+
+    let turn = |route: &str| {
+        json!({"model": route, "tools": weather_tool(), "messages": [
+            {"role": "user", "content": "signed_call"},
+            {"role": "assistant", "content": null, "tool_calls": [call.clone()]},
+            {"role": "tool", "tool_call_id": id, "content": "sunny"},
+            {"role": "user", "content": "chat"}]})
+    };
+    let v = send(turn("fb")).await;
+    assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT, "{v}");
+    let sent = anthropic.log.lock().unwrap().last().unwrap().1.clone();
+    let tool_use = &sent["messages"][1]["content"][0];
+    assert_eq!(tool_use["type"], "tool_use", "{sent}");
+    let sent_id = tool_use["id"].as_str().unwrap();
+    assert!(portable(sent_id), "{sent_id}");
+    assert_eq!(
+        sent["messages"][2]["content"][0]["tool_use_id"], sent_id,
+        "{sent}"
+    );
+
+    let v = send(turn("gem")).await;
+    assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT, "{v}");
+    let sent = gemini.log.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(
+        sent["contents"][1]["parts"][0]["thoughtSignature"], "c2lnbmF0dXJl",
+        "{sent}"
+    );
+}
+
 /// Expands to the suite's test functions for the module's `PROTOCOL`.
 macro_rules! conformance_cases {
     () => {
