@@ -30,6 +30,8 @@ pub static PROTOCOL: Protocol = Protocol {
     extra_errors: &[
         ("error_in_200", 503, "overloaded"),
         ("error_400_content_filter", 400, "content_filter"),
+        // DeepSeek's answer when the account has no balance left.
+        ("error_402_balance", 502, "auth"),
     ],
 };
 
