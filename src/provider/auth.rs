@@ -132,6 +132,19 @@ impl TokenSource for ZhipuJwt {
     }
 }
 
+/// The longest lifetime taken from a token answer (Baidu's tokens last 30 days).
+const MAX_TOKEN_LIFE: Duration = Duration::from_secs(30 * 86_400);
+
+/// When a token fetched at `now` that lives `expires_in` seconds (a day when the
+/// answer does not say) should be refreshed: five minutes, or a tenth of its
+/// lifetime, early. The lifetime is the endpoint's number, so it is capped
+/// rather than trusted to fit a clock.
+fn token_refresh_at(expires_in: Option<u64>, now: SystemTime) -> SystemTime {
+    let life = Duration::from_secs(expires_in.unwrap_or(86_400)).min(MAX_TOKEN_LIFE);
+    let early = (life / 10).min(Duration::from_secs(300));
+    now.checked_add(life - early).unwrap_or(now)
+}
+
 /// Baidu Qianfan v1: an access token from the OAuth endpoint (API key + secret
 /// key), cached until shortly before it expires, sent as `?access_token=`.
 pub struct QianfanToken {
@@ -184,10 +197,7 @@ impl QianfanToken {
         })?;
         match reply.access_token {
             Some(t) if !t.is_empty() => {
-                let life = Duration::from_secs(reply.expires_in.unwrap_or(86_400));
-                // Refresh five minutes (or a tenth of the lifetime) early.
-                let early = (life / 10).min(Duration::from_secs(300));
-                Ok((t, SystemTime::now() + life - early))
+                Ok((t, token_refresh_at(reply.expires_in, SystemTime::now())))
             }
             _ => Err(UpstreamError::new(
                 ErrorKind::Auth,
@@ -259,6 +269,28 @@ mod tests {
         mac.update(format!("{}.{}", parts[0], parts[1]).as_bytes());
         mac.verify_slice(&dec(parts[2])).unwrap();
         assert!(ZhipuJwt::new("no-dot", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn token_lifetimes_from_the_endpoint_are_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            token_refresh_at(Some(2_592_000), now),
+            now + Duration::from_secs(2_592_000 - 300)
+        );
+        assert_eq!(
+            token_refresh_at(None, now),
+            now + Duration::from_secs(86_400 - 300)
+        );
+        assert_eq!(
+            token_refresh_at(Some(100), now),
+            now + Duration::from_secs(90)
+        );
+        // u64::MAX seconds would overflow the clock.
+        assert_eq!(
+            token_refresh_at(Some(u64::MAX), now),
+            now + MAX_TOKEN_LIFE - Duration::from_secs(300)
+        );
     }
 
     #[test]
