@@ -697,13 +697,15 @@ struct InUsage {
 
 impl InUsage {
     fn canonical(&self) -> Usage {
-        let completion = self.candidates_token_count + self.thoughts_token_count.unwrap_or(0);
+        let completion = self
+            .candidates_token_count
+            .saturating_add(self.thoughts_token_count.unwrap_or(0));
         Usage {
             prompt_tokens: self.prompt_token_count,
             completion_tokens: completion,
             total_tokens: self
                 .total_token_count
-                .unwrap_or(self.prompt_token_count + completion),
+                .unwrap_or(self.prompt_token_count.saturating_add(completion)),
             cached_tokens: self.cached_content_token_count,
             reasoning_tokens: self.thoughts_token_count,
             estimated: false,
@@ -966,9 +968,16 @@ impl EventDecoder {
 // --- errors ---
 
 /// `"37s"` / `"1.5s"` (a protobuf Duration in JSON) → Duration.
+/// The longest `retryDelay` taken from an error: a day (a larger one, up to
+/// `1e300s`, would overflow a `Duration`; routing caps waits further).
+const MAX_RETRY_DELAY_SECS: f64 = 86_400.0;
+
 fn parse_delay(s: &str) -> Option<std::time::Duration> {
     let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+    if !(secs.is_finite() && secs >= 0.0) {
+        return None;
+    }
+    std::time::Duration::try_from_secs_f64(secs.min(MAX_RETRY_DELAY_SECS)).ok()
 }
 
 /// Classifies a Google API error object (`{"code","message","status","details"}`)
@@ -1576,6 +1585,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContentFilter);
+    }
+
+    #[test]
+    fn a_huge_retry_delay_is_capped_not_a_panic() {
+        for delay in ["1e300s", "18446744073709551616s", "99999999999999999999s"] {
+            let err = json!({"code": 429, "message": "Resource exhausted", "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]});
+            let e = classify_error_value(429, &err);
+            assert_eq!(e.kind, ErrorKind::RateLimited);
+            assert_eq!(
+                e.retry_after,
+                Some(std::time::Duration::from_secs(86_400)),
+                "{delay}"
+            );
+        }
+        assert_eq!(parse_delay("-1s"), None);
+        assert_eq!(
+            parse_delay("2.5s"),
+            Some(std::time::Duration::from_millis(2500))
+        );
     }
 
     #[test]

@@ -128,3 +128,140 @@ pub mod tool_id {
         }
     }
 }
+
+/// Every backend decoder against its recorded samples with their numbers
+/// replaced by hostile ones (huge, negative, fractional) and cut at every
+/// point: an error is fine, a panic or an allocation sized by a number is not.
+#[cfg(test)]
+mod hostile_numbers {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use crate::framing::FrameDecoder;
+    use crate::provider::{self, Codec};
+
+    fn codecs() -> Vec<(&'static str, Arc<dyn Codec>)> {
+        vec![
+            (
+                "openai",
+                Arc::new(provider::openai::OpenAiCodec {
+                    quirks: provider::openai::Quirks::default(),
+                }),
+            ),
+            (
+                "chatglm3",
+                Arc::new(provider::openai::OpenAiCodec {
+                    quirks: provider::openai::Quirks {
+                        legacy_functions: true,
+                        ..provider::openai::Quirks::default()
+                    },
+                }),
+            ),
+            (
+                "anthropic",
+                Arc::new(provider::anthropic::AnthropicCodec::new("2023-06-01", 1024)),
+            ),
+            ("gemini", Arc::new(provider::gemini::GeminiCodec::new())),
+            (
+                "dashscope",
+                Arc::new(provider::dashscope::DashscopeCodec::new()),
+            ),
+            ("zhipu", Arc::new(provider::zhipu::ZhipuCodec::new())),
+            ("qianfan", Arc::new(provider::qianfan::QianfanCodec::new())),
+            ("ollama", Arc::new(provider::ollama::OllamaCodec::new(None))),
+            (
+                "azure",
+                Arc::new(provider::azure::AzureCodec::new("2024-10-21", true)),
+            ),
+            (
+                "chatglm",
+                Arc::new(provider::chatglm::ChatglmCodec::new(None)),
+            ),
+            (
+                "llamacpp",
+                Arc::new(provider::llamacpp::LlamacppCodec::new(&BTreeMap::new()).unwrap()),
+            ),
+        ]
+    }
+
+    /// `text` with every run of digits replaced by `with`.
+    fn replace_numbers(text: &str, with: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut in_digits = false;
+        for c in text.chars() {
+            if c.is_ascii_digit() {
+                if !in_digits {
+                    out.push_str(with);
+                }
+                in_digits = true;
+            } else {
+                in_digits = false;
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn stream(codec: &dyn Codec, body: &[u8], chunk: usize) {
+        let mut frames = FrameDecoder::new(codec.stream_framing());
+        let mut dec = codec.stream_decoder();
+        let mut out = Vec::new();
+        for piece in body.chunks(chunk.max(1)) {
+            frames.push(piece);
+            while let Some(f) = frames.next_frame() {
+                if dec.frame(f, &mut out).is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some(f) = frames.finish() {
+            let _ = dec.frame(f, &mut out);
+        }
+        assert!(out.len() <= body.len() + 8, "events bounded by input");
+    }
+
+    #[test]
+    fn recorded_samples_with_hostile_numbers_never_panic() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let hostile = [
+            "4294967295",
+            "18446744073709551615",
+            "-1",
+            "1e300",
+            "0.5",
+            "99999999999999999999999999",
+        ];
+        for (dir, codec) in codecs() {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(text) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                for h in hostile {
+                    let body = replace_numbers(&text, h);
+                    let _ = codec.chat_response(body.as_bytes());
+                    let _ = codec.embeddings_response(body.as_bytes());
+                    let _ = codec.error(400, body.as_bytes());
+                    if name.ends_with(".sse") || name.ends_with(".ndjson") {
+                        for chunk in [1, 7, body.len()] {
+                            stream(codec.as_ref(), body.as_bytes(), chunk);
+                        }
+                    }
+                }
+                // Cut at every point.
+                let bytes = text.as_bytes();
+                for cut in 0..bytes.len() {
+                    let _ = codec.chat_response(&bytes[..cut]);
+                    if name.ends_with(".sse") || name.ends_with(".ndjson") {
+                        stream(codec.as_ref(), &bytes[..cut], 13);
+                    }
+                }
+            }
+        }
+    }
+}
