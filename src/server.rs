@@ -375,6 +375,47 @@ async fn prompt_chat(
     serve_chat(app, d, id, &headers, req, Some(prompt)).await
 }
 
+/// Most choices per request (`n`), as OpenAI documents.
+pub const MAX_CHOICES: u32 = 128;
+/// Most `top_logprobs`, as OpenAI documents.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+/// Most tools (functions) per request, as OpenAI documents.
+pub const MAX_TOOLS: usize = 128;
+
+/// The client-controlled counts a backend sizes its work or its answer by,
+/// against their documented bounds. Token limits need no bound here: every sum
+/// over them saturates.
+fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
+    if let Some(n) = req.params.n {
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(GatewayError::invalid(
+                format!("invalid field `n`: {n} is outside 1..={MAX_CHOICES}"),
+                Some("n"),
+            ));
+        }
+    }
+    if let Some(v) = req.extra.get("top_logprobs") {
+        if v.as_u64().is_none_or(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(GatewayError::invalid(
+                format!(
+                    "invalid field `top_logprobs`: expected an integer in 0..={MAX_TOP_LOGPROBS}"
+                ),
+                Some("top_logprobs"),
+            ));
+        }
+    }
+    if req.tools.len() > MAX_TOOLS {
+        return Err(GatewayError::invalid(
+            format!(
+                "invalid field `tools`: {} tools; at most {MAX_TOOLS} are allowed",
+                req.tools.len()
+            ),
+            Some("tools"),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a decoded chat request (after rendering its prompt, if any) and encodes
 /// the outcome in dialect `d`.
 async fn serve_chat(
@@ -385,6 +426,9 @@ async fn serve_chat(
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
 ) -> Response {
+    if let Err(e) = check_sizes(&req) {
+        return error_response(d, e, &id, None);
+    }
     let snap = app.gw.snapshot();
     let mut meta = RequestMeta {
         headers,
