@@ -302,6 +302,23 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
     });
 }
 
+/// Bodies at least this large are decoded on the blocking pool: parsing
+/// megabytes of JSON would hold an async worker (and every connection queued
+/// on it) for that long.
+const DECODE_OFF_THREAD_BYTES: usize = 256 * 1024;
+
+async fn off_thread_if_large<T: Send + 'static>(
+    body: Bytes,
+    decode: impl FnOnce(&[u8]) -> Result<T, GatewayError> + Send + 'static,
+) -> Result<T, GatewayError> {
+    if body.len() < DECODE_OFF_THREAD_BYTES {
+        return decode(&body);
+    }
+    tokio::task::spawn_blocking(move || decode(&body))
+        .await
+        .unwrap_or_else(|_| Err(GatewayError::Internal("decoding the request failed".into())))
+}
+
 /// Chat in any client dialect: decode, run the pipeline, encode the answer or
 /// the stream.
 async fn chat<D: Dialect + Default>(
@@ -312,7 +329,11 @@ async fn chat<D: Dialect + Default>(
 ) -> Response {
     let dialect = D::default();
     let d: &dyn Dialect = &dialect;
-    let mut req = match body.and_then(|b| d.decode_chat(&b)) {
+    let decoded = match body {
+        Ok(b) => off_thread_if_large(b, |b| D::default().decode_chat(b)).await,
+        Err(e) => Err(e),
+    };
+    let mut req = match decoded {
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
@@ -542,9 +563,13 @@ async fn run_chat(
             let request_id = id.0.clone();
             let body = async_stream::stream! {
                 let mut buf = Vec::with_capacity(512);
+                let mut done = false;
                 while let Some(ev) = events.next().await {
                     match ev {
-                        Ok(ev) => encoder.encode(&ev, &mut buf),
+                        Ok(ev) => {
+                            done |= ev == crate::canonical::StreamEvent::Done;
+                            encoder.encode(&ev, &mut buf)
+                        }
                         Err(e) => {
                             encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
                             yield Ok::<Bytes, Infallible>(Bytes::from(std::mem::take(&mut buf)));
@@ -554,6 +579,16 @@ async fn run_chat(
                     if !buf.is_empty() {
                         yield Ok(Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(512))));
                     }
+                }
+                // A stream that began ends with its end marker or an error event,
+                // never silently.
+                if !done {
+                    let e = UpstreamError::new(
+                        ErrorKind::MalformedResponse,
+                        "the backend stream ended without a finish",
+                    );
+                    encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                    yield Ok(Bytes::from(buf));
                 }
             };
             let mut out = Response::new(Body::from_stream(body));
@@ -587,7 +622,11 @@ async fn embeddings(
     id: RequestId,
     LimitedBody(body): LimitedBody,
 ) -> Response {
-    let req = match body.and_then(|b| wire::decode_embeddings_request(&b)) {
+    let decoded = match body {
+        Ok(b) => off_thread_if_large(b, wire::decode_embeddings_request).await,
+        Err(e) => Err(e),
+    };
+    let req = match decoded {
         Ok(r) => r,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
