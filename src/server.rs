@@ -492,10 +492,17 @@ async fn serve_chat(
                 }
                 Err(e) => {
                     let mut resp = error_response(d, e, &id, None);
+                    // Only configured ids become labels: a client naming random
+                    // prompts must not grow the metrics without bound.
+                    let label = if snap.prompts.get(&p.id).is_some() {
+                        p.id.as_str()
+                    } else {
+                        "unknown"
+                    };
                     app.gw
                         .metrics
                         .prompt_errors
-                        .with_label_values(&[&p.id])
+                        .with_label_values(&[label])
                         .inc();
                     resp.headers_mut().insert(
                         PROMPT,
