@@ -518,7 +518,7 @@ impl Gateway {
                             .with_label_values(&[&route.name, &t.id, e.kind.as_str()])
                             .inc();
                         tracing::info!(route = %route.name, target = %t.id, kind = e.kind.as_str(),
-                            error = %e.message, "attempt failed");
+                            error = %crate::server::LogSafe(&e.message), "attempt failed");
                         let retry = e.kind.retryable() || e.kind == ErrorKind::ContextLength;
                         errors.push((t.id.clone(), e));
                         if !retry {
@@ -733,7 +733,7 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
                         .with_label_values(&[id.as_str(), if failed { "failed" } else { "ok" }])
                         .inc();
                     if let Err(e) = &result {
-                        tracing::warn!(provider = %id, kind = e.kind.as_str(), error = %e.message, "health check failed");
+                        tracing::warn!(provider = %id, kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "health check failed");
                     }
                     for route in snap.routes() {
                         for t in route.targets() {
@@ -1040,7 +1040,7 @@ impl UsageTap {
             .inc();
         self.record_end(false, 0);
         tracing::warn!(route = %self.route.name, target = %self.target.id,
-            kind = e.kind.as_str(), error = %e.message, "stream failed after it began");
+            kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "stream failed after it began");
     }
 
     fn wrap(mut self, head: Vec<StreamEvent>, mut rest: EventStream) -> EventStream {

@@ -299,7 +299,7 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let (gw, cfg) = match promptgate::load(&config, &env_lookup) {
             Ok(x) => x,
             Err(problems) => {
@@ -323,7 +323,7 @@ fn serve(
         let encodings = snap.encodings_to_preload();
         tokio::task::spawn_blocking(move || promptgate::tokens::warm(&encodings));
         let addr = listen.unwrap_or(cfg.listen);
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+        let listener = match bind_public(addr) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: cannot listen on {addr}: {e}");
@@ -379,34 +379,92 @@ fn serve(
         });
         let _health = promptgate::gateway::spawn_health_checks(gw.clone());
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
+        let limits = promptgate::conn_limits(&cfg);
+        let signalled = watch_signals(limits.shutdown_grace);
         let shutdown = async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(t) => t,
-                        Err(_) => {
-                            let _ = ctrl_c.await;
-                            return;
-                        }
-                    };
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            }
-            #[cfg(not(unix))]
-            {
-                let _ = ctrl_c.await;
+            if signalled.await.is_err() {
+                // No signal watcher: serve until killed.
+                std::future::pending::<()>().await;
             }
         };
-        match promptgate::server::serve(listener, router, shutdown).await {
+        match promptgate::server::serve_with(listener, router, limits, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: server failed: {e}");
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Work still running (a request past the grace period) is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+/// The public listener, with an accept queue deep enough that a burst of
+/// connections is not answered by dropped handshakes (a second's retransmit).
+fn bind_public(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Waits for SIGTERM or ctrl-c on a thread of its own (so a busy runtime cannot
+/// miss it) and resolves the returned receiver; if the process has not exited
+/// `grace` later (or on a second signal), ends it.
+fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("promptgate-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                async fn signal() {
+                    let ctrl_c = tokio::signal::ctrl_c();
+                    #[cfg(unix)]
+                    {
+                        use tokio::signal::unix::{signal, SignalKind};
+                        match signal(SignalKind::terminate()) {
+                            Ok(mut term) => {
+                                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+                            }
+                            Err(_) => {
+                                let _ = ctrl_c.await;
+                            }
+                        }
+                    }
+                    #[cfg(not(unix))]
+                    {
+                        let _ = ctrl_c.await;
+                    }
+                }
+                signal().await;
+                tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
+                let _ = tx.send(());
+                // The margin lets an orderly drain that ends right at the grace
+                // period return on its own.
+                tokio::select! {
+                    _ = tokio::time::sleep(grace + std::time::Duration::from_millis(500)) => {
+                        eprintln!("promptgate: requests still running after the shutdown grace period; exiting");
+                    }
+                    _ = signal() => eprintln!("promptgate: second signal; exiting now"),
+                }
+                std::process::exit(1);
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch for shutdown signals");
+    }
+    rx
 }
 
 #[allow(clippy::print_stdout)]
