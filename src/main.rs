@@ -374,12 +374,21 @@ fn serve(
         let admin_local = admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         eprintln!("promptgate admin API on http://{admin_local}");
         let admin = promptgate::admin::router(reloader.clone(), admin_key);
+        // The admin port gets the same connection protections as the public one.
+        let admin_limits = promptgate::conn_limits(&cfg);
         tokio::spawn(async move {
-            let _ = axum::serve(admin_listener, admin).await;
+            let _ = promptgate::server::serve_with(
+                admin_listener,
+                admin,
+                admin_limits,
+                std::future::pending::<()>(),
+            )
+            .await;
         });
         let _health = promptgate::gateway::spawn_health_checks(gw.clone());
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let limits = promptgate::conn_limits(&cfg);
+        warn_if_over_file_limit(limits.max_connections);
         let signalled = watch_signals(limits.shutdown_grace);
         let shutdown = async {
             if signalled.await.is_err() {
@@ -398,6 +407,28 @@ fn serve(
     // Work still running (a request past the grace period) is not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     code
+}
+
+/// Warns when `limits.max_connections` leaves no room under the process's
+/// open-file limit (Linux: read from /proc): past it, accepting fails instead
+/// of the connection limit applying.
+fn warn_if_over_file_limit(max_connections: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    // Listeners, the runtime, backend connections and the watcher need some too.
+    if let Some(soft) = soft.filter(|s| max_connections.saturating_add(64) > *s) {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = soft,
+            "limits.max_connections is close to or above the open-file limit; lower it or raise the limit"
+        );
+    }
 }
 
 /// The public listener, with an accept queue deep enough that a burst of

@@ -362,6 +362,15 @@ impl FromRequest<AppState> for LimitedBody {
         use http_body_util::BodyExt;
         let limit = state.settings.max_body_bytes;
         let idle = state.settings.idle_timeout;
+        // A declared length over the limit is refused before reading a byte.
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Ok(LimitedBody(Err(GatewayError::PayloadTooLarge { limit })));
+        }
         let mut body = http_body_util::Limited::new(req.into_body(), limit);
         let mut buf = bytes::BytesMut::new();
         loop {

@@ -45,6 +45,10 @@ variables:
 labels: {production: 1}
 ";
 
+/// The tests of this file run one at a time: the probe's latency must measure
+/// the gateway under its hostile load, not the other tests' gateways.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn write_hostile_config(dir: &std::path::Path, limits: &str) {
     common::write_config(
         dir,
@@ -155,6 +159,7 @@ fn error_of(body: &str) -> Value {
 
 #[test]
 fn hostile_clients_cannot_take_the_gateway_down() {
+    let _serial = SERIAL.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     write_hostile_config(
         dir.path(),
@@ -438,6 +443,7 @@ fn hostile_clients_cannot_take_the_gateway_down() {
 
 #[test]
 fn shutdown_ends_within_the_grace_period_with_a_stream_running() {
+    let _serial = SERIAL.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     write_hostile_config(dir.path(), "  shutdown_grace: 1s");
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -477,6 +483,7 @@ fn shutdown_ends_within_the_grace_period_with_a_stream_running() {
 
 #[tokio::test]
 async fn max_concurrency_counts_streams_until_their_body_ends() {
+    let _serial = SERIAL.lock().await;
     let gateway = "limits: {max_concurrency: 1}\nroutes:\n  slow: {provider: sb, model: slow}\n";
     let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
     let client = common::client();
@@ -511,6 +518,7 @@ async fn max_concurrency_counts_streams_until_their_body_ends() {
 
 #[tokio::test]
 async fn a_dropped_stream_frees_its_permit() {
+    let _serial = SERIAL.lock().await;
     let gateway = "limits: {max_concurrency: 1}\nroutes:\n  slow: {provider: sb, model: slow}\n";
     let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
     let client = common::client();
@@ -539,6 +547,7 @@ async fn a_dropped_stream_frees_its_permit() {
 
 #[tokio::test]
 async fn error_bodies_can_keep_configured_ids_to_themselves() {
+    let _serial = SERIAL.lock().await;
     let routes = "routes:\n  secret-route: {provider: sb, model: echo}\n";
     let providers = [("sb.yaml".to_string(), SANDBOX.to_string())];
     let prompts = [(
@@ -579,6 +588,7 @@ async fn error_bodies_can_keep_configured_ids_to_themselves() {
 
 #[tokio::test]
 async fn render_errors_name_the_prompt_file_relative_to_the_config() {
+    let _serial = SERIAL.lock().await;
     let routes = "routes:\n  echo: {provider: sb, model: echo}\n";
     let providers = [("sb.yaml".to_string(), SANDBOX.to_string())];
     // Dividing a string fails at render time (only for this one value).
@@ -600,4 +610,33 @@ async fn render_errors_name_the_prompt_file_relative_to_the_config() {
     let dir = gw.config_path();
     let root = dir.parent().unwrap().to_string_lossy();
     assert!(!msg.contains(&*root), "{msg}");
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_within_the_idle_timeout() {
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {idle_timeout: 300ms}\nroutes:\n  echo: {provider: sb, model: echo}\n";
+    let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
+    let addr = gw
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":")
+            .unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(started.elapsed() < Duration::from_secs(4), "no answer to a stalled body");
+        let status: u16 = text.split_whitespace().nth(1).unwrap_or("0").parse().unwrap();
+        (status, text)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("stalled"), "{body}");
 }
