@@ -128,6 +128,16 @@ struct RawLimits {
     max_concurrency: Option<usize>,
     #[serde(default)]
     request_timeout: Option<String>,
+    #[serde(default)]
+    header_read_timeout: Option<String>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    list_ids_in_errors: Option<bool>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -677,6 +687,17 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_concurrency: usize,
     pub request_timeout: Duration,
+    /// A connection's request head must be complete within this long of the
+    /// connection opening or its previous response ending.
+    pub header_read_timeout: Duration,
+    /// Longest silence while a client sends a request body.
+    pub idle_timeout: Duration,
+    /// Open client connections at most (keep it under the open-file limit).
+    pub max_connections: usize,
+    /// After SIGTERM / ctrl-c, how long running requests may still finish.
+    pub shutdown_grace: Duration,
+    /// Whether "unknown model/prompt" errors list the configured ids.
+    pub list_ids_in_errors: bool,
 }
 
 impl Default for Limits {
@@ -685,6 +706,11 @@ impl Default for Limits {
             max_body_bytes: 4 * 1024 * 1024,
             max_concurrency: 4096,
             request_timeout: Duration::from_secs(600),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(10),
+            list_ids_in_errors: true,
         }
     }
 }
@@ -896,9 +922,40 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             &gw.limits.request_timeout,
             d.request_timeout,
         ),
+        header_read_timeout: problems.duration(
+            gateway_file,
+            "limits.header_read_timeout",
+            &gw.limits.header_read_timeout,
+            d.header_read_timeout,
+        ),
+        idle_timeout: problems.duration(
+            gateway_file,
+            "limits.idle_timeout",
+            &gw.limits.idle_timeout,
+            d.idle_timeout,
+        ),
+        max_connections: gw.limits.max_connections.unwrap_or(d.max_connections),
+        shutdown_grace: problems.duration(
+            gateway_file,
+            "limits.shutdown_grace",
+            &gw.limits.shutdown_grace,
+            d.shutdown_grace,
+        ),
+        list_ids_in_errors: gw.limits.list_ids_in_errors.unwrap_or(d.list_ids_in_errors),
     };
     if limits.max_concurrency == 0 {
         problems.add(gateway_file, "limits.max_concurrency", "must be at least 1");
+    }
+    if limits.max_connections == 0 {
+        problems.add(gateway_file, "limits.max_connections", "must be at least 1");
+    }
+    for (field, d) in [
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+    ] {
+        if d.is_zero() {
+            problems.add(gateway_file, field, "must be longer than zero");
+        }
     }
 
     let mut routes = BTreeMap::new();

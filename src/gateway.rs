@@ -276,7 +276,10 @@ impl Gateway {
             Answer::Complete(mut resp) => {
                 let usage = match resp.usage {
                     Some(u) => u,
-                    None => tokens::estimate(target.encoding, &req, &tokens::response_text(&resp)),
+                    None => {
+                        let text = tokens::response_text(&resp);
+                        tokens::estimate_async(target.encoding, &req, &text, 0).await
+                    }
                 };
                 resp.usage = Some(usage);
                 self.count_tokens(route, &target, arm, &usage);
@@ -304,6 +307,7 @@ impl Gateway {
                     req,
                     started,
                     output: String::new(),
+                    output_beyond: 0,
                     usage: None,
                     store: store.map(|s| (s, crate::cache::Assembler::default())),
                 };
@@ -419,9 +423,14 @@ impl Gateway {
                     continue;
                 }
                 if let Some(window) = t.capabilities.context_window {
-                    let need = *prompt_tokens
-                        .get_or_insert_with(|| tokens::prompt_tokens(t.encoding, req))
-                        + req.params.output_limit().unwrap_or(0);
+                    let prompt = match prompt_tokens {
+                        Some(n) => n,
+                        None => *prompt_tokens
+                            .insert(tokens::prompt_tokens_async(t.encoding, req).await),
+                    };
+                    // Saturating: an output limit near u32::MAX must not wrap
+                    // into a small number that fits.
+                    let need = prompt.saturating_add(req.params.output_limit().unwrap_or(0));
                     if need > window {
                         if round == 0 {
                             skips.push(Skip::Context(need, window));
@@ -509,7 +518,7 @@ impl Gateway {
                             .with_label_values(&[&route.name, &t.id, e.kind.as_str()])
                             .inc();
                         tracing::info!(route = %route.name, target = %t.id, kind = e.kind.as_str(),
-                            error = %e.message, "attempt failed");
+                            error = %crate::server::LogSafe(&e.message), "attempt failed");
                         let retry = e.kind.retryable() || e.kind == ErrorKind::ContextLength;
                         errors.push((t.id.clone(), e));
                         if !retry {
@@ -624,10 +633,10 @@ impl Gateway {
         }
         if resp.usage.prompt_tokens == 0 {
             let n = match &req.input {
-                EmbeddingInput::Texts(t) => {
-                    t.iter().map(|s| tokens::count(target.encoding, s)).sum()
-                }
-                EmbeddingInput::Tokens(t) => t.iter().map(|v| v.len() as u32).sum(),
+                EmbeddingInput::Texts(t) => tokens::count_all_async(target.encoding, t).await,
+                EmbeddingInput::Tokens(t) => t.iter().fold(0u32, |n, v| {
+                    n.saturating_add(u32::try_from(v.len()).unwrap_or(u32::MAX))
+                }),
             };
             resp.usage = Usage::new(n, 0);
             resp.usage.estimated = true;
@@ -724,7 +733,7 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
                         .with_label_values(&[id.as_str(), if failed { "failed" } else { "ok" }])
                         .inc();
                     if let Err(e) = &result {
-                        tracing::warn!(provider = %id, kind = e.kind.as_str(), error = %e.message, "health check failed");
+                        tracing::warn!(provider = %id, kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "health check failed");
                     }
                     for route in snap.routes() {
                         for t in route.targets() {
@@ -920,7 +929,10 @@ struct UsageTap {
     arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
     req: ChatRequest,
     started: Instant,
+    /// Output text for the estimate, up to the tokenizer's budget…
     output: String,
+    /// …and the bytes of output past it, estimated.
+    output_beyond: usize,
     usage: Option<Usage>,
     /// A cache lease to fill once the stream has ended properly.
     store: Option<(Store, crate::cache::Assembler)>,
@@ -933,19 +945,13 @@ impl UsageTap {
         }
         match ev {
             StreamEvent::Delta(d) => {
-                if let Some(c) = &d.content {
-                    self.output.push_str(c);
-                }
-                if let Some(r) = &d.reasoning {
-                    self.output.push_str(r);
-                }
-                for t in &d.tool_calls {
-                    if let Some(n) = &t.name {
-                        self.output.push_str(n);
-                    }
-                    if let Some(a) = &t.arguments {
-                        self.output.push_str(a);
-                    }
+                let texts = d.content.iter().chain(&d.reasoning).chain(
+                    d.tool_calls
+                        .iter()
+                        .flat_map(|t| t.name.iter().chain(&t.arguments)),
+                );
+                for text in texts {
+                    self.keep_output(text);
                 }
             }
             // Some backends repeat usage on several chunks; the last one is the total.
@@ -954,11 +960,39 @@ impl UsageTap {
         }
     }
 
-    fn finish(&mut self) -> Usage {
-        let usage = match self.usage {
+    /// Keeps output text for the estimate, within the tokenizer's budget; the
+    /// rest is only measured.
+    fn keep_output(&mut self, text: &str) {
+        let room = tokens::EXACT_BYTES.saturating_sub(self.output.len());
+        if text.len() <= room {
+            self.output.push_str(text);
+            return;
+        }
+        let mut cut = room;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.output.push_str(&text[..cut]);
+        self.output_beyond = self.output_beyond.saturating_add(text.len() - cut);
+    }
+
+    /// The reported usage, or the estimate.
+    async fn usage(&self) -> Usage {
+        match self.usage {
             Some(u) => u,
-            None => tokens::estimate(self.target.encoding, &self.req, &self.output),
-        };
+            None => {
+                tokens::estimate_async(
+                    self.target.encoding,
+                    &self.req,
+                    &self.output,
+                    self.output_beyond,
+                )
+                .await
+            }
+        }
+    }
+
+    fn finish(&mut self, usage: Usage) -> Usage {
         let m = &self.gateway.metrics;
         let source = if usage.estimated {
             "estimated"
@@ -1006,7 +1040,7 @@ impl UsageTap {
             .inc();
         self.record_end(false, 0);
         tracing::warn!(route = %self.route.name, target = %self.target.id,
-            kind = e.kind.as_str(), error = %e.message, "stream failed after it began");
+            kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "stream failed after it began");
     }
 
     fn wrap(mut self, head: Vec<StreamEvent>, mut rest: EventStream) -> EventStream {
@@ -1029,13 +1063,12 @@ impl UsageTap {
                     },
                 };
                 if ev == StreamEvent::Done {
-                    let usage = if self.usage.is_none() {
-                        let usage = self.finish();
+                    let estimated = self.usage.is_none();
+                    let usage = self.usage().await;
+                    let usage = self.finish(usage);
+                    if estimated {
                         yield Ok(StreamEvent::Usage(usage));
-                        usage
-                    } else {
-                        self.finish()
-                    };
+                    }
                     if let Some((store, mut asm)) = self.store.take() {
                         asm.push(&StreamEvent::Usage(usage));
                         store.put(&asm.finish()).await;

@@ -53,5 +53,16 @@ pub fn server_settings(cfg: &config::Config) -> server::ServerSettings {
         max_body_bytes: cfg.limits.max_body_bytes,
         max_concurrency: cfg.limits.max_concurrency,
         request_timeout: cfg.limits.request_timeout,
+        idle_timeout: cfg.limits.idle_timeout,
+        list_ids_in_errors: cfg.limits.list_ids_in_errors,
+    }
+}
+
+/// The public listener's connection limits a config asks for.
+pub fn conn_limits(cfg: &config::Config) -> server::ConnLimits {
+    server::ConnLimits {
+        header_read_timeout: cfg.limits.header_read_timeout,
+        max_connections: cfg.limits.max_connections,
+        shutdown_grace: cfg.limits.shutdown_grace,
     }
 }

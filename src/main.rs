@@ -299,7 +299,7 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let (gw, cfg) = match promptgate::load(&config, &env_lookup) {
             Ok(x) => x,
             Err(problems) => {
@@ -323,7 +323,7 @@ fn serve(
         let encodings = snap.encodings_to_preload();
         tokio::task::spawn_blocking(move || promptgate::tokens::warm(&encodings));
         let addr = listen.unwrap_or(cfg.listen);
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+        let listener = match bind_public(addr) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: cannot listen on {addr}: {e}");
@@ -374,39 +374,128 @@ fn serve(
         let admin_local = admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         eprintln!("promptgate admin API on http://{admin_local}");
         let admin = promptgate::admin::router(reloader.clone(), admin_key);
+        // The admin port gets the same connection protections as the public one.
+        let admin_limits = promptgate::conn_limits(&cfg);
         tokio::spawn(async move {
-            let _ = axum::serve(admin_listener, admin).await;
+            let _ = promptgate::server::serve_with(
+                admin_listener,
+                admin,
+                admin_limits,
+                std::future::pending::<()>(),
+            )
+            .await;
         });
         let _health = promptgate::gateway::spawn_health_checks(gw.clone());
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
+        let limits = promptgate::conn_limits(&cfg);
+        warn_if_over_file_limit(limits.max_connections);
+        let signalled = watch_signals(limits.shutdown_grace);
         let shutdown = async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(t) => t,
-                        Err(_) => {
-                            let _ = ctrl_c.await;
-                            return;
-                        }
-                    };
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            }
-            #[cfg(not(unix))]
-            {
-                let _ = ctrl_c.await;
+            if signalled.await.is_err() {
+                // No signal watcher: serve until killed.
+                std::future::pending::<()>().await;
             }
         };
-        match promptgate::server::serve(listener, router, shutdown).await {
+        match promptgate::server::serve_with(listener, router, limits, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: server failed: {e}");
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Work still running (a request past the grace period) is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+/// Warns when `limits.max_connections` leaves no room under the process's
+/// open-file limit (Linux: read from /proc): past it, accepting fails instead
+/// of the connection limit applying.
+fn warn_if_over_file_limit(max_connections: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    // Listeners, the runtime, backend connections and the watcher need some too.
+    if let Some(soft) = soft.filter(|s| max_connections.saturating_add(64) > *s) {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = soft,
+            "limits.max_connections is close to or above the open-file limit; lower it or raise the limit"
+        );
+    }
+}
+
+/// The public listener, with an accept queue deep enough that a burst of
+/// connections is not answered by dropped handshakes (a second's retransmit).
+fn bind_public(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Waits for SIGTERM or ctrl-c on a thread of its own (so a busy runtime cannot
+/// miss it) and resolves the returned receiver; if the process has not exited
+/// `grace` later (or on a second signal), ends it.
+fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("promptgate-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                async fn signal() {
+                    let ctrl_c = tokio::signal::ctrl_c();
+                    #[cfg(unix)]
+                    {
+                        use tokio::signal::unix::{signal, SignalKind};
+                        match signal(SignalKind::terminate()) {
+                            Ok(mut term) => {
+                                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+                            }
+                            Err(_) => {
+                                let _ = ctrl_c.await;
+                            }
+                        }
+                    }
+                    #[cfg(not(unix))]
+                    {
+                        let _ = ctrl_c.await;
+                    }
+                }
+                signal().await;
+                tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
+                let _ = tx.send(());
+                // The margin lets an orderly drain that ends right at the grace
+                // period return on its own.
+                tokio::select! {
+                    _ = tokio::time::sleep(grace + std::time::Duration::from_millis(500)) => {
+                        eprintln!("promptgate: requests still running after the shutdown grace period; exiting");
+                    }
+                    _ = signal() => eprintln!("promptgate: second signal; exiting now"),
+                }
+                std::process::exit(1);
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch for shutdown signals");
+    }
+    rx
 }
 
 #[allow(clippy::print_stdout)]

@@ -436,7 +436,7 @@ impl Registry {
                             "prompt `{}` version {} failed to render messages[{i}] ({}:{line}): {}",
                             p.id,
                             v.number,
-                            p.file.display(),
+                            shown_path(&p.file),
                             e.detail().map(str::to_owned).unwrap_or_else(|| e.to_string())
                         ),
                             Some("prompt.variables"),
@@ -451,6 +451,15 @@ impl Registry {
             route: v.route.clone(),
             params: v.params.clone(),
         })
+    }
+}
+
+/// A prompt file as error bodies show it: relative to the configuration
+/// (`prompts/<file>`), never the absolute path of the deployment.
+fn shown_path(file: &std::path::Path) -> String {
+    match file.file_name() {
+        Some(name) => format!("prompts/{}", name.to_string_lossy()),
+        None => "prompts/".into(),
     }
 }
 

@@ -46,12 +46,98 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub max_concurrency: usize,
     pub request_timeout: Duration,
+    /// Longest silence while a client sends its request body.
+    pub idle_timeout: Duration,
+    /// Whether "unknown model" and "unknown prompt" errors list the configured ids.
+    pub list_ids_in_errors: bool,
 }
 
 #[derive(Clone)]
 struct AppState {
     gw: Arc<Gateway>,
     settings: ServerSettings,
+    /// Requests being served, bodies included (`max_concurrency`).
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+tokio::task_local! {
+    /// The serving listener's `list_ids_in_errors`, for [`error_response`].
+    static LIST_IDS: bool;
+}
+
+/// A client- or backend-supplied text made safe for a log line: control
+/// characters (newlines above all) are escaped, so no input can forge a line.
+pub struct LogSafe<T>(pub T);
+
+impl<T: std::fmt::Display> std::fmt::Display for LogSafe<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut std::fmt::Formatter<'b>);
+        impl std::fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                for part in s.split_inclusive(char::is_control) {
+                    match part.char_indices().last() {
+                        Some((i, c)) if c.is_control() => {
+                            self.0.write_str(&part[..i])?;
+                            write!(self.0, "{}", c.escape_default())?;
+                        }
+                        _ => self.0.write_str(part)?,
+                    }
+                }
+                Ok(())
+            }
+        }
+        std::fmt::write(&mut Escaping(f), format_args!("{}", self.0))
+    }
+}
+
+/// Held for a request's whole life, body included: a concurrency permit and
+/// the in-flight gauge.
+struct InFlight {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// A response body that keeps `guard` until it ends or is dropped.
+struct Guarded<G> {
+    inner: Body,
+    guard: Option<G>,
+}
+
+impl<G: Send + Unpin + 'static> hyper::body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = axum::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        let out = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(out, std::task::Poll::Ready(None)) {
+            this.guard = None;
+        }
+        out
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn guard_body<G: Send + Unpin + 'static>(resp: Response, guard: G) -> Response {
+    resp.map(|inner| {
+        Body::new(Guarded {
+            inner,
+            guard: Some(guard),
+        })
+    })
 }
 
 /// The request's id, set by the edge layer (or generated here if a handler runs
@@ -123,9 +209,19 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     };
     req.extensions_mut().insert(RequestId(id.clone()));
     let metrics = &app.gw.metrics;
+    let Ok(permit) = app.permits.clone().try_acquire_owned() else {
+        return overloaded(&id);
+    };
     metrics.in_flight.inc();
-    let mut resp = next.run(req).await;
-    metrics.in_flight.dec();
+    let in_flight = InFlight {
+        _permit: permit,
+        gauge: metrics.in_flight.clone(),
+    };
+    let mut resp = LIST_IDS
+        .scope(app.settings.list_ids_in_errors, next.run(req))
+        .await;
+    // The permit and the gauge stay taken until the body (a stream, too) ends.
+    resp = guard_body(resp, in_flight);
     let elapsed = start.elapsed();
     let outcome = resp.extensions_mut().remove::<Outcome>();
     let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
@@ -202,10 +298,15 @@ fn error_response(
 ) -> Response {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
-    if status.is_server_error() {
-        tracing::warn!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %err, "request failed");
+    let err = if LIST_IDS.try_with(|l| *l).unwrap_or(true) {
+        err
     } else {
-        tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %err, "request rejected");
+        unlisted(err)
+    };
+    if status.is_server_error() {
+        tracing::warn!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request failed");
+    } else {
+        tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request rejected");
     }
     let mut resp = json_response(status, dialect.error_body(&err, &id.0));
     if let GatewayError::Upstream(e) = &err {
@@ -230,6 +331,25 @@ fn error_response(
     resp
 }
 
+/// `err` without the configured ids it lists (routes, prompts, labels), for
+/// deployments whose port is reachable by anyone.
+fn unlisted(err: GatewayError) -> GatewayError {
+    match err {
+        GatewayError::UnknownModel { model, .. } => GatewayError::UnknownModel {
+            model,
+            available: "not listed".into(),
+        },
+        GatewayError::NotFoundPrompt { message } => GatewayError::NotFoundPrompt {
+            // The lists follow the first clause: "prompt `x` does not exist; prompts: …".
+            message: message
+                .split_once("; ")
+                .map_or(message.as_str(), |(head, _)| head)
+                .to_owned(),
+        },
+        other => other,
+    }
+}
+
 /// A request body read under the size limit. A too-large body becomes a 413 in
 /// the client's dialect (the handler knows which), not the framework's plain text.
 struct LimitedBody(Result<Bytes, GatewayError>);
@@ -237,18 +357,52 @@ struct LimitedBody(Result<Bytes, GatewayError>);
 impl FromRequest<AppState> for LimitedBody {
     type Rejection = Infallible;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(LimitedBody(match Bytes::from_request(req, state).await {
-            Ok(b) => Ok(b),
-            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(GatewayError::PayloadTooLarge {
-                    limit: state.settings.max_body_bytes,
-                })
+        // Frame by frame, each within the idle timeout: a client that drips
+        // its body (or stops) holds a connection for that long at most.
+        use http_body_util::BodyExt;
+        let limit = state.settings.max_body_bytes;
+        let idle = state.settings.idle_timeout;
+        // A declared length over the limit is refused before reading a byte.
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Ok(LimitedBody(Err(GatewayError::PayloadTooLarge { limit })));
+        }
+        let mut body = http_body_util::Limited::new(req.into_body(), limit);
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => {
+                    return Ok(LimitedBody(Err(GatewayError::invalid(
+                        format!(
+                            "the request body stalled: nothing arrived for {}",
+                            humantime::format_duration(idle)
+                        ),
+                        None,
+                    ))))
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    let too_large = e.is::<http_body_util::LengthLimitError>()
+                        || std::error::Error::source(&*e)
+                            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                    return Ok(LimitedBody(Err(if too_large {
+                        GatewayError::PayloadTooLarge { limit }
+                    } else {
+                        GatewayError::invalid(format!("cannot read request body: {e}"), None)
+                    })));
+                }
             }
-            Err(rej) => Err(GatewayError::invalid(
-                format!("cannot read request body: {}", rej.body_text()),
-                None,
-            )),
-        }))
+        }
+        Ok(LimitedBody(Ok(buf.freeze())))
     }
 }
 
@@ -302,6 +456,23 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
     });
 }
 
+/// Bodies at least this large are decoded on the blocking pool: parsing
+/// megabytes of JSON would hold an async worker (and every connection queued
+/// on it) for that long.
+const DECODE_OFF_THREAD_BYTES: usize = 256 * 1024;
+
+async fn off_thread_if_large<T: Send + 'static>(
+    body: Bytes,
+    decode: impl FnOnce(&[u8]) -> Result<T, GatewayError> + Send + 'static,
+) -> Result<T, GatewayError> {
+    if body.len() < DECODE_OFF_THREAD_BYTES {
+        return decode(&body);
+    }
+    tokio::task::spawn_blocking(move || decode(&body))
+        .await
+        .unwrap_or_else(|_| Err(GatewayError::Internal("decoding the request failed".into())))
+}
+
 /// Chat in any client dialect: decode, run the pipeline, encode the answer or
 /// the stream.
 async fn chat<D: Dialect + Default>(
@@ -312,7 +483,11 @@ async fn chat<D: Dialect + Default>(
 ) -> Response {
     let dialect = D::default();
     let d: &dyn Dialect = &dialect;
-    let mut req = match body.and_then(|b| d.decode_chat(&b)) {
+    let decoded = match body {
+        Ok(b) => off_thread_if_large(b, |b| D::default().decode_chat(b)).await,
+        Err(e) => Err(e),
+    };
+    let mut req = match decoded {
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
@@ -375,6 +550,47 @@ async fn prompt_chat(
     serve_chat(app, d, id, &headers, req, Some(prompt)).await
 }
 
+/// Most choices per request (`n`), as OpenAI documents.
+pub const MAX_CHOICES: u32 = 128;
+/// Most `top_logprobs`, as OpenAI documents.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+/// Most tools (functions) per request, as OpenAI documents.
+pub const MAX_TOOLS: usize = 128;
+
+/// The client-controlled counts a backend sizes its work or its answer by,
+/// against their documented bounds. Token limits need no bound here: every sum
+/// over them saturates.
+fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
+    if let Some(n) = req.params.n {
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(GatewayError::invalid(
+                format!("invalid field `n`: {n} is outside 1..={MAX_CHOICES}"),
+                Some("n"),
+            ));
+        }
+    }
+    if let Some(v) = req.extra.get("top_logprobs") {
+        if v.as_u64().is_none_or(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(GatewayError::invalid(
+                format!(
+                    "invalid field `top_logprobs`: expected an integer in 0..={MAX_TOP_LOGPROBS}"
+                ),
+                Some("top_logprobs"),
+            ));
+        }
+    }
+    if req.tools.len() > MAX_TOOLS {
+        return Err(GatewayError::invalid(
+            format!(
+                "invalid field `tools`: {} tools; at most {MAX_TOOLS} are allowed",
+                req.tools.len()
+            ),
+            Some("tools"),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a decoded chat request (after rendering its prompt, if any) and encodes
 /// the outcome in dialect `d`.
 async fn serve_chat(
@@ -385,6 +601,9 @@ async fn serve_chat(
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
 ) -> Response {
+    if let Err(e) = check_sizes(&req) {
+        return error_response(d, e, &id, None);
+    }
     let snap = app.gw.snapshot();
     let mut meta = RequestMeta {
         headers,
@@ -427,10 +646,17 @@ async fn serve_chat(
                 }
                 Err(e) => {
                     let mut resp = error_response(d, e, &id, None);
+                    // Only configured ids become labels: a client naming random
+                    // prompts must not grow the metrics without bound.
+                    let label = if snap.prompts.get(&p.id).is_some() {
+                        p.id.as_str()
+                    } else {
+                        "unknown"
+                    };
                     app.gw
                         .metrics
                         .prompt_errors
-                        .with_label_values(&[&p.id])
+                        .with_label_values(&[label])
                         .inc();
                     resp.headers_mut().insert(
                         PROMPT,
@@ -498,9 +724,13 @@ async fn run_chat(
             let request_id = id.0.clone();
             let body = async_stream::stream! {
                 let mut buf = Vec::with_capacity(512);
+                let mut done = false;
                 while let Some(ev) = events.next().await {
                     match ev {
-                        Ok(ev) => encoder.encode(&ev, &mut buf),
+                        Ok(ev) => {
+                            done |= ev == crate::canonical::StreamEvent::Done;
+                            encoder.encode(&ev, &mut buf)
+                        }
                         Err(e) => {
                             encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
                             yield Ok::<Bytes, Infallible>(Bytes::from(std::mem::take(&mut buf)));
@@ -510,6 +740,16 @@ async fn run_chat(
                     if !buf.is_empty() {
                         yield Ok(Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(512))));
                     }
+                }
+                // A stream that began ends with its end marker or an error event,
+                // never silently.
+                if !done {
+                    let e = UpstreamError::new(
+                        ErrorKind::MalformedResponse,
+                        "the backend stream ended without a finish",
+                    );
+                    encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                    yield Ok(Bytes::from(buf));
                 }
             };
             let mut out = Response::new(Body::from_stream(body));
@@ -543,7 +783,11 @@ async fn embeddings(
     id: RequestId,
     LimitedBody(body): LimitedBody,
 ) -> Response {
-    let req = match body.and_then(|b| wire::decode_embeddings_request(&b)) {
+    let decoded = match body {
+        Ok(b) => off_thread_if_large(b, wire::decode_embeddings_request).await,
+        Err(e) => Err(e),
+    };
+    let req = match decoded {
         Ok(r) => r,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
@@ -641,18 +885,23 @@ fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
     )
 }
 
-async fn overloaded(_: tower::BoxError) -> Response {
+fn overloaded(id: &str) -> Response {
     let err = GatewayError::Upstream(crate::error::UpstreamError::new(
         crate::error::ErrorKind::Overloaded,
         "the gateway is at its concurrency limit; retry shortly",
     ));
-    json_response(StatusCode::SERVICE_UNAVAILABLE, wire::error_body(&err, ""))
+    let mut resp = json_response(StatusCode::SERVICE_UNAVAILABLE, wire::error_body(&err, id));
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
 }
 
 /// The whole HTTP application.
 pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
     let state = AppState {
         gw,
+        permits: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrency)),
         settings: settings.clone(),
     };
     let api = Router::new()
@@ -676,30 +925,301 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
             .layer(tower_http::trace::TraceLayer::new_for_http())
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
                 panic_response,
-            ))
-            .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
-            .load_shed()
-            .concurrency_limit(settings.max_concurrency),
+            )),
     )
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains.
+/// Connection-level protections of the public listener.
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    /// A connection must deliver a complete request head within this long of
+    /// opening (or of its previous response): slowloris clients and idle
+    /// keep-alive connections are closed after it.
+    pub header_read_timeout: Duration,
+    /// Open connections at most. At the limit, the oldest connection with no
+    /// request in progress is closed to make room; if every one is busy, the new
+    /// connection is closed at once.
+    pub max_connections: usize,
+    /// After a shutdown signal: how long running requests may still finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        let d = crate::config::Limits::default();
+        ConnLimits {
+            header_read_timeout: d.header_read_timeout,
+            max_connections: d.max_connections,
+            shutdown_grace: d.shutdown_grace,
+        }
+    }
+}
+
+/// One open connection: its requests in progress, whether the client has sent
+/// anything yet, and a way to close it.
+struct Conn {
+    active: std::sync::atomic::AtomicUsize,
+    heard: std::sync::atomic::AtomicBool,
+    evict: tokio::sync::Notify,
+}
+
+/// A client socket that notes the first bytes it reads on its [`Conn`].
+struct Watched {
+    io: tokio::net::TcpStream,
+    conn: Arc<Conn>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let out = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.conn
+                .heard
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        out
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[derive(Default)]
+struct Conns {
+    open: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<Conn>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Conns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Arc<Conn>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Room for one more connection, if full by evicting the oldest idle one
+    /// that never sent a byte, else the oldest idle one.
+    fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>)> {
+        use std::sync::atomic::Ordering;
+        let mut open = self.lock();
+        if open.len() >= max {
+            let idle = |c: &Conn| c.active.load(Ordering::Acquire) == 0;
+            let idle = open
+                .iter()
+                .find(|(_, c)| idle(c) && !c.heard.load(Ordering::Acquire))
+                .or_else(|| open.iter().find(|(_, c)| idle(c)))
+                .map(|(id, _)| *id)?;
+            if let Some(c) = open.remove(&idle) {
+                c.evict.notify_one();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            active: Default::default(),
+            heard: Default::default(),
+            evict: tokio::sync::Notify::new(),
+        });
+        open.insert(id, conn.clone());
+        Some((id, conn))
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Counts a request on its connection until its response body ends.
+struct Busy(Arc<Conn>);
+
+impl Busy {
+    fn new(c: &Arc<Conn>) -> Self {
+        c.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(c.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Serves `router` on `listener` with the default connection limits until
+/// `shutdown` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, router, ConnLimits::default(), shutdown).await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; then stops
+/// accepting, lets running requests finish for at most the grace period, and
+/// returns (dropping whatever still runs).
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let conns = Arc::new(Conns::default());
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin;
+                    // the timeouts free connections.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some((id, conn)) = conns.admit(limits.max_connections) else {
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let on_conn = conn.clone();
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let busy = Busy::new(&on_conn);
+            let router = router.clone();
+            async move {
+                let resp = tower::ServiceExt::oneshot(router, req.map(Body::new)).await;
+                resp.map(|r| guard_body(r, busy))
+            }
+        });
+        let io = Watched {
+            io: stream,
+            conn: conn.clone(),
+        };
+        let served = http.serve_connection(TokioIo::new(io), svc);
+        let conns = conns.clone();
+        let mut drain = drain_rx.clone();
+        tokio::spawn(async move {
+            tokio::pin!(served);
+            let mut draining = *drain.borrow();
+            if draining {
+                served.as_mut().graceful_shutdown();
+            }
+            loop {
+                tokio::select! {
+                    _ = served.as_mut() => break,
+                    _ = conn.evict.notified() => break,
+                    r = drain.changed(), if !draining => {
+                        draining = true;
+                        if r.is_ok() {
+                            served.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+            conns.lock().remove(&id);
+        });
+        // Let the new connection read what its client already sent before the
+        // next accept may have to choose a connection to evict.
+        tokio::task::yield_now().await;
+    }
+    drop(listener);
+    let _ = drain_tx.send(true);
+    let deadline = Instant::now() + limits.shutdown_grace;
+    while conns.len() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = conns.len();
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "shutdown grace period over; closing the connections still open"
+        );
+        for c in conns.lock().values() {
+            c.evict.notify_one();
+        }
+    }
+    Ok(())
 }
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         error_response(&OpenAi, self, &RequestId(new_request_id().into()), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn log_safe_escapes_control_characters() {
+        assert_eq!(
+            LogSafe("model `a\nFORGED line`\r\t\u{1b}[31m é").to_string(),
+            "model `a\\nFORGED line`\\r\\t\\u{1b}[31m é"
+        );
+        assert_eq!(LogSafe(42).to_string(), "42");
+    }
+
+    #[test]
+    fn unlisted_errors_name_no_configured_ids() {
+        let e = unlisted(GatewayError::UnknownModel {
+            model: "m".into(),
+            available: "secret-a, secret-b".into(),
+        });
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = unlisted(GatewayError::NotFoundPrompt {
+            message: "prompt `x` does not exist; prompts: secret".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            GatewayError::NotFoundPrompt {
+                message: "prompt `x` does not exist".into()
+            }
+            .to_string()
+        );
     }
 }

@@ -279,10 +279,24 @@ impl Provider for SandboxProvider {
         Box::pin(async move {
             let m = self.model(model)?;
             self.before_answer(m).await?;
-            let dims = req
-                .dimensions
-                .map(|d| d as usize)
-                .unwrap_or(m.embedding_dims);
+            // Like a real embedding model, the sandbox can shorten its vectors
+            // but not lengthen them past its native size.
+            let dims = match req.dimensions {
+                None => m.embedding_dims,
+                Some(d) if d as usize <= m.embedding_dims => d as usize,
+                Some(d) => {
+                    return Err(self.err(
+                        UpstreamError::new(
+                            ErrorKind::BadRequest,
+                            format!(
+                                "dimensions {d} is larger than the model's {} dimensions",
+                                m.embedding_dims
+                            ),
+                        )
+                        .with_status(400),
+                    ))
+                }
+            };
             let texts: Vec<String> = match &req.input {
                 EmbeddingInput::Texts(t) => t.clone(),
                 EmbeddingInput::Tokens(t) => t
@@ -296,5 +310,56 @@ impl Provider for SandboxProvider {
                 usage: Usage::default(),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn sandbox() -> SandboxProvider {
+        let model = SandboxModel {
+            reply: SandboxReply::Echo,
+            script: Vec::new(),
+            chunk_chars: 0,
+            chunk_delay: std::time::Duration::ZERO,
+            first_token_delay: std::time::Duration::ZERO,
+            delay: std::time::Duration::ZERO,
+            fail: None,
+            cut_after: None,
+            embedding_dims: 16,
+        };
+        SandboxProvider::new(
+            "sandbox",
+            BTreeMap::from([("echo".to_owned(), model)]),
+            Timeouts::default(),
+        )
+    }
+
+    fn embed_request(dimensions: Option<u32>) -> EmbeddingsRequest {
+        EmbeddingsRequest {
+            model: "r".into(),
+            input: EmbeddingInput::Texts(vec!["hello".into()]),
+            encoding: EmbeddingEncoding::Float,
+            dimensions,
+            user: None,
+            extra: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn embeddings_never_grow_past_the_model_size() {
+        let s = sandbox();
+        let e = s
+            .embed(&embed_request(Some(u32::MAX)), "echo")
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert_eq!(e.status, Some(400));
+        let short = s.embed(&embed_request(Some(8)), "echo").await.unwrap();
+        assert_eq!(short.vectors[0].len(), 8);
+        let native = s.embed(&embed_request(None), "echo").await.unwrap();
+        assert_eq!(native.vectors[0].len(), 16);
     }
 }

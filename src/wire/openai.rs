@@ -1470,6 +1470,39 @@ struct InEmbeddingsRequest {
     extra: Map<String, Value>,
 }
 
+/// The most inputs one embeddings request may carry (OpenAI's documented limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+/// The largest `dimensions` accepted: above every embedding model's native size.
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 16_384;
+
+/// Client-controlled sizes of an embeddings request, against their bounds: a
+/// backend (or the sandbox) sizes its output by them.
+fn check_embedding_sizes(
+    input: &EmbeddingInput,
+    dimensions: Option<u32>,
+) -> Result<(), GatewayError> {
+    if input.len() > MAX_EMBEDDING_INPUTS {
+        return Err(GatewayError::invalid(
+            format!(
+                "invalid field `input`: {} inputs; at most {MAX_EMBEDDING_INPUTS} are allowed",
+                input.len()
+            ),
+            Some("input"),
+        ));
+    }
+    if let Some(d) = dimensions {
+        if !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&d) {
+            return Err(GatewayError::invalid(
+                format!(
+                    "invalid field `dimensions`: {d} is outside 1..={MAX_EMBEDDING_DIMENSIONS}"
+                ),
+                Some("dimensions"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn decode_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, GatewayError> {
     let r: InEmbeddingsRequest = parse(body)?;
     let input = match r.input {
@@ -1496,6 +1529,7 @@ pub fn decode_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, Gatew
             ))
         }
     };
+    check_embedding_sizes(&input, r.dimensions)?;
     Ok(EmbeddingsRequest {
         model: r.model,
         input,
@@ -2128,6 +2162,34 @@ mod tests {
         assert_eq!(v["error"]["upstream_status"], 429);
         assert_eq!(v["error"]["request_id"], "pg-1");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn embeddings_sizes_are_bounded() {
+        for (body, param) in [
+            (
+                r#"{"model":"m","input":"a","dimensions":4294967295}"#,
+                "dimensions",
+            ),
+            (r#"{"model":"m","input":"a","dimensions":0}"#, "dimensions"),
+        ] {
+            let GatewayError::InvalidRequest { param: p, message } =
+                decode_embeddings_request(body.as_bytes()).unwrap_err()
+            else {
+                panic!("not a 400")
+            };
+            assert_eq!(p.as_deref(), Some(param), "{message}");
+        }
+        let many = format!(
+            r#"{{"model":"m","input":[{}"x"]}}"#,
+            "\"x\",".repeat(MAX_EMBEDDING_INPUTS)
+        );
+        assert!(decode_embeddings_request(many.as_bytes()).is_err());
+        let ok = r#"{"model":"m","input":"a","dimensions":3072}"#;
+        assert_eq!(
+            decode_embeddings_request(ok.as_bytes()).unwrap().dimensions,
+            Some(3072)
+        );
     }
 
     #[test]

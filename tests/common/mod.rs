@@ -512,3 +512,65 @@ impl Drop for GatewayProcess {
         let _ = self.child.wait();
     }
 }
+
+impl GatewayProcess {
+    /// Like [`GatewayProcess::start`], with the process's open-file limit set to
+    /// `nofile` (through the shell's `ulimit`, then `exec`, so the child is the
+    /// gateway itself) and every stderr line kept in `log`.
+    pub fn start_limited(
+        config: &Path,
+        envs: &[(&str, &str)],
+        nofile: u32,
+        log: Arc<Mutex<Vec<String>>>,
+    ) -> GatewayProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n {nofile} && exec \"$0\" serve --config \"$1\" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0"
+            ))
+            .arg(env!("CARGO_BIN_EXE_promptgate"))
+            .arg(config)
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => GatewayProcess {
+                child,
+                base: format!("http://{addr}"),
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the gateway process did not start");
+            }
+        }
+    }
+
+    /// `host:port` of the public listener.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
+    }
+
+    /// The process's resident memory in KiB (Linux), if readable.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+}
