@@ -398,7 +398,10 @@ impl Gateway {
         private: bool,
     ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
         let policy = route.retry;
-        let deadline = Instant::now() + policy.deadline;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(policy.deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
         let mut attempts = 0u32;
         let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
@@ -443,10 +446,12 @@ impl Gateway {
                     let mut wait = exp.min(policy.max_backoff).mul_f64(jitter);
                     if let Some((_, e)) = errors.last() {
                         if let Some(ra) = e.retry_after {
-                            wait = wait.max(ra);
+                            // A backend's number: capped, and compared without adding
+                            // it to an Instant (which would overflow).
+                            wait = wait.max(ra.min(crate::provider::http::MAX_RETRY_AFTER));
                         }
                     }
-                    if Instant::now() + wait >= deadline {
+                    if wait >= deadline.saturating_duration_since(Instant::now()) {
                         break 'rounds;
                     }
                     tokio::time::sleep(wait).await;

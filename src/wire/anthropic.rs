@@ -452,9 +452,11 @@ impl InUsage {
     }
 
     fn into_canonical(self) -> Usage {
-        let prompt = self.input_tokens.unwrap_or(0)
-            + self.cache_creation_input_tokens.unwrap_or(0)
-            + self.cache_read_input_tokens.unwrap_or(0);
+        let prompt = self
+            .input_tokens
+            .unwrap_or(0)
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0));
         let mut u = Usage::new(prompt, self.output_tokens.unwrap_or(0));
         u.cached_tokens = self.cache_read_input_tokens;
         u

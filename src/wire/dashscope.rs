@@ -421,7 +421,7 @@ impl InUsage {
             completion_tokens: self.output_tokens,
             total_tokens: self
                 .total_tokens
-                .unwrap_or(self.input_tokens + self.output_tokens),
+                .unwrap_or(self.input_tokens.saturating_add(self.output_tokens)),
             cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: self.output_tokens_details.and_then(|d| d.reasoning_tokens),
             estimated: false,

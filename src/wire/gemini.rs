@@ -636,13 +636,15 @@ struct InUsage {
 
 impl InUsage {
     fn canonical(&self) -> Usage {
-        let completion = self.candidates_token_count + self.thoughts_token_count.unwrap_or(0);
+        let completion = self
+            .candidates_token_count
+            .saturating_add(self.thoughts_token_count.unwrap_or(0));
         Usage {
             prompt_tokens: self.prompt_token_count,
             completion_tokens: completion,
             total_tokens: self
                 .total_token_count
-                .unwrap_or(self.prompt_token_count + completion),
+                .unwrap_or(self.prompt_token_count.saturating_add(completion)),
             cached_tokens: self.cached_content_token_count,
             reasoning_tokens: self.thoughts_token_count,
             estimated: false,
@@ -901,7 +903,8 @@ impl EventDecoder {
 /// `"37s"` / `"1.5s"` (a protobuf Duration in JSON) → Duration.
 fn parse_delay(s: &str) -> Option<std::time::Duration> {
     let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+    // `try_`: a delay too large for a Duration is dropped, not a panic.
+    std::time::Duration::try_from_secs_f64(secs).ok()
 }
 
 /// Classifies a Google API error object (`{"code","message","status","details"}`)
