@@ -173,6 +173,15 @@ async fn behave(sock: &mut TcpStream, behaviour: &str, stream: bool) -> std::io:
                 sock.write_all(piece.as_bytes()).await?;
             }
         }
+        ("endless-pings", _) => {
+            // Keep-alive comments only, as fast as the socket takes them.
+            sock.write_all(head("200 OK", "text/event-stream", "").as_bytes())
+                .await?;
+            let piece = ": ping\n\n".repeat(2000);
+            loop {
+                sock.write_all(piece.as_bytes()).await?;
+            }
+        }
         ("endless-line", _) => {
             let mut out = head("200 OK", "text/event-stream", "");
             out += "data: {\"id\":\"";
@@ -316,6 +325,7 @@ const BEHAVIOURS: &[&str] = &[
     "giant-numbers",
     "float-numbers",
     "endless-stream",
+    "endless-pings",
     "endless-line",
     "endless-line-after-output",
     "endless-body",
@@ -458,7 +468,7 @@ impl Setup {
             .expect("/healthz did not answer");
         assert_eq!(resp.status(), 200);
         assert!(
-            started.elapsed() < Duration::from_millis(500),
+            started.elapsed() < Duration::from_secs(1),
             "/healthz took {:?}",
             started.elapsed()
         );
@@ -538,6 +548,14 @@ async fn giant_indexes_and_numbers_do_not_take_the_process_down() {
         if status == 502 {
             assert_openai_error(&body, "req-giant-n");
         }
+        // The Anthropic front door, streaming the same answer.
+        let id = format!("req-giant-a{round}");
+        let (status, _, body) = s.call("/v1/messages", "h-giant-index", true, &id).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("event: message_stop") || body.contains("event: error"),
+            "{body}"
+        );
         s.assert_alive().await;
     }
     // Numbers JSON allows but no integer type holds.
@@ -588,6 +606,7 @@ async fn endless_lines_and_bodies_end_as_malformed_response() {
     let s = setup().await;
     let base = s.rss();
     for (model, stream) in [
+        ("h-endless-pings", true),
         ("h-endless-line", true),
         ("h-endless-line-after-output", true),
         ("h-endless-body", false),
