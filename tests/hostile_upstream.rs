@@ -82,7 +82,11 @@ async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
         eprintln!("fake: {path} {body}");
     }
     let stream = body["stream"] == true || path.contains("streamGenerateContent");
-    let behaviour = if path.to_ascii_lowercase().contains("generatecontent") {
+    let behaviour = if path.starts_with("/oauth/giant/") {
+        "token-giant".to_owned()
+    } else if path.starts_with("/oauth/endless/") {
+        "endless-body".to_owned()
+    } else if path.to_ascii_lowercase().contains("generatecontent") {
         "gemini-retry".to_owned()
     } else if path.starts_with("/drip-health/") {
         "drip-health".to_owned()
@@ -267,6 +271,16 @@ async fn behave(sock: &mut TcpStream, behaviour: &str, stream: bool) -> std::io:
                 sock.write_all(b" ").await?;
             }
         }
+        ("token-giant", _) => {
+            let text = r#"{"access_token":"tok-giant","expires_in":18446744073709551615}"#;
+            let mut out = head(
+                "200 OK",
+                "application/json",
+                &format!("content-length: {}\r\n", text.len()),
+            );
+            out += text;
+            sock.write_all(out.as_bytes()).await
+        }
         ("html", _) => {
             let text = "<html><body><h1>502 Bad Gateway</h1>\n\n<p>nginx</p></body></html>\n";
             let mut out = head(
@@ -341,6 +355,22 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
+/// Qianfan v1 providers whose token endpoint answers a lifetime of 2^64-1
+/// seconds (`qgiant`), or a body that never ends (`qendless`).
+fn token_providers(addr: SocketAddr) -> [(String, String); 2] {
+    ["giant", "endless"].map(|t| {
+        (
+            format!("q{t}.yaml"),
+            format!(
+                "kind: qianfan\nbase_url: http://{addr}/rpc/2.0/ai_custom/v1/wenxinworkshop\n\
+                 api_key_env: HOSTILE_KEY\nqianfan:\n  secret_key_env: HOSTILE_KEY\n  \
+                 token_url: http://{addr}/oauth/{t}/token\n\
+                 timeouts: {{connect: 1s, headers: 2s, idle: 1s, total: 3s}}\n"
+            ),
+        )
+    })
+}
+
 /// Providers whose active health check answers with a body that never ends:
 /// `hdrip` slowly (only the check's timeout ends it), `hflood` as fast as it can.
 fn health_providers(addr: SocketAddr) -> [(String, String); 2] {
@@ -367,6 +397,8 @@ async fn setup() -> Setup {
     }
     gateway += "  h-retry-after:\n    provider: hostile\n    model: retry-after\n    \
                 retry: {max_attempts: 3, backoff: 10ms, max_backoff: 50ms, deadline: 5s}\n";
+    gateway += "  h-qgiant:\n    provider: qgiant\n    model: ernie-speed\n";
+    gateway += "  h-qendless:\n    provider: qendless\n    model: ernie-speed\n";
     gateway += "  h-gemini:\n    provider: gem\n    model: gemini-2.5-flash\n    \
                 retry: {max_attempts: 3, backoff: 10ms, max_backoff: 50ms, deadline: 5s}\n";
     let limits = format!("max_response_bytes: {MAX_RESPONSE}\nmax_line_bytes: {MAX_LINE}\n");
@@ -390,6 +422,7 @@ async fn setup() -> Setup {
         .into_iter()
         .map(|(a, b)| (a.to_string(), b))
         .chain(health_providers(addr))
+        .chain(token_providers(addr))
         .collect();
     common::write_config(dir.path(), &gateway, &providers);
     let gw = GatewayProcess::start(
@@ -802,6 +835,32 @@ async fn health_checks_end_at_their_timeout_and_read_little() {
     }
     assert!(drip_failed >= 2, "the dripping check never timed out");
     assert!(flood_ok >= 2, "the flooding check never finished");
+    s.assert_alive().await;
+    assert!(
+        s.rss() < base + RSS_BUDGET_KB,
+        "RSS {} KB -> {} KB",
+        base,
+        s.rss()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_token_endpoints_are_clean_errors() {
+    let s = setup().await;
+    let base = s.rss();
+    // A token that lives 2^64-1 seconds: used (capped), not an overflow.
+    let (status, _, body) = s.chat("h-qgiant", false, "req-token-giant").await;
+    assert_ne!(status, 500, "{body}");
+    if status != 200 {
+        assert_openai_error(&body, "req-token-giant");
+    }
+    // A token reply that never ends: an auth failure, at once.
+    let started = Instant::now();
+    let (status, _, body) = s.chat("h-qendless", false, "req-token-endless").await;
+    assert_eq!(status, 502, "{body}");
+    let v = assert_openai_error(&body, "req-token-endless");
+    assert_eq!(v["error"]["code"], "malformed_response", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3));
     s.assert_alive().await;
     assert!(
         s.rss() < base + RSS_BUDGET_KB,

@@ -172,10 +172,8 @@ impl QianfanToken {
             .await
             .map_err(super::http::classify_transport_error)?;
         let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(super::http::classify_transport_error)?;
+        // A token reply is a few hundred bytes; a larger one is not read whole.
+        let body = super::http::read_body(resp, 64 * 1024).await?;
         let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::new(
                 ErrorKind::Auth,
@@ -184,10 +182,13 @@ impl QianfanToken {
         })?;
         match reply.access_token {
             Some(t) if !t.is_empty() => {
-                let life = Duration::from_secs(reply.expires_in.unwrap_or(86_400));
+                // The endpoint's number is capped (30 days), so the sum below
+                // cannot overflow.
+                let life = Duration::from_secs(reply.expires_in.unwrap_or(86_400))
+                    .min(Duration::from_secs(30 * 86_400));
                 // Refresh five minutes (or a tenth of the lifetime) early.
                 let early = (life / 10).min(Duration::from_secs(300));
-                Ok((t, SystemTime::now() + life - early))
+                Ok((t, SystemTime::now() + (life - early)))
             }
             _ => Err(UpstreamError::new(
                 ErrorKind::Auth,
