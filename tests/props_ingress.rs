@@ -148,3 +148,10 @@ fn seeds_decode() {
         openai::decode_embeddings_request(s.as_bytes()).unwrap();
     }
 }
+
+/// All of the above again in a child process that may use at most 512 MiB of
+/// data: no request of a few KiB may make a decoder or encoder reserve more.
+#[test]
+fn properties_hold_under_a_memory_cap() {
+    props_common::rerun_under_memory_cap("properties_hold_under_a_memory_cap", 512 * 1024);
+}

@@ -209,3 +209,10 @@ fn samples_as_recorded_decode() {
     assert!(decoded >= 15, "{decoded}");
     let _ = Framing::Sse;
 }
+
+/// All of the above again in a child process that may use at most 512 MiB of
+/// data: no input of a few KiB may make a decoder reserve more.
+#[test]
+fn properties_hold_under_a_memory_cap() {
+    props_common::rerun_under_memory_cap("properties_hold_under_a_memory_cap", 512 * 1024);
+}

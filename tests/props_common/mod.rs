@@ -211,3 +211,29 @@ pub fn subjects() -> &'static [Subject] {
         out
     })
 }
+
+/// Runs this test binary again, every test but `me`, under a data-segment
+/// limit of `kib` KiB (`ulimit -d`, which covers heap and anonymous mappings).
+/// An allocation sized from a number in the input then fails (and aborts the
+/// child) even where overcommit would have let it pass unnoticed here.
+pub fn rerun_under_memory_cap(me: &str, kib: u64) {
+    if std::env::var_os("PROPS_UNDER_CAP").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -d {kib} && exec \"$0\" \"$@\""))
+        .arg(&exe)
+        .args(["--skip", me, "--test-threads", "2"])
+        .env("PROPS_UNDER_CAP", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the properties failed under a {kib} KiB data limit ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
