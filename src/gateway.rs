@@ -916,6 +916,24 @@ async fn peek_output(
     Ok((head, stream))
 }
 
+/// The most output text a stream keeps for a usage estimate (8 MiB); past it
+/// the estimate counts what was kept.
+const MAX_COLLECTED_OUTPUT: usize = 8 * 1024 * 1024;
+
+/// Appends as much of `text` as fits under `cap` bytes, cut on a char boundary.
+fn push_capped(out: &mut String, text: &str, cap: usize) {
+    let room = cap.saturating_sub(out.len());
+    if text.len() <= room {
+        out.push_str(text);
+    } else {
+        let mut end = room;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push_str(&text[..end]);
+    }
+}
+
 /// Watches a stream go by: collects output text and reported usage, and at the end
 /// inserts an estimated usage event if the backend sent none, then records metrics.
 struct UsageTap {
@@ -938,19 +956,11 @@ impl UsageTap {
         }
         match ev {
             StreamEvent::Delta(d) => {
-                if let Some(c) = &d.content {
-                    self.output.push_str(c);
-                }
-                if let Some(r) = &d.reasoning {
-                    self.output.push_str(r);
-                }
-                for t in &d.tool_calls {
-                    if let Some(n) = &t.name {
-                        self.output.push_str(n);
-                    }
-                    if let Some(a) = &t.arguments {
-                        self.output.push_str(a);
-                    }
+                let texts = [&d.content, &d.reasoning]
+                    .into_iter()
+                    .chain(d.tool_calls.iter().flat_map(|t| [&t.name, &t.arguments]));
+                for text in texts.flatten() {
+                    push_capped(&mut self.output, text, MAX_COLLECTED_OUTPUT);
                 }
             }
             // Some backends repeat usage on several chunks; the last one is the total.
@@ -1052,5 +1062,24 @@ impl UsageTap {
                 yield Ok(ev);
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collected_output_stops_at_its_cap_on_a_char_boundary() {
+        let mut out = String::new();
+        for _ in 0..100 {
+            push_capped(&mut out, "ab€", 12);
+        }
+        assert_eq!(out, "ab€ab€ab");
+        let mut out = String::new();
+        push_capped(&mut out, "€€", 4);
+        assert_eq!(out, "€");
+        push_capped(&mut out, "x", 4);
+        assert_eq!(out, "€x");
     }
 }
