@@ -7,7 +7,7 @@
 //! canonical response, so a hit is replayed in any dialect, as JSON or as a
 //! stream. Errors, cut streams and `finish_reason: error` are never stored.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -265,46 +265,100 @@ pub fn tenant_of(h: &http::HeaderMap) -> Option<String> {
 
 // === assembling a streamed response ===
 
-/// Rebuilds a complete response from stream events, to store a stream once it
-/// has ended properly.
-/// Text, reasoning, tool calls and finish reason of one choice being assembled.
-type PartialChoice = (String, Option<String>, Vec<ToolCall>, Option<FinishReason>);
-
+/// Text, reasoning, tool calls (by their stream index) and finish reason of one
+/// choice being assembled.
 #[derive(Default)]
+struct PartialChoice {
+    text: String,
+    reasoning: Option<String>,
+    tool_calls: BTreeMap<u32, ToolCall>,
+    finish: Option<FinishReason>,
+}
+
+/// The most text an assembly keeps (8 MiB); a longer stream is still served
+/// but not stored.
+pub const MAX_ASSEMBLED_BYTES: usize = 8 * 1024 * 1024;
+
+/// Rebuilds a complete response from stream events, to store a stream once it
+/// has ended properly. Choice and tool-call indexes are the backend's numbers, so
+/// they key maps and never size anything; what is kept is bounded by a byte limit.
 pub struct Assembler {
     meta: StreamMeta,
-    choices: Vec<PartialChoice>,
+    choices: BTreeMap<u32, PartialChoice>,
     usage: Option<Usage>,
+    bytes: usize,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl Default for Assembler {
+    fn default() -> Self {
+        Assembler::with_limit(MAX_ASSEMBLED_BYTES)
+    }
 }
 
 impl Assembler {
+    /// An assembler that gives up (and yields an uncacheable response) once it
+    /// holds more than `limit` bytes.
+    pub fn with_limit(limit: usize) -> Self {
+        Assembler {
+            meta: StreamMeta::default(),
+            choices: BTreeMap::new(),
+            usage: None,
+            bytes: 0,
+            limit,
+            overflowed: false,
+        }
+    }
+
+    /// Counts `n` more bytes (a fixed cost for each new choice or tool call
+    /// included); false once past the limit, after dropping everything held.
+    fn grow(&mut self, n: usize) -> bool {
+        self.bytes = self.bytes.saturating_add(n);
+        if self.bytes > self.limit {
+            self.overflowed = true;
+            self.choices = BTreeMap::new();
+        }
+        !self.overflowed
+    }
+
     pub fn push(&mut self, ev: &StreamEvent) {
+        if self.overflowed {
+            return;
+        }
         match ev {
             StreamEvent::Meta(m) => self.meta = m.clone(),
             StreamEvent::Usage(u) => self.usage = Some(*u),
             StreamEvent::Done => {}
             StreamEvent::Delta(d) => {
-                let i = d.choice as usize;
-                if self.choices.len() <= i {
-                    self.choices.resize_with(i + 1, Default::default);
-                }
-                let c = &mut self.choices[i];
-                if let Some(t) = &d.content {
-                    c.0.push_str(t);
-                }
-                if let Some(r) = &d.reasoning {
-                    c.1.get_or_insert_with(String::new).push_str(r);
+                let mut size = d.content.as_ref().map_or(0, String::len)
+                    + d.reasoning.as_ref().map_or(0, String::len);
+                if !self.choices.contains_key(&d.choice) {
+                    size += 64;
                 }
                 for t in &d.tool_calls {
-                    let j = t.index as usize;
-                    if c.2.len() <= j {
-                        c.2.resize_with(j + 1, || ToolCall {
-                            id: String::new(),
-                            name: String::new(),
-                            arguments: String::new(),
-                        });
-                    }
-                    let call = &mut c.2[j];
+                    size += [&t.id, &t.name, &t.arguments]
+                        .iter()
+                        .map(|x| x.as_ref().map_or(0, String::len))
+                        .sum::<usize>()
+                        + 16;
+                }
+                if !self.grow(size) {
+                    return;
+                }
+                let c = self.choices.entry(d.choice).or_default();
+                if let Some(t) = &d.content {
+                    c.text.push_str(t);
+                }
+                if let Some(r) = &d.reasoning {
+                    c.reasoning.get_or_insert_with(String::new).push_str(r);
+                }
+                for t in &d.tool_calls {
+                    let call = c.tool_calls.entry(t.index).or_insert_with(|| ToolCall {
+                        id: String::new(),
+                        name: String::new(),
+                        arguments: String::new(),
+                    });
                     if let Some(id) = &t.id {
                         call.id.clone_from(id);
                     }
@@ -316,12 +370,14 @@ impl Assembler {
                     }
                 }
                 if d.finish_reason.is_some() {
-                    c.3 = d.finish_reason;
+                    c.finish = d.finish_reason;
                 }
             }
         }
     }
 
+    /// The assembled response. After an overflow it has no choices, which
+    /// [`cacheable`] refuses.
     pub fn finish(self) -> ChatResponse {
         ChatResponse {
             id: self.meta.id,
@@ -330,19 +386,21 @@ impl Assembler {
             choices: self
                 .choices
                 .into_iter()
-                .enumerate()
-                .map(|(i, (text, reasoning, tool_calls, finish))| Choice {
-                    index: i as u32,
-                    message: Message {
-                        role: Role::Assistant,
-                        content: (!text.is_empty() || tool_calls.is_empty())
-                            .then_some(Content::Text(text)),
-                        name: None,
-                        tool_calls,
-                        tool_call_id: None,
-                        reasoning,
-                    },
-                    finish_reason: finish,
+                .map(|(index, c)| {
+                    let tool_calls: Vec<ToolCall> = c.tool_calls.into_values().collect();
+                    Choice {
+                        index,
+                        message: Message {
+                            role: Role::Assistant,
+                            content: (!c.text.is_empty() || tool_calls.is_empty())
+                                .then_some(Content::Text(c.text)),
+                            name: None,
+                            tool_calls,
+                            tool_call_id: None,
+                            reasoning: c.reasoning,
+                        },
+                        finish_reason: c.finish,
+                    }
                 })
                 .collect(),
             usage: self.usage,
@@ -679,5 +737,69 @@ mod tests {
         h.remove("cache-control");
         h.insert("x-promptgate-cache", "refresh".parse().unwrap());
         assert_eq!(Directive::from_headers(&h), Directive::Refresh);
+    }
+
+    fn delta(choice: u32, text: &str) -> StreamEvent {
+        StreamEvent::Delta(Delta {
+            choice,
+            content: Some(text.into()),
+            ..Delta::default()
+        })
+    }
+
+    #[test]
+    fn assembler_keys_choices_by_index_and_sizes_nothing_from_it() {
+        let mut a = Assembler::default();
+        a.push(&delta(u32::MAX, "far"));
+        a.push(&delta(0, "near"));
+        a.push(&StreamEvent::Delta(Delta {
+            choice: u32::MAX,
+            tool_calls: vec![ToolCallDelta {
+                index: u32::MAX,
+                id: Some("c1".into()),
+                name: Some("f".into()),
+                arguments: Some("{}".into()),
+            }],
+            finish_reason: Some(FinishReason::ToolCalls),
+            ..Delta::default()
+        }));
+        a.push(&StreamEvent::Delta(Delta {
+            choice: 0,
+            finish_reason: Some(FinishReason::Stop),
+            ..Delta::default()
+        }));
+        let r = a.finish();
+        assert_eq!(r.choices.len(), 2);
+        assert_eq!(r.choices[0].index, 0);
+        assert_eq!(
+            r.choices[0].message.content.as_ref().unwrap().text(),
+            "near"
+        );
+        assert_eq!(r.choices[1].index, u32::MAX);
+        assert_eq!(r.choices[1].message.tool_calls.len(), 1);
+        assert_eq!(r.choices[1].message.tool_calls[0].name, "f");
+        assert!(cacheable(&r));
+    }
+
+    #[test]
+    fn assembler_gives_up_past_its_byte_limit() {
+        let mut a = Assembler::with_limit(1000);
+        for _ in 0..100 {
+            a.push(&delta(0, "0123456789"));
+        }
+        a.push(&StreamEvent::Delta(Delta {
+            choice: 0,
+            finish_reason: Some(FinishReason::Stop),
+            ..Delta::default()
+        }));
+        assert!(a.bytes <= 1200 && a.choices.is_empty());
+        let r = a.finish();
+        assert!(!cacheable(&r), "an overflowed assembly is never stored");
+        // Many distinct indexes count too.
+        let mut a = Assembler::with_limit(10_000);
+        for i in 0..100_000u32 {
+            a.push(&delta(i.wrapping_mul(40_503), ""));
+        }
+        assert!(a.choices.is_empty() && a.overflowed);
     }
 }

@@ -20,7 +20,7 @@ pub use routes::{
 };
 
 use crate::canonical::{ChatRequest, Params};
-use crate::provider::http::Timeouts;
+use crate::provider::http::{ResponseLimits, Timeouts};
 
 // === raw files ===
 
@@ -435,6 +435,12 @@ struct RawProvider {
     headers: BTreeMap<String, String>,
     #[serde(default)]
     timeouts: RawTimeouts,
+    /// Bytes of one response body or stream (default 64 MiB).
+    #[serde(default)]
+    max_response_bytes: Option<u64>,
+    /// Bytes of one stream line or SSE event (default 8 MiB).
+    #[serde(default)]
+    max_line_bytes: Option<u64>,
     #[serde(default)]
     models: Option<Vec<RawModel>>,
     #[serde(default)]
@@ -475,6 +481,9 @@ struct RawProvider {
 #[serde(deny_unknown_fields)]
 struct RawHealthCheck {
     interval: String,
+    /// The longest one check may take (default 10s).
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -615,6 +624,8 @@ pub struct ProviderConfig {
     pub auth: Auth,
     pub headers: BTreeMap<String, String>,
     pub timeouts: Timeouts,
+    /// How much of one answer the gateway holds before ending it as malformed.
+    pub limits: ResponseLimits,
     /// The models routes may use, with their capabilities; `None` = any model,
     /// with the provider's capabilities.
     pub models: Option<Vec<(String, Capabilities)>>,
@@ -1067,11 +1078,29 @@ fn validate_provider(
 ) -> ProviderConfig {
     let d = Timeouts::default();
     let t = &raw.timeouts;
-    let timeouts = Timeouts {
+    let mut timeouts = Timeouts {
         connect: problems.duration(&file, "timeouts.connect", &t.connect, d.connect),
         headers: problems.duration(&file, "timeouts.headers", &t.headers, d.headers),
         idle: problems.duration(&file, "timeouts.idle", &t.idle, d.idle),
         total: problems.duration(&file, "timeouts.total", &t.total, d.total),
+        health: d.health,
+    };
+    let dl = ResponseLimits::default();
+    let mut byte_limit = |field: &str, raw: Option<u64>, default: usize| match raw {
+        None => default,
+        Some(n) if n < 1024 => {
+            problems.add(&file, field, "must be at least 1024 bytes");
+            default
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+    };
+    let limits = ResponseLimits {
+        max_response_bytes: byte_limit(
+            "max_response_bytes",
+            raw.max_response_bytes,
+            dl.max_response_bytes,
+        ),
+        max_line_bytes: byte_limit("max_line_bytes", raw.max_line_bytes, dl.max_line_bytes),
     };
     let auth = match raw.auth.as_deref() {
         None => raw.kind.default_auth(),
@@ -1314,6 +1343,12 @@ fn validate_provider(
         ),
     };
     let health_check = raw.health_check.map(|h| {
+        let timeout = problems.duration(&file, "health_check.timeout", &h.timeout, timeouts.health);
+        if timeout.is_zero() {
+            problems.add(&file, "health_check.timeout", "must be longer than zero");
+        } else {
+            timeouts.health = timeout;
+        }
         problems
             .duration(
                 &file,
@@ -1333,6 +1368,7 @@ fn validate_provider(
         auth,
         headers: raw.headers,
         timeouts,
+        limits,
         models,
         capabilities,
         self_hosted: raw.self_hosted.unwrap_or(matches!(

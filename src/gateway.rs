@@ -402,7 +402,10 @@ impl Gateway {
         private: bool,
     ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
         let policy = route.retry;
-        let deadline = Instant::now() + policy.deadline;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(policy.deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
         let mut attempts = 0u32;
         let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
@@ -452,10 +455,12 @@ impl Gateway {
                     let mut wait = exp.min(policy.max_backoff).mul_f64(jitter);
                     if let Some((_, e)) = errors.last() {
                         if let Some(ra) = e.retry_after {
-                            wait = wait.max(ra);
+                            // A backend's number: capped, and compared without adding
+                            // it to an Instant (which would overflow).
+                            wait = wait.max(ra.min(crate::provider::http::MAX_RETRY_AFTER));
                         }
                     }
-                    if Instant::now() + wait >= deadline {
+                    if wait >= deadline.saturating_duration_since(Instant::now()) {
                         break 'rounds;
                     }
                     tokio::time::sleep(wait).await;
@@ -920,6 +925,18 @@ async fn peek_output(
     Ok((head, stream))
 }
 
+/// Appends as much of `text` as fits under `cap` bytes, cut on a char boundary;
+/// returns the bytes appended.
+fn push_capped(out: &mut String, text: &str, cap: usize) -> usize {
+    let room = cap.saturating_sub(out.len());
+    let mut end = text.len().min(room);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.push_str(&text[..end]);
+    end
+}
+
 /// Watches a stream go by: collects output text and reported usage, and at the end
 /// inserts an estimated usage event if the backend sent none, then records metrics.
 struct UsageTap {
@@ -963,17 +980,8 @@ impl UsageTap {
     /// Keeps output text for the estimate, within the tokenizer's budget; the
     /// rest is only measured.
     fn keep_output(&mut self, text: &str) {
-        let room = tokens::EXACT_BYTES.saturating_sub(self.output.len());
-        if text.len() <= room {
-            self.output.push_str(text);
-            return;
-        }
-        let mut cut = room;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        self.output.push_str(&text[..cut]);
-        self.output_beyond = self.output_beyond.saturating_add(text.len() - cut);
+        let kept = push_capped(&mut self.output, text, tokens::EXACT_BYTES);
+        self.output_beyond = self.output_beyond.saturating_add(text.len() - kept);
     }
 
     /// The reported usage, or the estimate.
@@ -1080,5 +1088,24 @@ impl UsageTap {
                 yield Ok(ev);
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collected_output_stops_at_its_cap_on_a_char_boundary() {
+        let mut out = String::new();
+        for _ in 0..100 {
+            push_capped(&mut out, "ab€", 12);
+        }
+        assert_eq!(out, "ab€ab€ab");
+        let mut out = String::new();
+        push_capped(&mut out, "€€", 4);
+        assert_eq!(out, "€");
+        push_capped(&mut out, "x", 4);
+        assert_eq!(out, "€x");
     }
 }

@@ -208,6 +208,7 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         None => new_request_id().into(),
     };
     req.extensions_mut().insert(RequestId(id.clone()));
+    let anthropic = req.uri().path() == "/v1/messages";
     let metrics = &app.gw.metrics;
     let Ok(permit) = app.permits.clone().try_acquire_owned() else {
         return overloaded(&id);
@@ -220,6 +221,9 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     let mut resp = LIST_IDS
         .scope(app.settings.list_ids_in_errors, next.run(req))
         .await;
+    if resp.extensions().get::<Panicked>().is_some() {
+        resp = panic_body(&id, anthropic);
+    }
     // The permit and the gauge stay taken until the body (a stream, too) ends.
     resp = guard_body(resp, in_flight);
     let elapsed = start.elapsed();
@@ -876,13 +880,27 @@ async fn not_found(id: RequestId, req: Request) -> Response {
     )
 }
 
+/// Marks the answer of the catch-panic layer, which runs inside `edge` and does
+/// not know the request id: `edge` replaces it with [`panic_body`].
+#[derive(Clone, Copy)]
+struct Panicked;
+
 fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
     tracing::error!("a request handler panicked");
+    let mut resp = panic_body("", false);
+    resp.extensions_mut().insert(Panicked);
+    resp
+}
+
+/// The 500 for a handler that panicked, in the client's dialect, with its request id.
+fn panic_body(request_id: &str, anthropic: bool) -> Response {
     let err = GatewayError::Internal("the gateway hit an internal error".into());
-    json_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        wire::error_body(&err, ""),
-    )
+    let body = if anthropic {
+        crate::wire::anthropic::Anthropic.error_body(&err, request_id)
+    } else {
+        wire::error_body(&err, request_id)
+    };
+    json_response(StatusCode::INTERNAL_SERVER_ERROR, body)
 }
 
 fn overloaded(id: &str) -> Response {
@@ -1194,6 +1212,62 @@ impl IntoResponse for GatewayError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use tower::ServiceExt;
+
+    /// A handler that panics behind the same layers as the real router still
+    /// answers with a dialect error carrying the request id.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_with_the_request_id() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("promptgate.yaml"), "routes: {}\n").unwrap();
+        std::fs::create_dir(dir.path().join("providers")).unwrap();
+        std::fs::create_dir(dir.path().join("prompts")).unwrap();
+        let (gw, cfg) = crate::load(&dir.path().join("promptgate.yaml"), &|_| None).unwrap();
+        let settings = crate::server_settings(&cfg);
+        let state = AppState {
+            gw,
+            permits: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrency)),
+            settings,
+        };
+        let app = Router::new()
+            .route(
+                "/v1/chat/completions",
+                post(|| async { panic!("boom") as &'static str }),
+            )
+            .route(
+                "/v1/messages",
+                post(|| async { panic!("boom") as &'static str }),
+            )
+            .layer(
+                ServiceBuilder::new()
+                    .layer(middleware::from_fn_with_state(state, edge))
+                    .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                        panic_response,
+                    )),
+            );
+        for (path, anthropic) in [("/v1/chat/completions", false), ("/v1/messages", true)] {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header(REQUEST_ID, "req-panic-1")
+                .body(Body::empty())
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(resp.headers()[REQUEST_ID], "req-panic-1");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let text = v.to_string();
+            assert!(text.contains("req-panic-1"), "{path}: {text}");
+            if anthropic {
+                assert_eq!(v["type"], "error", "{text}");
+            } else {
+                assert!(v["error"]["message"].is_string(), "{text}");
+            }
+        }
+    }
 
     #[test]
     fn log_safe_escapes_control_characters() {

@@ -185,10 +185,8 @@ impl QianfanToken {
             .await
             .map_err(super::http::classify_transport_error)?;
         let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(super::http::classify_transport_error)?;
+        // A token reply is a few hundred bytes; a larger one is not read whole.
+        let body = super::http::read_body(resp, 64 * 1024).await?;
         let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::new(
                 ErrorKind::Auth,

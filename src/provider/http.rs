@@ -2,10 +2,16 @@
 //! headers, the four timeouts (connect, response headers, idle gap between stream
 //! chunks, total), classification of network failures, and the stream loop that
 //! feeds a codec's [`StreamDecoder`] whole frames. Codecs never touch the network.
+//!
+//! Nothing an upstream sends is trusted to be small: bodies, streams and stream
+//! lines are read under the provider's [`ResponseLimits`] (past them the answer
+//! ends as `malformed_response`), error bodies and health-check bodies are read
+//! only up to a short prefix, and `Retry-After` is capped at [`MAX_RETRY_AFTER`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue};
@@ -27,6 +33,8 @@ pub struct Timeouts {
     pub idle: Duration,
     /// The whole call, body or stream included.
     pub total: Duration,
+    /// A whole active health check (credential, request and answer).
+    pub health: Duration,
 }
 
 impl Default for Timeouts {
@@ -36,8 +44,95 @@ impl Default for Timeouts {
             headers: Duration::from_secs(120),
             idle: Duration::from_secs(60),
             total: Duration::from_secs(600),
+            health: Duration::from_secs(10),
         }
     }
+}
+
+/// How much of one backend answer the gateway will hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseLimits {
+    /// A whole response body, or all the bytes of one stream.
+    pub max_response_bytes: usize,
+    /// One stream line (an NDJSON frame) or one SSE event.
+    pub max_line_bytes: usize,
+}
+
+impl Default for ResponseLimits {
+    fn default() -> Self {
+        ResponseLimits {
+            max_response_bytes: 64 * 1024 * 1024,
+            max_line_bytes: crate::framing::DEFAULT_MAX_LINE_BYTES,
+        }
+    }
+}
+
+/// The longest `Retry-After` the gateway honours or repeats (one hour); larger
+/// values, up to any number an upstream writes, are clamped to it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// How much of a non-2xx or health-check body is read to classify it.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// `now + d`, saturating far in the future instead of overflowing.
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
+fn too_large(what: &str, limit: usize) -> UpstreamError {
+    UpstreamError::new(
+        ErrorKind::MalformedResponse,
+        format!("backend {what} exceeded the provider's limit of {limit} bytes"),
+    )
+}
+
+/// Reads a whole body, failing with `malformed_response` once it passes `max`
+/// bytes (at once when `Content-Length` already says so). The buffer grows with
+/// what arrives, never from a length the backend announces.
+pub async fn read_body(resp: reqwest::Response, max: usize) -> Result<Bytes, UpstreamError> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large("response body", max));
+    }
+    let mut stream = resp.bytes_stream();
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(classify_transport_error)?;
+        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if held.saturating_add(chunk.len()) > max {
+            return Err(too_large("response body", max));
+        }
+        if first.is_none() && buf.is_empty() {
+            // The common case, one chunk, is returned without a copy.
+            first = Some(chunk);
+        } else {
+            if let Some(f) = first.take() {
+                buf.extend_from_slice(&f);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    Ok(match first {
+        Some(f) => f,
+        None => buf.freeze(),
+    })
+}
+
+/// Reads at most `max` bytes of a body and drops the rest (and the connection
+/// with it): enough of an error answer to classify it.
+async fn read_prefix(resp: reqwest::Response, max: usize) -> Bytes {
+    let mut stream = resp.bytes_stream();
+    let mut buf = BytesMut::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let room = max - buf.len();
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= max {
+            break;
+        }
+    }
+    buf.freeze()
 }
 
 /// Everything an HTTP provider needs, resolved from its config file.
@@ -49,6 +144,7 @@ pub struct HttpSettings {
     pub secret: Option<String>,
     pub headers: HeaderMap,
     pub timeouts: Timeouts,
+    pub limits: ResponseLimits,
 }
 
 pub struct HttpProvider {
@@ -59,6 +155,7 @@ pub struct HttpProvider {
     credential: Credential,
     secret: Option<String>,
     timeouts: Timeouts,
+    limits: ResponseLimits,
     codec: Arc<dyn Codec>,
     last_url: arc_swap::ArcSwapOption<(String, reqwest::Url)>,
 }
@@ -91,6 +188,7 @@ impl HttpProvider {
             credential,
             secret: settings.secret,
             timeouts: settings.timeouts,
+            limits: settings.limits,
             codec,
             last_url: arc_swap::ArcSwapOption::empty(),
         })
@@ -174,15 +272,16 @@ impl HttpProvider {
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = tokio::time::timeout(self.timeouts.idle, resp.bytes())
+            .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+        let cap = ERROR_BODY_BYTES.min(self.limits.max_response_bytes);
+        let body = tokio::time::timeout(self.timeouts.idle, read_prefix(resp, cap))
             .await
-            .ok()
-            .and_then(Result::ok)
             .unwrap_or_default();
         let mut err = self.codec.error(status.as_u16(), &body);
         err.status = Some(status.as_u16());
-        err.retry_after = retry_after.or(err.retry_after);
+        err.retry_after = retry_after
+            .or(err.retry_after)
+            .map(|d| d.min(MAX_RETRY_AFTER));
         Err(err)
     }
 
@@ -193,7 +292,7 @@ impl HttpProvider {
     ) -> Result<T, UpstreamError> {
         let work = async {
             let resp = self.send(call?).await?;
-            let body = resp.bytes().await.map_err(classify_transport_error)?;
+            let body = read_body(resp, self.limits.max_response_bytes).await?;
             decode(&body)
         };
         match tokio::time::timeout(self.timeouts.total, work).await {
@@ -212,7 +311,8 @@ impl HttpProvider {
 impl Provider for HttpProvider {
     fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
         let path = self.codec.health_path()?.to_owned();
-        Some(Box::pin(async move {
+        let limit = self.timeouts.health;
+        let check = async move {
             let url = format!("{}{path}", self.base_url);
             let mut rb = self.client.get(url).headers(self.headers.clone());
             if let Credential::Dynamic(src) = &self.credential {
@@ -221,25 +321,34 @@ impl Provider for HttpProvider {
                     AuthPart::Query(k, v) => rb = rb.query(&[(k, v)]),
                 }
             }
-            let resp = tokio::time::timeout(self.timeouts.headers, rb.send())
+            let resp = rb
+                .send()
                 .await
-                .map_err(|_| {
-                    self.own(UpstreamError::new(
-                        ErrorKind::Timeout,
-                        "health check timed out",
-                    ))
-                })?
                 .map_err(|e| self.own(classify_transport_error(e)))?;
             let status = resp.status();
+            // Only a prefix of the body is read: a ready backend's answer to a
+            // health path is small, and a hostile one may never end.
+            let body = read_prefix(resp, ERROR_BODY_BYTES).await;
             if status.is_success() {
                 Ok(())
             } else {
-                let body = resp.bytes().await.unwrap_or_default();
                 Err(self.own(
                     self.codec
                         .error(status.as_u16(), &body)
                         .with_status(status.as_u16()),
                 ))
+            }
+        };
+        Some(Box::pin(async move {
+            match tokio::time::timeout(limit, check).await {
+                Ok(r) => r,
+                Err(_) => Err(self.own(UpstreamError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "health check did not finish within {}",
+                        humantime::format_duration(limit)
+                    ),
+                ))),
             }
         }))
     }
@@ -267,7 +376,7 @@ impl Provider for HttpProvider {
                 let stream: EventStream = Box::pin(futures_util::stream::iter(events));
                 return Ok(stream);
             }
-            let deadline = Instant::now() + self.timeouts.total;
+            let deadline = deadline_after(self.timeouts.total);
             let call = self.codec.chat_call(req, model).map_err(|e| self.own(e))?;
             let resp = self.send(call).await.map_err(|e| self.own(e))?;
             let is_json = resp
@@ -278,15 +387,18 @@ impl Provider for HttpProvider {
             let stream: EventStream = if is_json {
                 // The backend ignored `stream` or put an error in a 200 body: read it
                 // whole and replay it as events.
-                let body = tokio::time::timeout_at(deadline, resp.bytes())
-                    .await
-                    .map_err(|_| {
-                        self.own(UpstreamError::new(
-                            ErrorKind::Timeout,
-                            "backend body timed out",
-                        ))
-                    })?
-                    .map_err(|e| self.own(classify_transport_error(e)))?;
+                let body = tokio::time::timeout_at(
+                    deadline,
+                    read_body(resp, self.limits.max_response_bytes),
+                )
+                .await
+                .map_err(|_| {
+                    self.own(UpstreamError::new(
+                        ErrorKind::Timeout,
+                        "backend body timed out",
+                    ))
+                })?
+                .map_err(|e| self.own(e))?;
                 let full = self.codec.chat_response(&body).map_err(|e| self.own(e))?;
                 let events: Vec<Result<StreamEvent, UpstreamError>> =
                     response_events(full).into_iter().map(Ok).collect();
@@ -299,6 +411,7 @@ impl Provider for HttpProvider {
                     StreamLimits {
                         idle: self.timeouts.idle,
                         deadline,
+                        sizes: self.limits,
                     },
                     self.id.clone(),
                     self.secret.clone(),
@@ -322,10 +435,12 @@ impl Provider for HttpProvider {
 struct StreamLimits {
     idle: Duration,
     deadline: Instant,
+    sizes: ResponseLimits,
 }
 
 /// Reads a streamed body, frames it, and yields the codec's events. Ends with one
-/// error on a stall, a cut, a malformed frame or an in-band error event.
+/// error on a stall, a cut, a malformed frame, an in-band error event, or a
+/// stream or line past the provider's [`ResponseLimits`].
 fn event_stream(
     resp: reqwest::Response,
     mut decoder: Box<dyn StreamDecoder>,
@@ -341,10 +456,15 @@ fn event_stream(
     };
     Box::pin(async_stream::stream! {
         let mut body = resp.bytes_stream();
-        let mut frames = FrameDecoder::new(framing);
+        let mut frames = FrameDecoder::with_max_line(framing, limits.sizes.max_line_bytes);
         let mut events = Vec::with_capacity(8);
+        let mut received: usize = 0;
+        let line_too_long = |max: usize| UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            format!("a backend stream line or event exceeded the provider's limit of {max} bytes"),
+        );
         loop {
-            let wait_until = (Instant::now() + limits.idle).min(limits.deadline);
+            let wait_until = deadline_after(limits.idle).min(limits.deadline);
             let next = match tokio::time::timeout_at(wait_until, body.next()).await {
                 Err(_) => {
                     let what = if Instant::now() >= limits.deadline { "the total time limit" } else { "the idle timeout" };
@@ -361,6 +481,8 @@ fn event_stream(
                     let mut result = Ok(());
                     if let Some(f) = frames.finish() {
                         result = decoder.frame(f, &mut events);
+                    } else if frames.overflowed() {
+                        result = Err(line_too_long(limits.sizes.max_line_bytes));
                     }
                     for ev in events.drain(..) {
                         yield Ok(ev);
@@ -386,6 +508,11 @@ fn event_stream(
                 }
                 Some(Ok(b)) => b,
             };
+            received = received.saturating_add(bytes.len());
+            if received > limits.sizes.max_response_bytes {
+                yield Err(own(too_large("stream", limits.sizes.max_response_bytes)));
+                return;
+            }
             frames.push(&bytes);
             while let Some(frame) = frames.next_frame() {
                 let result = decoder.frame(frame, &mut events);
@@ -399,6 +526,10 @@ fn event_stream(
                 if decoder.finished() {
                     return;
                 }
+            }
+            if frames.overflowed() {
+                yield Err(own(line_too_long(limits.sizes.max_line_bytes)));
+                return;
             }
         }
     })

@@ -117,6 +117,7 @@ pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
         secret,
         headers,
         timeouts: cfg.timeouts,
+        limits: cfg.limits,
     };
     match HttpProvider::new(settings, codec) {
         // Qianfan v1 retries once with a fresh token when Baidu refuses the old one.

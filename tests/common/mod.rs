@@ -486,7 +486,12 @@ impl GatewayProcess {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // PROMPTGATE_TEST_ECHO=1 shows the gateway's log under the test's output.
+            let echo = std::env::var_os("PROMPTGATE_TEST_ECHO").is_some();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("gateway: {line}");
+                }
                 if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
                     let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
                 }
