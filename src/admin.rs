@@ -407,9 +407,16 @@ async fn provider_action(
     match action.as_str() {
         "enable" => {
             book.clear_fault(&provider);
+            // An operator putting a provider back means "try it now": its open
+            // breakers would otherwise keep skipping it for the rest of a cooldown.
+            let reset = book.reset_provider(&provider);
+            let gauge = &st.reloader.gateway().metrics.breaker_state;
+            for id in &reset {
+                gauge.with_label_values(&[id.as_str()]).set(0);
+            }
             json_response(
                 StatusCode::OK,
-                json!({"provider": provider, "state": "enabled"}),
+                json!({"provider": provider, "state": "enabled", "breakers_reset": reset}),
             )
         }
         "disable" | "drain" => {

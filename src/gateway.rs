@@ -21,7 +21,7 @@ use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::provider::registry::ProviderState;
 use crate::provider::EventStream;
-use crate::router::{counts_against_target, Admission, Book, FaultKind};
+use crate::router::{counts_against_target, Book, FaultKind};
 use crate::snapshot::{Arm, Route, Snapshot, Target};
 use crate::tokens;
 
@@ -429,13 +429,14 @@ impl Gateway {
                         continue;
                     }
                 }
-                let admission = t.health.admit(&snap.breaker);
-                if admission == Admission::Rejected {
+                // Dropped unrecorded (cancelled, or no time left), the pass
+                // gives a half-open probe slot back.
+                let Some(pass) = t.health.admit(&snap.breaker) else {
                     if round == 0 {
                         skips.push(Skip::Open);
                     }
                     continue;
-                }
+                };
                 // Back off before trying the same target again.
                 if round > 0 || previous.is_some_and(|p| Arc::ptr_eq(p, t)) {
                     let exp = policy.backoff.saturating_mul(1 << (round.min(10)));
@@ -473,10 +474,9 @@ impl Gateway {
                     .upstream_seconds
                     .with_label_values(&[&t.provider_id])
                     .observe(started.elapsed().as_secs_f64());
-                let probe = admission == Admission::Probe;
                 match result {
                     Ok(answer) => {
-                        let state = t.health.record(&snap.breaker, false, probe);
+                        let state = pass.record(&snap.breaker, false);
                         self.metrics
                             .breaker_state
                             .with_label_values(&[&t.id])
@@ -497,9 +497,7 @@ impl Gateway {
                         if e.provider.is_empty() {
                             e.provider = t.provider_id.to_string();
                         }
-                        let state =
-                            t.health
-                                .record(&snap.breaker, counts_against_target(e.kind), probe);
+                        let state = pass.record(&snap.breaker, counts_against_target(e.kind));
                         self.metrics
                             .breaker_state
                             .with_label_values(&[&t.id])
@@ -729,7 +727,7 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
                     for route in snap.routes() {
                         for t in route.targets() {
                             if *t.provider_id == *id {
-                                let state = t.health.record(&snap.breaker, failed, false);
+                                let state = t.health.record(&snap.breaker, failed);
                                 gw.metrics
                                     .breaker_state
                                     .with_label_values(&[&t.id])

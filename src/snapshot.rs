@@ -104,6 +104,19 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
 }
 
+/// Summarises what a target's breaker state depends on: its provider's settings,
+/// the model and the target's own settings. A reload that changes it starts the
+/// target's health over (`Book::health`).
+fn fingerprint(
+    provider: Option<&crate::config::ProviderConfig>,
+    t: &crate::config::TargetConfig,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{provider:?}\u{0}{t:?}").hash(&mut h);
+    h.finish()
+}
+
 impl Snapshot {
     /// Builds providers, routes and compiled prompts from a validated config.
     pub fn build(
@@ -125,7 +138,7 @@ impl Snapshot {
             let pc = config.providers.get(&t.provider);
             let id: Arc<str> = format!("{}/{}", t.provider, t.model).into();
             Arc::new(Target {
-                health: book.health(&id),
+                health: book.health(&id, fingerprint(pc, t)),
                 id,
                 provider_id: t.provider.as_str().into(),
                 provider,
