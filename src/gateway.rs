@@ -212,6 +212,8 @@ impl Gateway {
         let private = route.private || meta.private();
         // The cache: a hit answers here; a miss makes this request the leader
         // that fills the entry (identical misses wait for it).
+        // The request's deadline covers waiting for an identical call too.
+        let deadline = Instant::now() + route.retry.deadline;
         let directive = crate::cache::Directive::from_headers(meta.headers);
         let mut lease = None;
         let mut cache_use = None;
@@ -234,7 +236,7 @@ impl Gateway {
                     &req,
                 ));
                 let refresh = directive == crate::cache::Directive::Refresh;
-                match self.cache.lookup(key, refresh, route.retry.deadline).await {
+                match self.cache.lookup(key, refresh, deadline).await {
                     crate::cache::Lookup::Hit(entry) => {
                         self.cache_count(route, crate::cache::Status::Hit);
                         return Ok(self.serve_hit(route, chain, arm, &entry, req.stream));
@@ -259,7 +261,9 @@ impl Gateway {
             }
         }
         let started = Instant::now();
-        let (answer, target, attempts) = self.run_chain(snap, route, chain, &req, private).await?;
+        let (answer, target, attempts) = self
+            .run_chain(snap, route, chain, &req, private, deadline)
+            .await?;
         let store = lease.map(|lease| Store {
             lease,
             route: route.name.to_string(),
@@ -396,9 +400,9 @@ impl Gateway {
         chain: &[Arc<Target>],
         req: &ChatRequest,
         private: bool,
+        deadline: Instant,
     ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
         let policy = route.retry;
-        let deadline = Instant::now() + policy.deadline;
         let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
         let mut attempts = 0u32;
         let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
@@ -451,6 +455,16 @@ impl Gateway {
                         break 'rounds;
                     }
                     tokio::time::sleep(wait).await;
+                }
+                if Instant::now() >= deadline {
+                    // Spent waiting for an identical call: no time left to start one.
+                    let mut e = UpstreamError::new(
+                        ErrorKind::Timeout,
+                        "the route's deadline passed before a call could start",
+                    );
+                    e.provider = t.provider_id.to_string();
+                    errors.push((t.id.clone(), e));
+                    break 'rounds;
                 }
                 attempts += 1;
                 tried_this_round = true;

@@ -20,6 +20,7 @@ const ROUTES: &str = concat!(
     "  failing:\n    provider: fake\n    model: status-500\n    cache: {mode: on}\n",
     "  cutting:\n    provider: fake\n    model: cut\n    cache: {mode: on}\n",
     "  tools:\n    provider: fake\n    model: tools\n    cache: {mode: on}\n",
+    "  hang-cached:\n    provider: fake\n    model: hang\n    retry: {deadline: 800ms}\n    cache: {mode: on}\n",
 );
 
 async fn setup_cache(extra: &str) -> (Fake, Gw) {
@@ -243,6 +244,29 @@ async fn concurrent_identical_misses_make_one_upstream_call() {
     }
     assert_eq!(fake.requests().len(), 1, "{statuses:?}");
     assert_eq!(statuses.get("miss"), Some(&1));
+}
+
+/// A request waiting for an identical call in flight spends its own deadline
+/// waiting: when the leader fails, the waiter gets what is left, not a fresh
+/// deadline of its own.
+#[tokio::test]
+async fn waiters_are_bounded_by_their_own_deadline() {
+    let (_fake, gw) = setup_cache("").await;
+    let gw = std::sync::Arc::new(gw);
+    let leader = {
+        let gw = gw.clone();
+        tokio::spawn(async move { call(&gw, &body("hang-cached"), &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (s, _, text) = call(&gw, &body("hang-cached"), &[]).await;
+    let waited = started.elapsed();
+    assert_eq!(s, 504, "{text}");
+    assert!(
+        waited < Duration::from_millis(1100),
+        "the waiter took {waited:?} with an 800ms deadline"
+    );
+    assert_eq!(leader.await.unwrap().0, 504);
 }
 
 #[tokio::test]
