@@ -1195,13 +1195,8 @@ fn validate_provider(
         ProviderKind::Llamacpp => {
             let mut templates = BTreeMap::new();
             for (model, t) in raw.llamacpp.map(|l| l.templates).unwrap_or_default() {
-                let mut env = minijinja::Environment::new();
-                if let Err(e) = env.add_template("t", &t.template) {
-                    problems.add(
-                        &file,
-                        format!("llamacpp.templates.{model}.template"),
-                        format!("does not compile: {e}"),
-                    );
+                if let Err(e) = crate::prompt::check_chat_template(&t.template) {
+                    problems.add(&file, format!("llamacpp.templates.{model}.template"), e);
                 }
                 templates.insert(
                     model,

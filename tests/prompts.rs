@@ -569,3 +569,72 @@ async fn the_anthropic_front_door_takes_the_same_prompt_object() {
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "not_found_error");
 }
+
+/// A template that loops without bound: `check` (config load) rejects it with a
+/// sample render; one whose loops grow with a variable passes `check` but a
+/// request that makes it run away gets a quick 400, and the gateway stays up.
+#[tokio::test]
+async fn runaway_templates_are_rejected_by_check_and_stopped_at_render() {
+    let runaway = r#"
+versions:
+  1:
+    route: sandbox-echo
+    messages:
+      - role: user
+        content: "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+labels: {production: 1}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "");
+    write_config(dir.path(), &g, &p);
+    std::fs::write(dir.path().join("prompts/runaway.yaml"), runaway).unwrap();
+    let problems = promptgate::load(&dir.path().join("promptgate.yaml"), &test_env)
+        .err()
+        .expect("check rejects the template");
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("runaway.yaml:7") && t.contains("execution budget")),
+        "{text:?}"
+    );
+    // The same with the bound in a typed variable with a large default.
+    let by_default = r#"
+variables:
+  n: {type: integer, default: 100000}
+versions:
+  1:
+    route: sandbox-echo
+    messages:
+      - role: user
+        content: "{% for i in range(n) %}{% for j in range(n) %}x{% endfor %}{% endfor %}"
+labels: {production: 1}
+"#;
+    std::fs::remove_file(dir.path().join("prompts/runaway.yaml")).unwrap();
+    std::fs::write(dir.path().join("prompts/scaled.yaml"), by_default).unwrap();
+    assert!(promptgate::load(&dir.path().join("promptgate.yaml"), &test_env).is_err());
+
+    // Without a default the sample value is small: it passes, and a request
+    // asking for a huge loop is cut off at the budget.
+    let scaled = by_default.replace("n: {type: integer, default: 100000}", "n: {type: integer}");
+    let (_fake, gw) = gateway_with(&[("scaled.yaml", &scaled)]).await;
+    let (s, _, v) = prompt_endpoint(&gw, "scaled", json!({"variables": {"n": 3}})).await;
+    assert_eq!(s, 200, "{v}");
+    let gw = std::sync::Arc::new(gw);
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let gw = gw.clone();
+        runs.push(tokio::spawn(async move {
+            prompt_endpoint(&gw, "scaled", json!({"variables": {"n": 100000}})).await
+        }));
+    }
+    for r in runs {
+        let (s, _, v) = r.await.unwrap();
+        assert_eq!(s, 400, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("execution budget"), "{msg}");
+        assert!(!msg.contains(&gw.dir.path().display().to_string()), "{msg}");
+    }
+    let r = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
