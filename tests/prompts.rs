@@ -638,3 +638,36 @@ labels: {production: 1}
     let r = client().get(gw.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// The watcher reloads for the files the configuration reads, and only when they
+/// changed: a log file written into the config folder (or a prompt file saved
+/// unchanged) reloads nothing.
+#[tokio::test]
+async fn writes_that_do_not_change_the_config_cause_no_reload() {
+    let (_fake, gw) = gateway_with(&[("greeting.yaml", GREETING)]).await;
+    let _watcher = gw.reloader.watch(Duration::from_millis(50)).unwrap();
+    let reloads = |st: &Value| {
+        (
+            st["config"]["reloads"]["succeeded"].as_u64().unwrap(),
+            st["config"]["reloads"]["failed"].as_u64().unwrap(),
+        )
+    };
+    let dir = gw.dir.path().to_owned();
+    for i in 0..20 {
+        std::fs::write(dir.join("promptgate.log"), format!("line {i}\n")).unwrap();
+        std::fs::write(dir.join("prompts/notes.txt"), format!("note {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Saved again with the same bytes.
+    std::fs::write(dir.join("prompts/greeting.yaml"), GREETING).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(reloads(&gw.admin_status().await), (0, 0));
+    // A real change still reloads.
+    std::fs::write(
+        dir.join("prompts/greeting.yaml"),
+        GREETING.replace("production: 1", "production: 2"),
+    )
+    .unwrap();
+    wait_for_version(&gw, "2").await;
+    assert_eq!(reloads(&gw.admin_status().await), (1, 0));
+}
