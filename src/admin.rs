@@ -226,6 +226,7 @@ async fn cache_json(st: &AdminState) -> Value {
             "connect": m.cache_redis_errors.with_label_values(&["connect"]).get(),
             "get": m.cache_redis_errors.with_label_values(&["get"]).get(),
             "set": m.cache_redis_errors.with_label_values(&["set"]).get(),
+            "decode": m.cache_redis_errors.with_label_values(&["decode"]).get(),
         }})),
         "routes": per_route,
     })

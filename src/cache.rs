@@ -378,6 +378,8 @@ pub struct Cache {
     inflight: Mutex<HashMap<Key, (u64, watch::Receiver<Flight>)>>,
     /// Leader tokens, unique for the life of the cache.
     next_token: std::sync::atomic::AtomicU64,
+    /// Larger responses are served but not stored.
+    max_entry_bytes: u64,
     pub metrics: CacheMetrics,
 }
 
@@ -478,11 +480,13 @@ impl Cache {
             l2: cfg.redis.as_ref().map(|r| {
                 Arc::new(crate::cache_redis::RedisTier::new(
                     r,
+                    cfg.max_entry_bytes,
                     metrics.redis_errors.clone(),
                 ))
             }),
             inflight: Mutex::new(HashMap::new()),
             next_token: std::sync::atomic::AtomicU64::new(1),
+            max_entry_bytes: cfg.max_entry_bytes,
             metrics,
         })
     }
@@ -493,6 +497,9 @@ impl Cache {
 
     async fn insert(&self, key: Key, e: Entry) -> Arc<Entry> {
         let e = Arc::new(e);
+        if u64::from(e.bytes) > self.max_entry_bytes {
+            return e;
+        }
         if let Some(l2) = &self.l2 {
             l2.store(&key, &e);
         }
@@ -614,6 +621,7 @@ mod flight_tests {
         Cache::new(
             &CacheConfig {
                 max_bytes: 1 << 20,
+                max_entry_bytes: 1 << 20,
                 ttl: Duration::from_secs(60),
                 time_to_idle: None,
                 redis: None,
