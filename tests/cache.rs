@@ -724,3 +724,49 @@ async fn forged_and_corrupt_redis_entries_are_never_served() {
         "{problems:?}"
     );
 }
+
+/// A purge against a Redis that stops answering ends with an error after the
+/// per-command timeout instead of holding the admin call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_gives_up_on_a_redis_that_stops_answering() {
+    let redis = Redis::start(None);
+    let mut conn = redis_conn(redis.port).await;
+    let fake = spawn_fake().await;
+    let (mut g, p) = fake_config(&fake, ROUTES);
+    g.push_str(&format!(
+        "cache:\n  redis: {{url: \"redis://127.0.0.1:{}\", timeout: 200ms}}\n",
+        redis.port
+    ));
+    let gw = spawn_gateway(&g, &p).await;
+    call(&gw, &body("cached"), &[]).await;
+    stored_entries(&mut conn, 1).await;
+    // Every client's commands wait for 5 s (this one's reply comes at once).
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = client()
+        .delete(gw.admin_url("/admin/cache"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{v}"
+    );
+    assert!(
+        took < Duration::from_millis(3000),
+        "the purge took {took:?}"
+    );
+}
