@@ -269,7 +269,11 @@ impl Reloader {
     ) -> notify::Result<notify::RecommendedWatcher> {
         use notify::{EventKind, RecursiveMode, Watcher};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let gateway_file = self.config_path.clone();
+        // Absolute, so that it compares equal to the paths events carry (a
+        // relative `promptgate.yaml` is watched as `./promptgate.yaml`).
+        let gateway_file =
+            std::path::absolute(&self.config_path).unwrap_or_else(|_| self.config_path.clone());
+        let file = gateway_file.clone();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 if let Ok(ev) = res {
@@ -278,14 +282,13 @@ impl Reloader {
                         ev.kind,
                         EventKind::Access(_)
                             | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
-                    ) && ev.paths.iter().any(|p| is_input(p, &gateway_file));
+                    ) && ev.paths.iter().any(|p| is_input(p, &file));
                     if relevant {
                         let _ = tx.send(());
                     }
                 }
             })?;
-        let dir = self
-            .config_path
+        let dir = gateway_file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| Path::new("."))

@@ -671,3 +671,65 @@ async fn writes_that_do_not_change_the_config_cause_no_reload() {
     wait_for_version(&gw, "2").await;
     assert_eq!(reloads(&gw.admin_status().await), (1, 0));
 }
+
+/// The binary started from its config folder with the default, relative
+/// `--config promptgate.yaml` still follows file changes.
+#[tokio::test]
+async fn the_watcher_follows_a_relative_config_path() {
+    use std::io::{BufRead, BufReader};
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "");
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &g, &p);
+    std::fs::write(dir.path().join("prompts/greeting.yaml"), GREETING).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "promptgate.yaml"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let version = || async {
+        let r = client()
+            .post(format!(
+                "http://{addr}/v1/prompts/greeting/chat/completions"
+            ))
+            .json(&json!({"variables": {"name": "a"}}))
+            .send()
+            .await
+            .unwrap();
+        r.headers()["x-promptgate-prompt-version"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(version().await, "1");
+    std::fs::write(
+        dir.path().join("prompts/greeting.yaml"),
+        GREETING.replace("production: 1", "production: 2"),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        seen = version().await;
+        if seen == "2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, "2", "the change was picked up");
+}
