@@ -686,6 +686,38 @@ mod tests {
     }
 
     #[test]
+    fn a_chat_template_that_runs_away_on_a_long_conversation_is_a_bad_request() {
+        // Passes `check` (four messages), but loops quadratically in the number
+        // of messages: a long transcript runs out of budget at render time.
+        let source = "{% for m in messages %}{% for n in messages %}{% for i in range(50) %}.{% endfor %}{% endfor %}{% endfor %}";
+        assert_eq!(check_chat_template(source), Ok(()));
+        let templates = crate::wire::llamacpp::Templates::compile(
+            &[(
+                "*".to_string(),
+                crate::config::ChatTemplate {
+                    source: source.into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap();
+        let messages: Vec<serde_json::Value> = (0..400)
+            .map(|i| serde_json::json!({"role": "user", "content": format!("message {i}")}))
+            .collect();
+        let req = crate::wire::openai::decode_chat_request(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let e = templates.render(&req, "m").unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+        assert!(e.message.contains("execution budget"), "{}", e.message);
+    }
+
+    #[test]
     fn deep_nesting_stops_at_the_recursion_limit() {
         let mut env = minijinja::Environment::new();
         limit(&mut env);
