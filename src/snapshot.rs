@@ -104,16 +104,14 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
 }
 
-/// Summarises what a target's breaker state depends on: its provider's settings,
-/// the model and the target's own settings. A reload that changes it starts the
-/// target's health over (`Book::health`).
-fn fingerprint(
-    provider: Option<&crate::config::ProviderConfig>,
-    t: &crate::config::TargetConfig,
-) -> u64 {
+/// Summarises the backend behind a target id (`provider/model`): its provider's
+/// configuration. A reload that changes it starts the target's health over
+/// (`Book::health`). Route-level target settings are left out: one target id
+/// shared by routes with different settings keeps one health.
+fn fingerprint(provider: Option<&crate::config::ProviderConfig>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{provider:?}\u{0}{t:?}").hash(&mut h);
+    format!("{provider:?}").hash(&mut h);
     h.finish()
 }
 
@@ -138,7 +136,7 @@ impl Snapshot {
             let pc = config.providers.get(&t.provider);
             let id: Arc<str> = format!("{}/{}", t.provider, t.model).into();
             Arc::new(Target {
-                health: book.health(&id, fingerprint(pc, t)),
+                health: book.health(&id, fingerprint(pc)),
                 id,
                 provider_id: t.provider.as_str().into(),
                 provider,

@@ -728,3 +728,23 @@ async fn reload_resets_breakers_of_changed_targets_only() {
         "half_open"
     );
 }
+
+/// One target id used by two routes with different settings has one breaker,
+/// and keeps it across a reload.
+#[tokio::test]
+async fn a_target_shared_by_routes_has_one_breaker_across_reloads() {
+    let routes = concat!(
+        "  guarded:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n",
+        "  patient:\n    first_token_timeout: 5s\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n",
+    );
+    let breaker = "breaker: {consecutive_failures: 1, cooldown: 1h}\n";
+    let (fake, _backup, gw) = two_fakes(routes, breaker).await;
+    assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    assert_eq!(breaker_of(&gw, "patient", "fake/status-500").await, "open");
+    assert_eq!(gw.admin_reload().await.0, 200);
+    for route in ["guarded", "patient"] {
+        assert_eq!(breaker_of(&gw, route, "fake/status-500").await, "open");
+        send(&gw, route, false, &[]).await;
+    }
+    assert_eq!(fake.requests().len(), 1, "skipped by both routes");
+}
