@@ -23,7 +23,8 @@ use crate::snapshot::Plan;
 #[derive(Clone)]
 struct AdminState {
     reloader: Arc<Reloader>,
-    key: Option<Arc<str>>,
+    /// The SHA-256 digest of the admin key.
+    key: Option<[u8; 32]>,
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response {
@@ -43,9 +44,17 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     )
 }
 
-/// Compares without an early exit, so timing does not reveal the key.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The SHA-256 digest of a key: what is kept and compared, so the comparison
+/// always runs over 32 bytes whatever the lengths of the keys.
+fn digest(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
+}
+
+/// Compares two digests without an early exit, so neither the timing nor the
+/// work done reveals the key or its length.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn authorize(State(st): State<AdminState>, req: Request, next: Next) -> Response {
@@ -63,7 +72,7 @@ async fn authorize(State(st): State<AdminState>, req: Request, next: Next) -> Re
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| h.get("x-admin-key").and_then(|v| v.to_str().ok()));
     match given {
-        Some(g) if same(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(g) if same(&digest(g.as_bytes()), key) => next.run(req).await,
         _ => error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -217,6 +226,7 @@ async fn cache_json(st: &AdminState) -> Value {
             "connect": m.cache_redis_errors.with_label_values(&["connect"]).get(),
             "get": m.cache_redis_errors.with_label_values(&["get"]).get(),
             "set": m.cache_redis_errors.with_label_values(&["set"]).get(),
+            "decode": m.cache_redis_errors.with_label_values(&["decode"]).get(),
         }})),
         "routes": per_route,
     })
@@ -294,6 +304,12 @@ async fn experiments(State(st): State<AdminState>) -> Response {
     json_response(StatusCode::OK, json!({"experiments": out}))
 }
 
+/// A number of seconds given as JSON: finite, not negative, at most an hour.
+fn seconds(n: Option<f64>) -> Option<Duration> {
+    let n = n.filter(|n| n.is_finite() && (0.0..=3600.0).contains(n))?;
+    Duration::try_from_secs_f64(n).ok()
+}
+
 fn parse_fault(body: &Value) -> Result<(FaultKind, Duration), String> {
     let dur = |k: &str| -> Result<Option<Duration>, String> {
         match body.get(k) {
@@ -301,7 +317,9 @@ fn parse_fault(body: &Value) -> Result<(FaultKind, Duration), String> {
             Some(Value::String(s)) => humantime::parse_duration(s)
                 .map(Some)
                 .map_err(|e| format!("`{k}`: {e}")),
-            Some(Value::Number(n)) => Ok(n.as_f64().map(Duration::from_secs_f64)),
+            Some(Value::Number(n)) => seconds(n.as_f64())
+                .map(Some)
+                .ok_or_else(|| format!("`{k}` must be a number of seconds from 0 to 3600")),
             Some(_) => Err(format!("`{k}` must be a duration like \"30s\"")),
         }
     };
@@ -407,9 +425,16 @@ async fn provider_action(
     match action.as_str() {
         "enable" => {
             book.clear_fault(&provider);
+            // An operator putting a provider back means "try it now": its open
+            // breakers would otherwise keep skipping it for the rest of a cooldown.
+            let reset = book.reset_provider(&provider);
+            let gauge = &st.reloader.gateway().metrics.breaker_state;
+            for id in &reset {
+                gauge.with_label_values(&[id.as_str()]).set(0);
+            }
             json_response(
                 StatusCode::OK,
-                json!({"provider": provider, "state": "enabled"}),
+                json!({"provider": provider, "state": "enabled", "breakers_reset": reset}),
             )
         }
         "disable" | "drain" => {
@@ -463,9 +488,9 @@ async fn not_found() -> Response {
 pub fn router(reloader: Arc<Reloader>, key: Option<String>) -> Router {
     let st = AdminState {
         reloader,
-        key: key.filter(|k| !k.is_empty()).map(Into::into),
+        key: key.filter(|k| !k.is_empty()).map(|k| digest(k.as_bytes())),
     };
-    Router::new()
+    let app = Router::new()
         .route("/admin/status", get(status))
         .route("/admin/reload", post(reload))
         .route("/admin/experiments", get(experiments))
@@ -481,5 +506,69 @@ pub fn router(reloader: Arc<Reloader>, key: Option<String>) -> Router {
         )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(st.clone(), authorize))
-        .with_state(st)
+        .with_state(st);
+    catch_panics(app)
+}
+
+/// A panic in an admin handler answers 500 instead of dropping the connection.
+fn catch_panics(app: Router) -> Router {
+    app.layer(tower_http::catch_panic::CatchPanicLayer::custom(
+        |_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("an admin handler panicked");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the admin API hit an internal error",
+            )
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tower::ServiceExt;
+
+    #[test]
+    fn keys_compare_by_digest() {
+        let key = digest(b"secret-key");
+        assert!(same(&digest(b"secret-key"), &key));
+        assert!(!same(&digest(b"secret-kez"), &key));
+        assert!(!same(&digest(b"secret"), &key), "a prefix is not the key");
+        assert!(!same(&digest(b""), &key));
+    }
+
+    #[test]
+    fn numeric_durations_are_validated() {
+        for bad in [-1.0, 1e300, f64::NAN, f64::INFINITY, 3601.0] {
+            assert_eq!(seconds(Some(bad)), None, "{bad}");
+        }
+        assert_eq!(seconds(Some(1.5)), Some(Duration::from_millis(1500)));
+        let r = parse_fault(&json!({"fault": "slow", "duration": 10, "latency": -1}));
+        assert!(r.is_err_and(|e| e.contains("latency")));
+        let r = parse_fault(&json!({"fault": "down", "duration": 1e300}));
+        assert!(r.is_err_and(|e| e.contains("duration")));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500() {
+        let app = catch_panics(Router::new().route(
+            "/boom",
+            get(|| async {
+                if std::hint::black_box(true) {
+                    panic!("boom");
+                }
+                "unreachable"
+            }),
+        ));
+        let r = app
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "internal_error");
+    }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::canonical::*;
 use crate::config::{CacheConfig, CacheMode, RouteCache};
@@ -431,7 +432,12 @@ pub enum Flight {
 pub struct Cache {
     l1: moka::future::Cache<Key, Arc<Entry>>,
     l2: Option<Arc<crate::cache_redis::RedisTier>>,
-    inflight: Mutex<HashMap<Key, watch::Receiver<Flight>>>,
+    /// The registered leader of each key in flight: its token and its outcome.
+    inflight: Mutex<HashMap<Key, (u64, watch::Receiver<Flight>)>>,
+    /// Leader tokens, unique for the life of the cache.
+    next_token: std::sync::atomic::AtomicU64,
+    /// Larger responses are served but not stored.
+    max_entry_bytes: u64,
     pub metrics: CacheMetrics,
 }
 
@@ -455,41 +461,48 @@ impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
 }
 
 /// A leader's promise to fill a key: dropping it without `complete` tells the
-/// waiters the call failed.
+/// waiters the call failed. A registered lease owns the key's in-flight entry,
+/// named by its token, and removes that entry only: a request that leads
+/// without registering (a refresh while another call is in flight, a waiter
+/// whose deadline passed) never touches another leader's entry.
 pub struct Lease {
     key: Key,
+    /// Set when this lease is the key's registered leader.
+    token: Option<u64>,
     tx: Option<watch::Sender<Flight>>,
     cache: Arc<Cache>,
 }
 
 impl Lease {
+    /// Whether waiters are following this lease.
+    pub fn registered(&self) -> bool {
+        self.token.is_some()
+    }
+
     pub async fn complete(mut self, entry: Option<Entry>) -> Option<Arc<Entry>> {
         let stored = match entry {
             Some(e) => Some(self.cache.insert(self.key, e).await),
             None => None,
         };
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(stored.clone().map_or(Flight::Failed, Flight::Done));
-        }
-        self.cache
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        self.finish(stored.clone().map_or(Flight::Failed, Flight::Done));
         stored
+    }
+
+    /// Gives up the in-flight entry (first, so a waiter told of the outcome
+    /// finds the key free) and tells the waiters.
+    fn finish(&mut self, outcome: Flight) {
+        if let Some(token) = self.token.take() {
+            self.cache.release(&self.key, token);
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(outcome);
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Flight::Failed);
-            self.cache
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&self.key);
-        }
+        self.finish(Flight::Failed);
     }
 }
 
@@ -525,10 +538,13 @@ impl Cache {
             l2: cfg.redis.as_ref().map(|r| {
                 Arc::new(crate::cache_redis::RedisTier::new(
                     r,
+                    cfg.max_entry_bytes,
                     metrics.redis_errors.clone(),
                 ))
             }),
             inflight: Mutex::new(HashMap::new()),
+            next_token: std::sync::atomic::AtomicU64::new(1),
+            max_entry_bytes: cfg.max_entry_bytes,
             metrics,
         })
     }
@@ -539,6 +555,9 @@ impl Cache {
 
     async fn insert(&self, key: Key, e: Entry) -> Arc<Entry> {
         let e = Arc::new(e);
+        if u64::from(e.bytes) > self.max_entry_bytes {
+            return e;
+        }
         if let Some(l2) = &self.l2 {
             l2.store(&key, &e);
         }
@@ -556,49 +575,68 @@ impl Cache {
         Some(e)
     }
 
+    /// Removes the in-flight entry of `key` if `token` still owns it.
+    fn release(&self, key: &Key, token: u64) {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(key).is_some_and(|(t, _)| *t == token) {
+            map.remove(key);
+        }
+    }
+
+    fn lease(self: &Arc<Self>, key: Key, token: Option<u64>, tx: watch::Sender<Flight>) -> Lookup {
+        Lookup::Lead(Lease {
+            key,
+            token,
+            tx: Some(tx),
+            cache: self.clone(),
+        })
+    }
+
     /// Looks `key` up (unless refreshing); on a miss either waits for an
-    /// identical call already in flight or makes this request the leader.
-    pub async fn lookup(self: &Arc<Self>, key: Key, refresh: bool, wait: Duration) -> Lookup {
+    /// identical call already in flight, at most until the request's own
+    /// `deadline`, or makes this request the leader.
+    pub async fn lookup(self: &Arc<Self>, key: Key, refresh: bool, deadline: Instant) -> Lookup {
         if !refresh {
             if let Some(e) = self.get(&key).await {
                 return Lookup::Hit(e);
             }
         }
         loop {
-            let rx = {
+            let (token, mut rx) = {
                 let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
                 match map.get(&key) {
-                    Some(rx) if !refresh => rx.clone(),
-                    _ => {
+                    Some((token, rx)) if !refresh => (*token, rx.clone()),
+                    // A refresh while another call is in flight: call upstream
+                    // too, but leave the key to the leader its waiters follow.
+                    Some(_) => return self.lease(key, None, watch::channel(Flight::Pending).0),
+                    None => {
+                        let token = self
+                            .next_token
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let (tx, rx) = watch::channel(Flight::Pending);
-                        map.insert(key, rx);
-                        return Lookup::Lead(Lease {
-                            key,
-                            tx: Some(tx),
-                            cache: self.clone(),
-                        });
+                        map.insert(key, (token, rx));
+                        return self.lease(key, Some(token), tx);
                     }
                 }
             };
-            let mut rx = rx;
             let outcome =
-                tokio::time::timeout(wait, rx.wait_for(|f| !matches!(f, Flight::Pending))).await;
+                tokio::time::timeout_at(deadline, rx.wait_for(|f| !matches!(f, Flight::Pending)))
+                    .await;
             match outcome {
-                Ok(Ok(f)) => match &*f {
-                    Flight::Done(e) => return Lookup::Hit(e.clone()),
-                    // The leader failed: try to lead ourselves.
-                    _ => continue,
-                },
-                // The leader went away or took too long: call upstream ourselves.
-                _ => {
-                    let (tx, _) = watch::channel(Flight::Pending);
-                    return Lookup::Lead(Lease {
-                        key,
-                        tx: Some(tx),
-                        cache: self.clone(),
-                    });
+                Ok(Ok(f)) => {
+                    if let Flight::Done(e) = &*f {
+                        return Lookup::Hit(e.clone());
+                    }
                 }
+                // The leader went away without a word (its entry is stale).
+                Ok(Err(_)) => {}
+                // Our own deadline passed: no more waiting. What is left of the
+                // deadline is the caller's; this lease owns nothing.
+                Err(_) => return self.lease(key, None, watch::channel(Flight::Pending).0),
             }
+            // The leader failed: its entry is gone (or is removed here if it
+            // lingers); try to lead.
+            self.release(&key, token);
         }
     }
 
@@ -628,6 +666,125 @@ impl Cache {
     pub async fn figures(&self) -> (u64, u64) {
         self.l1.run_pending_tasks().await;
         (self.l1.entry_count(), self.l1.weighted_size())
+    }
+}
+
+#[cfg(test)]
+mod flight_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn cache() -> Arc<Cache> {
+        Cache::new(
+            &CacheConfig {
+                max_bytes: 1 << 20,
+                max_entry_bytes: 1 << 20,
+                ttl: Duration::from_secs(60),
+                time_to_idle: None,
+                redis: None,
+            },
+            CacheMetrics {
+                evictions: prometheus::IntCounter::new("e", "e").unwrap(),
+                redis_errors: prometheus::IntCounterVec::new(
+                    prometheus::Opts::new("r", "r"),
+                    &["op"],
+                )
+                .unwrap(),
+            },
+        )
+    }
+
+    fn entry() -> Entry {
+        let response = crate::wire::openai::decode_chat_response(
+            br#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        Entry {
+            bytes: weight(&response),
+            response,
+            target: "p/m".into(),
+            route: "r".into(),
+            prompt: None,
+            created: SystemTime::now(),
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    fn lead(l: Lookup) -> Lease {
+        match l {
+            Lookup::Lead(l) => l,
+            Lookup::Hit(_) => panic!("expected to lead"),
+        }
+    }
+
+    /// A second lookup of `key` must wait for the registered leader.
+    async fn follows_the_leader(c: &Arc<Cache>, key: Key, leader: Lease) {
+        let mut waiter = Box::pin(c.lookup(key, false, far()));
+        assert!(
+            (&mut waiter).now_or_never().is_none(),
+            "waits for the leader instead of leading a second call"
+        );
+        leader.complete(Some(entry())).await;
+        assert!(matches!(waiter.await, Lookup::Hit(_)));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_never_removes_the_leaders_entry() {
+        let c = cache();
+        let key = [7u8; 32];
+        let leader = lead(c.lookup(key, false, far()).await);
+        assert!(leader.registered());
+        let refresh = lead(c.lookup(key, true, far()).await);
+        assert!(!refresh.registered());
+        refresh.complete(None).await;
+        follows_the_leader(&c, key, leader).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiter_past_its_deadline_leaves_the_leader_alone() {
+        let c = cache();
+        let key = [8u8; 32];
+        let leader = lead(c.lookup(key, false, far()).await);
+        let late = lead(c.lookup(key, false, Instant::now()).await);
+        assert!(!late.registered(), "leads its own call, owning nothing");
+        drop(late);
+        follows_the_leader(&c, key, leader).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wait_at_most_their_own_deadline() {
+        let c = cache();
+        let key = [9u8; 32];
+        let _leader = lead(c.lookup(key, false, far()).await);
+        let start = Instant::now();
+        let waiter = lead(c.lookup(key, false, start + Duration::from_secs(2)).await);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert!(!waiter.registered());
+    }
+
+    #[tokio::test]
+    async fn a_failed_leader_hands_the_key_to_one_waiter() {
+        let c = cache();
+        let key = [10u8; 32];
+        let leader = lead(c.lookup(key, false, far()).await);
+        let mut a = Box::pin(c.lookup(key, false, far()));
+        let mut b = Box::pin(c.lookup(key, false, far()));
+        assert!((&mut a).now_or_never().is_none());
+        assert!((&mut b).now_or_never().is_none());
+        drop(leader);
+        let next = lead(a.await);
+        assert!(next.registered());
+        assert!(
+            (&mut b).now_or_never().is_none(),
+            "b follows the new leader"
+        );
+        follows_the_leader(&c, key, next).await;
+        assert!(matches!(b.await, Lookup::Hit(_)));
     }
 }
 

@@ -4,6 +4,17 @@
 //! refused connection, timeout, bad entry — is counted and treated as a miss:
 //! a cache outage never fails a request. After a failure the tier rests for a
 //! second before trying again, so a dead Redis costs nothing per request.
+//!
+//! Nothing read from Redis is trusted. An entry is
+//! `"PGC" | version | mode | tag (32 bytes) | length (u32 LE) | LZ4 block`, where
+//! the tag is HMAC-SHA256 under the secret of `cache.redis.secret_env` (mode 1)
+//! or, without a secret, a plain SHA-256 checksum (mode 0: catches corruption,
+//! not forgery by someone who can write to Redis). The tag covers the cache key
+//! too, so an entry copied under another key is rejected. Reads fetch at most
+//! the largest entry this gateway could have written, the tag is checked before
+//! anything is decompressed, the length is checked against
+//! `cache.max_entry_bytes` before it sizes an allocation, and the stored TTL
+//! and creation time are clamped.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,6 +33,156 @@ pub struct RedisTier {
     timeout: Duration,
     prefix: String,
     errors: prometheus::IntCounterVec,
+    seal: Seal,
+}
+
+/// The format version written and the only one read.
+const VERSION: u8 = 1;
+const MAGIC: &[u8; 3] = b"PGC";
+/// Magic, version, mode, tag, length.
+const HEADER: usize = 3 + 1 + 1 + 32 + 4;
+/// The longest an entry may still live once read back, whatever it says.
+const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How far in the future an entry's creation time may lie (clock skew).
+const MAX_SKEW: Duration = Duration::from_secs(60);
+/// The whole of a purge, however many keys it walks.
+const PURGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest index value (a Redis key name) read.
+const MAX_NAME: usize = 4096;
+
+/// How entries are sealed and checked.
+#[derive(Clone)]
+pub struct Seal {
+    /// The HMAC key; `None`: plain checksums.
+    secret: Option<crate::config::Secret>,
+    /// The largest decompressed entry accepted.
+    max_entry_bytes: usize,
+}
+
+/// Fills in `cache.redis.secret` from the variable `cache.redis.secret_env`
+/// names; a named variable that is unset or empty is a configuration problem.
+pub fn resolve_secret(
+    cfg: &mut crate::config::Config,
+    file: &std::path::Path,
+    env: crate::provider::registry::EnvLookup<'_>,
+) -> Result<(), Vec<crate::config::Problem>> {
+    let Some(r) = cfg.cache.redis.as_mut() else {
+        return Ok(());
+    };
+    match &r.secret_env {
+        None => {
+            tracing::warn!("cache.redis.secret_env is not set: Redis entries carry a plain checksum, which detects corruption but not entries forged by someone with write access to Redis");
+            Ok(())
+        }
+        Some(var) => match env(var).filter(|v| !v.is_empty()) {
+            Some(v) => {
+                r.secret = Some(crate::config::Secret(v.into_bytes().into()));
+                Ok(())
+            }
+            None => Err(vec![crate::config::Problem {
+                file: file.display().to_string(),
+                line: None,
+                field: "cache.redis.secret_env".into(),
+                message: format!("the environment variable `{var}` (the key that signs Redis cache entries) is not set"),
+            }]),
+        },
+    }
+}
+
+impl Seal {
+    pub fn new(secret: Option<crate::config::Secret>, max_entry_bytes: u64) -> Seal {
+        Seal {
+            secret,
+            max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn mode(&self) -> u8 {
+        u8::from(self.secret.is_some())
+    }
+
+    /// The largest stored value this gateway writes: reads fetch no more.
+    fn max_stored(&self) -> usize {
+        HEADER.saturating_add(lz4_flex::block::get_maximum_output_size(
+            self.max_entry_bytes,
+        ))
+    }
+
+    /// The tag over the cache key, the header (tag excluded) and the body.
+    fn tag(&self, key: &Key, head: &[u8], body: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        use sha2::Digest;
+        match &self.secret {
+            Some(secret) => {
+                let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&secret.0)
+                    .expect("HMAC takes a key of any length");
+                mac.update(key);
+                mac.update(head);
+                mac.update(body);
+                mac.finalize().into_bytes().into()
+            }
+            None => {
+                let mut h = sha2::Sha256::new();
+                h.update(key);
+                h.update(head);
+                h.update(body);
+                h.finalize().into()
+            }
+        }
+    }
+
+    /// Seals the JSON of an entry; `None` if it is over the size bound.
+    pub fn seal(&self, key: &Key, json: &[u8]) -> Option<Vec<u8>> {
+        if json.len() > self.max_entry_bytes {
+            return None;
+        }
+        let len = u32::try_from(json.len()).ok()?;
+        let body = lz4_flex::block::compress(json);
+        let head = [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, self.mode()];
+        let tag = self.tag(key, &[&head[..], &len.to_le_bytes()].concat(), &body);
+        let mut out = Vec::with_capacity(HEADER + body.len());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&tag);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+
+    /// Checks and opens a stored value: the JSON inside, or why not.
+    pub fn open(&self, key: &Key, bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
+        if bytes.len() < HEADER || &bytes[..3] != MAGIC {
+            return Err("not a promptgate cache entry");
+        }
+        if bytes[3] != VERSION {
+            return Err("an entry of another format version");
+        }
+        if bytes[4] != self.mode() {
+            return Err(if self.secret.is_some() {
+                "an unsigned entry (this gateway requires signed entries)"
+            } else {
+                "a signed entry (this gateway has no secret to check it)"
+            });
+        }
+        if bytes.len() > self.max_stored() {
+            return Err("an entry larger than cache.max_entry_bytes allows");
+        }
+        let (head, rest) = bytes.split_at(5);
+        let (tag, rest) = rest.split_at(32);
+        let (len, body) = rest.split_at(4);
+        let want = self.tag(key, &[head, len].concat(), body);
+        // Constant time: the comparison reveals nothing about the right tag.
+        if want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+            return Err("a checksum mismatch (corrupt, forged or stored under another key)");
+        }
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > self.max_entry_bytes {
+            return Err("an entry larger than cache.max_entry_bytes");
+        }
+        match lz4_flex::block::decompress(body, len) {
+            Ok(json) if json.len() == len => Ok(json),
+            _ => Err("an entry that does not decompress"),
+        }
+    }
 }
 
 fn hex(k: &Key) -> String {
@@ -29,7 +190,11 @@ fn hex(k: &Key) -> String {
 }
 
 impl RedisTier {
-    pub fn new(cfg: &RedisConfig, errors: prometheus::IntCounterVec) -> RedisTier {
+    pub fn new(
+        cfg: &RedisConfig,
+        max_entry_bytes: u64,
+        errors: prometheus::IntCounterVec,
+    ) -> RedisTier {
         RedisTier {
             client: redis::Client::open(cfg.url.as_str()).ok(),
             conn: tokio::sync::Mutex::new(None),
@@ -37,6 +202,7 @@ impl RedisTier {
             timeout: cfg.timeout,
             prefix: cfg.prefix.clone(),
             errors,
+            seal: Seal::new(cfg.secret.clone(), max_entry_bytes),
         }
     }
 
@@ -104,20 +270,25 @@ impl RedisTier {
 
     pub async fn load(&self, k: &Key) -> Option<Entry> {
         let mut conn = self.connection().await?;
+        // GETRANGE rather than GET: whatever Redis holds, no more than the
+        // largest value this gateway writes is read (a missing key reads as "").
         let get = async {
-            let name: Option<String> = redis::cmd("GET")
+            let name: Vec<u8> = redis::cmd("GETRANGE")
                 .arg(self.lookup_key(k))
+                .arg(0)
+                .arg(MAX_NAME - 1)
                 .query_async(&mut conn)
                 .await?;
-            match name {
-                None => Ok(None),
-                Some(n) => {
-                    redis::cmd("GET")
-                        .arg(n)
-                        .query_async::<Option<Vec<u8>>>(&mut conn)
-                        .await
-                }
+            if name.is_empty() {
+                return Ok(None);
             }
+            let value: Vec<u8> = redis::cmd("GETRANGE")
+                .arg(name)
+                .arg(0)
+                .arg(self.seal.max_stored())
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>((!value.is_empty()).then_some(value))
         };
         let bytes = match tokio::time::timeout(self.timeout, get).await {
             Ok(Ok(b)) => b?,
@@ -130,10 +301,11 @@ impl RedisTier {
                 return None;
             }
         };
-        match decode(&bytes) {
-            Some(e) => Some(e),
-            None => {
-                self.fail("decode", "an entry could not be read");
+        match self.seal.open(k, &bytes).and_then(|json| decode(&json)) {
+            Ok(e) => Some(e),
+            Err(why) => {
+                self.errors.with_label_values(&["decode"]).inc();
+                tracing::warn!(error = why, "ignored a Redis cache entry");
                 None
             }
         }
@@ -141,10 +313,12 @@ impl RedisTier {
 
     /// Stores in the background: a slow Redis never delays the response.
     pub fn store(self: &Arc<Self>, k: &Key, e: &Entry) {
-        let Some(bytes) = encode(e) else { return };
+        let Some(bytes) = encode(e).and_then(|json| self.seal.seal(k, &json)) else {
+            return;
+        };
         let name = self.redis_key(k, &e.route, e.prompt.as_deref());
         let index = self.lookup_key(k);
-        let ttl_ms = e.ttl.as_millis().max(1) as u64;
+        let ttl_ms = e.ttl.min(MAX_TTL).as_millis().max(1) as u64;
         let this = self.clone();
         tokio::spawn(async move {
             let Some(mut conn) = this.connection().await else {
@@ -173,10 +347,38 @@ impl RedisTier {
     }
 
     /// Deletes entries of a route and/or prompt (or all of this gateway's).
+    /// Gives up after `PURGE_TIMEOUT` in all (each command: the tier's timeout,
+    /// at least a second), reporting how far it got.
     pub async fn purge(&self, route: Option<&str>, prompt: Option<&str>) -> Result<u64, String> {
-        let Some(mut conn) = self.connection().await else {
+        let Some(conn) = self.connection().await else {
             return Err("redis is unreachable".into());
         };
+        let removed = std::sync::atomic::AtomicU64::new(0);
+        let each = self.timeout.max(Duration::from_secs(1));
+        match tokio::time::timeout(
+            PURGE_TIMEOUT,
+            self.purge_keys(conn, route, prompt, each, &removed),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the purge timed out after {}s ({} keys removed)",
+                PURGE_TIMEOUT.as_secs(),
+                removed.load(std::sync::atomic::Ordering::Relaxed)
+            )),
+        }
+    }
+
+    async fn purge_keys(
+        &self,
+        mut conn: ConnectionManager,
+        route: Option<&str>,
+        prompt: Option<&str>,
+        each: Duration,
+        counted: &std::sync::atomic::AtomicU64,
+    ) -> Result<u64, String> {
+        let timed_out = |_| format!("a Redis command timed out after {}ms", each.as_millis());
         let pattern = format!(
             "{}{}:{}:*",
             self.prefix,
@@ -186,22 +388,27 @@ impl RedisTier {
         let mut cursor: u64 = 0;
         let mut removed = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (next, keys): (u64, Vec<String>) = tokio::time::timeout(
+                each,
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(500)
+                    .query_async(&mut conn),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(|e| e.to_string())?;
             if !keys.is_empty() {
-                let n: u64 = redis::cmd("DEL")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                removed += n;
+                let n: u64 =
+                    tokio::time::timeout(each, redis::cmd("DEL").arg(&keys).query_async(&mut conn))
+                        .await
+                        .map_err(timed_out)?
+                        .map_err(|e| e.to_string())?;
+                removed = removed.saturating_add(n);
+                counted.store(removed, std::sync::atomic::Ordering::Relaxed);
             }
             if next == 0 {
                 break;
@@ -232,33 +439,135 @@ fn encode(e: &Entry) -> Option<Vec<u8>> {
         "estimated": e.response.usage.is_some_and(|u| u.estimated),
         "response": response,
     });
-    Some(lz4_flex::compress_prepend_size(
-        &serde_json::to_vec(&v).ok()?,
-    ))
+    serde_json::to_vec(&v).ok()
 }
 
-fn decode(bytes: &[u8]) -> Option<Entry> {
-    let raw = lz4_flex::decompress_size_prepended(bytes).ok()?;
-    let v: Value = serde_json::from_slice(&raw).ok()?;
+/// Reads the JSON of an opened entry; the times in it are clamped: created no
+/// later than now (give or take clock skew), living at most `MAX_TTL` more.
+fn decode(raw: &[u8]) -> Result<Entry, &'static str> {
+    let bad = "an entry with missing or invalid fields";
+    let v: Value = serde_json::from_slice(raw).map_err(|_| bad)?;
     let mut response =
-        crate::wire::openai::decode_chat_response(v["response"].to_string().as_bytes()).ok()?;
+        crate::wire::openai::decode_chat_response(v["response"].to_string().as_bytes())
+            .map_err(|_| bad)?;
     if let (Some(u), Some(true)) = (response.usage.as_mut(), v["estimated"].as_bool()) {
         u.estimated = true;
     }
-    let created = SystemTime::UNIX_EPOCH + Duration::from_millis(v["created_ms"].as_u64()?);
-    let ttl = Duration::from_millis(v["ttl_ms"].as_u64()?);
-    let age = SystemTime::now()
-        .duration_since(created)
-        .unwrap_or_default();
-    let remaining = ttl.checked_sub(age)?;
-    Some(Entry {
+    let now = SystemTime::now();
+    let created = SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_millis(v["created_ms"].as_u64().ok_or(bad)?))
+        .ok_or(bad)?;
+    if created
+        .duration_since(now)
+        .is_ok_and(|ahead| ahead > MAX_SKEW)
+    {
+        return Err("an entry created in the future");
+    }
+    let ttl = Duration::from_millis(v["ttl_ms"].as_u64().ok_or(bad)?).min(MAX_TTL);
+    let age = now.duration_since(created).unwrap_or_default();
+    let remaining = ttl.checked_sub(age).ok_or("an expired entry")?;
+    Ok(Entry {
         bytes: crate::cache::weight(&response),
         response,
-        target: v["target"].as_str()?.to_owned(),
-        route: v["route"].as_str()?.to_owned(),
+        target: v["target"].as_str().ok_or(bad)?.to_owned(),
+        route: v["route"].as_str().ok_or(bad)?.to_owned(),
         prompt: v["prompt"].as_str().map(str::to_owned),
-        created,
+        created: created.min(now),
         // L1 keeps it only as long as Redis does.
         ttl: remaining.max(Duration::from_millis(1)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn secret(s: &str) -> Option<crate::config::Secret> {
+        Some(crate::config::Secret(s.as_bytes().into()))
+    }
+
+    fn json(created_ms: u64, ttl_ms: u64) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "target": "p/m", "route": "r", "prompt": null, "created_ms": created_ms,
+            "ttl_ms": ttl_ms, "estimated": false,
+            "response": {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]},
+        }))
+        .unwrap()
+    }
+
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
+    const K: Key = [1u8; 32];
+
+    #[test]
+    fn sealed_entries_open_only_with_the_same_key_and_secret() {
+        for s in [None, secret("s1")] {
+            let seal = Seal::new(s, 1 << 20);
+            let data = json(now_ms(), 60_000);
+            let sealed = seal.seal(&K, &data).unwrap();
+            assert_eq!(seal.open(&K, &sealed).unwrap(), data);
+            assert!(seal.open(&[2u8; 32], &sealed).is_err(), "bound to its key");
+            let mut flipped = sealed.clone();
+            let last = flipped.len() - 1;
+            flipped[last] ^= 1;
+            assert!(seal.open(&K, &flipped).is_err());
+            let mut other = sealed.clone();
+            other[3] = 2;
+            assert!(seal.open(&K, &other).unwrap_err().contains("version"));
+        }
+        let signed = Seal::new(secret("s1"), 1 << 20);
+        let sealed = signed.seal(&K, &json(now_ms(), 1)).unwrap();
+        assert!(Seal::new(secret("s2"), 1 << 20).open(&K, &sealed).is_err());
+        assert!(Seal::new(None, 1 << 20).open(&K, &sealed).is_err());
+        let plain = Seal::new(None, 1 << 20)
+            .seal(&K, &json(now_ms(), 1))
+            .unwrap();
+        assert!(
+            signed.open(&K, &plain).is_err(),
+            "unsigned entries are refused"
+        );
+    }
+
+    #[test]
+    fn a_huge_length_is_refused_before_anything_is_allocated() {
+        // Plain checksums can be computed by anyone: a well-formed entry claiming
+        // 4 GiB must still fail on the length, not allocate it.
+        let seal = Seal::new(None, 1 << 20);
+        let body = lz4_flex::block::compress(b"{}");
+        let len = u32::MAX.to_le_bytes();
+        let head = [b'P', b'G', b'C', VERSION, 0];
+        let tag = seal.tag(&K, &[&head[..], &len].concat(), &body);
+        let forged = [&head[..], &tag, &len, &body].concat();
+        assert!(seal
+            .open(&K, &forged)
+            .unwrap_err()
+            .contains("max_entry_bytes"));
+        // The old format (size-prefixed LZ4) is not read at all.
+        let mut old = lz4_flex::compress_prepend_size(b"{}");
+        old[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(seal.open(&K, &old).is_err());
+        assert!(seal.open(&K, b"").is_err());
+        // Too large to store.
+        assert!(seal.seal(&K, &vec![b' '; (1 << 20) + 1]).is_none());
+    }
+
+    #[test]
+    fn stored_times_are_clamped() {
+        let e = decode(&json(now_ms(), u64::MAX)).unwrap();
+        assert!(e.ttl <= MAX_TTL);
+        assert!(decode(&json(now_ms() + 3_600_000, 60_000)).is_err());
+        assert!(decode(&json(u64::MAX, 60_000)).is_err());
+        assert!(
+            decode(&json(now_ms() - 120_000, 60_000)).is_err(),
+            "expired"
+        );
+        assert!(decode(&json(now_ms(), 60_000)).is_ok());
+    }
 }

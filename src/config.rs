@@ -51,6 +51,8 @@ struct RawCache {
     #[serde(default)]
     time_to_idle: Option<String>,
     #[serde(default)]
+    max_entry_bytes: Option<u64>,
+    #[serde(default)]
     redis: Option<RawRedis>,
 }
 
@@ -62,6 +64,8 @@ struct RawRedis {
     timeout: Option<String>,
     #[serde(default)]
     prefix: Option<String>,
+    #[serde(default)]
+    secret_env: Option<String>,
 }
 
 /// The response cache's settings (process-wide; read at start).
@@ -72,6 +76,8 @@ pub struct CacheConfig {
     /// TTL for routes that do not set their own.
     pub ttl: Duration,
     pub time_to_idle: Option<Duration>,
+    /// The largest response either tier stores or reads back, in bytes.
+    pub max_entry_bytes: u64,
     pub redis: Option<RedisConfig>,
 }
 
@@ -80,6 +86,20 @@ pub struct RedisConfig {
     pub url: String,
     pub timeout: Duration,
     pub prefix: String,
+    /// The environment variable holding the key that signs entries.
+    pub secret_env: Option<String>,
+    /// Its value, filled in at start (`crate::load`).
+    pub secret: Option<Secret>,
+}
+
+/// Secret bytes that never show in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Secret(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// A route's cache policy.
@@ -975,8 +995,21 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         routes.insert(name, route);
     }
     let breaker = routes::breaker(gateway_file, gw.breaker, &mut problems);
+    let max_bytes = gw.cache.max_bytes.unwrap_or(64 * 1024 * 1024);
+    let max_entry_bytes = gw.cache.max_entry_bytes.unwrap_or(4 * 1024 * 1024);
+    if !(1024..=u64::from(u32::MAX)).contains(&max_entry_bytes) {
+        problems.add(
+            gateway_file,
+            "cache.max_entry_bytes",
+            "must be from 1024 to 4294967295",
+        );
+    }
+    let max_entry_bytes = max_entry_bytes
+        .clamp(1024, u64::from(u32::MAX))
+        .min(max_bytes);
     let cache = CacheConfig {
-        max_bytes: gw.cache.max_bytes.unwrap_or(64 * 1024 * 1024),
+        max_bytes,
+        max_entry_bytes,
         ttl: problems.duration(
             gateway_file,
             "cache.ttl",
@@ -1007,6 +1040,8 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
                 ),
                 prefix: r.prefix.unwrap_or_else(|| "promptgate:".into()),
                 url: r.url,
+                secret_env: r.secret_env.filter(|v| !v.is_empty()),
+                secret: None,
             }
         }),
     };
@@ -1281,13 +1316,8 @@ fn validate_provider(
         ProviderKind::Llamacpp => {
             let mut templates = BTreeMap::new();
             for (model, t) in raw.llamacpp.map(|l| l.templates).unwrap_or_default() {
-                let mut env = minijinja::Environment::new();
-                if let Err(e) = env.add_template("t", &t.template) {
-                    problems.add(
-                        &file,
-                        format!("llamacpp.templates.{model}.template"),
-                        format!("does not compile: {e}"),
-                    );
+                if let Err(e) = crate::prompt::check_chat_template(&t.template) {
+                    problems.add(&file, format!("llamacpp.templates.{model}.template"), e);
                 }
                 templates.insert(
                     model,

@@ -21,7 +21,7 @@ use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::provider::registry::ProviderState;
 use crate::provider::EventStream;
-use crate::router::{counts_against_target, Admission, Book, FaultKind};
+use crate::router::{counts_against_target, Book, FaultKind};
 use crate::snapshot::{Arm, Route, Snapshot, Target};
 use crate::tokens;
 
@@ -212,6 +212,11 @@ impl Gateway {
         let private = route.private || meta.private();
         // The cache: a hit answers here; a miss makes this request the leader
         // that fills the entry (identical misses wait for it).
+        // The request's deadline covers waiting for an identical call too.
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(route.retry.deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let directive = crate::cache::Directive::from_headers(meta.headers);
         let mut lease = None;
         let mut cache_use = None;
@@ -234,7 +239,7 @@ impl Gateway {
                     &req,
                 ));
                 let refresh = directive == crate::cache::Directive::Refresh;
-                match self.cache.lookup(key, refresh, route.retry.deadline).await {
+                match self.cache.lookup(key, refresh, deadline).await {
                     crate::cache::Lookup::Hit(entry) => {
                         self.cache_count(route, crate::cache::Status::Hit);
                         return Ok(self.serve_hit(route, chain, arm, &entry, req.stream));
@@ -259,7 +264,9 @@ impl Gateway {
             }
         }
         let started = Instant::now();
-        let (answer, target, attempts) = self.run_chain(snap, route, chain, &req, private).await?;
+        let (answer, target, attempts) = self
+            .run_chain(snap, route, chain, &req, private, deadline)
+            .await?;
         let store = lease.map(|lease| Store {
             lease,
             route: route.name.to_string(),
@@ -400,12 +407,9 @@ impl Gateway {
         chain: &[Arc<Target>],
         req: &ChatRequest,
         private: bool,
+        deadline: Instant,
     ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
         let policy = route.retry;
-        let now = Instant::now();
-        let deadline = now
-            .checked_add(policy.deadline)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
         let mut attempts = 0u32;
         let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
@@ -441,13 +445,14 @@ impl Gateway {
                         continue;
                     }
                 }
-                let admission = t.health.admit(&snap.breaker);
-                if admission == Admission::Rejected {
+                // Dropped unrecorded (cancelled, or no time left), the pass
+                // gives a half-open probe slot back.
+                let Some(pass) = t.health.admit(&snap.breaker) else {
                     if round == 0 {
                         skips.push(Skip::Open);
                     }
                     continue;
-                }
+                };
                 // Back off before trying the same target again.
                 if round > 0 || previous.is_some_and(|p| Arc::ptr_eq(p, t)) {
                     let exp = policy.backoff.saturating_mul(1 << (round.min(10)));
@@ -464,6 +469,16 @@ impl Gateway {
                         break 'rounds;
                     }
                     tokio::time::sleep(wait).await;
+                }
+                if Instant::now() >= deadline {
+                    // Spent waiting for an identical call: no time left to start one.
+                    let mut e = UpstreamError::new(
+                        ErrorKind::Timeout,
+                        "the route's deadline passed before a call could start",
+                    );
+                    e.provider = t.provider_id.to_string();
+                    errors.push((t.id.clone(), e));
+                    break 'rounds;
                 }
                 attempts += 1;
                 tried_this_round = true;
@@ -487,10 +502,9 @@ impl Gateway {
                     .upstream_seconds
                     .with_label_values(&[&t.provider_id])
                     .observe(started.elapsed().as_secs_f64());
-                let probe = admission == Admission::Probe;
                 match result {
                     Ok(answer) => {
-                        let state = t.health.record(&snap.breaker, false, probe);
+                        let state = pass.record(&snap.breaker, false);
                         self.metrics
                             .breaker_state
                             .with_label_values(&[&t.id])
@@ -511,9 +525,7 @@ impl Gateway {
                         if e.provider.is_empty() {
                             e.provider = t.provider_id.to_string();
                         }
-                        let state =
-                            t.health
-                                .record(&snap.breaker, counts_against_target(e.kind), probe);
+                        let state = pass.record(&snap.breaker, counts_against_target(e.kind));
                         self.metrics
                             .breaker_state
                             .with_label_values(&[&t.id])
@@ -743,7 +755,7 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
                     for route in snap.routes() {
                         for t in route.targets() {
                             if *t.provider_id == *id {
-                                let state = t.health.record(&snap.breaker, failed, false);
+                                let state = t.health.record(&snap.breaker, failed);
                                 gw.metrics
                                     .breaker_state
                                     .with_label_values(&[&t.id])

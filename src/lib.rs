@@ -33,7 +33,8 @@ pub fn load(
     path: &Path,
     env: provider::registry::EnvLookup<'_>,
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
-    let cfg = config::load(path)?;
+    let mut cfg = config::load(path)?;
+    cache_redis::resolve_secret(&mut cfg, path, env)?;
     let book = std::sync::Arc::new(router::Book::default());
     let snapshot = snapshot::Snapshot::build(cfg.clone(), env, &book)?;
     let gw = Gateway::new(snapshot, book).map_err(|e| {

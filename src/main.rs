@@ -130,6 +130,15 @@ fn check(config: PathBuf) -> ExitCode {
         Err(code) => code,
         Ok(snap) => {
             let cfg = &snap.config;
+            // Checked as `serve` checks it at start.
+            if let Err(problems) =
+                promptgate::cache_redis::resolve_secret(&mut cfg.clone(), &config, &env_lookup)
+            {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                return ExitCode::FAILURE;
+            }
             for p in cfg.providers.values() {
                 if let ProviderState::Unavailable(reason) =
                     promptgate::provider::registry::build(p, &env_lookup)

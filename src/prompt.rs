@@ -272,6 +272,90 @@ impl Rendered {
     }
 }
 
+/// The execution budget of one template render, in minijinja instructions
+/// (roughly one per output tag, filter, test or loop step). Real prompts and chat
+/// templates use a few thousand; a runaway loop stops here after a few hundred
+/// milliseconds at most instead of holding a worker thread.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+/// How deep loops, conditions and calls may nest in a template.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 64;
+
+/// Puts the execution limits on a template environment: every environment that
+/// renders (prompts, chat templates, `check`'s sample renders) goes through here.
+pub fn limit(env: &mut minijinja::Environment<'_>) {
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
+}
+
+/// Whether a render stopped at the execution limits.
+pub fn over_limits(e: &minijinja::Error) -> bool {
+    match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => true,
+        minijinja::ErrorKind::InvalidOperation => e.to_string().contains("recursion limit"),
+        _ => false,
+    }
+}
+
+/// The text a render that hit the limits reports.
+pub fn limits_message() -> String {
+    format!(
+        "the template exceeded its execution budget ({TEMPLATE_FUEL} steps, nesting depth {TEMPLATE_RECURSION_LIMIT})"
+    )
+}
+
+/// `check` for a llama.cpp chat template: it must compile, and a sample
+/// conversation must render within the execution limits.
+pub fn check_chat_template(source: &str) -> Result<(), String> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    limit(&mut env);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("t", source)
+        .map_err(|e| format!("does not compile: {e}"))?;
+    let sample = minijinja::context! {
+        messages => serde_json::json!([
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello, who are you?"},
+            {"role": "assistant", "content": "An assistant. How can I help?"},
+            {"role": "user", "content": "Summarise our conversation."},
+        ]),
+        add_generation_prompt => true,
+        bos_token => "",
+    };
+    match env.get_template("t").and_then(|t| t.render(sample)) {
+        Err(e) if over_limits(&e) => Err(format!(
+            "{} on a sample four-message conversation",
+            limits_message()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A plausible value of a declared variable for `check`'s sample render: the
+/// default if there is one, else a small value of the declared type.
+fn sample_value(v: &VarDef) -> Value {
+    if let Some(d) = &v.default {
+        return d.clone();
+    }
+    match v.ty {
+        VarType::String => Value::String("sample text".into()),
+        VarType::Number => serde_json::json!(1.5),
+        VarType::Integer => serde_json::json!(3),
+        VarType::Boolean => Value::Bool(true),
+        VarType::List => serde_json::json!(["sample one", "sample two", "sample three"]),
+        VarType::Object => serde_json::json!({"name": "sample", "value": "sample text"}),
+    }
+}
+
 fn template_name(id: &str, version: u32, index: usize) -> String {
     format!("{id}@{version}/messages[{index}]")
 }
@@ -308,7 +392,7 @@ impl Registry {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        env.set_recursion_limit(64);
+        limit(&mut env);
         let mut problems = Vec::new();
         for p in prompts.values() {
             let file = p.file.display().to_string();
@@ -331,6 +415,31 @@ impl Registry {
                         continue;
                     }
                     if let Ok(t) = env.get_template(&name) {
+                        // A sample render with typed values of the declared
+                        // variables: a template that loops past its budget is
+                        // rejected here rather than at the first request.
+                        // Other errors depend on real values and are not reported.
+                        let mut sample: Map<String, Value> = p
+                            .variables
+                            .iter()
+                            .map(|var| (var.name.clone(), sample_value(var)))
+                            .collect();
+                        for h in &hooks {
+                            sample.insert((*h).to_owned(), Value::String("sample context".into()));
+                        }
+                        if let Err(e) = t.render(minijinja::Value::from_serialize(&sample)) {
+                            if over_limits(&e) {
+                                problems.push(Problem {
+                                    file: file.clone(),
+                                    line: Some(m.line + e.line().unwrap_or(1).saturating_sub(1)),
+                                    field: format!("versions.{}.messages[{i}].content", v.number),
+                                    message: format!(
+                                        "{} on a sample render with typed sample values of the variables: bound its loops",
+                                        limits_message()
+                                    ),
+                                });
+                            }
+                        }
                         let mut unknown: Vec<String> = t
                             .undeclared_variables(false)
                             .into_iter()
@@ -431,6 +540,18 @@ impl Registry {
                     .and_then(|t| t.render(&ctx))
                     .map_err(|e| {
                         let line = m.line + e.line().unwrap_or(1).saturating_sub(1);
+                        if over_limits(&e) {
+                            tracing::warn!(prompt = %p.id, version = v.number, "a prompt render hit the template limits");
+                            return GatewayError::invalid(
+                                format!(
+                                    "prompt `{}` version {} failed to render messages[{i}]: {}",
+                                    p.id,
+                                    v.number,
+                                    limits_message()
+                                ),
+                                Some("prompt.variables"),
+                            );
+                        }
                         GatewayError::invalid(
                             format!(
                             "prompt `{}` version {} failed to render messages[{i}] ({}:{line}): {}",
@@ -549,4 +670,80 @@ pub fn version_hash(content: &Value) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn chat_templates_are_checked_against_the_limits() {
+        let ok = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+        assert_eq!(check_chat_template(ok), Ok(()));
+        let runaway = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ m.role }}{% endfor %}{% endfor %}{% endfor %}";
+        let e = check_chat_template(runaway).unwrap_err();
+        assert!(e.contains("execution budget"), "{e}");
+        assert!(check_chat_template("{% for %}")
+            .unwrap_err()
+            .contains("does not compile"));
+        // Errors that depend on the conversation are not `check`'s business.
+        assert_eq!(
+            check_chat_template("{{ raise_exception('roles must alternate') }}"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_chat_template_that_runs_away_on_a_long_conversation_is_a_bad_request() {
+        // Passes `check` (four messages), but loops quadratically in the number
+        // of messages: a long transcript runs out of budget at render time.
+        let source = "{% for m in messages %}{% for n in messages %}{% for i in range(50) %}.{% endfor %}{% endfor %}{% endfor %}";
+        assert_eq!(check_chat_template(source), Ok(()));
+        let templates = crate::wire::llamacpp::Templates::compile(
+            &[(
+                "*".to_string(),
+                crate::config::ChatTemplate {
+                    source: source.into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap();
+        let messages: Vec<serde_json::Value> = (0..400)
+            .map(|i| serde_json::json!({"role": "user", "content": format!("message {i}")}))
+            .collect();
+        let req = crate::wire::openai::decode_chat_request(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let e = templates.render(&req, "m").unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+        assert!(e.message.contains("execution budget"), "{}", e.message);
+    }
+
+    #[test]
+    fn deep_nesting_stops_at_the_recursion_limit() {
+        let mut env = minijinja::Environment::new();
+        limit(&mut env);
+        env.add_template(
+            "t",
+            "{% for x in [items] recursive %}{{ loop(x.children) }}{% endfor %}",
+        )
+        .unwrap();
+        let mut deep = serde_json::json!({"children": []});
+        for _ in 0..100 {
+            deep = serde_json::json!({"children": [deep]});
+        }
+        let e = env
+            .get_template("t")
+            .unwrap()
+            .render(minijinja::context! {items => deep})
+            .unwrap_err();
+        assert!(over_limits(&e), "{e}");
+    }
 }

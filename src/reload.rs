@@ -40,6 +40,76 @@ pub struct Reloader {
     status: Mutex<ReloadStatus>,
     /// One reload at a time.
     running: tokio::sync::Mutex<()>,
+    /// The digest of the input files as the last load read them: a file event
+    /// that leaves them unchanged reloads nothing.
+    inputs: Mutex<Option<[u8; 32]>>,
+}
+
+/// Whether `path` is (or may lead to) a file the configuration reads: the
+/// gateway file, a `*.yaml`/`*.yml` under `providers/` or `prompts/`, those
+/// folders themselves, or the `..`-prefixed entries Kubernetes swaps when it
+/// updates a ConfigMap mount. Logs, editor swap files and anything else
+/// written into these folders are not.
+fn is_input(path: &Path, gateway_file: &Path) -> bool {
+    let dir = gateway_file.parent().unwrap_or_else(|| Path::new(""));
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    if path == gateway_file || name.starts_with("..") {
+        return true;
+    }
+    let folders = [
+        crate::config::providers_dir(gateway_file),
+        crate::config::prompts_dir(gateway_file),
+    ];
+    if path.parent() == Some(dir) && folders.iter().any(|f| f == path) {
+        return true;
+    }
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    yaml && folders.iter().any(|f| path.starts_with(f))
+}
+
+/// SHA-256 over every file the configuration reads (name and content, links
+/// followed): the gateway file and the `*.yaml`/`*.yml` files directly in
+/// `providers/` and `prompts/`.
+pub fn input_digest(gateway_file: &Path) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let add = |h: &mut Sha256, p: &Path| {
+        h.update(p.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        match std::fs::read(p) {
+            Ok(bytes) => {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(e) => h.update(format!("unreadable: {:?}", e.kind())),
+        }
+        h.update([0]);
+    };
+    add(&mut h, gateway_file);
+    for dir in [
+        crate::config::providers_dir(gateway_file),
+        crate::config::prompts_dir(gateway_file),
+    ] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        h.update(dir.as_os_str().as_encoded_bytes());
+        h.update([1]);
+        for f in &files {
+            add(&mut h, f);
+        }
+    }
+    h.finalize().into()
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -89,6 +159,7 @@ impl Reloader {
                 failed: 0,
             }),
             running: tokio::sync::Mutex::new(()),
+            inputs: Mutex::new(Some(input_digest(config_path))),
         })
     }
 
@@ -106,8 +177,36 @@ impl Reloader {
     /// Builds and validates a new snapshot and swaps it in; on any problem the
     /// current snapshot stays.
     pub async fn reload(&self, trigger: &str) -> Result<(), Vec<Problem>> {
+        self.reload_inner(trigger, false).await.unwrap_or(Ok(()))
+    }
+
+    /// A reload for a file event: skipped (`None`) when the input files are
+    /// byte for byte what the last load read.
+    async fn reload_if_changed(&self, trigger: &str) -> Option<Result<(), Vec<Problem>>> {
+        self.reload_inner(trigger, true).await
+    }
+
+    async fn reload_inner(
+        &self,
+        trigger: &str,
+        only_if_changed: bool,
+    ) -> Option<Result<(), Vec<Problem>>> {
         let _one = self.running.lock().await;
         let path = self.config_path.clone();
+        let digest_path = path.clone();
+        // Taken before the files are read: a change racing the load makes the
+        // next event reload again, never the reverse.
+        let digest = tokio::task::spawn_blocking(move || input_digest(&digest_path))
+            .await
+            .ok();
+        {
+            let mut last = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+            if only_if_changed && digest.is_some() && *last == digest {
+                tracing::debug!(trigger, "configuration files unchanged; no reload");
+                return None;
+            }
+            *last = digest;
+        }
         let env = self.env.clone();
         let book = self.gw.book().clone();
         let built = tokio::task::spawn_blocking(move || {
@@ -141,7 +240,7 @@ impl Reloader {
                 self.gw.metrics.reloads.with_label_values(&["ok"]).inc();
                 self.gw.metrics.last_reload.set(unix(at));
                 tracing::info!(trigger, "configuration reloaded");
-                Ok(())
+                Some(Ok(()))
             }
             Err(problems) => {
                 for p in &problems {
@@ -154,20 +253,27 @@ impl Reloader {
                     problems: problems.clone(),
                 });
                 self.gw.metrics.reloads.with_label_values(&["error"]).inc();
-                Err(problems)
+                Some(Err(problems))
             }
         }
     }
 
-    /// Watches the gateway file's folder, `providers/` and `prompts/`, and reloads
-    /// once changes have been quiet for `debounce`. The returned watcher must be
-    /// kept alive.
+    /// Watches the gateway file's folder, `providers/` and `prompts/` for changes
+    /// to the files the configuration reads (see [`is_input`]), and reloads once
+    /// they have been quiet for `debounce` (at most 20 × `debounce` after the
+    /// first change) and only if those files changed. The returned watcher must
+    /// be kept alive.
     pub fn watch(
         self: &Arc<Self>,
         debounce: Duration,
     ) -> notify::Result<notify::RecommendedWatcher> {
         use notify::{EventKind, RecursiveMode, Watcher};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        // Absolute, so that it compares equal to the paths events carry (a
+        // relative `promptgate.yaml` is watched as `./promptgate.yaml`).
+        let gateway_file =
+            std::path::absolute(&self.config_path).unwrap_or_else(|_| self.config_path.clone());
+        let file = gateway_file.clone();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 if let Ok(ev) = res {
@@ -176,14 +282,13 @@ impl Reloader {
                         ev.kind,
                         EventKind::Access(_)
                             | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
-                    );
+                    ) && ev.paths.iter().any(|p| is_input(p, &file));
                     if relevant {
                         let _ = tx.send(());
                     }
                 }
             })?;
-        let dir = self
-            .config_path
+        let dir = gateway_file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| Path::new("."))
@@ -198,17 +303,51 @@ impl Reloader {
         let this = self.clone();
         tokio::spawn(async move {
             while rx.recv().await.is_some() {
-                // Wait for the burst of events of one save to settle.
+                // Wait for the burst of events of one save to settle, but not
+                // forever under a steady trickle.
+                let until = tokio::time::Instant::now() + debounce.saturating_mul(20);
                 loop {
-                    match tokio::time::timeout(debounce, rx.recv()).await {
+                    let quiet = (tokio::time::Instant::now() + debounce).min(until);
+                    match tokio::time::timeout_at(quiet, rx.recv()).await {
                         Ok(Some(())) => continue,
                         Ok(None) => return,
                         Err(_) => break,
                     }
                 }
-                let _ = this.reload("file change").await;
+                let _ = this.reload_if_changed("file change").await;
             }
         });
         Ok(watcher)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_files_the_config_reads_are_inputs() {
+        let g = Path::new("/etc/pg/promptgate.yaml");
+        for p in [
+            "/etc/pg/promptgate.yaml",
+            "/etc/pg/providers/openai.yaml",
+            "/etc/pg/prompts/greeting.yml",
+            "/etc/pg/prompts",
+            "/etc/pg/..data",
+            "/etc/pg/prompts/..data_tmp",
+            "/etc/pg/prompts/..2024_01_01/greeting.yaml",
+        ] {
+            assert!(is_input(Path::new(p), g), "{p}");
+        }
+        for p in [
+            "/etc/pg/promptgate.log",
+            "/etc/pg/other.yaml",
+            "/etc/pg/prompts/notes.txt",
+            "/etc/pg/prompts/.greeting.yaml.swp",
+            "/etc/pg/providers/access.log",
+            "/etc/pg/logs/x.yaml",
+        ] {
+            assert!(!is_input(Path::new(p), g), "{p}");
+        }
     }
 }

@@ -43,20 +43,17 @@ impl BreakerState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    Allowed,
-    /// Half-open: this call is one of the limited probes.
-    Probe,
-    Rejected,
-}
-
 #[derive(Debug)]
 struct HealthState {
     state: BreakerState,
-    open_until: Option<Instant>,
+    /// When the breaker last opened; it stays open for the *current* config's
+    /// cooldown from then (a reload that shortens the cooldown applies at once).
+    opened_at: Option<Instant>,
     consecutive_failures: u32,
     probes_in_flight: u32,
+    /// Bumped whenever the probe count starts over (a new half-open period, a
+    /// reset): a probe admitted in an earlier period releases nothing.
+    epoch: u64,
     /// (time, failed) of recent calls, for the failure rate.
     recent: VecDeque<(Instant, bool)>,
 }
@@ -77,66 +74,140 @@ impl Default for Health {
         Health {
             inner: Mutex::new(HealthState {
                 state: BreakerState::Closed,
-                open_until: None,
+                opened_at: None,
                 consecutive_failures: 0,
                 probes_in_flight: 0,
+                epoch: 0,
                 recent: VecDeque::new(),
             }),
         }
     }
 }
 
-impl Health {
-    pub fn admit(&self, cfg: &BreakerConfig) -> Admission {
-        let mut s = lock(&self.inner);
-        let now = Instant::now();
-        if s.state == BreakerState::Open {
-            match s.open_until {
-                Some(t) if now < t => return Admission::Rejected,
-                _ => {
-                    s.state = BreakerState::HalfOpen;
-                    s.probes_in_flight = 0;
-                }
+/// Permission to call a target, from [`Health::admit`]. A half-open probe holds
+/// one of the breaker's probe slots; the slot is given back when the pass is
+/// dropped without an outcome (the request was cancelled by a client disconnect
+/// or a deadline, or gave up before calling), so a lost probe never keeps the
+/// breaker from probing again.
+#[must_use]
+pub struct Pass<'a> {
+    health: &'a Health,
+    /// The half-open period this probe belongs to, if it is a probe.
+    probe: Option<u64>,
+}
+
+impl Pass<'_> {
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// Records the call's outcome; returns the breaker state after it.
+    pub fn record(mut self, cfg: &BreakerConfig, failed: bool) -> BreakerState {
+        let probe = self.probe.take();
+        self.health.record_inner(cfg, failed, probe)
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if let Some(epoch) = self.probe.take() {
+            let mut s = lock(&self.health.inner);
+            if s.epoch == epoch {
+                s.probes_in_flight = s.probes_in_flight.saturating_sub(1);
             }
         }
-        match s.state {
-            BreakerState::Closed => Admission::Allowed,
-            BreakerState::HalfOpen if s.probes_in_flight < cfg.half_open_probes => {
-                s.probes_in_flight += 1;
-                Admission::Probe
-            }
-            _ => Admission::Rejected,
+    }
+}
+
+impl HealthState {
+    /// Open → half-open once the cooldown has passed.
+    fn cool_down(&mut self, cfg: &BreakerConfig, now: Instant) {
+        if self.state == BreakerState::Open
+            && self
+                .opened_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= cfg.cooldown)
+        {
+            self.state = BreakerState::HalfOpen;
+            self.probes_in_flight = 0;
+            self.epoch = self.epoch.wrapping_add(1);
         }
     }
 
-    /// Records an outcome; returns the state after it.
-    pub fn record(&self, cfg: &BreakerConfig, failed: bool, probe: bool) -> BreakerState {
+    fn open(&mut self, now: Instant) {
+        self.state = BreakerState::Open;
+        self.opened_at = Some(now);
+    }
+}
+
+impl Health {
+    /// Asks to call the target: `None` while the breaker is open or every
+    /// half-open probe slot is taken.
+    pub fn admit(&self, cfg: &BreakerConfig) -> Option<Pass<'_>> {
+        let mut s = lock(&self.inner);
+        s.cool_down(cfg, Instant::now());
+        match s.state {
+            BreakerState::Closed => Some(Pass {
+                health: self,
+                probe: None,
+            }),
+            BreakerState::HalfOpen if s.probes_in_flight < cfg.half_open_probes => {
+                s.probes_in_flight += 1;
+                Some(Pass {
+                    health: self,
+                    probe: Some(s.epoch),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Records an outcome that was not admitted by [`Health::admit`] (an active
+    /// health check); returns the state after it.
+    pub fn record(&self, cfg: &BreakerConfig, failed: bool) -> BreakerState {
+        self.record_inner(cfg, failed, None)
+    }
+
+    /// Forgets everything: closed, no recent calls, no probes (those in flight
+    /// release nothing when they end).
+    pub fn reset(&self) {
+        let mut s = lock(&self.inner);
+        s.state = BreakerState::Closed;
+        s.opened_at = None;
+        s.consecutive_failures = 0;
+        s.probes_in_flight = 0;
+        s.epoch = s.epoch.wrapping_add(1);
+        s.recent.clear();
+    }
+
+    fn record_inner(&self, cfg: &BreakerConfig, failed: bool, probe: Option<u64>) -> BreakerState {
         let mut s = lock(&self.inner);
         let now = Instant::now();
         s.recent.push_back((now, failed));
         while s
             .recent
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > cfg.window)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > cfg.window)
         {
             s.recent.pop_front();
         }
         while s.recent.len() > 10_000 {
             s.recent.pop_front();
         }
-        if probe {
+        // A probe of the current half-open period decides it; one admitted in an
+        // earlier period (or before a reset) only counts as a recent call.
+        let current_probe = probe.is_some_and(|e| e == s.epoch);
+        if current_probe {
             s.probes_in_flight = s.probes_in_flight.saturating_sub(1);
         }
         if failed {
-            s.consecutive_failures += 1;
+            s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         } else {
             s.consecutive_failures = 0;
         }
         match s.state {
-            BreakerState::HalfOpen if probe || !failed => {
+            BreakerState::HalfOpen if current_probe || !failed => {
                 if failed {
-                    s.state = BreakerState::Open;
-                    s.open_until = Some(now + cfg.cooldown);
+                    s.open(now);
                 } else {
                     s.state = BreakerState::Closed;
                     s.recent.clear();
@@ -148,8 +219,7 @@ impl Health {
                 let rate_trip =
                     n >= cfg.min_requests.max(1) && bad / f64::from(n) >= cfg.failure_rate;
                 if s.consecutive_failures >= cfg.consecutive_failures || rate_trip {
-                    s.state = BreakerState::Open;
-                    s.open_until = Some(now + cfg.cooldown);
+                    s.open(now);
                 }
             }
             _ => {}
@@ -161,14 +231,11 @@ impl Health {
     pub fn summary(&self, cfg: &BreakerConfig) -> (BreakerState, f64, usize) {
         let mut s = lock(&self.inner);
         let now = Instant::now();
-        if s.state == BreakerState::Open && s.open_until.is_some_and(|t| now >= t) {
-            s.state = BreakerState::HalfOpen;
-            s.probes_in_flight = 0;
-        }
+        s.cool_down(cfg, now);
         while s
             .recent
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > cfg.window)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > cfg.window)
         {
             s.recent.pop_front();
         }
@@ -325,17 +392,41 @@ pub struct Fault {
 /// faults survive reloads.
 #[derive(Default)]
 pub struct Book {
-    health: Mutex<HashMap<String, Arc<Health>>>,
+    /// Per target id: the fingerprint of the target's config and its health.
+    health: Mutex<HashMap<String, (u64, Arc<Health>)>>,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
     faults: ArcSwap<HashMap<String, Fault>>,
 }
 
 impl Book {
-    pub fn health(&self, target: &str) -> Arc<Health> {
-        lock(&self.health)
-            .entry(target.to_owned())
-            .or_default()
-            .clone()
+    /// The health of a target. `fingerprint` summarises the target's config
+    /// (provider settings, model, overrides): a reload that keeps it keeps the
+    /// breaker; one that changes it starts the target over with a closed breaker,
+    /// since the old failures say nothing about the new backend.
+    pub fn health(&self, target: &str, fingerprint: u64) -> Arc<Health> {
+        let mut map = lock(&self.health);
+        match map.get(target) {
+            Some((f, h)) if *f == fingerprint => h.clone(),
+            _ => {
+                let h = Arc::new(Health::default());
+                map.insert(target.to_owned(), (fingerprint, h.clone()));
+                h
+            }
+        }
+    }
+
+    /// Resets the breakers of every target of `provider` (ids `provider/model`);
+    /// returns the ids reset.
+    pub fn reset_provider(&self, provider: &str) -> Vec<String> {
+        let map = lock(&self.health);
+        let mut ids = Vec::new();
+        for (id, (_, h)) in map.iter() {
+            if id.split_once('/').is_some_and(|(p, _)| p == provider) {
+                h.reset();
+                ids.push(id.clone());
+            }
+        }
+        ids
     }
 
     pub fn arm(&self, route: &str, arm: &str) -> Arc<ArmStats> {
@@ -409,35 +500,133 @@ mod tests {
         assert!((850..=1150).contains(&below), "{below}");
     }
 
-    #[tokio::test]
-    async fn breaker_opens_half_opens_and_closes() {
-        let cfg = BreakerConfig {
+    fn quick() -> BreakerConfig {
+        BreakerConfig {
             consecutive_failures: 3,
             failure_rate: 1.0,
             min_requests: 100,
             window: Duration::from_secs(10),
             cooldown: Duration::from_millis(50),
             half_open_probes: 1,
-        };
+        }
+    }
+
+    /// Trips the breaker and lets the cooldown pass (paused clock).
+    async fn half_open(h: &Health, cfg: &BreakerConfig) {
+        for _ in 0..cfg.consecutive_failures {
+            h.record(cfg, true);
+        }
+        assert_eq!(h.summary(cfg).0, BreakerState::Open);
+        tokio::time::advance(cfg.cooldown).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_half_opens_and_closes() {
+        let cfg = quick();
         let h = Health::default();
         for _ in 0..2 {
-            assert_eq!(h.admit(&cfg), Admission::Allowed);
-            assert_eq!(h.record(&cfg, true, false), BreakerState::Closed);
+            let pass = h.admit(&cfg).expect("closed");
+            assert!(!pass.is_probe());
+            assert_eq!(pass.record(&cfg, true), BreakerState::Closed);
         }
-        assert_eq!(h.record(&cfg, true, false), BreakerState::Open);
-        assert_eq!(h.admit(&cfg), Admission::Rejected);
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(h.admit(&cfg), Admission::Probe);
-        assert_eq!(h.admit(&cfg), Admission::Rejected, "one probe at a time");
+        assert_eq!(h.record(&cfg, true), BreakerState::Open);
+        assert!(h.admit(&cfg).is_none());
+        tokio::time::advance(Duration::from_millis(60)).await;
+        let probe = h.admit(&cfg).expect("a probe after the cooldown");
+        assert!(probe.is_probe());
+        assert!(h.admit(&cfg).is_none(), "one probe at a time");
         assert_eq!(
-            h.record(&cfg, true, true),
+            probe.record(&cfg, true),
             BreakerState::Open,
             "a failed probe reopens"
         );
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(h.admit(&cfg), Admission::Probe);
-        assert_eq!(h.record(&cfg, false, true), BreakerState::Closed);
-        assert_eq!(h.admit(&cfg), Admission::Allowed);
+        tokio::time::advance(Duration::from_millis(60)).await;
+        let probe = h.admit(&cfg).expect("probe");
+        assert_eq!(probe.record(&cfg, false), BreakerState::Closed);
+        assert!(h.admit(&cfg).is_some_and(|p| !p.is_probe()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_gives_its_slot_back() {
+        let cfg = quick();
+        let h = Health::default();
+        half_open(&h, &cfg).await;
+        // A probe attempt, cancelled mid-flight: the future holding the pass is
+        // dropped before it records anything.
+        let attempt = async {
+            let _pass = h.admit(&cfg).expect("probe");
+            std::future::pending::<()>().await;
+        };
+        let mut attempt = Box::pin(attempt);
+        assert!(futures_util::FutureExt::now_or_never(&mut attempt).is_none());
+        assert!(h.admit(&cfg).is_none(), "the slot is taken while it runs");
+        drop(attempt);
+        assert_eq!(h.summary(&cfg).0, BreakerState::HalfOpen);
+        let probe = h.admit(&cfg).expect("the slot came back");
+        assert_eq!(probe.record(&cfg, false), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_probe_releases_nothing_of_a_later_period() {
+        let cfg = BreakerConfig {
+            half_open_probes: 2,
+            ..quick()
+        };
+        let h = Health::default();
+        half_open(&h, &cfg).await;
+        let slow = h.admit(&cfg).expect("probe 1");
+        let failing = h.admit(&cfg).expect("probe 2");
+        assert_eq!(failing.record(&cfg, true), BreakerState::Open);
+        tokio::time::advance(cfg.cooldown).await;
+        // New half-open period: two fresh slots, both taken.
+        let (a, b) = (h.admit(&cfg).expect("a"), h.admit(&cfg).expect("b"));
+        assert!(h.admit(&cfg).is_none());
+        drop(slow);
+        assert!(h.admit(&cfg).is_none(), "the old probe freed no new slot");
+        drop((a, b));
+        assert!(h.admit(&cfg).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_closes_and_cooldown_follows_the_current_config() {
+        let cfg = quick();
+        let h = Health::default();
+        half_open(&h, &cfg).await;
+        let probe = h.admit(&cfg).expect("probe");
+        h.reset();
+        assert_eq!(h.summary(&cfg).0, BreakerState::Closed);
+        drop(probe);
+        // A long cooldown shortened by a reload applies to a breaker already open.
+        let long = BreakerConfig {
+            cooldown: Duration::from_secs(3600),
+            ..cfg
+        };
+        for _ in 0..3 {
+            h.record(&long, true);
+        }
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert!(h.admit(&long).is_none());
+        assert!(h.admit(&cfg).is_some_and(|p| p.is_probe()));
+    }
+
+    #[test]
+    fn book_keeps_health_only_while_the_target_config_is_the_same() {
+        let book = Book::default();
+        let a = book.health("p/m", 1);
+        assert!(Arc::ptr_eq(&a, &book.health("p/m", 1)));
+        let b = book.health("p/m", 2);
+        assert!(!Arc::ptr_eq(&a, &b), "a changed target starts over");
+        let cfg = quick();
+        for _ in 0..3 {
+            b.record(&cfg, true);
+        }
+        let other = book.health("q/m", 1);
+        for _ in 0..3 {
+            other.record(&cfg, true);
+        }
+        assert_eq!(book.reset_provider("p"), vec!["p/m".to_string()]);
+        assert_eq!(b.summary(&cfg).0, BreakerState::Closed);
+        assert_eq!(other.summary(&cfg).0, BreakerState::Open);
     }
 
     #[test]
@@ -449,9 +638,9 @@ mod tests {
             ..BreakerConfig::default()
         };
         let h = Health::default();
-        h.record(&cfg, false, false);
-        h.record(&cfg, true, false);
-        h.record(&cfg, false, false);
-        assert_eq!(h.record(&cfg, true, false), BreakerState::Open);
+        h.record(&cfg, false);
+        h.record(&cfg, true);
+        h.record(&cfg, false);
+        assert_eq!(h.record(&cfg, true), BreakerState::Open);
     }
 }

@@ -104,6 +104,17 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
 }
 
+/// Summarises the backend behind a target id (`provider/model`): its provider's
+/// configuration. A reload that changes it starts the target's health over
+/// (`Book::health`). Route-level target settings are left out: one target id
+/// shared by routes with different settings keeps one health.
+fn fingerprint(provider: Option<&crate::config::ProviderConfig>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{provider:?}").hash(&mut h);
+    h.finish()
+}
+
 impl Snapshot {
     /// Builds providers, routes and compiled prompts from a validated config.
     pub fn build(
@@ -125,7 +136,7 @@ impl Snapshot {
             let pc = config.providers.get(&t.provider);
             let id: Arc<str> = format!("{}/{}", t.provider, t.model).into();
             Arc::new(Target {
-                health: book.health(&id),
+                health: book.health(&id, fingerprint(pc)),
                 id,
                 provider_id: t.provider.as_str().into(),
                 provider,

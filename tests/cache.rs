@@ -20,6 +20,7 @@ const ROUTES: &str = concat!(
     "  failing:\n    provider: fake\n    model: status-500\n    cache: {mode: on}\n",
     "  cutting:\n    provider: fake\n    model: cut\n    cache: {mode: on}\n",
     "  tools:\n    provider: fake\n    model: tools\n    cache: {mode: on}\n",
+    "  hang-cached:\n    provider: fake\n    model: hang\n    retry: {deadline: 800ms}\n    cache: {mode: on}\n",
 );
 
 async fn setup_cache(extra: &str) -> (Fake, Gw) {
@@ -245,6 +246,29 @@ async fn concurrent_identical_misses_make_one_upstream_call() {
     assert_eq!(statuses.get("miss"), Some(&1));
 }
 
+/// A request waiting for an identical call in flight spends its own deadline
+/// waiting: when the leader fails, the waiter gets what is left, not a fresh
+/// deadline of its own.
+#[tokio::test]
+async fn waiters_are_bounded_by_their_own_deadline() {
+    let (_fake, gw) = setup_cache("").await;
+    let gw = std::sync::Arc::new(gw);
+    let leader = {
+        let gw = gw.clone();
+        tokio::spawn(async move { call(&gw, &body("hang-cached"), &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (s, _, text) = call(&gw, &body("hang-cached"), &[]).await;
+    let waited = started.elapsed();
+    assert_eq!(s, 504, "{text}");
+    assert!(
+        waited < Duration::from_millis(1100),
+        "the waiter took {waited:?} with an 800ms deadline"
+    );
+    assert_eq!(leader.await.unwrap().0, 504);
+}
+
 #[tokio::test]
 async fn client_directives_and_purge() {
     let (fake, gw) = setup_cache("").await;
@@ -462,4 +486,287 @@ async fn redis_tier_is_shared_by_two_processes_and_its_outage_fails_nothing() {
         }
     }
     assert!(shared, "entries are shared again once Redis is back");
+}
+
+async fn redis_conn(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Waits until the gateway's background store has written `n` index keys;
+/// returns (cache key, entry name) of each.
+async fn stored_entries(
+    conn: &mut redis::aio::MultiplexedConnection,
+    n: usize,
+) -> Vec<([u8; 32], String)> {
+    for _ in 0..100 {
+        let mut idx: Vec<String> = redis::cmd("KEYS")
+            .arg("promptgate:idx:*")
+            .query_async(conn)
+            .await
+            .unwrap();
+        if idx.len() >= n {
+            idx.sort();
+            let mut out = Vec::new();
+            for i in idx {
+                let name: String = redis::cmd("GET").arg(&i).query_async(conn).await.unwrap();
+                let hex = i.trim_start_matches("promptgate:idx:");
+                let mut key = [0u8; 32];
+                for (j, b) in key.iter_mut().enumerate() {
+                    *b = u8::from_str_radix(&hex[2 * j..2 * j + 2], 16).unwrap();
+                }
+                out.push((key, name));
+            }
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway stored fewer than {n} entries in Redis");
+}
+
+async fn get_bytes(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> Vec<u8> {
+    redis::cmd("GET")
+        .arg(name)
+        .query_async::<Option<Vec<u8>>>(conn)
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
+/// The JSON of an entry answering "forged".
+fn forged_json(created_ms: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "target": "fake/chat", "route": "cached", "prompt": null,
+        "created_ms": created_ms, "ttl_ms": u64::MAX, "estimated": false,
+        "response": {"id": "x", "object": "chat.completion", "created": 1, "model": "chat",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "forged"}, "finish_reason": "stop"}]},
+    }))
+    .unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Writes `forged` over the entry `name`, then asks a gateway with an empty
+/// memory tier: it must not serve the entry (a miss answered upstream, the
+/// rejection counted), and its own fresh store replaces the forgery.
+async fn forged_entry_is_a_miss(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    forged: &[u8],
+    what: &str,
+    gateway: &str,
+    providers: &[(String, String)],
+) {
+    let _: () = redis::cmd("SET")
+        .arg(name)
+        .arg(forged)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let fresh = spawn_gateway(gateway, providers).await;
+    let (s, h, text) = call(&fresh, &body("cached"), &[]).await;
+    assert_eq!(s, 200, "{what}: {text}");
+    assert_eq!(h["x-promptgate-cache"], "miss", "{what}");
+    assert!(
+        text.contains("Hello from the fake upstream."),
+        "{what}: {text}"
+    );
+    assert!(
+        fresh
+            .metrics()
+            .await
+            .contains("promptgate_cache_redis_errors_total{op=\"decode\"} 1"),
+        "{what}: the rejection is counted"
+    );
+    for _ in 0..100 {
+        if get_bytes(conn, name).await != forged {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: the gateway did not store a fresh entry");
+}
+
+/// Entries in Redis are checked before use: corrupt, truncated, oversized,
+/// moved, forged and future-dated entries are misses, never served, never a
+/// crash; with a secret, only entries signed with it are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_corrupt_redis_entries_are_never_served() {
+    let redis = Redis::start(None);
+    let mut conn = redis_conn(redis.port).await;
+    let fake = spawn_fake().await;
+    let (mut g, p) = fake_config(&fake, ROUTES);
+    g.push_str(&format!(
+        "cache:\n  redis: {{url: \"redis://127.0.0.1:{}\", timeout: 200ms}}\n",
+        redis.port
+    ));
+    let a = spawn_gateway(&g, &p).await;
+    assert_eq!(
+        call(&a, &body("cached"), &[]).await.1["x-promptgate-cache"],
+        "miss"
+    );
+    let mut other = body("cached");
+    other["messages"][1]["content"] = json!("another question");
+    call(&a, &other, &[]).await;
+    let entries = stored_entries(&mut conn, 2).await;
+    // Which entry is the one for `body("cached")`: the one a fresh gateway hits.
+    let fresh = spawn_gateway(&g, &p).await;
+    assert_eq!(
+        call(&fresh, &body("cached"), &[]).await.1["x-promptgate-cache"],
+        "hit"
+    );
+    let mut genuine = Vec::new();
+    for (_, name) in &entries {
+        genuine.push(get_bytes(&mut conn, name).await);
+    }
+    // Find the target entry by replacing each in turn with the other's bytes.
+    let (target, moved) = {
+        let _: () = redis::cmd("SET")
+            .arg(&entries[0].1)
+            .arg(&genuine[1])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let probe = spawn_gateway(&g, &p).await;
+        let hit = call(&probe, &body("cached"), &[]).await.1["x-promptgate-cache"] == "hit";
+        let _: () = redis::cmd("SET")
+            .arg(&entries[0].1)
+            .arg(&genuine[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // If swapping entry 0 changed nothing, the target is entry 1.
+        if hit {
+            (1, genuine[0].clone())
+        } else {
+            (0, genuine[1].clone())
+        }
+    };
+    let (key, name) = entries[target].clone();
+    let real = genuine[target].clone();
+
+    let mut flipped = real.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x55;
+    let mut old_format = lz4_flex::compress_prepend_size(b"{}");
+    old_format[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let plain = promptgate::cache_redis::Seal::new(None, 4 << 20);
+    let from_the_future = plain
+        .seal(&key, &forged_json(now_ms() + 86_400_000))
+        .unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("the old format with a 4 GiB size prefix", old_format),
+        ("a flipped byte", flipped),
+        ("a truncated entry", real[..real.len() / 2].to_vec()),
+        ("another key's entry", moved),
+        ("an entry dated tomorrow", from_the_future),
+        (
+            "a megabyte of noise",
+            (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect(),
+        ),
+        ("a header and nothing else", b"PGC\x01\x00".to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        forged_entry_is_a_miss(&mut conn, &name, bytes, what, &g, &p).await;
+    }
+
+    // With a secret, a correctly checksummed but unsigned entry, or one signed
+    // with another secret, is refused; the gateway's own entries are read.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let keyed = g.replace(
+        "timeout: 200ms}",
+        "timeout: 200ms, secret_env: FAKE_UPSTREAM_SECRET}",
+    );
+    let k1 = spawn_gateway(&keyed, &p).await;
+    assert_eq!(
+        call(&k1, &body("cached"), &[]).await.1["x-promptgate-cache"],
+        "miss"
+    );
+    let (key, name) = stored_entries(&mut conn, 1).await[0].clone();
+    let k2 = spawn_gateway(&keyed, &p).await;
+    let (_, h, text) = call(&k2, &body("cached"), &[]).await;
+    assert_eq!(h["x-promptgate-cache"], "hit", "{text}");
+    let unsigned = plain.seal(&key, &forged_json(now_ms())).unwrap();
+    let wrong = promptgate::cache_redis::Seal::new(
+        Some(promptgate::config::Secret(
+            b"not-the-secret".to_vec().into(),
+        )),
+        4 << 20,
+    )
+    .seal(&key, &forged_json(now_ms()))
+    .unwrap();
+    for (what, bytes) in [
+        ("an unsigned entry", unsigned),
+        ("another secret's entry", wrong),
+    ] {
+        forged_entry_is_a_miss(&mut conn, &name, &bytes, what, &keyed, &p).await;
+    }
+    // The secret named but unset: the gateway does not start.
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &keyed.replace("FAKE_UPSTREAM_SECRET", "PROMPTGATE_TEST_UNSET_SECRET"),
+        &p,
+    );
+    let problems = promptgate::load(&dir.path().join("promptgate.yaml"), &test_env)
+        .err()
+        .expect("an unset secret is a problem");
+    assert!(
+        problems.iter().any(|p| p.field == "cache.redis.secret_env"),
+        "{problems:?}"
+    );
+}
+
+/// A purge against a Redis that stops answering ends with an error after the
+/// per-command timeout instead of holding the admin call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_gives_up_on_a_redis_that_stops_answering() {
+    let redis = Redis::start(None);
+    let mut conn = redis_conn(redis.port).await;
+    let fake = spawn_fake().await;
+    let (mut g, p) = fake_config(&fake, ROUTES);
+    g.push_str(&format!(
+        "cache:\n  redis: {{url: \"redis://127.0.0.1:{}\", timeout: 200ms}}\n",
+        redis.port
+    ));
+    let gw = spawn_gateway(&g, &p).await;
+    call(&gw, &body("cached"), &[]).await;
+    stored_entries(&mut conn, 1).await;
+    // Every client's commands wait for 5 s (this one's reply comes at once).
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = client()
+        .delete(gw.admin_url("/admin/cache"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{v}"
+    );
+    assert!(
+        took < Duration::from_millis(3000),
+        "the purge took {took:?}"
+    );
 }

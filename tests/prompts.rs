@@ -569,3 +569,167 @@ async fn the_anthropic_front_door_takes_the_same_prompt_object() {
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "not_found_error");
 }
+
+/// A template that loops without bound: `check` (config load) rejects it with a
+/// sample render; one whose loops grow with a variable passes `check` but a
+/// request that makes it run away gets a quick 400, and the gateway stays up.
+#[tokio::test]
+async fn runaway_templates_are_rejected_by_check_and_stopped_at_render() {
+    let runaway = r#"
+versions:
+  1:
+    route: sandbox-echo
+    messages:
+      - role: user
+        content: "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+labels: {production: 1}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "");
+    write_config(dir.path(), &g, &p);
+    std::fs::write(dir.path().join("prompts/runaway.yaml"), runaway).unwrap();
+    let problems = promptgate::load(&dir.path().join("promptgate.yaml"), &test_env)
+        .err()
+        .expect("check rejects the template");
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("runaway.yaml:7") && t.contains("execution budget")),
+        "{text:?}"
+    );
+    // The same with the bound in a typed variable with a large default.
+    let by_default = r#"
+variables:
+  n: {type: integer, default: 100000}
+versions:
+  1:
+    route: sandbox-echo
+    messages:
+      - role: user
+        content: "{% for i in range(n) %}{% for j in range(n) %}x{% endfor %}{% endfor %}"
+labels: {production: 1}
+"#;
+    std::fs::remove_file(dir.path().join("prompts/runaway.yaml")).unwrap();
+    std::fs::write(dir.path().join("prompts/scaled.yaml"), by_default).unwrap();
+    assert!(promptgate::load(&dir.path().join("promptgate.yaml"), &test_env).is_err());
+
+    // Without a default the sample value is small: it passes, and a request
+    // asking for a huge loop is cut off at the budget.
+    let scaled = by_default.replace("n: {type: integer, default: 100000}", "n: {type: integer}");
+    let (_fake, gw) = gateway_with(&[("scaled.yaml", &scaled)]).await;
+    let (s, _, v) = prompt_endpoint(&gw, "scaled", json!({"variables": {"n": 3}})).await;
+    assert_eq!(s, 200, "{v}");
+    let gw = std::sync::Arc::new(gw);
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let gw = gw.clone();
+        runs.push(tokio::spawn(async move {
+            prompt_endpoint(&gw, "scaled", json!({"variables": {"n": 100000}})).await
+        }));
+    }
+    for r in runs {
+        let (s, _, v) = r.await.unwrap();
+        assert_eq!(s, 400, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("execution budget"), "{msg}");
+        assert!(!msg.contains(&gw.dir.path().display().to_string()), "{msg}");
+    }
+    let r = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The watcher reloads for the files the configuration reads, and only when they
+/// changed: a log file written into the config folder (or a prompt file saved
+/// unchanged) reloads nothing.
+#[tokio::test]
+async fn writes_that_do_not_change_the_config_cause_no_reload() {
+    let (_fake, gw) = gateway_with(&[("greeting.yaml", GREETING)]).await;
+    let _watcher = gw.reloader.watch(Duration::from_millis(50)).unwrap();
+    let reloads = |st: &Value| {
+        (
+            st["config"]["reloads"]["succeeded"].as_u64().unwrap(),
+            st["config"]["reloads"]["failed"].as_u64().unwrap(),
+        )
+    };
+    let dir = gw.dir.path().to_owned();
+    for i in 0..20 {
+        std::fs::write(dir.join("promptgate.log"), format!("line {i}\n")).unwrap();
+        std::fs::write(dir.join("prompts/notes.txt"), format!("note {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Saved again with the same bytes.
+    std::fs::write(dir.join("prompts/greeting.yaml"), GREETING).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(reloads(&gw.admin_status().await), (0, 0));
+    // A real change still reloads.
+    std::fs::write(
+        dir.join("prompts/greeting.yaml"),
+        GREETING.replace("production: 1", "production: 2"),
+    )
+    .unwrap();
+    wait_for_version(&gw, "2").await;
+    assert_eq!(reloads(&gw.admin_status().await), (1, 0));
+}
+
+/// The binary started from its config folder with the default, relative
+/// `--config promptgate.yaml` still follows file changes.
+#[tokio::test]
+async fn the_watcher_follows_a_relative_config_path() {
+    use std::io::{BufRead, BufReader};
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "");
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &g, &p);
+    std::fs::write(dir.path().join("prompts/greeting.yaml"), GREETING).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "promptgate.yaml"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("promptgate listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let version = || async {
+        let r = client()
+            .post(format!(
+                "http://{addr}/v1/prompts/greeting/chat/completions"
+            ))
+            .json(&json!({"variables": {"name": "a"}}))
+            .send()
+            .await
+            .unwrap();
+        r.headers()["x-promptgate-prompt-version"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(version().await, "1");
+    std::fs::write(
+        dir.path().join("prompts/greeting.yaml"),
+        GREETING.replace("production: 1", "production: 2"),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        seen = version().await;
+        if seen == "2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, "2", "the change was picked up");
+}

@@ -578,3 +578,173 @@ async fn a_split_over_prompt_versions_renders_the_arm_version() {
         .unwrap();
     assert_eq!(r.headers()["x-promptgate-prompt-version"], "2");
 }
+
+/// The breaker state of `target` in `route`, from the admin status.
+async fn breaker_of(gw: &Gw, route: &str, target: &str) -> String {
+    let st = gw.admin_status().await;
+    let r = st["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == route)
+        .unwrap()
+        .clone();
+    r["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .unwrap()["breaker"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn wait_for_requests(fake: &Fake, n: usize) {
+    for _ in 0..200 {
+        if fake.requests().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the fake saw {} requests, expected {n}",
+        fake.requests().len()
+    );
+}
+
+/// A half-open probe whose client goes away mid-flight must not hold the probe
+/// slot forever: the next request after it is let through as a new probe.
+#[tokio::test]
+async fn a_probe_cancelled_by_the_client_does_not_keep_the_breaker_shut() {
+    let routes = "  probed:\n    provider: fake\n    model: hang\n";
+    let breaker = "breaker: {consecutive_failures: 1, cooldown: 200ms, half_open_probes: 1}\n";
+    let (fake, _backup, gw) = two_fakes(routes, breaker).await;
+    inject(
+        &gw,
+        json!({"provider": "fake", "fault": "error", "status": 500, "duration": "1m"}),
+    )
+    .await;
+    assert!(send(&gw, "probed", false, &[]).await.0 >= 500);
+    clear(&gw, "fake").await;
+    assert_eq!(breaker_of(&gw, "probed", "fake/hang").await, "open");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for n in 1..=2 {
+        // The probe hangs upstream; the client gives up before any timeout of
+        // the gateway's fires (headers timeout 1s).
+        let r = impatient
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("probed", false))
+            .send()
+            .await;
+        assert!(r.is_err_and(|e| e.is_timeout()), "request {n}");
+        wait_for_requests(&fake, n).await;
+        // Let the gateway see the disconnect.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(breaker_of(&gw, "probed", "fake/hang").await, "half_open");
+    }
+    assert_eq!(
+        fake.requests().len(),
+        2,
+        "the second request was a probe too"
+    );
+}
+
+/// `enable` puts a provider back at once: its open breakers are reset.
+#[tokio::test]
+async fn enable_resets_the_providers_breakers() {
+    let routes = "  guarded:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n";
+    let breaker = "breaker: {consecutive_failures: 1, cooldown: 1h}\n";
+    let (fake, _backup, gw) = two_fakes(routes, breaker).await;
+    assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    assert_eq!(breaker_of(&gw, "guarded", "fake/status-500").await, "open");
+    send(&gw, "guarded", false, &[]).await;
+    assert_eq!(fake.requests().len(), 1, "skipped while open");
+    let r = client()
+        .post(gw.admin_url("/admin/providers/fake/enable"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["breakers_reset"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("fake/status-500")),
+        "{v}"
+    );
+    assert_eq!(
+        breaker_of(&gw, "guarded", "fake/status-500").await,
+        "closed"
+    );
+    assert!(gw
+        .metrics()
+        .await
+        .contains("promptgate_breaker_state{target=\"fake/status-500\"} 0"));
+    send(&gw, "guarded", false, &[]).await;
+    assert_eq!(fake.requests().len(), 2, "tried again after enable");
+}
+
+/// A reload keeps a target's breaker while the target's config is unchanged,
+/// and starts it over when the config changes; a shorter cooldown applies at once.
+#[tokio::test]
+async fn reload_resets_breakers_of_changed_targets_only() {
+    let routes = "  guarded:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n";
+    let breaker = "breaker: {consecutive_failures: 1, cooldown: 1h}\n";
+    let (fake, _backup, gw) = two_fakes(routes, breaker).await;
+    assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    assert_eq!(gw.admin_reload().await.0, 200);
+    assert_eq!(
+        breaker_of(&gw, "guarded", "fake/status-500").await,
+        "open",
+        "an unchanged target keeps its breaker"
+    );
+    // The provider file changes (a new timeout): the target starts over.
+    let file = gw.dir.path().join("providers/fake.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("total: 10s", "total: 9s")).unwrap();
+    assert_eq!(gw.admin_reload().await.0, 200);
+    assert_eq!(
+        breaker_of(&gw, "guarded", "fake/status-500").await,
+        "closed"
+    );
+    send(&gw, "guarded", false, &[]).await;
+    assert_eq!(fake.requests().len(), 2);
+    // Open again; a reload that only shortens the cooldown lets probes in now.
+    assert_eq!(breaker_of(&gw, "guarded", "fake/status-500").await, "open");
+    let cfg = gw.config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("cooldown: 1h", "cooldown: 10ms")).unwrap();
+    assert_eq!(gw.admin_reload().await.0, 200);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        breaker_of(&gw, "guarded", "fake/status-500").await,
+        "half_open"
+    );
+}
+
+/// One target id used by two routes with different settings has one breaker,
+/// and keeps it across a reload.
+#[tokio::test]
+async fn a_target_shared_by_routes_has_one_breaker_across_reloads() {
+    let routes = concat!(
+        "  guarded:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n",
+        "  patient:\n    first_token_timeout: 5s\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: chat}\n",
+    );
+    let breaker = "breaker: {consecutive_failures: 1, cooldown: 1h}\n";
+    let (fake, _backup, gw) = two_fakes(routes, breaker).await;
+    assert_eq!(send(&gw, "guarded", false, &[]).await.0, 200);
+    assert_eq!(breaker_of(&gw, "patient", "fake/status-500").await, "open");
+    assert_eq!(gw.admin_reload().await.0, 200);
+    for route in ["guarded", "patient"] {
+        assert_eq!(breaker_of(&gw, route, "fake/status-500").await, "open");
+        send(&gw, route, false, &[]).await;
+    }
+    assert_eq!(fake.requests().len(), 1, "skipped by both routes");
+}

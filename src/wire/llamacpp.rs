@@ -77,6 +77,7 @@ impl Templates {
         env.set_lstrip_blocks(true);
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        crate::prompt::limit(&mut env);
         // Used by many published templates to reject transcripts they cannot render.
         env.add_function(
             "raise_exception",
@@ -138,9 +139,14 @@ impl Templates {
             })
             .collect();
         let render_error = |e: minijinja::Error| {
+            let why = if crate::prompt::over_limits(&e) {
+                crate::prompt::limits_message()
+            } else {
+                e.to_string()
+            };
             UpstreamError::new(
                 ErrorKind::BadRequest,
-                format!("chat template `{key}` cannot render this conversation: {e}"),
+                format!("chat template `{key}` cannot render this conversation: {why}"),
             )
         };
         let template = self.env.get_template(key).map_err(render_error)?;
