@@ -210,13 +210,23 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     req.extensions_mut().insert(RequestId(id.clone()));
     let anthropic = req.uri().path() == "/v1/messages";
     let metrics = &app.gw.metrics;
-    let Ok(permit) = app.permits.clone().try_acquire_owned() else {
-        return overloaded(&id);
-    };
-    metrics.in_flight.inc();
-    let in_flight = InFlight {
-        _permit: permit,
-        gauge: metrics.in_flight.clone(),
+    // The connection's request count, from the listener: it goes into the
+    // same body wrapper as the permit.
+    let busy = req.extensions_mut().remove::<Busy>();
+    // Health checks and scrapes hold no backend and must answer at the
+    // concurrency limit too.
+    let exempt = matches!(req.uri().path(), "/healthz" | "/metrics");
+    let in_flight = if exempt {
+        None
+    } else {
+        let Ok(permit) = app.permits.clone().try_acquire_owned() else {
+            return overloaded(&id);
+        };
+        metrics.in_flight.inc();
+        Some(InFlight {
+            _permit: permit,
+            gauge: metrics.in_flight.clone(),
+        })
     };
     let mut resp = LIST_IDS
         .scope(app.settings.list_ids_in_errors, next.run(req))
@@ -224,8 +234,11 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     if resp.extensions().get::<Panicked>().is_some() {
         resp = panic_body(&id, anthropic);
     }
-    // The permit and the gauge stay taken until the body (a stream, too) ends.
-    resp = guard_body(resp, in_flight);
+    // The permit, the gauge and the connection's count stay taken until the
+    // body (a stream, too) ends. One wrapper for all.
+    if in_flight.is_some() || busy.is_some() {
+        resp = guard_body(resp, (in_flight, busy));
+    }
     let elapsed = start.elapsed();
     let outcome = resp.extensions_mut().remove::<Outcome>();
     let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
@@ -1078,8 +1091,16 @@ impl Conns {
     }
 }
 
-/// Counts a request on its connection until its response body ends.
+/// Counts a request on its connection until its response body ends. The
+/// listener puts it in the request's extensions; the edge layer keeps it with
+/// the response body (a clone counts on its own).
 struct Busy(Arc<Conn>);
+
+impl Clone for Busy {
+    fn clone(&self) -> Self {
+        Busy::new(&self.0)
+    }
+}
 
 impl Busy {
     fn new(c: &Arc<Conn>) -> Self {
@@ -1145,12 +1166,11 @@ pub async fn serve_with(
         let router = router.clone();
         let on_conn = conn.clone();
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let busy = Busy::new(&on_conn);
-            let router = router.clone();
-            async move {
-                let resp = tower::ServiceExt::oneshot(router, req.map(Body::new)).await;
-                resp.map(|r| guard_body(r, busy))
-            }
+            let mut req = req.map(Body::new);
+            // Taken by the edge layer, which keeps it until the body ends; a
+            // router without that layer (admin) holds it for the handler.
+            req.extensions_mut().insert(Busy::new(&on_conn));
+            tower::ServiceExt::oneshot(router.clone(), req)
         });
         let io = Watched {
             io: stream,

@@ -496,7 +496,7 @@ async fn max_concurrency_counts_streams_until_their_body_ends() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     // Headers are out; the body still runs and holds the only permit.
-    let busy = client.get(gw.url("/healthz")).send().await.unwrap();
+    let busy = client.get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(busy.status(), 503);
     assert!(busy.headers().contains_key("x-request-id"));
     let v: Value = busy.json().await.unwrap();
@@ -506,12 +506,12 @@ async fn max_concurrency_counts_streams_until_their_body_ends() {
         .is_some_and(|s| !s.is_empty()));
     let text = stream.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    let free = client.get(gw.url("/healthz")).send().await.unwrap();
+    let free = client.get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(free.status(), 200);
     let metrics = gw.metrics().await;
-    // Only the scrape itself is in flight.
+    // Nothing is in flight (a scrape does not count).
     assert!(
-        metrics.contains("promptgate_requests_in_flight 1\n"),
+        metrics.contains("promptgate_requests_in_flight 0\n"),
         "{metrics}"
     );
 }
@@ -533,7 +533,7 @@ async fn a_dropped_stream_frees_its_permit() {
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = client.get(gw.url("/healthz")).send().await.unwrap();
+        let r = client.get(gw.url("/v1/models")).send().await.unwrap();
         if r.status() == 200 {
             break;
         }
@@ -639,4 +639,39 @@ async fn a_body_that_stops_arriving_is_answered_within_the_idle_timeout() {
     .unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("stalled"), "{body}");
+}
+
+/// `/healthz` and `/metrics` take no concurrency permit: with every permit
+/// held by a stream, they still answer.
+#[tokio::test]
+async fn health_and_metrics_answer_with_every_permit_taken() {
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {max_concurrency: 2}\nroutes:\n  slow: {provider: sb, model: slow}\n";
+    let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
+    let client = common::client();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "slow", "stream": true,
+                "messages": [{"role": "user", "content": "word ".repeat(50)}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let full = client.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(full.status(), 503);
+    let health = client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().contains_key("x-request-id"));
+    let metrics = client.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("promptgate_requests_in_flight 2\n"),
+        "{metrics}"
+    );
+    drop(streams);
 }
