@@ -363,8 +363,47 @@ fn unlisted(err: GatewayError) -> GatewayError {
                 .map_or(message.as_str(), |(head, _)| head)
                 .to_owned(),
         },
+        // Which provider, why (an environment variable's name, a file) and
+        // which targets were skipped stay in the log; the client learns the
+        // kind of failure only.
+        GatewayError::ProviderUnavailable { reason, .. } => GatewayError::ProviderUnavailable {
+            provider: String::new(),
+            reason: generic_unavailable(&reason).into(),
+        },
+        GatewayError::NoTarget { route, reason } => GatewayError::NoTarget {
+            route,
+            reason: generic_skips(&reason),
+        },
         other => other,
     }
+}
+
+/// The reason a provider is unavailable, without its settings.
+fn generic_unavailable(reason: &str) -> &'static str {
+    if reason == "disabled by an operator" {
+        "disabled by an operator"
+    } else {
+        "it is not configured for use"
+    }
+}
+
+/// A "no target" reason (one clause per skipped target, `; `-separated) with
+/// the clauses that name a provider replaced by a generic one. The clauses that
+/// name nothing configured (capability, privacy, window, breaker) stay.
+fn generic_skips(reason: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for clause in reason.split("; ") {
+        let keep = clause == "not self-hosted"
+            || clause == "circuit open"
+            || clause.starts_with("the request is private")
+            || (clause.starts_with("no ") && !clause.contains(':'))
+            || (clause.contains(" tokens > window ") && !clause.contains(':'));
+        let clause = if keep { clause } else { "provider unavailable" };
+        if !out.contains(&clause) {
+            out.push(clause);
+        }
+    }
+    out.join("; ")
 }
 
 /// A request body read under the size limit. A too-large body becomes a 413 in
@@ -1314,6 +1353,22 @@ mod tests {
                 message: "prompt `x` does not exist".into()
             }
             .to_string()
+        );
+        let e = unlisted(GatewayError::ProviderUnavailable {
+            provider: "secret-p".into(),
+            reason: "environment variable SECRET_KEY (its API key) is not set".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "the route's provider is unavailable: it is not configured for use"
+        );
+        let e = unlisted(GatewayError::NoTarget {
+            route: "r".into(),
+            reason: "not self-hosted; secret-a: environment variable SECRET_A is not set; no streaming; 10 tokens > window 5; circuit open; secret-b: disabled by an operator".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "no target of route `r` can take the request: not self-hosted; provider unavailable; no streaming; 10 tokens > window 5; circuit open"
         );
     }
 }

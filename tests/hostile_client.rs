@@ -675,3 +675,63 @@ async fn health_and_metrics_answer_with_every_permit_taken() {
     );
     drop(streams);
 }
+
+/// With `list_ids_in_errors: false`, unavailability errors name no provider,
+/// no target and no environment variable; they keep the kind of reason.
+#[tokio::test]
+async fn unavailability_errors_can_keep_provider_settings_to_themselves() {
+    let _serial = SERIAL.lock().await;
+    let routes = "routes:\n  lone: {provider: keyless-a, model: x}\n  pair:\n    targets:\n      - {provider: keyless-a, model: x}\n      - {provider: keyless-b, model: y}\n";
+    let keyless =
+        |var: &str| format!("kind: openai\nbase_url: http://127.0.0.1:9/v1\napi_key_env: {var}\n");
+    let providers = [
+        (
+            "keyless-a.yaml".to_string(),
+            keyless("PROMPTGATE_TEST_UNSET_KEY_A"),
+        ),
+        (
+            "keyless-b.yaml".to_string(),
+            keyless("PROMPTGATE_TEST_UNSET_KEY_B"),
+        ),
+    ];
+    for (limits, listed) in [("", true), ("limits: {list_ids_in_errors: false}\n", false)] {
+        let gw = common::spawn_gateway(&format!("{limits}{routes}"), &providers).await;
+        let client = common::client();
+        for (route, code) in [
+            ("lone", "provider_unavailable"),
+            ("pair", "no_target_available"),
+        ] {
+            for (path, anthropic) in [("/v1/chat/completions", false), ("/v1/messages", true)] {
+                let r = client
+                    .post(gw.url(path))
+                    .header("x-request-id", "unavail-1")
+                    .json(&json!({"model": route, "max_tokens": 16,
+                        "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 503, "{route} {path}");
+                let text = r.text().await.unwrap();
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if !anthropic {
+                    assert_eq!(v["error"]["code"], code, "{text}");
+                    assert_eq!(v["error"]["request_id"], "unavail-1", "{text}");
+                }
+                let msg = v["error"]["message"].as_str().unwrap();
+                // The generic reason stays.
+                assert!(listed || msg.contains("unavailable"), "{msg}");
+                for secret in [
+                    "keyless",
+                    "PROMPTGATE_TEST_UNSET_KEY",
+                    "environment variable",
+                ] {
+                    assert_eq!(
+                        text.contains(secret),
+                        listed,
+                        "`{secret}` listed={listed} in {route} {path}: {text}"
+                    );
+                }
+            }
+        }
+    }
+}
