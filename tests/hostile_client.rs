@@ -409,6 +409,12 @@ fn hostile_clients_cannot_take_the_gateway_down() {
         !log.lines().any(|l| l.starts_with("FORGED")),
         "a client forged a log line:\n{log}"
     );
+    // The model was logged, escaped, on the line of its own request.
+    assert!(
+        log.lines().any(|l| l.contains("request rejected")
+            && l.contains("nope\\nFORGED level=error gateway compromised")),
+        "the escaped model is not in the log:\n{log}"
+    );
     eprintln!(
         "healthz: {} probes, {} over 50 ms, worst {:?}, {} failed; max RSS {} MiB; slowloris cut {cut}/20; idle closed {closed}/300",
         w.probes,
