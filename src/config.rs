@@ -727,9 +727,14 @@ pub struct Limits {
     pub max_connections: usize,
     /// After SIGTERM / ctrl-c, how long running requests may still finish.
     pub shutdown_grace: Duration,
-    /// Whether "unknown model/prompt" errors list the configured ids.
+    /// Whether "unknown model/prompt" errors list the configured ids (and
+    /// unavailability errors name providers and their settings).
     pub list_ids_in_errors: bool,
 }
+
+/// The longest any `limits` duration may be: longer is surely a typo, and
+/// deadlines computed from it must not overflow.
+pub const MAX_LIMIT_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -980,12 +985,29 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     if limits.max_connections == 0 {
         problems.add(gateway_file, "limits.max_connections", "must be at least 1");
     }
-    for (field, d) in [
-        ("limits.header_read_timeout", limits.header_read_timeout),
-        ("limits.idle_timeout", limits.idle_timeout),
+    for (field, d, may_be_zero) in [
+        ("limits.request_timeout", limits.request_timeout, true),
+        (
+            "limits.header_read_timeout",
+            limits.header_read_timeout,
+            false,
+        ),
+        ("limits.idle_timeout", limits.idle_timeout, false),
+        ("limits.shutdown_grace", limits.shutdown_grace, true),
     ] {
-        if d.is_zero() {
+        if d.is_zero() && !may_be_zero {
             problems.add(gateway_file, field, "must be longer than zero");
+        }
+        if d > MAX_LIMIT_DURATION {
+            problems.add(
+                gateway_file,
+                field,
+                format!(
+                    "`{}` is longer than the most allowed, {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(MAX_LIMIT_DURATION)
+                ),
+            );
         }
     }
 

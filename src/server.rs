@@ -1244,8 +1244,9 @@ pub async fn serve_with(
     }
     drop(listener);
     let _ = drain_tx.send(true);
-    let deadline = Instant::now() + limits.shutdown_grace;
-    while conns.len() > 0 && Instant::now() < deadline {
+    // No deadline past the representable: wait for the connections instead.
+    let deadline = Instant::now().checked_add(limits.shutdown_grace);
+    while conns.len() > 0 && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = conns.len();

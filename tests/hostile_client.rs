@@ -741,3 +741,49 @@ async fn unavailability_errors_can_keep_provider_settings_to_themselves() {
         }
     }
 }
+
+/// Every `limits` duration is bounded: one past a day is a problem `check`
+/// reports (deadlines computed from it could overflow), and so is a zero
+/// where zero means "never".
+#[test]
+fn check_reports_limits_durations_past_the_maximum() {
+    const LONG: &str = "is longer than the most allowed, 1day";
+    const ZERO: &str = "must be longer than zero";
+    let cases = [
+        ("shutdown_grace", "1000000000years", LONG),
+        ("request_timeout", "30days", LONG),
+        ("header_read_timeout", "25h", LONG),
+        ("idle_timeout", "0s", ZERO),
+    ];
+    let limits: Vec<String> = cases
+        .iter()
+        .map(|(f, v, _)| format!("  {f}: {v}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    write_hostile_config(dir.path(), &limits.join("\n"));
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+            .args(["check", "--config"])
+            .arg(dir.path().join("promptgate.yaml"))
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for (field, _, problem) in cases {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("limits.{field}: ")) && l.contains(problem)),
+            "no problem for limits.{field}:\n{err}"
+        );
+    }
+    // At the maximum, the config is fine.
+    write_hostile_config(dir.path(), "  shutdown_grace: 1day\n  request_timeout: 24h");
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
