@@ -158,6 +158,8 @@ struct RawLimits {
     shutdown_grace: Option<String>,
     #[serde(default)]
     list_ids_in_errors: Option<bool>,
+    #[serde(default)]
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -730,6 +732,8 @@ pub struct Limits {
     /// Whether "unknown model/prompt" errors list the configured ids (and
     /// unavailability errors name providers and their settings).
     pub list_ids_in_errors: bool,
+    /// Longest the whole request body may take to arrive, however steadily.
+    pub body_read_timeout: Duration,
 }
 
 /// The longest any `limits` duration may be: longer is surely a typo, and
@@ -747,6 +751,7 @@ impl Default for Limits {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
             list_ids_in_errors: true,
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -978,6 +983,12 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             d.shutdown_grace,
         ),
         list_ids_in_errors: gw.limits.list_ids_in_errors.unwrap_or(d.list_ids_in_errors),
+        body_read_timeout: problems.duration(
+            gateway_file,
+            "limits.body_read_timeout",
+            &gw.limits.body_read_timeout,
+            d.body_read_timeout,
+        ),
     };
     if limits.max_concurrency == 0 {
         problems.add(gateway_file, "limits.max_concurrency", "must be at least 1");
@@ -994,6 +1005,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         ),
         ("limits.idle_timeout", limits.idle_timeout, false),
         ("limits.shutdown_grace", limits.shutdown_grace, true),
+        ("limits.body_read_timeout", limits.body_read_timeout, false),
     ] {
         if d.is_zero() && !may_be_zero {
             problems.add(gateway_file, field, "must be longer than zero");

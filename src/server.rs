@@ -48,6 +48,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Longest silence while a client sends its request body.
     pub idle_timeout: Duration,
+    /// Longest the whole request body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Whether "unknown model" and "unknown prompt" errors list the configured ids.
     pub list_ids_in_errors: bool,
 }
@@ -413,11 +415,14 @@ struct LimitedBody(Result<Bytes, GatewayError>);
 impl FromRequest<AppState> for LimitedBody {
     type Rejection = Infallible;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        // Frame by frame, each within the idle timeout: a client that drips
-        // its body (or stops) holds a connection for that long at most.
+        // Frame by frame, each within the idle timeout, all within the body
+        // read timeout: a client that stops, or drips its body a byte at a
+        // time, holds a connection for that long at most.
         use http_body_util::BodyExt;
         let limit = state.settings.max_body_bytes;
         let idle = state.settings.idle_timeout;
+        let whole = state.settings.body_read_timeout;
+        let started = Instant::now();
         // A declared length over the limit is refused before reading a byte.
         let declared = req
             .headers()
@@ -430,7 +435,17 @@ impl FromRequest<AppState> for LimitedBody {
         let mut body = http_body_util::Limited::new(req.into_body(), limit);
         let mut buf = bytes::BytesMut::new();
         loop {
-            match tokio::time::timeout(idle, body.frame()).await {
+            let left = whole.saturating_sub(started.elapsed());
+            match tokio::time::timeout(idle.min(left), body.frame()).await {
+                Err(_) if left <= idle => {
+                    return Ok(LimitedBody(Err(GatewayError::invalid(
+                        format!(
+                            "the request body did not arrive within {}",
+                            humantime::format_duration(whole)
+                        ),
+                        None,
+                    ))))
+                }
                 Err(_) => {
                     return Ok(LimitedBody(Err(GatewayError::invalid(
                         format!(

@@ -754,6 +754,7 @@ fn check_reports_limits_durations_past_the_maximum() {
         ("request_timeout", "30days", LONG),
         ("header_read_timeout", "25h", LONG),
         ("idle_timeout", "0s", ZERO),
+        ("body_read_timeout", "0s", ZERO),
     ];
     let limits: Vec<String> = cases
         .iter()
@@ -785,5 +786,56 @@ fn check_reports_limits_durations_past_the_maximum() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A body dripped a byte at a time, each within the idle timeout, still has
+/// to arrive whole within `limits.body_read_timeout`.
+#[tokio::test]
+async fn a_dripped_body_is_answered_within_the_body_read_timeout() {
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {idle_timeout: 500ms, body_read_timeout: 1s}\nroutes:\n  echo: {provider: sb, model: echo}\n";
+    let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
+    let addr = gw.addr;
+    let (elapsed, text) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-request-id: drip-1\r\ncontent-length: 1000\r\n\r\n{\"model\":")
+            .unwrap();
+        let started = Instant::now();
+        let mut w = s.try_clone().unwrap();
+        // A space every 100 ms: 10 s for 100 bytes if let run.
+        let dripper = std::thread::spawn(move || {
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(100));
+                if w.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+        });
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let elapsed = started.elapsed();
+        drop(s);
+        let _ = dripper.join();
+        (elapsed, String::from_utf8_lossy(&out).into_owned())
+    })
+    .await
+    .unwrap();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "answered after {elapsed:?}: {text}"
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let e = error_of(body);
+    assert_eq!(e["request_id"], "drip-1", "{body}");
+    assert_eq!(e["code"], "invalid_request", "{body}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not arrive within 1s"),
+        "{body}"
     );
 }
