@@ -159,6 +159,8 @@ struct RawLimits {
     #[serde(default)]
     list_ids_in_errors: Option<bool>,
     #[serde(default)]
+    write_timeout: Option<String>,
+    #[serde(default)]
     body_read_timeout: Option<String>,
 }
 
@@ -732,6 +734,9 @@ pub struct Limits {
     /// Whether "unknown model/prompt" errors list the configured ids (and
     /// unavailability errors name providers and their settings).
     pub list_ids_in_errors: bool,
+    /// Longest a response write may wait on a client that reads nothing; then
+    /// the connection is closed (and the backend call with it).
+    pub write_timeout: Duration,
     /// Longest the whole request body may take to arrive, however steadily.
     pub body_read_timeout: Duration,
 }
@@ -751,6 +756,7 @@ impl Default for Limits {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
             list_ids_in_errors: true,
+            write_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
         }
     }
@@ -983,6 +989,12 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             d.shutdown_grace,
         ),
         list_ids_in_errors: gw.limits.list_ids_in_errors.unwrap_or(d.list_ids_in_errors),
+        write_timeout: problems.duration(
+            gateway_file,
+            "limits.write_timeout",
+            &gw.limits.write_timeout,
+            d.write_timeout,
+        ),
         body_read_timeout: problems.duration(
             gateway_file,
             "limits.body_read_timeout",
@@ -1005,6 +1017,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         ),
         ("limits.idle_timeout", limits.idle_timeout, false),
         ("limits.shutdown_grace", limits.shutdown_grace, true),
+        ("limits.write_timeout", limits.write_timeout, false),
         ("limits.body_read_timeout", limits.body_read_timeout, false),
     ] {
         if d.is_zero() && !may_be_zero {

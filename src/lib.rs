@@ -66,5 +66,6 @@ pub fn conn_limits(cfg: &config::Config) -> server::ConnLimits {
         header_read_timeout: cfg.limits.header_read_timeout,
         max_connections: cfg.limits.max_connections,
         shutdown_grace: cfg.limits.shutdown_grace,
+        write_timeout: cfg.limits.write_timeout,
     }
 }

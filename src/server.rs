@@ -1027,6 +1027,10 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// After a shutdown signal: how long running requests may still finish.
     pub shutdown_grace: Duration,
+    /// A response write that makes no progress this long (the client reads
+    /// nothing) closes the connection, dropping the response and the backend
+    /// call behind it.
+    pub write_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -1036,6 +1040,7 @@ impl Default for ConnLimits {
             header_read_timeout: d.header_read_timeout,
             max_connections: d.max_connections,
             shutdown_grace: d.shutdown_grace,
+            write_timeout: d.write_timeout,
         }
     }
 }
@@ -1048,10 +1053,57 @@ struct Conn {
     evict: tokio::sync::Notify,
 }
 
-/// A client socket that notes the first bytes it reads on its [`Conn`].
+/// A client socket that notes the first bytes it reads on its [`Conn`], and
+/// fails a write that waits on the client longer than `write_timeout`.
 struct Watched {
     io: tokio::net::TcpStream,
     conn: Arc<Conn>,
+    write_timeout: Duration,
+    /// The deadline of the write now waiting, if one is (`armed`); the timer is
+    /// made on the first wait and reused.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl Watched {
+    /// Passes a write's outcome through; while writes stay pending, keeps a
+    /// deadline, and past it fails the write so the connection ends.
+    fn progress<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if out.is_ready() {
+            self.armed = false;
+            return out;
+        }
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.write_timeout)
+            .unwrap_or_else(|| now + crate::config::MAX_LIMIT_DURATION);
+        let sleep = match &mut self.stalled {
+            Some(s) => {
+                if !self.armed {
+                    s.as_mut().reset(deadline);
+                }
+                s
+            }
+            None => self
+                .stalled
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.armed = false;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing within the write timeout",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl tokio::io::AsyncRead for Watched {
@@ -1077,7 +1129,8 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let out = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, out)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
@@ -1096,7 +1149,8 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let out = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(cx, out)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -1229,6 +1283,9 @@ pub async fn serve_with(
         let io = Watched {
             io: stream,
             conn: conn.clone(),
+            write_timeout: limits.write_timeout,
+            stalled: None,
+            armed: false,
         };
         let served = http.serve_connection(TokioIo::new(io), svc);
         let conns = conns.clone();

@@ -754,6 +754,7 @@ fn check_reports_limits_durations_past_the_maximum() {
         ("request_timeout", "30days", LONG),
         ("header_read_timeout", "25h", LONG),
         ("idle_timeout", "0s", ZERO),
+        ("write_timeout", "25h", LONG),
         ("body_read_timeout", "0s", ZERO),
     ];
     let limits: Vec<String> = cases
@@ -838,4 +839,65 @@ async fn a_dripped_body_is_answered_within_the_body_read_timeout() {
             .contains("did not arrive within 1s"),
         "{body}"
     );
+}
+
+/// A client that sends a streaming request and then reads nothing: once the
+/// answer fills the socket, writing it makes no progress, and after
+/// `limits.write_timeout` the connection is closed, which drops the stream
+/// (and the backend call feeding it) and frees its permit and in-flight count.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_closed_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {max_concurrency: 1, write_timeout: 1s}\nroutes:\n  echo: {provider: sb, model: echo}\n";
+    let gw = common::spawn_gateway_with_conn_limits(gateway, &[("sb.yaml".into(), SANDBOX.into())])
+        .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    // About 3.6 MB of answer: more than the socket buffers and the server's
+    // own write buffer hold.
+    let body = json!({"model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "abcdefg ".repeat(450 * 1024)}]})
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let client = common::client();
+    let in_flight = |n: u8| format!("promptgate_requests_in_flight {n}\n");
+    // The stream runs, stuck on its client, and holds the only permit.
+    let started = Instant::now();
+    while !gw.metrics().await.contains(&in_flight(1)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the stream never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let busy = client.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(busy.status(), 503);
+    // Then the write timeout closes the connection and frees them both.
+    loop {
+        let metrics = gw.metrics().await;
+        if metrics.contains(&in_flight(0)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a client reading nothing still holds its stream:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let free = client.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(free.status(), 200);
+    // The client finds its connection ended, the answer cut short.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection is still open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{:.200}", text);
+    assert!(!text.contains("data: [DONE]"), "the stream was not cut");
 }
