@@ -1079,22 +1079,20 @@ impl Watched {
             self.armed = false;
             return out;
         }
-        let now = Instant::now();
-        let deadline = now
-            .checked_add(self.write_timeout)
-            .unwrap_or_else(|| now + crate::config::MAX_LIMIT_DURATION);
-        let sleep = match &mut self.stalled {
-            Some(s) => {
-                if !self.armed {
-                    s.as_mut().reset(deadline);
-                }
-                s
+        if !self.armed {
+            // A timeout too long to represent is no deadline at all.
+            let Some(deadline) = Instant::now().checked_add(self.write_timeout) else {
+                return out;
+            };
+            match &mut self.stalled {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
-            None => self
-                .stalled
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            self.armed = true;
+        }
+        let Some(sleep) = &mut self.stalled else {
+            return out;
         };
-        self.armed = true;
         if sleep.as_mut().poll(cx).is_ready() {
             self.armed = false;
             return Poll::Ready(Err(std::io::Error::new(
