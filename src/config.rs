@@ -158,6 +158,10 @@ struct RawLimits {
     shutdown_grace: Option<String>,
     #[serde(default)]
     list_ids_in_errors: Option<bool>,
+    #[serde(default)]
+    write_timeout: Option<String>,
+    #[serde(default)]
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -727,9 +731,19 @@ pub struct Limits {
     pub max_connections: usize,
     /// After SIGTERM / ctrl-c, how long running requests may still finish.
     pub shutdown_grace: Duration,
-    /// Whether "unknown model/prompt" errors list the configured ids.
+    /// Whether "unknown model/prompt" errors list the configured ids (and
+    /// unavailability errors name providers and their settings).
     pub list_ids_in_errors: bool,
+    /// Longest a response write may wait on a client that reads nothing; then
+    /// the connection is closed (and the backend call with it).
+    pub write_timeout: Duration,
+    /// Longest the whole request body may take to arrive, however steadily.
+    pub body_read_timeout: Duration,
 }
+
+/// The longest any `limits` duration may be: longer is surely a typo, and
+/// deadlines computed from it must not overflow.
+pub const MAX_LIMIT_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -742,6 +756,8 @@ impl Default for Limits {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
             list_ids_in_errors: true,
+            write_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -973,6 +989,18 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             d.shutdown_grace,
         ),
         list_ids_in_errors: gw.limits.list_ids_in_errors.unwrap_or(d.list_ids_in_errors),
+        write_timeout: problems.duration(
+            gateway_file,
+            "limits.write_timeout",
+            &gw.limits.write_timeout,
+            d.write_timeout,
+        ),
+        body_read_timeout: problems.duration(
+            gateway_file,
+            "limits.body_read_timeout",
+            &gw.limits.body_read_timeout,
+            d.body_read_timeout,
+        ),
     };
     if limits.max_concurrency == 0 {
         problems.add(gateway_file, "limits.max_concurrency", "must be at least 1");
@@ -980,12 +1008,31 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     if limits.max_connections == 0 {
         problems.add(gateway_file, "limits.max_connections", "must be at least 1");
     }
-    for (field, d) in [
-        ("limits.header_read_timeout", limits.header_read_timeout),
-        ("limits.idle_timeout", limits.idle_timeout),
+    for (field, d, may_be_zero) in [
+        ("limits.request_timeout", limits.request_timeout, true),
+        (
+            "limits.header_read_timeout",
+            limits.header_read_timeout,
+            false,
+        ),
+        ("limits.idle_timeout", limits.idle_timeout, false),
+        ("limits.shutdown_grace", limits.shutdown_grace, true),
+        ("limits.write_timeout", limits.write_timeout, false),
+        ("limits.body_read_timeout", limits.body_read_timeout, false),
     ] {
-        if d.is_zero() {
+        if d.is_zero() && !may_be_zero {
             problems.add(gateway_file, field, "must be longer than zero");
+        }
+        if d > MAX_LIMIT_DURATION {
+            problems.add(
+                gateway_file,
+                field,
+                format!(
+                    "`{}` is longer than the most allowed, {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(MAX_LIMIT_DURATION)
+                ),
+            );
         }
     }
 

@@ -161,7 +161,8 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("the model `{model}` does not exist; available models: {available}")]
     UnknownModel { model: String, available: String },
-    #[error("provider `{provider}` is unavailable: {reason}")]
+    /// An empty `provider` is not named (see `limits.list_ids_in_errors`).
+    #[error("{}", unavailable_text(provider, reason))]
     ProviderUnavailable { provider: String, reason: String },
     /// No target of a route could be tried (private-only, breakers open, …).
     #[error("no target of route `{route}` can take the request: {reason}")]
@@ -217,6 +218,14 @@ impl GatewayError {
             GatewayError::NotFoundPrompt { .. } => "prompt_not_found",
             GatewayError::Internal(_) => "internal_error",
         }
+    }
+}
+
+fn unavailable_text(provider: &str, reason: &str) -> String {
+    if provider.is_empty() {
+        format!("the route's provider is unavailable: {reason}")
+    } else {
+        format!("provider `{provider}` is unavailable: {reason}")
     }
 }
 

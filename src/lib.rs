@@ -55,6 +55,7 @@ pub fn server_settings(cfg: &config::Config) -> server::ServerSettings {
         max_concurrency: cfg.limits.max_concurrency,
         request_timeout: cfg.limits.request_timeout,
         idle_timeout: cfg.limits.idle_timeout,
+        body_read_timeout: cfg.limits.body_read_timeout,
         list_ids_in_errors: cfg.limits.list_ids_in_errors,
     }
 }
@@ -65,5 +66,6 @@ pub fn conn_limits(cfg: &config::Config) -> server::ConnLimits {
         header_read_timeout: cfg.limits.header_read_timeout,
         max_connections: cfg.limits.max_connections,
         shutdown_grace: cfg.limits.shutdown_grace,
+        write_timeout: cfg.limits.write_timeout,
     }
 }

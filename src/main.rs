@@ -493,7 +493,7 @@ fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<(
                 // The margin lets an orderly drain that ends right at the grace
                 // period return on its own.
                 tokio::select! {
-                    _ = tokio::time::sleep(grace + std::time::Duration::from_millis(500)) => {
+                    _ = tokio::time::sleep(grace.saturating_add(std::time::Duration::from_millis(500))) => {
                         eprintln!("promptgate: requests still running after the shutdown grace period; exiting");
                     }
                     _ = signal() => eprintln!("promptgate: second signal; exiting now"),

@@ -48,6 +48,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Longest silence while a client sends its request body.
     pub idle_timeout: Duration,
+    /// Longest the whole request body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Whether "unknown model" and "unknown prompt" errors list the configured ids.
     pub list_ids_in_errors: bool,
 }
@@ -210,13 +212,23 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     req.extensions_mut().insert(RequestId(id.clone()));
     let anthropic = req.uri().path() == "/v1/messages";
     let metrics = &app.gw.metrics;
-    let Ok(permit) = app.permits.clone().try_acquire_owned() else {
-        return overloaded(&id);
-    };
-    metrics.in_flight.inc();
-    let in_flight = InFlight {
-        _permit: permit,
-        gauge: metrics.in_flight.clone(),
+    // The connection's request count, from the listener: it goes into the
+    // same body wrapper as the permit.
+    let busy = req.extensions_mut().remove::<Busy>();
+    // Health checks and scrapes hold no backend and must answer at the
+    // concurrency limit too.
+    let exempt = matches!(req.uri().path(), "/healthz" | "/metrics");
+    let in_flight = if exempt {
+        None
+    } else {
+        let Ok(permit) = app.permits.clone().try_acquire_owned() else {
+            return overloaded(&id);
+        };
+        metrics.in_flight.inc();
+        Some(InFlight {
+            _permit: permit,
+            gauge: metrics.in_flight.clone(),
+        })
     };
     let mut resp = LIST_IDS
         .scope(app.settings.list_ids_in_errors, next.run(req))
@@ -224,8 +236,11 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     if resp.extensions().get::<Panicked>().is_some() {
         resp = panic_body(&id, anthropic);
     }
-    // The permit and the gauge stay taken until the body (a stream, too) ends.
-    resp = guard_body(resp, in_flight);
+    // The permit, the gauge and the connection's count stay taken until the
+    // body (a stream, too) ends. One wrapper for all.
+    if in_flight.is_some() || busy.is_some() {
+        resp = guard_body(resp, (in_flight, busy));
+    }
     let elapsed = start.elapsed();
     let outcome = resp.extensions_mut().remove::<Outcome>();
     let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
@@ -350,8 +365,47 @@ fn unlisted(err: GatewayError) -> GatewayError {
                 .map_or(message.as_str(), |(head, _)| head)
                 .to_owned(),
         },
+        // Which provider, why (an environment variable's name, a file) and
+        // which targets were skipped stay in the log; the client learns the
+        // kind of failure only.
+        GatewayError::ProviderUnavailable { reason, .. } => GatewayError::ProviderUnavailable {
+            provider: String::new(),
+            reason: generic_unavailable(&reason).into(),
+        },
+        GatewayError::NoTarget { route, reason } => GatewayError::NoTarget {
+            route,
+            reason: generic_skips(&reason),
+        },
         other => other,
     }
+}
+
+/// The reason a provider is unavailable, without its settings.
+fn generic_unavailable(reason: &str) -> &'static str {
+    if reason == "disabled by an operator" {
+        "disabled by an operator"
+    } else {
+        "it is not configured for use"
+    }
+}
+
+/// A "no target" reason (one clause per skipped target, `; `-separated) with
+/// the clauses that name a provider replaced by a generic one. The clauses that
+/// name nothing configured (capability, privacy, window, breaker) stay.
+fn generic_skips(reason: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for clause in reason.split("; ") {
+        let keep = clause == "not self-hosted"
+            || clause == "circuit open"
+            || clause.starts_with("the request is private")
+            || (clause.starts_with("no ") && !clause.contains(':'))
+            || (clause.contains(" tokens > window ") && !clause.contains(':'));
+        let clause = if keep { clause } else { "provider unavailable" };
+        if !out.contains(&clause) {
+            out.push(clause);
+        }
+    }
+    out.join("; ")
 }
 
 /// A request body read under the size limit. A too-large body becomes a 413 in
@@ -361,11 +415,14 @@ struct LimitedBody(Result<Bytes, GatewayError>);
 impl FromRequest<AppState> for LimitedBody {
     type Rejection = Infallible;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        // Frame by frame, each within the idle timeout: a client that drips
-        // its body (or stops) holds a connection for that long at most.
+        // Frame by frame, each within the idle timeout, all within the body
+        // read timeout: a client that stops, or drips its body a byte at a
+        // time, holds a connection for that long at most.
         use http_body_util::BodyExt;
         let limit = state.settings.max_body_bytes;
         let idle = state.settings.idle_timeout;
+        let whole = state.settings.body_read_timeout;
+        let started = Instant::now();
         // A declared length over the limit is refused before reading a byte.
         let declared = req
             .headers()
@@ -378,7 +435,17 @@ impl FromRequest<AppState> for LimitedBody {
         let mut body = http_body_util::Limited::new(req.into_body(), limit);
         let mut buf = bytes::BytesMut::new();
         loop {
-            match tokio::time::timeout(idle, body.frame()).await {
+            let left = whole.saturating_sub(started.elapsed());
+            match tokio::time::timeout(idle.min(left), body.frame()).await {
+                Err(_) if left <= idle => {
+                    return Ok(LimitedBody(Err(GatewayError::invalid(
+                        format!(
+                            "the request body did not arrive within {}",
+                            humantime::format_duration(whole)
+                        ),
+                        None,
+                    ))))
+                }
                 Err(_) => {
                     return Ok(LimitedBody(Err(GatewayError::invalid(
                         format!(
@@ -960,6 +1027,10 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// After a shutdown signal: how long running requests may still finish.
     pub shutdown_grace: Duration,
+    /// A response write that makes no progress this long (the client reads
+    /// nothing) closes the connection, dropping the response and the backend
+    /// call behind it.
+    pub write_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -969,6 +1040,7 @@ impl Default for ConnLimits {
             header_read_timeout: d.header_read_timeout,
             max_connections: d.max_connections,
             shutdown_grace: d.shutdown_grace,
+            write_timeout: d.write_timeout,
         }
     }
 }
@@ -981,10 +1053,55 @@ struct Conn {
     evict: tokio::sync::Notify,
 }
 
-/// A client socket that notes the first bytes it reads on its [`Conn`].
+/// A client socket that notes the first bytes it reads on its [`Conn`], and
+/// fails a write that waits on the client longer than `write_timeout`.
 struct Watched {
     io: tokio::net::TcpStream,
     conn: Arc<Conn>,
+    write_timeout: Duration,
+    /// The deadline of the write now waiting, if one is (`armed`); the timer is
+    /// made on the first wait and reused.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl Watched {
+    /// Passes a write's outcome through; while writes stay pending, keeps a
+    /// deadline, and past it fails the write so the connection ends.
+    fn progress<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if out.is_ready() {
+            self.armed = false;
+            return out;
+        }
+        if !self.armed {
+            // A timeout too long to represent is no deadline at all.
+            let Some(deadline) = Instant::now().checked_add(self.write_timeout) else {
+                return out;
+            };
+            match &mut self.stalled {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        let Some(sleep) = &mut self.stalled else {
+            return out;
+        };
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.armed = false;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing within the write timeout",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl tokio::io::AsyncRead for Watched {
@@ -1010,7 +1127,8 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let out = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, out)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
@@ -1029,7 +1147,8 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let out = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(cx, out)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -1078,8 +1197,16 @@ impl Conns {
     }
 }
 
-/// Counts a request on its connection until its response body ends.
+/// Counts a request on its connection until its response body ends. The
+/// listener puts it in the request's extensions; the edge layer keeps it with
+/// the response body (a clone counts on its own).
 struct Busy(Arc<Conn>);
+
+impl Clone for Busy {
+    fn clone(&self) -> Self {
+        Busy::new(&self.0)
+    }
+}
 
 impl Busy {
     fn new(c: &Arc<Conn>) -> Self {
@@ -1145,16 +1272,18 @@ pub async fn serve_with(
         let router = router.clone();
         let on_conn = conn.clone();
         let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let busy = Busy::new(&on_conn);
-            let router = router.clone();
-            async move {
-                let resp = tower::ServiceExt::oneshot(router, req.map(Body::new)).await;
-                resp.map(|r| guard_body(r, busy))
-            }
+            let mut req = req.map(Body::new);
+            // Taken by the edge layer, which keeps it until the body ends; a
+            // router without that layer (admin) holds it for the handler.
+            req.extensions_mut().insert(Busy::new(&on_conn));
+            tower::ServiceExt::oneshot(router.clone(), req)
         });
         let io = Watched {
             io: stream,
             conn: conn.clone(),
+            write_timeout: limits.write_timeout,
+            stalled: None,
+            armed: false,
         };
         let served = http.serve_connection(TokioIo::new(io), svc);
         let conns = conns.clone();
@@ -1185,8 +1314,9 @@ pub async fn serve_with(
     }
     drop(listener);
     let _ = drain_tx.send(true);
-    let deadline = Instant::now() + limits.shutdown_grace;
-    while conns.len() > 0 && Instant::now() < deadline {
+    // No deadline past the representable: wait for the connections instead.
+    let deadline = Instant::now().checked_add(limits.shutdown_grace);
+    while conns.len() > 0 && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = conns.len();
@@ -1294,6 +1424,22 @@ mod tests {
                 message: "prompt `x` does not exist".into()
             }
             .to_string()
+        );
+        let e = unlisted(GatewayError::ProviderUnavailable {
+            provider: "secret-p".into(),
+            reason: "environment variable SECRET_KEY (its API key) is not set".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "the route's provider is unavailable: it is not configured for use"
+        );
+        let e = unlisted(GatewayError::NoTarget {
+            route: "r".into(),
+            reason: "not self-hosted; secret-a: environment variable SECRET_A is not set; no streaming; 10 tokens > window 5; circuit open; secret-b: disabled by an operator".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "no target of route `r` can take the request: not self-hosted; provider unavailable; no streaming; 10 tokens > window 5; circuit open"
         );
     }
 }

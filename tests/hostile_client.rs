@@ -409,6 +409,12 @@ fn hostile_clients_cannot_take_the_gateway_down() {
         !log.lines().any(|l| l.starts_with("FORGED")),
         "a client forged a log line:\n{log}"
     );
+    // The model was logged, escaped, on the line of its own request.
+    assert!(
+        log.lines().any(|l| l.contains("request rejected")
+            && l.contains("nope\\nFORGED level=error gateway compromised")),
+        "the escaped model is not in the log:\n{log}"
+    );
     eprintln!(
         "healthz: {} probes, {} over 50 ms, worst {:?}, {} failed; max RSS {} MiB; slowloris cut {cut}/20; idle closed {closed}/300",
         w.probes,
@@ -496,7 +502,7 @@ async fn max_concurrency_counts_streams_until_their_body_ends() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     // Headers are out; the body still runs and holds the only permit.
-    let busy = client.get(gw.url("/healthz")).send().await.unwrap();
+    let busy = client.get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(busy.status(), 503);
     assert!(busy.headers().contains_key("x-request-id"));
     let v: Value = busy.json().await.unwrap();
@@ -506,12 +512,12 @@ async fn max_concurrency_counts_streams_until_their_body_ends() {
         .is_some_and(|s| !s.is_empty()));
     let text = stream.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    let free = client.get(gw.url("/healthz")).send().await.unwrap();
+    let free = client.get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(free.status(), 200);
     let metrics = gw.metrics().await;
-    // Only the scrape itself is in flight.
+    // Nothing is in flight (a scrape does not count).
     assert!(
-        metrics.contains("promptgate_requests_in_flight 1\n"),
+        metrics.contains("promptgate_requests_in_flight 0\n"),
         "{metrics}"
     );
 }
@@ -533,7 +539,7 @@ async fn a_dropped_stream_frees_its_permit() {
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = client.get(gw.url("/healthz")).send().await.unwrap();
+        let r = client.get(gw.url("/v1/models")).send().await.unwrap();
         if r.status() == 200 {
             break;
         }
@@ -639,4 +645,259 @@ async fn a_body_that_stops_arriving_is_answered_within_the_idle_timeout() {
     .unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("stalled"), "{body}");
+}
+
+/// `/healthz` and `/metrics` take no concurrency permit: with every permit
+/// held by a stream, they still answer.
+#[tokio::test]
+async fn health_and_metrics_answer_with_every_permit_taken() {
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {max_concurrency: 2}\nroutes:\n  slow: {provider: sb, model: slow}\n";
+    let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
+    let client = common::client();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "slow", "stream": true,
+                "messages": [{"role": "user", "content": "word ".repeat(50)}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let full = client.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(full.status(), 503);
+    let health = client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().contains_key("x-request-id"));
+    let metrics = client.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("promptgate_requests_in_flight 2\n"),
+        "{metrics}"
+    );
+    drop(streams);
+}
+
+/// With `list_ids_in_errors: false`, unavailability errors name no provider,
+/// no target and no environment variable; they keep the kind of reason.
+#[tokio::test]
+async fn unavailability_errors_can_keep_provider_settings_to_themselves() {
+    let _serial = SERIAL.lock().await;
+    let routes = "routes:\n  lone: {provider: keyless-a, model: x}\n  pair:\n    targets:\n      - {provider: keyless-a, model: x}\n      - {provider: keyless-b, model: y}\n";
+    let keyless =
+        |var: &str| format!("kind: openai\nbase_url: http://127.0.0.1:9/v1\napi_key_env: {var}\n");
+    let providers = [
+        (
+            "keyless-a.yaml".to_string(),
+            keyless("PROMPTGATE_TEST_UNSET_KEY_A"),
+        ),
+        (
+            "keyless-b.yaml".to_string(),
+            keyless("PROMPTGATE_TEST_UNSET_KEY_B"),
+        ),
+    ];
+    for (limits, listed) in [("", true), ("limits: {list_ids_in_errors: false}\n", false)] {
+        let gw = common::spawn_gateway(&format!("{limits}{routes}"), &providers).await;
+        let client = common::client();
+        for (route, code) in [
+            ("lone", "provider_unavailable"),
+            ("pair", "no_target_available"),
+        ] {
+            for (path, anthropic) in [("/v1/chat/completions", false), ("/v1/messages", true)] {
+                let r = client
+                    .post(gw.url(path))
+                    .header("x-request-id", "unavail-1")
+                    .json(&json!({"model": route, "max_tokens": 16,
+                        "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 503, "{route} {path}");
+                let text = r.text().await.unwrap();
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if !anthropic {
+                    assert_eq!(v["error"]["code"], code, "{text}");
+                    assert_eq!(v["error"]["request_id"], "unavail-1", "{text}");
+                }
+                let msg = v["error"]["message"].as_str().unwrap();
+                // The generic reason stays.
+                assert!(listed || msg.contains("unavailable"), "{msg}");
+                for secret in [
+                    "keyless",
+                    "PROMPTGATE_TEST_UNSET_KEY",
+                    "environment variable",
+                ] {
+                    assert_eq!(
+                        text.contains(secret),
+                        listed,
+                        "`{secret}` listed={listed} in {route} {path}: {text}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every `limits` duration is bounded: one past a day is a problem `check`
+/// reports (deadlines computed from it could overflow), and so is a zero
+/// where zero means "never".
+#[test]
+fn check_reports_limits_durations_past_the_maximum() {
+    const LONG: &str = "is longer than the most allowed, 1day";
+    const ZERO: &str = "must be longer than zero";
+    let cases = [
+        ("shutdown_grace", "1000000000years", LONG),
+        ("request_timeout", "30days", LONG),
+        ("header_read_timeout", "25h", LONG),
+        ("idle_timeout", "0s", ZERO),
+        ("write_timeout", "25h", LONG),
+        ("body_read_timeout", "0s", ZERO),
+    ];
+    let limits: Vec<String> = cases
+        .iter()
+        .map(|(f, v, _)| format!("  {f}: {v}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    write_hostile_config(dir.path(), &limits.join("\n"));
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+            .args(["check", "--config"])
+            .arg(dir.path().join("promptgate.yaml"))
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for (field, _, problem) in cases {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("limits.{field}: ")) && l.contains(problem)),
+            "no problem for limits.{field}:\n{err}"
+        );
+    }
+    // At the maximum, the config is fine.
+    write_hostile_config(dir.path(), "  shutdown_grace: 1day\n  request_timeout: 24h");
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A body dripped a byte at a time, each within the idle timeout, still has
+/// to arrive whole within `limits.body_read_timeout`.
+#[tokio::test]
+async fn a_dripped_body_is_answered_within_the_body_read_timeout() {
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {idle_timeout: 500ms, body_read_timeout: 1s}\nroutes:\n  echo: {provider: sb, model: echo}\n";
+    let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
+    let addr = gw.addr;
+    let (elapsed, text) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-request-id: drip-1\r\ncontent-length: 1000\r\n\r\n{\"model\":")
+            .unwrap();
+        let started = Instant::now();
+        let mut w = s.try_clone().unwrap();
+        // A space every 100 ms: 10 s for 100 bytes if let run.
+        let dripper = std::thread::spawn(move || {
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(100));
+                if w.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+        });
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let elapsed = started.elapsed();
+        drop(s);
+        let _ = dripper.join();
+        (elapsed, String::from_utf8_lossy(&out).into_owned())
+    })
+    .await
+    .unwrap();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "answered after {elapsed:?}: {text}"
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let e = error_of(body);
+    assert_eq!(e["request_id"], "drip-1", "{body}");
+    assert_eq!(e["code"], "invalid_request", "{body}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not arrive within 1s"),
+        "{body}"
+    );
+}
+
+/// A client that sends a streaming request and then reads nothing: once the
+/// answer fills the socket, writing it makes no progress, and after
+/// `limits.write_timeout` the connection is closed, which drops the stream
+/// (and the backend call feeding it) and frees its permit and in-flight count.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_closed_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _serial = SERIAL.lock().await;
+    let gateway = "limits: {max_concurrency: 1, write_timeout: 1s}\nroutes:\n  echo: {provider: sb, model: echo}\n";
+    let gw = common::spawn_gateway_with_conn_limits(gateway, &[("sb.yaml".into(), SANDBOX.into())])
+        .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    // About 3.6 MB of answer: more than the socket buffers and the server's
+    // own write buffer hold.
+    let body = json!({"model": "echo", "stream": true,
+        "messages": [{"role": "user", "content": "abcdefg ".repeat(450 * 1024)}]})
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let client = common::client();
+    let in_flight = |n: u8| format!("promptgate_requests_in_flight {n}\n");
+    // The stream runs, stuck on its client, and holds the only permit.
+    let started = Instant::now();
+    while !gw.metrics().await.contains(&in_flight(1)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the stream never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let busy = client.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(busy.status(), 503);
+    // Then the write timeout closes the connection and frees them both.
+    loop {
+        let metrics = gw.metrics().await;
+        if metrics.contains(&in_flight(0)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a client reading nothing still holds its stream:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let free = client.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(free.status(), 200);
+    // The client finds its connection ended, the answer cut short.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection is still open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{:.200}", text);
+    assert!(!text.contains("data: [DONE]"), "the stream was not cut");
 }

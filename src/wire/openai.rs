@@ -1409,9 +1409,12 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
         GatewayError::NotFoundPrompt { .. } => {
             ("invalid_request_error", Some("prompt"), None, None)
         }
-        GatewayError::ProviderUnavailable { provider, .. } => {
-            ("upstream_error", None, None, Some(provider.as_str()))
-        }
+        GatewayError::ProviderUnavailable { provider, .. } => (
+            "upstream_error",
+            None,
+            None,
+            Some(provider.as_str()).filter(|p| !p.is_empty()),
+        ),
         GatewayError::NoTarget { .. } => ("upstream_error", None, None, None),
         GatewayError::Upstream(e) => (
             match e.kind {
