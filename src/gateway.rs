@@ -916,12 +916,52 @@ fn cut_after(mut inner: EventStream, n: usize) -> EventStream {
     })
 }
 
+/// Events a stream may send before its first output: the stream's identity
+/// and a role per choice (at most 64) are all a well-behaved backend sends, and
+/// the decoders drop deltas that carry nothing.
+const HEAD_MAX_EVENTS: usize = 256;
+/// Bytes those events may hold (their own size and their text).
+const HEAD_MAX_BYTES: usize = 256 * 1024;
+
+/// What an event held in memory costs, roughly: its own size and its text.
+fn event_bytes(ev: &StreamEvent) -> usize {
+    let text = match ev {
+        StreamEvent::Meta(m) => {
+            m.id.len() + m.model.len() + m.system_fingerprint.as_ref().map_or(0, String::len)
+        }
+        StreamEvent::Delta(d) => {
+            let tools: usize = d
+                .tool_calls
+                .iter()
+                .map(|t| {
+                    std::mem::size_of::<ToolCallDelta>()
+                        + [&t.id, &t.name, &t.arguments]
+                            .iter()
+                            .map(|s| s.as_ref().map_or(0, String::len))
+                            .sum::<usize>()
+                })
+                .sum();
+            d.content.as_ref().map_or(0, String::len)
+                + d.reasoning.as_ref().map_or(0, String::len)
+                + tools
+        }
+        StreamEvent::Usage(_) | StreamEvent::Done => 0,
+    };
+    std::mem::size_of::<StreamEvent>().saturating_add(text)
+}
+
 /// Reads events until the first one a client would see as output (text, a tool
 /// call, usage or the end). Returns them with the rest of the stream.
+///
+/// What comes before the output is held, so it is bounded: past
+/// [`HEAD_MAX_EVENTS`] events or [`HEAD_MAX_BYTES`] bytes without output the
+/// attempt fails with `malformed_response`. Nothing has gone to the client yet,
+/// so the route can still fall back; a legitimate stream never comes near it.
 async fn peek_output(
     mut stream: EventStream,
 ) -> Result<(Vec<StreamEvent>, EventStream), UpstreamError> {
     let mut head = Vec::new();
+    let mut held = 0usize;
     while let Some(ev) = stream.next().await {
         let ev = ev?;
         let output = match &ev {
@@ -929,6 +969,18 @@ async fn peek_output(
             StreamEvent::Usage(_) | StreamEvent::Done => true,
             StreamEvent::Meta(_) => false,
         };
+        if !output {
+            held = held.saturating_add(event_bytes(&ev));
+            if head.len() >= HEAD_MAX_EVENTS || held > HEAD_MAX_BYTES {
+                return Err(UpstreamError::new(
+                    ErrorKind::MalformedResponse,
+                    format!(
+                        "backend sent more than {} events or {} bytes before any output",
+                        HEAD_MAX_EVENTS, HEAD_MAX_BYTES
+                    ),
+                ));
+            }
+        }
         head.push(ev);
         if output {
             break;
@@ -1105,7 +1157,59 @@ impl UsageTap {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn events(evs: Vec<StreamEvent>) -> EventStream {
+        Box::pin(futures_util::stream::iter(evs.into_iter().map(Ok)))
+    }
+
+    fn role_only(choice: u32) -> StreamEvent {
+        StreamEvent::Delta(Delta {
+            choice,
+            role: Some(Role::Assistant),
+            ..Delta::default()
+        })
+    }
+
+    fn text(t: &str) -> StreamEvent {
+        StreamEvent::Delta(Delta {
+            content: Some(t.into()),
+            ..Delta::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn what_comes_before_the_first_output_is_bounded() {
+        // A well-behaved start: the identity, a role per choice, then output.
+        let mut evs = vec![StreamEvent::Meta(StreamMeta::default())];
+        evs.extend((0..64).map(role_only));
+        evs.push(text("hi"));
+        evs.push(text("after"));
+        let (head, mut rest) = peek_output(events(evs)).await.unwrap();
+        assert_eq!(head.len(), 66);
+        assert_eq!(head.last(), Some(&text("hi")));
+        assert_eq!(rest.next().await.unwrap().unwrap(), text("after"));
+
+        // Events without output, without end: an error once past the count,
+        // however much output would follow.
+        let mut evs: Vec<StreamEvent> = (0..100_000).map(|i| role_only(i % 64)).collect();
+        evs.push(text("too late"));
+        let e = match peek_output(events(evs)).await {
+            Err(e) => e,
+            Ok((head, _)) => panic!("held {} events", head.len()),
+        };
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+
+        // A few events holding a lot of text are stopped by the byte bound.
+        let big = StreamEvent::Meta(StreamMeta {
+            id: "i".repeat(100 * 1024),
+            ..StreamMeta::default()
+        });
+        let evs = vec![big.clone(), big.clone(), big, text("x")];
+        let e = peek_output(events(evs)).await.err().unwrap();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+    }
 
     #[test]
     fn collected_output_stops_at_its_cap_on_a_char_boundary() {
