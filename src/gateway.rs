@@ -445,16 +445,17 @@ impl Gateway {
                         continue;
                     }
                 }
-                // Dropped unrecorded (cancelled, or no time left), the pass
-                // gives a half-open probe slot back.
-                let Some(pass) = t.health.admit(&snap.breaker) else {
-                    if round == 0 {
-                        skips.push(Skip::Open);
-                    }
-                    continue;
-                };
                 // Back off before trying the same target again.
                 if round > 0 || previous.is_some_and(|p| Arc::ptr_eq(p, t)) {
+                    // A target whose breaker is open is passed over without
+                    // waiting for it; the pass asked for here is given back at
+                    // once, so no half-open probe slot is held while sleeping.
+                    if t.health.admit(&snap.breaker).is_none() {
+                        if round == 0 {
+                            skips.push(Skip::Open);
+                        }
+                        continue;
+                    }
                     let exp = policy.backoff.saturating_mul(1 << (round.min(10)));
                     let jitter = 0.5 + rand::random::<f64>() / 2.0;
                     let mut wait = exp.min(policy.max_backoff).mul_f64(jitter);
@@ -470,6 +471,14 @@ impl Gateway {
                     }
                     tokio::time::sleep(wait).await;
                 }
+                // Taken after any backoff. Dropped unrecorded (cancelled, or no
+                // time left), the pass gives a half-open probe slot back.
+                let Some(pass) = t.health.admit(&snap.breaker) else {
+                    if round == 0 {
+                        skips.push(Skip::Open);
+                    }
+                    continue;
+                };
                 if Instant::now() >= deadline {
                     // Spent waiting for an identical call: no time left to start one.
                     let mut e = UpstreamError::new(
