@@ -264,9 +264,12 @@ impl Gateway {
             }
         }
         let started = Instant::now();
-        let (answer, target, attempts) = self
+        let (answer, target, attempts, counts) = self
             .run_chain(snap, route, chain, &req, private, deadline)
             .await?;
+        // Counted for a context window already (overrides change no text), the
+        // prompt is not counted again for the estimate.
+        let prompt_tokens = counts.known(target.encoding);
         let store = lease.map(|lease| Store {
             lease,
             route: route.name.to_string(),
@@ -285,7 +288,7 @@ impl Gateway {
                     Some(u) => u,
                     None => {
                         let text = tokens::response_text(&resp);
-                        tokens::estimate_async(target.encoding, &req, &text, 0).await
+                        tokens::estimate_async(target.encoding, &req, prompt_tokens, &text, 0).await
                     }
                 };
                 resp.usage = Some(usage);
@@ -312,6 +315,7 @@ impl Gateway {
                     target: target.clone(),
                     arm: arm.map(|a| (a.name.clone(), a.stats.clone())),
                     req,
+                    prompt_tokens,
                     started,
                     output: String::new(),
                     output_beyond: 0,
@@ -408,13 +412,16 @@ impl Gateway {
         req: &ChatRequest,
         private: bool,
         deadline: Instant,
-    ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
+    ) -> Result<(Answer, Arc<Target>, u32, tokens::PromptCounts), GatewayError> {
         let policy = route.retry;
         let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
         let mut attempts = 0u32;
         let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
         let mut skips: Vec<Skip> = Vec::new();
-        let mut prompt_tokens: Option<u32> = None;
+        // The prompt's tokens: bounded from its bytes once, counted (per
+        // encoding) only for a window the bound does not settle.
+        let mut bound: Option<u32> = None;
+        let mut counts = tokens::PromptCounts::default();
         let mut previous: Option<&Arc<Target>> = None;
         let mut round = 0u32;
         'rounds: while attempts < max_attempts {
@@ -430,14 +437,15 @@ impl Gateway {
                     continue;
                 }
                 if let Some(window) = t.capabilities.context_window {
-                    let prompt = match prompt_tokens {
-                        Some(n) => n,
-                        None => *prompt_tokens
-                            .insert(tokens::prompt_tokens_async(t.encoding, req).await),
-                    };
+                    let output = req.params.output_limit().unwrap_or(0);
+                    let bound = *bound.get_or_insert_with(|| tokens::prompt_bound(req));
                     // Saturating: an output limit near u32::MAX must not wrap
                     // into a small number that fits.
-                    let need = prompt.saturating_add(req.params.output_limit().unwrap_or(0));
+                    let need = if tokens::fits_uncounted(bound, output, window) {
+                        0
+                    } else {
+                        counts.get(t.encoding, req).await.saturating_add(output)
+                    };
                     if need > window {
                         if round == 0 {
                             skips.push(Skip::Context(need, window));
@@ -528,7 +536,7 @@ impl Gateway {
                                 .with_label_values(&[&route.name, from, &t.id, e.kind.as_str()])
                                 .inc();
                         }
-                        return Ok((answer, t.clone(), attempts));
+                        return Ok((answer, t.clone(), attempts, counts));
                     }
                     Err(mut e) => {
                         if e.provider.is_empty() {
@@ -1018,6 +1026,8 @@ struct UsageTap {
     target: Arc<Target>,
     arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
     req: ChatRequest,
+    /// The request's prompt tokens in the target's encoding, if already counted.
+    prompt_tokens: Option<u32>,
     started: Instant,
     /// Output text for the estimate, up to the tokenizer's budget…
     output: String,
@@ -1065,6 +1075,7 @@ impl UsageTap {
                 tokens::estimate_async(
                     self.target.encoding,
                     &self.req,
+                    self.prompt_tokens,
                     &self.output,
                     self.output_beyond,
                 )
