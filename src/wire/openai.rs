@@ -602,6 +602,14 @@ impl ChunkDecoder {
                         arguments,
                     }
                 })
+                // A fragment with no id, no name and no argument text adds
+                // nothing to its call (`{}` is three bytes of input and a whole
+                // fragment of output).
+                .filter(|t| {
+                    t.id.is_some()
+                        || t.name.is_some()
+                        || t.arguments.as_deref().is_some_and(|a| !a.is_empty())
+                })
                 .collect();
             if let Some(f) = d.function_call {
                 let first = !self.legacy_call_started;
