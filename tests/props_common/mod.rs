@@ -254,11 +254,13 @@ pub fn held<T: Held>(v: &T) -> usize {
 
 /// The explicit bound on held memory: a decoded value may hold at most this
 /// many bytes per input byte… The canonical values are fixed-size structs (a
-/// tool call or a fragment of one is 72–80 bytes before its text) and the
-/// smallest JSON that yields one is about ten bytes, so the factor leaves
-/// room for that and no more: anything sized from a number, or a few bytes
-/// that each become a struct, exceeds it.
-pub const HELD_PER_BYTE: usize = 16;
+/// message is about 140 bytes before its text, a tool call or a fragment of
+/// one 72–80) while the smallest JSON that yields one is 10–16 bytes, and a
+/// vector grown while parsing may have twice its length in capacity: a list of
+/// empty messages comes to about 20 bytes per byte, the worst found. The
+/// factor leaves room for that and no more: anything sized from a number, or
+/// a few bytes that each become a struct with a buffer, exceeds it.
+pub const HELD_PER_BYTE: usize = 32;
 /// …plus this much whatever the input (generated ids, the fixed size of a
 /// response).
 pub const HELD_SLACK: usize = 16 * 1024;
@@ -392,6 +394,67 @@ mod held_impls {
                 StreamEvent::Delta(d) => d.heap(),
                 StreamEvent::Usage(_) | StreamEvent::Done => 0,
             }
+        }
+    }
+
+    fn map_heap(m: &serde_json::Map<String, serde_json::Value>) -> usize {
+        Held::heap(&serde_json::Value::Object(m.clone()))
+    }
+
+    impl Held for Tool {
+        fn heap(&self) -> usize {
+            self.name.heap() + self.description.heap() + self.parameters.heap()
+        }
+    }
+
+    impl Held for ToolChoice {
+        fn heap(&self) -> usize {
+            match self {
+                ToolChoice::Function(f) => f.heap(),
+                _ => 0,
+            }
+        }
+    }
+
+    impl Held for ResponseFormat {
+        fn heap(&self) -> usize {
+            match self {
+                ResponseFormat::JsonSchema(v) => v.heap(),
+                _ => 0,
+            }
+        }
+    }
+
+    impl Held for Params {
+        fn heap(&self) -> usize {
+            self.stop.heap() + self.user.heap()
+        }
+    }
+
+    impl Held for ChatRequest {
+        fn heap(&self) -> usize {
+            self.model.heap()
+                + self.messages.heap()
+                + self.params.heap()
+                + self.tools.heap()
+                + self.tool_choice.heap()
+                + self.response_format.heap()
+                + map_heap(&self.extra)
+        }
+    }
+
+    impl Held for EmbeddingInput {
+        fn heap(&self) -> usize {
+            match self {
+                EmbeddingInput::Texts(t) => t.heap(),
+                EmbeddingInput::Tokens(t) => t.heap(),
+            }
+        }
+    }
+
+    impl Held for EmbeddingsRequest {
+        fn heap(&self) -> usize {
+            self.model.heap() + self.input.heap() + self.user.heap() + map_heap(&self.extra)
         }
     }
 
