@@ -264,9 +264,12 @@ impl Gateway {
             }
         }
         let started = Instant::now();
-        let (answer, target, attempts) = self
+        let (answer, target, attempts, counts) = self
             .run_chain(snap, route, chain, &req, private, deadline)
             .await?;
+        // Counted for a context window already (overrides change no text), the
+        // prompt is not counted again for the estimate.
+        let prompt_tokens = counts.known(target.encoding);
         let store = lease.map(|lease| Store {
             lease,
             route: route.name.to_string(),
@@ -285,7 +288,7 @@ impl Gateway {
                     Some(u) => u,
                     None => {
                         let text = tokens::response_text(&resp);
-                        tokens::estimate_async(target.encoding, &req, &text, 0).await
+                        tokens::estimate_async(target.encoding, &req, prompt_tokens, &text, 0).await
                     }
                 };
                 resp.usage = Some(usage);
@@ -312,6 +315,7 @@ impl Gateway {
                     target: target.clone(),
                     arm: arm.map(|a| (a.name.clone(), a.stats.clone())),
                     req,
+                    prompt_tokens,
                     started,
                     output: String::new(),
                     output_beyond: 0,
@@ -408,13 +412,16 @@ impl Gateway {
         req: &ChatRequest,
         private: bool,
         deadline: Instant,
-    ) -> Result<(Answer, Arc<Target>, u32), GatewayError> {
+    ) -> Result<(Answer, Arc<Target>, u32, tokens::PromptCounts), GatewayError> {
         let policy = route.retry;
         let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
         let mut attempts = 0u32;
         let mut errors: Vec<(Arc<str>, UpstreamError)> = Vec::new();
         let mut skips: Vec<Skip> = Vec::new();
-        let mut prompt_tokens: Option<u32> = None;
+        // The prompt's tokens: bounded from its bytes once, counted (per
+        // encoding) only for a window the bound does not settle.
+        let mut bound: Option<u32> = None;
+        let mut counts = tokens::PromptCounts::default();
         let mut previous: Option<&Arc<Target>> = None;
         let mut round = 0u32;
         'rounds: while attempts < max_attempts {
@@ -430,14 +437,15 @@ impl Gateway {
                     continue;
                 }
                 if let Some(window) = t.capabilities.context_window {
-                    let prompt = match prompt_tokens {
-                        Some(n) => n,
-                        None => *prompt_tokens
-                            .insert(tokens::prompt_tokens_async(t.encoding, req).await),
-                    };
+                    let output = req.params.output_limit().unwrap_or(0);
+                    let bound = *bound.get_or_insert_with(|| tokens::prompt_bound(req));
                     // Saturating: an output limit near u32::MAX must not wrap
                     // into a small number that fits.
-                    let need = prompt.saturating_add(req.params.output_limit().unwrap_or(0));
+                    let need = if tokens::fits_uncounted(bound, output, window) {
+                        0
+                    } else {
+                        counts.get(t.encoding, req).await.saturating_add(output)
+                    };
                     if need > window {
                         if round == 0 {
                             skips.push(Skip::Context(need, window));
@@ -445,16 +453,17 @@ impl Gateway {
                         continue;
                     }
                 }
-                // Dropped unrecorded (cancelled, or no time left), the pass
-                // gives a half-open probe slot back.
-                let Some(pass) = t.health.admit(&snap.breaker) else {
-                    if round == 0 {
-                        skips.push(Skip::Open);
-                    }
-                    continue;
-                };
                 // Back off before trying the same target again.
                 if round > 0 || previous.is_some_and(|p| Arc::ptr_eq(p, t)) {
+                    // A target whose breaker is open is passed over without
+                    // waiting for it; the pass asked for here is given back at
+                    // once, so no half-open probe slot is held while sleeping.
+                    if t.health.admit(&snap.breaker).is_none() {
+                        if round == 0 {
+                            skips.push(Skip::Open);
+                        }
+                        continue;
+                    }
                     let exp = policy.backoff.saturating_mul(1 << (round.min(10)));
                     let jitter = 0.5 + rand::random::<f64>() / 2.0;
                     let mut wait = exp.min(policy.max_backoff).mul_f64(jitter);
@@ -470,6 +479,14 @@ impl Gateway {
                     }
                     tokio::time::sleep(wait).await;
                 }
+                // Taken after any backoff. Dropped unrecorded (cancelled, or no
+                // time left), the pass gives a half-open probe slot back.
+                let Some(pass) = t.health.admit(&snap.breaker) else {
+                    if round == 0 {
+                        skips.push(Skip::Open);
+                    }
+                    continue;
+                };
                 if Instant::now() >= deadline {
                     // Spent waiting for an identical call: no time left to start one.
                     let mut e = UpstreamError::new(
@@ -519,7 +536,7 @@ impl Gateway {
                                 .with_label_values(&[&route.name, from, &t.id, e.kind.as_str()])
                                 .inc();
                         }
-                        return Ok((answer, t.clone(), attempts));
+                        return Ok((answer, t.clone(), attempts, counts));
                     }
                     Err(mut e) => {
                         if e.provider.is_empty() {
@@ -916,12 +933,52 @@ fn cut_after(mut inner: EventStream, n: usize) -> EventStream {
     })
 }
 
+/// Events a stream may send before its first output: the stream's identity
+/// and a role per choice (at most 64) are all a well-behaved backend sends, and
+/// the decoders drop deltas that carry nothing.
+const HEAD_MAX_EVENTS: usize = 256;
+/// Bytes those events may hold (their own size and their text).
+const HEAD_MAX_BYTES: usize = 256 * 1024;
+
+/// What an event held in memory costs, roughly: its own size and its text.
+fn event_bytes(ev: &StreamEvent) -> usize {
+    let text = match ev {
+        StreamEvent::Meta(m) => {
+            m.id.len() + m.model.len() + m.system_fingerprint.as_ref().map_or(0, String::len)
+        }
+        StreamEvent::Delta(d) => {
+            let tools: usize = d
+                .tool_calls
+                .iter()
+                .map(|t| {
+                    std::mem::size_of::<ToolCallDelta>()
+                        + [&t.id, &t.name, &t.arguments]
+                            .iter()
+                            .map(|s| s.as_ref().map_or(0, String::len))
+                            .sum::<usize>()
+                })
+                .sum();
+            d.content.as_ref().map_or(0, String::len)
+                + d.reasoning.as_ref().map_or(0, String::len)
+                + tools
+        }
+        StreamEvent::Usage(_) | StreamEvent::Done => 0,
+    };
+    std::mem::size_of::<StreamEvent>().saturating_add(text)
+}
+
 /// Reads events until the first one a client would see as output (text, a tool
 /// call, usage or the end). Returns them with the rest of the stream.
+///
+/// What comes before the output is held, so it is bounded: past
+/// [`HEAD_MAX_EVENTS`] events or [`HEAD_MAX_BYTES`] bytes without output the
+/// attempt fails with `malformed_response`. Nothing has gone to the client yet,
+/// so the route can still fall back; a legitimate stream never comes near it.
 async fn peek_output(
     mut stream: EventStream,
 ) -> Result<(Vec<StreamEvent>, EventStream), UpstreamError> {
     let mut head = Vec::new();
+    let mut held = 0usize;
     while let Some(ev) = stream.next().await {
         let ev = ev?;
         let output = match &ev {
@@ -929,6 +986,18 @@ async fn peek_output(
             StreamEvent::Usage(_) | StreamEvent::Done => true,
             StreamEvent::Meta(_) => false,
         };
+        if !output {
+            held = held.saturating_add(event_bytes(&ev));
+            if head.len() >= HEAD_MAX_EVENTS || held > HEAD_MAX_BYTES {
+                return Err(UpstreamError::new(
+                    ErrorKind::MalformedResponse,
+                    format!(
+                        "backend sent more than {} events or {} bytes before any output",
+                        HEAD_MAX_EVENTS, HEAD_MAX_BYTES
+                    ),
+                ));
+            }
+        }
         head.push(ev);
         if output {
             break;
@@ -957,6 +1026,8 @@ struct UsageTap {
     target: Arc<Target>,
     arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
     req: ChatRequest,
+    /// The request's prompt tokens in the target's encoding, if already counted.
+    prompt_tokens: Option<u32>,
     started: Instant,
     /// Output text for the estimate, up to the tokenizer's budget…
     output: String,
@@ -1004,6 +1075,7 @@ impl UsageTap {
                 tokens::estimate_async(
                     self.target.encoding,
                     &self.req,
+                    self.prompt_tokens,
                     &self.output,
                     self.output_beyond,
                 )
@@ -1105,7 +1177,59 @@ impl UsageTap {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn events(evs: Vec<StreamEvent>) -> EventStream {
+        Box::pin(futures_util::stream::iter(evs.into_iter().map(Ok)))
+    }
+
+    fn role_only(choice: u32) -> StreamEvent {
+        StreamEvent::Delta(Delta {
+            choice,
+            role: Some(Role::Assistant),
+            ..Delta::default()
+        })
+    }
+
+    fn text(t: &str) -> StreamEvent {
+        StreamEvent::Delta(Delta {
+            content: Some(t.into()),
+            ..Delta::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn what_comes_before_the_first_output_is_bounded() {
+        // A well-behaved start: the identity, a role per choice, then output.
+        let mut evs = vec![StreamEvent::Meta(StreamMeta::default())];
+        evs.extend((0..64).map(role_only));
+        evs.push(text("hi"));
+        evs.push(text("after"));
+        let (head, mut rest) = peek_output(events(evs)).await.unwrap();
+        assert_eq!(head.len(), 66);
+        assert_eq!(head.last(), Some(&text("hi")));
+        assert_eq!(rest.next().await.unwrap().unwrap(), text("after"));
+
+        // Events without output, without end: an error once past the count,
+        // however much output would follow.
+        let mut evs: Vec<StreamEvent> = (0..100_000).map(|i| role_only(i % 64)).collect();
+        evs.push(text("too late"));
+        let e = match peek_output(events(evs)).await {
+            Err(e) => e,
+            Ok((head, _)) => panic!("held {} events", head.len()),
+        };
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+
+        // A few events holding a lot of text are stopped by the byte bound.
+        let big = StreamEvent::Meta(StreamMeta {
+            id: "i".repeat(100 * 1024),
+            ..StreamMeta::default()
+        });
+        let evs = vec![big.clone(), big.clone(), big, text("x")];
+        let e = peek_output(events(evs)).await.err().unwrap();
+        assert_eq!(e.kind, ErrorKind::MalformedResponse);
+    }
 
     #[test]
     fn collected_output_stops_at_its_cap_on_a_char_boundary() {

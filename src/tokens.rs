@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
 
-use crate::canonical::{ChatRequest, ChatResponse, Message, Usage};
+use crate::canonical::{ChatRequest, ChatResponse, Content, Message, Part, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -78,8 +78,17 @@ pub const EXACT_BYTES: usize = 256 * 1024;
 /// Counts over less text than this run on the calling thread (if the encoding
 /// is loaded); larger ones go to the blocking pool, a few at a time.
 pub const INLINE_BYTES: usize = 8 * 1024;
-/// Heavy counts running at once; more wait their turn.
-const HEAVY_AT_ONCE: usize = 2;
+
+/// Heavy counts running at once: one per CPU the process may use (more would
+/// only queue for the CPUs); further counts wait their turn.
+pub fn heavy_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+}
+
+fn heavy() -> &'static tokio::sync::Semaphore {
+    static HEAVY: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    HEAVY.get_or_init(|| tokio::sync::Semaphore::new(heavy_slots()))
+}
 
 /// About four bytes per token: the estimate where the tokenizer is not used.
 fn rough(bytes: usize) -> u32 {
@@ -156,17 +165,16 @@ impl<'a> Tally<'a> {
     }
 
     /// Counts on the calling thread when cheap, else on the blocking pool with
-    /// at most [`HEAVY_AT_ONCE`] counts running; a failed count is an estimate.
+    /// at most [`heavy_slots`] counts running; a failed count is an estimate.
     async fn run_async(self, enc: Encoding) -> u32 {
         let loaded = table(enc).get().is_some();
         if loaded && self.exact_bytes < INLINE_BYTES {
             return self.run(enc);
         }
-        static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HEAVY_AT_ONCE);
         let fallback = self
             .fixed
             .saturating_add(rough(self.exact_bytes.saturating_add(self.rest_bytes)));
-        let Ok(permit) = HEAVY.acquire().await else {
+        let Ok(permit) = heavy().acquire().await else {
             return fallback;
         };
         let owned = Tally {
@@ -217,6 +225,105 @@ fn add_prompt<'a>(t: &mut Tally<'a>, req: &'a ChatRequest) {
     }
 }
 
+/// An upper bound on [`prompt_tokens`] for any encoding, without tokenizing:
+/// every token covers at least one byte (and text past [`EXACT_BYTES`] is
+/// estimated at a quarter of its bytes), so the text's bytes plus the
+/// per-message framing are never fewer than the count. Linear, allocation-free.
+pub fn prompt_bound(req: &ChatRequest) -> u32 {
+    let mut bytes = 0usize;
+    let mut fixed = 3u32;
+    for m in &req.messages {
+        fixed = fixed.saturating_add(4);
+        match &m.content {
+            Some(Content::Text(t)) => bytes = bytes.saturating_add(t.len()),
+            Some(Content::Parts(parts)) => {
+                for p in parts {
+                    if let Part::Text(t) = p {
+                        bytes = bytes.saturating_add(t.len());
+                    }
+                }
+            }
+            None => {}
+        }
+        for tc in &m.tool_calls {
+            bytes = bytes
+                .saturating_add(tc.name.len())
+                .saturating_add(tc.arguments.len());
+        }
+    }
+    for tool in &req.tools {
+        bytes = bytes
+            .saturating_add(tool.name.len())
+            .saturating_add(tool.description.as_ref().map_or(0, String::len));
+        if let Some(p) = &tool.parameters {
+            bytes = bytes.saturating_add(json_len(p));
+        }
+    }
+    u32::try_from(bytes)
+        .unwrap_or(u32::MAX)
+        .saturating_add(fixed)
+}
+
+/// The length of a value's compact JSON text, without writing it anywhere.
+fn json_len(v: &serde_json::Value) -> usize {
+    struct Len(usize);
+    impl std::io::Write for Len {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = Len(0);
+    let _ = serde_json::to_writer(&mut w, v);
+    w.0
+}
+
+/// Whether a request surely fits a context window without counting its
+/// tokens: its [`prompt_bound`] plus the output it asks for is within the
+/// window. Only when this is false is an exact count worth its cost.
+pub fn fits_uncounted(bound: u32, output_limit: u32, window: u32) -> bool {
+    bound.saturating_add(output_limit) <= window
+}
+
+/// A request's prompt tokens, counted at most once per encoding and shared by
+/// the context-window checks and the usage estimate.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PromptCounts {
+    o200k: Option<u32>,
+    cl100k: Option<u32>,
+}
+
+impl PromptCounts {
+    fn slot(&mut self, enc: Encoding) -> &mut Option<u32> {
+        match enc {
+            Encoding::O200k => &mut self.o200k,
+            Encoding::Cl100k => &mut self.cl100k,
+        }
+    }
+
+    /// The count in `enc`, if it was taken.
+    pub fn known(&self, enc: Encoding) -> Option<u32> {
+        match enc {
+            Encoding::O200k => self.o200k,
+            Encoding::Cl100k => self.cl100k,
+        }
+    }
+
+    /// The count in `enc`, taken now (off the worker if large) unless it was
+    /// taken before.
+    pub async fn get(&mut self, enc: Encoding, req: &ChatRequest) -> u32 {
+        if let Some(n) = self.known(enc) {
+            return n;
+        }
+        let n = prompt_tokens_async(enc, req).await;
+        *self.slot(enc) = Some(n);
+        n
+    }
+}
+
 pub fn prompt_tokens(enc: Encoding, req: &ChatRequest) -> u32 {
     let mut t = Tally::default();
     add_prompt(&mut t, req);
@@ -247,14 +354,20 @@ pub fn estimate(enc: Encoding, req: &ChatRequest, output: &str) -> Usage {
 }
 
 /// [`estimate`] without holding up the async worker on a large request;
-/// `output_beyond` is output text not kept (past the budget), in bytes.
+/// `prompt` is the request's count in `enc` if it was already taken (it is
+/// not taken again); `output_beyond` is output text not kept (past the
+/// budget), in bytes.
 pub async fn estimate_async(
     enc: Encoding,
     req: &ChatRequest,
+    prompt: Option<u32>,
     output: &str,
     output_beyond: usize,
 ) -> Usage {
-    let prompt = prompt_tokens_async(enc, req).await;
+    let prompt = match prompt {
+        Some(n) => n,
+        None => prompt_tokens_async(enc, req).await,
+    };
     let mut t = Tally::default();
     t.add(output);
     t.rest_bytes = t.rest_bytes.saturating_add(output_beyond);
@@ -284,6 +397,7 @@ pub fn response_text(resp: &ChatResponse) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -331,9 +445,117 @@ mod tests {
         ));
         let big = prompt_tokens_async(Encoding::Cl100k, &req).await;
         assert_eq!(big, prompt_tokens(Encoding::Cl100k, &req));
-        let u = estimate_async(Encoding::Cl100k, &req, "hello world", 400).await;
+        let u = estimate_async(Encoding::Cl100k, &req, None, "hello world", 400).await;
         assert_eq!(u.completion_tokens, 2 + 100);
         assert!(u.estimated);
+    }
+
+    fn request(messages: Vec<Message>) -> ChatRequest {
+        ChatRequest {
+            model: "m".into(),
+            messages,
+            params: Default::default(),
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
+            stream: false,
+            include_usage: false,
+            extra: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_byte_bound_is_never_below_the_count() {
+        use crate::canonical::{Role, Tool, ToolCall};
+        let texts = [
+            "hello world".to_string(),
+            "日本語のテキストと絵文字 🎉🎉🎉 mixed with ASCII".repeat(50),
+            " ".repeat(1_000_000),
+            "a".repeat(EXACT_BYTES + 10),
+            "é".repeat(EXACT_BYTES),
+            String::new(),
+        ];
+        for t in &texts {
+            let mut req = request(vec![
+                Message::text(Role::System, "be brief"),
+                Message::text(Role::User, t.as_str()),
+            ]);
+            let mut call = Message::text(Role::Assistant, "");
+            call.tool_calls.push(ToolCall {
+                id: "c".into(),
+                name: "lookup".into(),
+                arguments: r#"{"q":"ü"}"#.into(),
+            });
+            req.messages.push(call);
+            req.messages.push(Message {
+                content: Some(Content::Parts(vec![
+                    Part::Text("part one".into()),
+                    Part::Text(t.clone()),
+                ])),
+                ..Message::text(Role::User, "")
+            });
+            req.tools.push(Tool {
+                name: "lookup".into(),
+                description: Some("finds things".into()),
+                parameters: Some(
+                    serde_json::json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+                ),
+                strict: None,
+            });
+            let bound = prompt_bound(&req);
+            for enc in [Encoding::Cl100k, Encoding::O200k] {
+                let n = prompt_tokens(enc, &req);
+                assert!(bound >= n, "{enc:?}: bound {bound} < count {n}");
+            }
+        }
+        // Bytes plus the framing: 3 for the reply, 4 per message.
+        let req = request(vec![Message::text(Role::User, "hello world")]);
+        assert_eq!(prompt_bound(&req), 11 + 3 + 4);
+    }
+
+    #[test]
+    fn a_window_the_bound_settles_needs_no_count() {
+        assert!(fits_uncounted(100, 50, 150));
+        assert!(!fits_uncounted(100, 51, 150));
+        // Saturating: nothing wraps into a small number that fits.
+        assert!(!fits_uncounted(u32::MAX, 1, u32::MAX - 1));
+        assert!(!fits_uncounted(10, u32::MAX, 1_000_000));
+        assert!(fits_uncounted(0, u32::MAX, u32::MAX));
+        // A small prompt on a large window is settled by its bytes alone.
+        let req = request(vec![Message::text(
+            crate::canonical::Role::User,
+            "x".repeat(INLINE_BYTES * 4),
+        )]);
+        assert!(fits_uncounted(prompt_bound(&req), 4096, 128_000));
+        assert!(!fits_uncounted(prompt_bound(&req), 4096, 8_192));
+    }
+
+    #[test]
+    fn the_heavy_pool_follows_the_cpus() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(heavy_slots(), cpus);
+        assert!(heavy_slots() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_prompt_is_counted_once_per_encoding_and_reused() {
+        let req = request(vec![Message::text(
+            crate::canonical::Role::User,
+            "hello world",
+        )]);
+        let mut counts = PromptCounts::default();
+        assert_eq!(counts.known(Encoding::Cl100k), None);
+        let n = counts.get(Encoding::Cl100k, &req).await;
+        assert_eq!(n, prompt_tokens(Encoding::Cl100k, &req));
+        assert_eq!(counts.known(Encoding::Cl100k), Some(n));
+        assert_eq!(counts.known(Encoding::O200k), None);
+        // A count already taken is what the estimate reports, not a new one.
+        let u = estimate_async(Encoding::Cl100k, &req, Some(12_345), "hello world", 0).await;
+        assert_eq!(u.prompt_tokens, 12_345);
+        assert_eq!(u.completion_tokens, 2);
+        let u = estimate_async(Encoding::Cl100k, &req, None, "", 0).await;
+        assert_eq!(u.prompt_tokens, n);
     }
 
     #[test]

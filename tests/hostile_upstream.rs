@@ -113,6 +113,10 @@ fn chunk(index: u64, delta: Value, finish: Value) -> Value {
 
 const BIG: u64 = 4_294_967_295;
 
+/// Rounds of 3000 empty deltas (about 150 KB) the `empty-flood` fake sends
+/// before its output: 200 rounds are 600,000 events, about 30 MB on the wire.
+const FLOOD_ROUNDS: usize = 200;
+
 async fn behave(sock: &mut TcpStream, behaviour: &str, stream: bool) -> std::io::Result<()> {
     match (behaviour, stream) {
         ("giant-index", true) => {
@@ -176,6 +180,38 @@ async fn behave(sock: &mut TcpStream, behaviour: &str, stream: bool) -> std::io:
             loop {
                 sock.write_all(piece.as_bytes()).await?;
             }
+        }
+        ("empty-flood", true) => {
+            // Before any output, a flood of deltas that carry nothing: no fields,
+            // a repeated role, empty content. Each is a few dozen bytes on the
+            // wire; then one word, the finish and the end.
+            let mut first = head("200 OK", "text/event-stream", "");
+            first += &sse(&chunk(
+                0,
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            ));
+            sock.write_all(first.as_bytes()).await?;
+            let empties = [
+                "data: {\"choices\":[{\"index\":0,\"delta\":{}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"}}]}\n\n",
+            ];
+            let piece: String = empties.concat().repeat(1000);
+            for _ in 0..FLOOD_ROUNDS {
+                sock.write_all(piece.as_bytes()).await?;
+            }
+            let mut last = sse(&chunk(0, json!({"content": "flood-over"}), Value::Null));
+            last += &sse(&chunk(0, json!({}), json!("stop")));
+            // Usage reported, so no tokenizer is loaded to estimate it (its
+            // tables would dwarf what is measured here).
+            last += &sse(
+                &json!({"id": "chatcmpl-h", "object": "chat.completion.chunk",
+                "created": 1, "model": "m", "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}),
+            );
+            last += "data: [DONE]\n\n";
+            sock.write_all(last.as_bytes()).await
         }
         ("endless-pings", _) => {
             // Keep-alive comments only, as fast as the socket takes them.
@@ -397,6 +433,7 @@ async fn setup() -> Setup {
     }
     gateway += "  h-retry-after:\n    provider: hostile\n    model: retry-after\n    \
                 retry: {max_attempts: 3, backoff: 10ms, max_backoff: 50ms, deadline: 5s}\n";
+    gateway += "  h-empty-flood:\n    provider: hwide\n    model: empty-flood\n";
     gateway += "  h-qgiant:\n    provider: qgiant\n    model: ernie-speed\n";
     gateway += "  h-qendless:\n    provider: qendless\n    model: ernie-speed\n";
     gateway += "  h-gemini:\n    provider: gem\n    model: gemini-2.5-flash\n    \
@@ -408,6 +445,16 @@ async fn setup() -> Setup {
             format!(
                 "kind: openai\nbase_url: http://{addr}/v1\nauth: none\n\
                  timeouts: {{connect: 1s, headers: 2s, idle: 1s, total: 3s}}\n{limits}"
+            ),
+        ),
+        (
+            // The default response limit (64 MiB), where a flood of empty deltas
+            // fits many times over.
+            "hwide.yaml",
+            format!(
+                "kind: openai\nbase_url: http://{addr}/v1\nauth: none\n\
+                 timeouts: {{connect: 1s, headers: 5s, idle: 5s, total: 60s}}\n\
+                 max_response_bytes: 67108864\nmax_line_bytes: {MAX_LINE}\n"
             ),
         ),
         (
@@ -442,6 +489,19 @@ fn rss_kb(pid: u32) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The peak resident memory of a process so far (`VmHWM`), in KB: what a
+/// buffer that grew and was freed again still shows.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
@@ -616,6 +676,34 @@ async fn giant_indexes_and_numbers_do_not_take_the_process_down() {
         base,
         s.rss()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_deltas_before_output_is_not_buffered() {
+    let s = setup().await;
+    let pid = s.gw.child.id();
+    let base = peak_rss_kb(pid);
+    for i in 0..2 {
+        let id = format!("req-empty-flood-{i}");
+        let started = Instant::now();
+        let (status, _, body) = s.chat("h-empty-flood", true, &id).await;
+        assert_eq!(status, 200, "{body:.400}");
+        let evs = events(&body);
+        assert_eq!(
+            evs.last().map(String::as_str),
+            Some("[DONE]"),
+            "{body:.400}"
+        );
+        assert!(body.contains("flood-over"), "{body:.400}");
+        // The empties are not relayed one by one either.
+        assert!(evs.len() < 16, "{} events", evs.len());
+        assert!(started.elapsed() < Duration::from_secs(30));
+        s.assert_alive().await;
+    }
+    // Held until the first output, 600,000 events would take tens of MB; the
+    // peak, not only what is resident afterwards, must stay small.
+    let peak = peak_rss_kb(pid);
+    assert!(peak < base + 24 * 1024, "peak RSS {base} KB -> {peak} KB");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use promptgate::wire::{anthropic, openai};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use props_common::{bound, mutate, mutations, size_of, subjects};
+use props_common::{bound, held, held_bound, mutate, mutations, size_of, subjects};
 
 const OPENAI: &[&str] = &[
     r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Say hello."}],"temperature":0.2,"top_p":0.9,"max_tokens":256,"n":1,"stop":["\n\n","END"],"seed":7,"user":"u-1","stream":true,"stream_options":{"include_usage":true}}"#,
@@ -60,6 +60,12 @@ fn check_chat(
             "request of {} bytes decoded to {n}",
             input.len()
         );
+        let h = held(&req);
+        assert!(
+            h <= held_bound(input.len()),
+            "request of {} bytes holds {h} bytes",
+            input.len()
+        );
         encode_everywhere(&req, input.len());
     }
 }
@@ -68,6 +74,12 @@ fn check_embeddings(input: &[u8]) {
     if let Ok(req) = openai::decode_embeddings_request(input) {
         let n = size_of(&req);
         assert!(n <= bound(input.len()), "{n}");
+        let h = held(&req);
+        assert!(
+            h <= held_bound(input.len()),
+            "embeddings request of {} bytes holds {h} bytes",
+            input.len()
+        );
         for s in subjects() {
             if let Ok(call) = s.codec.embeddings_call(&req, "model-x") {
                 assert!(call.body.len() <= bound(input.len()), "{}", s.name);
@@ -134,6 +146,50 @@ fn ingress_survives_every_number_made_hostile() {
             }
         }
     }
+}
+
+/// Requests that repeat something small many times: what they decode to
+/// holds at most a fixed multiple of their size.
+#[test]
+fn repeated_small_items_hold_little() {
+    let n = 5_000;
+    let list = |item: &str| vec![item; n].join(",");
+    let openai_bodies = [
+        format!(
+            r#"{{"model":"m","messages":[{}]}}"#,
+            list(r#"{"role":"user"}"#)
+        ),
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{}]}}]}}"#,
+            list(r#"{"type":"text","text":""}"#)
+        ),
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{}]}}]}}"#,
+            list(r#"{"id":"a","type":"function","function":{"name":"f"}}"#)
+        ),
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"stop":[{}]}}"#,
+            list(r#""""#)
+        ),
+    ];
+    for body in &openai_bodies {
+        check_chat(openai::decode_chat_request, body.as_bytes());
+    }
+    let anthropic_bodies = [
+        format!(
+            r#"{{"model":"c","max_tokens":1,"messages":[{}]}}"#,
+            list(r#"{"role":"user","content":"x"}"#)
+        ),
+        format!(
+            r#"{{"model":"c","max_tokens":1,"messages":[{{"role":"user","content":[{}]}}]}}"#,
+            list(r#"{"type":"text","text":"x"}"#)
+        ),
+    ];
+    for body in &anthropic_bodies {
+        check_chat(anthropic::decode_chat_request, body.as_bytes());
+    }
+    check_embeddings(format!(r#"{{"model":"e","input":[{}]}}"#, list("[]")).as_bytes());
+    check_embeddings(format!(r#"{{"model":"e","input":[{}]}}"#, list(r#""""#)).as_bytes());
 }
 
 #[test]

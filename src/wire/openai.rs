@@ -544,6 +544,8 @@ pub struct ChunkDecoder {
     /// ChatGLM3's server sends `function_call` and then a trailing `stop`; the
     /// first finish reason of a choice is the one that counts.
     finished_choices: u64,
+    /// Choices (by index, below 64) whose role was already announced.
+    announced_choices: u64,
 }
 
 impl ChunkDecoder {
@@ -600,6 +602,14 @@ impl ChunkDecoder {
                         arguments,
                     }
                 })
+                // A fragment with no id, no name and no argument text adds
+                // nothing to its call (`{}` is three bytes of input and a whole
+                // fragment of output).
+                .filter(|t| {
+                    t.id.is_some()
+                        || t.name.is_some()
+                        || t.arguments.as_deref().is_some_and(|a| !a.is_empty())
+                })
                 .collect();
             if let Some(f) = d.function_call {
                 let first = !self.legacy_call_started;
@@ -633,6 +643,17 @@ impl ChunkDecoder {
                 finish_reason,
             };
             if dropped_finish && !delta.has_output() {
+                continue;
+            }
+            // A delta with nothing in it (`{}`, empty content, a role already
+            // announced) is dropped here: backends send them freely, and each
+            // would otherwise cost an event, held until the first output.
+            let bit = 1u64.checked_shl(ch.index).unwrap_or(0);
+            let new_role = delta.role.is_some() && self.announced_choices & bit == 0;
+            if delta.role.is_some() {
+                self.announced_choices |= bit;
+            }
+            if !new_role && !delta.has_output() && delta.finish_reason.is_none() {
                 continue;
             }
             out.push(StreamEvent::Delta(delta));
@@ -2084,6 +2105,48 @@ mod tests {
         let chunk = r#"{"id":"c","choices":[{"index":4294967295,"delta":{"content":"x"}}]}"#;
         let e = dec.decode(chunk, &mut out).unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
+    }
+
+    #[test]
+    fn deltas_that_carry_nothing_are_dropped() {
+        let mut dec = ChunkDecoder::default();
+        let mut out = Vec::new();
+        let first =
+            r#"{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        dec.decode(first, &mut out).unwrap();
+        // The stream's identity and the first role of the choice are kept.
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[1], StreamEvent::Delta(d) if d.role == Some(Role::Assistant)));
+        out.clear();
+        for _ in 0..100 {
+            for empty in [
+                r#"{"choices":[{"index":0,"delta":{}}]}"#,
+                r#"{"choices":[{"index":0}]}"#,
+                r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#,
+                r#"{"choices":[{"index":0,"delta":{"content":"","tool_calls":[]}}]}"#,
+            ] {
+                dec.decode(empty, &mut out).unwrap();
+            }
+        }
+        assert!(out.is_empty(), "{out:?}");
+        // A second choice announces its own role once; output and the finish
+        // always pass.
+        dec.decode(
+            r#"{"choices":[{"index":1,"delta":{"role":"assistant"}},{"index":0,"delta":{"content":"x"}}]}"#,
+            &mut out,
+        )
+        .unwrap();
+        dec.decode(
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(matches!(&out[0], StreamEvent::Delta(d) if d.choice == 1 && !d.has_output()));
+        assert!(matches!(&out[1], StreamEvent::Delta(d) if d.content.as_deref() == Some("x")));
+        assert!(
+            matches!(&out[2], StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Stop))
+        );
     }
 
     #[test]

@@ -237,3 +237,230 @@ pub fn rerun_under_memory_cap(me: &str, kib: u64) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What a decoded value holds in memory: its own size and every heap block it
+/// owns, by capacity, so a buffer reserved from a number in the input counts
+/// even while it stays empty. Unlike [`size_of`] (the length of its `Debug`
+/// text), this is the memory a decoder's output keeps alive.
+pub trait Held {
+    /// Heap bytes owned, not counting the value itself.
+    fn heap(&self) -> usize;
+}
+
+/// The memory `v` holds: its own size plus [`Held::heap`].
+pub fn held<T: Held>(v: &T) -> usize {
+    std::mem::size_of::<T>() + v.heap()
+}
+
+/// The explicit bound on held memory: a decoded value may hold at most this
+/// many bytes per input byte… The canonical values are fixed-size structs (a
+/// message is about 140 bytes before its text, a tool call or a fragment of
+/// one 72–80) while the smallest JSON that yields one is 10–16 bytes, and a
+/// vector grown while parsing may have twice its length in capacity: a list of
+/// empty messages comes to about 20 bytes per byte, the worst found. The
+/// factor leaves room for that and no more: anything sized from a number, or
+/// a few bytes that each become a struct with a buffer, exceeds it.
+pub const HELD_PER_BYTE: usize = 32;
+/// …plus this much whatever the input (generated ids, the fixed size of a
+/// response).
+pub const HELD_SLACK: usize = 16 * 1024;
+
+pub fn held_bound(n: usize) -> usize {
+    HELD_PER_BYTE.saturating_mul(n).saturating_add(HELD_SLACK)
+}
+
+impl Held for String {
+    fn heap(&self) -> usize {
+        self.capacity()
+    }
+}
+
+impl<T: Held> Held for Option<T> {
+    fn heap(&self) -> usize {
+        self.as_ref().map_or(0, Held::heap)
+    }
+}
+
+impl<T: Held> Held for Vec<T> {
+    fn heap(&self) -> usize {
+        self.capacity() * std::mem::size_of::<T>() + self.iter().map(Held::heap).sum::<usize>()
+    }
+}
+
+impl Held for f32 {
+    fn heap(&self) -> usize {
+        0
+    }
+}
+
+impl Held for u32 {
+    fn heap(&self) -> usize {
+        0
+    }
+}
+
+impl Held for serde_json::Value {
+    fn heap(&self) -> usize {
+        use serde_json::Value;
+        match self {
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+            Value::String(s) => s.heap(),
+            Value::Array(a) => a.heap(),
+            // A map entry: its key, its value and about three words of node.
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| k.heap() + std::mem::size_of::<(String, Value)>() + 3 * 8 + v.heap())
+                .sum(),
+        }
+    }
+}
+
+mod held_impls {
+    use super::Held;
+    use promptgate::canonical::*;
+
+    impl Held for Part {
+        fn heap(&self) -> usize {
+            match self {
+                Part::Text(t) => t.heap(),
+                Part::Image { url, detail } => url.heap() + detail.heap(),
+                Part::Other(v) => v.heap(),
+            }
+        }
+    }
+
+    impl Held for Content {
+        fn heap(&self) -> usize {
+            match self {
+                Content::Text(t) => t.heap(),
+                Content::Parts(p) => p.heap(),
+            }
+        }
+    }
+
+    impl Held for ToolCall {
+        fn heap(&self) -> usize {
+            self.id.heap() + self.name.heap() + self.arguments.heap()
+        }
+    }
+
+    impl Held for Message {
+        fn heap(&self) -> usize {
+            self.content.heap()
+                + self.name.heap()
+                + self.tool_calls.heap()
+                + self.tool_call_id.heap()
+                + self.reasoning.heap()
+        }
+    }
+
+    impl Held for Choice {
+        fn heap(&self) -> usize {
+            self.message.heap()
+        }
+    }
+
+    impl Held for ChatResponse {
+        fn heap(&self) -> usize {
+            self.id.heap()
+                + self.model.heap()
+                + self.choices.heap()
+                + self.system_fingerprint.heap()
+        }
+    }
+
+    impl Held for ToolCallDelta {
+        fn heap(&self) -> usize {
+            self.id.heap() + self.name.heap() + self.arguments.heap()
+        }
+    }
+
+    impl Held for Delta {
+        fn heap(&self) -> usize {
+            self.content.heap() + self.reasoning.heap() + self.tool_calls.heap()
+        }
+    }
+
+    impl Held for StreamMeta {
+        fn heap(&self) -> usize {
+            self.id.heap() + self.model.heap() + self.system_fingerprint.heap()
+        }
+    }
+
+    impl Held for StreamEvent {
+        fn heap(&self) -> usize {
+            match self {
+                StreamEvent::Meta(m) => m.heap(),
+                StreamEvent::Delta(d) => d.heap(),
+                StreamEvent::Usage(_) | StreamEvent::Done => 0,
+            }
+        }
+    }
+
+    fn map_heap(m: &serde_json::Map<String, serde_json::Value>) -> usize {
+        Held::heap(&serde_json::Value::Object(m.clone()))
+    }
+
+    impl Held for Tool {
+        fn heap(&self) -> usize {
+            self.name.heap() + self.description.heap() + self.parameters.heap()
+        }
+    }
+
+    impl Held for ToolChoice {
+        fn heap(&self) -> usize {
+            match self {
+                ToolChoice::Function(f) => f.heap(),
+                _ => 0,
+            }
+        }
+    }
+
+    impl Held for ResponseFormat {
+        fn heap(&self) -> usize {
+            match self {
+                ResponseFormat::JsonSchema(v) => v.heap(),
+                _ => 0,
+            }
+        }
+    }
+
+    impl Held for Params {
+        fn heap(&self) -> usize {
+            self.stop.heap() + self.user.heap()
+        }
+    }
+
+    impl Held for ChatRequest {
+        fn heap(&self) -> usize {
+            self.model.heap()
+                + self.messages.heap()
+                + self.params.heap()
+                + self.tools.heap()
+                + self.tool_choice.heap()
+                + self.response_format.heap()
+                + map_heap(&self.extra)
+        }
+    }
+
+    impl Held for EmbeddingInput {
+        fn heap(&self) -> usize {
+            match self {
+                EmbeddingInput::Texts(t) => t.heap(),
+                EmbeddingInput::Tokens(t) => t.heap(),
+            }
+        }
+    }
+
+    impl Held for EmbeddingsRequest {
+        fn heap(&self) -> usize {
+            self.model.heap() + self.input.heap() + self.user.heap() + map_heap(&self.extra)
+        }
+    }
+
+    impl Held for EmbeddingsResponse {
+        fn heap(&self) -> usize {
+            self.model.heap() + self.vectors.heap()
+        }
+    }
+}
