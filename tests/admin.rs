@@ -16,6 +16,12 @@ async fn out_of_range_numbers_are_rejected_not_panicked_on() {
         r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": -1}"#,
         r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": 1e300}"#,
         r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": -0.5}"#,
+        // Durations as text are held to the same bound as numbers.
+        r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": "100000y"}"#,
+        r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": "61min"}"#,
+        r#"{"provider": "fake", "fault": "down", "duration": "100000y"}"#,
+        r#"{"provider": "fake", "fault": "down", "duration": "3601s"}"#,
+        r#"{"provider": "fake", "fault": "slow", "duration": "10s", "latency": "99999999999999999999y"}"#,
     ];
     for body in bodies {
         let r = client()
@@ -39,6 +45,15 @@ async fn out_of_range_numbers_are_rejected_not_panicked_on() {
         .post(gw.admin_url("/admin/faults"))
         .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({"provider": "fake", "fault": "slow", "duration": 5, "latency": 0.01}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // And so does a text duration at the bound.
+    let r = client()
+        .post(gw.admin_url("/admin/faults"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&serde_json::json!({"provider": "fake", "fault": "slow", "duration": "1h", "latency": "10ms"}))
         .send()
         .await
         .unwrap();
