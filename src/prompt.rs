@@ -446,7 +446,10 @@ pub fn check_chat_template(source: &str) -> Result<(), String> {
         add_generation_prompt => true,
         bos_token => "",
     };
-    match env.get_template("t").and_then(|t| t.render(sample)) {
+    match env
+        .get_template("t")
+        .and_then(|t| render_capped(&t, sample, output_cap(0)))
+    {
         Err(e) if over_limits(&e) => Err(format!(
             "{} on a sample four-message conversation",
             limits_message()
@@ -542,7 +545,15 @@ impl Registry {
                         for h in &hooks {
                             sample.insert((*h).to_owned(), Value::String("sample context".into()));
                         }
-                        if let Err(e) = t.render(minijinja::Value::from_serialize(&sample)) {
+                        let cap = output_cap(
+                            sample
+                                .values()
+                                .map(text_bytes)
+                                .fold(0, usize::saturating_add),
+                        );
+                        if let Err(e) =
+                            render_capped(&t, minijinja::Value::from_serialize(&sample), cap)
+                        {
                             if over_limits(&e) {
                                 problems.push(Problem {
                                     file: file.clone(),
@@ -845,6 +856,10 @@ mod tests {
         let runaway = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ m.role }}{% endfor %}{% endfor %}{% endfor %}";
         let e = check_chat_template(runaway).unwrap_err();
         assert!(e.contains("execution budget"), "{e}");
+        let bomb = "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}";
+        assert!(check_chat_template(bomb)
+            .unwrap_err()
+            .contains("execution budget"));
         assert!(check_chat_template("{% for %}")
             .unwrap_err()
             .contains("does not compile"));
