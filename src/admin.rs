@@ -51,10 +51,11 @@ fn digest(key: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(key).into()
 }
 
-/// Compares two digests without an early exit, so neither the timing nor the
-/// work done reveals the key or its length.
+/// Compares two digests in constant time (`subtle`), so neither the timing nor
+/// the work done reveals the key or its length.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
 async fn authorize(State(st): State<AdminState>, req: Request, next: Next) -> Response {
@@ -304,19 +305,29 @@ async fn experiments(State(st): State<AdminState>) -> Response {
     json_response(StatusCode::OK, json!({"experiments": out}))
 }
 
+/// The longest fault `duration` or `latency`, given as a number or as text.
+const MAX_FAULT_DURATION: Duration = Duration::from_secs(3600);
+
 /// A number of seconds given as JSON: finite, not negative, at most an hour.
 fn seconds(n: Option<f64>) -> Option<Duration> {
     let n = n.filter(|n| n.is_finite() && (0.0..=3600.0).contains(n))?;
     Duration::try_from_secs_f64(n).ok()
 }
 
+/// A duration given as text (`"30s"`, `"1h"`): at most an hour, like numbers.
+fn text_duration(s: &str) -> Option<Duration> {
+    humantime::parse_duration(s)
+        .ok()
+        .filter(|d| *d <= MAX_FAULT_DURATION)
+}
+
 fn parse_fault(body: &Value) -> Result<(FaultKind, Duration), String> {
     let dur = |k: &str| -> Result<Option<Duration>, String> {
         match body.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => humantime::parse_duration(s)
-                .map(Some)
-                .map_err(|e| format!("`{k}`: {e}")),
+            Some(Value::String(s)) => text_duration(s).map(Some).ok_or_else(|| {
+                format!("`{k}` must be a duration like \"30s\", at most 1h (got {s:?})")
+            }),
             Some(Value::Number(n)) => seconds(n.as_f64())
                 .map(Some)
                 .ok_or_else(|| format!("`{k}` must be a number of seconds from 0 to 3600")),
@@ -325,7 +336,7 @@ fn parse_fault(body: &Value) -> Result<(FaultKind, Duration), String> {
     };
     let duration =
         dur("duration")?.ok_or("`duration` is required (faults expire by themselves)")?;
-    if duration > Duration::from_secs(3600) {
+    if duration > MAX_FAULT_DURATION {
         return Err("`duration` is at most 1h".into());
     }
     let kind = match body.get("fault").and_then(Value::as_str) {

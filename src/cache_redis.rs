@@ -13,8 +13,9 @@
 //! too, so an entry copied under another key is rejected. Reads fetch at most
 //! the largest entry this gateway could have written, the tag is checked before
 //! anything is decompressed, the length is checked against
-//! `cache.max_entry_bytes` before it sizes an allocation, and the stored TTL
-//! and creation time are clamped.
+//! `cache.max_entry_bytes` (at most 64 MiB) before it sizes an allocation, and
+//! the stored TTL and creation time are clamped. Entries over 256 KiB (stored or
+//! declared) are checked and decoded on the blocking pool, not a runtime worker.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -108,26 +109,50 @@ impl Seal {
         ))
     }
 
-    /// The tag over the cache key, the header (tag excluded) and the body.
-    fn tag(&self, key: &Key, head: &[u8], body: &[u8]) -> [u8; 32] {
+    /// The tag over the cache key, the header (tag excluded) and the body;
+    /// `None` if the MAC cannot be keyed (HMAC takes keys of any length, so never
+    /// in practice, but nothing on the request path may panic).
+    fn tag(&self, key: &Key, head: &[u8], body: &[u8]) -> Option<[u8; 32]> {
         use hmac::Mac;
         use sha2::Digest;
         match &self.secret {
             Some(secret) => {
-                let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&secret.0)
-                    .expect("HMAC takes a key of any length");
+                let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&secret.0).ok()?;
                 mac.update(key);
                 mac.update(head);
                 mac.update(body);
-                mac.finalize().into_bytes().into()
+                Some(mac.finalize().into_bytes().into())
             }
             None => {
                 let mut h = sha2::Sha256::new();
                 h.update(key);
                 h.update(head);
                 h.update(body);
-                h.finalize().into()
+                Some(h.finalize().into())
             }
+        }
+    }
+
+    /// Whether `tag` is the entry's tag, compared in constant time (HMAC's own
+    /// `verify_slice`, or `subtle` for plain checksums): the comparison reveals
+    /// nothing about the right tag.
+    fn tag_matches(&self, key: &Key, head: &[u8], body: &[u8], tag: &[u8]) -> bool {
+        use hmac::Mac;
+        use subtle::ConstantTimeEq;
+        match &self.secret {
+            Some(secret) => {
+                let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&secret.0)
+                else {
+                    return false;
+                };
+                mac.update(key);
+                mac.update(head);
+                mac.update(body);
+                mac.verify_slice(tag).is_ok()
+            }
+            None => self
+                .tag(key, head, body)
+                .is_some_and(|want| bool::from(want[..].ct_eq(tag))),
         }
     }
 
@@ -139,7 +164,7 @@ impl Seal {
         let len = u32::try_from(json.len()).ok()?;
         let body = lz4_flex::block::compress(json);
         let head = [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, self.mode()];
-        let tag = self.tag(key, &[&head[..], &len.to_le_bytes()].concat(), &body);
+        let tag = self.tag(key, &[&head[..], &len.to_le_bytes()].concat(), &body)?;
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.extend_from_slice(&head);
         out.extend_from_slice(&tag);
@@ -169,9 +194,7 @@ impl Seal {
         let (head, rest) = bytes.split_at(5);
         let (tag, rest) = rest.split_at(32);
         let (len, body) = rest.split_at(4);
-        let want = self.tag(key, &[head, len].concat(), body);
-        // Constant time: the comparison reveals nothing about the right tag.
-        if want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        if !self.tag_matches(key, &[head, len].concat(), body, tag) {
             return Err("a checksum mismatch (corrupt, forged or stored under another key)");
         }
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
@@ -183,6 +206,32 @@ impl Seal {
             _ => Err("an entry that does not decompress"),
         }
     }
+}
+
+/// Entries larger than this (stored or declared decompressed size) are checked,
+/// decompressed and parsed on the blocking pool, not on a runtime worker.
+pub const BLOCKING_DECODE_BYTES: usize = 256 * 1024;
+
+/// The decompressed length an entry declares (0 when it has no header).
+fn declared_len(bytes: &[u8]) -> usize {
+    match bytes.get(HEADER - 4..HEADER) {
+        Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) as usize,
+        _ => 0,
+    }
+}
+
+/// Checks, decompresses and parses a stored value: inline when small, on the
+/// blocking pool when the stored or declared size is over
+/// [`BLOCKING_DECODE_BYTES`] (an HMAC, LZ4 and JSON pass over up to
+/// `cache.max_entry_bytes` would otherwise hold a worker thread).
+async fn open_entry(seal: &Seal, k: &Key, bytes: Vec<u8>) -> Result<Entry, &'static str> {
+    if bytes.len().max(declared_len(&bytes)) <= BLOCKING_DECODE_BYTES {
+        return seal.open(k, &bytes).and_then(|json| decode(&json));
+    }
+    let (seal, k) = (seal.clone(), *k);
+    tokio::task::spawn_blocking(move || seal.open(&k, &bytes).and_then(|json| decode(&json)))
+        .await
+        .unwrap_or(Err("the entry's decoding failed"))
 }
 
 fn hex(k: &Key) -> String {
@@ -301,7 +350,7 @@ impl RedisTier {
                 return None;
             }
         };
-        match self.seal.open(k, &bytes).and_then(|json| decode(&json)) {
+        match open_entry(&self.seal, k, bytes).await {
             Ok(e) => Some(e),
             Err(why) => {
                 self.errors.with_label_values(&["decode"]).inc();
@@ -482,6 +531,7 @@ fn decode(raw: &[u8]) -> Result<Entry, &'static str> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::future::Future;
 
     fn secret(s: &str) -> Option<crate::config::Secret> {
         Some(crate::config::Secret(s.as_bytes().into()))
@@ -518,6 +568,14 @@ mod tests {
             let last = flipped.len() - 1;
             flipped[last] ^= 1;
             assert!(seal.open(&K, &flipped).is_err());
+            for at in [5, 20, 36] {
+                let mut bad_tag = sealed.clone();
+                bad_tag[at] ^= 0x80;
+                assert!(seal
+                    .open(&K, &bad_tag)
+                    .unwrap_err()
+                    .contains("checksum mismatch"));
+            }
             let mut other = sealed.clone();
             other[3] = 2;
             assert!(seal.open(&K, &other).unwrap_err().contains("version"));
@@ -543,7 +601,7 @@ mod tests {
         let body = lz4_flex::block::compress(b"{}");
         let len = u32::MAX.to_le_bytes();
         let head = [b'P', b'G', b'C', VERSION, 0];
-        let tag = seal.tag(&K, &[&head[..], &len].concat(), &body);
+        let tag = seal.tag(&K, &[&head[..], &len].concat(), &body).unwrap();
         let forged = [&head[..], &tag, &len, &body].concat();
         assert!(seal
             .open(&K, &forged)
@@ -556,6 +614,51 @@ mod tests {
         assert!(seal.open(&K, b"").is_err());
         // Too large to store.
         assert!(seal.seal(&K, &vec![b' '; (1 << 20) + 1]).is_none());
+    }
+
+    /// A large entry is checked, decompressed and parsed on the blocking pool:
+    /// the first poll of the load hands it off and returns, leaving the runtime
+    /// thread free; a small one is decoded at once. Both decode the same.
+    #[test]
+    fn large_entries_are_decoded_off_the_runtime_thread() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let seal = Seal::new(secret("s1"), 8 << 20);
+        let small = seal.seal(&K, &json(now_ms(), 60_000)).unwrap();
+        let mut big_json: Value = serde_json::from_slice(&json(now_ms(), 60_000)).unwrap();
+        let content: String = (0..400_000u32)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        big_json["response"]["choices"][0]["message"]["content"] = json!(content);
+        let big = seal
+            .seal(&K, &serde_json::to_vec(&big_json).unwrap())
+            .unwrap();
+        assert!(declared_len(&big) > BLOCKING_DECODE_BYTES);
+        let poll_once = |bytes: Vec<u8>| {
+            rt.block_on(async {
+                let mut load = std::pin::pin!(open_entry(&seal, &K, bytes));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match load.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(r) => (true, r),
+                    std::task::Poll::Pending => (false, load.await),
+                }
+            })
+        };
+        let (at_once, e) = poll_once(small);
+        assert!(at_once, "a small entry is decoded inline");
+        assert!(e.is_ok());
+        let (at_once, e) = poll_once(big);
+        assert!(!at_once, "a large entry went to the blocking pool");
+        let e = e.unwrap();
+        assert_eq!(
+            e.response.choices[0].message.content,
+            Some(crate::canonical::Content::Text(content))
+        );
+        // A forged entry claiming a large size is refused there too.
+        let mut forged = seal.seal(&K, &json(now_ms(), 60_000)).unwrap();
+        forged[HEADER - 4..HEADER].copy_from_slice(&(64u32 << 20).to_le_bytes());
+        assert!(rt.block_on(open_entry(&seal, &K, forged)).is_err());
     }
 
     #[test]

@@ -96,6 +96,10 @@ pub struct RedisConfig {
 #[derive(Clone)]
 pub struct Secret(pub std::sync::Arc<[u8]>);
 
+/// The largest `cache.max_entry_bytes`: it bounds what one Redis entry may
+/// decompress to, so even a forged entry (no secret configured) costs at most this.
+pub const MAX_CACHE_ENTRY_BYTES: u64 = 64 * 1024 * 1024;
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(<redacted>)")
@@ -1044,15 +1048,15 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     let breaker = routes::breaker(gateway_file, gw.breaker, &mut problems);
     let max_bytes = gw.cache.max_bytes.unwrap_or(64 * 1024 * 1024);
     let max_entry_bytes = gw.cache.max_entry_bytes.unwrap_or(4 * 1024 * 1024);
-    if !(1024..=u64::from(u32::MAX)).contains(&max_entry_bytes) {
+    if !(1024..=MAX_CACHE_ENTRY_BYTES).contains(&max_entry_bytes) {
         problems.add(
             gateway_file,
             "cache.max_entry_bytes",
-            "must be from 1024 to 4294967295",
+            "must be from 1024 to 67108864 (64 MiB)",
         );
     }
     let max_entry_bytes = max_entry_bytes
-        .clamp(1024, u64::from(u32::MAX))
+        .clamp(1024, MAX_CACHE_ENTRY_BYTES)
         .min(max_bytes);
     let cache = CacheConfig {
         max_bytes,

@@ -160,6 +160,7 @@ impl Gateway {
 
     /// Replaces the snapshot atomically; requests in flight keep the old one.
     pub fn swap(&self, next: Snapshot) {
+        next.prune_book(&self.book);
         self.snapshot.store(Arc::new(next));
     }
 

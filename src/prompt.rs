@@ -280,18 +280,132 @@ pub const TEMPLATE_FUEL: u64 = 1_000_000;
 /// How deep loops, conditions and calls may nest in a template.
 pub const TEMPLATE_RECURSION_LIMIT: usize = 64;
 
+/// The fixed part of a render's output budget; the rest scales with the text the
+/// request brought (see [`output_cap`]).
+pub const TEMPLATE_OUTPUT_BASE: usize = 8 * 1024 * 1024;
+/// How many times its own text a request's render may write beyond the base.
+pub const TEMPLATE_OUTPUT_FACTOR: usize = 4;
+/// The largest integer (in magnitude) a prompt variable may carry, anywhere in
+/// its value: integers can size strings (`"-" * n`), indentation and slices in a
+/// template, so a client cannot ask for gigabytes with one number.
+pub const MAX_VARIABLE_INTEGER: u64 = 1_000_000;
+/// The largest `indent` width or `tojson` indentation a template may use.
+const MAX_TEMPLATE_INDENT: usize = 256;
+const OUTPUT_CAP_MESSAGE: &str = "template output exceeded its byte cap";
+
+/// The output budget of a render whose inputs (messages or variables) hold
+/// `input_bytes` bytes of text: a fixed 8 MiB plus four times the input.
+pub fn output_cap(input_bytes: usize) -> usize {
+    TEMPLATE_OUTPUT_BASE.saturating_add(input_bytes.saturating_mul(TEMPLATE_OUTPUT_FACTOR))
+}
+
+/// A render target that refuses to grow past its cap. A refused write stops the
+/// render; whatever was written before is whole `str` pieces, so valid UTF-8.
+struct CappedOutput {
+    buf: Vec<u8>,
+    cap: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.cap {
+            self.overflowed = true;
+            return Err(std::io::Error::other(OUTPUT_CAP_MESSAGE));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders `t` with `ctx`, writing at most `cap` bytes: past it the render stops
+/// with an error [`over_limits`] recognises. Every request-time render goes through here.
+pub fn render_capped<S: serde::Serialize>(
+    t: &minijinja::Template<'_, '_>,
+    ctx: S,
+    cap: usize,
+) -> Result<String, minijinja::Error> {
+    let mut out = CappedOutput {
+        buf: Vec::new(),
+        cap,
+        overflowed: false,
+    };
+    let result = t.render_captured_to(ctx, &mut out).map(drop);
+    if out.overflowed {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            OUTPUT_CAP_MESSAGE,
+        ));
+    }
+    result?;
+    Ok(String::from_utf8(out.buf)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
 /// Puts the execution limits on a template environment: every environment that
 /// renders (prompts, chat templates, `check`'s sample renders) goes through here.
+/// Besides fuel and nesting, the filters whose output a number multiplies
+/// (`indent`, `tojson(indent=…)`) refuse widths past a small bound.
 pub fn limit(env: &mut minijinja::Environment<'_>) {
     env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
+    env.add_filter(
+        "indent",
+        |value: minijinja::value::StringInput<'_>,
+         width: Option<usize>,
+         first: Option<bool>,
+         blank: Option<bool>,
+         kwargs: minijinja::value::Kwargs|
+         -> Result<minijinja::value::Value, minijinja::Error> {
+            let w = match width {
+                Some(w) => Some(w),
+                None => kwargs.get::<Option<usize>>("width")?,
+            };
+            if w.is_some_and(|w| w > MAX_TEMPLATE_INDENT) {
+                return Err(too_wide());
+            }
+            minijinja::filters::indent(value, w, first, blank, kwargs)
+        },
+    );
+    env.add_filter(
+        "tojson",
+        |value: &minijinja::value::Value,
+         indent: Option<minijinja::value::Value>,
+         kwargs: minijinja::value::Kwargs|
+         -> Result<minijinja::value::Value, minijinja::Error> {
+            let indent = match indent {
+                Some(i) => Some(i),
+                None => kwargs.get::<Option<minijinja::value::Value>>("indent")?,
+            };
+            if let Some(n) = indent.as_ref().and_then(minijinja::value::Value::as_usize) {
+                if n > MAX_TEMPLATE_INDENT {
+                    return Err(too_wide());
+                }
+            }
+            minijinja::filters::tojson(value, indent, kwargs)
+        },
+    );
+}
+
+fn too_wide() -> minijinja::Error {
+    minijinja::Error::new(
+        minijinja::ErrorKind::InvalidOperation,
+        format!("indentation wider than {MAX_TEMPLATE_INDENT} columns is not allowed"),
+    )
 }
 
 /// Whether a render stopped at the execution limits.
 pub fn over_limits(e: &minijinja::Error) -> bool {
     match e.kind() {
         minijinja::ErrorKind::OutOfFuel => true,
-        minijinja::ErrorKind::InvalidOperation => e.to_string().contains("recursion limit"),
+        minijinja::ErrorKind::InvalidOperation => {
+            let s = e.to_string();
+            s.contains("recursion limit") || s.contains(OUTPUT_CAP_MESSAGE)
+        }
         _ => false,
     }
 }
@@ -299,7 +413,8 @@ pub fn over_limits(e: &minijinja::Error) -> bool {
 /// The text a render that hit the limits reports.
 pub fn limits_message() -> String {
     format!(
-        "the template exceeded its execution budget ({TEMPLATE_FUEL} steps, nesting depth {TEMPLATE_RECURSION_LIMIT})"
+        "the template exceeded its execution budget ({TEMPLATE_FUEL} steps, nesting depth {TEMPLATE_RECURSION_LIMIT}, output of {} MiB plus {TEMPLATE_OUTPUT_FACTOR} times the request's text)",
+        TEMPLATE_OUTPUT_BASE / (1024 * 1024)
     )
 }
 
@@ -331,7 +446,10 @@ pub fn check_chat_template(source: &str) -> Result<(), String> {
         add_generation_prompt => true,
         bos_token => "",
     };
-    match env.get_template("t").and_then(|t| t.render(sample)) {
+    match env
+        .get_template("t")
+        .and_then(|t| render_capped(&t, sample, output_cap(0)))
+    {
         Err(e) if over_limits(&e) => Err(format!(
             "{} on a sample four-message conversation",
             limits_message()
@@ -427,7 +545,15 @@ impl Registry {
                         for h in &hooks {
                             sample.insert((*h).to_owned(), Value::String("sample context".into()));
                         }
-                        if let Err(e) = t.render(minijinja::Value::from_serialize(&sample)) {
+                        let cap = output_cap(
+                            sample
+                                .values()
+                                .map(text_bytes)
+                                .fold(0, usize::saturating_add),
+                        );
+                        if let Err(e) =
+                            render_capped(&t, minijinja::Value::from_serialize(&sample), cap)
+                        {
                             if over_limits(&e) {
                                 problems.push(Problem {
                                     file: file.clone(),
@@ -531,13 +657,15 @@ impl Registry {
             ));
         }
         let ctx = minijinja::Value::from_serialize(&vars);
+        // One output budget for all of the version's messages.
+        let mut budget = output_cap(vars.values().map(text_bytes).fold(0, usize::saturating_add));
         let mut messages = Vec::with_capacity(v.messages.len());
         for (i, m) in v.messages.iter().enumerate() {
             let name = template_name(&p.id, v.number, i);
             let text =
                 self.env
                     .get_template(&name)
-                    .and_then(|t| t.render(&ctx))
+                    .and_then(|t| render_capped(&t, &ctx, budget))
                     .map_err(|e| {
                         let line = m.line + e.line().unwrap_or(1).saturating_sub(1);
                         if over_limits(&e) {
@@ -563,6 +691,7 @@ impl Registry {
                             Some("prompt.variables"),
                         )
                     })?;
+            budget = budget.saturating_sub(text.len());
             messages.push(Message::text(m.role, text));
         }
         Ok(Rendered {
@@ -617,6 +746,15 @@ fn check_variables(
         let param = format!("prompt.variables.{}", v.name);
         match (given.get(&v.name), &v.default) {
             (Some(val), _) if !val.is_null() => {
+                if !integers_bounded(val) {
+                    return Err(GatewayError::invalid(
+                        format!(
+                            "variable `{}` of prompt `{}` holds an integer beyond ±{MAX_VARIABLE_INTEGER}; pass large numbers such as ids as strings",
+                            v.name, p.id
+                        ),
+                        Some(&param),
+                    ));
+                }
                 if !v.ty.accepts(val) {
                     return Err(GatewayError::invalid(
                         format!(
@@ -648,6 +786,40 @@ fn check_variables(
         }
     }
     Ok(out)
+}
+
+/// Whether every integer in `v` (floats with no fraction count: templates use
+/// them as integers) is within ±[`MAX_VARIABLE_INTEGER`].
+fn integers_bounded(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                u <= MAX_VARIABLE_INTEGER
+            } else if let Some(i) = n.as_i64() {
+                i.unsigned_abs() <= MAX_VARIABLE_INTEGER
+            } else {
+                let f = n.as_f64().unwrap_or(0.0);
+                f.fract() != 0.0 || f.abs() <= MAX_VARIABLE_INTEGER as f64
+            }
+        }
+        Value::Array(a) => a.iter().all(integers_bounded),
+        Value::Object(o) => o.values().all(integers_bounded),
+        Value::Null | Value::Bool(_) | Value::String(_) => true,
+    }
+}
+
+/// The text a value brings to a render, roughly: string bytes plus a few bytes
+/// per scalar and key. Sizes the output budget; never allocates.
+fn text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(text_bytes).fold(8, usize::saturating_add),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| k.len().saturating_add(text_bytes(v)))
+            .fold(8, usize::saturating_add),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+    }
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -684,6 +856,10 @@ mod tests {
         let runaway = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ m.role }}{% endfor %}{% endfor %}{% endfor %}";
         let e = check_chat_template(runaway).unwrap_err();
         assert!(e.contains("execution budget"), "{e}");
+        let bomb = "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}";
+        assert!(check_chat_template(bomb)
+            .unwrap_err()
+            .contains("execution budget"));
         assert!(check_chat_template("{% for %}")
             .unwrap_err()
             .contains("does not compile"));
@@ -724,6 +900,103 @@ mod tests {
         let e = templates.render(&req, "m").unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
         assert!(e.message.contains("execution budget"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_chat_template_that_amplifies_a_message_stops_at_the_output_cap() {
+        // Prints the last (1 MB) message once per message: 300 MB uncapped.
+        let source = "{% for m in messages %}{{ messages[-1].content }}{% endfor %}";
+        let templates = crate::wire::llamacpp::Templates::compile(
+            &[(
+                "*".to_string(),
+                crate::config::ChatTemplate {
+                    source: source.into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap();
+        let mut messages: Vec<serde_json::Value> = (0..299)
+            .map(|_| serde_json::json!({"role": "user", "content": "hi"}))
+            .collect();
+        messages.push(serde_json::json!({"role": "user", "content": "y".repeat(1 << 20)}));
+        let req = crate::wire::openai::decode_chat_request(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let e = templates.render(&req, "m").unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+        assert!(e.message.contains("execution budget"), "{}", e.message);
+        // A transcript rendered once is well inside the cap.
+        let once = crate::wire::llamacpp::Templates::compile(
+            &[(
+                "*".to_string(),
+                crate::config::ChatTemplate {
+                    source: "{% for m in messages %}{{ m.content }}{% endfor %}".into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap();
+        let (p, _) = once.render(&req, "m").unwrap();
+        assert_eq!(p.len(), 299 * 2 + (1 << 20));
+    }
+
+    #[test]
+    fn widths_that_multiply_output_are_bounded() {
+        let mut env = minijinja::Environment::new();
+        limit(&mut env);
+        env.add_template("i", "{{ text|indent(w) }}").unwrap();
+        env.add_template("k", "{{ text|indent(width=w, first=true) }}")
+            .unwrap();
+        env.add_template("j", "{{ items|tojson(indent=w) }}")
+            .unwrap();
+        let text = "a\n".repeat(1000);
+        for name in ["i", "k"] {
+            let t = env.get_template(name).unwrap();
+            assert_eq!(
+                t.render(minijinja::context! {text => "a\nb", w => 2})
+                    .unwrap(),
+                if name == "i" { "a\n  b" } else { "  a\n  b" }
+            );
+            let e = t
+                .render(minijinja::context! {text => text, w => 1_000_000})
+                .unwrap_err();
+            assert!(e.to_string().contains("indentation wider"), "{e}");
+        }
+        let t = env.get_template("j").unwrap();
+        assert_eq!(
+            t.render(minijinja::context! {items => vec![1], w => 1})
+                .unwrap(),
+            "[\n 1\n]"
+        );
+        let e = t
+            .render(minijinja::context! {items => vec![1; 1000], w => 1_000_000})
+            .unwrap_err();
+        assert!(e.to_string().contains("indentation wider"), "{e}");
+    }
+
+    #[test]
+    fn render_capped_stops_at_the_cap() {
+        let mut env = minijinja::Environment::new();
+        limit(&mut env);
+        env.add_template("t", "{% for i in range(n) %}0123456789{% endfor %}")
+            .unwrap();
+        let t = env.get_template("t").unwrap();
+        assert_eq!(
+            render_capped(&t, minijinja::context! {n => 10}, 100)
+                .unwrap()
+                .len(),
+            100
+        );
+        let e = render_capped(&t, minijinja::context! {n => 11}, 100).unwrap_err();
+        assert!(over_limits(&e), "{e}");
     }
 
     #[test]

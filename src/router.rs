@@ -431,9 +431,33 @@ impl Book {
 
     pub fn arm(&self, route: &str, arm: &str) -> Arc<ArmStats> {
         lock(&self.arms)
-            .entry(format!("{route}\u{0}{arm}"))
+            .entry(arm_key(route, arm))
             .or_default()
             .clone()
+    }
+
+    /// Forgets the health of targets and the statistics of arms a new snapshot
+    /// no longer has (`keep_target(id)`, `keep_arm(route, arm)`): without this
+    /// every target ever configured would stay in the book across reloads.
+    /// Snapshots still serving requests hold their own references.
+    pub fn prune(&self, keep_target: impl Fn(&str) -> bool, keep_arm: impl Fn(&str, &str) -> bool) {
+        lock(&self.health).retain(|id, _| keep_target(id));
+        lock(&self.arms).retain(|key, _| {
+            let (route, arm) = key.split_once('\u{0}').unwrap_or((key.as_str(), ""));
+            keep_arm(route, arm)
+        });
+    }
+
+    /// The target ids and arms (`route/arm`) the book tracks, sorted.
+    pub fn tracked(&self) -> (Vec<String>, Vec<String>) {
+        let mut targets: Vec<String> = lock(&self.health).keys().cloned().collect();
+        let mut arms: Vec<String> = lock(&self.arms)
+            .keys()
+            .map(|k| k.replacen('\u{0}', "/", 1))
+            .collect();
+        targets.sort();
+        arms.sort();
+        (targets, arms)
     }
 
     /// The active fault of a provider (lock-free read on the hot path).
@@ -482,6 +506,10 @@ impl Book {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
+}
+
+fn arm_key(route: &str, arm: &str) -> String {
+    format!("{route}\u{0}{arm}")
 }
 
 #[cfg(test)]

@@ -214,6 +214,29 @@ impl Snapshot {
         })
     }
 
+    /// Drops from `book` the targets and arms this snapshot does not reference;
+    /// called when it replaces the current one.
+    pub fn prune_book(&self, book: &Book) {
+        let targets: std::collections::HashSet<&str> = self
+            .routes
+            .values()
+            .flat_map(|r| r.targets())
+            .map(|t| &*t.id)
+            .collect();
+        let arms: std::collections::HashSet<(&str, &str)> = self
+            .routes
+            .values()
+            .flat_map(|r| match &r.plan {
+                Plan::Split { arms, .. } => arms.iter().map(|a| (&*r.name, &*a.name)).collect(),
+                Plan::Chain(_) => Vec::new(),
+            })
+            .collect();
+        book.prune(
+            |id| targets.contains(id),
+            |route, arm| arms.contains(&(route, arm)),
+        );
+    }
+
     pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
         self.routes.get(model)
     }

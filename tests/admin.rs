@@ -16,6 +16,12 @@ async fn out_of_range_numbers_are_rejected_not_panicked_on() {
         r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": -1}"#,
         r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": 1e300}"#,
         r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": -0.5}"#,
+        // Durations as text are held to the same bound as numbers.
+        r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": "100000y"}"#,
+        r#"{"provider": "fake", "fault": "slow", "duration": 10, "latency": "61min"}"#,
+        r#"{"provider": "fake", "fault": "down", "duration": "100000y"}"#,
+        r#"{"provider": "fake", "fault": "down", "duration": "3601s"}"#,
+        r#"{"provider": "fake", "fault": "slow", "duration": "10s", "latency": "99999999999999999999y"}"#,
     ];
     for body in bodies {
         let r = client()
@@ -39,6 +45,15 @@ async fn out_of_range_numbers_are_rejected_not_panicked_on() {
         .post(gw.admin_url("/admin/faults"))
         .bearer_auth(ADMIN_KEY)
         .json(&serde_json::json!({"provider": "fake", "fault": "slow", "duration": 5, "latency": 0.01}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // And so does a text duration at the bound.
+    let r = client()
+        .post(gw.admin_url("/admin/faults"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&serde_json::json!({"provider": "fake", "fault": "slow", "duration": "1h", "latency": "10ms"}))
         .send()
         .await
         .unwrap();
@@ -70,4 +85,50 @@ async fn wrong_keys_of_any_length_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// The book keeps breakers and arm statistics across reloads only for targets
+/// and arms the new configuration still has: a reload that removes a route
+/// forgets its targets, so reloads do not accumulate state forever.
+#[tokio::test]
+async fn reloads_forget_the_health_of_removed_targets() {
+    let fake = spawn_fake().await;
+    let split = concat!(
+        "  ab:\n    split:\n      subject: user\n      arms:\n",
+        "        - {name: control, weight: 50, provider: fake, model: split-a}\n",
+        "        - {name: canary, weight: 50, provider: fake, model: split-b}\n",
+        "  gone:\n    provider: fake\n    model: removed-model\n",
+    );
+    let (g, p) = fake_config(&fake, split);
+    let gw = spawn_gateway(&g, &p).await;
+    let (targets, arms) = gw.gw.book().tracked();
+    for t in ["fake/removed-model", "fake/split-a", "fake/chat"] {
+        assert!(targets.iter().any(|x| x == t), "{t}: {targets:?}");
+    }
+    assert_eq!(arms, ["ab/canary", "ab/control"]);
+
+    let (without, _) = fake_config(&fake, "");
+    std::fs::write(gw.dir.path().join("promptgate.yaml"), without).unwrap();
+    let r = client()
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (targets, arms) = gw.gw.book().tracked();
+    for t in ["fake/removed-model", "fake/split-a", "fake/split-b"] {
+        assert!(!targets.iter().any(|x| x == t), "{t}: {targets:?}");
+    }
+    assert!(targets.iter().any(|x| x == "fake/chat"), "{targets:?}");
+    assert!(arms.is_empty(), "{arms:?}");
+    // Every target the snapshot routes to is still tracked.
+    let snap = gw.gw.snapshot();
+    let mut routed: Vec<String> = snap
+        .routes()
+        .flat_map(|r| r.targets().into_iter().map(|t| t.id.to_string()))
+        .collect();
+    routed.sort();
+    routed.dedup();
+    assert_eq!(targets, routed);
 }

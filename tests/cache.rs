@@ -770,3 +770,31 @@ async fn purge_gives_up_on_a_redis_that_stops_answering() {
         "the purge took {took:?}"
     );
 }
+
+/// `cache.max_entry_bytes` bounds what one Redis entry may decompress to, so it
+/// is capped at 64 MiB: a forged length (no secret) cannot ask for 4 GiB.
+#[tokio::test]
+async fn max_entry_bytes_is_capped_at_64_mib() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, ROUTES);
+    for (value, ok) in [
+        (67_108_864u64, true),
+        (67_108_865, false),
+        (4_294_967_295, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = format!("{g}cache:\n  max_bytes: 134217728\n  max_entry_bytes: {value}\n");
+        write_config(dir.path(), &cfg, &p);
+        let r = promptgate::load(&dir.path().join("promptgate.yaml"), &test_env);
+        match r {
+            Ok(_) => assert!(ok, "{value} was accepted"),
+            Err(problems) => {
+                assert!(!ok, "{value}: {problems:?}");
+                assert!(
+                    problems.iter().any(|p| p.field == "cache.max_entry_bytes"),
+                    "{problems:?}"
+                );
+            }
+        }
+    }
+}

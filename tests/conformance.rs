@@ -429,6 +429,68 @@ async fn a_gemini_tool_turn_falls_over_to_anthropic_with_valid_ids() {
     );
 }
 
+/// Gemini gives a call its own id (not random, not portable): every client
+/// request still gets a fresh portable id, and replaying the call sends Gemini
+/// its own id back on the call and on the function response, with the call's
+/// signature. Gemini's id itself names nothing in the gateway.
+#[tokio::test]
+async fn gemini_call_ids_go_back_to_gemini_unchanged() {
+    let (gemini_base, gemini) = native::spawn(&gemini::PROTOCOL).await;
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  gem:\n    provider: gemini\n    model: gemini-3-pro-preview\n";
+    let providers = vec![(
+        "gemini.yaml".to_owned(),
+        (gemini::PROTOCOL.provider_yaml)(&gemini_base),
+    )];
+    let gw = spawn_gateway(gateway, &providers).await;
+    let send = |body: Value| {
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let resp = client().post(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let ask = json!({"model": "gem", "tools": weather_tool(), "messages": [
+        {"role": "user", "content": "signed_call_with_id"}]});
+    let a = send(ask.clone()).await["choices"][0]["message"]["tool_calls"][0].clone();
+    let b = send(ask).await["choices"][0]["message"]["tool_calls"][0].clone();
+    let (id_a, id_b) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    assert_ne!(id_a, id_b, "two requests, two ids");
+    assert!(id_a.starts_with("call_") && id_a.len() == 37, "{id_a}");
+
+    let turn = |call: &Value, id: &str| {
+        json!({"model": "gem", "tools": weather_tool(), "messages": [
+            {"role": "user", "content": "signed_call_with_id"},
+            {"role": "assistant", "content": null, "tool_calls": [call.clone()]},
+            {"role": "tool", "tool_call_id": id, "content": "sunny"},
+            {"role": "user", "content": "chat"}]})
+    };
+    let v = send(turn(&a, id_a)).await;
+    assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT, "{v}");
+    let sent = gemini.log.lock().unwrap().last().unwrap().1.clone();
+    let part = &sent["contents"][1]["parts"][0];
+    assert_eq!(part["functionCall"]["id"], "fc/weather:0", "{sent}");
+    assert_eq!(
+        part["thoughtSignature"], "c2lnbmF0dXJlLXdpdGgtaWQ=",
+        "{sent}"
+    );
+    assert_eq!(
+        sent["contents"][2]["parts"][0]["functionResponse"]["id"], "fc/weather:0",
+        "{sent}"
+    );
+    // Replayed under Gemini's own id, the call finds no signature and no id.
+    let mut forged = a.clone();
+    forged["id"] = json!("fc/weather:0");
+    send(turn(&forged, "fc/weather:0")).await;
+    let sent = gemini.log.lock().unwrap().last().unwrap().1.clone();
+    let part = &sent["contents"][1]["parts"][0];
+    assert_eq!(
+        part["thoughtSignature"], "skip_thought_signature_validator",
+        "{sent}"
+    );
+    assert!(part["functionCall"].get("id").is_none(), "{sent}");
+}
+
 /// Expands to the suite's test functions for the module's `PROTOCOL`.
 macro_rules! conformance_cases {
     () => {

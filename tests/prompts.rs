@@ -639,6 +639,65 @@ labels: {production: 1}
     assert_eq!(r.status(), 200);
 }
 
+/// Fuel bounds steps, not bytes: a template that writes a client's text many
+/// times, or sizes a string or an indentation by a client's integer, is stopped
+/// by the output cap or the integer bound with a 400, and the gateway stays up.
+#[tokio::test]
+async fn renders_are_bounded_in_bytes_not_only_in_steps() {
+    let amplify = r#"
+variables:
+  text: {type: string}
+versions:
+  1:
+    route: sandbox-echo
+    messages:
+      - role: user
+        content: "{% for i in range(2000) %}{{ text }}{% endfor %}"
+labels: {production: 1}
+"#;
+    let repeat = r#"
+variables:
+  n: {type: integer}
+  rows: {type: list, default: []}
+versions:
+  1:
+    route: sandbox-echo
+    messages:
+      - role: user
+        content: "{{ '-' * n }}{% for r in rows %}{{ '=' * r }}{% endfor %}"
+labels: {production: 1}
+"#;
+    let (_fake, gw) = gateway_with(&[("amplify.yaml", amplify), ("repeat.yaml", repeat)]).await;
+    // A small text repeated is fine.
+    let (s, _, v) = prompt_endpoint(&gw, "amplify", json!({"variables": {"text": "ab"}})).await;
+    assert_eq!(s, 200, "{v}");
+    // 60 KB written 2000 times would be 120 MB of prompt.
+    let big = "x".repeat(60_000);
+    let (s, _, v) = prompt_endpoint(&gw, "amplify", json!({"variables": {"text": big}})).await;
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("execution budget") && msg.contains("MiB"),
+        "{msg}"
+    );
+
+    let (s, _, v) = prompt_endpoint(&gw, "repeat", json!({"variables": {"n": 1000}})).await;
+    assert_eq!(s, 200, "{v}");
+    for vars in [
+        json!({"n": 100_000_000}),
+        json!({"n": -100_000_000}),
+        json!({"n": 1, "rows": [5, 100_000_000]}),
+        json!({"n": 1, "rows": [1e8]}),
+    ] {
+        let (s, _, v) = prompt_endpoint(&gw, "repeat", json!({"variables": vars})).await;
+        assert_eq!(s, 400, "{vars} {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("1000000"), "{msg}");
+    }
+    let r = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// The watcher reloads for the files the configuration reads, and only when they
 /// changed: a log file written into the config folder (or a prompt file saved
 /// unchanged) reloads nothing.

@@ -9,16 +9,17 @@
 //!   turn, named after the assistant tool call with the same id earlier in the
 //!   transcript. Adjacent turns of the same role are merged.
 //! - Tool-call arguments are objects on the wire and JSON strings in canonical
-//!   types. Gemini may omit call ids; we generate `call_<32 hex>` (128 random
-//!   bits, so ids cannot be guessed). A call's `thoughtSignature` (Gemini 3
-//!   rejects replayed calls without it) is hundreds of base64 characters, too long
-//!   for any portable id, so it stays in the gateway: a bounded in-process map
-//!   ([`signatures`]) from the call id to the signature, read back when the client
-//!   replays the call. The id the client sees is always a portable one
-//!   (`wire::tool_id`). Replayed calls whose signature is unknown (history from
-//!   another backend or another gateway process, or evicted) get Google's
-//!   documented bypass value on Gemini ≥ 3 models. Ids of the older form
-//!   `<id>~ts~<signature>` are still read.
+//!   types. Every call reaches the client under an id the gateway mints,
+//!   `call_<32 hex>` (128 random bits, so ids cannot be guessed): Gemini may omit
+//!   ids, and the ids it does give are neither random nor always portable. What
+//!   the client's id cannot carry stays in the gateway, in a bounded in-process
+//!   map ([`signatures`]) keyed by the minted id: the call's `thoughtSignature`
+//!   (Gemini 3 rejects replayed calls without it; hundreds of base64 characters)
+//!   and Gemini's own id, which is sent back as `functionCall.id` and
+//!   `functionResponse.id` when the call is replayed. Replayed calls whose
+//!   signature is unknown (history from another backend or another gateway
+//!   process, or evicted) get Google's documented bypass value on Gemini ≥ 3
+//!   models and no id. Ids of the older form `<id>~ts~<signature>` are still read.
 //! - Tool and response schemas are cut down to the OpenAPI subset Gemini accepts
 //!   (see [`gemini_schema`]).
 //! - Streamed `usageMetadata` is a running total: only the last one is emitted, once,
@@ -45,43 +46,78 @@ fn new_call_id() -> String {
     format!("call_{:032x}", rand::random::<u128>())
 }
 
-/// Thought signatures of the function calls handed to clients, by call id.
+/// What the gateway keeps of the function calls it handed to clients, by the
+/// call id the client saw: the call's thought signature and the id Gemini gave
+/// the call, if any.
+///
+/// Only ids the gateway minted itself (`call_<32 hex>`, 128 random bits) are
+/// keys: ids Gemini assigns are not random and could repeat across tenants, so a
+/// call that comes with a Gemini id or a signature is always shown to the client
+/// under a fresh random id, and Gemini's id is restored when the call is
+/// replayed. One tenant cannot name another's entry without its id.
 ///
 /// Bounded by entries and bytes, oldest first out; a signature that is gone is
 /// replaced by the documented bypass value, which costs the model its saved
 /// reasoning, never the request. One map per process, shared by every Gemini
-/// provider and every config snapshot, so a signature survives a reload.
+/// provider and every config snapshot, so an entry survives a reload.
 pub mod signatures {
     use std::collections::{HashMap, VecDeque};
     use std::sync::{Arc, Mutex, PoisonError};
 
-    /// At most this many signatures are kept.
+    /// At most this many calls are kept.
     pub const MAX_ENTRIES: usize = 65_536;
     /// At most this many bytes of ids and signatures are kept.
     pub const MAX_BYTES: usize = 64 << 20;
     /// A longer signature is not kept (Gemini's are a few kilobytes at most).
     pub const MAX_SIGNATURE: usize = 64 << 10;
+    /// A longer Gemini call id is not kept.
+    pub const MAX_UPSTREAM_ID: usize = 1024;
+
+    /// What is known of one call.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Call {
+        pub signature: Option<Arc<str>>,
+        /// The id Gemini gave the call, sent back with the replayed call and its
+        /// function response.
+        pub gemini_id: Option<Arc<str>>,
+    }
+
+    impl Call {
+        fn cost(&self) -> usize {
+            self.signature.as_deref().map_or(0, str::len)
+                + self.gemini_id.as_deref().map_or(0, str::len)
+        }
+    }
 
     #[derive(Default)]
     struct Book {
-        map: HashMap<Arc<str>, Arc<str>>,
+        map: HashMap<Arc<str>, Call>,
         order: VecDeque<Arc<str>>,
         bytes: usize,
     }
 
     static BOOK: Mutex<Option<Book>> = Mutex::new(None);
 
-    /// Remembers `signature` for the call `id`.
-    pub fn remember(id: &str, signature: &str) {
-        if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+    /// Remembers what is worth keeping of a call shown to the client as `id`
+    /// (an id the gateway minted). Oversized parts are dropped.
+    pub fn remember(id: &str, signature: Option<&str>, gemini_id: Option<&str>) {
+        let call = Call {
+            signature: signature
+                .filter(|s| !s.is_empty() && s.len() <= MAX_SIGNATURE)
+                .map(Arc::from),
+            gemini_id: gemini_id
+                .filter(|s| !s.is_empty() && s.len() <= MAX_UPSTREAM_ID)
+                .map(Arc::from),
+        };
+        if call == Call::default() {
             return;
         }
         let mut guard = BOOK.lock().unwrap_or_else(PoisonError::into_inner);
         let book = guard.get_or_insert_with(Book::default);
         let id: Arc<str> = Arc::from(id);
-        let cost = id.len() + signature.len();
-        if let Some(old) = book.map.insert(Arc::clone(&id), Arc::from(signature)) {
-            book.bytes = book.bytes.saturating_sub(id.len() + old.len());
+        let cost = id.len() + call.cost();
+        if let Some(old) = book.map.insert(Arc::clone(&id), call) {
+            book.bytes = book.bytes.saturating_sub(id.len() + old.cost());
         } else {
             book.order.push_back(id);
         }
@@ -90,14 +126,14 @@ pub mod signatures {
             let Some(oldest) = book.order.pop_front() else {
                 break;
             };
-            if let Some(sig) = book.map.remove(&oldest) {
-                book.bytes = book.bytes.saturating_sub(oldest.len() + sig.len());
+            if let Some(old) = book.map.remove(&oldest) {
+                book.bytes = book.bytes.saturating_sub(oldest.len() + old.cost());
             }
         }
     }
 
-    /// The signature remembered for the call `id`.
-    pub fn recall(id: &str) -> Option<Arc<str>> {
+    /// What is remembered of the call the client knows as `id`.
+    pub fn recall(id: &str) -> Option<Call> {
         let guard = BOOK.lock().unwrap_or_else(PoisonError::into_inner);
         guard.as_ref()?.map.get(id).cloned()
     }
@@ -156,12 +192,18 @@ struct OutFile<'a> {
 
 #[derive(Serialize)]
 struct OutFunctionCall<'a> {
+    /// The id Gemini gave the call, when it gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     name: &'a str,
     args: Value,
 }
 
 #[derive(Serialize)]
 struct OutFunctionResponse<'a> {
+    /// The id of the call answered, when Gemini gave the call one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     name: &'a str,
     response: Value,
 }
@@ -552,15 +594,21 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                 let mut signed = false;
                 let first_call = parts.len();
                 for call in &m.tool_calls {
-                    let signature = match split_call_id(&call.id) {
-                        (_, Some(sig)) => Some(Cow::Borrowed(sig)),
-                        (id, None) => signatures::recall(&crate::wire::tool_id::portable(id))
-                            .map(|s| Cow::Owned(s.to_string())),
+                    let (signature, gemini_id) = match split_call_id(&call.id) {
+                        (_, Some(sig)) => (Some(Cow::Borrowed(sig)), None),
+                        (id, None) => match signatures::recall(id) {
+                            Some(known) => (
+                                known.signature.map(|s| Cow::Owned(s.to_string())),
+                                known.gemini_id.map(|g| g.to_string()),
+                            ),
+                            None => (None, None),
+                        },
                     };
                     signed |= signature.is_some();
                     call_names.insert(call.id.as_str(), call.name.as_str());
                     parts.push(OutPart {
                         function_call: Some(OutFunctionCall {
+                            id: gemini_id,
                             name: &call.name,
                             args: args_object(&call.arguments),
                         }),
@@ -581,8 +629,15 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                     .or(m.name.as_deref())
                     .unwrap_or("unknown");
                 let text = m.content.as_ref().map(Content::text).unwrap_or_default();
+                let id = m
+                    .tool_call_id
+                    .as_deref()
+                    .and_then(signatures::recall)
+                    .and_then(|c| c.gemini_id)
+                    .map(|g| g.to_string());
                 let part = OutPart {
                     function_response: Some(OutFunctionResponse {
+                        id,
                         name,
                         response: response_object(&text),
                     }),
@@ -753,14 +808,12 @@ fn finish(reason: &str, has_calls: bool) -> FinishReason {
     }
 }
 
+/// A decoded function call as the client sees it: always under an id the
+/// gateway minted (Gemini's own ids are neither random nor always portable);
+/// Gemini's id and the thought signature stay in [`signatures`] under it.
 fn tool_call(f: InFunctionCall, signature: Option<&str>) -> ToolCall {
-    let id = match f.id.as_deref().filter(|i| !i.is_empty()) {
-        Some(id) => crate::wire::tool_id::portable(id).into_owned(),
-        None => new_call_id(),
-    };
-    if let Some(sig) = signature {
-        signatures::remember(&id, sig);
-    }
+    let id = new_call_id();
+    signatures::remember(&id, signature, f.id.as_deref());
     ToolCall {
         id,
         name: f.name.unwrap_or_default(),
@@ -1445,6 +1498,98 @@ mod tests {
         );
     }
 
+    /// Gemini's own call ids are not random: two tenants can receive calls with
+    /// the same Gemini id. Each sees its own minted id, and replaying one
+    /// tenant's call never carries the other's signature.
+    #[test]
+    fn gemini_ids_never_key_a_signature_across_tenants() {
+        let answer = |sig: &str| {
+            json!({"candidates": [{"content": {"role": "model", "parts": [
+                {"functionCall": {"id": "fc_0", "name": "lookup", "args": {"q": "x"}},
+                 "thoughtSignature": sig}]}, "finishReason": "STOP", "index": 0}]})
+            .to_string()
+        };
+        let a = decode_chat_response(answer("c2lnLXRlbmFudC1h").as_bytes()).unwrap();
+        let b = decode_chat_response(answer("c2lnLXRlbmFudC1i").as_bytes()).unwrap();
+        let (a, b) = (
+            &a.choices[0].message.tool_calls[0],
+            &b.choices[0].message.tool_calls[0],
+        );
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.id, "fc_0");
+        assert!(a.id.starts_with("call_") && a.id.len() == 37, "{}", a.id);
+        // Replaying with Gemini's id (or any id the gateway did not mint)
+        // finds nothing: the bypass value, not a tenant's signature.
+        let replay = |id: &str| {
+            let req = request(vec![
+                Message::text(Role::User, "q"),
+                assistant_call(id, "lookup", "{\"q\":\"x\"}"),
+                tool_result(id, "found"),
+            ]);
+            encode(&req, "gemini-3-pro-preview")
+        };
+        let body = replay("fc_0");
+        assert_eq!(
+            body["contents"][1]["parts"][0]["thoughtSignature"],
+            json!(SKIP_SIGNATURE)
+        );
+        assert!(body["contents"][1]["parts"][0]["functionCall"]
+            .get("id")
+            .is_none());
+        for (call, sig) in [(a, "c2lnLXRlbmFudC1h"), (b, "c2lnLXRlbmFudC1i")] {
+            let body = replay(&call.id);
+            assert_eq!(
+                body["contents"][1]["parts"][0]["thoughtSignature"],
+                json!(sig)
+            );
+        }
+    }
+
+    /// A Gemini id is sent back as Gemini gave it, on the replayed call and on
+    /// its function response, however unportable it is; the client only ever
+    /// sees a portable minted id.
+    #[test]
+    fn gemini_call_ids_round_trip_to_gemini_unchanged() {
+        let odd = "projects/p/calls/7~x+y=";
+        for gemini_id in [odd, "fc_0"] {
+            let answer = json!({"candidates": [{"content": {"role": "model", "parts": [
+                {"functionCall": {"id": gemini_id, "name": "lookup", "args": {}}}]},
+                "finishReason": "STOP", "index": 0}]});
+            let r = decode_chat_response(answer.to_string().as_bytes()).unwrap();
+            let call = &r.choices[0].message.tool_calls[0];
+            assert!(crate::wire::tool_id::is_portable(&call.id), "{}", call.id);
+            let req = request(vec![
+                Message::text(Role::User, "q"),
+                assistant_call(&call.id, "lookup", "{}"),
+                tool_result(&call.id, "found"),
+            ]);
+            let body = encode(&req, "gemini-2.5-flash");
+            assert_eq!(
+                body["contents"][1]["parts"][0]["functionCall"],
+                json!({"id": gemini_id, "name": "lookup", "args": {}})
+            );
+            assert_eq!(
+                body["contents"][2]["parts"][0]["functionResponse"]["id"],
+                json!(gemini_id)
+            );
+        }
+        // Calls Gemini gave no id are replayed without one.
+        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let call = &r.choices[0].message.tool_calls[0];
+        let req = request(vec![
+            Message::text(Role::User, "q"),
+            assistant_call(&call.id, &call.name, &call.arguments),
+            tool_result(&call.id, "sunny"),
+        ]);
+        let body = encode(&req, "gemini-2.5-flash");
+        assert!(body["contents"][1]["parts"][0]["functionCall"]
+            .get("id")
+            .is_none());
+        assert!(body["contents"][2]["parts"][0]["functionResponse"]
+            .get("id")
+            .is_none());
+    }
+
     #[test]
     fn older_ids_carrying_a_signature_are_still_read() {
         let id = "call_0123456789abcdef~ts~c2lnbmF0dXJl";
@@ -1467,15 +1612,20 @@ mod tests {
     #[test]
     fn the_signature_map_is_bounded() {
         let big = "s".repeat(signatures::MAX_SIGNATURE + 1);
-        signatures::remember("call_too_big", &big);
+        signatures::remember("call_too_big", Some(&big), None);
         assert!(signatures::recall("call_too_big").is_none());
         for i in 0..(signatures::MAX_ENTRIES + 10) {
-            signatures::remember(&format!("call_bound_{i}"), "sig");
+            signatures::remember(&format!("call_bound_{i}"), Some("sig"), None);
         }
         assert!(signatures::len() <= signatures::MAX_ENTRIES);
         assert!(signatures::recall("call_bound_0").is_none(), "oldest out");
         let last = format!("call_bound_{}", signatures::MAX_ENTRIES + 9);
-        assert_eq!(signatures::recall(&last).as_deref(), Some("sig"));
+        assert_eq!(
+            signatures::recall(&last)
+                .and_then(|c| c.signature)
+                .as_deref(),
+            Some("sig")
+        );
     }
 
     #[test]

@@ -150,15 +150,22 @@ impl Templates {
             )
         };
         let template = self.env.get_template(key).map_err(render_error)?;
-        let prompt = template
-            .render(minijinja::context! {
+        let input = messages
+            .iter()
+            .map(|m| m.content.len().saturating_add(16))
+            .fold(0, usize::saturating_add);
+        let prompt = crate::prompt::render_capped(
+            &template,
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => true,
                 // llama-server adds the model's BOS itself when it tokenizes the
                 // prompt; writing it here too would double it.
                 bos_token => "",
-            })
-            .map_err(render_error)?;
+            },
+            crate::prompt::output_cap(input),
+        )
+        .map_err(render_error)?;
         let stop = self.stops.get(key).map(Vec::as_slice).unwrap_or(&[]);
         Ok((prompt, stop))
     }
