@@ -159,6 +159,10 @@ pub enum GatewayError {
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The request body stalled or did not arrive in time (`limits.idle_timeout`,
+    /// `limits.body_read_timeout`).
+    #[error("{message}")]
+    BodyTimeout { message: String },
     #[error("the model `{model}` does not exist; available models: {available}")]
     UnknownModel { model: String, available: String },
     /// An empty `provider` is not named (see `limits.list_ids_in_errors`).
@@ -191,6 +195,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } | GatewayError::Unsupported { .. } => 400,
             GatewayError::PayloadTooLarge { .. } => 413,
+            GatewayError::BodyTimeout { .. } => 408,
             GatewayError::UnknownModel { .. }
             | GatewayError::NotFound { .. }
             | GatewayError::NotFoundPrompt { .. } => 404,
@@ -206,6 +211,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } => "invalid_request",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::BodyTimeout { .. } => "request_timeout",
             GatewayError::UnknownModel { .. } => "model_not_found",
             GatewayError::ProviderUnavailable { .. } => "provider_unavailable",
             GatewayError::NoTarget { .. } => "no_target_available",

@@ -328,6 +328,15 @@ fn error_response(
         tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request rejected");
     }
     let mut resp = json_response(status, dialect.error_body(&err, &id.0));
+    if matches!(
+        err,
+        GatewayError::PayloadTooLarge { .. } | GatewayError::BodyTimeout { .. }
+    ) {
+        // The body was not read whole: the connection cannot carry another
+        // request, and a client must not put it back in its pool.
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let GatewayError::Upstream(e) = &err {
         if let Some(ra) = e.retry_after {
             resp.headers_mut()
@@ -438,22 +447,20 @@ impl FromRequest<AppState> for LimitedBody {
             let left = whole.saturating_sub(started.elapsed());
             match tokio::time::timeout(idle.min(left), body.frame()).await {
                 Err(_) if left <= idle => {
-                    return Ok(LimitedBody(Err(GatewayError::invalid(
-                        format!(
+                    return Ok(LimitedBody(Err(GatewayError::BodyTimeout {
+                        message: format!(
                             "the request body did not arrive within {}",
                             humantime::format_duration(whole)
                         ),
-                        None,
-                    ))))
+                    })))
                 }
                 Err(_) => {
-                    return Ok(LimitedBody(Err(GatewayError::invalid(
-                        format!(
+                    return Ok(LimitedBody(Err(GatewayError::BodyTimeout {
+                        message: format!(
                             "the request body stalled: nothing arrived for {}",
                             humantime::format_duration(idle)
                         ),
-                        None,
-                    ))))
+                    })))
                 }
                 Ok(None) => break,
                 Ok(Some(Ok(frame))) => {

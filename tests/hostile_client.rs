@@ -643,8 +643,12 @@ async fn a_body_that_stops_arriving_is_answered_within_the_idle_timeout() {
     })
     .await
     .unwrap();
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 408, "{body}");
     assert!(body.contains("stalled"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("connection: close"),
+        "{body}"
+    );
 }
 
 /// `/healthz` and `/metrics` take no concurrency permit: with every permit
@@ -827,11 +831,15 @@ async fn a_dripped_body_is_answered_within_the_body_read_timeout() {
         elapsed < Duration::from_secs(4),
         "answered after {elapsed:?}: {text}"
     );
-    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let e = error_of(body);
     assert_eq!(e["request_id"], "drip-1", "{body}");
-    assert_eq!(e["code"], "invalid_request", "{body}");
+    assert_eq!(e["code"], "request_timeout", "{body}");
     assert!(
         e["message"]
             .as_str()

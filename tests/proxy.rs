@@ -505,7 +505,10 @@ async fn bad_input_gets_precise_errors() {
     assert_eq!((s, v["error"]["param"].as_str()), (400, Some("model")));
 
     let big = json!({"model": "fake-chat", "messages": [{"role": "user", "content": "x".repeat(70_000)}]});
-    let (s, _, v) = error_of(send(serde_json::to_vec(&big).unwrap()).await.unwrap()).await;
+    let resp = send(serde_json::to_vec(&big).unwrap()).await.unwrap();
+    // Refused before its body was read: the connection must not be reused.
+    assert_eq!(resp.headers()["connection"], "close");
+    let (s, _, v) = error_of(resp).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (413, Some("payload_too_large"))

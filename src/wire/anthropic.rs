@@ -1817,9 +1817,9 @@ pub fn error_status(err: &GatewayError) -> u16 {
 /// The Anthropic `error.type` for `err`.
 pub fn error_type(err: &GatewayError) -> &'static str {
     match err {
-        GatewayError::InvalidRequest { .. } | GatewayError::Unsupported { .. } => {
-            "invalid_request_error"
-        }
+        GatewayError::InvalidRequest { .. }
+        | GatewayError::Unsupported { .. }
+        | GatewayError::BodyTimeout { .. } => "invalid_request_error",
         GatewayError::PayloadTooLarge { .. } => "request_too_large",
         GatewayError::UnknownModel { .. } | GatewayError::NotFound { .. } => "not_found_error",
         GatewayError::ProviderUnavailable { .. }

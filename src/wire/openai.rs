@@ -1424,6 +1424,7 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
             ("invalid_request_error", param.as_deref(), None, None)
         }
         GatewayError::PayloadTooLarge { .. }
+        | GatewayError::BodyTimeout { .. }
         | GatewayError::UnknownModel { .. }
         | GatewayError::Unsupported { .. }
         | GatewayError::NotFound { .. } => ("invalid_request_error", None, None, None),
