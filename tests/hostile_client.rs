@@ -858,8 +858,7 @@ async fn a_client_that_reads_nothing_is_closed_after_the_write_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _serial = SERIAL.lock().await;
     let gateway = "limits: {max_concurrency: 1, write_timeout: 1s}\nroutes:\n  echo: {provider: sb, model: echo}\n";
-    let gw = common::spawn_gateway_with_conn_limits(gateway, &[("sb.yaml".into(), SANDBOX.into())])
-        .await;
+    let gw = common::spawn_gateway(gateway, &[("sb.yaml".into(), SANDBOX.into())]).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(gw.addr).await.unwrap();

@@ -567,6 +567,12 @@ impl Setup {
         );
     }
 
+    /// RSS grew by less than the budget since `base` (KB).
+    fn assert_rss_within(&self, base: u64) {
+        let now = self.rss();
+        assert!(now < base + RSS_BUDGET_KB, "RSS {base} KB -> {now} KB");
+    }
+
     fn rss(&self) -> u64 {
         rss_kb(self.gw.child.id())
     }
@@ -670,12 +676,7 @@ async fn giant_indexes_and_numbers_do_not_take_the_process_down() {
         assert_failed_cleanly(status, &body, "malformed_response", "req-float");
     }
     s.assert_alive().await;
-    assert!(
-        s.rss() < base + RSS_BUDGET_KB,
-        "RSS {} KB -> {} KB",
-        base,
-        s.rss()
-    );
+    s.assert_rss_within(base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -727,12 +728,7 @@ async fn an_endless_stream_ends_at_max_response_bytes_with_an_error_event() {
         assert_eq!(v["error"]["code"], "malformed_response");
         s.assert_alive().await;
     }
-    assert!(
-        s.rss() < base + RSS_BUDGET_KB,
-        "RSS {} KB -> {} KB",
-        base,
-        s.rss()
-    );
+    s.assert_rss_within(base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,12 +758,7 @@ async fn endless_lines_and_bodies_end_as_malformed_response() {
         }
         s.assert_alive().await;
     }
-    assert!(
-        s.rss() < base + RSS_BUDGET_KB,
-        "RSS {} KB -> {} KB",
-        base,
-        s.rss()
-    );
+    s.assert_rss_within(base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -802,12 +793,7 @@ async fn huge_headers_and_wrong_content_types_are_clean_errors() {
     assert!(v["error"]["message"].is_string(), "{body}");
     assert!(body.contains("req-anthropic-html"), "{body}");
     s.assert_alive().await;
-    assert!(
-        s.rss() < base + RSS_BUDGET_KB,
-        "RSS {} KB -> {} KB",
-        base,
-        s.rss()
-    );
+    s.assert_rss_within(base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -937,12 +923,7 @@ async fn health_checks_end_at_their_timeout_and_read_little() {
     assert!(drip_failed >= 2, "the dripping check never timed out");
     assert!(flood_ok >= 2, "the flooding check never finished");
     s.assert_alive().await;
-    assert!(
-        s.rss() < base + RSS_BUDGET_KB,
-        "RSS {} KB -> {} KB",
-        base,
-        s.rss()
-    );
+    s.assert_rss_within(base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -963,10 +944,5 @@ async fn hostile_token_endpoints_are_clean_errors() {
     assert_eq!(v["error"]["code"], "malformed_response", "{body}");
     assert!(started.elapsed() < Duration::from_secs(3));
     s.assert_alive().await;
-    assert!(
-        s.rss() < base + RSS_BUDGET_KB,
-        "RSS {} KB -> {} KB",
-        base,
-        s.rss()
-    );
+    s.assert_rss_within(base);
 }

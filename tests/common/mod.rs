@@ -403,6 +403,9 @@ pub async fn spawn_gateway_with_prompts(
         Err(p) => panic!("config problems: {p:?}"),
     };
     let router = promptgate::server::router(gw.clone(), promptgate::server_settings(&cfg));
+    // The public listener's connection limits (`limits.header_read_timeout`,
+    // `write_timeout`, …) come from the config, as in `serve`.
+    let limits = promptgate::conn_limits(&cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let env: promptgate::reload::SharedEnv = Arc::new(test_env);
@@ -412,7 +415,7 @@ pub async fn spawn_gateway_with_prompts(
     let admin_addr = admin_listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = promptgate::server::serve(listener, router, async {
+        let _ = promptgate::server::serve_with(listener, router, limits, async {
             let _ = rx.await;
         })
         .await;
@@ -577,44 +580,5 @@ impl GatewayProcess {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-    }
-}
-
-/// Like [`spawn_gateway`], with the public listener's connection limits
-/// (`limits.header_read_timeout`, `write_timeout`, …) taken from the config.
-pub async fn spawn_gateway_with_conn_limits(gateway: &str, providers: &[(String, String)]) -> Gw {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), gateway, providers);
-    let path = dir.path().join("promptgate.yaml");
-    let (gw, cfg) = match promptgate::load(&path, &test_env) {
-        Ok(x) => x,
-        Err(p) => panic!("config problems: {p:?}"),
-    };
-    let router = promptgate::server::router(gw.clone(), promptgate::server_settings(&cfg));
-    let limits = promptgate::conn_limits(&cfg);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let env: promptgate::reload::SharedEnv = Arc::new(test_env);
-    let reloader = promptgate::reload::Reloader::new(gw.clone(), &path, env);
-    let admin = promptgate::admin::router(reloader.clone(), Some(ADMIN_KEY.to_string()));
-    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_addr = admin_listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = promptgate::server::serve_with(listener, router, limits, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(admin_listener, admin).await;
-    });
-    Gw {
-        addr,
-        admin_addr,
-        dir,
-        gw,
-        reloader,
-        shutdown: Some(tx),
     }
 }
