@@ -849,6 +849,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// llama.cpp templates with `source` as the `*` fallback.
+    fn fallback_template(source: &str) -> crate::wire::llamacpp::Templates {
+        crate::wire::llamacpp::Templates::compile(
+            &[(
+                "*".to_string(),
+                crate::config::ChatTemplate {
+                    source: source.into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn chat_templates_are_checked_against_the_limits() {
         let ok = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
@@ -876,18 +892,7 @@ mod tests {
         // of messages: a long transcript runs out of budget at render time.
         let source = "{% for m in messages %}{% for n in messages %}{% for i in range(50) %}.{% endfor %}{% endfor %}{% endfor %}";
         assert_eq!(check_chat_template(source), Ok(()));
-        let templates = crate::wire::llamacpp::Templates::compile(
-            &[(
-                "*".to_string(),
-                crate::config::ChatTemplate {
-                    source: source.into(),
-                    stop: vec![],
-                },
-            )]
-            .into_iter()
-            .collect(),
-        )
-        .unwrap();
+        let templates = fallback_template(source);
         let messages: Vec<serde_json::Value> = (0..400)
             .map(|i| serde_json::json!({"role": "user", "content": format!("message {i}")}))
             .collect();
@@ -906,18 +911,7 @@ mod tests {
     fn a_chat_template_that_amplifies_a_message_stops_at_the_output_cap() {
         // Prints the last (1 MB) message once per message: 300 MB uncapped.
         let source = "{% for m in messages %}{{ messages[-1].content }}{% endfor %}";
-        let templates = crate::wire::llamacpp::Templates::compile(
-            &[(
-                "*".to_string(),
-                crate::config::ChatTemplate {
-                    source: source.into(),
-                    stop: vec![],
-                },
-            )]
-            .into_iter()
-            .collect(),
-        )
-        .unwrap();
+        let templates = fallback_template(source);
         let mut messages: Vec<serde_json::Value> = (0..299)
             .map(|_| serde_json::json!({"role": "user", "content": "hi"}))
             .collect();
