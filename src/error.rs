@@ -166,11 +166,23 @@ pub enum GatewayError {
     #[error("the model `{model}` does not exist; available models: {available}")]
     UnknownModel { model: String, available: String },
     /// An empty `provider` is not named (see `limits.list_ids_in_errors`).
+    /// `public` is the reason without settings (environment variables, files),
+    /// for `limits.list_ids_in_errors: false`.
     #[error("{}", unavailable_text(provider, reason))]
-    ProviderUnavailable { provider: String, reason: String },
+    ProviderUnavailable {
+        provider: String,
+        reason: String,
+        public: &'static str,
+    },
     /// No target of a route could be tried (private-only, breakers open, …).
+    /// `public` is `reason` with every clause that names a provider replaced by
+    /// a generic one, for `limits.list_ids_in_errors: false`.
     #[error("no target of route `{route}` can take the request: {reason}")]
-    NoTarget { route: String, reason: String },
+    NoTarget {
+        route: String,
+        reason: String,
+        public: String,
+    },
     #[error("route `{route}` does not support {capability}")]
     Unsupported { route: String, capability: String },
     #[error("{0}")]

@@ -384,7 +384,11 @@ impl Gateway {
             return Some(Skip::NotPrivate);
         }
         if let ProviderState::Unavailable(r) = &t.provider {
-            return Some(Skip::Unavailable(t.provider_id.clone(), r.clone()));
+            return Some(Skip::Unavailable(
+                t.provider_id.clone(),
+                r.clone(),
+                "it is not configured for use",
+            ));
         }
         if self
             .book
@@ -394,6 +398,7 @@ impl Gateway {
             return Some(Skip::Unavailable(
                 t.provider_id.clone(),
                 "disabled by an operator".into(),
+                "disabled by an operator",
             ));
         }
         if let Err(capability) = check_capabilities(t, req) {
@@ -568,7 +573,7 @@ impl Gateway {
                 break;
             }
         }
-        Err(give_up(route, errors, skips, private))
+        Err(give_up(&route.name, errors, skips, private))
     }
 
     /// One call to one target, with the drill fault of its provider applied.
@@ -790,8 +795,8 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
 /// Why a target was passed over without a call.
 enum Skip {
     NotPrivate,
-    /// (provider, why)
-    Unavailable(Arc<str>, String),
+    /// (provider, why, why without its settings)
+    Unavailable(Arc<str>, String, &'static str),
     Capability(&'static str),
     Context(u32, u32),
     Open,
@@ -810,7 +815,7 @@ fn stall_error(after: Duration) -> UpstreamError {
 /// The error for a request no target could serve: the last attempt's error,
 /// with every attempt listed; or, if nothing was tried, why.
 fn give_up(
-    route: &Route,
+    route: &str,
     mut errors: Vec<(Arc<str>, UpstreamError)>,
     skips: Vec<Skip>,
     private: bool,
@@ -836,27 +841,29 @@ fn give_up(
             .all(|s| matches!(s, Skip::Capability(_) | Skip::NotPrivate))
         {
             return GatewayError::Unsupported {
-                route: route.name.to_string(),
+                route: route.to_owned(),
                 capability: (*c).to_owned(),
             };
         }
     }
     if private && skips.iter().all(|s| matches!(s, Skip::NotPrivate)) {
+        let reason = "the request is private and no target of this route is a self-hosted provider";
         return GatewayError::NoTarget {
-            route: route.name.to_string(),
-            reason: "the request is private and no target of this route is a self-hosted provider"
-                .into(),
+            route: route.to_owned(),
+            reason: reason.into(),
+            public: reason.into(),
         };
     }
     // Every target's provider is unavailable (e.g. its key is unset): name it.
-    if let Some(Skip::Unavailable(provider, reason)) = skips.first() {
+    if let Some(Skip::Unavailable(provider, reason, public)) = skips.first() {
         if skips
             .iter()
-            .all(|s| matches!(s, Skip::Unavailable(p, _) if p == provider))
+            .all(|s| matches!(s, Skip::Unavailable(p, ..) if p == provider))
         {
             return GatewayError::ProviderUnavailable {
                 provider: provider.to_string(),
                 reason: reason.clone(),
+                public,
             };
         }
     }
@@ -872,19 +879,27 @@ fn give_up(
             ));
         }
     }
-    let reasons: Vec<String> = skips
-        .iter()
-        .map(|s| match s {
-            Skip::NotPrivate => "not self-hosted".to_string(),
-            Skip::Unavailable(p, r) => format!("{p}: {r}"),
-            Skip::Capability(c) => format!("no {c}"),
-            Skip::Context(n, w) => format!("{n} tokens > window {w}"),
-            Skip::Open => "circuit open".to_string(),
-        })
-        .collect();
+    // Each clause twice: as logged, and without the provider's name and settings.
+    let mut reasons: Vec<String> = Vec::with_capacity(skips.len());
+    let mut public: Vec<String> = Vec::with_capacity(skips.len());
+    for s in &skips {
+        let (full, bare) = match s {
+            Skip::NotPrivate => ("not self-hosted".to_string(), None),
+            Skip::Unavailable(p, r, _) => (format!("{p}: {r}"), Some("provider unavailable")),
+            Skip::Capability(c) => (format!("no {c}"), None),
+            Skip::Context(n, w) => (format!("{n} tokens > window {w}"), None),
+            Skip::Open => ("circuit open".to_string(), None),
+        };
+        let bare = bare.map_or_else(|| full.clone(), str::to_owned);
+        if !public.contains(&bare) {
+            public.push(bare);
+        }
+        reasons.push(full);
+    }
     GatewayError::NoTarget {
-        route: route.name.to_string(),
+        route: route.to_owned(),
         reason: reasons.join("; "),
+        public: public.join("; "),
     }
 }
 

@@ -377,44 +377,18 @@ fn unlisted(err: GatewayError) -> GatewayError {
         // Which provider, why (an environment variable's name, a file) and
         // which targets were skipped stay in the log; the client learns the
         // kind of failure only.
-        GatewayError::ProviderUnavailable { reason, .. } => GatewayError::ProviderUnavailable {
+        GatewayError::ProviderUnavailable { public, .. } => GatewayError::ProviderUnavailable {
             provider: String::new(),
-            reason: generic_unavailable(&reason).into(),
+            reason: public.into(),
+            public,
         },
-        GatewayError::NoTarget { route, reason } => GatewayError::NoTarget {
+        GatewayError::NoTarget { route, public, .. } => GatewayError::NoTarget {
             route,
-            reason: generic_skips(&reason),
+            reason: public.clone(),
+            public,
         },
         other => other,
     }
-}
-
-/// The reason a provider is unavailable, without its settings.
-fn generic_unavailable(reason: &str) -> &'static str {
-    if reason == "disabled by an operator" {
-        "disabled by an operator"
-    } else {
-        "it is not configured for use"
-    }
-}
-
-/// A "no target" reason (one clause per skipped target, `; `-separated) with
-/// the clauses that name a provider replaced by a generic one. The clauses that
-/// name nothing configured (capability, privacy, window, breaker) stay.
-fn generic_skips(reason: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    for clause in reason.split("; ") {
-        let keep = clause == "not self-hosted"
-            || clause == "circuit open"
-            || clause.starts_with("the request is private")
-            || (clause.starts_with("no ") && !clause.contains(':'))
-            || (clause.contains(" tokens > window ") && !clause.contains(':'));
-        let clause = if keep { clause } else { "provider unavailable" };
-        if !out.contains(&clause) {
-            out.push(clause);
-        }
-    }
-    out.join("; ")
 }
 
 /// A request body read under the size limit. A too-large body becomes a 413 in
@@ -1435,6 +1409,7 @@ mod tests {
         let e = unlisted(GatewayError::ProviderUnavailable {
             provider: "secret-p".into(),
             reason: "environment variable SECRET_KEY (its API key) is not set".into(),
+            public: "it is not configured for use",
         });
         assert_eq!(
             e.to_string(),
@@ -1443,6 +1418,7 @@ mod tests {
         let e = unlisted(GatewayError::NoTarget {
             route: "r".into(),
             reason: "not self-hosted; secret-a: environment variable SECRET_A is not set; no streaming; 10 tokens > window 5; circuit open; secret-b: disabled by an operator".into(),
+            public: "not self-hosted; provider unavailable; no streaming; 10 tokens > window 5; circuit open".into(),
         });
         assert_eq!(
             e.to_string(),
