@@ -950,7 +950,7 @@ fn cut_after(mut inner: EventStream, n: usize) -> EventStream {
 }
 
 /// Events a stream may send before its first output: the stream's identity
-/// and a role per choice (at most 64) are all a well-behaved backend sends, and
+/// and a role per choice (at most `wire::MAX_CHOICES`) are all a well-behaved backend sends, and
 /// the decoders drop deltas that carry nothing.
 const HEAD_MAX_EVENTS: usize = 256;
 /// Bytes those events may hold (their own size and their text).

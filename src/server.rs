@@ -602,8 +602,6 @@ async fn prompt_chat(
     serve_chat(app, d, id, &headers, req, Some(prompt)).await
 }
 
-/// Most choices per request (`n`), as OpenAI documents.
-pub const MAX_CHOICES: u32 = 128;
 /// Most `top_logprobs`, as OpenAI documents.
 pub const MAX_TOP_LOGPROBS: u64 = 20;
 /// Most tools (functions) per request, as OpenAI documents.
@@ -614,9 +612,12 @@ pub const MAX_TOOLS: usize = 128;
 /// over them saturates.
 fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
     if let Some(n) = req.params.n {
-        if !(1..=MAX_CHOICES).contains(&n) {
+        if !(1..=crate::wire::MAX_CHOICES).contains(&n) {
             return Err(GatewayError::invalid(
-                format!("invalid field `n`: {n} is outside 1..={MAX_CHOICES}"),
+                format!(
+                    "invalid field `n`: {n} is outside 1..={}",
+                    crate::wire::MAX_CHOICES
+                ),
                 Some("n"),
             ));
         }

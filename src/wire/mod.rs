@@ -16,10 +16,11 @@ pub mod zhipu;
 use crate::canonical::{ChatRequest, ChatResponse, StreamEvent};
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
-/// Choice indexes a backend may use in a stream: `0..MAX_CHOICES`. Decoders keep
+/// Choice indexes a backend may use in a stream: `0..MAX_CHOICES`, as many as a
+/// client may ask for with `n` (checked at the edge). Decoders keep
 /// per-choice state, and an index is an upstream-controlled number, so anything
 /// beyond this is a malformed response rather than a reason to allocate.
-pub const MAX_CHOICES: u32 = 64;
+pub const MAX_CHOICES: u32 = 128;
 
 /// `index` when it is below [`MAX_CHOICES`], else a `malformed_response` error.
 pub fn choice_index(index: u32) -> Result<u32, UpstreamError> {

@@ -543,9 +543,9 @@ pub struct ChunkDecoder {
     /// Choices (by index, below 64) whose finish reason was already emitted.
     /// ChatGLM3's server sends `function_call` and then a trailing `stop`; the
     /// first finish reason of a choice is the one that counts.
-    finished_choices: u64,
+    finished_choices: u128,
     /// Choices (by index, below 64) whose role was already announced.
-    announced_choices: u64,
+    announced_choices: u128,
 }
 
 impl ChunkDecoder {
@@ -583,7 +583,7 @@ impl ChunkDecoder {
             }));
         }
         for ch in c.choices {
-            super::choice_index(ch.index)?;
+            let bit = 1u128 << super::choice_index(ch.index)?;
             let d = ch.delta.unwrap_or_default();
             let mut tool_calls: Vec<ToolCallDelta> = d
                 .tool_calls
@@ -624,7 +624,6 @@ impl ChunkDecoder {
             let mut finish_reason = ch.finish_reason.as_deref().map(finish_reason_from_wire);
             let mut dropped_finish = false;
             if finish_reason.is_some() {
-                let bit = 1u64.checked_shl(ch.index).unwrap_or(0);
                 if self.finished_choices & bit != 0 {
                     finish_reason = None;
                     dropped_finish = true;
@@ -648,7 +647,6 @@ impl ChunkDecoder {
             // A delta with nothing in it (`{}`, empty content, a role already
             // announced) is dropped here: backends send them freely, and each
             // would otherwise cost an event, held until the first output.
-            let bit = 1u64.checked_shl(ch.index).unwrap_or(0);
             let new_role = delta.role.is_some() && self.announced_choices & bit == 0;
             if delta.role.is_some() {
                 self.announced_choices |= bit;
@@ -2106,6 +2104,31 @@ mod tests {
         let chunk = r#"{"id":"c","choices":[{"index":4294967295,"delta":{"content":"x"}}]}"#;
         let e = dec.decode(chunk, &mut out).unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
+    }
+
+    #[test]
+    fn every_choice_a_client_may_ask_for_is_decoded() {
+        // `n` may be up to MAX_CHOICES: the last of those choices is accepted,
+        // the next index is not.
+        let mut dec = ChunkDecoder::default();
+        let mut out = Vec::new();
+        let last = crate::wire::MAX_CHOICES - 1;
+        let chunk = format!(
+            r#"{{"id":"c","choices":[{{"index":{last},"delta":{{"role":"assistant","content":"x"}},"finish_reason":"stop"}}]}}"#
+        );
+        dec.decode(&chunk, &mut out).unwrap();
+        assert!(
+            out.iter().any(|e| matches!(e, StreamEvent::Delta(d) if d.choice == last && d.content.as_deref() == Some("x") && d.finish_reason == Some(FinishReason::Stop))),
+            "{out:?}"
+        );
+        let over = chunk.replace(
+            &format!("\"index\":{last}"),
+            &format!("\"index\":{}", last + 1),
+        );
+        assert_eq!(
+            dec.decode(&over, &mut out).unwrap_err().kind,
+            ErrorKind::MalformedResponse
+        );
     }
 
     #[test]
