@@ -276,10 +276,6 @@ struct PartialChoice {
     finish: Option<FinishReason>,
 }
 
-/// The most text an assembly keeps (8 MiB); a longer stream is still served
-/// but not stored.
-pub const MAX_ASSEMBLED_BYTES: usize = 8 * 1024 * 1024;
-
 /// Rebuilds a complete response from stream events, to store a stream once it
 /// has ended properly. Choice and tool-call indexes are the backend's numbers, so
 /// they key maps and never size anything; what is kept is bounded by a byte limit.
@@ -289,13 +285,6 @@ pub struct Assembler {
     usage: Option<Usage>,
     bytes: usize,
     limit: usize,
-    overflowed: bool,
-}
-
-impl Default for Assembler {
-    fn default() -> Self {
-        Assembler::with_limit(MAX_ASSEMBLED_BYTES)
-    }
 }
 
 impl Assembler {
@@ -308,23 +297,26 @@ impl Assembler {
             usage: None,
             bytes: 0,
             limit,
-            overflowed: false,
         }
+    }
+
+    /// Past the limit: what was held is dropped and nothing will be stored.
+    fn overflowed(&self) -> bool {
+        self.bytes > self.limit
     }
 
     /// Counts `n` more bytes (a fixed cost for each new choice or tool call
     /// included); false once past the limit, after dropping everything held.
     fn grow(&mut self, n: usize) -> bool {
         self.bytes = self.bytes.saturating_add(n);
-        if self.bytes > self.limit {
-            self.overflowed = true;
+        if self.overflowed() {
             self.choices = BTreeMap::new();
         }
-        !self.overflowed
+        !self.overflowed()
     }
 
     pub fn push(&mut self, ev: &StreamEvent) {
-        if self.overflowed {
+        if self.overflowed() {
             return;
         }
         match ev {
@@ -547,6 +539,13 @@ impl Cache {
             max_entry_bytes: cfg.max_entry_bytes,
             metrics,
         })
+    }
+
+    /// An assembler for a stream to be stored: it gives up where `insert` would
+    /// refuse the entry (`cache.max_entry_bytes`), so a longer stream is served
+    /// without being collected.
+    pub fn assembler(&self) -> Assembler {
+        Assembler::with_limit(usize::try_from(self.max_entry_bytes).unwrap_or(usize::MAX))
     }
 
     pub fn redis(&self) -> Option<&Arc<crate::cache_redis::RedisTier>> {
@@ -906,7 +905,7 @@ mod tests {
 
     #[test]
     fn assembler_keys_choices_by_index_and_sizes_nothing_from_it() {
-        let mut a = Assembler::default();
+        let mut a = Assembler::with_limit(1 << 20);
         a.push(&delta(u32::MAX, "far"));
         a.push(&delta(0, "near"));
         a.push(&StreamEvent::Delta(Delta {
@@ -957,6 +956,6 @@ mod tests {
         for i in 0..100_000u32 {
             a.push(&delta(i.wrapping_mul(40_503), ""));
         }
-        assert!(a.choices.is_empty() && a.overflowed);
+        assert!(a.choices.is_empty() && a.overflowed());
     }
 }

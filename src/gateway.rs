@@ -321,7 +321,7 @@ impl Gateway {
                     output: String::new(),
                     output_beyond: 0,
                     usage: None,
-                    store: store.map(|s| (s, crate::cache::Assembler::default())),
+                    store: store.map(|s| (s, self.cache.assembler())),
                 };
                 ChatOutcome::Stream(tap.wrap(head, rest))
             }
