@@ -421,19 +421,7 @@ pub fn limits_message() -> String {
 /// `check` for a llama.cpp chat template: it must compile, and a sample
 /// conversation must render within the execution limits.
 pub fn check_chat_template(source: &str) -> Result<(), String> {
-    let mut env = minijinja::Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    limit(&mut env);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
+    let mut env = crate::wire::llamacpp::chat_env();
     env.add_template("t", source)
         .map_err(|e| format!("does not compile: {e}"))?;
     let sample = minijinja::context! {

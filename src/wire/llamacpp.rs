@@ -67,27 +67,34 @@ struct TemplateMessage<'a> {
     content: std::borrow::Cow<'a, str>,
 }
 
+/// The environment chat templates compile and render in (and `check` renders
+/// its sample in): one set of settings for both.
+pub fn chat_env() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    // Hugging Face renders chat templates with these settings; templates copied
+    // from a model card keep their whitespace.
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    crate::prompt::limit(&mut env);
+    // Used by many published templates to reject transcripts they cannot render.
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env
+}
+
 impl Templates {
     /// Compiles every template; the error names the one that does not compile.
     pub fn compile(templates: &BTreeMap<String, ChatTemplate>) -> Result<Self, String> {
-        let mut env = minijinja::Environment::new();
-        // Hugging Face renders chat templates with these settings; templates copied
-        // from a model card keep their whitespace.
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        crate::prompt::limit(&mut env);
-        // Used by many published templates to reject transcripts they cannot render.
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        let mut env = chat_env();
         let mut stops = HashMap::with_capacity(templates.len());
         for (model, t) in templates {
             env.add_template_owned(model.clone(), t.source.clone())
