@@ -94,8 +94,14 @@ pub struct UpstreamError {
     pub message: String,
     /// Provider id (filled in by the transport).
     pub provider: String,
+    /// At most [`MAX_RETRY_AFTER`] wherever a backend's number is read.
     pub retry_after: Option<Duration>,
 }
+
+/// The longest `Retry-After` the gateway honours or repeats (one hour); larger
+/// values, up to any number a backend writes, are clamped to it where they are
+/// read (the transport's header and error bodies, Gemini's `retryDelay`).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 impl UpstreamError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {

@@ -477,7 +477,7 @@ impl Gateway {
                         if let Some(ra) = e.retry_after {
                             // A backend's number: capped, and compared without adding
                             // it to an Instant (which would overflow).
-                            wait = wait.max(ra.min(crate::provider::http::MAX_RETRY_AFTER));
+                            wait = wait.max(ra.min(crate::error::MAX_RETRY_AFTER));
                         }
                     }
                     if wait >= deadline.saturating_duration_since(Instant::now()) {

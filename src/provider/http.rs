@@ -67,9 +67,7 @@ impl Default for ResponseLimits {
     }
 }
 
-/// The longest `Retry-After` the gateway honours or repeats (one hour); larger
-/// values, up to any number an upstream writes, are clamped to it.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub use crate::error::MAX_RETRY_AFTER;
 
 /// How much of a non-2xx or health-check body is read to classify it.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -272,7 +270,7 @@ impl HttpProvider {
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+            .map(Duration::from_secs);
         let cap = ERROR_BODY_BYTES.min(self.limits.max_response_bytes);
         let body = tokio::time::timeout(self.timeouts.idle, read_prefix(resp, cap))
             .await

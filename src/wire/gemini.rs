@@ -1020,17 +1020,16 @@ impl EventDecoder {
 
 // --- errors ---
 
-/// `"37s"` / `"1.5s"` (a protobuf Duration in JSON) → Duration.
-/// The longest `retryDelay` taken from an error: a day (a larger one, up to
-/// `1e300s`, would overflow a `Duration`; routing caps waits further).
-const MAX_RETRY_DELAY_SECS: f64 = 86_400.0;
-
+/// `"37s"` / `"1.5s"` (a protobuf Duration in JSON) → Duration, at most
+/// [`MAX_RETRY_AFTER`](crate::error::MAX_RETRY_AFTER) (a larger one, up to
+/// `1e300s`, would overflow a `Duration`).
 fn parse_delay(s: &str) -> Option<std::time::Duration> {
     let secs: f64 = s.trim().strip_suffix('s')?.parse().ok()?;
     if !(secs.is_finite() && secs >= 0.0) {
         return None;
     }
-    std::time::Duration::try_from_secs_f64(secs.min(MAX_RETRY_DELAY_SECS)).ok()
+    std::time::Duration::try_from_secs_f64(secs.min(crate::error::MAX_RETRY_AFTER.as_secs_f64()))
+        .ok()
 }
 
 /// Classifies a Google API error object (`{"code","message","status","details"}`)
@@ -1746,7 +1745,7 @@ mod tests {
             assert_eq!(e.kind, ErrorKind::RateLimited);
             assert_eq!(
                 e.retry_after,
-                Some(std::time::Duration::from_secs(86_400)),
+                Some(crate::error::MAX_RETRY_AFTER),
                 "{delay}"
             );
         }
