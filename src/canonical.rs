@@ -199,6 +199,15 @@ impl Usage {
             ..Usage::default()
         }
     }
+
+    /// A backend's figures: its total if it sent one, else the (saturating) sum.
+    pub fn reported(prompt: u32, completion: u32, total: Option<u32>) -> Self {
+        let mut u = Usage::new(prompt, completion);
+        if let Some(t) = total {
+            u.total_tokens = t;
+        }
+        u
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

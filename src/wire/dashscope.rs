@@ -425,14 +425,9 @@ struct InUsage {
 impl InUsage {
     fn canonical(self) -> Usage {
         Usage {
-            prompt_tokens: self.input_tokens,
-            completion_tokens: self.output_tokens,
-            total_tokens: self
-                .total_tokens
-                .unwrap_or(self.input_tokens.saturating_add(self.output_tokens)),
             cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: self.output_tokens_details.and_then(|d| d.reasoning_tokens),
-            estimated: false,
+            ..Usage::reported(self.input_tokens, self.output_tokens, self.total_tokens)
         }
     }
 }

@@ -756,14 +756,9 @@ impl InUsage {
             .candidates_token_count
             .saturating_add(self.thoughts_token_count.unwrap_or(0));
         Usage {
-            prompt_tokens: self.prompt_token_count,
-            completion_tokens: completion,
-            total_tokens: self
-                .total_token_count
-                .unwrap_or(self.prompt_token_count.saturating_add(completion)),
             cached_tokens: self.cached_content_token_count,
             reasoning_tokens: self.thoughts_token_count,
-            estimated: false,
+            ..Usage::reported(self.prompt_token_count, completion, self.total_token_count)
         }
     }
 }

@@ -386,16 +386,15 @@ struct InUsage {
 impl InUsage {
     fn into_canonical(self) -> Usage {
         Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            total_tokens: self
-                .total_tokens
-                .unwrap_or(self.prompt_tokens.saturating_add(self.completion_tokens)),
             cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: self
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens),
-            estimated: false,
+            ..Usage::reported(
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.total_tokens,
+            )
         }
     }
 }
