@@ -72,6 +72,21 @@ pub trait StreamEncoder: Send {
 /// SHA-256. The mapping is a pure function, so a call and the tool result that
 /// answers it map to the same id on every backend without any state, and a mapped
 /// id maps to itself.
+/// `prefix` and 32 hex digits of the SHA-256 of `text`: a stable stand-in for an
+/// id a backend would refuse (tool-call ids, Zhipu's `user_id`).
+pub fn hashed_id(prefix: &str, text: &str) -> String {
+    use sha2::Digest;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    let mut out = String::with_capacity(prefix.len() + 32);
+    out.push_str(prefix);
+    for b in &digest[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
+}
+
 pub mod tool_id {
     use std::borrow::Cow;
 
@@ -92,15 +107,7 @@ pub mod tool_id {
         if is_portable(id) {
             return Cow::Borrowed(id);
         }
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(id.as_bytes());
-        let mut out = String::with_capacity(37);
-        out.push_str("call_");
-        for b in &digest[..16] {
-            out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-            out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-        }
-        Cow::Owned(out)
+        Cow::Owned(super::hashed_id("call_", id))
     }
 
     #[cfg(test)]

@@ -46,14 +46,7 @@ fn user_id(user: &str) -> String {
     if (6..=128).contains(&user.chars().count()) {
         return user.to_owned();
     }
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(user.as_bytes());
-    let mut out = String::with_capacity(35);
-    out.push_str("pg-");
-    for b in &digest[..16] {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    super::hashed_id("pg-", user)
 }
 
 /// Encodes a canonical request as a Zhipu v4 chat body for `model`.
