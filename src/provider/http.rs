@@ -457,10 +457,6 @@ fn event_stream(
         let mut frames = FrameDecoder::with_max_line(framing, limits.sizes.max_line_bytes);
         let mut events = Vec::with_capacity(8);
         let mut received: usize = 0;
-        let line_too_long = |max: usize| UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("a backend stream line or event exceeded the provider's limit of {max} bytes"),
-        );
         loop {
             let wait_until = deadline_after(limits.idle).min(limits.deadline);
             let next = match tokio::time::timeout_at(wait_until, body.next()).await {
@@ -480,7 +476,7 @@ fn event_stream(
                     if let Some(f) = frames.finish() {
                         result = decoder.frame(f, &mut events);
                     } else if frames.overflowed() {
-                        result = Err(line_too_long(limits.sizes.max_line_bytes));
+                        result = Err(too_large("stream line or event", limits.sizes.max_line_bytes));
                     }
                     for ev in events.drain(..) {
                         yield Ok(ev);
@@ -526,7 +522,7 @@ fn event_stream(
                 }
             }
             if frames.overflowed() {
-                yield Err(own(line_too_long(limits.sizes.max_line_bytes)));
+                yield Err(own(too_large("stream line or event", limits.sizes.max_line_bytes)));
                 return;
             }
         }
