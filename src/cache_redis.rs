@@ -54,8 +54,8 @@ const MAX_NAME: usize = 4096;
 /// How entries are sealed and checked.
 #[derive(Clone)]
 pub struct Seal {
-    /// The HMAC key; `None`: plain checksums.
-    secret: Option<crate::config::Secret>,
+    /// The MAC, keyed once from the secret; `None`: plain checksums.
+    mac: Option<hmac::Hmac<sha2::Sha256>>,
     /// The largest decompressed entry accepted.
     max_entry_bytes: usize,
 }
@@ -92,14 +92,16 @@ pub fn resolve_secret(
 
 impl Seal {
     pub fn new(secret: Option<crate::config::Secret>, max_entry_bytes: u64) -> Seal {
+        use hmac::Mac;
         Seal {
-            secret,
+            // HMAC takes keys of any length: keying cannot fail.
+            mac: secret.and_then(|s| hmac::Hmac::<sha2::Sha256>::new_from_slice(&s.0).ok()),
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
         }
     }
 
     fn mode(&self) -> u8 {
-        u8::from(self.secret.is_some())
+        u8::from(self.mac.is_some())
     }
 
     /// The largest stored value this gateway writes: reads fetch no more.
@@ -109,51 +111,36 @@ impl Seal {
         ))
     }
 
-    /// The tag over the cache key, the header (tag excluded) and the body;
-    /// `None` if the MAC cannot be keyed (HMAC takes keys of any length, so never
-    /// in practice, but nothing on the request path may panic).
-    fn tag(&self, key: &Key, head: &[u8], body: &[u8]) -> Option<[u8; 32]> {
+    /// The tag over the cache key and `parts` (the header without the tag, then
+    /// the body): HMAC-SHA256 under the secret, else a plain SHA-256.
+    fn tag(&self, key: &Key, parts: &[&[u8]]) -> [u8; 32] {
         use hmac::Mac;
         use sha2::Digest;
-        match &self.secret {
-            Some(secret) => {
-                let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&secret.0).ok()?;
+        match &self.mac {
+            Some(mac) => {
+                let mut mac = mac.clone();
                 mac.update(key);
-                mac.update(head);
-                mac.update(body);
-                Some(mac.finalize().into_bytes().into())
+                for p in parts {
+                    mac.update(p);
+                }
+                mac.finalize().into_bytes().into()
             }
             None => {
                 let mut h = sha2::Sha256::new();
                 h.update(key);
-                h.update(head);
-                h.update(body);
-                Some(h.finalize().into())
+                for p in parts {
+                    h.update(p);
+                }
+                h.finalize().into()
             }
         }
     }
 
-    /// Whether `tag` is the entry's tag, compared in constant time (HMAC's own
-    /// `verify_slice`, or `subtle` for plain checksums): the comparison reveals
-    /// nothing about the right tag.
-    fn tag_matches(&self, key: &Key, head: &[u8], body: &[u8], tag: &[u8]) -> bool {
-        use hmac::Mac;
+    /// Whether `tag` is the entry's tag, compared in constant time: the
+    /// comparison reveals nothing about the right tag.
+    fn tag_matches(&self, key: &Key, parts: &[&[u8]], tag: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        match &self.secret {
-            Some(secret) => {
-                let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&secret.0)
-                else {
-                    return false;
-                };
-                mac.update(key);
-                mac.update(head);
-                mac.update(body);
-                mac.verify_slice(tag).is_ok()
-            }
-            None => self
-                .tag(key, head, body)
-                .is_some_and(|want| bool::from(want[..].ct_eq(tag))),
-        }
+        bool::from(self.tag(key, parts)[..].ct_eq(tag))
     }
 
     /// Seals the JSON of an entry; `None` if it is over the size bound.
@@ -164,7 +151,7 @@ impl Seal {
         let len = u32::try_from(json.len()).ok()?;
         let body = lz4_flex::block::compress(json);
         let head = [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, self.mode()];
-        let tag = self.tag(key, &[&head[..], &len.to_le_bytes()].concat(), &body)?;
+        let tag = self.tag(key, &[&head, &len.to_le_bytes(), &body]);
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.extend_from_slice(&head);
         out.extend_from_slice(&tag);
@@ -182,7 +169,7 @@ impl Seal {
             return Err("an entry of another format version");
         }
         if bytes[4] != self.mode() {
-            return Err(if self.secret.is_some() {
+            return Err(if self.mac.is_some() {
                 "an unsigned entry (this gateway requires signed entries)"
             } else {
                 "a signed entry (this gateway has no secret to check it)"
@@ -194,7 +181,7 @@ impl Seal {
         let (head, rest) = bytes.split_at(5);
         let (tag, rest) = rest.split_at(32);
         let (len, body) = rest.split_at(4);
-        if !self.tag_matches(key, &[head, len].concat(), body, tag) {
+        if !self.tag_matches(key, &[head, len, body], tag) {
             return Err("a checksum mismatch (corrupt, forged or stored under another key)");
         }
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
@@ -601,7 +588,7 @@ mod tests {
         let body = lz4_flex::block::compress(b"{}");
         let len = u32::MAX.to_le_bytes();
         let head = [b'P', b'G', b'C', VERSION, 0];
-        let tag = seal.tag(&K, &[&head[..], &len].concat(), &body).unwrap();
+        let tag = seal.tag(&K, &[&head[..], &len, &body]);
         let forged = [&head[..], &tag, &len, &body].concat();
         assert!(seal
             .open(&K, &forged)
