@@ -907,6 +907,23 @@ pub fn prompts_dir(gateway_file: &Path) -> PathBuf {
         .join("prompts")
 }
 
+/// Whether `p` is a file the configuration reads from its folders (`*.yaml`,
+/// `*.yml`): the loaders and the reload watcher ask the same question.
+pub fn is_yaml(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+/// The `*.yaml`/`*.yml` files directly in `dir`, sorted.
+pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| is_yaml(p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Loads and validates the gateway file and the `providers/` folder beside it.
 pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems { list: Vec::new() };
@@ -914,15 +931,9 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
 
     let dir = providers_dir(gateway_file);
     let mut providers = BTreeMap::new();
-    match std::fs::read_dir(&dir) {
+    match yaml_files(&dir) {
         Err(e) => problems.add(&dir, "", format!("cannot read the providers folder: {e}")),
-        Ok(entries) => {
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-                .collect();
-            files.sort();
+        Ok(files) => {
             for file in files {
                 let Some(id) = file.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
                     continue;

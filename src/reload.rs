@@ -65,11 +65,7 @@ fn is_input(path: &Path, gateway_file: &Path) -> bool {
     if path.parent() == Some(dir) && folders.iter().any(|f| f == path) {
         return true;
     }
-    let yaml = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    );
-    yaml && folders.iter().any(|f| path.starts_with(f))
+    crate::config::is_yaml(path) && folders.iter().any(|f| path.starts_with(f))
 }
 
 /// SHA-256 over every file the configuration reads (name and content, links
@@ -95,14 +91,7 @@ pub fn input_digest(gateway_file: &Path) -> [u8; 32] {
         crate::config::providers_dir(gateway_file),
         crate::config::prompts_dir(gateway_file),
     ] {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect();
-        files.sort();
+        let files = crate::config::yaml_files(&dir).unwrap_or_default();
         h.update(dir.as_os_str().as_encoded_bytes());
         h.update([1]);
         for f in &files {

@@ -2,7 +2,7 @@
 //! [`crate::prompt::PromptDef`]s. Problems carry `file:line`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -175,8 +175,8 @@ pub(super) fn load_dir(
     problems: &mut Problems,
 ) -> BTreeMap<String, PromptDef> {
     let mut out = BTreeMap::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
+    let files = match super::yaml_files(dir) {
+        Ok(f) => f,
         // No prompts folder: no prompts.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
         Err(e) => {
@@ -184,12 +184,6 @@ pub(super) fn load_dir(
             return out;
         }
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    files.sort();
     for file in files {
         let Some(stem) = file.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
             continue;
