@@ -96,6 +96,10 @@ pub struct UpstreamError {
     pub provider: String,
     /// At most [`MAX_RETRY_AFTER`] wherever a backend's number is read.
     pub retry_after: Option<Duration>,
+    /// The backend refused the gateway's short-lived credential itself (an
+    /// expired or invalid access token): a fresh one fixes it, so the call may be
+    /// made once more. Set by the codec that recognises it.
+    pub credential_refused: bool,
 }
 
 /// The longest `Retry-After` the gateway honours or repeats (one hour); larger
@@ -111,6 +115,7 @@ impl UpstreamError {
             message: message.into(),
             provider: String::new(),
             retry_after: None,
+            credential_refused: false,
         }
     }
 

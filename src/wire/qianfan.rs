@@ -559,15 +559,7 @@ pub fn kind_of_code(code: i64) -> Option<ErrorKind> {
 }
 
 fn classify_code(status: u16, code: i64, msg: Option<&str>) -> UpstreamError {
-    let mut msg = msg.filter(|m| !m.is_empty()).unwrap_or("Qianfan error");
-    // Kept short enough that the code at the end survives the message cut.
-    if msg.len() > 900 {
-        let mut cut = 900;
-        while !msg.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        msg = &msg[..cut];
-    }
+    let msg = msg.filter(|m| !m.is_empty()).unwrap_or("Qianfan error");
     let lower = msg.to_lowercase();
     let too_long = lower.contains("too long")
         || lower.contains("max input characters")
@@ -585,7 +577,9 @@ fn classify_code(status: u16, code: i64, msg: Option<&str>) -> UpstreamError {
         None if status == 200 => ErrorKind::Overloaded,
         None => ErrorKind::from_status(status),
     };
-    UpstreamError::from_backend(kind, format!("{msg} (error_code {code})"), status)
+    let mut e = UpstreamError::from_backend(kind, format!("{msg} (error_code {code})"), status);
+    e.credential_refused = kind == ErrorKind::Auth && TOKEN_REFUSED.contains(&code);
+    e
 }
 
 /// Error codes of an access token Baidu no longer accepts (110: invalid, 111:
@@ -595,10 +589,7 @@ const TOKEN_REFUSED: [i64; 2] = [110, 111];
 /// True when `e` is Baidu refusing the access token itself (error 110 or 111),
 /// which a fresh token fixes.
 pub fn is_token_refused(e: &UpstreamError) -> bool {
-    e.kind == ErrorKind::Auth
-        && TOKEN_REFUSED
-            .iter()
-            .any(|c| e.message.ends_with(&format!("(error_code {c})")))
+    e.credential_refused
 }
 
 /// Classifies a non-2xx answer (a gateway in front of Qianfan may answer 429,
