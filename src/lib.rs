@@ -4,7 +4,6 @@
 
 pub mod admin;
 pub mod cache;
-pub mod cache_redis;
 pub mod canonical;
 pub mod config;
 pub mod drill;
@@ -34,7 +33,7 @@ pub fn load(
     env: provider::registry::EnvLookup<'_>,
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
     let mut cfg = config::load(path)?;
-    cache_redis::resolve_secret(&mut cfg, path, env)?;
+    cache::resolve_secret(&mut cfg, path, env)?;
     let book = std::sync::Arc::new(router::Book::default());
     let snapshot = snapshot::Snapshot::build(cfg.clone(), env, &book)?;
     let gw = Gateway::new(snapshot, book).map_err(|e| {

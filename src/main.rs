@@ -132,7 +132,7 @@ fn check(config: PathBuf) -> ExitCode {
             let cfg = &snap.config;
             // Checked as `serve` checks it at start.
             if let Err(problems) =
-                promptgate::cache_redis::resolve_secret(&mut cfg.clone(), &config, &env_lookup)
+                promptgate::cache::resolve_secret(&mut cfg.clone(), &config, &env_lookup)
             {
                 for p in &problems {
                     eprintln!("error: {p}");

@@ -658,7 +658,7 @@ async fn forged_and_corrupt_redis_entries_are_never_served() {
     flipped[last] ^= 0x55;
     let mut old_format = lz4_flex::compress_prepend_size(b"{}");
     old_format[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-    let plain = promptgate::cache_redis::Seal::new(None, 4 << 20);
+    let plain = promptgate::cache::redis::Seal::new(None, 4 << 20);
     let from_the_future = plain
         .seal(&key, &forged_json(now_ms() + 86_400_000))
         .unwrap();
@@ -695,7 +695,7 @@ async fn forged_and_corrupt_redis_entries_are_never_served() {
     let (_, h, text) = call(&k2, &body("cached"), &[]).await;
     assert_eq!(h["x-promptgate-cache"], "hit", "{text}");
     let unsigned = plain.seal(&key, &forged_json(now_ms())).unwrap();
-    let wrong = promptgate::cache_redis::Seal::new(
+    let wrong = promptgate::cache::redis::Seal::new(
         Some(promptgate::config::Secret(
             b"not-the-secret".to_vec().into(),
         )),

@@ -24,7 +24,9 @@ use redis::aio::ConnectionManager;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::cache::{Entry, Key};
+use super::entry::{weight, Entry};
+use super::key::Key;
+use super::shared::{BoxFuture, SharedTier};
 use crate::config::RedisConfig;
 
 pub struct RedisTier {
@@ -304,7 +306,8 @@ impl RedisTier {
         format!("{}idx:{}", self.prefix, hex(k))
     }
 
-    pub async fn load(&self, k: &Key) -> Option<Entry> {
+    /// The entry under `k`, if Redis answers in time and the entry checks out.
+    async fn get(&self, k: &Key) -> Option<Entry> {
         let mut conn = self.connection().await?;
         // GETRANGE rather than GET: whatever Redis holds, no more than the
         // largest value this gateway writes is read (a missing key reads as "").
@@ -348,16 +351,15 @@ impl RedisTier {
     }
 
     /// Stores in the background: a slow Redis never delays the response.
-    pub fn store(self: &Arc<Self>, k: &Key, e: &Entry) {
+    fn set(self: Arc<Self>, k: &Key, e: &Entry) {
         let Some(bytes) = encode(e).and_then(|json| self.seal.seal(k, &json)) else {
             return;
         };
         let name = self.redis_key(k, &e.route, e.prompt.as_deref());
         let index = self.lookup_key(k);
         let ttl_ms = e.ttl.min(MAX_TTL).as_millis().max(1) as u64;
-        let this = self.clone();
         tokio::spawn(async move {
-            let Some(mut conn) = this.connection().await else {
+            let Some(mut conn) = self.connection().await else {
                 return;
             };
             let mut pipe = redis::pipe();
@@ -374,10 +376,10 @@ impl RedisTier {
                 .arg(ttl_ms)
                 .ignore();
             let set = pipe.query_async::<()>(&mut conn);
-            match tokio::time::timeout(this.timeout * 4, set).await {
+            match tokio::time::timeout(self.timeout * 4, set).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => this.fail("set", &e.to_string()),
-                Err(_) => this.fail("set", "timed out"),
+                Ok(Err(e)) => self.fail("set", &e.to_string()),
+                Err(_) => self.fail("set", "timed out"),
             }
         });
     }
@@ -385,7 +387,7 @@ impl RedisTier {
     /// Deletes entries of a route and/or prompt (or all of this gateway's).
     /// Gives up after `PURGE_TIMEOUT` in all (each command: the tier's timeout,
     /// at least a second), reporting how far it got.
-    pub async fn purge(&self, route: Option<&str>, prompt: Option<&str>) -> Result<u64, String> {
+    async fn delete(&self, route: Option<&str>, prompt: Option<&str>) -> Result<u64, String> {
         let Some(conn) = self.connection().await else {
             return Err("redis is unreachable".into());
         };
@@ -455,6 +457,24 @@ impl RedisTier {
     }
 }
 
+impl SharedTier for RedisTier {
+    fn load<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Entry>> {
+        Box::pin(self.get(key))
+    }
+
+    fn store(self: Arc<Self>, key: &Key, entry: &Entry) {
+        self.set(key, entry);
+    }
+
+    fn purge<'a>(
+        &'a self,
+        route: Option<&'a str>,
+        prompt: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, String>> {
+        Box::pin(self.delete(route, prompt))
+    }
+}
+
 fn encode(e: &Entry) -> Option<Vec<u8>> {
     let created = e
         .created
@@ -503,7 +523,7 @@ fn decode(raw: &[u8]) -> Result<Entry, &'static str> {
     let age = now.duration_since(created).unwrap_or_default();
     let remaining = ttl.checked_sub(age).ok_or("an expired entry")?;
     Ok(Entry {
-        bytes: crate::cache::weight(&response),
+        bytes: weight(&response),
         response,
         target: v["target"].as_str().ok_or(bad)?.to_owned(),
         route: v["route"].as_str().ok_or(bad)?.to_owned(),

@@ -1,0 +1,262 @@
+//! The response cache: exact match on a stable hash of the canonical request
+//! after prompt rendering and route resolution. Level 1 is in memory (moka,
+//! bounded by bytes, per-entry TTL); an optional level 2 (Redis) is shared by
+//! replicas, with compressed entries and a short timeout: when it is down or
+//! slow the gateway serves without it and counts the failure. Concurrent
+//! identical misses make one upstream call (single flight). Entries hold the
+//! canonical response, so a hit is replayed in any dialect, as JSON or as a
+//! stream. Errors, cut streams and `finish_reason: error` are never stored.
+//!
+//! This file is the façade the gateway uses. The parts, each knowing only those
+//! below it (no file here imports the façade):
+//!
+//! ```text
+//! mod.rs (Cache) ──▶ flight.rs (Lease, single flight) ──▶ tiers.rs (moka + shared tier)
+//!    │                                                        │
+//!    └──▶ redis.rs (RedisTier: impl SharedTier) ──▶ shared.rs (SharedTier trait)
+//!
+//! leaves: key.rs (key, policy, directive, tenant), entry.rs (Entry, its stored
+//! form), assemble.rs (stream Assembler)
+//! ```
+
+mod assemble;
+mod entry;
+mod flight;
+mod key;
+pub mod redis;
+pub mod shared;
+mod tiers;
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+pub use assemble::Assembler;
+pub use entry::{cacheable, weight, Entry};
+pub use flight::{Lease, Lookup};
+pub use key::{canonical, eligible, key_of, tenant_of, Directive, Key};
+pub use redis::resolve_secret;
+pub use shared::SharedTier;
+
+use crate::config::CacheConfig;
+use flight::Flights;
+use tiers::Tiers;
+
+/// How a request used the cache (the `x-promptgate-cache` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Hit,
+    Miss,
+    Bypass,
+    Refresh,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Hit => "hit",
+            Status::Miss => "miss",
+            Status::Bypass => "bypass",
+            Status::Refresh => "refresh",
+        }
+    }
+}
+
+pub struct Cache {
+    tiers: Arc<Tiers>,
+    flights: Arc<Flights>,
+    pub metrics: CacheMetrics,
+}
+
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub evictions: prometheus::IntCounter,
+    pub redis_errors: prometheus::IntCounterVec,
+}
+
+impl Cache {
+    /// The cache `cfg` describes: a Redis shared tier when `cache.redis` is set.
+    pub fn new(cfg: &CacheConfig, metrics: CacheMetrics) -> Arc<Cache> {
+        let shared = cfg.redis.as_ref().map(|r| {
+            Arc::new(redis::RedisTier::new(
+                r,
+                cfg.max_entry_bytes,
+                metrics.redis_errors.clone(),
+            )) as Arc<dyn SharedTier>
+        });
+        Cache::with_shared(cfg, metrics, shared)
+    }
+
+    /// A cache over the given shared tier (or none), whatever `cfg.redis` says.
+    pub fn with_shared(
+        cfg: &CacheConfig,
+        metrics: CacheMetrics,
+        shared: Option<Arc<dyn SharedTier>>,
+    ) -> Arc<Cache> {
+        let tiers = Arc::new(Tiers::new(cfg, metrics.evictions.clone(), shared));
+        Arc::new(Cache {
+            flights: Arc::new(Flights::new(tiers.clone())),
+            tiers,
+            metrics,
+        })
+    }
+
+    /// An assembler for a stream to be stored: it gives up where storing would
+    /// refuse the entry (`cache.max_entry_bytes`), so a longer stream is served
+    /// without being collected.
+    pub fn assembler(&self) -> Assembler {
+        Assembler::with_limit(usize::try_from(self.tiers.max_entry_bytes()).unwrap_or(usize::MAX))
+    }
+
+    /// The shared tier, if one is configured.
+    pub fn redis(&self) -> Option<&Arc<dyn SharedTier>> {
+        self.tiers.shared()
+    }
+
+    /// Looks `key` up (unless refreshing); on a miss either waits for an
+    /// identical call already in flight, at most until the request's own
+    /// `deadline`, or makes this request the leader.
+    pub async fn lookup(&self, key: Key, refresh: bool, deadline: Instant) -> Lookup {
+        self.flights.lookup(key, refresh, deadline).await
+    }
+
+    /// Drops entries (all, or of one route, or of one prompt) here and in the
+    /// shared tier.
+    pub async fn purge(&self, route: Option<&str>, prompt: Option<&str>) -> Result<u64, String> {
+        self.tiers.purge(route, prompt).await
+    }
+
+    /// (entries, bytes) in memory.
+    pub async fn figures(&self) -> (u64, u64) {
+        self.tiers.figures().await
+    }
+}
+
+#[cfg(test)]
+mod flight_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::canonical::*;
+    use futures_util::FutureExt;
+    use std::time::{Duration, SystemTime};
+
+    fn cache() -> Arc<Cache> {
+        Cache::new(
+            &CacheConfig {
+                max_bytes: 1 << 20,
+                max_entry_bytes: 1 << 20,
+                ttl: Duration::from_secs(60),
+                time_to_idle: None,
+                redis: None,
+            },
+            CacheMetrics {
+                evictions: prometheus::IntCounter::new("e", "e").unwrap(),
+                redis_errors: prometheus::IntCounterVec::new(
+                    prometheus::Opts::new("r", "r"),
+                    &["op"],
+                )
+                .unwrap(),
+            },
+        )
+    }
+
+    fn entry() -> Entry {
+        let response = ChatResponse {
+            id: "c1".into(),
+            created: 1,
+            model: "m".into(),
+            choices: vec![Choice {
+                index: 0,
+                message: Message::text(Role::Assistant, "hi"),
+                finish_reason: Some(FinishReason::Stop),
+            }],
+            usage: None,
+            system_fingerprint: None,
+        };
+        Entry {
+            bytes: weight(&response),
+            response,
+            target: "p/m".into(),
+            route: "r".into(),
+            prompt: None,
+            created: SystemTime::now(),
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    fn lead(l: Lookup) -> Lease {
+        match l {
+            Lookup::Lead(l) => l,
+            Lookup::Hit(_) => panic!("expected to lead"),
+        }
+    }
+
+    /// A second lookup of `key` must wait for the registered leader.
+    async fn follows_the_leader(c: &Arc<Cache>, key: Key, leader: Lease) {
+        let mut waiter = Box::pin(c.lookup(key, false, far()));
+        assert!(
+            (&mut waiter).now_or_never().is_none(),
+            "waits for the leader instead of leading a second call"
+        );
+        leader.complete(Some(entry())).await;
+        assert!(matches!(waiter.await, Lookup::Hit(_)));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_never_removes_the_leaders_entry() {
+        let c = cache();
+        let key = [7u8; 32];
+        let leader = lead(c.lookup(key, false, far()).await);
+        assert!(leader.registered());
+        let refresh = lead(c.lookup(key, true, far()).await);
+        assert!(!refresh.registered());
+        refresh.complete(None).await;
+        follows_the_leader(&c, key, leader).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiter_past_its_deadline_leaves_the_leader_alone() {
+        let c = cache();
+        let key = [8u8; 32];
+        let leader = lead(c.lookup(key, false, far()).await);
+        let late = lead(c.lookup(key, false, Instant::now()).await);
+        assert!(!late.registered(), "leads its own call, owning nothing");
+        drop(late);
+        follows_the_leader(&c, key, leader).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_wait_at_most_their_own_deadline() {
+        let c = cache();
+        let key = [9u8; 32];
+        let _leader = lead(c.lookup(key, false, far()).await);
+        let start = Instant::now();
+        let waiter = lead(c.lookup(key, false, start + Duration::from_secs(2)).await);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert!(!waiter.registered());
+    }
+
+    #[tokio::test]
+    async fn a_failed_leader_hands_the_key_to_one_waiter() {
+        let c = cache();
+        let key = [10u8; 32];
+        let leader = lead(c.lookup(key, false, far()).await);
+        let mut a = Box::pin(c.lookup(key, false, far()));
+        let mut b = Box::pin(c.lookup(key, false, far()));
+        assert!((&mut a).now_or_never().is_none());
+        assert!((&mut b).now_or_never().is_none());
+        drop(leader);
+        let next = lead(a.await);
+        assert!(next.registered());
+        assert!(
+            (&mut b).now_or_never().is_none(),
+            "b follows the new leader"
+        );
+        follows_the_leader(&c, key, next).await;
+        assert!(matches!(b.await, Lookup::Hit(_)));
+    }
+}
