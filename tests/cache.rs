@@ -536,15 +536,54 @@ async fn get_bytes(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> 
         .unwrap_or_default()
 }
 
-/// The JSON of an entry answering "forged".
+/// The stored form of an entry answering "forged".
 fn forged_json(created_ms: u64) -> Vec<u8> {
-    serde_json::to_vec(&json!({
+    use promptgate::canonical::*;
+    let response = ChatResponse {
+        id: "x".into(),
+        created: 1,
+        model: "chat".into(),
+        choices: vec![Choice {
+            index: 0,
+            message: Message::text(Role::Assistant, "forged"),
+            finish_reason: Some(FinishReason::Stop),
+        }],
+        usage: None,
+        system_fingerprint: None,
+    };
+    promptgate::cache::Entry {
+        bytes: promptgate::cache::weight(&response),
+        response,
+        target: "fake/chat".into(),
+        route: "cached".into(),
+        prompt: None,
+        created: std::time::UNIX_EPOCH + Duration::from_millis(created_ms),
+        ttl: Duration::MAX,
+    }
+    .encode()
+    .unwrap()
+}
+
+/// An entry answering "forged" as the previous version stored it: the response
+/// as OpenAI wire JSON, sealed as version 1 with a correct plain checksum.
+fn previous_version(key: &[u8; 32]) -> Vec<u8> {
+    use sha2::Digest;
+    let json = serde_json::to_vec(&json!({
         "target": "fake/chat", "route": "cached", "prompt": null,
-        "created_ms": created_ms, "ttl_ms": u64::MAX, "estimated": false,
+        "created_ms": now_ms(), "ttl_ms": 3_600_000u64, "estimated": false,
         "response": {"id": "x", "object": "chat.completion", "created": 1, "model": "chat",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "forged"}, "finish_reason": "stop"}]},
     }))
-    .unwrap()
+    .unwrap();
+    let len = u32::try_from(json.len()).unwrap().to_le_bytes();
+    let body = lz4_flex::block::compress(&json);
+    let head = *b"PGC\x01\x00";
+    let mut h = sha2::Sha256::new();
+    for part in [&key[..], &head, &len, &body] {
+        h.update(part);
+    }
+    let tag: [u8; 32] = h.finalize().into();
+    [&head[..], &tag, &len, &body].concat()
 }
 
 fn now_ms() -> u64 {
@@ -668,11 +707,12 @@ async fn forged_and_corrupt_redis_entries_are_never_served() {
         ("a truncated entry", real[..real.len() / 2].to_vec()),
         ("another key's entry", moved),
         ("an entry dated tomorrow", from_the_future),
+        ("an entry of the previous format", previous_version(&key)),
         (
             "a megabyte of noise",
             (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect(),
         ),
-        ("a header and nothing else", b"PGC\x01\x00".to_vec()),
+        ("a header and nothing else", b"PGC\x02\x00".to_vec()),
     ];
     for (what, bytes) in &cases {
         forged_entry_is_a_miss(&mut conn, &name, bytes, what, &g, &p).await;

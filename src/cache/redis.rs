@@ -1,6 +1,6 @@
-//! The cache's shared tier: Redis, behind a short timeout. Entries are stored as
-//! LZ4-compressed JSON (the response in the OpenAI wire format, which the gateway
-//! already reads and writes) with a Redis-side expiry. Every Redis failure —
+//! The cache's shared tier: Redis, behind a short timeout. Entries are stored in
+//! the cache's own canonical form (`Entry::encode`, format `entry::FORMAT`),
+//! LZ4-compressed, with a Redis-side expiry. Every Redis failure —
 //! refused connection, timeout, bad entry — is counted and treated as a miss:
 //! a cache outage never fails a request. After a failure the tier rests for a
 //! second before trying again, so a dead Redis costs nothing per request.
@@ -14,17 +14,17 @@
 //! the largest entry this gateway could have written, the tag is checked before
 //! anything is decompressed, the length is checked against
 //! `cache.max_entry_bytes` (at most 64 MiB) before it sizes an allocation, and
-//! the stored TTL and creation time are clamped. Entries over 256 KiB (stored or
+//! the stored TTL and creation time are clamped. An entry of another version
+//! (seal or entry format) is a miss, counted as a `decode` failure. Entries over 256 KiB (stored or
 //! declared) are checked and decoded on the blocking pool, not a runtime worker.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::entry::{weight, Entry};
+use super::entry::{Entry, MAX_TTL};
 use super::key::Key;
 use super::shared::{BoxFuture, SharedTier};
 use crate::config::RedisConfig;
@@ -39,15 +39,12 @@ pub struct RedisTier {
     seal: Seal,
 }
 
-/// The format version written and the only one read.
-const VERSION: u8 = 1;
+/// The format version written and the only one read. 1 held the response as
+/// OpenAI wire JSON; 2 holds the canonical entry form (`entry::FORMAT` 2).
+const VERSION: u8 = 2;
 const MAGIC: &[u8; 3] = b"PGC";
 /// Magic, version, mode, tag, length.
 const HEADER: usize = 3 + 1 + 1 + 32 + 4;
-/// The longest an entry may still live once read back, whatever it says.
-const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// How far in the future an entry's creation time may lie (clock skew).
-const MAX_SKEW: Duration = Duration::from_secs(60);
 /// The whole of a purge, however many keys it walks.
 const PURGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest index value (a Redis key name) read.
@@ -145,13 +142,14 @@ impl Seal {
         bool::from(self.tag(key, parts)[..].ct_eq(tag))
     }
 
-    /// Seals the JSON of an entry; `None` if it is over the size bound.
-    pub fn seal(&self, key: &Key, json: &[u8]) -> Option<Vec<u8>> {
-        if json.len() > self.max_entry_bytes {
+    /// Seals the stored form of an entry (`Entry::encode`); `None` if it is
+    /// over the size bound.
+    pub fn seal(&self, key: &Key, raw: &[u8]) -> Option<Vec<u8>> {
+        if raw.len() > self.max_entry_bytes {
             return None;
         }
-        let len = u32::try_from(json.len()).ok()?;
-        let body = lz4_flex::block::compress(json);
+        let len = u32::try_from(raw.len()).ok()?;
+        let body = lz4_flex::block::compress(raw);
         let head = [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, self.mode()];
         let tag = self.tag(key, &[&head, &len.to_le_bytes(), &body]);
         let mut out = Vec::with_capacity(HEADER + body.len());
@@ -162,7 +160,7 @@ impl Seal {
         Some(out)
     }
 
-    /// Checks and opens a stored value: the JSON inside, or why not.
+    /// Checks and opens a stored value: the stored form inside, or why not.
     pub fn open(&self, key: &Key, bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
         if bytes.len() < HEADER || &bytes[..3] != MAGIC {
             return Err("not a promptgate cache entry");
@@ -191,7 +189,7 @@ impl Seal {
             return Err("an entry larger than cache.max_entry_bytes");
         }
         match lz4_flex::block::decompress(body, len) {
-            Ok(json) if json.len() == len => Ok(json),
+            Ok(raw) if raw.len() == len => Ok(raw),
             _ => Err("an entry that does not decompress"),
         }
     }
@@ -211,14 +209,14 @@ fn declared_len(bytes: &[u8]) -> usize {
 
 /// Checks, decompresses and parses a stored value: inline when small, on the
 /// blocking pool when the stored or declared size is over
-/// [`BLOCKING_DECODE_BYTES`] (an HMAC, LZ4 and JSON pass over up to
+/// [`BLOCKING_DECODE_BYTES`] (an HMAC, LZ4 and decoding pass over up to
 /// `cache.max_entry_bytes` would otherwise hold a worker thread).
 async fn open_entry(seal: &Seal, k: &Key, bytes: Vec<u8>) -> Result<Entry, &'static str> {
     if bytes.len().max(declared_len(&bytes)) <= BLOCKING_DECODE_BYTES {
-        return seal.open(k, &bytes).and_then(|json| decode(&json));
+        return seal.open(k, &bytes).and_then(|raw| Entry::decode(&raw));
     }
     let (seal, k) = (seal.clone(), *k);
-    tokio::task::spawn_blocking(move || seal.open(&k, &bytes).and_then(|json| decode(&json)))
+    tokio::task::spawn_blocking(move || seal.open(&k, &bytes).and_then(|raw| Entry::decode(&raw)))
         .await
         .unwrap_or(Err("the entry's decoding failed"))
 }
@@ -352,7 +350,7 @@ impl RedisTier {
 
     /// Stores in the background: a slow Redis never delays the response.
     fn set(self: Arc<Self>, k: &Key, e: &Entry) {
-        let Some(bytes) = encode(e).and_then(|json| self.seal.seal(k, &json)) else {
+        let Some(bytes) = e.encode().and_then(|raw| self.seal.seal(k, &raw)) else {
             return;
         };
         let name = self.redis_key(k, &e.route, e.prompt.as_deref());
@@ -475,83 +473,47 @@ impl SharedTier for RedisTier {
     }
 }
 
-fn encode(e: &Entry) -> Option<Vec<u8>> {
-    let created = e
-        .created
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()?
-        .as_millis() as u64;
-    let response: Value = serde_json::from_slice(&crate::wire::openai::encode_chat_response(
-        &e.response,
-        &e.response.model,
-    ))
-    .ok()?;
-    let v = json!({
-        "target": e.target,
-        "route": e.route,
-        "prompt": e.prompt,
-        "created_ms": created,
-        "ttl_ms": e.ttl.as_millis() as u64,
-        "estimated": e.response.usage.is_some_and(|u| u.estimated),
-        "response": response,
-    });
-    serde_json::to_vec(&v).ok()
-}
-
-/// Reads the JSON of an opened entry; the times in it are clamped: created no
-/// later than now (give or take clock skew), living at most `MAX_TTL` more.
-fn decode(raw: &[u8]) -> Result<Entry, &'static str> {
-    let bad = "an entry with missing or invalid fields";
-    let v: Value = serde_json::from_slice(raw).map_err(|_| bad)?;
-    let mut response =
-        crate::wire::openai::decode_chat_response(v["response"].to_string().as_bytes())
-            .map_err(|_| bad)?;
-    if let (Some(u), Some(true)) = (response.usage.as_mut(), v["estimated"].as_bool()) {
-        u.estimated = true;
-    }
-    let now = SystemTime::now();
-    let created = SystemTime::UNIX_EPOCH
-        .checked_add(Duration::from_millis(v["created_ms"].as_u64().ok_or(bad)?))
-        .ok_or(bad)?;
-    if created
-        .duration_since(now)
-        .is_ok_and(|ahead| ahead > MAX_SKEW)
-    {
-        return Err("an entry created in the future");
-    }
-    let ttl = Duration::from_millis(v["ttl_ms"].as_u64().ok_or(bad)?).min(MAX_TTL);
-    let age = now.duration_since(created).unwrap_or_default();
-    let remaining = ttl.checked_sub(age).ok_or("an expired entry")?;
-    Ok(Entry {
-        bytes: weight(&response),
-        response,
-        target: v["target"].as_str().ok_or(bad)?.to_owned(),
-        route: v["route"].as_str().ok_or(bad)?.to_owned(),
-        prompt: v["prompt"].as_str().map(str::to_owned),
-        created: created.min(now),
-        // L1 keeps it only as long as Redis does.
-        ttl: remaining.max(Duration::from_millis(1)),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::canonical::*;
     use std::future::Future;
+    use std::time::SystemTime;
 
     fn secret(s: &str) -> Option<crate::config::Secret> {
         Some(crate::config::Secret(s.as_bytes().into()))
     }
 
-    fn json(created_ms: u64, ttl_ms: u64) -> Vec<u8> {
-        serde_json::to_vec(&json!({
-            "target": "p/m", "route": "r", "prompt": null, "created_ms": created_ms,
-            "ttl_ms": ttl_ms, "estimated": false,
-            "response": {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]},
-        }))
+    /// The stored form of an entry answering `content`.
+    fn stored_with(created_ms: u64, ttl_ms: u64, content: &str) -> Vec<u8> {
+        let response = ChatResponse {
+            id: "c1".into(),
+            created: 1,
+            model: "m".into(),
+            choices: vec![Choice {
+                index: 0,
+                message: Message::text(Role::Assistant, content),
+                finish_reason: Some(FinishReason::Stop),
+            }],
+            usage: None,
+            system_fingerprint: None,
+        };
+        Entry {
+            bytes: super::super::entry::weight(&response),
+            response,
+            target: "p/m".into(),
+            route: "r".into(),
+            prompt: None,
+            created: SystemTime::UNIX_EPOCH + Duration::from_millis(created_ms),
+            ttl: Duration::from_millis(ttl_ms),
+        }
+        .encode()
         .unwrap()
+    }
+
+    fn stored(created_ms: u64, ttl_ms: u64) -> Vec<u8> {
+        stored_with(created_ms, ttl_ms, "hi")
     }
 
     fn now_ms() -> u64 {
@@ -567,7 +529,7 @@ mod tests {
     fn sealed_entries_open_only_with_the_same_key_and_secret() {
         for s in [None, secret("s1")] {
             let seal = Seal::new(s, 1 << 20);
-            let data = json(now_ms(), 60_000);
+            let data = stored(now_ms(), 60_000);
             let sealed = seal.seal(&K, &data).unwrap();
             assert_eq!(seal.open(&K, &sealed).unwrap(), data);
             assert!(seal.open(&[2u8; 32], &sealed).is_err(), "bound to its key");
@@ -583,21 +545,72 @@ mod tests {
                     .unwrap_err()
                     .contains("checksum mismatch"));
             }
-            let mut other = sealed.clone();
-            other[3] = 2;
-            assert!(seal.open(&K, &other).unwrap_err().contains("version"));
+            for version in [VERSION - 1, VERSION + 1] {
+                let mut other = sealed.clone();
+                other[3] = version;
+                assert!(seal.open(&K, &other).unwrap_err().contains("version"));
+            }
         }
         let signed = Seal::new(secret("s1"), 1 << 20);
-        let sealed = signed.seal(&K, &json(now_ms(), 1)).unwrap();
+        let sealed = signed.seal(&K, &stored(now_ms(), 1)).unwrap();
         assert!(Seal::new(secret("s2"), 1 << 20).open(&K, &sealed).is_err());
         assert!(Seal::new(None, 1 << 20).open(&K, &sealed).is_err());
         let plain = Seal::new(None, 1 << 20)
-            .seal(&K, &json(now_ms(), 1))
+            .seal(&K, &stored(now_ms(), 1))
             .unwrap();
         assert!(
             signed.open(&K, &plain).is_err(),
             "unsigned entries are refused"
         );
+    }
+
+    /// What a gateway of the previous version stored: the response as OpenAI
+    /// wire JSON, sealed as version 1 with a tag that checks out.
+    fn previous_version(seal: &Seal, key: &Key) -> Vec<u8> {
+        let json = serde_json::to_vec(&serde_json::json!({
+            "target": "p/m", "route": "r", "prompt": null, "created_ms": now_ms(),
+            "ttl_ms": 60_000, "estimated": false,
+            "response": {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]},
+        }))
+        .unwrap();
+        let len = u32::try_from(json.len()).unwrap().to_le_bytes();
+        let body = lz4_flex::block::compress(&json);
+        let head = [b'P', b'G', b'C', 1, seal.mode()];
+        let tag = seal.tag(key, &[&head[..], &len, &body]);
+        [&head[..], &tag, &len, &body].concat()
+    }
+
+    /// Entries written in the previous format are refused, as a miss: neither
+    /// their seal (version 1) nor their payload (dialect JSON, no format byte)
+    /// is read.
+    #[test]
+    fn an_entry_of_the_previous_format_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for s in [None, secret("s1")] {
+            let seal = Seal::new(s, 1 << 20);
+            let old = previous_version(&seal, &K);
+            assert!(seal.open(&K, &old).unwrap_err().contains("version"));
+            assert!(rt.block_on(open_entry(&seal, &K, old.clone())).is_err());
+            // Its payload under the current seal is refused by the entry format.
+            let mut resealed = old.clone();
+            resealed[3] = VERSION;
+            let (head, rest) = resealed.split_at(5);
+            let (_, rest) = rest.split_at(32);
+            let (len, body) = rest.split_at(4);
+            let tag = seal.tag(&K, &[head, len, body]);
+            let resealed = [head, &tag[..], len, body].concat();
+            assert!(seal.open(&K, &resealed).is_ok());
+            assert!(rt
+                .block_on(open_entry(&seal, &K, resealed))
+                .unwrap_err()
+                .contains("format version"));
+            // The current form opens.
+            let current = seal.seal(&K, &stored(now_ms(), 60_000)).unwrap();
+            assert!(rt.block_on(open_entry(&seal, &K, current)).is_ok());
+        }
     }
 
     #[test]
@@ -632,14 +645,12 @@ mod tests {
             .build()
             .unwrap();
         let seal = Seal::new(secret("s1"), 8 << 20);
-        let small = seal.seal(&K, &json(now_ms(), 60_000)).unwrap();
-        let mut big_json: Value = serde_json::from_slice(&json(now_ms(), 60_000)).unwrap();
+        let small = seal.seal(&K, &stored(now_ms(), 60_000)).unwrap();
         let content: String = (0..400_000u32)
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
-        big_json["response"]["choices"][0]["message"]["content"] = json!(content);
         let big = seal
-            .seal(&K, &serde_json::to_vec(&big_json).unwrap())
+            .seal(&K, &stored_with(now_ms(), 60_000, &content))
             .unwrap();
         assert!(declared_len(&big) > BLOCKING_DECODE_BYTES);
         let poll_once = |bytes: Vec<u8>| {
@@ -663,21 +674,8 @@ mod tests {
             Some(crate::canonical::Content::Text(content))
         );
         // A forged entry claiming a large size is refused there too.
-        let mut forged = seal.seal(&K, &json(now_ms(), 60_000)).unwrap();
+        let mut forged = seal.seal(&K, &stored(now_ms(), 60_000)).unwrap();
         forged[HEADER - 4..HEADER].copy_from_slice(&(64u32 << 20).to_le_bytes());
         assert!(rt.block_on(open_entry(&seal, &K, forged)).is_err());
-    }
-
-    #[test]
-    fn stored_times_are_clamped() {
-        let e = decode(&json(now_ms(), u64::MAX)).unwrap();
-        assert!(e.ttl <= MAX_TTL);
-        assert!(decode(&json(now_ms() + 3_600_000, 60_000)).is_err());
-        assert!(decode(&json(u64::MAX, 60_000)).is_err());
-        assert!(
-            decode(&json(now_ms() - 120_000, 60_000)).is_err(),
-            "expired"
-        );
-        assert!(decode(&json(now_ms(), 60_000)).is_ok());
     }
 }
