@@ -133,31 +133,33 @@ impl Cache {
 }
 
 #[cfg(test)]
-mod flight_tests {
+mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::canonical::*;
     use futures_util::FutureExt;
     use std::time::{Duration, SystemTime};
 
-    fn cache() -> Arc<Cache> {
-        Cache::new(
-            &CacheConfig {
-                max_bytes: 1 << 20,
-                max_entry_bytes: 1 << 20,
-                ttl: Duration::from_secs(60),
-                time_to_idle: None,
-                redis: None,
-            },
-            CacheMetrics {
-                evictions: prometheus::IntCounter::new("e", "e").unwrap(),
-                redis_errors: prometheus::IntCounterVec::new(
-                    prometheus::Opts::new("r", "r"),
-                    &["op"],
-                )
+    fn config() -> CacheConfig {
+        CacheConfig {
+            max_bytes: 1 << 20,
+            max_entry_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+            time_to_idle: None,
+            redis: None,
+        }
+    }
+
+    fn metrics() -> CacheMetrics {
+        CacheMetrics {
+            evictions: prometheus::IntCounter::new("e", "e").unwrap(),
+            redis_errors: prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["op"])
                 .unwrap(),
-            },
-        )
+        }
+    }
+
+    fn cache() -> Arc<Cache> {
+        Cache::new(&config(), metrics())
     }
 
     fn entry() -> Entry {
@@ -258,5 +260,68 @@ mod flight_tests {
         );
         follows_the_leader(&c, key, next).await;
         assert!(matches!(b.await, Lookup::Hit(_)));
+    }
+
+    /// A shared tier kept in process memory, holding entries in their stored
+    /// form as any shared tier does.
+    #[derive(Default)]
+    struct InProcess {
+        entries: std::sync::Mutex<std::collections::HashMap<Key, (String, Vec<u8>)>>,
+    }
+
+    impl SharedTier for InProcess {
+        fn load<'a>(&'a self, key: &'a Key) -> shared::BoxFuture<'a, Option<Entry>> {
+            let raw = self
+                .entries
+                .lock()
+                .unwrap()
+                .get(key)
+                .map(|(_, raw)| raw.clone());
+            Box::pin(async move { Entry::decode(&raw?).ok() })
+        }
+
+        fn store(self: Arc<Self>, key: &Key, entry: &Entry) {
+            let raw = entry.encode().unwrap();
+            self.entries
+                .lock()
+                .unwrap()
+                .insert(*key, (entry.route.clone(), raw));
+        }
+
+        fn purge<'a>(
+            &'a self,
+            route: Option<&'a str>,
+            _: Option<&'a str>,
+        ) -> shared::BoxFuture<'a, Result<u64, String>> {
+            let mut map = self.entries.lock().unwrap();
+            let before = map.len();
+            map.retain(|_, (r, _)| route.is_some_and(|route| route != r));
+            let removed = (before - map.len()) as u64;
+            Box::pin(async move { Ok(removed) })
+        }
+    }
+
+    /// The façade knows its shared tier only through `SharedTier`: what one
+    /// cache stores, another over the same tier finds (in the stored form,
+    /// decoded back to the same response), and a purge reaches the tier.
+    #[tokio::test]
+    async fn caches_share_entries_through_the_shared_tier_trait() {
+        let tier = Arc::new(InProcess::default());
+        let a = Cache::with_shared(&config(), metrics(), Some(tier.clone()));
+        let b = Cache::with_shared(&config(), metrics(), Some(tier.clone()));
+        let key = [11u8; 32];
+        let stored = lead(a.lookup(key, false, far()).await)
+            .complete(Some(entry()))
+            .await
+            .unwrap();
+        assert_eq!(tier.entries.lock().unwrap().len(), 1);
+        match b.lookup(key, false, far()).await {
+            Lookup::Hit(e) => assert_eq!(e.response, stored.response),
+            Lookup::Lead(_) => panic!("the other cache missed the shared entry"),
+        }
+        assert_eq!(b.figures().await.0, 1, "a shared hit is kept in memory");
+        assert_eq!(b.purge(Some("r"), None).await.unwrap(), 2);
+        assert!(tier.entries.lock().unwrap().is_empty());
+        assert!(b.redis().is_some() && cache().redis().is_none());
     }
 }
