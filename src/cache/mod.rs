@@ -7,17 +7,24 @@
 //! canonical response, so a hit is replayed in any dialect, as JSON or as a
 //! stream. Errors, cut streams and `finish_reason: error` are never stored.
 //!
-//! This file is the façade the gateway uses. The parts, each knowing only those
-//! below it (no file here imports the façade):
+//! This file is the façade the gateway uses (`Cache`, `Status`, and the rest
+//! re-exported). Each part imports only the parts below it; none imports the
+//! façade, and `redis.rs` knows the cache only as entries, keys and the
+//! `SharedTier` trait it implements:
 //!
 //! ```text
-//! mod.rs (Cache) ──▶ flight.rs (Lease, single flight) ──▶ tiers.rs (moka + shared tier)
-//!    │                                                        │
-//!    └──▶ redis.rs (RedisTier: impl SharedTier) ──▶ shared.rs (SharedTier trait)
-//!
-//! leaves: key.rs (key, policy, directive, tenant), entry.rs (Entry, its stored
-//! form), assemble.rs (stream Assembler)
+//! mod.rs    Cache: new / lookup / assembler / purge / figures
+//!   ├─▶ flight.rs   single flight: Lookup, Lease           ─▶ tiers.rs
+//!   ├─▶ tiers.rs    moka (level 1) + dyn SharedTier (level 2) ─▶ shared.rs
+//!   └─▶ redis.rs    RedisTier: seal, compression, timeouts  ─▶ shared.rs (impl)
+//! shared.rs  the SharedTier trait (object safe, boxed futures)
+//! entry.rs   Entry, weight, cacheable, the stored form (format 2)
+//! key.rs     the key, route policy, client directive, tenant
+//! assemble.rs  a stream's events → one response, to store
 //! ```
+//!
+//! `shared`, `flight`, `tiers` and `redis` use `entry` and `key`; those two
+//! and `assemble` use nothing here.
 
 mod assemble;
 mod entry;
