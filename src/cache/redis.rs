@@ -35,8 +35,43 @@ pub struct RedisTier {
     resting_until: Mutex<Option<Instant>>,
     timeout: Duration,
     prefix: String,
-    errors: prometheus::IntCounterVec,
+    errors: Failures,
     seal: Seal,
+}
+
+/// What a failure was, for the log and the `op` label of the error counter.
+#[derive(Clone, Copy)]
+enum Op {
+    Connect,
+    Get,
+    Set,
+    Decode,
+}
+
+impl Op {
+    const ALL: [Op; 4] = [Op::Connect, Op::Get, Op::Set, Op::Decode];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Connect => "connect",
+            Op::Get => "get",
+            Op::Set => "set",
+            Op::Decode => "decode",
+        }
+    }
+}
+
+/// The error counter's handle for each `Op`, resolved once.
+struct Failures([prometheus::IntCounter; 4]);
+
+impl Failures {
+    fn new(errors: &prometheus::IntCounterVec) -> Failures {
+        Failures(Op::ALL.map(|op| errors.with_label_values(&[op.as_str()])))
+    }
+
+    fn count(&self, op: Op) {
+        self.0[op as usize].inc();
+    }
 }
 
 /// The format version written and the only one read. 1 held the response as
@@ -237,15 +272,15 @@ impl RedisTier {
             resting_until: Mutex::new(None),
             timeout: cfg.timeout,
             prefix: cfg.prefix.clone(),
-            errors,
+            errors: Failures::new(&errors),
             seal: Seal::new(cfg.secret.clone(), max_entry_bytes),
         }
     }
 
-    fn fail(&self, op: &str, why: &str) {
-        self.errors.with_label_values(&[op]).inc();
+    fn fail(&self, op: Op, why: &str) {
+        self.errors.count(op);
         tracing::warn!(
-            op,
+            op = op.as_str(),
             error = why,
             "redis cache tier failed; serving without it"
         );
@@ -280,11 +315,11 @@ impl RedisTier {
                 Some(c)
             }
             Ok(Err(e)) => {
-                self.fail("connect", &e.to_string());
+                self.fail(Op::Connect, &e.to_string());
                 None
             }
             Err(_) => {
-                self.fail("connect", "timed out");
+                self.fail(Op::Connect, "timed out");
                 None
             }
         }
@@ -330,18 +365,18 @@ impl RedisTier {
         let bytes = match tokio::time::timeout(self.timeout, get).await {
             Ok(Ok(b)) => b?,
             Ok(Err(e)) => {
-                self.fail("get", &e.to_string());
+                self.fail(Op::Get, &e.to_string());
                 return None;
             }
             Err(_) => {
-                self.fail("get", "timed out");
+                self.fail(Op::Get, "timed out");
                 return None;
             }
         };
         match open_entry(&self.seal, k, bytes).await {
             Ok(e) => Some(e),
             Err(why) => {
-                self.errors.with_label_values(&["decode"]).inc();
+                self.errors.count(Op::Decode);
                 tracing::warn!(error = why, "ignored a Redis cache entry");
                 None
             }
@@ -376,8 +411,8 @@ impl RedisTier {
             let set = pipe.query_async::<()>(&mut conn);
             match tokio::time::timeout(self.timeout * 4, set).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => self.fail("set", &e.to_string()),
-                Err(_) => self.fail("set", "timed out"),
+                Ok(Err(e)) => self.fail(Op::Set, &e.to_string()),
+                Err(_) => self.fail(Op::Set, "timed out"),
             }
         });
     }
