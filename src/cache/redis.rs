@@ -15,8 +15,9 @@
 //! anything is decompressed, the length is checked against
 //! `cache.max_entry_bytes` (at most 64 MiB) before it sizes an allocation, and
 //! the stored TTL and creation time are clamped. An entry of another version
-//! (seal or entry format) is a miss, counted as a `decode` failure. Entries over 256 KiB (stored or
-//! declared) are checked and decoded on the blocking pool, not a runtime worker.
+//! (seal or entry format) is a miss, counted as a `decode` failure. Entries
+//! over 256 KiB (stored or declared) are checked and decoded on the blocking
+//! pool, not a runtime worker.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
