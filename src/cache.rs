@@ -695,7 +695,7 @@ mod flight_tests {
     }
 
     fn entry() -> Entry {
-        let response = crate::wire::openai::decode_chat_response(
+        let response = crate::backend::openai::decode_chat_response(
             br#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
         )
         .unwrap();
@@ -813,7 +813,7 @@ mod tests {
     use super::*;
 
     fn req(body: &str) -> ChatRequest {
-        crate::wire::openai::decode_chat_request(body.as_bytes()).unwrap()
+        crate::backend::openai::decode_chat_request(body.as_bytes()).unwrap()
     }
 
     fn key(body: &str) -> Key {

@@ -65,7 +65,7 @@ pub struct Seal {
 pub fn resolve_secret(
     cfg: &mut crate::config::Config,
     file: &std::path::Path,
-    env: crate::provider::registry::EnvLookup<'_>,
+    env: crate::backend::EnvLookup<'_>,
 ) -> Result<(), Vec<crate::config::Problem>> {
     let Some(r) = cfg.cache.redis.as_mut() else {
         return Ok(());
@@ -461,7 +461,7 @@ fn encode(e: &Entry) -> Option<Vec<u8>> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()?
         .as_millis() as u64;
-    let response: Value = serde_json::from_slice(&crate::wire::openai::encode_chat_response(
+    let response: Value = serde_json::from_slice(&crate::backend::openai::encode_chat_response(
         &e.response,
         &e.response.model,
     ))
@@ -484,7 +484,7 @@ fn decode(raw: &[u8]) -> Result<Entry, &'static str> {
     let bad = "an entry with missing or invalid fields";
     let v: Value = serde_json::from_slice(raw).map_err(|_| bad)?;
     let mut response =
-        crate::wire::openai::decode_chat_response(v["response"].to_string().as_bytes())
+        crate::backend::openai::decode_chat_response(v["response"].to_string().as_bytes())
             .map_err(|_| bad)?;
     if let (Some(u), Some(true)) = (response.usage.as_mut(), v["estimated"].as_bool()) {
         u.estimated = true;

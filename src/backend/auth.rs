@@ -183,10 +183,10 @@ impl QianfanToken {
             ])
             .send()
             .await
-            .map_err(super::http::classify_transport_error)?;
+            .map_err(super::transport::classify_transport_error)?;
         let status = resp.status().as_u16();
         // A token reply is a few hundred bytes; a larger one is not read whole.
-        let body = super::http::read_body(resp, 64 * 1024).await?;
+        let body = super::transport::read_body(resp, 64 * 1024).await?;
         let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::new(
                 ErrorKind::Auth,

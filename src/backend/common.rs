@@ -1,20 +1,7 @@
-//! Wire formats, one file per protocol. Their serde structs stay private to their
-//! file; everything outside sees canonical types. A protocol that clients may speak
-//! to the gateway implements [`Dialect`], which is all the HTTP edge needs.
+//! What every backend shares: portable tool-call ids, the one bound on choice
+//! indexes, and the hostile-number test over every backend's recorded samples.
 
-pub mod anthropic;
-pub mod azure;
-pub mod chatglm;
-pub mod dashscope;
-pub mod gemini;
-pub mod llamacpp;
-pub mod ollama;
-pub mod openai;
-pub mod qianfan;
-pub mod zhipu;
-
-use crate::canonical::{ChatRequest, ChatResponse, StreamEvent};
-use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::error::{ErrorKind, UpstreamError};
 
 /// Choice indexes a backend may use in a stream: `0..MAX_CHOICES`, as many as a
 /// client may ask for with `n` (checked at the edge). Decoders keep
@@ -34,29 +21,6 @@ pub fn choice_index(index: u32) -> Result<u32, UpstreamError> {
             ),
         ))
     }
-}
-
-/// A client-facing API dialect: how chat requests, responses, streams and errors
-/// look on the wire.
-pub trait Dialect: Send + Sync + 'static {
-    fn decode_chat(&self, body: &[u8]) -> Result<ChatRequest, GatewayError>;
-    /// `model` is the public name the client asked for.
-    fn encode_chat(&self, resp: &ChatResponse, model: &str) -> Vec<u8>;
-    /// An encoder for one streamed response to `req`.
-    fn stream_encoder(&self, req: &ChatRequest) -> Box<dyn StreamEncoder>;
-    fn error_body(&self, err: &GatewayError, request_id: &str) -> Vec<u8>;
-    /// The HTTP status for `err` in this dialect.
-    fn error_status(&self, err: &GatewayError) -> u16 {
-        err.status()
-    }
-}
-
-/// Turns canonical stream events into a dialect's stream bytes.
-pub trait StreamEncoder: Send {
-    /// Appends the bytes for `ev` (possibly none) to `out`.
-    fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<u8>);
-    /// The final bytes of a stream that failed after it began.
-    fn encode_error(&mut self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>);
 }
 
 /// Tool-call ids that every protocol accepts.
@@ -146,49 +110,49 @@ mod hostile_numbers {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use crate::backend::{self, Codec};
     use crate::framing::FrameDecoder;
-    use crate::provider::{self, Codec};
 
     fn codecs() -> Vec<(&'static str, Arc<dyn Codec>)> {
         vec![
             (
                 "openai",
-                Arc::new(provider::openai::OpenAiCodec {
-                    quirks: provider::openai::Quirks::default(),
+                Arc::new(backend::openai::OpenAiCodec {
+                    quirks: backend::openai::Quirks::default(),
                 }),
             ),
             (
                 "chatglm3",
-                Arc::new(provider::openai::OpenAiCodec {
-                    quirks: provider::openai::Quirks {
+                Arc::new(backend::openai::OpenAiCodec {
+                    quirks: backend::openai::Quirks {
                         legacy_functions: true,
-                        ..provider::openai::Quirks::default()
+                        ..backend::openai::Quirks::default()
                     },
                 }),
             ),
             (
                 "anthropic",
-                Arc::new(provider::anthropic::AnthropicCodec::new("2023-06-01", 1024)),
+                Arc::new(backend::anthropic::AnthropicCodec::new("2023-06-01", 1024)),
             ),
-            ("gemini", Arc::new(provider::gemini::GeminiCodec::new())),
+            ("gemini", Arc::new(backend::gemini::GeminiCodec::new())),
             (
                 "dashscope",
-                Arc::new(provider::dashscope::DashscopeCodec::new()),
+                Arc::new(backend::dashscope::DashscopeCodec::new()),
             ),
-            ("zhipu", Arc::new(provider::zhipu::ZhipuCodec::new())),
-            ("qianfan", Arc::new(provider::qianfan::QianfanCodec::new())),
-            ("ollama", Arc::new(provider::ollama::OllamaCodec::new(None))),
+            ("zhipu", Arc::new(backend::zhipu::ZhipuCodec::new())),
+            ("qianfan", Arc::new(backend::qianfan::QianfanCodec::new())),
+            ("ollama", Arc::new(backend::ollama::OllamaCodec::new(None))),
             (
                 "azure",
-                Arc::new(provider::azure::AzureCodec::new("2024-10-21", true)),
+                Arc::new(backend::azure::AzureCodec::new("2024-10-21", true)),
             ),
             (
                 "chatglm",
-                Arc::new(provider::chatglm::ChatglmCodec::new(None)),
+                Arc::new(backend::chatglm::ChatglmCodec::new(None)),
             ),
             (
                 "llamacpp",
-                Arc::new(provider::llamacpp::LlamacppCodec::new(&BTreeMap::new()).unwrap()),
+                Arc::new(backend::llamacpp::LlamacppCodec::new(&BTreeMap::new()).unwrap()),
             ),
         ]
     }

@@ -1,24 +1,41 @@
-//! Backends. [`Provider`] is the only interface the rest of the gateway has to a
-//! backend: a `dyn`-compatible trait with boxed futures and streams. Most providers
-//! are an [`http::HttpProvider`] pairing the shared transport with a [`Codec`] (a
+//! Backends, one file per kind (`openai/` and `anthropic/` are folders: they are
+//! also client dialects). A kind's file holds its wire types, its [`Codec`] and its
+//! [`Kind`] descriptor; [`KINDS`] lists the descriptors, and nothing else in the
+//! gateway knows which kinds exist.
+//!
+//! [`Provider`] is the only interface the rest of the gateway has to a backend: a
+//! `dyn`-compatible trait with boxed futures and streams. Most providers are a
+//! [`transport::HttpProvider`] pairing the shared transport with a [`Codec`] (a
 //! pure translation between canonical types and one wire protocol); the sandbox is
-//! an in-process provider. [`registry::build`] turns a provider file into an
-//! `Arc<dyn Provider>` by its `kind`: the one place that matches on kinds.
+//! an in-process provider. [`build`] turns a validated provider file into a
+//! [`ProviderState`] through the settings its kind parsed.
 
 pub mod anthropic;
 pub mod auth;
 pub mod azure;
 pub mod chatglm;
+pub mod common;
 pub mod dashscope;
 pub mod gemini;
-pub mod http;
 pub mod llamacpp;
 pub mod ollama;
 pub mod openai;
 pub mod qianfan;
-pub mod registry;
 pub mod sandbox;
+pub mod transport;
 pub mod zhipu;
+
+// What every backend file uses as `super::…`.
+pub use common::{choice_index, hashed_id, tool_id, MAX_CHOICES};
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderMap;
+
+use crate::config::{Auth, Capabilities, ProviderConfig, Section};
+use auth::Credential;
+use transport::{HttpProvider, HttpSettings};
 
 use std::pin::Pin;
 
@@ -108,4 +125,193 @@ pub trait StreamDecoder: Send {
     fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError>;
     /// True once the protocol's end-of-stream marker arrived.
     fn finished(&self) -> bool;
+}
+
+// === kinds ===
+
+/// Every backend kind, by the name provider files give in `kind:`. Adding a
+/// backend is one file with its `KIND` and one line here.
+pub static KINDS: &[&Kind] = &[
+    &openai::KIND,
+    &anthropic::KIND,
+    &gemini::KIND,
+    &zhipu::KIND,
+    &chatglm::KIND,
+    &llamacpp::KIND,
+    &ollama::KIND,
+    &qianfan::KIND,
+    &dashscope::KIND,
+    &azure::KIND,
+    &sandbox::KIND,
+];
+
+/// The kind named `name` (a provider file's `kind:`).
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().copied().find(|k| k.name == name)
+}
+
+/// A backend kind: what the gateway knows about a protocol before any provider
+/// file names it, and how to read the section of a file that is the kind's own.
+pub struct Kind {
+    /// The `kind:` of provider files, and the name of the kind's own section.
+    pub name: &'static str,
+    /// The header the API key goes in when the file sets no `auth`; `None` is
+    /// `Authorization: Bearer`.
+    pub auth_header: Option<&'static str>,
+    /// What the protocol can carry at all; a provider file may narrow it.
+    pub capabilities: Capabilities,
+    /// Whether the protocol reports token usage; the gateway estimates it otherwise.
+    pub reports_usage: bool,
+    /// Whether providers of this kind are self-hosted unless the file says.
+    pub self_hosted: bool,
+    /// Answers in-process: no `base_url`, no transport.
+    pub in_process: bool,
+    /// Whether provider files may have a section named after the kind.
+    pub section: bool,
+    /// Reads the kind's section (absent when the file has none) into the settings
+    /// its providers are built from, reporting problems as `<name>.<field>`.
+    pub settings: fn(&mut Section<'_>) -> Arc<dyn Settings>,
+}
+
+impl fmt::Debug for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for Kind {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Kind {}
+
+/// What a kind read from a provider file, opaque to everything but the kind:
+/// it builds the kind's codec and provider. Its `Debug` form must show every
+/// setting (a provider's fingerprint is its config's `Debug` form).
+pub trait Settings: fmt::Debug + Send + Sync {
+    /// The codec of an HTTP backend.
+    fn codec(&self, cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String>;
+
+    /// The provider ready to serve: by default the codec on the shared
+    /// transport, with the API key where the file's `auth` says.
+    fn provider(
+        &self,
+        cfg: &ProviderConfig,
+        env: EnvLookup<'_>,
+    ) -> Result<Arc<dyn Provider>, String> {
+        let codec = self.codec(cfg)?;
+        Ok(Arc::new(http_provider(cfg, env, codec, |_| Ok(None))?))
+    }
+
+    /// The models the settings themselves define (the sandbox's), in place of
+    /// the file's `models:`.
+    fn models(&self) -> Option<Vec<String>> {
+        None
+    }
+}
+
+/// The settings of a kind without a section: its codec from the generic fields.
+pub struct Sectionless(pub fn(&ProviderConfig) -> Arc<dyn Codec>);
+
+impl fmt::Debug for Sectionless {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sectionless")
+    }
+}
+
+impl Settings for Sectionless {
+    fn codec(&self, cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok((self.0)(cfg))
+    }
+}
+
+// === registry ===
+
+/// A provider ready to serve, or the reason it cannot (e.g. its key is unset).
+#[derive(Clone)]
+pub enum ProviderState {
+    Ready(Arc<dyn Provider>),
+    Unavailable(String),
+}
+
+/// Reads an environment variable; injectable so tests need no process-global state.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The provider a validated provider file describes.
+pub fn build(cfg: &ProviderConfig, env: EnvLookup<'_>) -> ProviderState {
+    match cfg.settings.provider(cfg, env) {
+        Ok(p) => ProviderState::Ready(p),
+        Err(e) => ProviderState::Unavailable(e),
+    }
+}
+
+/// The codec of an HTTP provider file.
+pub fn codec(cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+    cfg.settings.codec(cfg)
+}
+
+/// A provider on the shared transport: `codec`, the file's base URL, headers,
+/// timeouts and limits, and its API key (read from `api_key_env`). `credential`
+/// may turn the key into a kind's own credential (a signed or fetched token);
+/// when it returns `None` the key goes where the file's `auth` says.
+pub fn http_provider(
+    cfg: &ProviderConfig,
+    env: EnvLookup<'_>,
+    codec: Arc<dyn Codec>,
+    credential: impl FnOnce(&str) -> Result<Option<Credential>, String>,
+) -> Result<HttpProvider, String> {
+    let secret = match &cfg.api_key_env {
+        None => None,
+        Some(var) => match env(var) {
+            Some(v) if !v.trim().is_empty() => Some(v.trim().to_owned()),
+            _ => {
+                return Err(format!(
+                    "environment variable {var} (its API key) is not set"
+                ))
+            }
+        },
+    };
+    let credential = match secret.as_deref() {
+        None => Credential::None,
+        Some(secret) => match credential(secret)? {
+            Some(c) => c,
+            None => static_credential(&cfg.auth, secret)?,
+        },
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &cfg.headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            headers.insert(k, v);
+        }
+    }
+    let settings = HttpSettings {
+        id: cfg.id.clone(),
+        base_url: cfg.base_url.clone(),
+        credential,
+        secret,
+        headers,
+        timeouts: cfg.timeouts,
+        limits: cfg.limits,
+    };
+    HttpProvider::new(settings, codec)
+}
+
+/// The API key as the file's `auth` setting places it.
+fn static_credential(auth: &Auth, secret: &str) -> Result<Credential, String> {
+    match auth {
+        Auth::None => Ok(Credential::None),
+        Auth::Bearer => {
+            Credential::header(http::header::AUTHORIZATION, &format!("Bearer {secret}"))
+        }
+        Auth::Header(name) => {
+            let h = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("invalid auth header `{name}`"))?;
+            Credential::header(h, secret)
+        }
+    }
 }

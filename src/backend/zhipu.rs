@@ -24,12 +24,19 @@
 //! Zhipu-only request fields (`thinking`, `request_id`, built-in tools) travel in
 //! the request's `extra`, e.g. a route's `params.extra`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::auth::{Credential, ZhipuJwt};
 use super::openai;
+use super::{Codec, EnvLookup, HttpCall, Kind, Provider, Settings, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::{Frame, Framing};
 
 /// Temperature and `do_sample` as Zhipu accepts them.
 fn sampling(temperature: Option<f64>) -> (Option<f64>, Option<bool>) {
@@ -223,6 +230,173 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
         return Err(classify_error_value(200, &err));
     }
     openai::decode_embeddings_response(body)
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "zhipu",
+    auth_header: None,
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `zhipu:` section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawZhipu {
+    /// `api_key` (default: the key as a bearer token) or `jwt` (sign from `id.secret`).
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    jwt_ttl: Option<String>,
+}
+
+#[derive(Debug)]
+struct ZhipuSettings {
+    /// Sign a JWT from the `id.secret` key instead of sending the key.
+    jwt: bool,
+    jwt_ttl: Duration,
+}
+
+impl Settings for ZhipuSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(ZhipuCodec::new()))
+    }
+
+    fn provider(
+        &self,
+        cfg: &ProviderConfig,
+        env: EnvLookup<'_>,
+    ) -> Result<Arc<dyn Provider>, String> {
+        let codec = self.codec(cfg)?;
+        let p = super::http_provider(cfg, env, codec, |key| {
+            if !self.jwt {
+                return Ok(None);
+            }
+            let jwt = ZhipuJwt::new(key, self.jwt_ttl)?;
+            Ok(Some(Credential::Dynamic(Box::new(jwt))))
+        })?;
+        Ok(Arc::new(p))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let z = s.parse::<RawZhipu>().unwrap_or_default();
+    let jwt = match z.auth.as_deref() {
+        None | Some("api_key") => false,
+        Some("jwt") => true,
+        Some(other) => {
+            s.problem("auth", format!("`{other}` is not `api_key` or `jwt`"));
+            false
+        }
+    };
+    let jwt_ttl = s.duration("jwt_ttl", &z.jwt_ttl, Duration::from_secs(1800));
+    Arc::new(ZhipuSettings { jwt, jwt_ttl })
+}
+
+// === codec ===
+//
+// Codec for Zhipu GLM open platform v4 (`kind: zhipu`). The base URL is the
+// platform's `…/api/paas/v4`; authentication (the API key as a bearer token, or
+// a JWT signed from an `id.secret` key) is the transport's.
+
+#[derive(Debug, Default)]
+pub struct ZhipuCodec;
+
+impl ZhipuCodec {
+    pub fn new() -> Self {
+        ZhipuCodec
+    }
+}
+
+impl Codec for ZhipuCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/chat/completions".into(),
+            body: encode_chat_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(ZhipuStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/embeddings".into(),
+            body: encode_embeddings_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        decode_embeddings_response(body)
+    }
+}
+
+#[derive(Default)]
+struct ZhipuStream {
+    chunks: ChunkDecoder,
+}
+
+impl StreamDecoder for ZhipuStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => self.chunks.decode(ev.event.as_deref(), &ev.data, out),
+            Frame::Line(l) => self.chunks.decode(None, &l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.chunks.finished()
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn calls_go_to_the_v4_paths() {
+        let req = crate::backend::openai::decode_chat_request(
+            br#"{"model":"r","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let call = ZhipuCodec::new().chat_call(&req, "glm-4-flash").unwrap();
+        assert_eq!(call.path, "/chat/completions");
+        let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(v["model"], "glm-4-flash");
+        let emb =
+            crate::backend::openai::decode_embeddings_request(br#"{"model":"r","input":["a"]}"#)
+                .unwrap();
+        let call = ZhipuCodec::new()
+            .embeddings_call(&emb, "embedding-3")
+            .unwrap();
+        assert_eq!(call.path, "/embeddings");
+    }
 }
 
 #[cfg(test)]
