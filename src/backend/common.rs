@@ -113,48 +113,41 @@ mod hostile_numbers {
     use crate::backend::{self, Codec};
     use crate::framing::FrameDecoder;
 
-    fn codecs() -> Vec<(&'static str, Arc<dyn Codec>)> {
-        vec![
-            (
-                "openai",
-                Arc::new(backend::openai::OpenAiCodec {
-                    quirks: backend::openai::Quirks::default(),
-                }),
-            ),
-            (
-                "chatglm3",
-                Arc::new(backend::openai::OpenAiCodec {
-                    quirks: backend::openai::Quirks {
-                        legacy_functions: true,
-                        ..backend::openai::Quirks::default()
-                    },
-                }),
-            ),
-            (
-                "anthropic",
-                Arc::new(backend::anthropic::AnthropicCodec::new("2023-06-01", 1024)),
-            ),
-            ("gemini", Arc::new(backend::gemini::GeminiCodec::new())),
-            (
-                "dashscope",
-                Arc::new(backend::dashscope::DashscopeCodec::new()),
-            ),
-            ("zhipu", Arc::new(backend::zhipu::ZhipuCodec::new())),
-            ("qianfan", Arc::new(backend::qianfan::QianfanCodec::new())),
-            ("ollama", Arc::new(backend::ollama::OllamaCodec::new(None))),
-            (
-                "azure",
-                Arc::new(backend::azure::AzureCodec::new("2024-10-21", true)),
-            ),
-            (
-                "chatglm",
-                Arc::new(backend::chatglm::ChatglmCodec::new(None)),
-            ),
-            (
-                "llamacpp",
-                Arc::new(backend::llamacpp::LlamacppCodec::new(&BTreeMap::new()).unwrap()),
-            ),
-        ]
+    /// A codec for every fixture folder: the shipped provider files' codecs
+    /// (folder named after the provider, else after its kind), and ChatGLM3's
+    /// legacy function calling. Every HTTP kind must have recorded samples.
+    fn codecs() -> BTreeMap<String, Arc<dyn Codec>> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let fixtures = root.join("tests/fixtures");
+        let cfg = crate::config::load(&root.join("promptgate.yaml")).unwrap();
+        let mut out: BTreeMap<String, Arc<dyn Codec>> = BTreeMap::new();
+        for (id, p) in &cfg.providers {
+            if p.kind.in_process {
+                continue;
+            }
+            let codec = backend::codec(p).unwrap();
+            if fixtures.join(id).is_dir() {
+                out.insert(id.clone(), codec);
+            } else {
+                out.entry(p.kind.name.to_owned()).or_insert(codec);
+            }
+        }
+        out.insert(
+            "chatglm3".into(),
+            Arc::new(backend::openai::OpenAiCodec::new(backend::openai::Quirks {
+                legacy_functions: true,
+                ..backend::openai::Quirks::default()
+            })),
+        );
+        for kind in backend::KINDS.iter().filter(|k| !k.in_process) {
+            assert!(
+                out.contains_key(kind.name) && fixtures.join(kind.name).is_dir(),
+                "kind `{}` needs a shipped provider file and tests/fixtures/{}/",
+                kind.name,
+                kind.name
+            );
+        }
+        out
     }
 
     /// `text` with every run of digits replaced by `with`.

@@ -315,3 +315,215 @@ fn static_credential(auth: &Auth, secret: &str) -> Result<Credential, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::{Config, Problem};
+
+    /// Loads a gateway with one provider file `p.yaml`.
+    fn load(provider: &str) -> Result<Config, Vec<Problem>> {
+        load_in(&tempfile::tempdir().unwrap(), provider)
+    }
+
+    fn load_in(dir: &tempfile::TempDir, provider: &str) -> Result<Config, Vec<Problem>> {
+        std::fs::create_dir_all(dir.path().join("providers")).unwrap();
+        std::fs::write(dir.path().join("promptgate.yaml"), "routes: {}\n").unwrap();
+        std::fs::write(dir.path().join("providers/p.yaml"), provider).unwrap();
+        crate::config::load(&dir.path().join("promptgate.yaml"))
+    }
+
+    fn problems(provider: &str) -> Vec<(String, String)> {
+        load(provider)
+            .err()
+            .unwrap_or_else(|| panic!("`{provider}` loaded"))
+            .into_iter()
+            .map(|p| (p.field, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_is_listed_once_and_found_by_name() {
+        for k in KINDS {
+            assert_eq!(kind(k.name), Some(*k));
+            assert_eq!(KINDS.iter().filter(|o| o.name == k.name).count(), 1);
+        }
+        assert!(kind("telepathy").is_none());
+    }
+
+    #[test]
+    fn an_unknown_kind_lists_the_known_ones() {
+        let p = load("kind: telepathy\n").unwrap_err();
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].line, p[0].field.as_str()), (Some(1), "kind"));
+        assert!(p[0]
+            .message
+            .starts_with("unknown variant `telepathy`, expected one of"));
+        for k in KINDS {
+            assert!(
+                p[0].message.contains(&format!("`{}`", k.name)),
+                "{}",
+                k.name
+            );
+        }
+    }
+
+    #[test]
+    fn a_kind_section_belongs_to_its_kind() {
+        assert_eq!(
+            problems("kind: openai\nbase_url: http://x\nzhipu: {auth: jwt}\n"),
+            [(
+                "zhipu".to_owned(),
+                "a `zhipu` section belongs to `kind: zhipu`, not `kind: openai`".to_owned()
+            )]
+        );
+        // Kinds without settings have no section: the key is an unknown field.
+        let p = load("kind: gemini\nbase_url: http://x\ngemini: {}\n").unwrap_err();
+        assert_eq!((p[0].line, p[0].field.as_str()), (Some(3), "gemini"));
+        assert!(p[0].message.starts_with("unknown field `gemini`"), "{p:?}");
+    }
+
+    #[test]
+    fn a_kind_reads_its_own_section_and_names_its_fields() {
+        let p = problems("kind: zhipu\nbase_url: http://x\nzhipu: {colour: blue}\n");
+        assert_eq!(p[0].0, "zhipu.colour");
+        assert!(p[0].1.starts_with("unknown field `colour`"), "{p:?}");
+        assert_eq!(
+            problems("kind: zhipu\nbase_url: http://x\nzhipu: {auth: magic, jwt_ttl: soon}\n"),
+            [
+                (
+                    "zhipu.auth".to_owned(),
+                    "`magic` is not `api_key` or `jwt`".to_owned()
+                ),
+                (
+                    "zhipu.jwt_ttl".to_owned(),
+                    "`soon` is not a duration like `500ms` or `30s`: expected number at 0"
+                        .to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            problems("kind: azure\nbase_url: http://x\n"),
+            [(
+                "azure.api_version".to_owned(),
+                "Azure OpenAI needs an api_version (e.g. `2024-10-21`)".to_owned()
+            )]
+        );
+        let p = problems("kind: azure\nbase_url: http://x\nazure: {}\n");
+        assert_eq!(p[0].0, "azure");
+        assert!(p[0].1.starts_with("missing field `api_version`"), "{p:?}");
+        assert_eq!(
+            problems("kind: qianfan\nbase_url: http://x\nqianfan: {secret_key_env: not a name}\n"),
+            [(
+                "qianfan.secret_key_env".to_owned(),
+                "must be the name of an environment variable".to_owned()
+            )]
+        );
+        assert_eq!(
+            problems("kind: sandbox\nsandbox:\n  models:\n    m: {fail: {status: 200}}\n"),
+            [(
+                "sandbox.models.m.fail.status".to_owned(),
+                "must be an HTTP error status (400-599)".to_owned()
+            )]
+        );
+        assert_eq!(
+            problems("kind: sandbox\n"),
+            [(
+                "sandbox".to_owned(),
+                "a sandbox provider needs a `sandbox.models` section".to_owned()
+            )]
+        );
+        assert_eq!(
+            problems("kind: sandbox\nbase_url: http://x\nsandbox: {models: {m: {}}}\n"),
+            [(
+                "base_url".to_owned(),
+                "a sandbox provider has no base_url (it answers in-process)".to_owned()
+            )]
+        );
+        let p = problems("kind: llamacpp\nbase_url: http://x\n");
+        assert_eq!(p[0].0, "llamacpp.templates");
+    }
+
+    #[test]
+    fn kind_defaults_come_from_the_descriptor() {
+        let cfg = load("kind: chatglm\nbase_url: http://x\n").unwrap();
+        let p = &cfg.providers["p"];
+        assert_eq!(p.kind.name, "chatglm");
+        assert!(p.self_hosted && !p.kind.reports_usage);
+        assert!(!p.capabilities.tools && p.capabilities.streaming);
+        let cfg = load("kind: anthropic\nbase_url: http://x\n").unwrap();
+        assert_eq!(cfg.providers["p"].auth, Auth::Header("x-api-key".into()));
+        let cfg = load("kind: openai\nbase_url: http://x\n").unwrap();
+        assert_eq!(cfg.providers["p"].auth, Auth::Bearer);
+        assert!(!cfg.providers["p"].self_hosted);
+        let cfg = load("kind: sandbox\nsandbox: {models: {a: {}, b: {}}}\nmodels: [c]\n").unwrap();
+        let models: Vec<&str> = cfg.providers["p"]
+            .models
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(models, ["a", "b"]);
+    }
+
+    #[test]
+    fn text_settings_may_be_written_as_numbers() {
+        let cfg = load("kind: ollama\nbase_url: http://x\nollama: {keep_alive: -1}\n").unwrap();
+        let codec = codec(&cfg.providers["p"]).unwrap();
+        let req = openai::decode_chat_request(
+            br#"{"model":"r","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&codec.chat_call(&req, "m").unwrap().body).unwrap();
+        // As when the YAML is read straight into the setting's string.
+        assert_eq!(body["keep_alive"], -1);
+    }
+
+    #[test]
+    fn a_changed_kind_setting_changes_the_provider_config() {
+        // A provider's fingerprint (which keeps or resets its health across a
+        // reload) is the `Debug` form of its config, kind settings included.
+        let dir = tempfile::tempdir().unwrap();
+        let debug = |yaml: &str| format!("{:?}", load_in(&dir, yaml).unwrap().providers["p"]);
+        let base = "kind: zhipu\nbase_url: http://x\nzhipu: {auth: jwt, jwt_ttl: 10m}\n";
+        assert_eq!(debug(base), debug(base));
+        assert_ne!(
+            debug(base),
+            debug("kind: zhipu\nbase_url: http://x\nzhipu: {auth: jwt, jwt_ttl: 11m}\n")
+        );
+        assert_ne!(
+            debug("kind: ollama\nbase_url: http://x\nollama: {keep_alive: 5m}\n"),
+            debug("kind: ollama\nbase_url: http://x\nollama: {keep_alive: 6m}\n")
+        );
+        assert_ne!(
+            debug("kind: sandbox\nsandbox: {models: {a: {delay: 1s}}}\n"),
+            debug("kind: sandbox\nsandbox: {models: {a: {delay: 2s}}}\n")
+        );
+    }
+
+    #[test]
+    fn qianfan_retries_a_refused_token_and_others_need_their_key() {
+        let cfg = load(
+            "kind: qianfan\nbase_url: http://x\napi_key_env: AK\nqianfan: {secret_key_env: SK}\n",
+        )
+        .unwrap();
+        let p = &cfg.providers["p"];
+        let env = |v: &str| (v == "AK").then(|| "ak".to_owned());
+        match build(p, &env) {
+            ProviderState::Unavailable(e) => {
+                assert_eq!(e, "environment variable SK (its secret key) is not set")
+            }
+            ProviderState::Ready(_) => panic!("built without its secret key"),
+        }
+        let none = |_: &str| None;
+        match build(p, &none) {
+            ProviderState::Unavailable(e) => {
+                assert_eq!(e, "environment variable AK (its API key) is not set")
+            }
+            ProviderState::Ready(_) => panic!("built without its key"),
+        }
+    }
+}
