@@ -39,13 +39,14 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::auth::{Credential, QianfanToken};
+use super::auth::{AuthPart, Credential, TokenSource};
 use super::openai;
 use super::{Codec, EnvLookup, EventStream, HttpCall, Kind, Provider, Settings, StreamDecoder};
 use crate::canonical::*;
@@ -757,6 +758,140 @@ fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
             .token_url
             .unwrap_or_else(|| "https://aip.baidubce.com/oauth/2.0/token".into()),
     })
+}
+
+// === auth ===
+
+/// The longest lifetime taken from a token answer (Baidu's tokens last 30 days).
+const MAX_TOKEN_LIFE: Duration = Duration::from_secs(30 * 86_400);
+
+/// When a token fetched at `now` that lives `expires_in` seconds (a day when the
+/// answer does not say) should be refreshed: five minutes, or a tenth of its
+/// lifetime, early. The lifetime is the endpoint's number, so it is capped
+/// rather than trusted to fit a clock.
+fn token_refresh_at(expires_in: Option<u64>, now: SystemTime) -> SystemTime {
+    let life = Duration::from_secs(expires_in.unwrap_or(86_400)).min(MAX_TOKEN_LIFE);
+    let early = (life / 10).min(Duration::from_secs(300));
+    now.checked_add(life - early).unwrap_or(now)
+}
+
+/// Baidu Qianfan v1: an access token from the OAuth endpoint (API key + secret
+/// key), cached until shortly before it expires, sent as `?access_token=`.
+pub struct QianfanToken {
+    token_url: String,
+    api_key: String,
+    secret_key: String,
+    cached: tokio::sync::Mutex<Option<(String, SystemTime)>>,
+}
+
+impl QianfanToken {
+    pub fn new(token_url: &str, api_key: &str, secret_key: &str) -> Self {
+        QianfanToken {
+            token_url: token_url.to_owned(),
+            api_key: api_key.to_owned(),
+            secret_key: secret_key.to_owned(),
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn fetch(&self, client: &reqwest::Client) -> Result<(String, SystemTime), UpstreamError> {
+        #[derive(serde::Deserialize)]
+        struct TokenReply {
+            #[serde(default)]
+            access_token: Option<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
+            #[serde(default)]
+            error_description: Option<String>,
+        }
+        let resp = client
+            .post(&self.token_url)
+            .query(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.api_key.as_str()),
+                ("client_secret", self.secret_key.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(super::transport::classify_transport_error)?;
+        let status = resp.status().as_u16();
+        // A token reply is a few hundred bytes; a larger one is not read whole.
+        let body = super::transport::read_body(resp, 64 * 1024).await?;
+        let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
+            UpstreamError::new(
+                ErrorKind::Auth,
+                format!("token endpoint answered HTTP {status} with no token"),
+            )
+        })?;
+        match reply.access_token {
+            Some(t) if !t.is_empty() => {
+                Ok((t, token_refresh_at(reply.expires_in, SystemTime::now())))
+            }
+            _ => Err(UpstreamError::new(
+                ErrorKind::Auth,
+                format!(
+                    "token endpoint refused the credentials: {}",
+                    reply
+                        .error_description
+                        .unwrap_or_else(|| format!("HTTP {status}"))
+                ),
+            )),
+        }
+    }
+}
+
+impl TokenSource for QianfanToken {
+    fn get<'a>(
+        &'a self,
+        client: &'a reqwest::Client,
+    ) -> BoxFuture<'a, Result<AuthPart, UpstreamError>> {
+        Box::pin(async move {
+            let mut cached = self.cached.lock().await;
+            if let Some((tok, until)) = cached.as_ref() {
+                if SystemTime::now() < *until {
+                    return Ok(AuthPart::Query("access_token", tok.clone()));
+                }
+            }
+            let (tok, until) = self.fetch(client).await?;
+            *cached = Some((tok.clone(), until));
+            Ok(AuthPart::Query("access_token", tok))
+        })
+    }
+
+    fn invalidate(&self) {
+        if let Ok(mut c) = self.cached.try_lock() {
+            *c = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn token_lifetimes_from_the_endpoint_are_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            token_refresh_at(Some(2_592_000), now),
+            now + Duration::from_secs(2_592_000 - 300)
+        );
+        assert_eq!(
+            token_refresh_at(None, now),
+            now + Duration::from_secs(86_400 - 300)
+        );
+        assert_eq!(
+            token_refresh_at(Some(100), now),
+            now + Duration::from_secs(90)
+        );
+        // u64::MAX seconds would overflow the clock.
+        assert_eq!(
+            token_refresh_at(Some(u64::MAX), now),
+            now + MAX_TOKEN_LIFE - Duration::from_secs(300)
+        );
+    }
 }
 
 // === codec ===
