@@ -14,7 +14,7 @@ pub mod anthropic;
 pub mod auth;
 pub mod azure;
 pub mod chatglm;
-pub mod common;
+pub mod shared;
 pub mod dashscope;
 pub mod gemini;
 pub mod llamacpp;
@@ -26,7 +26,7 @@ pub mod transport;
 pub mod zhipu;
 
 // What every backend file uses as `super::…`.
-pub use common::{choice_index, hashed_id, tool_id, MAX_CHOICES};
+pub use shared::{choice_index, hashed_id, tool_id, MAX_CHOICES};
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! What every backend shares: portable tool-call ids, the one bound on choice
+//! What every backend must use: portable tool-call ids and the one bound on choice
 //! indexes, and the hostile-number test over every backend's recorded samples.
 
 use crate::error::{ErrorKind, UpstreamError};
