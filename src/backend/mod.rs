@@ -14,7 +14,6 @@ pub mod anthropic;
 pub mod auth;
 pub mod azure;
 pub mod chatglm;
-pub mod shared;
 pub mod dashscope;
 pub mod gemini;
 pub mod llamacpp;
@@ -22,6 +21,7 @@ pub mod ollama;
 pub mod openai;
 pub mod qianfan;
 pub mod sandbox;
+pub mod shared;
 pub mod transport;
 pub mod zhipu;
 

@@ -1,5 +1,6 @@
-//! What every backend must use: portable tool-call ids and the one bound on choice
-//! indexes, and the hostile-number test over every backend's recorded samples.
+//! What every backend must use: portable tool-call ids and the one bound on
+//! choice indexes; and the hostile-number test over every backend's recorded
+//! samples. (OpenAI-shaped helpers several backends share are `backend::common`.)
 
 use crate::error::{ErrorKind, UpstreamError};
 
