@@ -460,8 +460,10 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for KindSectio
                 Some(KeyOrSection::Section(name, back)) => {
                     let value: Value = self.inner.next_value()?;
                     // `zhipu:` with nothing under it is no section.
-                    if !value.is_null() {
-                        self.sections.insert(name, value);
+                    if !value.is_null() && self.sections.insert(name, value).is_some() {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate field `{name}`"
+                        )));
                     }
                     seed = back;
                 }

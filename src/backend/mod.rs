@@ -378,6 +378,9 @@ mod tests {
                 "a `zhipu` section belongs to `kind: zhipu`, not `kind: openai`".to_owned()
             )]
         );
+        let p =
+            load("kind: zhipu\nbase_url: http://x\nzhipu: {auth: jwt}\nzhipu: {}\n").unwrap_err();
+        assert!(p[0].message.starts_with("duplicate field `zhipu`"), "{p:?}");
         // Kinds without settings have no section: the key is an unknown field.
         let p = load("kind: gemini\nbase_url: http://x\ngemini: {}\n").unwrap_err();
         assert_eq!((p[0].line, p[0].field.as_str()), (Some(3), "gemini"));

@@ -181,7 +181,7 @@ pub fn subjects() -> &'static [Subject] {
         let mut out = Vec::new();
         for (id, p) in &cfg.providers {
             let kind = p.kind.name;
-            if kind == "sandbox" {
+            if p.kind.in_process {
                 continue;
             }
             let fixtures = [id.as_str(), kind]
