@@ -4,9 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use promptgate::backend::openai as wire;
 use promptgate::canonical::StreamEvent;
 use promptgate::framing::{Frame, FrameDecoder, Framing};
-use promptgate::wire::openai as wire;
 
 const REQUEST: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant for the support team. Answer in two sentences."},{"role":"user","content":"How do I reset my password if I no longer have access to my email account?"}],"temperature":0.2,"max_tokens":256,"stream":false,"user":"user-1234"}"#;
 
@@ -108,12 +108,12 @@ fn native_codecs(c: &mut Criterion) {
     let mut req = wire::decode_chat_request(REQUEST.as_bytes()).unwrap();
     let mut seen = Vec::new();
     for p in cfg.providers.values() {
-        let kind = p.kind.as_str();
+        let kind = p.kind.name;
         if seen.contains(&kind) || kind == "sandbox" {
             continue;
         }
         seen.push(kind);
-        let codec = promptgate::provider::registry::codec(p).unwrap();
+        let codec = promptgate::backend::codec(p).unwrap();
         let dir = root.join("tests/fixtures").join(kind);
         let Ok(body) = std::fs::read(dir.join("chat.json")) else {
             continue;

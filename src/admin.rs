@@ -14,8 +14,8 @@ use axum::Router;
 use http::{HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
+use crate::backend::ProviderState;
 use crate::config::Problem;
-use crate::provider::registry::ProviderState;
 use crate::reload::Reloader;
 use crate::router::FaultKind;
 use crate::snapshot::Plan;
@@ -117,7 +117,7 @@ async fn status(State(st): State<AdminState>) -> Response {
         .providers
         .iter()
         .map(|(id, state)| {
-            let kind = snap.config.providers.get(id).map(|p| p.kind.as_str());
+            let kind = snap.config.providers.get(id).map(|p| p.kind.name);
             match state {
                 ProviderState::Ready(_) => json!({"id": id, "kind": kind, "state": "ready"}),
                 ProviderState::Unavailable(r) => {

@@ -19,8 +19,9 @@ pub use routes::{
     ArmConfig, BreakerConfig, RetryPolicy, RouteConfig, Strategy, Subject, TargetConfig,
 };
 
+use crate::backend::transport::{ResponseLimits, Timeouts};
+use crate::backend::{Kind, Settings};
 use crate::canonical::{ChatRequest, Params};
-use crate::provider::http::{ResponseLimits, Timeouts};
 
 // === raw files ===
 
@@ -212,92 +213,6 @@ impl RawParams {
     }
 }
 
-/// The backend protocols the gateway speaks. Each kind maps to one codec module.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    /// Any OpenAI-compatible Chat Completions server.
-    Openai,
-    /// The built-in deterministic stand-in (no network).
-    Sandbox,
-    /// Anthropic Messages API.
-    Anthropic,
-    /// Google Gemini generateContent.
-    Gemini,
-    /// Zhipu GLM open platform v4 (API key or JWT auth).
-    Zhipu,
-    /// Self-hosted ChatGLM-6B `api.py` (`POST /` with prompt + history).
-    Chatglm,
-    /// llama.cpp server's native `/completion`.
-    Llamacpp,
-    /// Ollama's native `/api/chat` and `/api/embed`.
-    Ollama,
-    /// Baidu Qianfan v1 (wenxinworkshop) with OAuth access tokens.
-    Qianfan,
-    /// Alibaba DashScope native text-generation API.
-    Dashscope,
-    /// Azure OpenAI (deployments, api-version, api-key header).
-    Azure,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Openai => "openai",
-            ProviderKind::Sandbox => "sandbox",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::Gemini => "gemini",
-            ProviderKind::Zhipu => "zhipu",
-            ProviderKind::Chatglm => "chatglm",
-            ProviderKind::Llamacpp => "llamacpp",
-            ProviderKind::Ollama => "ollama",
-            ProviderKind::Qianfan => "qianfan",
-            ProviderKind::Dashscope => "dashscope",
-            ProviderKind::Azure => "azure",
-        }
-    }
-
-    /// The auth header a kind uses when the file does not say.
-    fn default_auth(self) -> Auth {
-        match self {
-            ProviderKind::Anthropic => Auth::Header("x-api-key".into()),
-            ProviderKind::Gemini => Auth::Header("x-goog-api-key".into()),
-            ProviderKind::Azure => Auth::Header("api-key".into()),
-            _ => Auth::Bearer,
-        }
-    }
-
-    /// Whether the protocol reports token usage; the gateway estimates it otherwise.
-    pub fn reports_usage(self) -> bool {
-        !matches!(self, ProviderKind::Sandbox | ProviderKind::Chatglm)
-    }
-
-    /// What the protocol can carry at all; a provider file may narrow it.
-    fn default_capabilities(self) -> Capabilities {
-        let all = Capabilities::default();
-        match self {
-            ProviderKind::Chatglm => Capabilities {
-                tools: false,
-                json_mode: false,
-                embeddings: false,
-                vision: false,
-                ..all
-            },
-            ProviderKind::Llamacpp => Capabilities {
-                tools: false,
-                embeddings: false,
-                vision: false,
-                ..all
-            },
-            ProviderKind::Qianfan => Capabilities {
-                vision: false,
-                ..all
-            },
-            _ => all,
-        }
-    }
-}
-
 /// What a model can serve. A request needing something its target lacks is
 /// rejected with a 400 naming the capability, before anything is sent upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,16 +226,21 @@ pub struct Capabilities {
     pub context_window: Option<u32>,
 }
 
+impl Capabilities {
+    /// Everything, with no known context window.
+    pub const ALL: Capabilities = Capabilities {
+        streaming: true,
+        tools: true,
+        json_mode: true,
+        embeddings: true,
+        vision: true,
+        context_window: None,
+    };
+}
+
 impl Default for Capabilities {
     fn default() -> Self {
-        Capabilities {
-            streaming: true,
-            tools: true,
-            json_mode: true,
-            embeddings: true,
-            vision: true,
-            context_window: None,
-        }
+        Capabilities::ALL
     }
 }
 
@@ -387,70 +307,8 @@ struct RawCapabilitiesFlat {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAnthropic {
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    default_max_tokens: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAzure {
-    api_version: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawZhipu {
-    /// `api_key` (default: the key as a bearer token) or `jwt` (sign from `id.secret`).
-    #[serde(default)]
-    auth: Option<String>,
-    #[serde(default)]
-    jwt_ttl: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQianfan {
-    secret_key_env: String,
-    #[serde(default)]
-    token_url: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTemplate {
-    template: String,
-    #[serde(default)]
-    stop: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLlamacpp {
-    #[serde(default)]
-    templates: BTreeMap<String, RawTemplate>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawChatglm {
-    #[serde(default)]
-    max_length: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOllama {
-    #[serde(default)]
-    keep_alive: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawProvider {
-    kind: ProviderKind,
+    kind: RawKind,
     #[serde(default)]
     description: Option<String>,
     #[serde(default)]
@@ -487,22 +345,203 @@ struct RawProvider {
     chat_path: Option<String>,
     #[serde(default)]
     embeddings_path: Option<String>,
-    #[serde(default)]
-    sandbox: Option<RawSandbox>,
-    #[serde(default)]
-    anthropic: Option<RawAnthropic>,
-    #[serde(default)]
-    azure: Option<RawAzure>,
-    #[serde(default)]
-    zhipu: Option<RawZhipu>,
-    #[serde(default)]
-    qianfan: Option<RawQianfan>,
-    #[serde(default)]
-    llamacpp: Option<RawLlamacpp>,
-    #[serde(default)]
-    chatglm: Option<RawChatglm>,
-    #[serde(default)]
-    ollama: Option<RawOllama>,
+}
+
+/// A provider file's `kind:`, looked up in the backend table.
+struct RawKind(&'static Kind);
+
+impl<'de> Deserialize<'de> for RawKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        match crate::backend::kind(&name) {
+            Some(k) => Ok(RawKind(k)),
+            None => {
+                let known: Vec<String> = crate::backend::KINDS
+                    .iter()
+                    .map(|k| format!("`{}`", k.name))
+                    .collect();
+                Err(serde::de::Error::custom(format_args!(
+                    "unknown variant `{name}`, expected one of {}",
+                    known.join(", ")
+                )))
+            }
+        }
+    }
+}
+
+/// A provider file: the fields every provider has ([`RawProvider`], unknown keys
+/// refused), and the sections named after a kind (`zhipu:` …), kept as JSON for
+/// that kind to read.
+struct RawProviderFile {
+    common: RawProvider,
+    sections: BTreeMap<&'static str, Value>,
+}
+
+impl<'de> Deserialize<'de> for RawProviderFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ProviderFileVisitor)
+    }
+}
+
+struct ProviderFileVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ProviderFileVisitor {
+    type Value = RawProviderFile;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a provider file (a mapping)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let mut sections = BTreeMap::new();
+        let common =
+            RawProvider::deserialize(serde::de::value::MapAccessDeserializer::new(KindSections {
+                inner: map,
+                sections: &mut sections,
+            }))?;
+        Ok(RawProviderFile { common, sections })
+    }
+}
+
+/// The keys of a provider file with the kind sections taken out (into `sections`).
+struct KindSections<'s, A> {
+    inner: A,
+    sections: &'s mut BTreeMap<&'static str, Value>,
+}
+
+enum KeyOrSection<T, K> {
+    Key(T),
+    Section(&'static str, K),
+}
+
+/// Reads one key: a kind's section name, or a key `K` deserializes. The key is
+/// judged inside the deserializer's own visit, so an unknown key is reported at
+/// its line, as a derived struct would.
+struct SectionSeed<K>(K);
+
+impl<'de, K: serde::de::DeserializeSeed<'de>> serde::de::DeserializeSeed<'de> for SectionSeed<K> {
+    type Value = KeyOrSection<K::Value, K>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, K: serde::de::DeserializeSeed<'de>> serde::de::Visitor<'de> for SectionSeed<K> {
+    type Value = KeyOrSection<K::Value, K>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        use serde::de::IntoDeserializer;
+        if let Some(kind) = crate::backend::kind(key).filter(|k| k.section) {
+            return Ok(KeyOrSection::Section(kind.name, self.0));
+        }
+        self.0
+            .deserialize(key.into_deserializer())
+            .map(KeyOrSection::Key)
+    }
+}
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for KindSections<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = seed;
+        loop {
+            match self.inner.next_key_seed(SectionSeed(seed))? {
+                None => return Ok(None),
+                Some(KeyOrSection::Key(k)) => return Ok(Some(k)),
+                Some(KeyOrSection::Section(name, back)) => {
+                    let value: Value = self.inner.next_value()?;
+                    // `zhipu:` with nothing under it is no section.
+                    if !value.is_null() && self.sections.insert(name, value).is_some() {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate field `{name}`"
+                        )));
+                    }
+                    seed = back;
+                }
+            }
+        }
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, A::Error> {
+        self.inner.next_value_seed(seed)
+    }
+}
+
+/// A kind's own section of a provider file, handed to the kind's parser
+/// ([`Kind::settings`]): its problems are reported as `<kind>.<field>`.
+pub struct Section<'a> {
+    name: &'static str,
+    value: Option<&'a Value>,
+    file: &'a Path,
+    problems: &'a mut Problems,
+}
+
+impl Section<'_> {
+    /// Whether the file has the section.
+    pub fn is_present(&self) -> bool {
+        self.value.is_some()
+    }
+
+    /// The section read into the kind's own struct (which should deny unknown
+    /// fields); `None` when the file has no section or it does not fit (a
+    /// problem is reported then).
+    pub fn parse<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
+        let value = self.value?;
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = if path == "." { String::new() } else { path };
+                self.problem(&field, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    /// Reports a problem with `field` of the section (the section itself when empty).
+    pub fn problem(&mut self, field: &str, message: impl Into<String>) {
+        let field = if field.is_empty() {
+            self.name.to_owned()
+        } else {
+            format!("{}.{field}", self.name)
+        };
+        self.problems.add(self.file, field, message);
+    }
+
+    /// A duration field of the section (`30m`), `default` when unset or invalid.
+    pub fn duration(&mut self, field: &str, raw: &Option<String>, default: Duration) -> Duration {
+        let field = format!("{}.{field}", self.name);
+        self.problems.duration(self.file, &field, raw, default)
+    }
+}
+
+/// Text a file may write as a bare number or boolean (`keep_alive: -1`): YAML
+/// reads those as numbers, a kind's section as JSON keeps them so, the setting
+/// wants the text (as reading the YAML straight into a string would).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Text(s)),
+            Value::Number(n) => Ok(Text(n.to_string())),
+            Value::Bool(b) => Ok(Text(b.to_string())),
+            _ => Err(serde::de::Error::custom("expected a string")),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -527,71 +566,7 @@ struct RawTimeouts {
     total: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSandbox {
-    models: BTreeMap<String, RawSandboxModel>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawSandboxModel {
-    #[serde(default)]
-    reply: Option<SandboxReply>,
-    #[serde(default)]
-    script: Vec<String>,
-    #[serde(default)]
-    chunk_chars: Option<usize>,
-    #[serde(default)]
-    chunk_delay: Option<String>,
-    #[serde(default)]
-    first_token_delay: Option<String>,
-    #[serde(default)]
-    delay: Option<String>,
-    #[serde(default)]
-    fail: Option<RawSandboxFail>,
-    #[serde(default)]
-    cut_after: Option<usize>,
-    #[serde(default)]
-    embedding_dims: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSandboxFail {
-    status: u16,
-    #[serde(default)]
-    message: Option<String>,
-}
-
 // === validated config ===
-
-/// What a sandbox model answers.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SandboxReply {
-    /// Repeats the last user message (as JSON under JSON mode).
-    #[default]
-    Echo,
-    /// Cycles through `script`, one entry per user turn.
-    Script,
-}
-
-#[derive(Debug, Clone)]
-pub struct SandboxModel {
-    pub reply: SandboxReply,
-    pub script: Vec<String>,
-    /// Characters per streamed chunk; 0 streams word by word.
-    pub chunk_chars: usize,
-    pub chunk_delay: Duration,
-    pub first_token_delay: Duration,
-    /// Added before the answer (or the stream's headers).
-    pub delay: Duration,
-    pub fail: Option<(u16, String)>,
-    /// Cut the stream (an abrupt end, no finish) after this many chunks.
-    pub cut_after: Option<usize>,
-    pub embedding_dims: usize,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
@@ -600,52 +575,11 @@ pub enum Auth {
     None,
 }
 
-/// A chat template for backends that take a raw prompt (llama.cpp native): the
-/// minijinja source (rendered with `messages`, `add_generation_prompt`,
-/// `bos_token`) and the stop words that end a turn.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatTemplate {
-    pub source: String,
-    pub stop: Vec<String>,
-}
-
-/// Settings only one kind of provider has.
-#[derive(Debug, Clone)]
-pub enum KindSettings {
-    None,
-    Sandbox(BTreeMap<String, SandboxModel>),
-    Anthropic {
-        version: String,
-        default_max_tokens: u32,
-    },
-    Azure {
-        api_version: String,
-    },
-    Zhipu {
-        jwt: bool,
-        jwt_ttl: Duration,
-    },
-    Qianfan {
-        secret_key_env: String,
-        token_url: String,
-    },
-    /// Chat templates by upstream model name; `*` is the fallback for any model.
-    Llamacpp {
-        templates: BTreeMap<String, ChatTemplate>,
-    },
-    Chatglm {
-        max_length: Option<u32>,
-    },
-    Ollama {
-        keep_alive: Option<String>,
-    },
-}
-
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     pub id: String,
     pub file: PathBuf,
-    pub kind: ProviderKind,
+    pub kind: &'static Kind,
     pub description: Option<String>,
     pub base_url: String,
     pub api_key_env: Option<String>,
@@ -665,7 +599,8 @@ pub struct ProviderConfig {
     pub legacy_functions: bool,
     pub chat_path: String,
     pub embeddings_path: String,
-    pub settings: KindSettings,
+    /// What the kind read from its own section; it builds the provider.
+    pub settings: std::sync::Arc<dyn Settings>,
 }
 
 impl ProviderConfig {
@@ -950,7 +885,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
                     );
                     continue;
                 }
-                if let Some(raw) = read_yaml::<RawProvider>(&file, &mut problems) {
+                if let Some(raw) = read_yaml::<RawProviderFile>(&file, &mut problems) {
                     let p = validate_provider(id.clone(), file, raw, &mut problems);
                     providers.insert(id, p);
                 }
@@ -1170,9 +1105,14 @@ fn valid_id(s: &str) -> bool {
 fn validate_provider(
     id: String,
     file: PathBuf,
-    raw: RawProvider,
+    raw: RawProviderFile,
     problems: &mut Problems,
 ) -> ProviderConfig {
+    let RawProviderFile {
+        common: raw,
+        sections,
+    } = raw;
+    let kind = raw.kind.0;
     let d = Timeouts::default();
     let t = &raw.timeouts;
     let mut timeouts = Timeouts {
@@ -1200,7 +1140,9 @@ fn validate_provider(
         max_line_bytes: byte_limit("max_line_bytes", raw.max_line_bytes, dl.max_line_bytes),
     };
     let auth = match raw.auth.as_deref() {
-        None => raw.kind.default_auth(),
+        None => kind
+            .auth_header
+            .map_or(Auth::Bearer, |h| Auth::Header(h.to_owned())),
         Some("bearer") => Auth::Bearer,
         Some("none") => Auth::None,
         Some(h) if h.starts_with("header:") && h.len() > 7 => {
@@ -1240,41 +1182,30 @@ fn validate_provider(
         }
     }
 
-    // Kind-specific sections: only the provider's own kind may have one.
-    let sections: [(&str, bool, ProviderKind); 8] = [
-        ("sandbox", raw.sandbox.is_some(), ProviderKind::Sandbox),
-        (
-            "anthropic",
-            raw.anthropic.is_some(),
-            ProviderKind::Anthropic,
-        ),
-        ("azure", raw.azure.is_some(), ProviderKind::Azure),
-        ("zhipu", raw.zhipu.is_some(), ProviderKind::Zhipu),
-        ("qianfan", raw.qianfan.is_some(), ProviderKind::Qianfan),
-        ("llamacpp", raw.llamacpp.is_some(), ProviderKind::Llamacpp),
-        ("chatglm", raw.chatglm.is_some(), ProviderKind::Chatglm),
-        ("ollama", raw.ollama.is_some(), ProviderKind::Ollama),
-    ];
-    for (name, present, kind) in sections {
-        if present && kind != raw.kind {
+    // Kind sections: only the provider's own kind may have one.
+    for name in sections.keys() {
+        if *name != kind.name {
             problems.add(
                 &file,
-                name,
+                *name,
                 format!(
                     "a `{name}` section belongs to `kind: {name}`, not `kind: {}`",
-                    raw.kind.as_str()
+                    kind.name
                 ),
             );
         }
     }
 
     let mut base_url = raw.base_url.clone().unwrap_or_default();
-    if raw.kind == ProviderKind::Sandbox {
+    if kind.in_process {
         if raw.base_url.is_some() {
             problems.add(
                 &file,
                 "base_url",
-                "a sandbox provider has no base_url (it answers in-process)",
+                format!(
+                    "a {} provider has no base_url (it answers in-process)",
+                    kind.name
+                ),
             );
         }
     } else {
@@ -1288,130 +1219,18 @@ fn validate_provider(
         base_url = base_url.trim_end_matches('/').to_owned();
     }
 
-    let settings = match raw.kind {
-        ProviderKind::Sandbox => match raw.sandbox {
-            None => {
-                problems.add(
-                    &file,
-                    "sandbox",
-                    "a sandbox provider needs a `sandbox.models` section",
-                );
-                KindSettings::Sandbox(BTreeMap::new())
-            }
-            Some(s) => KindSettings::Sandbox(sandbox_models(&file, s, problems)),
-        },
-        ProviderKind::Anthropic => {
-            let a = raw.anthropic.unwrap_or(RawAnthropic {
-                version: None,
-                default_max_tokens: None,
-            });
-            KindSettings::Anthropic {
-                version: a.version.unwrap_or_else(|| "2023-06-01".into()),
-                default_max_tokens: a.default_max_tokens.unwrap_or(4096),
-            }
-        }
-        ProviderKind::Azure => match raw.azure {
-            Some(a) => KindSettings::Azure {
-                api_version: a.api_version,
-            },
-            None => {
-                problems.add(
-                    &file,
-                    "azure.api_version",
-                    "Azure OpenAI needs an api_version (e.g. `2024-10-21`)",
-                );
-                KindSettings::None
-            }
-        },
-        ProviderKind::Zhipu => {
-            let z = raw.zhipu.unwrap_or(RawZhipu {
-                auth: None,
-                jwt_ttl: None,
-            });
-            let jwt = match z.auth.as_deref() {
-                None | Some("api_key") => false,
-                Some("jwt") => true,
-                Some(other) => {
-                    problems.add(
-                        &file,
-                        "zhipu.auth",
-                        format!("`{other}` is not `api_key` or `jwt`"),
-                    );
-                    false
-                }
-            };
-            KindSettings::Zhipu {
-                jwt,
-                jwt_ttl: problems.duration(
-                    &file,
-                    "zhipu.jwt_ttl",
-                    &z.jwt_ttl,
-                    Duration::from_secs(1800),
-                ),
-            }
-        }
-        ProviderKind::Qianfan => match raw.qianfan {
-            Some(q) => {
-                if !valid_env_name(&q.secret_key_env) {
-                    problems.add(
-                        &file,
-                        "qianfan.secret_key_env",
-                        "must be the name of an environment variable",
-                    );
-                }
-                KindSettings::Qianfan {
-                    secret_key_env: q.secret_key_env,
-                    token_url: q
-                        .token_url
-                        .unwrap_or_else(|| "https://aip.baidubce.com/oauth/2.0/token".into()),
-                }
-            }
-            None => {
-                problems.add(
-                    &file,
-                    "qianfan.secret_key_env",
-                    "Qianfan v1 needs the secret key's environment variable (the API key is api_key_env)",
-                );
-                KindSettings::None
-            }
-        },
-        ProviderKind::Llamacpp => {
-            let mut templates = BTreeMap::new();
-            for (model, t) in raw.llamacpp.map(|l| l.templates).unwrap_or_default() {
-                if let Err(e) = crate::prompt::check_chat_template(&t.template) {
-                    problems.add(&file, format!("llamacpp.templates.{model}.template"), e);
-                }
-                templates.insert(
-                    model,
-                    ChatTemplate {
-                        source: t.template,
-                        stop: t.stop,
-                    },
-                );
-            }
-            if templates.is_empty() {
-                problems.add(
-                    &file,
-                    "llamacpp.templates",
-                    "llama.cpp's native API takes a raw prompt: give at least one chat template (`*` for every model)",
-                );
-            }
-            KindSettings::Llamacpp { templates }
-        }
-        ProviderKind::Chatglm => KindSettings::Chatglm {
-            max_length: raw.chatglm.and_then(|c| c.max_length),
-        },
-        ProviderKind::Ollama => KindSettings::Ollama {
-            keep_alive: raw.ollama.and_then(|o| o.keep_alive),
-        },
-        ProviderKind::Openai | ProviderKind::Gemini | ProviderKind::Dashscope => KindSettings::None,
-    };
+    let settings = (kind.settings)(&mut Section {
+        name: kind.name,
+        value: sections.get(kind.name),
+        file: &file,
+        problems,
+    });
 
-    let capabilities = raw.capabilities.over(raw.kind.default_capabilities());
-    let models = match (&settings, raw.models) {
-        (KindSettings::Sandbox(m), _) => Some(m.keys().map(|k| (k.clone(), capabilities)).collect()),
-        (_, None) => None,
-        (_, Some(list)) => Some(
+    let capabilities = raw.capabilities.over(kind.capabilities);
+    let models = match (settings.models(), raw.models) {
+        (Some(m), _) => Some(m.into_iter().map(|k| (k, capabilities)).collect()),
+        (None, None) => None,
+        (None, Some(list)) => Some(
             list.into_iter()
                 .enumerate()
                 .map(|(i, m)| match m {
@@ -1453,7 +1272,7 @@ fn validate_provider(
     ProviderConfig {
         id,
         file,
-        kind: raw.kind,
+        kind,
         description: raw.description,
         base_url,
         api_key_env: raw.api_key_env,
@@ -1463,13 +1282,7 @@ fn validate_provider(
         limits,
         models,
         capabilities,
-        self_hosted: raw.self_hosted.unwrap_or(matches!(
-            raw.kind,
-            ProviderKind::Sandbox
-                | ProviderKind::Chatglm
-                | ProviderKind::Llamacpp
-                | ProviderKind::Ollama
-        )),
+        self_hosted: raw.self_hosted.unwrap_or(kind.self_hosted),
         health_check,
         stream_usage: raw.stream_usage.unwrap_or(true),
         legacy_functions: raw.legacy_functions.unwrap_or(false),
@@ -1479,56 +1292,7 @@ fn validate_provider(
     }
 }
 
-fn valid_env_name(s: &str) -> bool {
+/// Whether `s` can name an environment variable.
+pub fn valid_env_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn sandbox_models(
-    file: &Path,
-    s: RawSandbox,
-    problems: &mut Problems,
-) -> BTreeMap<String, SandboxModel> {
-    let mut out = BTreeMap::new();
-    for (name, m) in s.models {
-        let f = |k: &str| format!("sandbox.models.{name}.{k}");
-        if m.reply == Some(SandboxReply::Script) && m.script.is_empty() {
-            problems.add(
-                file,
-                f("script"),
-                "`reply: script` needs at least one scripted reply",
-            );
-        }
-        if let Some(fail) = &m.fail {
-            if !(400..=599).contains(&fail.status) {
-                problems.add(
-                    file,
-                    f("fail.status"),
-                    "must be an HTTP error status (400-599)",
-                );
-            }
-        }
-        let model = SandboxModel {
-            reply: m.reply.unwrap_or_default(),
-            script: m.script,
-            chunk_chars: m.chunk_chars.unwrap_or(0),
-            chunk_delay: problems.duration(file, &f("chunk_delay"), &m.chunk_delay, Duration::ZERO),
-            first_token_delay: problems.duration(
-                file,
-                &f("first_token_delay"),
-                &m.first_token_delay,
-                Duration::ZERO,
-            ),
-            delay: problems.duration(file, &f("delay"), &m.delay, Duration::ZERO),
-            fail: m.fail.map(|f| {
-                let msg = f
-                    .message
-                    .unwrap_or_else(|| format!("sandbox: simulated HTTP {} failure", f.status));
-                (f.status, msg)
-            }),
-            cut_after: m.cut_after,
-            embedding_dims: m.embedding_dims.unwrap_or(16).clamp(1, 8192),
-        };
-        out.insert(name, model);
-    }
-    out
 }

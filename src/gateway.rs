@@ -15,12 +15,12 @@ use futures_util::StreamExt;
 use http::HeaderMap;
 use tokio::time::Instant;
 
+use crate::backend::EventStream;
+use crate::backend::ProviderState;
 use crate::canonical::*;
 use crate::config::Subject;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::metrics::Metrics;
-use crate::provider::registry::ProviderState;
-use crate::provider::EventStream;
 use crate::router::{counts_against_target, Book, FaultKind};
 use crate::snapshot::{Arm, Route, Snapshot, Target};
 use crate::tokens;
@@ -356,7 +356,7 @@ impl Gateway {
         let resp = entry.response.clone();
         let value = if stream {
             let events: Vec<Result<StreamEvent, UpstreamError>> =
-                crate::provider::http::response_events(resp)
+                crate::backend::transport::response_events(resp)
                     .into_iter()
                     .map(Ok)
                     .collect();

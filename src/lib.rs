@@ -1,24 +1,24 @@
 //! promptgate: a model-agnostic prompt orchestration gateway. See ARCHITECTURE.md
 //! for the map; the request flow is `server` (edge, dialect) → `gateway`
-//! (pipeline) → `provider` (backends) → back through `server`.
+//! (pipeline) → `backend` (one module per backend kind) → back through `server`.
 
 pub mod admin;
+pub mod backend;
 pub mod cache;
 pub mod canonical;
 pub mod config;
+pub mod dialect;
 pub mod drill;
 pub mod error;
 pub mod framing;
 pub mod gateway;
 pub mod metrics;
 pub mod prompt;
-pub mod provider;
 pub mod reload;
 pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod tokens;
-pub mod wire;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ pub use gateway::Gateway;
 /// reading provider keys through `env`.
 pub fn load(
     path: &Path,
-    env: provider::registry::EnvLookup<'_>,
+    env: backend::EnvLookup<'_>,
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
     let mut cfg = config::load(path)?;
     cache::resolve_secret(&mut cfg, path, env)?;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use promptgate::provider::registry::ProviderState;
+use promptgate::backend::ProviderState;
 
 #[derive(Parser)]
 #[command(
@@ -141,7 +141,7 @@ fn check(config: PathBuf) -> ExitCode {
             }
             for p in cfg.providers.values() {
                 if let ProviderState::Unavailable(reason) =
-                    promptgate::provider::registry::build(p, &env_lookup)
+                    promptgate::backend::build(p, &env_lookup)
                 {
                     println!(
                         "note: {}: provider `{}` is unavailable: {reason}",

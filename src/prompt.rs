@@ -421,7 +421,7 @@ pub fn limits_message() -> String {
 /// `check` for a llama.cpp chat template: it must compile, and a sample
 /// conversation must render within the execution limits.
 pub fn check_chat_template(source: &str) -> Result<(), String> {
-    let mut env = crate::wire::llamacpp::chat_env();
+    let mut env = crate::backend::llamacpp::chat_env();
     env.add_template("t", source)
         .map_err(|e| format!("does not compile: {e}"))?;
     let sample = minijinja::context! {
@@ -838,11 +838,11 @@ mod tests {
     use super::*;
 
     /// llama.cpp templates with `source` as the `*` fallback.
-    fn fallback_template(source: &str) -> crate::wire::llamacpp::Templates {
-        crate::wire::llamacpp::Templates::compile(
+    fn fallback_template(source: &str) -> crate::backend::llamacpp::Templates {
+        crate::backend::llamacpp::Templates::compile(
             &[(
                 "*".to_string(),
-                crate::config::ChatTemplate {
+                crate::backend::llamacpp::ChatTemplate {
                     source: source.into(),
                     stop: vec![],
                 },
@@ -884,7 +884,7 @@ mod tests {
         let messages: Vec<serde_json::Value> = (0..400)
             .map(|i| serde_json::json!({"role": "user", "content": format!("message {i}")}))
             .collect();
-        let req = crate::wire::openai::decode_chat_request(
+        let req = crate::backend::openai::decode_chat_request(
             serde_json::json!({"model": "m", "messages": messages})
                 .to_string()
                 .as_bytes(),
@@ -904,7 +904,7 @@ mod tests {
             .map(|_| serde_json::json!({"role": "user", "content": "hi"}))
             .collect();
         messages.push(serde_json::json!({"role": "user", "content": "y".repeat(1 << 20)}));
-        let req = crate::wire::openai::decode_chat_request(
+        let req = crate::backend::openai::decode_chat_request(
             serde_json::json!({"model": "m", "messages": messages})
                 .to_string()
                 .as_bytes(),
@@ -914,10 +914,10 @@ mod tests {
         assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
         assert!(e.message.contains("execution budget"), "{}", e.message);
         // A transcript rendered once is well inside the cap.
-        let once = crate::wire::llamacpp::Templates::compile(
+        let once = crate::backend::llamacpp::Templates::compile(
             &[(
                 "*".to_string(),
-                crate::config::ChatTemplate {
+                crate::backend::llamacpp::ChatTemplate {
                     source: "{% for m in messages %}{{ m.content }}{% endfor %}".into(),
                     stop: vec![],
                 },

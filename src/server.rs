@@ -20,13 +20,13 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
 
+use crate::backend::openai::{self as wire, OpenAi};
 use crate::canonical::{ChatRequest, EmbeddingEncoding};
+use crate::dialect::Dialect;
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::gateway::{ChatOutcome, Gateway, RequestMeta, Served};
 use crate::prompt::PromptRef;
-use crate::wire::openai::{self as wire, OpenAi};
-use crate::wire::Dialect;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The gateway's own processing time for the request, in microseconds: everything
@@ -612,11 +612,11 @@ pub const MAX_TOOLS: usize = 128;
 /// over them saturates.
 fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
     if let Some(n) = req.params.n {
-        if !(1..=crate::wire::MAX_CHOICES).contains(&n) {
+        if !(1..=crate::backend::MAX_CHOICES).contains(&n) {
             return Err(GatewayError::invalid(
                 format!(
                     "invalid field `n`: {n} is outside 1..={}",
-                    crate::wire::MAX_CHOICES
+                    crate::backend::MAX_CHOICES
                 ),
                 Some("n"),
             ));
@@ -945,7 +945,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
 fn panic_body(request_id: &str, anthropic: bool) -> Response {
     let err = GatewayError::Internal("the gateway hit an internal error".into());
     let body = if anthropic {
-        crate::wire::anthropic::Anthropic.error_body(&err, request_id)
+        crate::backend::anthropic::Anthropic.error_body(&err, request_id)
     } else {
         wire::error_body(&err, request_id)
     };
@@ -975,7 +975,7 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         .route("/v1/chat/completions", post(chat::<OpenAi>))
         .route(
             "/v1/messages",
-            post(chat::<crate::wire::anthropic::Anthropic>),
+            post(chat::<crate::backend::anthropic::Anthropic>),
         )
         .route("/v1/prompts/{prompt}/chat/completions", post(prompt_chat))
         .route("/v1/embeddings", post(embeddings))

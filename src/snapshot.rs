@@ -12,11 +12,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::backend::{self, EnvLookup, ProviderState};
 use crate::config::{
     BreakerConfig, Capabilities, Config, ParamOverrides, RetryPolicy, Strategy, Subject,
 };
 use crate::prompt::Selector;
-use crate::provider::registry::{self, EnvLookup, ProviderState};
 use crate::router::{ArmStats, Book, Health};
 use crate::tokens::{encoding_for, Encoding};
 
@@ -126,7 +126,7 @@ impl Snapshot {
         let providers: BTreeMap<String, ProviderState> = config
             .providers
             .iter()
-            .map(|(id, p)| (id.clone(), registry::build(p, env)))
+            .map(|(id, p)| (id.clone(), backend::build(p, env)))
             .collect();
         let target = |t: &crate::config::TargetConfig| -> Arc<Target> {
             let provider = providers
@@ -192,7 +192,7 @@ impl Snapshot {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let models_body = Bytes::from(crate::wire::openai::encode_models(
+        let models_body = Bytes::from(crate::backend::openai::encode_models(
             config.routes.keys().map(String::as_str),
             created,
         ));
@@ -254,7 +254,7 @@ impl Snapshot {
                     .config
                     .providers
                     .get(&*t.provider_id)
-                    .is_some_and(|p| !p.kind.reports_usage());
+                    .is_some_and(|p| !p.kind.reports_usage);
                 if silent && !out.contains(&t.encoding) {
                     out.push(t.encoding);
                 }

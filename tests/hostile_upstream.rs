@@ -852,7 +852,7 @@ fn provider_limits_and_health_timeout_are_read_and_validated() {
     let p = &cfg.providers["p"];
     assert_eq!(
         p.limits,
-        promptgate::provider::http::ResponseLimits::default()
+        promptgate::backend::transport::ResponseLimits::default()
     );
     assert_eq!(p.limits.max_response_bytes, 64 * 1024 * 1024);
     assert_eq!(p.limits.max_line_bytes, 8 * 1024 * 1024);

@@ -7,8 +7,8 @@
 
 mod props_common;
 
+use promptgate::backend::{anthropic, openai};
 use promptgate::canonical::ChatRequest;
-use promptgate::wire::{anthropic, openai};
 use proptest::prelude::*;
 use proptest::sample::Index;
 

@@ -9,8 +9,8 @@
 
 mod props_common;
 
+use promptgate::backend::Codec;
 use promptgate::framing::{FrameDecoder, Framing};
-use promptgate::provider::Codec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 

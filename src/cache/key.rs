@@ -218,7 +218,7 @@ mod tests {
     use super::*;
 
     fn req(body: &str) -> ChatRequest {
-        crate::wire::openai::decode_chat_request(body.as_bytes()).unwrap()
+        crate::backend::openai::decode_chat_request(body.as_bytes()).unwrap()
     }
 
     fn key(body: &str) -> Key {

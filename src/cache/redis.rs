@@ -100,7 +100,7 @@ pub struct Seal {
 pub fn resolve_secret(
     cfg: &mut crate::config::Config,
     file: &std::path::Path,
-    env: crate::provider::registry::EnvLookup<'_>,
+    env: crate::backend::EnvLookup<'_>,
 ) -> Result<(), Vec<crate::config::Problem>> {
     let Some(r) = cfg.cache.redis.as_mut() else {
         return Ok(());

@@ -162,7 +162,7 @@ fn openai_params(v: &RawPromptParams) -> Result<ToolParams, String> {
     if let Some(r) = &v.response_format {
         probe["response_format"] = r.clone();
     }
-    let req = crate::wire::openai::decode_chat_request(probe.to_string().as_bytes())
+    let req = crate::backend::openai::decode_chat_request(probe.to_string().as_bytes())
         .map_err(|e| e.to_string())?;
     Ok((req.tools, req.tool_choice, req.response_format))
 }

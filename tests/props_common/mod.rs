@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use promptgate::provider::Codec;
+use promptgate::backend::Codec;
 use proptest::prelude::*;
 
 /// Numbers no sane backend or client sends, in the places real ones go.
@@ -180,8 +180,8 @@ pub fn subjects() -> &'static [Subject] {
         let cfg = promptgate::config::load(&dir.path().join("promptgate.yaml")).unwrap();
         let mut out = Vec::new();
         for (id, p) in &cfg.providers {
-            let kind = p.kind.as_str();
-            if kind == "sandbox" {
+            let kind = p.kind.name;
+            if p.kind.in_process {
                 continue;
             }
             let fixtures = [id.as_str(), kind]
@@ -203,7 +203,7 @@ pub fn subjects() -> &'static [Subject] {
             samples.sort();
             out.push(Subject {
                 name: id.clone(),
-                codec: promptgate::provider::registry::codec(p).unwrap(),
+                codec: promptgate::backend::codec(p).unwrap(),
                 samples,
             });
         }

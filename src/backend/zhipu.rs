@@ -24,12 +24,22 @@
 //! Zhipu-only request fields (`thinking`, `request_id`, built-in tools) travel in
 //! the request's `extra`, e.g. a route's `params.extra`.
 
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use http::HeaderValue;
+
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::auth::{AuthPart, Credential, TokenSource};
 use super::openai;
+use super::{Codec, EnvLookup, HttpCall, Kind, Provider, Settings, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::{Frame, Framing};
 
 /// Temperature and `do_sample` as Zhipu accepts them.
 fn sampling(temperature: Option<f64>) -> (Option<f64>, Option<bool>) {
@@ -223,6 +233,310 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
         return Err(classify_error_value(200, &err));
     }
     openai::decode_embeddings_response(body)
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "zhipu",
+    auth_header: None,
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `zhipu:` section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawZhipu {
+    /// `api_key` (default: the key as a bearer token) or `jwt` (sign from `id.secret`).
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    jwt_ttl: Option<String>,
+}
+
+#[derive(Debug)]
+struct ZhipuSettings {
+    /// Sign a JWT from the `id.secret` key instead of sending the key.
+    jwt: bool,
+    jwt_ttl: Duration,
+}
+
+impl Settings for ZhipuSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(ZhipuCodec::new()))
+    }
+
+    fn provider(
+        &self,
+        cfg: &ProviderConfig,
+        env: EnvLookup<'_>,
+    ) -> Result<Arc<dyn Provider>, String> {
+        let codec = self.codec(cfg)?;
+        let p = super::http_provider(cfg, env, codec, |key| {
+            if !self.jwt {
+                return Ok(None);
+            }
+            let jwt = ZhipuJwt::new(key, self.jwt_ttl)?;
+            Ok(Some(Credential::Dynamic(Box::new(jwt))))
+        })?;
+        Ok(Arc::new(p))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let z = s.parse::<RawZhipu>().unwrap_or_default();
+    let jwt = match z.auth.as_deref() {
+        None | Some("api_key") => false,
+        Some("jwt") => true,
+        Some(other) => {
+            s.problem("auth", format!("`{other}` is not `api_key` or `jwt`"));
+            false
+        }
+    };
+    let jwt_ttl = s.duration("jwt_ttl", &z.jwt_ttl, Duration::from_secs(1800));
+    Arc::new(ZhipuSettings { jwt, jwt_ttl })
+}
+
+// === auth ===
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Zhipu's JWT: HS256 over `{"api_key": id, "exp": ms, "timestamp": ms}` with the
+/// non-standard header field `sign_type: SIGN`, both times in milliseconds.
+pub struct ZhipuJwt {
+    id: String,
+    secret: String,
+    ttl: Duration,
+    cached: Mutex<Option<(String, u128)>>,
+}
+
+impl ZhipuJwt {
+    /// `key` is `<id>.<secret>`.
+    pub fn new(key: &str, ttl: Duration) -> Result<Self, String> {
+        let (id, secret) = key
+            .split_once('.')
+            .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+            .ok_or_else(|| "a Zhipu JWT key must look like `<id>.<secret>`".to_string())?;
+        Ok(ZhipuJwt {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            ttl,
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// Signs a token valid from `now` (milliseconds since the epoch).
+    pub fn sign(&self, now: u128) -> String {
+        use hmac::{Hmac, Mac};
+        let header = br#"{"alg":"HS256","sign_type":"SIGN"}"#;
+        let payload = serde_json::json!({
+            "api_key": self.id,
+            "exp": now + self.ttl.as_millis(),
+            "timestamp": now,
+        })
+        .to_string();
+        let signing_input = format!("{}.{}", b64url(header), b64url(payload.as_bytes()));
+        let mut mac = match Hmac::<sha2::Sha256>::new_from_slice(self.secret.as_bytes()) {
+            Ok(m) => m,
+            // HMAC accepts keys of any length; this cannot happen.
+            Err(_) => return signing_input,
+        };
+        mac.update(signing_input.as_bytes());
+        let sig = mac.finalize().into_bytes();
+        format!("{signing_input}.{}", b64url(&sig))
+    }
+
+    fn token(&self) -> String {
+        let now = now_ms();
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        // Reuse until a minute (or a tenth of the lifetime) before expiry.
+        let margin = (self.ttl.as_millis() / 10).min(60_000);
+        if let Some((tok, exp)) = cached.as_ref() {
+            if now + margin < *exp {
+                return tok.clone();
+            }
+        }
+        let tok = self.sign(now);
+        *cached = Some((tok.clone(), now + self.ttl.as_millis()));
+        tok
+    }
+}
+
+impl TokenSource for ZhipuJwt {
+    fn get<'a>(&'a self, _: &'a reqwest::Client) -> BoxFuture<'a, Result<AuthPart, UpstreamError>> {
+        let tok = self.token();
+        Box::pin(async move {
+            let mut v = HeaderValue::from_str(&format!("Bearer {tok}"))
+                .map_err(|_| UpstreamError::new(ErrorKind::Auth, "cannot build the JWT header"))?;
+            v.set_sensitive(true);
+            Ok(AuthPart::Header(http::header::AUTHORIZATION, v))
+        })
+    }
+
+    fn invalidate(&self) {
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn zhipu_jwt_has_the_documented_shape_and_verifies() {
+        use hmac::{Hmac, Mac};
+        let jwt = ZhipuJwt::new("myid.mysecret", Duration::from_secs(210)).unwrap();
+        let tok = jwt.sign(1_700_000_000_000);
+        let parts: Vec<&str> = tok.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let dec = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .unwrap()
+        };
+        let header: serde_json::Value = serde_json::from_slice(&dec(parts[0])).unwrap();
+        assert_eq!(
+            header,
+            serde_json::json!({"alg": "HS256", "sign_type": "SIGN"})
+        );
+        let payload: serde_json::Value = serde_json::from_slice(&dec(parts[1])).unwrap();
+        assert_eq!(
+            payload,
+            serde_json::json!({"api_key": "myid", "exp": 1_700_000_210_000u64, "timestamp": 1_700_000_000_000u64})
+        );
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"mysecret").unwrap();
+        mac.update(format!("{}.{}", parts[0], parts[1]).as_bytes());
+        mac.verify_slice(&dec(parts[2])).unwrap();
+        assert!(ZhipuJwt::new("no-dot", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn zhipu_jwt_is_cached_until_near_expiry() {
+        let jwt = ZhipuJwt::new("a.b", Duration::from_secs(600)).unwrap();
+        let t1 = jwt.token();
+        assert_eq!(jwt.token(), t1);
+        jwt.invalidate();
+        // A new token is minted after invalidation (its timestamp may equal the old
+        // one within the same millisecond, so only check it is well-formed).
+        assert_eq!(jwt.token().split('.').count(), 3);
+    }
+}
+
+// === codec ===
+//
+// Codec for Zhipu GLM open platform v4 (`kind: zhipu`). The base URL is the
+// platform's `…/api/paas/v4`; authentication (the API key as a bearer token, or
+// a JWT signed from an `id.secret` key) is the transport's.
+
+#[derive(Debug, Default)]
+pub struct ZhipuCodec;
+
+impl ZhipuCodec {
+    pub fn new() -> Self {
+        ZhipuCodec
+    }
+}
+
+impl Codec for ZhipuCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/chat/completions".into(),
+            body: encode_chat_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(ZhipuStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/embeddings".into(),
+            body: encode_embeddings_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        decode_embeddings_response(body)
+    }
+}
+
+#[derive(Default)]
+struct ZhipuStream {
+    chunks: ChunkDecoder,
+}
+
+impl StreamDecoder for ZhipuStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => self.chunks.decode(ev.event.as_deref(), &ev.data, out),
+            Frame::Line(l) => self.chunks.decode(None, &l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.chunks.finished()
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn calls_go_to_the_v4_paths() {
+        let req = crate::backend::openai::decode_chat_request(
+            br#"{"model":"r","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let call = ZhipuCodec::new().chat_call(&req, "glm-4-flash").unwrap();
+        assert_eq!(call.path, "/chat/completions");
+        let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(v["model"], "glm-4-flash");
+        let emb =
+            crate::backend::openai::decode_embeddings_request(br#"{"model":"r","input":["a"]}"#)
+                .unwrap();
+        let call = ZhipuCodec::new()
+            .embeddings_call(&emb, "embedding-3")
+            .unwrap();
+        assert_eq!(call.path, "/embeddings");
+    }
 }
 
 #[cfg(test)]

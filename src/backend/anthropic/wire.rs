@@ -1905,8 +1905,8 @@ impl super::Dialect for Anthropic {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::dialect::{Dialect, StreamEncoder};
     use crate::framing::{Frame, FrameDecoder, Framing};
-    use crate::wire::{Dialect, StreamEncoder};
     use serde_json::json;
 
     fn fixture(name: &str) -> String {
@@ -2022,7 +2022,7 @@ mod tests {
         result.tool_call_id = Some(foreign.into());
         let v = encode(&request(vec![Message::text(Role::User, "q"), call, result]));
         let id = v["messages"][1]["content"][0]["id"].as_str().unwrap();
-        assert!(crate::wire::tool_id::is_portable(id), "{id}");
+        assert!(crate::backend::tool_id::is_portable(id), "{id}");
         assert_eq!(v["messages"][2]["content"][0]["tool_use_id"], json!(id));
 
         // And what a client is handed is within the pattern too.

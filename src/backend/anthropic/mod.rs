@@ -1,13 +1,73 @@
-//! Codec for Anthropic's Messages API (`POST {base_url}/messages`, e.g.
-//! `https://api.anthropic.com/v1`). The API key travels in `x-api-key` (the kind's
-//! default auth); this codec adds `anthropic-version`. The wire format lives in
-//! [`crate::wire::anthropic`].
+//! Anthropic Messages: the client dialect of the gateway's `/v1/messages` and the
+//! `anthropic` backend kind. The wire format, both directions, is in `wire.rs`
+//! (re-exported here); this file holds the kind and its codec
+//! (`POST {base_url}/messages`, e.g. `https://api.anthropic.com/v1`). The API key
+//! travels in `x-api-key` (the kind's default auth); the codec adds
+//! `anthropic-version`.
 
-use super::{Codec, HttpCall, StreamDecoder};
+mod wire;
+
+pub use wire::*;
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+// What `wire.rs` uses as `super::…`.
+use super::tool_id;
+use crate::dialect::{Dialect, StreamEncoder};
+
+use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::UpstreamError;
 use crate::framing::{Frame, Framing};
-use crate::wire::anthropic as wire;
+
+pub static KIND: Kind = Kind {
+    name: "anthropic",
+    auth_header: Some("x-api-key"),
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `anthropic:` section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAnthropic {
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    default_max_tokens: Option<u32>,
+}
+
+#[derive(Debug)]
+struct AnthropicSettings {
+    /// The `anthropic-version` header.
+    version: String,
+    /// `max_tokens` when the client gives no output limit.
+    default_max_tokens: u32,
+}
+
+impl Settings for AnthropicSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(AnthropicCodec::new(
+            &self.version,
+            self.default_max_tokens,
+        )))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let a = s.parse::<RawAnthropic>().unwrap_or_default();
+    Arc::new(AnthropicSettings {
+        version: a.version.unwrap_or_else(|| "2023-06-01".into()),
+        default_max_tokens: a.default_max_tokens.unwrap_or(4096),
+    })
+}
 
 pub struct AnthropicCodec {
     /// The `anthropic-version` header.

@@ -38,13 +38,21 @@
 //! one named like a field the codec itself writes.
 
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::auth::{AuthPart, Credential, TokenSource};
 use super::openai;
+use super::{Codec, EnvLookup, EventStream, HttpCall, Kind, Provider, Settings, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{valid_env_name, Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::{Frame, Framing};
 
 // === request ===
 
@@ -667,6 +675,406 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
         vectors: data.into_iter().map(|d| d.embedding).collect(),
         usage: r.usage.as_ref().map(InUsage::canonical).unwrap_or_default(),
     })
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "qianfan",
+    auth_header: None,
+    capabilities: Capabilities {
+        vision: false,
+        ..Capabilities::ALL
+    },
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `qianfan:` section.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQianfan {
+    secret_key_env: String,
+    #[serde(default)]
+    token_url: Option<String>,
+}
+
+#[derive(Debug)]
+struct QianfanSettings {
+    /// The environment variable holding the secret key (the API key is `api_key_env`).
+    secret_key_env: String,
+    token_url: String,
+}
+
+impl Settings for QianfanSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(QianfanCodec::new()))
+    }
+
+    /// The transport with Baidu's access token, wrapped in [`TokenRetry`].
+    fn provider(
+        &self,
+        cfg: &ProviderConfig,
+        env: EnvLookup<'_>,
+    ) -> Result<Arc<dyn Provider>, String> {
+        let codec = self.codec(cfg)?;
+        let p = super::http_provider(cfg, env, codec, |key| {
+            let var = &self.secret_key_env;
+            let sk = env(var)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| format!("environment variable {var} (its secret key) is not set"))?;
+            let token = QianfanToken::new(&self.token_url, key, sk.trim());
+            Ok(Some(Credential::Dynamic(Box::new(token))))
+        })?;
+        Ok(Arc::new(TokenRetry::new(Arc::new(p))))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let Some(q) = s.parse::<RawQianfan>() else {
+        if !s.is_present() {
+            s.problem(
+                "secret_key_env",
+                "Qianfan v1 needs the secret key's environment variable (the API key is api_key_env)",
+            );
+        }
+        return Arc::new(QianfanSettings {
+            secret_key_env: String::new(),
+            token_url: String::new(),
+        });
+    };
+    if !valid_env_name(&q.secret_key_env) {
+        s.problem(
+            "secret_key_env",
+            "must be the name of an environment variable",
+        );
+    }
+    Arc::new(QianfanSettings {
+        secret_key_env: q.secret_key_env,
+        token_url: q
+            .token_url
+            .unwrap_or_else(|| "https://aip.baidubce.com/oauth/2.0/token".into()),
+    })
+}
+
+// === auth ===
+
+/// The longest lifetime taken from a token answer (Baidu's tokens last 30 days).
+const MAX_TOKEN_LIFE: Duration = Duration::from_secs(30 * 86_400);
+
+/// When a token fetched at `now` that lives `expires_in` seconds (a day when the
+/// answer does not say) should be refreshed: five minutes, or a tenth of its
+/// lifetime, early. The lifetime is the endpoint's number, so it is capped
+/// rather than trusted to fit a clock.
+fn token_refresh_at(expires_in: Option<u64>, now: SystemTime) -> SystemTime {
+    let life = Duration::from_secs(expires_in.unwrap_or(86_400)).min(MAX_TOKEN_LIFE);
+    let early = (life / 10).min(Duration::from_secs(300));
+    now.checked_add(life - early).unwrap_or(now)
+}
+
+/// Baidu Qianfan v1: an access token from the OAuth endpoint (API key + secret
+/// key), cached until shortly before it expires, sent as `?access_token=`.
+pub struct QianfanToken {
+    token_url: String,
+    api_key: String,
+    secret_key: String,
+    cached: tokio::sync::Mutex<Option<(String, SystemTime)>>,
+}
+
+impl QianfanToken {
+    pub fn new(token_url: &str, api_key: &str, secret_key: &str) -> Self {
+        QianfanToken {
+            token_url: token_url.to_owned(),
+            api_key: api_key.to_owned(),
+            secret_key: secret_key.to_owned(),
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn fetch(&self, client: &reqwest::Client) -> Result<(String, SystemTime), UpstreamError> {
+        #[derive(serde::Deserialize)]
+        struct TokenReply {
+            #[serde(default)]
+            access_token: Option<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
+            #[serde(default)]
+            error_description: Option<String>,
+        }
+        let resp = client
+            .post(&self.token_url)
+            .query(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.api_key.as_str()),
+                ("client_secret", self.secret_key.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(super::transport::classify_transport_error)?;
+        let status = resp.status().as_u16();
+        // A token reply is a few hundred bytes; a larger one is not read whole.
+        let body = super::transport::read_body(resp, 64 * 1024).await?;
+        let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
+            UpstreamError::new(
+                ErrorKind::Auth,
+                format!("token endpoint answered HTTP {status} with no token"),
+            )
+        })?;
+        match reply.access_token {
+            Some(t) if !t.is_empty() => {
+                Ok((t, token_refresh_at(reply.expires_in, SystemTime::now())))
+            }
+            _ => Err(UpstreamError::new(
+                ErrorKind::Auth,
+                format!(
+                    "token endpoint refused the credentials: {}",
+                    reply
+                        .error_description
+                        .unwrap_or_else(|| format!("HTTP {status}"))
+                ),
+            )),
+        }
+    }
+}
+
+impl TokenSource for QianfanToken {
+    fn get<'a>(
+        &'a self,
+        client: &'a reqwest::Client,
+    ) -> BoxFuture<'a, Result<AuthPart, UpstreamError>> {
+        Box::pin(async move {
+            let mut cached = self.cached.lock().await;
+            if let Some((tok, until)) = cached.as_ref() {
+                if SystemTime::now() < *until {
+                    return Ok(AuthPart::Query("access_token", tok.clone()));
+                }
+            }
+            let (tok, until) = self.fetch(client).await?;
+            *cached = Some((tok.clone(), until));
+            Ok(AuthPart::Query("access_token", tok))
+        })
+    }
+
+    fn invalidate(&self) {
+        if let Ok(mut c) = self.cached.try_lock() {
+            *c = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn token_lifetimes_from_the_endpoint_are_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            token_refresh_at(Some(2_592_000), now),
+            now + Duration::from_secs(2_592_000 - 300)
+        );
+        assert_eq!(
+            token_refresh_at(None, now),
+            now + Duration::from_secs(86_400 - 300)
+        );
+        assert_eq!(
+            token_refresh_at(Some(100), now),
+            now + Duration::from_secs(90)
+        );
+        // u64::MAX seconds would overflow the clock.
+        assert_eq!(
+            token_refresh_at(Some(u64::MAX), now),
+            now + MAX_TOKEN_LIFE - Duration::from_secs(300)
+        );
+    }
+}
+
+// === codec ===
+//
+// Codec for Baidu Qianfan v1 / wenxinworkshop (`kind: qianfan`). The base URL is
+// `https://aip.baidubce.com/rpc/2.0/ai_custom/v1/wenxinworkshop`; the route's
+// upstream model is the endpoint (`completions_pro`, `ernie_speed`, …). The
+// access token (fetched from the API key and secret key, cached, refreshed when
+// Baidu rejects it) is added to the query string by the transport.
+//
+// An access token can expire or be revoked before its announced lifetime ends;
+// Baidu then answers error 110 or 111. As Baidu's own SDK does, the call is made
+// once more with a fresh token ([`TokenRetry`]); a second refusal is the answer.
+
+/// A Qianfan provider that retries a call once when the access token was
+/// refused as invalid or expired. The transport drops a refused token from its
+/// cache (any `auth` failure does), so the second call fetches a new one.
+pub struct TokenRetry {
+    inner: Arc<dyn Provider>,
+}
+
+impl TokenRetry {
+    pub fn new(inner: Arc<dyn Provider>) -> Self {
+        TokenRetry { inner }
+    }
+}
+
+impl Provider for TokenRetry {
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<ChatResponse, UpstreamError>> {
+        Box::pin(async move {
+            match self.inner.chat(req, model).await {
+                Err(e) if is_token_refused(&e) => self.inner.chat(req, model).await,
+                r => r,
+            }
+        })
+    }
+
+    fn chat_stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<EventStream, UpstreamError>> {
+        Box::pin(async move {
+            match self.inner.chat_stream(req, model).await {
+                Err(e) if is_token_refused(&e) => self.inner.chat_stream(req, model).await,
+                r => r,
+            }
+        })
+    }
+
+    fn embed<'a>(
+        &'a self,
+        req: &'a EmbeddingsRequest,
+        model: &'a str,
+    ) -> BoxFuture<'a, Result<EmbeddingsResponse, UpstreamError>> {
+        Box::pin(async move {
+            match self.inner.embed(req, model).await {
+                Err(e) if is_token_refused(&e) => self.inner.embed(req, model).await,
+                r => r,
+            }
+        })
+    }
+
+    fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
+        self.inner.health()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct QianfanCodec;
+
+impl QianfanCodec {
+    pub fn new() -> Self {
+        QianfanCodec
+    }
+}
+
+/// `model` as a path segment: endpoints are plain names; anything else is
+/// percent-encoded so it cannot change the path.
+fn segment(model: &str) -> String {
+    let mut out = String::with_capacity(model.len());
+    for b in model.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Codec for QianfanCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: format!("/chat/{}", segment(model)),
+            body: encode_chat_request(req)?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(QianfanStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: format!("/embeddings/{}", segment(model)),
+            body: encode_embeddings_request(req)?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        decode_embeddings_response(body)
+    }
+}
+
+#[derive(Default)]
+struct QianfanStream {
+    state: StreamState,
+}
+
+impl StreamDecoder for QianfanStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => self.state.decode(&ev.data, out),
+            Frame::Line(l) => self.state.decode(&l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.state.finished()
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn endpoint_is_the_model() {
+        let req = crate::backend::openai::decode_chat_request(
+            br#"{"model":"r","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let codec = QianfanCodec::new();
+        assert_eq!(
+            codec.chat_call(&req, "completions_pro").unwrap().path,
+            "/chat/completions_pro"
+        );
+        assert_eq!(
+            codec.chat_call(&req, "../x?y").unwrap().path,
+            "/chat/..%2Fx%3Fy"
+        );
+        let emb =
+            crate::backend::openai::decode_embeddings_request(br#"{"model":"r","input":"a"}"#)
+                .unwrap();
+        assert_eq!(
+            codec.embeddings_call(&emb, "embedding-v1").unwrap().path,
+            "/embeddings/embedding-v1"
+        );
+    }
 }
 
 #[cfg(test)]

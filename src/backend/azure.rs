@@ -11,12 +11,19 @@
 //!   "innererror":{"code":"ResponsibleAIPolicyViolation",…}}}` → content_filter; a
 //!   blocked answer is `finish_reason: "content_filter"`.
 
+use std::sync::Arc;
+
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::openai;
-use crate::canonical::StreamEvent;
+use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
+use crate::canonical::{
+    ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, StreamEvent,
+};
+use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::{Frame, Framing};
 
 /// Percent-encodes a path segment or query value (Azure names are usually plain).
 fn encode_component(s: &str) -> String {
@@ -91,6 +98,180 @@ impl ChunkDecoder {
 
     pub fn finished(&self) -> bool {
         self.chunks.finished()
+    }
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "azure",
+    auth_header: Some("api-key"),
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `azure:` section.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAzure {
+    api_version: String,
+}
+
+#[derive(Debug)]
+struct AzureSettings {
+    api_version: String,
+}
+
+impl Settings for AzureSettings {
+    fn codec(&self, cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(AzureCodec::new(
+            &self.api_version,
+            cfg.stream_usage,
+        )))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let api_version = match s.parse::<RawAzure>() {
+        Some(a) => a.api_version,
+        None => {
+            if !s.is_present() {
+                s.problem(
+                    "api_version",
+                    "Azure OpenAI needs an api_version (e.g. `2024-10-21`)",
+                );
+            }
+            String::new()
+        }
+    };
+    Arc::new(AzureSettings { api_version })
+}
+
+// === codec ===
+//
+// Codec for Azure OpenAI (`kind: azure`). The base URL is the resource endpoint
+// (`https://{resource}.openai.azure.com`); the route's upstream model is the
+// deployment name; the key goes in the `api-key` header (the kind's default).
+
+#[derive(Debug, Clone)]
+pub struct AzureCodec {
+    api_version: String,
+    /// Ask for `stream_options.include_usage` (API versions from 2024-09-01-preview
+    /// and 2024-10-21 accept it); the provider's `stream_usage`.
+    stream_usage: bool,
+}
+
+impl AzureCodec {
+    pub fn new(api_version: &str, stream_usage: bool) -> Self {
+        AzureCodec {
+            api_version: api_version.to_owned(),
+            stream_usage,
+        }
+    }
+}
+
+impl Codec for AzureCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: deployment_path(model, "chat/completions", &self.api_version),
+            body: openai::encode_chat_request(req, model, self.stream_usage),
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        openai::decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(AzureStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: deployment_path(model, "embeddings", &self.api_version),
+            body: openai::encode_embeddings_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        openai::decode_embeddings_response(body)
+    }
+}
+
+#[derive(Default)]
+struct AzureStream {
+    chunks: ChunkDecoder,
+}
+
+impl StreamDecoder for AzureStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => {
+                if ev.event.as_deref() == Some("error") {
+                    let v = serde_json::from_str::<serde_json::Value>(&ev.data)
+                        .map(|v| v.get("error").cloned().unwrap_or(v))
+                        .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
+                    return Err(openai::classify_error_value(200, &v));
+                }
+                self.chunks.decode(&ev.data, out)
+            }
+            Frame::Line(l) => self.chunks.decode(&l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.chunks.finished()
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn calls_target_the_deployment() {
+        let codec = AzureCodec::new("2024-10-21", true);
+        let req = openai::decode_chat_request(
+            br#"{"model":"r","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let call = codec.chat_call(&req, "gpt-4o-prod").unwrap();
+        assert_eq!(
+            call.path,
+            "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-10-21"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let call = AzureCodec::new("2024-06-01", false)
+            .chat_call(&req, "gpt-4o-prod")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert!(v.get("stream_options").is_none());
+        let emb = openai::decode_embeddings_request(br#"{"model":"r","input":"a"}"#).unwrap();
+        let call = codec.embeddings_call(&emb, "embed-small").unwrap();
+        assert_eq!(
+            call.path,
+            "/openai/deployments/embed-small/embeddings?api-version=2024-10-21"
+        );
     }
 }
 

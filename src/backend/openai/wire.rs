@@ -2111,7 +2111,7 @@ mod tests {
         // the next index is not.
         let mut dec = ChunkDecoder::default();
         let mut out = Vec::new();
-        let last = crate::wire::MAX_CHOICES - 1;
+        let last = crate::backend::MAX_CHOICES - 1;
         let chunk = format!(
             r#"{{"id":"c","choices":[{{"index":{last},"delta":{{"role":"assistant","content":"x"}},"finish_reason":"stop"}}]}}"#
         );

@@ -1,12 +1,42 @@
-//! Codec for OpenAI-compatible backends: OpenAI itself, vLLM, llama.cpp's `/v1`,
-//! Ollama's `/v1`, DeepSeek, Moonshot, Zhipu v4, DashScope compatible mode, Qianfan
-//! v2. Vendor differences are configuration ([`Quirks`]), not new code.
+//! OpenAI Chat Completions and Embeddings: the client dialect of the gateway's
+//! `/v1` and the `openai` backend kind. The wire format, both directions, is in
+//! `wire.rs` (re-exported here); this file holds the kind and its codec.
+//!
+//! The codec serves every OpenAI-compatible backend: OpenAI itself, vLLM,
+//! llama.cpp's `/v1`, Ollama's `/v1`, DeepSeek, Moonshot, Zhipu v4, DashScope
+//! compatible mode, Qianfan v2. Vendor differences are configuration ([`Quirks`],
+//! from the provider file's generic fields), not new code.
 
-use super::{Codec, HttpCall, StreamDecoder};
+mod wire;
+
+pub use wire::*;
+
+use std::sync::Arc;
+
+// What `wire.rs` uses as `super::…`.
+use super::{choice_index, tool_id};
+use crate::dialect::{Dialect, StreamEncoder};
+
+use super::{Codec, HttpCall, Kind, Sectionless, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{Capabilities, ProviderConfig};
 use crate::error::UpstreamError;
 use crate::framing::{Frame, Framing};
-use crate::wire::openai as wire;
+
+pub static KIND: Kind = Kind {
+    name: "openai",
+    auth_header: None,
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: false,
+    settings: |_| {
+        Arc::new(Sectionless(|cfg| {
+            Arc::new(OpenAiCodec::new(Quirks::of(cfg)))
+        }))
+    },
+};
 
 /// Per-vendor differences within the OpenAI-compatible family.
 #[derive(Debug, Clone)]
@@ -34,8 +64,28 @@ impl Default for Quirks {
     }
 }
 
+impl Quirks {
+    /// The quirks a provider file sets: `stream_usage`, `chat_path`,
+    /// `embeddings_path`, `legacy_functions` are generic provider fields because
+    /// every kind that speaks OpenAI's bodies (`openai`, `azure`) may use them.
+    pub fn of(cfg: &ProviderConfig) -> Self {
+        Quirks {
+            stream_usage: cfg.stream_usage,
+            chat_path: cfg.chat_path.clone(),
+            embeddings_path: cfg.embeddings_path.clone(),
+            legacy_functions: cfg.legacy_functions,
+        }
+    }
+}
+
 pub struct OpenAiCodec {
     pub quirks: Quirks,
+}
+
+impl OpenAiCodec {
+    pub fn new(quirks: Quirks) -> Self {
+        OpenAiCodec { quirks }
+    }
 }
 
 impl Codec for OpenAiCodec {

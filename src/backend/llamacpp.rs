@@ -6,14 +6,26 @@
 //! builds wrote stream errors as an `error: {json}` SSE line.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::openai::{classify_error_value, new_completion_id};
+use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
-use crate::config::ChatTemplate;
+use crate::config::{Capabilities, ProviderConfig, Section, Text};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::wire::openai::{classify_error_value, new_completion_id};
+use crate::framing::{Frame, Framing};
+
+/// A chat template for llama.cpp's raw-prompt API: the minijinja source
+/// (rendered with `messages`, `add_generation_prompt`, `bos_token`) and the stop
+/// words that end a turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTemplate {
+    pub source: String,
+    pub stop: Vec<String>,
+}
 
 /// The key of the template used for models without their own.
 pub const FALLBACK_TEMPLATE: &str = "*";
@@ -483,7 +495,176 @@ fn refine(mut e: UpstreamError) -> UpstreamError {
 /// `exceed_context_size_error` is a prompt too long for the context and
 /// `unavailable_error` (503) a model still loading.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    refine(crate::wire::openai::classify_error_body(status, body))
+    refine(super::openai::classify_error_body(status, body))
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "llamacpp",
+    auth_header: None,
+    capabilities: Capabilities {
+        tools: false,
+        embeddings: false,
+        vision: false,
+        ..Capabilities::ALL
+    },
+    reports_usage: true,
+    self_hosted: true,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `llamacpp:` section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLlamacpp {
+    #[serde(default)]
+    templates: BTreeMap<String, RawTemplate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    template: String,
+    #[serde(default)]
+    stop: Vec<Text>,
+}
+
+/// Chat templates by upstream model name; `*` is the fallback for any model.
+#[derive(Debug)]
+struct LlamacppSettings {
+    templates: BTreeMap<String, ChatTemplate>,
+}
+
+impl Settings for LlamacppSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(LlamacppCodec::new(&self.templates)?))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let mut templates = BTreeMap::new();
+    for (model, t) in s.parse::<RawLlamacpp>().unwrap_or_default().templates {
+        if let Err(e) = crate::prompt::check_chat_template(&t.template) {
+            s.problem(&format!("templates.{model}.template"), e);
+        }
+        templates.insert(
+            model,
+            ChatTemplate {
+                source: t.template,
+                stop: t.stop.into_iter().map(|t| t.0).collect(),
+            },
+        );
+    }
+    if templates.is_empty() {
+        s.problem(
+            "templates",
+            "llama.cpp's native API takes a raw prompt: give at least one chat template (`*` for every model)",
+        );
+    }
+    Arc::new(LlamacppSettings { templates })
+}
+
+// === codec ===
+//
+// Codec for llama.cpp server's native `POST /completion`: the transcript is
+// rendered into a raw prompt with the provider's chat templates (compiled once,
+// here, when the provider is built), and the answer or SSE stream is read back.
+// Tools and embeddings are not part of this API (use the `openai` kind on the
+// server's `/v1` for those).
+
+pub struct LlamacppCodec {
+    /// The minijinja environment with every template compiled.
+    templates: Templates,
+}
+
+impl LlamacppCodec {
+    /// Compiles the chat templates (`*` is the fallback for any model). The error
+    /// names the template that does not compile.
+    pub fn new(templates: &BTreeMap<String, ChatTemplate>) -> Result<Self, String> {
+        Ok(LlamacppCodec {
+            templates: Templates::compile(templates)?,
+        })
+    }
+}
+
+impl Codec for LlamacppCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        let (prompt, stop) = self.templates.render(req, model)?;
+        Ok(HttpCall {
+            path: "/completion".into(),
+            body: encode_completion_request(req, model, &prompt, stop)?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_completion_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(LlamacppStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        _req: &EmbeddingsRequest,
+        _model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Err(UpstreamError::new(
+            ErrorKind::BadRequest,
+            "llama.cpp's native API has no OpenAI-style embeddings: serve them through the `openai` kind on the server's /v1",
+        ))
+    }
+
+    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        Err(UpstreamError::new(
+            ErrorKind::BadRequest,
+            "llama.cpp's native API has no OpenAI-style embeddings",
+        ))
+    }
+
+    fn health_path(&self) -> Option<&str> {
+        // 200 once the model is loaded, 503 `unavailable_error` while it loads.
+        Some("/health")
+    }
+}
+
+#[derive(Default)]
+struct LlamacppStream {
+    inner: CompletionStream,
+}
+
+impl StreamDecoder for LlamacppStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => {
+                // Older builds write a failure as an `error: {json}` line.
+                if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
+                    return Err(self.inner.error_line(v));
+                }
+                if ev.event.as_deref() == Some("error") {
+                    return Err(self.inner.error_line(&ev.data));
+                }
+                self.inner.data(&ev.data, out)
+            }
+            Frame::Line(l) => self.inner.data(&l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.inner.finished()
+    }
 }
 
 #[cfg(test)]

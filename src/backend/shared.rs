@@ -1,20 +1,8 @@
-//! Wire formats, one file per protocol. Their serde structs stay private to their
-//! file; everything outside sees canonical types. A protocol that clients may speak
-//! to the gateway implements [`Dialect`], which is all the HTTP edge needs.
+//! What every backend must use: portable tool-call ids and the one bound on
+//! choice indexes; and the hostile-number test over every backend's recorded
+//! samples. (OpenAI-shaped helpers several backends share are `backend::common`.)
 
-pub mod anthropic;
-pub mod azure;
-pub mod chatglm;
-pub mod dashscope;
-pub mod gemini;
-pub mod llamacpp;
-pub mod ollama;
-pub mod openai;
-pub mod qianfan;
-pub mod zhipu;
-
-use crate::canonical::{ChatRequest, ChatResponse, StreamEvent};
-use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::error::{ErrorKind, UpstreamError};
 
 /// Choice indexes a backend may use in a stream: `0..MAX_CHOICES`, as many as a
 /// client may ask for with `n` (checked at the edge). Decoders keep
@@ -34,29 +22,6 @@ pub fn choice_index(index: u32) -> Result<u32, UpstreamError> {
             ),
         ))
     }
-}
-
-/// A client-facing API dialect: how chat requests, responses, streams and errors
-/// look on the wire.
-pub trait Dialect: Send + Sync + 'static {
-    fn decode_chat(&self, body: &[u8]) -> Result<ChatRequest, GatewayError>;
-    /// `model` is the public name the client asked for.
-    fn encode_chat(&self, resp: &ChatResponse, model: &str) -> Vec<u8>;
-    /// An encoder for one streamed response to `req`.
-    fn stream_encoder(&self, req: &ChatRequest) -> Box<dyn StreamEncoder>;
-    fn error_body(&self, err: &GatewayError, request_id: &str) -> Vec<u8>;
-    /// The HTTP status for `err` in this dialect.
-    fn error_status(&self, err: &GatewayError) -> u16 {
-        err.status()
-    }
-}
-
-/// Turns canonical stream events into a dialect's stream bytes.
-pub trait StreamEncoder: Send {
-    /// Appends the bytes for `ev` (possibly none) to `out`.
-    fn encode(&mut self, ev: &StreamEvent, out: &mut Vec<u8>);
-    /// The final bytes of a stream that failed after it began.
-    fn encode_error(&mut self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>);
 }
 
 /// Tool-call ids that every protocol accepts.
@@ -146,51 +111,44 @@ mod hostile_numbers {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use crate::backend::{self, Codec};
     use crate::framing::FrameDecoder;
-    use crate::provider::{self, Codec};
 
-    fn codecs() -> Vec<(&'static str, Arc<dyn Codec>)> {
-        vec![
-            (
-                "openai",
-                Arc::new(provider::openai::OpenAiCodec {
-                    quirks: provider::openai::Quirks::default(),
-                }),
-            ),
-            (
-                "chatglm3",
-                Arc::new(provider::openai::OpenAiCodec {
-                    quirks: provider::openai::Quirks {
-                        legacy_functions: true,
-                        ..provider::openai::Quirks::default()
-                    },
-                }),
-            ),
-            (
-                "anthropic",
-                Arc::new(provider::anthropic::AnthropicCodec::new("2023-06-01", 1024)),
-            ),
-            ("gemini", Arc::new(provider::gemini::GeminiCodec::new())),
-            (
-                "dashscope",
-                Arc::new(provider::dashscope::DashscopeCodec::new()),
-            ),
-            ("zhipu", Arc::new(provider::zhipu::ZhipuCodec::new())),
-            ("qianfan", Arc::new(provider::qianfan::QianfanCodec::new())),
-            ("ollama", Arc::new(provider::ollama::OllamaCodec::new(None))),
-            (
-                "azure",
-                Arc::new(provider::azure::AzureCodec::new("2024-10-21", true)),
-            ),
-            (
-                "chatglm",
-                Arc::new(provider::chatglm::ChatglmCodec::new(None)),
-            ),
-            (
-                "llamacpp",
-                Arc::new(provider::llamacpp::LlamacppCodec::new(&BTreeMap::new()).unwrap()),
-            ),
-        ]
+    /// A codec for every fixture folder: the shipped provider files' codecs
+    /// (folder named after the provider, else after its kind), and ChatGLM3's
+    /// legacy function calling. Every HTTP kind must have recorded samples.
+    fn codecs() -> BTreeMap<String, Arc<dyn Codec>> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let fixtures = root.join("tests/fixtures");
+        let cfg = crate::config::load(&root.join("promptgate.yaml")).unwrap();
+        let mut out: BTreeMap<String, Arc<dyn Codec>> = BTreeMap::new();
+        for (id, p) in &cfg.providers {
+            if p.kind.in_process {
+                continue;
+            }
+            let codec = backend::codec(p).unwrap();
+            if fixtures.join(id).is_dir() {
+                out.insert(id.clone(), codec);
+            } else {
+                out.entry(p.kind.name.to_owned()).or_insert(codec);
+            }
+        }
+        out.insert(
+            "chatglm3".into(),
+            Arc::new(backend::openai::OpenAiCodec::new(backend::openai::Quirks {
+                legacy_functions: true,
+                ..backend::openai::Quirks::default()
+            })),
+        );
+        for kind in backend::KINDS.iter().filter(|k| !k.in_process) {
+            assert!(
+                out.contains_key(kind.name) && fixtures.join(kind.name).is_dir(),
+                "kind `{}` needs a shipped provider file and tests/fixtures/{}/",
+                kind.name,
+                kind.name
+            );
+        }
+        out
     }
 
     /// `text` with every run of digits replaced by `with`.

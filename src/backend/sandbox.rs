@@ -7,14 +7,166 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use serde::Deserialize;
 
-use super::http::{response_events, Timeouts};
-use super::{EventStream, Provider};
+use super::transport::{response_events, Timeouts};
+use super::{Codec, EnvLookup, EventStream, Kind, Provider, Settings};
 use crate::canonical::*;
-use crate::config::{SandboxModel, SandboxReply};
+use crate::config::{Capabilities, ProviderConfig, Section, Text};
 use crate::error::{ErrorKind, UpstreamError};
+
+pub static KIND: Kind = Kind {
+    name: "sandbox",
+    auth_header: None,
+    capabilities: Capabilities::ALL,
+    reports_usage: false,
+    self_hosted: true,
+    in_process: true,
+    section: true,
+    settings,
+};
+
+/// The `sandbox:` section: `models:` by name, each a behaviour.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    models: BTreeMap<String, RawSandboxModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSandboxModel {
+    #[serde(default)]
+    reply: Option<SandboxReply>,
+    #[serde(default)]
+    script: Vec<Text>,
+    #[serde(default)]
+    chunk_chars: Option<usize>,
+    #[serde(default)]
+    chunk_delay: Option<String>,
+    #[serde(default)]
+    first_token_delay: Option<String>,
+    #[serde(default)]
+    delay: Option<String>,
+    #[serde(default)]
+    fail: Option<RawSandboxFail>,
+    #[serde(default)]
+    cut_after: Option<usize>,
+    #[serde(default)]
+    embedding_dims: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandboxFail {
+    status: u16,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// What a sandbox model answers.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxReply {
+    /// Repeats the last user message (as JSON under JSON mode).
+    #[default]
+    Echo,
+    /// Cycles through `script`, one entry per user turn.
+    Script,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxModel {
+    pub reply: SandboxReply,
+    pub script: Vec<String>,
+    /// Characters per streamed chunk; 0 streams word by word.
+    pub chunk_chars: usize,
+    pub chunk_delay: Duration,
+    pub first_token_delay: Duration,
+    /// Added before the answer (or the stream's headers).
+    pub delay: Duration,
+    pub fail: Option<(u16, String)>,
+    /// Cut the stream (an abrupt end, no finish) after this many chunks.
+    pub cut_after: Option<usize>,
+    pub embedding_dims: usize,
+}
+
+/// The sandbox's settings: its models, which are also the provider's model list.
+#[derive(Debug)]
+pub struct SandboxSettings {
+    pub models: BTreeMap<String, SandboxModel>,
+}
+
+impl Settings for SandboxSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Err("a sandbox provider answers in-process; it has no HTTP codec".into())
+    }
+
+    fn provider(
+        &self,
+        cfg: &ProviderConfig,
+        _env: EnvLookup<'_>,
+    ) -> Result<Arc<dyn Provider>, String> {
+        Ok(Arc::new(SandboxProvider::new(
+            &cfg.id,
+            self.models.clone(),
+            cfg.timeouts,
+        )))
+    }
+
+    fn models(&self) -> Option<Vec<String>> {
+        Some(self.models.keys().cloned().collect())
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let mut models = BTreeMap::new();
+    let Some(raw) = s.parse::<RawSandbox>() else {
+        if !s.is_present() {
+            s.problem("", "a sandbox provider needs a `sandbox.models` section");
+        }
+        return Arc::new(SandboxSettings { models });
+    };
+    for (name, m) in raw.models {
+        let f = |k: &str| format!("models.{name}.{k}");
+        if m.reply == Some(SandboxReply::Script) && m.script.is_empty() {
+            s.problem(
+                &f("script"),
+                "`reply: script` needs at least one scripted reply",
+            );
+        }
+        if let Some(fail) = &m.fail {
+            if !(400..=599).contains(&fail.status) {
+                s.problem(&f("fail.status"), "must be an HTTP error status (400-599)");
+            }
+        }
+        let model = SandboxModel {
+            reply: m.reply.unwrap_or_default(),
+            script: m.script.into_iter().map(|t| t.0).collect(),
+            chunk_chars: m.chunk_chars.unwrap_or(0),
+            chunk_delay: s.duration(&f("chunk_delay"), &m.chunk_delay, Duration::ZERO),
+            first_token_delay: s.duration(
+                &f("first_token_delay"),
+                &m.first_token_delay,
+                Duration::ZERO,
+            ),
+            delay: s.duration(&f("delay"), &m.delay, Duration::ZERO),
+            fail: m.fail.map(|f| {
+                let msg = f
+                    .message
+                    .unwrap_or_else(|| format!("sandbox: simulated HTTP {} failure", f.status));
+                (f.status, msg)
+            }),
+            cut_after: m.cut_after,
+            embedding_dims: m.embedding_dims.unwrap_or(16).clamp(1, 8192),
+        };
+        models.insert(name, model);
+    }
+    Arc::new(SandboxSettings { models })
+}
 
 pub struct SandboxProvider {
     id: Arc<str>,

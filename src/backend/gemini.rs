@@ -27,13 +27,17 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::openai::new_completion_id;
+use super::{Codec, HttpCall, Kind, Sectionless, StreamDecoder};
 use crate::canonical::*;
+use crate::config::Capabilities;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::{Frame, Framing};
 
 /// Separates our call id from the Gemini thought signature it carries.
 pub const SIGNATURE_MARK: &str = "~ts~";
@@ -1204,6 +1208,144 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
     })
 }
 
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "gemini",
+    auth_header: Some("x-goog-api-key"),
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: false,
+    in_process: false,
+    section: false,
+    settings: |_| Arc::new(Sectionless(|_| Arc::new(GeminiCodec::new()))),
+};
+
+// === codec ===
+//
+// Codec for the Google Gemini API (`kind: gemini`): `models/{model}:generateContent`,
+// `:streamGenerateContent?alt=sse` and `:batchEmbedContents` under the provider's
+// `base_url` (e.g. `https://generativelanguage.googleapis.com/v1beta`). The API key
+// travels in the `x-goog-api-key` header (the kind's default auth), never in the URL.
+
+#[derive(Debug, Clone, Default)]
+pub struct GeminiCodec;
+
+impl GeminiCodec {
+    pub fn new() -> Self {
+        GeminiCodec
+    }
+}
+
+impl Codec for GeminiCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        let method = if req.stream {
+            "streamGenerateContent?alt=sse"
+        } else {
+            "generateContent"
+        };
+        Ok(HttpCall {
+            path: format!("/{}:{method}", model_resource(model)),
+            body: encode_chat_request(req, model),
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(GeminiStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: format!("/{}:batchEmbedContents", model_resource(model)),
+            body: encode_embeddings_request(req, model)?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        decode_embeddings_response(body)
+    }
+}
+
+#[derive(Default)]
+struct GeminiStream {
+    inner: EventDecoder,
+}
+
+impl StreamDecoder for GeminiStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Sse(ev) => self.inner.decode(&ev.data, out),
+            Frame::Line(l) => self.inner.decode(&l, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.inner.finished()
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req(stream: bool) -> ChatRequest {
+        ChatRequest {
+            model: "route".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            params: Params::default(),
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
+            stream,
+            include_usage: false,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    #[test]
+    fn paths_keep_the_key_out_of_the_url() {
+        let c = GeminiCodec::new();
+        let call = c.chat_call(&req(false), "gemini-2.5-flash").unwrap();
+        assert_eq!(call.path, "/models/gemini-2.5-flash:generateContent");
+        let call = c.chat_call(&req(true), "gemini-2.5-flash").unwrap();
+        assert_eq!(
+            call.path,
+            "/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+        );
+        assert!(call.headers.is_empty());
+        let e = EmbeddingsRequest {
+            model: "route".into(),
+            input: EmbeddingInput::Texts(vec!["a".into()]),
+            encoding: EmbeddingEncoding::Float,
+            dimensions: None,
+            user: None,
+            extra: serde_json::Map::new(),
+        };
+        let call = c.embeddings_call(&e, "gemini-embedding-001").unwrap();
+        assert_eq!(call.path, "/models/gemini-embedding-001:batchEmbedContents");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1445,7 +1587,11 @@ mod tests {
         let call = &resp.choices[0].message.tool_calls[0];
         assert!(call.id.starts_with("call_"), "{}", call.id);
         // The signature stays in the gateway: the id is one every backend accepts.
-        assert!(crate::wire::tool_id::is_portable(&call.id), "{}", call.id);
+        assert!(
+            crate::backend::tool_id::is_portable(&call.id),
+            "{}",
+            call.id
+        );
         let req = request(vec![
             Message::text(Role::User, "Weather?"),
             assistant_call(&call.id, &call.name, &call.arguments),
@@ -1479,7 +1625,7 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert!(crate::wire::tool_id::is_portable(&id), "{id}");
+        assert!(crate::backend::tool_id::is_portable(&id), "{id}");
         let req = request(vec![
             Message::text(Role::User, "Weather?"),
             assistant_call(&id, "get_weather", "{\"city\":\"Paris\"}"),
@@ -1551,7 +1697,11 @@ mod tests {
                 "finishReason": "STOP", "index": 0}]});
             let r = decode_chat_response(answer.to_string().as_bytes()).unwrap();
             let call = &r.choices[0].message.tool_calls[0];
-            assert!(crate::wire::tool_id::is_portable(&call.id), "{}", call.id);
+            assert!(
+                crate::backend::tool_id::is_portable(&call.id),
+                "{}",
+                call.id
+            );
             let req = request(vec![
                 Message::text(Role::User, "q"),
                 assistant_call(&call.id, "lookup", "{}"),

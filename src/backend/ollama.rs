@@ -5,13 +5,17 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::openai::{classify_error_value, new_completion_id};
+use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{Capabilities, ProviderConfig, Section, Text};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::wire::openai::{classify_error_value, new_completion_id};
+use crate::framing::{Frame, Framing};
 
 /// Fields of `ChatRequest::extra` that are Ollama `options` (model parameters
 /// the OpenAI request has no field for); they go into `options` as they are.
@@ -615,6 +619,127 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
         e.message = format!("backend answered HTTP {status}");
     }
     e
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "ollama",
+    auth_header: None,
+    capabilities: Capabilities::ALL,
+    reports_usage: true,
+    self_hosted: true,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `ollama:` section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOllama {
+    #[serde(default)]
+    keep_alive: Option<Text>,
+}
+
+#[derive(Debug)]
+struct OllamaSettings {
+    keep_alive: Option<String>,
+}
+
+impl Settings for OllamaSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(OllamaCodec::new(self.keep_alive.clone())))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let raw = s.parse::<RawOllama>().unwrap_or_default();
+    Arc::new(OllamaSettings {
+        keep_alive: raw.keep_alive.map(|t| t.0),
+    })
+}
+
+// === codec ===
+//
+// Codec for Ollama's native API: `POST /api/chat` (NDJSON streams) and
+// `POST /api/embed`. `keep_alive` comes from the provider file.
+
+pub struct OllamaCodec {
+    /// How long Ollama keeps the model loaded after a call (`5m`, `-1`, `0`).
+    keep_alive: Option<String>,
+}
+
+impl OllamaCodec {
+    pub fn new(keep_alive: Option<String>) -> Self {
+        OllamaCodec { keep_alive }
+    }
+}
+
+impl Codec for OllamaCodec {
+    fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/api/chat".into(),
+            body: encode_chat_request(req, model, self.keep_alive.as_deref())?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_chat_response(body)
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Ndjson
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(OllamaStream::default())
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/api/embed".into(),
+            body: encode_embeddings_request(req, model, self.keep_alive.as_deref())?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        decode_embeddings_response(body)
+    }
+
+    fn health_path(&self) -> Option<&str> {
+        // `{"version":"…"}` as soon as the server is up (models load on demand).
+        Some("/api/version")
+    }
+}
+
+#[derive(Default)]
+struct OllamaStream {
+    inner: ChatStream,
+}
+
+impl StreamDecoder for OllamaStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        match frame {
+            Frame::Line(l) => self.inner.line(&l, out),
+            // Not Ollama's framing; a proxy that re-frames as SSE keeps the JSON.
+            Frame::Sse(ev) => self.inner.line(&ev.data, out),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.inner.finished()
+    }
 }
 
 #[cfg(test)]

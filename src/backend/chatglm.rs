@@ -27,12 +27,17 @@
 //! and would sample at 0.95); `top_p` is clamped to [0.01, 1]. Stop words, seed
 //! and response formats have no equivalent and are not sent.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::openai;
+use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
+use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::{Frame, Framing};
 
 #[derive(Serialize)]
 struct OutRequest<'a> {
@@ -283,6 +288,156 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
 /// `Internal Server Error`, or a reverse proxy's body.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     refine(openai::classify_error_body(status, body))
+}
+
+// === kind ===
+
+pub static KIND: Kind = Kind {
+    name: "chatglm",
+    auth_header: None,
+    capabilities: Capabilities {
+        tools: false,
+        json_mode: false,
+        embeddings: false,
+        vision: false,
+        ..Capabilities::ALL
+    },
+    reports_usage: false,
+    self_hosted: true,
+    in_process: false,
+    section: true,
+    settings,
+};
+
+/// The `chatglm:` section.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawChatglm {
+    #[serde(default)]
+    max_length: Option<u32>,
+}
+
+#[derive(Debug)]
+struct ChatglmSettings {
+    max_length: Option<u32>,
+}
+
+impl Settings for ChatglmSettings {
+    fn codec(&self, _cfg: &ProviderConfig) -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(ChatglmCodec::new(self.max_length)))
+    }
+}
+
+fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
+    let raw = s.parse::<RawChatglm>().unwrap_or_default();
+    Arc::new(ChatglmSettings {
+        max_length: raw.max_length,
+    })
+}
+
+// === codec ===
+//
+// Codec for a self-hosted ChatGLM-6B / ChatGLM2-6B `api.py` (`kind: chatglm`):
+// one `POST /` per chat. The server cannot stream, so streams are served by the
+// transport from the complete answer ([`Codec::native_streaming`] is false).
+
+#[derive(Debug, Default)]
+pub struct ChatglmCodec {
+    /// `chatglm.max_length` of the provider file: prompt + output tokens.
+    max_length: Option<u32>,
+}
+
+impl ChatglmCodec {
+    pub fn new(max_length: Option<u32>) -> Self {
+        ChatglmCodec { max_length }
+    }
+}
+
+impl Codec for ChatglmCodec {
+    fn chat_call(&self, req: &ChatRequest, _model: &str) -> Result<HttpCall, UpstreamError> {
+        Ok(HttpCall {
+            path: "/".into(),
+            body: encode_chat_request(req, self.max_length)?,
+            headers: Vec::new(),
+        })
+    }
+
+    fn chat_response(&self, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        decode_chat_response(body)
+    }
+
+    fn native_streaming(&self) -> bool {
+        false
+    }
+
+    fn stream_framing(&self) -> Framing {
+        Framing::Ndjson
+    }
+
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(NoStream)
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        classify_error_body(status, body)
+    }
+
+    fn embeddings_call(
+        &self,
+        _req: &EmbeddingsRequest,
+        _model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Err(UpstreamError::new(
+            ErrorKind::BadRequest,
+            "ChatGLM's api.py has no embeddings endpoint",
+        ))
+    }
+
+    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        Err(UpstreamError::new(
+            ErrorKind::BadRequest,
+            "ChatGLM's api.py has no embeddings endpoint",
+        ))
+    }
+}
+
+/// Never used: the transport does not open streams for this codec.
+struct NoStream;
+
+impl StreamDecoder for NoStream {
+    fn frame(&mut self, _: Frame, _: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        Err(UpstreamError::new(
+            ErrorKind::MalformedResponse,
+            "ChatGLM's api.py does not stream",
+        ))
+    }
+
+    fn finished(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn posts_to_the_root_and_does_not_stream() {
+        let codec = ChatglmCodec::new(Some(4096));
+        assert!(!codec.native_streaming());
+        let req = crate::backend::openai::decode_chat_request(
+            br#"{"model":"r","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let call = codec.chat_call(&req, "chatglm-6b").unwrap();
+        assert_eq!(call.path, "/");
+        let v: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"prompt": "hi", "history": [], "max_length": 4096})
+        );
+    }
 }
 
 #[cfg(test)]
