@@ -6,7 +6,7 @@ use super::{Codec, HttpCall, StreamDecoder};
 use crate::canonical::*;
 use crate::error::UpstreamError;
 use crate::framing::{Frame, Framing};
-use crate::wire::{azure as wire, openai};
+use crate::wire::{azure as wire, common, openai};
 
 #[derive(Debug, Clone)]
 pub struct AzureCodec {
@@ -80,7 +80,7 @@ impl StreamDecoder for AzureStream {
                     let v = serde_json::from_str::<serde_json::Value>(&ev.data)
                         .map(|v| v.get("error").cloned().unwrap_or(v))
                         .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
-                    return Err(openai::classify_error_value(200, &v));
+                    return Err(common::classify_error_value(200, &v));
                 }
                 self.chunks.decode(&ev.data, out)
             }

@@ -6,6 +6,7 @@ use super::{Codec, HttpCall, StreamDecoder};
 use crate::canonical::*;
 use crate::error::UpstreamError;
 use crate::framing::{Frame, Framing};
+use crate::wire::common;
 use crate::wire::openai as wire;
 
 /// Per-vendor differences within the OpenAI-compatible family.
@@ -69,7 +70,7 @@ impl Codec for OpenAiCodec {
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
-        wire::classify_error_body(status, body)
+        common::classify_error_body(status, body)
     }
 
     fn embeddings_call(
@@ -103,13 +104,13 @@ impl StreamDecoder for OpenAiStream {
                 if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
                     let val = serde_json::from_str(v)
                         .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
-                    return Err(wire::classify_error_value(200, &val));
+                    return Err(common::classify_error_value(200, &val));
                 }
                 if ev.event.as_deref() == Some("error") {
                     let val = serde_json::from_str::<serde_json::Value>(&ev.data)
                         .map(|v| v.get("error").cloned().unwrap_or(v))
                         .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
-                    return Err(wire::classify_error_value(200, &val));
+                    return Err(common::classify_error_value(200, &val));
                 }
                 self.chunks.decode(&ev.data, out)
             }

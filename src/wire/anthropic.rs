@@ -36,6 +36,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::common::{malformed, malformed_json, push_joined};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
@@ -68,10 +69,6 @@ fn new_message_id() -> String {
 
 fn new_tool_id() -> String {
     format!("toolu_{:016x}", rand::random::<u64>())
-}
-
-fn malformed(msg: String) -> UpstreamError {
-    UpstreamError::new(ErrorKind::MalformedResponse, msg)
 }
 
 /// Tool-call arguments (JSON text) as the `input` object this wire requires.
@@ -158,6 +155,8 @@ struct OutMessage<'a> {
     content: OutContent<'a>,
 }
 
+/// Anthropic's tool definition is flat (`name`, `description`, `input_schema`), not
+/// the OpenAI `{"type":"function","function":{…}}` of [`super::common::OutTool`].
 #[derive(Serialize)]
 struct OutTool<'a> {
     name: &'a str,
@@ -314,10 +313,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
                 if let Some(c) = &m.content {
                     let t = c.text();
                     if !blank(&t) {
-                        if !system.is_empty() {
-                            system.push_str("\n\n");
-                        }
-                        system.push_str(&t);
+                        push_joined(&mut system, "\n\n", &t);
                     }
                 }
                 continue;
@@ -355,10 +351,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
         }
     }
     if matches!(req.response_format, Some(ResponseFormat::JsonObject)) {
-        if !system.is_empty() {
-            system.push_str("\n\n");
-        }
-        system.push_str(JSON_MODE_INSTRUCTION);
+        push_joined(&mut system, "\n\n", JSON_MODE_INSTRUCTION);
     }
     let messages = messages
         .into_iter()
@@ -443,6 +436,9 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
 // Backend direction: Messages response / stream → canonical
 // =====================================================================
 
+/// Anthropic counts cache reads and writes apart from `input_tokens` and sends
+/// them cumulatively over a stream, so not the OpenAI-shaped
+/// [`super::common::InUsage`].
 #[derive(Deserialize, Default, Clone, Copy)]
 struct InUsage {
     #[serde(default)]
@@ -542,11 +538,8 @@ fn arguments_text(input: Option<Value>) -> String {
 
 /// Decodes a backend's Messages response (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not a Messages response: {e}"
-        ))
-    })?;
+    let r: InResponse = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a Messages response", &e))?;
     if r.kind.as_deref() == Some("error") || r.error.is_some() {
         return Err(classify_error_value(
             200,
@@ -554,7 +547,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
         ));
     }
     let Some(blocks) = r.content else {
-        return Err(malformed("backend response has no `content`".into()));
+        return Err(malformed("backend response has no `content`"));
     };
     let mut text: Option<String> = None;
     let mut reasoning: Option<String> = None;
@@ -753,11 +746,7 @@ impl EventDecoder {
                 let _ = e;
                 return Err(classify_error_value(200, &Value::String(data.to_owned())));
             }
-            Err(e) => {
-                return Err(malformed(format!(
-                    "backend sent a stream event that is not a Messages event: {e}"
-                )))
-            }
+            Err(e) => return Err(malformed_json("a stream event", "a Messages event", &e)),
         };
         match ev {
             InEvent::Error { error } => return Err(classify_error_value(200, &error)),

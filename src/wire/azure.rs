@@ -14,7 +14,7 @@
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use super::openai;
+use super::{common, openai};
 use crate::canonical::StreamEvent;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -44,7 +44,7 @@ pub fn deployment_path(deployment: &str, operation: &str, api_version: &str) -> 
 /// Classifies a non-2xx answer. Azure's codes (`content_filter`,
 /// `context_length_exceeded`, `429`, `DeploymentNotFound`…) are OpenAI-shaped.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    let mut e = openai::classify_error_body(status, body);
+    let mut e = common::classify_error_body(status, body);
     if e.kind == ErrorKind::BadRequest {
         let m = e.message.to_ascii_lowercase();
         if m.contains("responsibleaipolicyviolation") || m.contains("content management policy") {

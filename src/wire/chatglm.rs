@@ -30,7 +30,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::openai;
+use super::common::{self, malformed_json, new_completion_id, push_joined};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -59,13 +59,6 @@ struct Folded {
     history: Vec<(String, String)>,
 }
 
-fn push_line(buf: &mut String, text: &str) {
-    if !buf.is_empty() {
-        buf.push('\n');
-    }
-    buf.push_str(text);
-}
-
 fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
     let mut system = String::new();
     let mut turns: Vec<(Side, String)> = Vec::new();
@@ -73,7 +66,7 @@ fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
         let text = m.content.as_ref().map(Content::text).unwrap_or_default();
         let (side, text) = match m.role {
             Role::System | Role::Developer => {
-                push_line(&mut system, &text);
+                push_joined(&mut system, "\n", &text);
                 continue;
             }
             Role::User => (Side::User, text.into_owned()),
@@ -81,13 +74,13 @@ fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
             Role::Assistant => {
                 let mut t = text.into_owned();
                 for c in &m.tool_calls {
-                    push_line(&mut t, &format!("Call {}({})", c.name, c.arguments));
+                    push_joined(&mut t, "\n", &format!("Call {}({})", c.name, c.arguments));
                 }
                 (Side::Assistant, t)
             }
         };
         match turns.last_mut() {
-            Some((s, buf)) if *s == side => push_line(buf, &text),
+            Some((s, buf)) if *s == side => push_joined(buf, "\n", &text),
             _ => turns.push((side, text)),
         }
     }
@@ -234,12 +227,8 @@ fn text_of(v: &Value) -> String {
 /// Decodes an `api.py` answer (HTTP 2xx). A `status` other than 2xx in the body,
 /// or a body with no `response`, is an error.
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InReply = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a ChatGLM reply: {e}"),
-        )
-    })?;
+    let r: InReply = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a ChatGLM reply", &e))?;
     let status = match &r.status {
         None => None,
         Some(Status::Code(c)) => Some(*c),
@@ -254,7 +243,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
     let failed = status.filter(|s| !(200..300).contains(s));
     match (failed, r.response) {
         (None, Some(text)) if why.is_none() || !text.is_empty() => Ok(ChatResponse {
-            id: openai::new_completion_id(),
+            id: new_completion_id(),
             created: unix_now(),
             model: String::new(),
             choices: vec![Choice {
@@ -282,13 +271,14 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
 /// Classifies a non-2xx answer: FastAPI's `{"detail": …}`, uvicorn's plain
 /// `Internal Server Error`, or a reverse proxy's body.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    refine(openai::classify_error_body(status, body))
+    refine(common::classify_error_body(status, body))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::wire::openai;
     use serde_json::json;
 
     fn fixture(name: &str) -> String {

@@ -22,7 +22,11 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::openai::new_completion_id;
+use super::common::{
+    finish_reason_from_wire, malformed, malformed_json, new_call_id, new_completion_id,
+    out_tool_calls, out_tools, reported_usage, InCompletionDetails, InPromptDetails, OutTool,
+    OutToolCall,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -52,25 +56,7 @@ const PASSTHROUGH_PARAMETERS: &[&str] = &[
     "vl_high_resolution_images",
 ];
 
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
-}
-
 // === encoding a request ===
-
-#[derive(Serialize)]
-struct OutFunction<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
-
-#[derive(Serialize)]
-struct OutToolCall<'a> {
-    id: Cow<'a, str>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunction<'a>,
-}
 
 /// One item of a multimodal `content` array.
 #[derive(Serialize)]
@@ -102,22 +88,6 @@ struct OutMessage<'a> {
 #[derive(Serialize)]
 struct OutInput<'a> {
     messages: Vec<OutMessage<'a>>,
-}
-
-#[derive(Serialize)]
-struct OutFunctionDef<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<&'a Value>,
-}
-
-#[derive(Serialize)]
-struct OutTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunctionDef<'a>,
 }
 
 #[derive(Serialize)]
@@ -238,18 +208,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, multimodal: bool) -> 
             OutMessage {
                 role,
                 content: content(m.content.as_ref(), multimodal),
-                tool_calls: m
-                    .tool_calls
-                    .iter()
-                    .map(|c| OutToolCall {
-                        id: super::tool_id::portable(&c.id),
-                        kind: "function",
-                        function: OutFunction {
-                            name: &c.name,
-                            arguments: &c.arguments,
-                        },
-                    })
-                    .collect(),
+                tool_calls: out_tool_calls(&m.tool_calls),
                 tool_call_id: m.tool_call_id.as_deref().map(super::tool_id::portable),
                 name,
             }
@@ -279,18 +238,8 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, multimodal: bool) -> 
             stop: &p.stop,
             presence_penalty: p.presence_penalty.map(|v| v.clamp(-2.0, 2.0)),
             n: p.n,
-            tools: req
-                .tools
-                .iter()
-                .map(|t| OutTool {
-                    kind: "function",
-                    function: OutFunctionDef {
-                        name: &t.name,
-                        description: t.description.as_deref(),
-                        parameters: t.parameters.as_ref(),
-                    },
-                })
-                .collect(),
+            // DashScope does not know `strict`.
+            tools: out_tools(&req.tools, false),
             tool_choice: tool_choice(req),
             parallel_tool_calls: req.parallel_tool_calls.filter(|_| !req.tools.is_empty()),
             // json_schema is asked as JSON mode: the native API documents json_object.
@@ -396,18 +345,9 @@ struct InOutput {
     finish_reason: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
-struct InPromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-struct InOutputDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<u32>,
-}
-
+/// DashScope's own names for the counts (`input_tokens`, `output_tokens`,
+/// `output_tokens_details`), so not the OpenAI-shaped [`super::common::InUsage`]: serde
+/// aliases would refuse an answer that carried both spellings.
 #[derive(Deserialize)]
 struct InUsage {
     #[serde(default)]
@@ -419,16 +359,18 @@ struct InUsage {
     #[serde(default)]
     prompt_tokens_details: Option<InPromptDetails>,
     #[serde(default)]
-    output_tokens_details: Option<InOutputDetails>,
+    output_tokens_details: Option<InCompletionDetails>,
 }
 
 impl InUsage {
     fn canonical(self) -> Usage {
-        Usage {
-            cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
-            reasoning_tokens: self.output_tokens_details.and_then(|d| d.reasoning_tokens),
-            ..Usage::reported(self.input_tokens, self.output_tokens, self.total_tokens)
-        }
+        reported_usage(
+            self.input_tokens,
+            self.output_tokens,
+            self.total_tokens,
+            self.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            self.output_tokens_details.and_then(|d| d.reasoning_tokens),
+        )
     }
 }
 
@@ -481,7 +423,7 @@ fn finish(reason: &str, has_calls: bool) -> FinishReason {
         "stop" => FinishReason::Stop,
         "length" => FinishReason::Length,
         "tool_calls" => FinishReason::ToolCalls,
-        other => super::openai::finish_reason_from_wire(other),
+        other => finish_reason_from_wire(other),
     };
     if f == FinishReason::Stop && has_calls {
         FinishReason::ToolCalls
@@ -490,24 +432,18 @@ fn finish(reason: &str, has_calls: bool) -> FinishReason {
     }
 }
 
-fn malformed(what: &str, e: &serde_json::Error) -> UpstreamError {
-    UpstreamError::new(
-        ErrorKind::MalformedResponse,
-        format!("backend sent {what} that is not a DashScope generation answer: {e}"),
-    )
-}
+/// What a generation answer that fails to parse is said not to be.
+const GENERATION: &str = "a DashScope generation answer";
 
 /// Decodes a DashScope generation body (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| malformed("a body", &e))?;
+    let r: InResponse =
+        serde_json::from_slice(body).map_err(|e| malformed_json("a body", GENERATION, &e))?;
     if let Some(e) = r.error() {
         return Err(e);
     }
     let Some(output) = r.output else {
-        return Err(UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            "DashScope response has no `output`",
-        ));
+        return Err(malformed("DashScope response has no `output`"));
     };
     let choices = InResponse::choices(output)
         .into_iter()
@@ -590,8 +526,8 @@ impl EventDecoder {
         if data.is_empty() || self.done {
             return Ok(());
         }
-        let r: InResponse =
-            serde_json::from_str(data).map_err(|e| malformed("a stream event", &e))?;
+        let r: InResponse = serde_json::from_str(data)
+            .map_err(|e| malformed_json("a stream event", GENERATION, &e))?;
         if let Some(e) = r.error() {
             return Err(e);
         }
@@ -833,19 +769,12 @@ struct InEmbeddings {
 
 /// Decodes a text-embedding answer; vectors are put in input order by `text_index`.
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbeddings = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a DashScope embedding answer: {e}"),
-        )
-    })?;
+    let r: InEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a DashScope embedding answer", &e))?;
     let Some(output) = r.output else {
         return Err(match r.code.as_deref().filter(|c| !c.is_empty()) {
             Some(code) => classify(200, code, r.message.as_deref().unwrap_or("")),
-            None => UpstreamError::new(
-                ErrorKind::MalformedResponse,
-                "DashScope embedding answer has no `output`",
-            ),
+            None => malformed("DashScope embedding answer has no `output`"),
         });
     };
     let mut items = output.embeddings;

@@ -31,7 +31,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::openai::new_completion_id;
+use super::common::{
+    malformed, malformed_json, new_completion_id, new_wide_call_id, push_joined, reported_usage,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -41,10 +43,6 @@ pub const SIGNATURE_MARK: &str = "~ts~";
 /// The value Google documents for replayed function calls that have no real
 /// thought signature (history from another model, or from a client that dropped it).
 const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
-
-fn new_call_id() -> String {
-    format!("call_{:032x}", rand::random::<u128>())
-}
 
 /// What the gateway keeps of the function calls it handed to clients, by the
 /// call id the client saw: the call's thought signature and the id Gemini gave
@@ -254,6 +252,8 @@ struct OutFunctionDecl<'a> {
     parameters: Option<Value>,
 }
 
+/// Gemini groups declarations under one tool (`functionDeclarations`), and its
+/// parameters are a schema subset; not the OpenAI shape of [`super::common::OutTool`].
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct OutTool<'a> {
@@ -568,10 +568,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                 if let Some(c) = &m.content {
                     let t = c.text();
                     if !t.is_empty() {
-                        if !system.is_empty() {
-                            system.push_str("\n\n");
-                        }
-                        system.push_str(&t);
+                        push_joined(&mut system, "\n\n", &t);
                     }
                 }
                 continue;
@@ -735,6 +732,8 @@ struct InPromptFeedback {
     block_reason_message: Option<String>,
 }
 
+/// Gemini's `usageMetadata` (camelCase counts, thoughts counted apart from the
+/// candidates), so not the OpenAI-shaped [`super::common::InUsage`].
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct InUsage {
@@ -755,11 +754,13 @@ impl InUsage {
         let completion = self
             .candidates_token_count
             .saturating_add(self.thoughts_token_count.unwrap_or(0));
-        Usage {
-            cached_tokens: self.cached_content_token_count,
-            reasoning_tokens: self.thoughts_token_count,
-            ..Usage::reported(self.prompt_token_count, completion, self.total_token_count)
-        }
+        reported_usage(
+            self.prompt_token_count,
+            completion,
+            self.total_token_count,
+            self.cached_content_token_count,
+            self.thoughts_token_count,
+        )
     }
 }
 
@@ -807,7 +808,8 @@ fn finish(reason: &str, has_calls: bool) -> FinishReason {
 /// gateway minted (Gemini's own ids are neither random nor always portable);
 /// Gemini's id and the thought signature stay in [`signatures`] under it.
 fn tool_call(f: InFunctionCall, signature: Option<&str>) -> ToolCall {
-    let id = new_call_id();
+    // 128 bits: the id keys the signature store, so it must not collide.
+    let id = new_wide_call_id();
     signatures::remember(&id, signature, f.id.as_deref());
     ToolCall {
         id,
@@ -832,26 +834,19 @@ fn blocked(feedback: Option<&InPromptFeedback>) -> Option<UpstreamError> {
     Some(UpstreamError::new(ErrorKind::ContentFilter, message))
 }
 
-fn malformed(what: &str, e: &serde_json::Error) -> UpstreamError {
-    UpstreamError::new(
-        ErrorKind::MalformedResponse,
-        format!("backend sent {what} that is not a Gemini GenerateContentResponse: {e}"),
-    )
-}
+/// What a generation answer that fails to parse is said not to be.
+const GENERATION: &str = "a Gemini GenerateContentResponse";
 
 /// Decodes a `generateContent` body (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| malformed("a body", &e))?;
+    let r: InResponse =
+        serde_json::from_slice(body).map_err(|e| malformed_json("a body", GENERATION, &e))?;
     if let Some(err) = &r.error {
         return Err(classify_error_value(200, err));
     }
     if r.candidates.is_empty() {
-        return Err(blocked(r.prompt_feedback.as_ref()).unwrap_or_else(|| {
-            UpstreamError::new(
-                ErrorKind::MalformedResponse,
-                "Gemini response has no candidates",
-            )
-        }));
+        return Err(blocked(r.prompt_feedback.as_ref())
+            .unwrap_or_else(|| malformed("Gemini response has no candidates")));
     }
     let choices = r
         .candidates
@@ -928,8 +923,8 @@ impl EventDecoder {
         if data.is_empty() || self.done {
             return Ok(());
         }
-        let r: InResponse =
-            serde_json::from_str(data).map_err(|e| malformed("a stream event", &e))?;
+        let r: InResponse = serde_json::from_str(data)
+            .map_err(|e| malformed_json("a stream event", GENERATION, &e))?;
         if let Some(err) = &r.error {
             return Err(classify_error_value(200, err));
         }
@@ -1182,20 +1177,13 @@ struct InEmbeddings {
 /// Decodes a `batchEmbedContents` answer. Gemini reports no token usage (left 0:
 /// the gateway estimates it).
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbeddings = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a batchEmbedContents answer: {e}"),
-        )
-    })?;
+    let r: InEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a batchEmbedContents answer", &e))?;
     if let Some(err) = &r.error {
         return Err(classify_error_value(200, err));
     }
     let Some(embeddings) = r.embeddings else {
-        return Err(UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            "Gemini answer has no `embeddings`",
-        ));
+        return Err(malformed("Gemini answer has no `embeddings`"));
     };
     Ok(EmbeddingsResponse {
         model: String::new(),

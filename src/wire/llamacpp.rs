@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::common::{self, classify_error_value, malformed_json, new_completion_id};
 use crate::canonical::*;
 use crate::config::ChatTemplate;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::wire::openai::{classify_error_value, new_completion_id};
 
 /// The key of the template used for models without their own.
 pub const FALLBACK_TEMPLATE: &str = "*";
@@ -364,12 +364,8 @@ impl InCompletion {
 }
 
 fn parse_completion(text: &[u8]) -> Result<InCompletion, UpstreamError> {
-    let c: InCompletion = serde_json::from_slice(text).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a llama.cpp completion: {e}"),
-        )
-    })?;
+    let c: InCompletion = serde_json::from_slice(text)
+        .map_err(|e| malformed_json("a body", "a llama.cpp completion", &e))?;
     if let Some(err) = &c.error {
         return Err(classify_error_value(200, err));
     }
@@ -483,7 +479,7 @@ fn refine(mut e: UpstreamError) -> UpstreamError {
 /// `exceed_context_size_error` is a prompt too long for the context and
 /// `unavailable_error` (503) a model still loading.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    refine(crate::wire::openai::classify_error_body(status, body))
+    refine(common::classify_error_body(status, body))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod anthropic;
 pub mod azure;
 pub mod chatglm;
+pub mod common;
 pub mod dashscope;
 pub mod gemini;
 pub mod llamacpp;

@@ -9,9 +9,12 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::common::{
+    classify_error_value, malformed, malformed_json, new_call_id, new_completion_id, out_tools,
+    OutTool,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::wire::openai::{classify_error_value, new_completion_id};
 
 /// Fields of `ChatRequest::extra` that are Ollama `options` (model parameters
 /// the OpenAI request has no field for); they go into `options` as they are.
@@ -39,14 +42,6 @@ fn bad_request(message: impl Into<String>) -> UpstreamError {
     UpstreamError::new(ErrorKind::BadRequest, message)
 }
 
-fn malformed(message: impl Into<String>) -> UpstreamError {
-    UpstreamError::new(ErrorKind::MalformedResponse, message)
-}
-
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
-}
-
 /// `keep_alive` as Ollama reads it: a Go duration string (`5m`, `1h`) or a
 /// number of seconds (negative keeps the model loaded, 0 unloads it at once).
 pub fn keep_alive_value(s: &str) -> Value {
@@ -68,6 +63,8 @@ struct OutFunctionCall<'a> {
     arguments: Value,
 }
 
+/// Ollama's tool call has no `type` and takes the arguments as a JSON object, so
+/// it is not the OpenAI-shaped [`super::common::OutToolCall`].
 #[derive(Serialize)]
 struct OutToolCall<'a> {
     /// Current Ollama matches tool results to calls by id.
@@ -87,22 +84,6 @@ struct OutMessage<'a> {
     tool_name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_call_id: Option<Cow<'a, str>>,
-}
-
-#[derive(Serialize)]
-struct OutFunctionDef<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<&'a Value>,
-}
-
-#[derive(Serialize)]
-struct OutTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunctionDef<'a>,
 }
 
 #[derive(Serialize)]
@@ -257,17 +238,8 @@ pub fn encode_chat_request(
         // Ollama has no tool_choice: "none" is honoured by not offering tools.
         Vec::new()
     } else {
-        req.tools
-            .iter()
-            .map(|t| OutTool {
-                kind: "function",
-                function: OutFunctionDef {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: t.parameters.as_ref(),
-                },
-            })
-            .collect()
+        // Ollama does not know `strict`.
+        out_tools(&req.tools, false)
     };
     let out = OutChat {
         model,
@@ -378,11 +350,8 @@ impl InChat {
 }
 
 fn parse_chat(text: &[u8]) -> Result<InChat, UpstreamError> {
-    let c: InChat = serde_json::from_slice(text).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not an Ollama chat response: {e}"
-        ))
-    })?;
+    let c: InChat = serde_json::from_slice(text)
+        .map_err(|e| malformed_json("a body", "an Ollama chat response", &e))?;
     if let Some(err) = &c.error {
         let status = c
             .status
@@ -551,11 +520,8 @@ struct InEmbed {
 }
 
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbed = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not an Ollama embeddings answer: {e}"
-        ))
-    })?;
+    let r: InEmbed = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "an Ollama embeddings answer", &e))?;
     if let Some(err) = &r.error {
         return Err(classify_error_value_ollama(200, err));
     }

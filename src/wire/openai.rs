@@ -6,6 +6,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::common::{
+    classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
+    new_completion_id, out_tool_calls, out_tools, InUsage, OutFunction, OutTool, OutToolCall,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
@@ -106,10 +110,6 @@ fn part_from_wire(v: Value) -> Part {
         }
         _ => Part::Other(v),
     }
-}
-
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
 }
 
 impl InMessage {
@@ -357,61 +357,6 @@ pub fn decode_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     })
 }
 
-#[derive(Deserialize, Default)]
-struct InPromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-struct InCompletionDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct InUsage {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: Option<u32>,
-    #[serde(default)]
-    prompt_tokens_details: Option<InPromptDetails>,
-    #[serde(default)]
-    completion_tokens_details: Option<InCompletionDetails>,
-}
-
-impl InUsage {
-    fn into_canonical(self) -> Usage {
-        Usage {
-            cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
-            reasoning_tokens: self
-                .completion_tokens_details
-                .and_then(|d| d.reasoning_tokens),
-            ..Usage::reported(
-                self.prompt_tokens,
-                self.completion_tokens,
-                self.total_tokens,
-            )
-        }
-    }
-}
-
-/// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.
-pub fn finish_reason_from_wire(s: &str) -> FinishReason {
-    match s {
-        // Zhipu: the model ran into its context window while answering.
-        "length" | "model_context_window_exceeded" => FinishReason::Length,
-        "tool_calls" | "function_call" => FinishReason::ToolCalls,
-        "content_filter" | "sensitive" => FinishReason::ContentFilter,
-        // DeepSeek: the answer was cut for lack of server resources.
-        "error" | "abort" | "network_error" | "insufficient_system_resource" => FinishReason::Error,
-        _ => FinishReason::Stop,
-    }
-}
-
 #[derive(Deserialize)]
 struct InChoice {
     #[serde(default)]
@@ -441,20 +386,13 @@ struct InResponse {
 
 /// Decodes a backend's chat completion body (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a chat completion: {e}"),
-        )
-    })?;
+    let r: InResponse = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a chat completion", &e))?;
     if let Some(err) = r.error {
         return Err(classify_error_value(200, &err));
     }
     let Some(choices) = r.choices else {
-        return Err(UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            "backend response has no `choices`",
-        ));
+        return Err(malformed("backend response has no `choices`"));
     };
     Ok(ChatResponse {
         id: r
@@ -479,13 +417,9 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
                 }
             })
             .collect(),
-        usage: r.usage.map(InUsage::into_canonical),
+        usage: r.usage.as_ref().map(InUsage::canonical),
         system_fingerprint: r.system_fingerprint,
     })
-}
-
-pub fn new_completion_id() -> String {
-    format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32)
 }
 
 // --- stream chunks ---
@@ -559,12 +493,8 @@ impl ChunkDecoder {
         if data.is_empty() {
             return Ok(());
         }
-        let c: InChunk = serde_json::from_str(data).map_err(|e| {
-            UpstreamError::new(
-                ErrorKind::MalformedResponse,
-                format!("backend sent a stream event that is not a chat completion chunk: {e}"),
-            )
-        })?;
+        let c: InChunk = serde_json::from_str(data)
+            .map_err(|e| malformed_json("a stream event", "a chat completion chunk", &e))?;
         if let Some(err) = c.error {
             return Err(classify_error_value(200, &err));
         }
@@ -656,7 +586,7 @@ impl ChunkDecoder {
             out.push(StreamEvent::Delta(delta));
         }
         if let Some(u) = c.usage {
-            out.push(StreamEvent::Usage(u.into_canonical()));
+            out.push(StreamEvent::Usage(u.canonical()));
         }
         Ok(())
     }
@@ -669,95 +599,7 @@ impl ChunkDecoder {
 
 // --- errors from a backend ---
 
-/// Classifies an OpenAI-style error object (`{"message","type","code","param"}`, or
-/// a bare string) that came with `status`.
-pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
-    let (message, etype, code) = match err {
-        Value::String(s) => (s.clone(), String::new(), String::new()),
-        Value::Object(o) => {
-            let s = |k: &str| match o.get(k) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(v) => v.to_string(),
-            };
-            (s("message"), s("type"), s("code"))
-        }
-        other => (other.to_string(), String::new(), String::new()),
-    };
-    let lower = message.to_ascii_lowercase();
-    let base = if status == 200 {
-        // An error inside a successful response: classify by its own words.
-        match code.parse::<u16>() {
-            Ok(c) if (400..600).contains(&c) => ErrorKind::from_status(c),
-            _ => match etype.as_str() {
-                "rate_limit_error" | "rate_limit_exceeded" => ErrorKind::RateLimited,
-                "invalid_request_error" => ErrorKind::BadRequest,
-                "authentication_error" => ErrorKind::Auth,
-                _ => ErrorKind::Overloaded,
-            },
-        }
-    } else if status == 402 {
-        // Payment required (DeepSeek's "Insufficient Balance"): the account, not
-        // the request, is at fault, and retrying cannot help.
-        ErrorKind::Auth
-    } else {
-        ErrorKind::from_status(status)
-    };
-    let kind = if code == "context_length_exceeded"
-        || etype == "exceed_context_size_error"
-        || lower.contains("maximum context length")
-        || lower.contains("context length")
-        || lower.contains("context window")
-        || lower.contains("prompt is too long")
-    {
-        ErrorKind::ContextLength
-    } else if code == "content_filter"
-        || code == "content_policy_violation"
-        || etype == "content_filter"
-    {
-        ErrorKind::ContentFilter
-    } else {
-        base
-    };
-    UpstreamError::from_backend(kind, message, status)
-}
-
-/// Classifies a backend's non-2xx answer from its status and body.
-pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut o)) => {
-            let err = o
-                .remove("error")
-                .or_else(|| o.remove("detail").map(|d| Value::String(d.to_string())))
-                .unwrap_or(Value::Object(o));
-            classify_error_value(status, &err)
-        }
-        _ => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            let mut e = classify_error_value(status, &Value::String(text));
-            if e.message.trim().is_empty() {
-                e.message = format!("backend answered HTTP {status}");
-            }
-            e
-        }
-    }
-}
-
 // === encoding (a request to a backend, a response to a client) ===
-
-#[derive(Serialize)]
-struct OutFunction<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
-
-#[derive(Serialize)]
-struct OutToolCall<'a> {
-    id: std::borrow::Cow<'a, str>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunction<'a>,
-}
 
 struct OutParts<'a>(&'a [Part]);
 
@@ -813,20 +655,6 @@ struct OutMessage<'a> {
     /// Legacy single function call (servers that predate `tool_calls`).
     #[serde(skip_serializing_if = "Option::is_none")]
     function_call: Option<OutFunction<'a>>,
-}
-
-fn out_tool_calls(calls: &[ToolCall]) -> Vec<OutToolCall<'_>> {
-    calls
-        .iter()
-        .map(|c| OutToolCall {
-            id: super::tool_id::portable(&c.id),
-            kind: "function",
-            function: OutFunction {
-                name: &c.name,
-                arguments: &c.arguments,
-            },
-        })
-        .collect()
 }
 
 fn out_message(m: &Message) -> OutMessage<'_> {
@@ -935,10 +763,7 @@ fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
                 Role::Developer => out.role = "system",
                 Role::Assistant if !m.tool_calls.is_empty() => {
                     let c = &m.tool_calls[0];
-                    out.function_call = Some(OutFunction {
-                        name: &c.name,
-                        arguments: &c.arguments,
-                    });
+                    out.function_call = Some(OutFunction::new(c));
                     out.content = Some(OutContent::Owned(chatglm3_call_text(c)));
                     out.tool_calls = Vec::new();
                 }
@@ -959,24 +784,6 @@ fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
             out
         })
         .collect()
-}
-
-#[derive(Serialize)]
-struct OutFunctionDef<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    strict: Option<bool>,
-}
-
-#[derive(Serialize)]
-struct OutTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunctionDef<'a>,
 }
 
 #[derive(Serialize)]
@@ -1078,19 +885,7 @@ pub fn encode_chat_request_with(
         presence_penalty: req.params.presence_penalty,
         frequency_penalty: req.params.frequency_penalty,
         user: req.params.user.as_deref(),
-        tools: req
-            .tools
-            .iter()
-            .map(|t| OutTool {
-                kind: "function",
-                function: OutFunctionDef {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: t.parameters.as_ref(),
-                    strict: t.strict,
-                },
-            })
-            .collect(),
+        tools: out_tools(&req.tools, true),
         tool_choice: req.tool_choice.as_ref().map(tool_choice_to_wire),
         parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.as_ref().map(response_format_to_wire),
@@ -1621,12 +1416,8 @@ struct InEmbeddingsResponse {
 }
 
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let malformed = |m: String| UpstreamError::new(ErrorKind::MalformedResponse, m);
-    let r: InEmbeddingsResponse = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not an embeddings list: {e}"
-        ))
-    })?;
+    let r: InEmbeddingsResponse = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "an embeddings list", &e))?;
     let mut data = r.data;
     data.sort_by_key(|d| d.index.unwrap_or(0));
     let mut vectors = Vec::with_capacity(data.len());
@@ -1634,13 +1425,13 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
         vectors.push(match d.embedding {
             InVector::Floats(v) => v,
             InVector::Base64(s) => decode_base64_vector(&s)
-                .ok_or_else(|| malformed("backend sent an invalid base64 embedding".into()))?,
+                .ok_or_else(|| malformed("backend sent an invalid base64 embedding"))?,
         });
     }
     Ok(EmbeddingsResponse {
         model: r.model.unwrap_or_default(),
         vectors,
-        usage: r.usage.map(InUsage::into_canonical).unwrap_or_default(),
+        usage: r.usage.as_ref().map(InUsage::canonical).unwrap_or_default(),
     })
 }
 
@@ -1808,18 +1599,7 @@ pub fn encode_vendor_chat_request(req: &ChatRequest, model: &str, v: &VendorChat
         frequency_penalty: p.frequency_penalty,
         user: p.user.as_deref(),
         tools: if v.tools {
-            req.tools
-                .iter()
-                .map(|t| OutTool {
-                    kind: "function",
-                    function: OutFunctionDef {
-                        name: &t.name,
-                        description: t.description.as_deref(),
-                        parameters: t.parameters.as_ref(),
-                        strict: t.strict,
-                    },
-                })
-                .collect()
+            out_tools(&req.tools, true)
         } else {
             Vec::new()
         },
@@ -1840,6 +1620,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::wire::common::classify_error_body;
     use serde_json::json;
 
     fn fixture(rel: &str) -> String {
@@ -2179,65 +1960,6 @@ mod tests {
         let mut dec = ChunkDecoder::default();
         let e = dec.decode("{not json", &mut Vec::new()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
-    }
-
-    #[test]
-    fn backend_errors_classify_by_status_and_body() {
-        let cases: [(u16, &str, ErrorKind); 9] = [
-            (
-                429,
-                &fixture("openai/error_429.json"),
-                ErrorKind::RateLimited,
-            ),
-            (401, &fixture("openai/error_401.json"), ErrorKind::Auth),
-            (
-                400,
-                &fixture("openai/error_400_context.json"),
-                ErrorKind::ContextLength,
-            ),
-            (
-                500,
-                &fixture("openai/error_500.json"),
-                ErrorKind::Overloaded,
-            ),
-            // llama.cpp
-            (
-                400,
-                r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error","n_prompt_tokens":9000,"n_ctx":4096}}"#,
-                ErrorKind::ContextLength,
-            ),
-            (
-                503,
-                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#,
-                ErrorKind::Overloaded,
-            ),
-            // vLLM's flat error, FastAPI's detail, Ollama's string
-            (
-                400,
-                r#"{"object":"error","message":"bad temperature","type":"BadRequestError","param":null,"code":400}"#,
-                ErrorKind::BadRequest,
-            ),
-            (
-                400,
-                r#"{"detail":"Invalid request"}"#,
-                ErrorKind::BadRequest,
-            ),
-            (400, r#"{"error":"content_filter"}"#, ErrorKind::BadRequest),
-        ];
-        for (status, body, kind) in cases {
-            let e = classify_error_body(status, body.as_bytes());
-            assert_eq!(e.kind, kind, "{status} {body}");
-            assert!(!e.message.is_empty());
-        }
-        let e = classify_error_body(
-            400,
-            br#"{"error":{"code":"content_filter","param":"prompt","message":"The response was filtered"}}"#,
-        );
-        assert_eq!(e.kind, ErrorKind::ContentFilter);
-        assert_eq!(
-            classify_error_body(502, b"Bad Gateway").kind,
-            ErrorKind::Overloaded
-        );
     }
 
     #[test]

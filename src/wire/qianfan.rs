@@ -42,17 +42,14 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::openai;
+use super::common::{
+    self, malformed_json, new_call_id, new_completion_id, push_joined, InUsage,
+    OutFunction as OutFunctionCall,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
 // === request ===
-
-#[derive(Serialize)]
-struct OutFunctionCall<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
 
 #[derive(Serialize)]
 struct OutMessage<'a> {
@@ -100,13 +97,6 @@ struct OutRequest<'a> {
     extra: &'a Map<String, Value>,
 }
 
-fn push_line(buf: &mut String, text: &str) {
-    if !buf.is_empty() {
-        buf.push('\n');
-    }
-    buf.push_str(text);
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     User,
@@ -129,7 +119,7 @@ fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), U
         let text = m.content.as_ref().map(Content::text).unwrap_or_default();
         let turn = match m.role {
             Role::System | Role::Developer => {
-                push_line(&mut system, &text);
+                push_joined(&mut system, "\n", &text);
                 continue;
             }
             Role::User => Turn {
@@ -175,7 +165,7 @@ fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), U
         }
         match turns.last_mut() {
             Some(last) if last.side == turn.side => {
-                push_line(&mut last.content, &turn.content);
+                push_joined(&mut last.content, "\n", &turn.content);
                 if last.role != turn.role {
                     last.role = "user";
                     last.name = None;
@@ -218,10 +208,7 @@ fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), U
             role: t.role,
             content: t.content,
             name: t.name,
-            function_call: t.call.map(|c| OutFunctionCall {
-                name: &c.name,
-                arguments: &c.arguments,
-            }),
+            function_call: t.call.map(OutFunctionCall::new),
         })
         .collect();
     Ok((out, system))
@@ -344,26 +331,6 @@ impl InFunctionCall {
     }
 }
 
-#[derive(Deserialize)]
-struct InUsage {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: Option<u32>,
-}
-
-impl InUsage {
-    fn canonical(&self) -> Usage {
-        let mut u = Usage::new(self.prompt_tokens, self.completion_tokens);
-        if let Some(t) = self.total_tokens {
-            u.total_tokens = t;
-        }
-        u
-    }
-}
-
 /// One reply body or one stream event: the same shape.
 #[derive(Deserialize)]
 struct InReply {
@@ -392,12 +359,8 @@ struct InReply {
 }
 
 fn parse_reply(body: &[u8]) -> Result<InReply, UpstreamError> {
-    let r: InReply = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a Qianfan reply: {e}"),
-        )
-    })?;
+    let r: InReply = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a Qianfan reply", &e))?;
     match r.error_code {
         Some(code) if code != 0 => Err(classify_code(200, code, r.error_msg.as_deref())),
         _ => Ok(r),
@@ -416,10 +379,6 @@ fn finish_reason(r: &InReply, moderated: bool, called: bool) -> FinishReason {
         _ if r.is_truncated => FinishReason::Length,
         _ => FinishReason::Stop,
     }
-}
-
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
 }
 
 /// Decodes a chat reply (HTTP 2xx); an `error_code` inside it is an error.
@@ -448,7 +407,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
         id: r
             .id
             .filter(|i| !i.is_empty())
-            .unwrap_or_else(openai::new_completion_id),
+            .unwrap_or_else(new_completion_id),
         created: r.created.unwrap_or_else(unix_now),
         model: String::new(),
         choices: vec![Choice {
@@ -488,7 +447,7 @@ impl StreamState {
                     .id
                     .clone()
                     .filter(|i| !i.is_empty())
-                    .unwrap_or_else(openai::new_completion_id),
+                    .unwrap_or_else(new_completion_id),
                 created: r.created.unwrap_or_else(unix_now),
                 model: String::new(),
                 system_fingerprint: None,
@@ -603,7 +562,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     }
     match serde_json::from_slice::<InError>(body) {
         Ok(e) => classify_code(status, e.error_code, e.error_msg.as_deref()),
-        Err(_) => openai::classify_error_body(status, body),
+        Err(_) => common::classify_error_body(status, body),
     }
 }
 
@@ -651,12 +610,8 @@ struct InEmbeddings {
 }
 
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbeddings = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a Qianfan embeddings reply: {e}"),
-        )
-    })?;
+    let r: InEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a Qianfan embeddings reply", &e))?;
     if let Some(code) = r.error_code.filter(|c| *c != 0) {
         return Err(classify_code(200, code, r.error_msg.as_deref()));
     }
@@ -674,6 +629,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::wire::openai;
     use serde_json::json;
 
     fn fixture(name: &str) -> String {

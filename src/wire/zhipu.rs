@@ -27,7 +27,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::openai;
+use super::{common, openai};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -121,7 +121,7 @@ fn code_of(err: &Value) -> Option<u32> {
 /// Classifies a Zhipu error object (`{"code","message"}`) that came with `status`
 /// (200 for one inside a successful answer or a stream).
 pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
-    let mut e = openai::classify_error_value(status, err);
+    let mut e = common::classify_error_value(status, err);
     if let Some(kind) = code_of(err).and_then(kind_of_code) {
         e.kind = kind;
     } else if e.kind != ErrorKind::ContextLength {
@@ -143,7 +143,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
             let err = o.remove("error").unwrap_or_default();
             classify_error_value(status, &err)
         }
-        _ => openai::classify_error_body(status, body),
+        _ => common::classify_error_body(status, body),
     }
 }
 

@@ -1,0 +1,353 @@
+//! The OpenAI-shaped pieces several backends share, written once: tool definitions
+//! and tool calls as OpenAI-compatible servers read them, freshly minted ids, usage
+//! as OpenAI-compatible servers report it, `malformed_response` errors, joining
+//! system messages into one text, and the classifier for OpenAI-style error bodies.
+//!
+//! A backend whose wire differs in shape keeps its own structs and says why there;
+//! what is here is only what at least two backends write or read byte for byte the
+//! same way. Wire structs stay crate-private: nothing outside the wire modules sees
+//! them.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::canonical::{FinishReason, Tool, ToolCall, Usage};
+use crate::error::{ErrorKind, UpstreamError};
+
+// === ids ===
+
+/// A tool-call id for a call the backend sent without one: `call_` + 16 hex digits.
+pub fn new_call_id() -> String {
+    format!("call_{:016x}", rand::random::<u64>())
+}
+
+/// A tool-call id with 128 random bits (`call_` + 32 hex digits), for ids that key
+/// state the gateway keeps across requests and so must not collide.
+pub fn new_wide_call_id() -> String {
+    format!("call_{:032x}", rand::random::<u128>())
+}
+
+/// A chat completion id for backends that send none: `chatcmpl-` + 24 hex digits.
+pub fn new_completion_id() -> String {
+    format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32)
+}
+
+// === errors ===
+
+/// A `malformed_response` error with `message`.
+pub fn malformed(message: impl Into<String>) -> UpstreamError {
+    UpstreamError::new(ErrorKind::MalformedResponse, message)
+}
+
+/// A `malformed_response` error for `what` (a body, an event…) that failed to parse
+/// as `expected` (for example "a Gemini GenerateContentResponse").
+pub fn malformed_json(what: &str, expected: &str, e: &serde_json::Error) -> UpstreamError {
+    malformed(format!("backend sent {what} that is not {expected}: {e}"))
+}
+
+/// Classifies an OpenAI-style error object (`{"message","type","code","param"}`, or
+/// a bare string) that came with `status`.
+pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
+    let (message, etype, code) = match err {
+        Value::String(s) => (s.clone(), String::new(), String::new()),
+        Value::Object(o) => {
+            let s = |k: &str| match o.get(k) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(v) => v.to_string(),
+            };
+            (s("message"), s("type"), s("code"))
+        }
+        other => (other.to_string(), String::new(), String::new()),
+    };
+    let lower = message.to_ascii_lowercase();
+    let base = if status == 200 {
+        // An error inside a successful response: classify by its own words.
+        match code.parse::<u16>() {
+            Ok(c) if (400..600).contains(&c) => ErrorKind::from_status(c),
+            _ => match etype.as_str() {
+                "rate_limit_error" | "rate_limit_exceeded" => ErrorKind::RateLimited,
+                "invalid_request_error" => ErrorKind::BadRequest,
+                "authentication_error" => ErrorKind::Auth,
+                _ => ErrorKind::Overloaded,
+            },
+        }
+    } else if status == 402 {
+        // Payment required (DeepSeek's "Insufficient Balance"): the account, not
+        // the request, is at fault, and retrying cannot help.
+        ErrorKind::Auth
+    } else {
+        ErrorKind::from_status(status)
+    };
+    let kind = if code == "context_length_exceeded"
+        || etype == "exceed_context_size_error"
+        || lower.contains("maximum context length")
+        || lower.contains("context length")
+        || lower.contains("context window")
+        || lower.contains("prompt is too long")
+    {
+        ErrorKind::ContextLength
+    } else if code == "content_filter"
+        || code == "content_policy_violation"
+        || etype == "content_filter"
+    {
+        ErrorKind::ContentFilter
+    } else {
+        base
+    };
+    UpstreamError::from_backend(kind, message, status)
+}
+
+/// Classifies a backend's non-2xx answer from its status and an OpenAI-style body
+/// (`{"error": …}`, `{"detail": …}`, a bare object, or text).
+pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut o)) => {
+            let err = o
+                .remove("error")
+                .or_else(|| o.remove("detail").map(|d| Value::String(d.to_string())))
+                .unwrap_or(Value::Object(o));
+            classify_error_value(status, &err)
+        }
+        _ => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            let mut e = classify_error_value(status, &Value::String(text));
+            if e.message.trim().is_empty() {
+                e.message = format!("backend answered HTTP {status}");
+            }
+            e
+        }
+    }
+}
+
+/// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.
+pub fn finish_reason_from_wire(s: &str) -> FinishReason {
+    match s {
+        // Zhipu: the model ran into its context window while answering.
+        "length" | "model_context_window_exceeded" => FinishReason::Length,
+        "tool_calls" | "function_call" => FinishReason::ToolCalls,
+        "content_filter" | "sensitive" => FinishReason::ContentFilter,
+        // DeepSeek: the answer was cut for lack of server resources.
+        "error" | "abort" | "network_error" | "insufficient_system_resource" => FinishReason::Error,
+        _ => FinishReason::Stop,
+    }
+}
+
+// === system messages ===
+
+/// Appends `text` to `buf`, with `sep` between it and what `buf` already holds:
+/// how backends with a single system text (or a single turn) join several
+/// messages into it.
+pub fn push_joined(buf: &mut String, sep: &str, text: &str) {
+    if !buf.is_empty() {
+        buf.push_str(sep);
+    }
+    buf.push_str(text);
+}
+
+// === tools, OpenAI-shaped (`{"type":"function","function":{…}}`) ===
+
+/// A function call's name and arguments as JSON text.
+#[derive(Serialize)]
+pub(crate) struct OutFunction<'a> {
+    pub name: &'a str,
+    pub arguments: &'a str,
+}
+
+impl<'a> OutFunction<'a> {
+    pub fn new(call: &'a ToolCall) -> Self {
+        OutFunction {
+            name: &call.name,
+            arguments: &call.arguments,
+        }
+    }
+}
+
+/// One entry of an assistant message's `tool_calls`.
+#[derive(Serialize)]
+pub(crate) struct OutToolCall<'a> {
+    id: Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunction<'a>,
+}
+
+/// `calls` as OpenAI-shaped `tool_calls`, every id made portable.
+pub(crate) fn out_tool_calls(calls: &[ToolCall]) -> Vec<OutToolCall<'_>> {
+    calls
+        .iter()
+        .map(|c| OutToolCall {
+            id: super::tool_id::portable(&c.id),
+            kind: "function",
+            function: OutFunction::new(c),
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+pub(crate) struct OutFunctionDef<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
+}
+
+/// One entry of a request's `tools`.
+#[derive(Serialize)]
+pub(crate) struct OutTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunctionDef<'a>,
+}
+
+/// `tools` as OpenAI-shaped function tools. `strict` is written only when
+/// `with_strict` (backends that do not know the field are not sent it).
+pub(crate) fn out_tools(tools: &[Tool], with_strict: bool) -> Vec<OutTool<'_>> {
+    tools
+        .iter()
+        .map(|t| OutTool {
+            kind: "function",
+            function: OutFunctionDef {
+                name: &t.name,
+                description: t.description.as_deref(),
+                parameters: t.parameters.as_ref(),
+                strict: t.strict.filter(|_| with_strict),
+            },
+        })
+        .collect()
+}
+
+// === usage ===
+
+/// Canonical usage from a backend's counts: its total if it sent one, else the
+/// saturating sum; cached and reasoning counts as reported.
+pub fn reported_usage(
+    prompt: u32,
+    completion: u32,
+    total: Option<u32>,
+    cached: Option<u32>,
+    reasoning: Option<u32>,
+) -> Usage {
+    Usage {
+        cached_tokens: cached,
+        reasoning_tokens: reasoning,
+        ..Usage::reported(prompt, completion, total)
+    }
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+pub(crate) struct InPromptDetails {
+    #[serde(default)]
+    pub cached_tokens: Option<u32>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+pub(crate) struct InCompletionDetails {
+    #[serde(default)]
+    pub reasoning_tokens: Option<u32>,
+}
+
+/// `usage` as OpenAI-compatible servers report it.
+#[derive(Deserialize)]
+pub(crate) struct InUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+    #[serde(default)]
+    total_tokens: Option<u32>,
+    #[serde(default)]
+    prompt_tokens_details: Option<InPromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<InCompletionDetails>,
+}
+
+impl InUsage {
+    pub fn canonical(&self) -> Usage {
+        reported_usage(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            self.completion_tokens_details
+                .and_then(|d| d.reasoning_tokens),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(kind: &str, name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(kind)
+            .join(name);
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    #[test]
+    fn backend_errors_classify_by_status_and_body() {
+        let cases: [(u16, &str, ErrorKind); 9] = [
+            (
+                429,
+                &fixture("openai", "error_429.json"),
+                ErrorKind::RateLimited,
+            ),
+            (401, &fixture("openai", "error_401.json"), ErrorKind::Auth),
+            (
+                400,
+                &fixture("openai", "error_400_context.json"),
+                ErrorKind::ContextLength,
+            ),
+            (
+                500,
+                &fixture("openai", "error_500.json"),
+                ErrorKind::Overloaded,
+            ),
+            // llama.cpp
+            (
+                400,
+                r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error","n_prompt_tokens":9000,"n_ctx":4096}}"#,
+                ErrorKind::ContextLength,
+            ),
+            (
+                503,
+                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#,
+                ErrorKind::Overloaded,
+            ),
+            // vLLM's flat error, FastAPI's detail, Ollama's string
+            (
+                400,
+                r#"{"object":"error","message":"bad temperature","type":"BadRequestError","param":null,"code":400}"#,
+                ErrorKind::BadRequest,
+            ),
+            (
+                400,
+                r#"{"detail":"Invalid request"}"#,
+                ErrorKind::BadRequest,
+            ),
+            (400, r#"{"error":"content_filter"}"#, ErrorKind::BadRequest),
+        ];
+        for (status, body, kind) in cases {
+            let e = classify_error_body(status, body.as_bytes());
+            assert_eq!(e.kind, kind, "{status} {body}");
+            assert!(!e.message.is_empty());
+        }
+        let e = classify_error_body(
+            400,
+            br#"{"error":{"code":"content_filter","param":"prompt","message":"The response was filtered"}}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::ContentFilter);
+        assert_eq!(
+            classify_error_body(502, b"Bad Gateway").kind,
+            ErrorKind::Overloaded
+        );
+    }
+}
