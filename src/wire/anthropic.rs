@@ -1894,26 +1894,16 @@ impl super::Dialect for Anthropic {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::provider::anthropic::AnthropicCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
     use crate::wire::{Dialect, StreamEncoder};
     use serde_json::json;
 
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/anthropic")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(sse.as_bytes());
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            dec.decode(ev.event.as_deref(), &ev.data, &mut out)?;
-        }
-        assert!(dec.finished());
+        let codec = AnthropicCodec::new("2023-06-01", 1024);
+        let (out, result, finished) = decode_stream(&codec, sse.as_bytes(), 0);
+        result?;
+        assert!(finished);
         Ok(out)
     }
 
@@ -2226,7 +2216,7 @@ mod tests {
 
     #[test]
     fn recorded_responses_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "chat.json").as_bytes()).unwrap();
         assert_eq!(r.id, "msg_01FakeChat0001");
         assert_eq!(
             r.choices[0].message.content,
@@ -2239,23 +2229,23 @@ mod tests {
             (12, 6, 18)
         );
 
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "tools.json").as_bytes()).unwrap();
         let m = &r.choices[0].message;
         assert_eq!(m.tool_calls[0].id, "toolu_01FakeWeather");
         assert_eq!(m.tool_calls[0].name, "get_weather");
         assert_eq!(m.tool_calls[0].arguments, "{\"city\":\"Paris\"}");
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
 
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
 
-        let r = decode_chat_response(fixture("refusal.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "refusal.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].finish_reason,
             Some(FinishReason::ContentFilter)
         );
 
-        let r = decode_chat_response(fixture("cached.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "cached.json").as_bytes()).unwrap();
         let u = r.usage.unwrap();
         assert_eq!(
             (
@@ -2274,7 +2264,8 @@ mod tests {
 
     #[test]
     fn error_inside_a_200_body_is_an_error() {
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e =
+            decode_chat_response(fixture("anthropic", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         let e = decode_chat_response(b"<html>oops</html>").unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
@@ -2284,7 +2275,7 @@ mod tests {
 
     #[test]
     fn streamed_tool_calls_and_finish_reasons_decode() {
-        let events = stream_events(&fixture("tools.sse")).unwrap();
+        let events = stream_events(&fixture("anthropic", "tools.sse")).unwrap();
         assert!(matches!(&events[0], StreamEvent::Meta(m) if m.id == "msg_01FakeToolStream"));
         let calls: Vec<&ToolCallDelta> = events
             .iter()
@@ -2316,7 +2307,7 @@ mod tests {
         );
         assert_eq!(events[n - 1], StreamEvent::Done);
 
-        let events = stream_events(&fixture("length.sse")).unwrap();
+        let events = stream_events(&fixture("anthropic", "length.sse")).unwrap();
         assert!(events.iter().any(
             |e| matches!(e, StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Length))
         ));
@@ -2399,7 +2390,7 @@ mod tests {
             (200, "error_in_200.json", ErrorKind::Overloaded),
         ];
         for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("anthropic", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}");
             assert!(!e.message.is_empty());
         }
@@ -2638,7 +2629,7 @@ mod tests {
 
     #[test]
     fn canonical_streams_encode_as_named_events_and_decode_back() {
-        let mut events = stream_events(&fixture("tools.sse")).unwrap();
+        let mut events = stream_events(&fixture("anthropic", "tools.sse")).unwrap();
         let mut enc = Anthropic.stream_encoder(&request(Vec::new()));
         let mut out = Vec::new();
         for ev in &events {

@@ -99,26 +99,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::canonical::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/azure")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
+    use crate::provider::azure::AzureCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(text.as_bytes());
-        let mut dec = ChunkDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = dec.decode(&ev.data, &mut out) {
-                return (out, Err(e), dec.finished());
-            }
-        }
-        (out, Ok(()), dec.finished())
+        decode_stream(&AzureCodec::new("2024-10-21", true), text.as_bytes(), 0)
     }
 
     #[test]
@@ -135,24 +120,25 @@ mod tests {
 
     #[test]
     fn responses_with_filter_annotations_decode() {
-        let r = openai::decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = openai::decode_chat_response(fixture("azure", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
         );
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
-        let r = openai::decode_chat_response(fixture("content_filter.json").as_bytes()).unwrap();
+        let r = openai::decode_chat_response(fixture("azure", "content_filter.json").as_bytes())
+            .unwrap();
         assert_eq!(
             r.choices[0].finish_reason,
             Some(FinishReason::ContentFilter)
         );
-        let r = openai::decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = openai::decode_chat_response(fixture("azure", "tools.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].message.tool_calls[0].name, "get_weather");
     }
 
     #[test]
     fn the_annotation_only_first_chunk_is_skipped() {
-        let (ev, res, done) = stream(&fixture("chat.sse"));
+        let (ev, res, done) = stream(&fixture("azure", "chat.sse"));
         res.unwrap();
         assert!(done);
         let StreamEvent::Meta(meta) = &ev[0] else {
@@ -171,7 +157,7 @@ mod tests {
         assert!(ev
             .iter()
             .any(|e| matches!(e, StreamEvent::Usage(u) if u.total_tokens == 18)));
-        let (ev, res, _) = stream(&fixture("stream_error.sse"));
+        let (ev, res, _) = stream(&fixture("azure", "stream_error.sse"));
         assert!(ev.len() > 1);
         assert_eq!(res.unwrap_err().kind, ErrorKind::Overloaded);
     }
@@ -192,7 +178,7 @@ mod tests {
             (404, "error_404_deployment.json", ErrorKind::BadRequest),
         ];
         for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("azure", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}");
             assert!(!e.message.is_empty());
         }

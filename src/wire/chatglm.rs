@@ -278,15 +278,9 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::wire::common::testing::fixture;
     use crate::wire::openai;
     use serde_json::json;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/chatglm")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     fn request(v: Value) -> ChatRequest {
         openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
@@ -436,7 +430,7 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("chatglm", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -444,7 +438,8 @@ mod tests {
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert!(r.usage.is_none());
         assert!(r.id.starts_with("chatcmpl-"));
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e =
+            decode_chat_response(fixture("chatglm", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         assert!(e.message.contains("CUDA out of memory"));
         let e = decode_chat_response(b"Internal Server Error").unwrap_err();
@@ -469,7 +464,7 @@ mod tests {
             (400, "error_400_context.json", ErrorKind::ContextLength),
         ];
         for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("chatglm", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}");
             assert!(!e.message.is_empty());
         }

@@ -280,17 +280,70 @@ impl InUsage {
     }
 }
 
+/// One way to drive every backend's decoders in tests: recorded samples from
+/// `tests/fixtures/<kind>/`, streams through the codec's own framing and
+/// [`StreamDecoder`](crate::provider::StreamDecoder), bodies through the codec.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used)]
 
-    fn fixture(kind: &str, name: &str) -> String {
+    use crate::canonical::{ChatResponse, StreamEvent};
+    use crate::error::UpstreamError;
+    use crate::framing::FrameDecoder;
+    use crate::provider::Codec;
+
+    /// The text of `tests/fixtures/<kind>/<name>` (`name` may hold subfolders).
+    pub fn fixture(kind: &str, name: &str) -> String {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(kind)
             .join(name);
-        std::fs::read_to_string(p).unwrap_or_default()
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
+
+    /// Feeds `bytes` to a fresh stream decoder of `codec` in pieces of `chunk`
+    /// bytes (0: all at once), through the codec's framing, including the frame
+    /// left unterminated at the end. Stops at the first error. Returns the events
+    /// decoded, the outcome, and whether the decoder saw the end of the stream.
+    pub fn decode_stream(
+        codec: &dyn Codec,
+        bytes: &[u8],
+        chunk: usize,
+    ) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
+        let mut frames = FrameDecoder::new(codec.stream_framing());
+        let mut dec = codec.stream_decoder();
+        let mut out = Vec::new();
+        let chunk = if chunk == 0 {
+            bytes.len().max(1)
+        } else {
+            chunk
+        };
+        for piece in bytes.chunks(chunk) {
+            frames.push(piece);
+            while let Some(f) = frames.next_frame() {
+                if let Err(e) = dec.frame(f, &mut out) {
+                    return (out, Err(e), dec.finished());
+                }
+            }
+        }
+        if let Some(f) = frames.finish() {
+            if let Err(e) = dec.frame(f, &mut out) {
+                return (out, Err(e), dec.finished());
+            }
+        }
+        (out, Ok(()), dec.finished())
+    }
+
+    /// A complete (non-streamed) response body through `codec`.
+    pub fn decode_response(codec: &dyn Codec, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
+        codec.chat_response(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::fixture;
+    use super::*;
 
     #[test]
     fn backend_errors_classify_by_status_and_body() {

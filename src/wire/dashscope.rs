@@ -791,14 +791,8 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/dashscope")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
+    use crate::provider::dashscope::DashscopeCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
 
     fn request(messages: Vec<Message>) -> ChatRequest {
         ChatRequest {
@@ -826,24 +820,8 @@ mod tests {
 
     /// Feeds `sse` to a decoder in pieces of `chunk` bytes; stops at the first error.
     fn stream(sse: &str, chunk: usize) -> (Vec<StreamEvent>, Result<bool, UpstreamError>) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        let mut pending: Vec<Frame> = Vec::new();
-        for piece in sse.as_bytes().chunks(chunk) {
-            frames.push(piece);
-            while let Some(f) = frames.next_frame() {
-                pending.push(f);
-            }
-        }
-        pending.extend(frames.finish());
-        for f in pending {
-            let Frame::Sse(ev) = f else { unreachable!() };
-            if let Err(e) = dec.decode(ev.event.as_deref(), &ev.data, &mut out) {
-                return (out, Err(e));
-            }
-        }
-        (out, Ok(dec.finished()))
+        let (out, result, finished) = decode_stream(&DashscopeCodec::new(), sse.as_bytes(), chunk);
+        (out, result.map(|()| finished))
     }
 
     fn text_of(events: &[StreamEvent]) -> String {
@@ -964,7 +942,7 @@ mod tests {
             ("error_400_inspection.sse", ErrorKind::ContentFilter),
             ("error_400_arrearage.sse", ErrorKind::Auth),
         ] {
-            let e = classify_error_body(400, fixture(name).as_bytes());
+            let e = classify_error_body(400, fixture("dashscope", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}: {}", e.message);
             assert!(!e.message.contains("HTTP_STATUS"), "{}", e.message);
         }
@@ -1040,7 +1018,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("dashscope", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -1048,7 +1026,7 @@ mod tests {
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.id, "0ba0c2d9-6a9e-9b1f-8c2e-2f1d7c0e1a01");
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("dashscope", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
         // No total_tokens: computed.
         let r = decode_chat_response(
@@ -1064,7 +1042,7 @@ mod tests {
 
     #[test]
     fn decodes_tool_calls_and_generates_missing_ids() {
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("dashscope", "tools.json").as_bytes()).unwrap();
         let c = &r.choices[0];
         assert_eq!(c.finish_reason, Some(FinishReason::ToolCalls));
         let call = &c.message.tool_calls[0];
@@ -1105,7 +1083,7 @@ mod tests {
 
     #[test]
     fn stream_text_at_every_split_gives_the_same_events() {
-        let sse = fixture("chat.sse");
+        let sse = fixture("dashscope", "chat.sse");
         let (whole, finished) = stream(&sse, sse.len());
         assert!(finished.unwrap());
         assert_eq!(text_of(&whole), "Hello from the fake upstream.");
@@ -1154,7 +1132,7 @@ mod tests {
 
     #[test]
     fn stream_tool_call_fragments_by_index() {
-        let (events, finished) = stream(&fixture("tools.sse"), 13);
+        let (events, finished) = stream(&fixture("dashscope", "tools.sse"), 13);
         assert!(finished.unwrap());
         let frags: Vec<&ToolCallDelta> = events
             .iter()
@@ -1180,11 +1158,11 @@ mod tests {
 
     #[test]
     fn stream_length_and_error_event() {
-        let (events, finished) = stream(&fixture("length.sse"), 8);
+        let (events, finished) = stream(&fixture("dashscope", "length.sse"), 8);
         assert!(finished.unwrap());
         assert!(events.iter().any(|e| matches!(e,
             StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Length))));
-        let (events, result) = stream(&fixture("stream_error.sse"), 8);
+        let (events, result) = stream(&fixture("dashscope", "stream_error.sse"), 8);
         assert_eq!(text_of(&events), "Hello");
         let e = result.unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContentFilter);
@@ -1203,7 +1181,7 @@ mod tests {
             ("error_400_arrearage.json", 400, ErrorKind::Auth),
         ];
         for (name, status, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("dashscope", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}: {}", e.message);
             assert_eq!(e.status, Some(status));
         }

@@ -1196,14 +1196,8 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/gemini")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
+    use crate::provider::gemini::GeminiCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
 
     fn request(messages: Vec<Message>) -> ChatRequest {
         ChatRequest {
@@ -1226,19 +1220,8 @@ mod tests {
 
     /// Feeds `sse` to a decoder in pieces of `chunk` bytes.
     fn stream(sse: &str, chunk: usize) -> Result<(Vec<StreamEvent>, bool), UpstreamError> {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        for piece in sse.as_bytes().chunks(chunk) {
-            frames.push(piece);
-            while let Some(Frame::Sse(ev)) = frames.next_frame() {
-                dec.decode(&ev.data, &mut out)?;
-            }
-        }
-        if let Some(Frame::Sse(ev)) = frames.finish() {
-            dec.decode(&ev.data, &mut out)?;
-        }
-        Ok((out, dec.finished()))
+        let (out, result, finished) = decode_stream(&GeminiCodec::new(), sse.as_bytes(), chunk);
+        result.map(|()| (out, finished))
     }
 
     fn text_of(events: &[StreamEvent]) -> String {
@@ -1429,7 +1412,7 @@ mod tests {
 
     #[test]
     fn thought_signatures_round_trip_through_call_ids() {
-        let resp = decode_chat_response(fixture("signed_call.json").as_bytes()).unwrap();
+        let resp = decode_chat_response(fixture("gemini", "signed_call.json").as_bytes()).unwrap();
         let call = &resp.choices[0].message.tool_calls[0];
         assert!(call.id.starts_with("call_"), "{}", call.id);
         // The signature stays in the gateway: the id is one every backend accepts.
@@ -1556,7 +1539,7 @@ mod tests {
             );
         }
         // Calls Gemini gave no id are replayed without one.
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];
         let req = request(vec![
             Message::text(Role::User, "q"),
@@ -1628,7 +1611,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -1637,13 +1620,13 @@ mod tests {
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "gemini-2.5-flash");
         assert_eq!(r.id, "conf-gemini-1");
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
     }
 
     #[test]
     fn decodes_tool_calls_with_generated_ids() {
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "tools.json").as_bytes()).unwrap();
         let c = &r.choices[0];
         assert_eq!(c.finish_reason, Some(FinishReason::ToolCalls));
         assert_eq!(c.message.tool_calls.len(), 1);
@@ -1708,7 +1691,8 @@ mod tests {
 
     #[test]
     fn blocked_prompt_is_a_content_filter_error() {
-        let e = decode_chat_response(fixture("error_in_200_blocked.json").as_bytes()).unwrap_err();
+        let e = decode_chat_response(fixture("gemini", "error_in_200_blocked.json").as_bytes())
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContentFilter);
         assert!(e.message.contains("SAFETY"), "{}", e.message);
         let e = stream(
@@ -1750,7 +1734,7 @@ mod tests {
 
     #[test]
     fn stream_text_at_every_split_gives_the_same_events() {
-        let sse = fixture("chat.sse");
+        let sse = fixture("gemini", "chat.sse");
         let (whole, finished) = stream(&sse, sse.len()).unwrap();
         assert!(finished);
         assert_eq!(text_of(&whole), "Hello from the fake upstream.");
@@ -1795,7 +1779,7 @@ mod tests {
 
     #[test]
     fn stream_tool_call_arrives_whole() {
-        let (events, finished) = stream(&fixture("tools.sse"), 9).unwrap();
+        let (events, finished) = stream(&fixture("gemini", "tools.sse"), 9).unwrap();
         assert!(finished);
         let deltas: Vec<&Delta> = events
             .iter()
@@ -1817,24 +1801,15 @@ mod tests {
 
     #[test]
     fn stream_length_and_in_band_error() {
-        let (events, finished) = stream(&fixture("length.sse"), 11).unwrap();
+        let (events, finished) = stream(&fixture("gemini", "length.sse"), 11).unwrap();
         assert!(finished);
         assert!(events.iter().any(|e| matches!(e,
             StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Length))));
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(fixture("stream_error.sse").as_bytes());
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        let mut err = None;
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = dec.decode(&ev.data, &mut out) {
-                err = Some(e);
-                break;
-            }
-        }
+        let sse = fixture("gemini", "stream_error.sse");
+        let (out, result, finished) = decode_stream(&GeminiCodec::new(), sse.as_bytes(), 0);
         assert_eq!(text_of(&out), "Hello");
-        assert_eq!(err.unwrap().kind, ErrorKind::Overloaded);
-        assert!(!dec.finished());
+        assert_eq!(result.unwrap_err().kind, ErrorKind::Overloaded);
+        assert!(!finished);
     }
 
     #[test]
@@ -1870,12 +1845,12 @@ mod tests {
             ("error_403.json", 403, ErrorKind::Auth),
         ];
         for (name, status, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("gemini", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}: {}", e.message);
             assert_eq!(e.status, Some(status));
             assert!(!e.message.is_empty());
         }
-        let e = classify_error_body(429, fixture("error_429.json").as_bytes());
+        let e = classify_error_body(429, fixture("gemini", "error_429.json").as_bytes());
         assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(37)));
         let more: [(Value, ErrorKind); 4] = [
             (
@@ -1905,7 +1880,7 @@ mod tests {
             );
         }
         // An array-wrapped error, and a body that is not JSON.
-        let arr = format!("[{}]", fixture("error_429.json"));
+        let arr = format!("[{}]", fixture("gemini", "error_429.json"));
         assert_eq!(
             classify_error_body(429, arr.as_bytes()).kind,
             ErrorKind::RateLimited

@@ -486,15 +486,9 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::provider::llamacpp::LlamacppCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
     use serde_json::json;
-
-    fn fixture(rel: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/llamacpp")
-            .join(rel);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     /// The templates of the shipped sample provider file.
     fn sample_templates() -> BTreeMap<String, ChatTemplate> {
@@ -558,18 +552,11 @@ mod tests {
     /// Frames a recorded HTTP answer (status line, CRLF headers, blank line, body)
     /// and decodes its SSE body.
     fn sse_events(name: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let body = fixture(name);
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(body.as_bytes());
-        let mut dec = CompletionStream::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
-                return Err(dec.error_line(v));
-            }
-            dec.data(&ev.data, &mut out)?;
-        }
-        assert!(dec.finished(), "no stop:true event in {name}");
+        let body = fixture("llamacpp", name);
+        let codec = LlamacppCodec::new(&BTreeMap::new()).unwrap();
+        let (out, result, finished) = decode_stream(&codec, body.as_bytes(), 0);
+        result?;
+        assert!(finished, "no stop:true event in {name}");
         Ok(out)
     }
 
@@ -600,7 +587,8 @@ mod tests {
     #[test]
     fn sample_chatml_template_matches_the_models_own() {
         // 23-props: the template embedded in the recorded server's model (ChatML).
-        let props: Value = serde_json::from_str(&fixture("recorded/23-props.body")).unwrap();
+        let props: Value =
+            serde_json::from_str(&fixture("llamacpp", "recorded/23-props.body")).unwrap();
         let theirs = one(props["chat_template"].as_str().unwrap());
         let ours = Templates::compile(&sample_templates()).unwrap();
         let req = transcript();
@@ -781,9 +769,10 @@ mod tests {
     #[test]
     fn recorded_answers_decode() {
         // 02: cut at n_predict.
-        let r =
-            decode_completion_response(fixture("recorded/02-completion-length.body").as_bytes())
-                .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/02-completion-length.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text(
@@ -799,9 +788,10 @@ mod tests {
         );
         assert_eq!(u.cached_tokens, Some(1));
         // 04: a stop word; prompt tokens are tokens_evaluated, not timings.prompt_n (1).
-        let r =
-            decode_completion_response(fixture("recorded/04-completion-stopword.body").as_bytes())
-                .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/04-completion-stopword.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(
             r.choices[0].message.content,
@@ -811,8 +801,10 @@ mod tests {
         assert_eq!((u.prompt_tokens, u.completion_tokens), (8, 4));
         assert_eq!(u.cached_tokens, Some(7));
         // 06: end of sequence.
-        let r = decode_completion_response(fixture("recorded/06-completion-eos.body").as_bytes())
-            .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/06-completion-eos.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.unwrap(), {
             let mut u = Usage::new(7, 5);
@@ -821,13 +813,14 @@ mod tests {
         });
         // 08 (token prompt) and 09 (with completion_probabilities) decode too.
         let r = decode_completion_response(
-            fixture("recorded/08-completion-tokens-prompt.body").as_bytes(),
+            fixture("llamacpp", "recorded/08-completion-tokens-prompt.body").as_bytes(),
         )
         .unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
-        let r =
-            decode_completion_response(fixture("recorded/09-completion-nprobs.body").as_bytes())
-                .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/09-completion-nprobs.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text(" alpha bravo".into()))
@@ -837,7 +830,7 @@ mod tests {
     #[test]
     fn a_truncated_prompt_is_a_context_length_error() {
         let e = decode_completion_response(
-            fixture("recorded/29-context-overflow-truncated.body").as_bytes(),
+            fixture("llamacpp", "recorded/29-context-overflow-truncated.body").as_bytes(),
         )
         .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContextLength);
@@ -883,7 +876,7 @@ mod tests {
 
     #[test]
     fn conformance_fixtures_decode() {
-        let r = decode_completion_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_completion_response(fixture("llamacpp", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -916,30 +909,38 @@ mod tests {
         let cases: [(u16, String, ErrorKind); 8] = [
             (
                 404,
-                fixture("recorded/26-err-not-found.body"),
+                fixture("llamacpp", "recorded/26-err-not-found.body"),
                 ErrorKind::BadRequest,
             ),
             (
                 500,
-                fixture("recorded/27-err-bad-json.body"),
+                fixture("llamacpp", "recorded/27-err-bad-json.body"),
                 ErrorKind::Overloaded,
             ),
             (
                 500,
-                fixture("recorded/28-err-chat-no-messages.body"),
+                fixture("llamacpp", "recorded/28-err-chat-no-messages.body"),
                 ErrorKind::Overloaded,
             ),
             (
                 400,
-                fixture("error_400_context.json"),
+                fixture("llamacpp", "error_400_context.json"),
                 ErrorKind::ContextLength,
             ),
-            (400, fixture("error_400.json"), ErrorKind::BadRequest),
-            (401, fixture("error_401.json"), ErrorKind::Auth),
-            (429, fixture("error_429.json"), ErrorKind::RateLimited),
+            (
+                400,
+                fixture("llamacpp", "error_400.json"),
+                ErrorKind::BadRequest,
+            ),
+            (401, fixture("llamacpp", "error_401.json"), ErrorKind::Auth),
+            (
+                429,
+                fixture("llamacpp", "error_429.json"),
+                ErrorKind::RateLimited,
+            ),
             (
                 503,
-                fixture("error_503_loading.json"),
+                fixture("llamacpp", "error_503_loading.json"),
                 ErrorKind::Overloaded,
             ),
         ];

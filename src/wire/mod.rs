@@ -147,8 +147,8 @@ mod hostile_numbers {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
-    use crate::framing::FrameDecoder;
     use crate::provider::{self, Codec};
+    use crate::wire::common::testing::{decode_response, decode_stream};
 
     fn codecs() -> Vec<(&'static str, Arc<dyn Codec>)> {
         vec![
@@ -213,20 +213,7 @@ mod hostile_numbers {
     }
 
     fn stream(codec: &dyn Codec, body: &[u8], chunk: usize) {
-        let mut frames = FrameDecoder::new(codec.stream_framing());
-        let mut dec = codec.stream_decoder();
-        let mut out = Vec::new();
-        for piece in body.chunks(chunk.max(1)) {
-            frames.push(piece);
-            while let Some(f) = frames.next_frame() {
-                if dec.frame(f, &mut out).is_err() {
-                    return;
-                }
-            }
-        }
-        if let Some(f) = frames.finish() {
-            let _ = dec.frame(f, &mut out);
-        }
+        let (out, _, _) = decode_stream(codec, body, chunk.max(1));
         assert!(out.len() <= body.len() + 8, "events bounded by input");
     }
 
@@ -253,7 +240,7 @@ mod hostile_numbers {
                 let name = path.file_name().unwrap().to_string_lossy().into_owned();
                 for h in hostile {
                     let body = replace_numbers(&text, h);
-                    let _ = codec.chat_response(body.as_bytes());
+                    let _ = decode_response(codec.as_ref(), body.as_bytes());
                     let _ = codec.embeddings_response(body.as_bytes());
                     let _ = codec.error(400, body.as_bytes());
                     if name.ends_with(".sse") || name.ends_with(".ndjson") {
@@ -265,7 +252,7 @@ mod hostile_numbers {
                 // Cut at every point.
                 let bytes = text.as_bytes();
                 for cut in 0..bytes.len() {
-                    let _ = codec.chat_response(&bytes[..cut]);
+                    let _ = decode_response(codec.as_ref(), &bytes[..cut]);
                     if name.ends_with(".sse") || name.ends_with(".ndjson") {
                         stream(codec.as_ref(), &bytes[..cut], 13);
                     }

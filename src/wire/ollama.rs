@@ -587,32 +587,17 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::provider::ollama::OllamaCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
     use serde_json::json;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/ollama")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     /// Decodes an NDJSON fixture, optionally cut into pieces of `chunk` bytes.
     fn stream(name: &str, chunk: usize) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let text = fixture(name);
-        let mut frames = FrameDecoder::new(Framing::Ndjson);
-        let mut dec = ChatStream::default();
-        let mut out = Vec::new();
-        for piece in text.as_bytes().chunks(chunk) {
-            frames.push(piece);
-            while let Some(Frame::Line(l)) = frames.next_frame() {
-                dec.line(&l, &mut out)?;
-            }
-        }
-        if let Some(Frame::Line(l)) = frames.finish() {
-            dec.line(&l, &mut out)?;
-        }
-        assert!(dec.finished(), "{name} has no done line");
+        let text = fixture("ollama", name);
+        let (out, result, finished) =
+            decode_stream(&OllamaCodec::new(None), text.as_bytes(), chunk);
+        result?;
+        assert!(finished, "{name} has no done line");
         Ok(out)
     }
 
@@ -795,7 +780,7 @@ mod tests {
 
     #[test]
     fn answers_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("ollama", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -804,14 +789,14 @@ mod tests {
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "llama3.2");
 
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("ollama", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];
         assert_eq!(call.name, "get_weather");
         assert_eq!(call.arguments, "{\"city\":\"Paris\"}");
         assert!(call.id.starts_with("call_"));
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
 
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("ollama", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
 
         // Thinking, a tool call with its own id, no prompt count (cache hit).
@@ -882,16 +867,32 @@ mod tests {
     #[test]
     fn errors_classify() {
         let cases: [(u16, String, ErrorKind); 8] = [
-            (429, fixture("error_429.json"), ErrorKind::RateLimited),
-            (500, fixture("error_500.json"), ErrorKind::Overloaded),
-            (401, fixture("error_401.json"), ErrorKind::Auth),
-            (400, fixture("error_400.json"), ErrorKind::BadRequest),
+            (
+                429,
+                fixture("ollama", "error_429.json"),
+                ErrorKind::RateLimited,
+            ),
+            (
+                500,
+                fixture("ollama", "error_500.json"),
+                ErrorKind::Overloaded,
+            ),
+            (401, fixture("ollama", "error_401.json"), ErrorKind::Auth),
             (
                 400,
-                fixture("error_400_context.json"),
+                fixture("ollama", "error_400.json"),
+                ErrorKind::BadRequest,
+            ),
+            (
+                400,
+                fixture("ollama", "error_400_context.json"),
                 ErrorKind::ContextLength,
             ),
-            (404, fixture("error_404_model.json"), ErrorKind::BadRequest),
+            (
+                404,
+                fixture("ollama", "error_404_model.json"),
+                ErrorKind::BadRequest,
+            ),
             (
                 500,
                 r#"{"error":"context canceled"}"#.into(),
@@ -904,7 +905,8 @@ mod tests {
             assert_eq!(e.kind, kind, "{status} {body}");
             assert!(!e.message.is_empty());
         }
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e =
+            decode_chat_response(fixture("ollama", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
     }
 
@@ -926,7 +928,8 @@ mod tests {
             v,
             json!({"model": "nomic-embed-text", "input": ["a", "b"], "keep_alive": "5m"})
         );
-        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        let r =
+            decode_embeddings_response(fixture("ollama", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(r.vectors.len(), 2);
         assert_eq!(r.vectors[1], vec![0.5, -0.25, 0.125]);
         assert_eq!(r.usage.prompt_tokens, 4);

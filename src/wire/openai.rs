@@ -1619,26 +1619,18 @@ pub fn encode_vendor_chat_request(req: &ChatRequest, model: &str, v: &VendorChat
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::provider::openai::{OpenAiCodec, Quirks};
     use crate::wire::common::classify_error_body;
+    use crate::wire::common::testing::{decode_stream, fixture};
     use serde_json::json;
 
-    fn fixture(rel: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(rel);
-        std::fs::read_to_string(p).unwrap()
-    }
-
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(sse.as_bytes());
-        let mut dec = ChunkDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            dec.decode(&ev.data, &mut out)?;
-        }
-        assert!(dec.finished());
+        let codec = OpenAiCodec {
+            quirks: Quirks::default(),
+        };
+        let (out, result, finished) = decode_stream(&codec, sse.as_bytes(), 0);
+        result?;
+        assert!(finished);
         Ok(out)
     }
 
@@ -1795,16 +1787,17 @@ mod tests {
 
     #[test]
     fn recorded_responses_decode() {
-        let r = decode_chat_response(fixture("openai/chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("openai", "chat.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.unwrap().cached_tokens, Some(4));
-        let r = decode_chat_response(fixture("llamacpp-openai/10-chat.body").as_bytes()).unwrap();
+        let r =
+            decode_chat_response(fixture("llamacpp-openai", "10-chat.body").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the tiny test model".into()))
         );
         assert_eq!(r.usage.unwrap(), Usage::new(23, 7));
-        let r = decode_chat_response(fixture("openai/chat_tool_calls.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("openai", "chat_tool_calls.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].message.tool_calls[0].name, "get_weather");
         let client: Value = serde_json::from_slice(&encode_chat_response(&r, "route")).unwrap();
         assert_eq!(
@@ -1816,8 +1809,8 @@ mod tests {
 
     #[test]
     fn error_inside_a_200_body_is_an_error() {
-        let e =
-            decode_chat_response(fixture("openai/chat_error_in_200.json").as_bytes()).unwrap_err();
+        let e = decode_chat_response(fixture("openai", "chat_error_in_200.json").as_bytes())
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         let e = decode_chat_response(b"<html>oops</html>").unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
@@ -1836,7 +1829,7 @@ mod tests {
 
     #[test]
     fn streams_decode_and_reencode() {
-        let events = stream_events(&fixture("openai/chat_stream_tool_calls.sse")).unwrap();
+        let events = stream_events(&fixture("openai", "chat_stream_tool_calls.sse")).unwrap();
         assert!(matches!(events[0], StreamEvent::Meta(_)));
         assert_eq!(events.last(), Some(&StreamEvent::Done));
         assert!(events.contains(&StreamEvent::Usage(Usage::new(40, 18))));
@@ -1849,7 +1842,8 @@ mod tests {
         let again = stream_events(std::str::from_utf8(&out).unwrap()).unwrap();
         assert_eq!(&again[1..], &events[1..]);
 
-        let events = stream_events(&fixture("llamacpp-openai/12-chat-stream-usage.body")).unwrap();
+        let events =
+            stream_events(&fixture("llamacpp-openai", "12-chat-stream-usage.body")).unwrap();
         let text: String = events
             .iter()
             .filter_map(|e| match e {
@@ -1955,7 +1949,7 @@ mod tests {
 
     #[test]
     fn stream_error_events_are_errors() {
-        let e = stream_events(&fixture("openai/chat_stream_error_event.sse")).unwrap_err();
+        let e = stream_events(&fixture("openai", "chat_stream_error_event.sse")).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         let mut dec = ChunkDecoder::default();
         let e = dec.decode("{not json", &mut Vec::new()).unwrap_err();
@@ -2019,7 +2013,8 @@ mod tests {
                 n
             );
         }
-        let r = decode_embeddings_response(fixture("openai/embeddings.json").as_bytes()).unwrap();
+        let r =
+            decode_embeddings_response(fixture("openai", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(r.vectors[1], vec![0.5, -0.25, 0.125, 1.0]);
         let b64 = encode_base64_vector(&r.vectors[1]);
         assert_eq!(decode_base64_vector(&b64).unwrap(), r.vectors[1]);
@@ -2030,7 +2025,7 @@ mod tests {
         // ChatGLM3's openai_api_demo: CRLF frames, `: ping` comments, `id: ""`, a
         // `function_call` delta finishing with "function_call", then a trailing
         // "stop" chunk that must not override it.
-        let events = stream_events(&fixture("chatglm3/tools.sse")).unwrap();
+        let events = stream_events(&fixture("chatglm3", "tools.sse")).unwrap();
         let finishes: Vec<FinishReason> = events
             .iter()
             .filter_map(|e| match e {
@@ -2061,7 +2056,7 @@ mod tests {
             "an empty id is replaced by a generated one: {meta:?}"
         );
 
-        let events = stream_events(&fixture("chatglm3/chat.sse")).unwrap();
+        let events = stream_events(&fixture("chatglm3", "chat.sse")).unwrap();
         let text: String = events
             .iter()
             .filter_map(|e| match e {
@@ -2073,7 +2068,7 @@ mod tests {
         assert!(!events.iter().any(|e| matches!(e, StreamEvent::Usage(_))));
 
         // Non-streaming: `id: ""` gets a generated id; the call gets an id.
-        let r = decode_chat_response(fixture("chatglm3/tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("chatglm3", "tools.json").as_bytes()).unwrap();
         assert!(r.id.starts_with("chatcmpl-"));
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
         assert_eq!(

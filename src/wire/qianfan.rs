@@ -628,16 +628,10 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::provider::qianfan::QianfanCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
     use crate::wire::openai;
     use serde_json::json;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/qianfan")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     fn request(v: Value) -> ChatRequest {
         openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
@@ -648,16 +642,7 @@ mod tests {
     }
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(text.as_bytes());
-        let mut st = StreamState::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = st.decode(&ev.data, &mut out) {
-                return (out, Err(e), st.finished());
-            }
-        }
-        (out, Ok(()), st.finished())
+        decode_stream(&QianfanCodec::new(), text.as_bytes(), 0)
     }
 
     fn finishes(ev: &[StreamEvent]) -> Vec<FinishReason> {
@@ -803,7 +788,7 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "chat.json").as_bytes()).unwrap();
         assert_eq!(r.id, "as-fake0001");
         assert_eq!(
             r.choices[0].message.content,
@@ -811,7 +796,7 @@ mod tests {
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "tools.json").as_bytes()).unwrap();
         let m = &r.choices[0].message;
         assert_eq!(m.content, None);
         assert_eq!(m.tool_calls[0].name, "get_weather");
@@ -819,9 +804,9 @@ mod tests {
         assert!(m.tool_calls[0].id.starts_with("call_"));
         assert!(m.reasoning.is_some());
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
-        let r = decode_chat_response(fixture("moderated.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "moderated.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].finish_reason,
             Some(FinishReason::ContentFilter)
@@ -837,7 +822,7 @@ mod tests {
     #[test]
     fn refused_tokens_are_recognised_for_a_retry() {
         for name in ["error_in_200_token.json", "token_expired_stream.1.json"] {
-            let e = decode_chat_response(fixture(name).as_bytes()).unwrap_err();
+            let e = decode_chat_response(fixture("qianfan", name).as_bytes()).unwrap_err();
             assert!(is_token_refused(&e), "{name}: {e:?}");
         }
         let e = classify_error_body(401, br#"{"error_code":110,"error_msg":"x"}"#);
@@ -860,7 +845,7 @@ mod tests {
             ("error_in_200.json", ErrorKind::BadRequest),
         ];
         for (name, kind) in cases {
-            let e = decode_chat_response(fixture(name).as_bytes()).unwrap_err();
+            let e = decode_chat_response(fixture("qianfan", name).as_bytes()).unwrap_err();
             assert_eq!(e.kind, kind, "{name}");
             assert_eq!(e.status, None);
             assert!(e.message.contains("error_code"));
@@ -884,7 +869,7 @@ mod tests {
             (400, "error_400_context.json", ErrorKind::ContextLength),
         ];
         for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("qianfan", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}");
             assert_eq!(e.status, Some(status));
         }
@@ -896,7 +881,7 @@ mod tests {
 
     #[test]
     fn streams_end_at_is_end() {
-        let (ev, res, done) = stream(&fixture("chat.sse"));
+        let (ev, res, done) = stream(&fixture("qianfan", "chat.sse"));
         res.unwrap();
         assert!(done);
         let StreamEvent::Meta(meta) = &ev[0] else {
@@ -920,7 +905,7 @@ mod tests {
         assert_eq!(usages, vec![&StreamEvent::Usage(Usage::new(12, 6))]);
         assert_eq!(ev.last(), Some(&StreamEvent::Done));
 
-        let (ev, _, done) = stream(&fixture("tools.sse"));
+        let (ev, _, done) = stream(&fixture("qianfan", "tools.sse"));
         assert!(done);
         assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
         let calls: Vec<&ToolCallDelta> = ev
@@ -935,10 +920,10 @@ mod tests {
         assert!(calls[0].id.is_some());
         assert_eq!(calls[0].arguments.as_deref(), Some("{\"city\":\"Paris\"}"));
 
-        let (ev, _, _) = stream(&fixture("length.sse"));
+        let (ev, _, _) = stream(&fixture("qianfan", "length.sse"));
         assert_eq!(finishes(&ev), vec![FinishReason::Length]);
 
-        let (ev, res, done) = stream(&fixture("stream_error.sse"));
+        let (ev, res, done) = stream(&fixture("qianfan", "stream_error.sse"));
         assert!(!done);
         assert!(ev
             .iter()
@@ -959,7 +944,8 @@ mod tests {
             encode_embeddings_request(&tokens).unwrap_err().kind,
             ErrorKind::BadRequest
         );
-        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        let r =
+            decode_embeddings_response(fixture("qianfan", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(r.vectors, vec![vec![0.5, -0.25], vec![0.125, 1.0]]);
         assert_eq!(r.usage.prompt_tokens, 4);
         let e = decode_embeddings_response(

@@ -229,27 +229,12 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::provider::zhipu::ZhipuCodec;
+    use crate::wire::common::testing::{decode_stream, fixture};
     use serde_json::json;
 
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/zhipu")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(text.as_bytes());
-        let mut dec = ChunkDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = dec.decode(ev.event.as_deref(), &ev.data, &mut out) {
-                return (out, Err(e), dec.finished());
-            }
-        }
-        (out, Ok(()), dec.finished())
+        decode_stream(&ZhipuCodec::new(), text.as_bytes(), 0)
     }
 
     fn text_of(events: &[StreamEvent]) -> String {
@@ -353,7 +338,7 @@ mod tests {
 
     #[test]
     fn context_window_exceeded_finish_is_length() {
-        let r = decode_chat_response(fixture("context_window.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "context_window.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
         let chunk = r#"{"id":"a","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"model_context_window_exceeded"}]}"#;
         let mut out = Vec::new();
@@ -367,14 +352,14 @@ mod tests {
 
     #[test]
     fn responses_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];
         assert_eq!(
             (
@@ -385,9 +370,9 @@ mod tests {
             ("call_9f8e7d6c5b4a", "get_weather", "{\"city\":\"Paris\"}")
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e = decode_chat_response(fixture("zhipu", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         // Text that merely mentions "error" is not an error.
         let ok = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"no \"error\" here"},"finish_reason":"stop"}]}"#;
@@ -396,14 +381,14 @@ mod tests {
 
     #[test]
     fn streams_decode_with_usage_on_the_last_chunk() {
-        let (ev, res, done) = stream(&fixture("chat.sse"));
+        let (ev, res, done) = stream(&fixture("zhipu", "chat.sse"));
         res.unwrap();
         assert!(done);
         assert!(matches!(ev[0], StreamEvent::Meta(_)));
         assert_eq!(text_of(&ev), "Hello from the fake upstream.");
         assert!(ev.contains(&StreamEvent::Usage(Usage::new(12, 6))));
         assert_eq!(ev.last(), Some(&StreamEvent::Done));
-        let (ev, _, _) = stream(&fixture("tools.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "tools.sse"));
         let calls: Vec<&ToolCallDelta> = ev
             .iter()
             .filter_map(|e| match e {
@@ -423,21 +408,21 @@ mod tests {
                 .collect()
         };
         assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
-        let (ev, _, _) = stream(&fixture("sensitive.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "sensitive.sse"));
         assert_eq!(finishes(&ev), vec![FinishReason::ContentFilter]);
-        let (ev, _, _) = stream(&fixture("length.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "length.sse"));
         assert_eq!(finishes(&ev), vec![FinishReason::Length]);
-        let (ev, _, _) = stream(&fixture("reasoning.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "reasoning.sse"));
         assert!(ev.iter().any(|e| matches!(e, StreamEvent::Delta(d) if d.reasoning.as_deref() == Some("The user greets."))));
     }
 
     #[test]
     fn stream_errors_are_classified_by_code() {
-        let (ev, res, done) = stream(&fixture("stream_error.sse"));
+        let (ev, res, done) = stream(&fixture("zhipu", "stream_error.sse"));
         assert_eq!(text_of(&ev), "Hello from");
         assert_eq!(res.unwrap_err().kind, ErrorKind::Overloaded);
         assert!(!done);
-        let (_, res, _) = stream(&fixture("stream_error_event.sse"));
+        let (_, res, _) = stream(&fixture("zhipu", "stream_error_event.sse"));
         assert_eq!(res.unwrap_err().kind, ErrorKind::RateLimited);
         let mut d = ChunkDecoder::default();
         assert_eq!(
@@ -469,7 +454,7 @@ mod tests {
             (400, "error_400_sensitive.json", ErrorKind::ContentFilter),
         ];
         for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
+            let e = classify_error_body(status, fixture("zhipu", name).as_bytes());
             assert_eq!(e.kind, kind, "{name}");
             assert_eq!(e.status, Some(status));
             assert!(!e.message.is_empty());
@@ -492,7 +477,7 @@ mod tests {
 
     #[test]
     fn embeddings_decode() {
-        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        let r = decode_embeddings_response(fixture("zhipu", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(
             r.vectors,
             vec![vec![0.25, -0.5, 0.125], vec![1.0, 0.0, -1.0]]
