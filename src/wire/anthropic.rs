@@ -36,7 +36,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::common::{malformed, malformed_json, push_joined};
+use super::common::{
+    join_system, malformed, malformed_json, open_stream, push_joined, stream_meta,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
@@ -310,12 +312,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
     for m in &req.messages {
         let (role, blocks) = match m.role {
             Role::System | Role::Developer => {
-                if let Some(c) = &m.content {
-                    let t = c.text();
-                    if !blank(&t) {
-                        push_joined(&mut system, "\n\n", &t);
-                    }
-                }
+                join_system(&mut system, m.content.as_ref(), blank);
                 continue;
             }
             Role::User => {
@@ -487,6 +484,8 @@ pub fn finish_reason_from_wire(s: &str) -> FinishReason {
     }
 }
 
+/// A content block of a response, or the one a stream's `content_block_start`
+/// opens (the same shape).
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum InRespBlock {
@@ -608,29 +607,6 @@ struct InStartMessage {
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum InStartBlock {
-    Text {
-        #[serde(default)]
-        text: String,
-    },
-    ToolUse {
-        #[serde(default)]
-        id: String,
-        #[serde(default)]
-        name: String,
-        #[serde(default)]
-        input: Option<Value>,
-    },
-    Thinking {
-        #[serde(default)]
-        thinking: String,
-    },
-    #[serde(other)]
-    Other,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
 enum InBlockDelta {
     TextDelta {
         #[serde(default)]
@@ -663,7 +639,7 @@ enum InEvent {
     },
     ContentBlockStart {
         index: u32,
-        content_block: InStartBlock,
+        content_block: InRespBlock,
     },
     ContentBlockDelta {
         index: u32,
@@ -708,15 +684,9 @@ pub struct EventDecoder {
 
 impl EventDecoder {
     fn start(&mut self, id: Option<String>, model: Option<String>, out: &mut Vec<StreamEvent>) {
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: id.unwrap_or_else(new_message_id),
-                created: unix_now(),
-                model: model.unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(id.unwrap_or_else(new_message_id), None, model)
+        });
     }
 
     fn tool_delta(out: &mut Vec<StreamEvent>, call: ToolCallDelta) {
@@ -765,7 +735,7 @@ impl EventDecoder {
             } => {
                 self.start(None, None, out);
                 match content_block {
-                    InStartBlock::Text { text } => {
+                    InRespBlock::Text { text } => {
                         if !text.is_empty() {
                             out.push(StreamEvent::Delta(Delta {
                                 content: Some(text),
@@ -773,7 +743,7 @@ impl EventDecoder {
                             }));
                         }
                     }
-                    InStartBlock::Thinking { thinking } => {
+                    InRespBlock::Thinking { thinking } => {
                         if !thinking.is_empty() {
                             out.push(StreamEvent::Delta(Delta {
                                 reasoning: Some(thinking),
@@ -781,7 +751,7 @@ impl EventDecoder {
                             }));
                         }
                     }
-                    InStartBlock::ToolUse { id, name, input } => {
+                    InRespBlock::ToolUse { id, name, input } => {
                         let tool = self.tools.len() as u32;
                         let initial = input
                             .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
@@ -801,7 +771,7 @@ impl EventDecoder {
                             },
                         );
                     }
-                    InStartBlock::Other => {}
+                    InRespBlock::Other => {}
                 }
             }
             InEvent::ContentBlockDelta { index, delta } => {

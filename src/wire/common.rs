@@ -13,7 +13,9 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::canonical::{FinishReason, Tool, ToolCall, Usage};
+use crate::canonical::{
+    unix_now, Content, FinishReason, StreamEvent, StreamMeta, Tool, ToolCall, Usage,
+};
 use crate::error::{ErrorKind, UpstreamError};
 
 // === ids ===
@@ -135,6 +137,32 @@ pub fn finish_reason_from_wire(s: &str) -> FinishReason {
     }
 }
 
+// === streams ===
+
+/// Pushes the `Meta` event that opens a stream, once: only while `*started` is
+/// false, which it then sets; `meta` is called only then.
+pub fn open_stream(
+    started: &mut bool,
+    out: &mut Vec<StreamEvent>,
+    meta: impl FnOnce() -> StreamMeta,
+) {
+    if !*started {
+        *started = true;
+        out.push(StreamEvent::Meta(meta()));
+    }
+}
+
+/// A stream's `Meta` with no fingerprint; `created` is now when the backend sent
+/// none.
+pub fn stream_meta(id: String, created: Option<u64>, model: Option<String>) -> StreamMeta {
+    StreamMeta {
+        id,
+        created: created.unwrap_or_else(unix_now),
+        model: model.unwrap_or_default(),
+        system_fingerprint: None,
+    }
+}
+
 // === system messages ===
 
 /// Appends `text` to `buf`, with `sep` between it and what `buf` already holds:
@@ -145,6 +173,18 @@ pub fn push_joined(buf: &mut String, sep: &str, text: &str) {
         buf.push_str(sep);
     }
     buf.push_str(text);
+}
+
+/// Appends the text of a system or developer message to `system`, a blank line
+/// apart from what is there: for backends that take one system text. Text that
+/// `skip` refuses (empty, blank) is left out.
+pub fn join_system(system: &mut String, content: Option<&Content>, skip: impl Fn(&str) -> bool) {
+    if let Some(c) = content {
+        let t = c.text();
+        if !skip(&t) {
+            push_joined(system, "\n\n", &t);
+        }
+    }
 }
 
 // === tools, OpenAI-shaped (`{"type":"function","function":{…}}`) ===
@@ -220,6 +260,88 @@ pub(crate) fn out_tools(tools: &[Tool], with_strict: bool) -> Vec<OutTool<'_>> {
             },
         })
         .collect()
+}
+
+// === tool calls from a backend, OpenAI-shaped ===
+
+/// Tool-call arguments: a JSON string by the spec, but some servers send an object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum ArgText {
+    Text(String),
+    Json(Value),
+}
+
+impl ArgText {
+    pub fn into_string(self) -> String {
+        match self {
+            ArgText::Text(s) => s,
+            ArgText::Json(v) => v.to_string(),
+        }
+    }
+}
+
+/// A call's `function`: its name and arguments, either possibly missing (stream
+/// fragments carry only some of them).
+#[derive(Deserialize)]
+pub(crate) struct InFunction {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub arguments: Option<ArgText>,
+}
+
+impl InFunction {
+    /// The name and the arguments as text, as far as they were sent.
+    pub fn into_parts(self) -> (Option<String>, Option<String>) {
+        (self.name, self.arguments.map(ArgText::into_string))
+    }
+
+    /// A whole call under `id`: what is missing is empty.
+    pub fn into_call(self, id: String) -> ToolCall {
+        ToolCall {
+            id,
+            name: self.name.unwrap_or_default(),
+            arguments: self.arguments.map(ArgText::into_string).unwrap_or_default(),
+        }
+    }
+}
+
+/// One entry of a message's or a delta's `tool_calls`.
+#[derive(Deserialize)]
+pub(crate) struct InToolCall {
+    #[serde(default)]
+    pub index: Option<u32>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub function: Option<InFunction>,
+}
+
+impl InToolCall {
+    /// A whole call (a response's message): an empty or missing id is minted.
+    pub fn into_call(self) -> ToolCall {
+        let id = self
+            .id
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(new_call_id);
+        match self.function {
+            Some(f) => f.into_call(id),
+            None => ToolCall {
+                id,
+                name: String::new(),
+                arguments: String::new(),
+            },
+        }
+    }
+
+    /// The name and the arguments as text of a stream fragment.
+    pub fn parts(&mut self) -> (Option<String>, Option<String>) {
+        self.function
+            .take()
+            .map(InFunction::into_parts)
+            .unwrap_or_default()
+    }
 }
 
 // === usage ===

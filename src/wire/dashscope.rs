@@ -27,6 +27,7 @@ use super::common::{
     out_tool_calls, out_tools, reported_usage, InCompletionDetails, InPromptDetails, OutTool,
     OutToolCall,
 };
+use super::common::{open_stream, stream_meta, InToolCall};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -258,41 +259,6 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, multimodal: bool) -> 
 
 // === decoding a response ===
 
-/// Tool-call arguments: a JSON string, but tolerate an object.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InArgs {
-    Text(String),
-    Json(Value),
-}
-
-impl InArgs {
-    fn into_string(self) -> String {
-        match self {
-            InArgs::Text(s) => s,
-            InArgs::Json(v) => v.to_string(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct InFunction {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<InArgs>,
-}
-
-#[derive(Deserialize)]
-struct InToolCall {
-    #[serde(default)]
-    index: Option<u32>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    function: Option<InFunction>,
-}
-
 /// `content` is a string from text generation and `[{"text": …}, …]` from the
 /// multimodal endpoint.
 #[derive(Deserialize)]
@@ -454,17 +420,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
                 .tool_calls
                 .unwrap_or_default()
                 .into_iter()
-                .map(|t| {
-                    let f = t.function.unwrap_or(InFunction {
-                        name: None,
-                        arguments: None,
-                    });
-                    ToolCall {
-                        id: t.id.filter(|s| !s.is_empty()).unwrap_or_else(new_call_id),
-                        name: f.name.unwrap_or_default(),
-                        arguments: f.arguments.map(InArgs::into_string).unwrap_or_default(),
-                    }
-                })
+                .map(InToolCall::into_call)
                 .collect();
             let finish_reason =
                 real_finish(c.finish_reason.as_deref()).map(|f| finish(f, !tool_calls.is_empty()));
@@ -531,15 +487,13 @@ impl EventDecoder {
         if let Some(e) = r.error() {
             return Err(e);
         }
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: r.request_id.clone().unwrap_or_else(new_completion_id),
-                created: unix_now(),
-                model: String::new(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(
+                r.request_id.clone().unwrap_or_else(new_completion_id),
+                None,
+                None,
+            )
+        });
         if let Some(u) = r.usage {
             self.usage = Some(u.canonical());
         }
@@ -567,13 +521,10 @@ impl EventDecoder {
                 reasoning: m.reasoning_content.filter(|t| !t.is_empty()),
                 ..Delta::default()
             };
-            for (pos, t) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
+            for (pos, mut t) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
                 let call_index = t.index.unwrap_or(pos as u32);
                 let first = !state.calls.contains(&call_index);
-                let (name, arguments) = match t.function {
-                    Some(f) => (f.name, f.arguments.map(InArgs::into_string)),
-                    None => (None, None),
-                };
+                let (name, arguments) = t.parts();
                 if first {
                     state.calls.push(call_index);
                 }

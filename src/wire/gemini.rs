@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::common::{
-    malformed, malformed_json, new_completion_id, new_wide_call_id, push_joined, reported_usage,
+    join_system, malformed, malformed_json, new_completion_id, new_wide_call_id, open_stream,
+    reported_usage, stream_meta,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -565,12 +566,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
     for m in &req.messages {
         let (role, mut parts) = match m.role {
             Role::System | Role::Developer => {
-                if let Some(c) = &m.content {
-                    let t = c.text();
-                    if !t.is_empty() {
-                        push_joined(&mut system, "\n\n", &t);
-                    }
-                }
+                join_system(&mut system, m.content.as_ref(), str::is_empty);
                 continue;
             }
             Role::User => {
@@ -933,15 +929,13 @@ impl EventDecoder {
                 return Err(e);
             }
         }
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: r.response_id.unwrap_or_else(new_completion_id),
-                created: unix_now(),
-                model: r.model_version.unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(
+                r.response_id.unwrap_or_else(new_completion_id),
+                None,
+                r.model_version,
+            )
+        });
         if let Some(u) = &r.usage_metadata {
             self.usage = Some(u.canonical());
         }

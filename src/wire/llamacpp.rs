@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::common::{self, classify_error_value, malformed_json, new_completion_id};
+use super::common::{
+    self, classify_error_value, malformed_json, new_completion_id, open_stream, stream_meta,
+};
 use crate::canonical::*;
 use crate::config::ChatTemplate;
 use crate::error::{ErrorKind, UpstreamError};
@@ -411,15 +413,9 @@ impl CompletionStream {
             return Ok(());
         }
         let mut c = parse_completion(data.as_bytes())?;
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: new_completion_id(),
-                created: unix_now(),
-                model: c.model.take().unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(new_completion_id(), None, c.model.take())
+        });
         // The eos token and a completed stop word arrive as empty pieces.
         if let Some(text) = c.content.take().filter(|t| !t.is_empty()) {
             out.push(StreamEvent::Delta(Delta {

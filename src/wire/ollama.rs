@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    classify_error_value, malformed, malformed_json, new_call_id, new_completion_id, out_tools,
-    OutTool,
+    classify_error_value, malformed, malformed_json, new_call_id, new_completion_id, open_stream,
+    out_tools, stream_meta, OutTool,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -415,15 +415,9 @@ impl ChatStream {
             return Ok(());
         }
         let mut c = parse_chat(line.as_bytes())?;
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: new_completion_id(),
-                created: unix_now(),
-                model: c.model.clone().unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(new_completion_id(), None, c.model.clone())
+        });
         if let Some(m) = c.message.take() {
             let tool_calls: Vec<ToolCallDelta> = m
                 .tool_calls

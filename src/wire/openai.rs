@@ -10,6 +10,7 @@ use super::common::{
     classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
     new_completion_id, out_tool_calls, out_tools, InUsage, OutFunction, OutTool, OutToolCall,
 };
+use super::common::{open_stream, stream_meta, InFunction, InToolCall};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
@@ -31,41 +32,6 @@ enum InRole {
 enum InContent {
     Text(String),
     Parts(Vec<Value>),
-}
-
-#[derive(Deserialize)]
-struct InFunction {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<ArgText>,
-}
-
-/// Tool-call arguments: a JSON string by the spec, but some servers send an object.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ArgText {
-    Text(String),
-    Json(Value),
-}
-
-impl ArgText {
-    fn into_string(self) -> String {
-        match self {
-            ArgText::Text(s) => s,
-            ArgText::Json(v) => v.to_string(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct InToolCall {
-    #[serde(default)]
-    index: Option<u32>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    function: Option<InFunction>,
 }
 
 #[derive(Deserialize)]
@@ -118,24 +84,10 @@ impl InMessage {
             .tool_calls
             .unwrap_or_default()
             .into_iter()
-            .map(|c| {
-                let f = c.function.unwrap_or(InFunction {
-                    name: None,
-                    arguments: None,
-                });
-                ToolCall {
-                    id: c.id.filter(|i| !i.is_empty()).unwrap_or_else(new_call_id),
-                    name: f.name.unwrap_or_default(),
-                    arguments: f.arguments.map(ArgText::into_string).unwrap_or_default(),
-                }
-            })
+            .map(InToolCall::into_call)
             .collect();
         if let Some(f) = self.function_call {
-            tool_calls.push(ToolCall {
-                id: new_call_id(),
-                name: f.name.unwrap_or_default(),
-                arguments: f.arguments.map(ArgText::into_string).unwrap_or_default(),
-            });
+            tool_calls.push(f.into_call(new_call_id()));
         }
         Message {
             role: match self.role {
@@ -498,19 +450,16 @@ impl ChunkDecoder {
         if let Some(err) = c.error {
             return Err(classify_error_value(200, &err));
         }
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                // ChatGLM3's demo sends `"id": ""`.
-                id: c
-                    .id
-                    .filter(|i| !i.is_empty())
+        open_stream(&mut self.started, out, || StreamMeta {
+            system_fingerprint: c.system_fingerprint,
+            // ChatGLM3's demo sends `"id": ""`.
+            ..stream_meta(
+                c.id.filter(|i| !i.is_empty())
                     .unwrap_or_else(new_completion_id),
-                created: c.created.unwrap_or_else(unix_now),
-                model: c.model.unwrap_or_default(),
-                system_fingerprint: c.system_fingerprint,
-            }));
-        }
+                c.created,
+                c.model,
+            )
+        });
         for ch in c.choices {
             let bit = 1u128 << super::choice_index(ch.index)?;
             let d = ch.delta.unwrap_or_default();
@@ -519,11 +468,8 @@ impl ChunkDecoder {
                 .unwrap_or_default()
                 .into_iter()
                 .enumerate()
-                .map(|(i, t)| {
-                    let (name, arguments) = match t.function {
-                        Some(f) => (f.name, f.arguments.map(ArgText::into_string)),
-                        None => (None, None),
-                    };
+                .map(|(i, mut t)| {
+                    let (name, arguments) = t.parts();
                     ToolCallDelta {
                         index: t.index.unwrap_or(i as u32),
                         id: t.id.filter(|s| !s.is_empty()),
@@ -543,11 +489,12 @@ impl ChunkDecoder {
             if let Some(f) = d.function_call {
                 let first = !self.legacy_call_started;
                 self.legacy_call_started = true;
+                let (name, arguments) = f.into_parts();
                 tool_calls.push(ToolCallDelta {
                     index: 0,
                     id: first.then(new_call_id),
-                    name: f.name,
-                    arguments: f.arguments.map(ArgText::into_string),
+                    name,
+                    arguments,
                 });
             }
             let mut finish_reason = ch.finish_reason.as_deref().map(finish_reason_from_wire);

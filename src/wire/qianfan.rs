@@ -42,9 +42,10 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::common::ArgText;
 use super::common::{
-    self, malformed_json, new_call_id, new_completion_id, push_joined, InUsage,
-    OutFunction as OutFunctionCall,
+    self, malformed_json, new_call_id, new_completion_id, open_stream, push_joined, stream_meta,
+    InUsage, OutFunction as OutFunctionCall,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -300,13 +301,6 @@ pub fn encode_chat_request(req: &ChatRequest) -> Result<Vec<u8>, UpstreamError> 
 // === response ===
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum ArgText {
-    Text(String),
-    Json(Value),
-}
-
-#[derive(Deserialize)]
 struct InFunctionCall {
     #[serde(default)]
     name: Option<String>,
@@ -318,11 +312,7 @@ struct InFunctionCall {
 
 impl InFunctionCall {
     fn arguments(self) -> (String, String, Option<String>) {
-        let args = match self.arguments {
-            None => String::new(),
-            Some(ArgText::Text(s)) => s,
-            Some(ArgText::Json(v)) => v.to_string(),
-        };
+        let args = self.arguments.map(ArgText::into_string).unwrap_or_default();
         (
             self.name.unwrap_or_default(),
             args,
@@ -440,19 +430,15 @@ impl StreamState {
             return Ok(());
         }
         let mut r = parse_reply(data.as_bytes())?;
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: r
-                    .id
-                    .clone()
+        open_stream(&mut self.started, out, || {
+            stream_meta(
+                r.id.clone()
                     .filter(|i| !i.is_empty())
                     .unwrap_or_else(new_completion_id),
-                created: r.created.unwrap_or_else(unix_now),
-                model: String::new(),
-                system_fingerprint: None,
-            }));
-        }
+                r.created,
+                None,
+            )
+        });
         self.moderated |= r.need_clear_history;
         let mut delta = Delta {
             content: r.result.take().filter(|t| !t.is_empty()),
