@@ -1865,31 +1865,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::anthropic::AnthropicCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{
+        self, assert_fixture_errors, call_deltas, fixture, request, usages,
+    };
     use crate::wire::{Dialect, StreamEncoder};
     use serde_json::json;
 
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let codec = AnthropicCodec::new("2023-06-01", 1024);
-        let (out, result, finished) = decode_stream(&codec, sse.as_bytes(), 0);
-        result?;
-        assert!(finished);
-        Ok(out)
-    }
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
+        testing::stream_events(&AnthropicCodec::new("2023-06-01", 1024), sse.as_bytes())
     }
 
     fn encode(req: &ChatRequest) -> Value {
@@ -2247,14 +2230,7 @@ mod tests {
     fn streamed_tool_calls_and_finish_reasons_decode() {
         let events = stream_events(&fixture("anthropic", "tools.sse")).unwrap();
         assert!(matches!(&events[0], StreamEvent::Meta(m) if m.id == "msg_01FakeToolStream"));
-        let calls: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&events);
         assert_eq!(calls[0].id.as_deref(), Some("toolu_01FakeWeather"));
         assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
         assert!(calls[1..].iter().all(|c| c.id.is_none() && c.index == 0));
@@ -2294,13 +2270,7 @@ mod tests {
                    event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"input_tokens\":6,\"output_tokens\":10}}\n\n\
                    event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let events = stream_events(sse).unwrap();
-        let usage: Vec<&Usage> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Usage(u) => Some(u),
-                _ => None,
-            })
-            .collect();
+        let usage = usages(&events);
         assert_eq!(usage.len(), 1);
         assert_eq!(
             (
@@ -2359,11 +2329,7 @@ mod tests {
             ),
             (200, "error_in_200.json", ErrorKind::Overloaded),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture("anthropic", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("anthropic", classify_error_body, &cases);
         let e = classify_error_body(529, b"");
         assert_eq!(e.kind, ErrorKind::Overloaded);
         assert_eq!(e.status, Some(529));

@@ -100,7 +100,7 @@ mod tests {
     use super::*;
     use crate::canonical::*;
     use crate::provider::azure::AzureCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{assert_fixture_errors, decode_stream, fixture, text_of};
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
         decode_stream(&AzureCodec::new("2024-10-21", true), text.as_bytes(), 0)
@@ -146,13 +146,7 @@ mod tests {
         };
         assert_eq!(meta.id, "chatcmpl-azure0001");
         assert_eq!(meta.created, 1700000000);
-        let text: String = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let text = text_of(&ev);
         assert_eq!(text, "Hello from the fake upstream.");
         assert!(ev
             .iter()
@@ -177,10 +171,6 @@ mod tests {
             ),
             (404, "error_404_deployment.json", ErrorKind::BadRequest),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture("azure", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("azure", classify_error_body, &cases);
     }
 }

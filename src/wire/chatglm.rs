@@ -278,13 +278,8 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::wire::common::testing::fixture;
-    use crate::wire::openai;
+    use crate::wire::common::testing::{assert_fixture_errors, client_request as request, fixture};
     use serde_json::json;
-
-    fn request(v: Value) -> ChatRequest {
-        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
-    }
 
     fn encode(v: Value, max_length: Option<u32>) -> Result<Value, UpstreamError> {
         encode_chat_request(&request(v), max_length).map(|b| serde_json::from_slice(&b).unwrap())
@@ -463,10 +458,6 @@ mod tests {
             (400, "error_400.json", ErrorKind::BadRequest),
             (400, "error_400_context.json", ErrorKind::ContextLength),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture("chatglm", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("chatglm", classify_error_body, &cases);
     }
 }

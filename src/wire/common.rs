@@ -409,8 +409,11 @@ impl InUsage {
 pub(crate) mod testing {
     #![allow(clippy::unwrap_used)]
 
-    use crate::canonical::{ChatResponse, StreamEvent};
-    use crate::error::UpstreamError;
+    use crate::canonical::{
+        ChatRequest, ChatResponse, Delta, FinishReason, Message, Params, StreamEvent, StreamMeta,
+        ToolCallDelta, Usage,
+    };
+    use crate::error::{ErrorKind, UpstreamError};
     use crate::framing::FrameDecoder;
     use crate::provider::Codec;
 
@@ -459,6 +462,105 @@ pub(crate) mod testing {
     /// A complete (non-streamed) response body through `codec`.
     pub fn decode_response(codec: &dyn Codec, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
         codec.chat_response(body)
+    }
+
+    /// The events of a whole stream that must decode and reach its end marker.
+    pub fn stream_events(
+        codec: &dyn Codec,
+        bytes: &[u8],
+    ) -> Result<Vec<StreamEvent>, UpstreamError> {
+        let (out, result, finished) = decode_stream(codec, bytes, 0);
+        result?;
+        assert!(finished, "the stream did not reach its end");
+        Ok(out)
+    }
+
+    /// Classifies each recorded error body `tests/fixtures/<kind>/<name>` with the
+    /// status it came with, and checks the kind, that a non-200 status is kept and
+    /// that the message says something.
+    pub fn assert_fixture_errors(
+        kind: &str,
+        classify: fn(u16, &[u8]) -> UpstreamError,
+        cases: &[(u16, &str, ErrorKind)],
+    ) {
+        for &(status, name, expected) in cases {
+            let e = classify(status, fixture(kind, name).as_bytes());
+            assert_eq!(e.kind, expected, "{name}: {}", e.message);
+            // An error inside a 200 answer is in-band: it carries no HTTP status.
+            let kept = (status != 200).then_some(status);
+            assert_eq!(e.status, kept, "{name}");
+            assert!(!e.message.is_empty(), "{name}");
+        }
+    }
+
+    /// A plain request for `messages`: no parameters, no tools, not streamed.
+    pub fn request(messages: Vec<Message>) -> ChatRequest {
+        ChatRequest {
+            model: "route".into(),
+            messages,
+            params: Params::default(),
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
+            stream: false,
+            include_usage: false,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// A client's OpenAI-shaped request body, decoded.
+    pub fn client_request(body: serde_json::Value) -> ChatRequest {
+        crate::wire::openai::decode_chat_request(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn deltas(events: &[StreamEvent]) -> impl Iterator<Item = &Delta> {
+        events.iter().filter_map(|e| match e {
+            StreamEvent::Delta(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    /// The text of every delta, joined.
+    pub fn text_of(events: &[StreamEvent]) -> String {
+        deltas(events).filter_map(|d| d.content.clone()).collect()
+    }
+
+    /// The finish reasons, in order.
+    pub fn finishes(events: &[StreamEvent]) -> Vec<FinishReason> {
+        deltas(events).filter_map(|d| d.finish_reason).collect()
+    }
+
+    /// The first finish reason.
+    pub fn finish_of(events: &[StreamEvent]) -> Option<FinishReason> {
+        deltas(events).find_map(|d| d.finish_reason)
+    }
+
+    /// Every tool-call fragment, in order.
+    pub fn call_deltas(events: &[StreamEvent]) -> Vec<&ToolCallDelta> {
+        deltas(events).flat_map(|d| &d.tool_calls).collect()
+    }
+
+    /// The usage events.
+    pub fn usages(events: &[StreamEvent]) -> Vec<&Usage> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Usage(u) => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `events` with the stream's creation time zeroed, to compare two decodings.
+    pub fn without_clock(events: Vec<StreamEvent>) -> Vec<StreamEvent> {
+        events
+            .into_iter()
+            .map(|e| match e {
+                StreamEvent::Meta(m) => StreamEvent::Meta(StreamMeta { created: 0, ..m }),
+                other => other,
+            })
+            .collect()
     }
 }
 

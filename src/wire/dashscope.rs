@@ -743,22 +743,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::dashscope::DashscopeCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
-    }
+    use crate::wire::common::testing::{
+        assert_fixture_errors, call_deltas, decode_stream, finishes, fixture, request, text_of,
+        usages, without_clock,
+    };
 
     fn encode(req: &ChatRequest) -> Value {
         serde_json::from_slice(&encode_chat_request(
@@ -773,26 +761,6 @@ mod tests {
     fn stream(sse: &str, chunk: usize) -> (Vec<StreamEvent>, Result<bool, UpstreamError>) {
         let (out, result, finished) = decode_stream(&DashscopeCodec::new(), sse.as_bytes(), chunk);
         (out, result.map(|()| finished))
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn without_clock(events: Vec<StreamEvent>) -> Vec<StreamEvent> {
-        events
-            .into_iter()
-            .map(|e| match e {
-                StreamEvent::Meta(m) => StreamEvent::Meta(StreamMeta { created: 0, ..m }),
-                other => other,
-            })
-            .collect()
     }
 
     #[test]
@@ -1038,26 +1006,14 @@ mod tests {
         let (whole, finished) = stream(&sse, sse.len());
         assert!(finished.unwrap());
         assert_eq!(text_of(&whole), "Hello from the fake upstream.");
-        let usage: Vec<&Usage> = whole
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Usage(u) => Some(u),
-                _ => None,
-            })
-            .collect();
+        let usage = usages(&whole);
         assert_eq!(
             usage,
             vec![&Usage::new(12, 6)],
             "usage once: the final total"
         );
         assert_eq!(whole.last(), Some(&StreamEvent::Done));
-        let finishes: Vec<_> = whole
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect();
+        let finishes = finishes(&whole);
         assert_eq!(finishes, vec![FinishReason::Stop]);
         let whole = without_clock(whole);
         for chunk in [1, 2, 3, 7, 19, 100] {
@@ -1085,14 +1041,7 @@ mod tests {
     fn stream_tool_call_fragments_by_index() {
         let (events, finished) = stream(&fixture("dashscope", "tools.sse"), 13);
         assert!(finished.unwrap());
-        let frags: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let frags = call_deltas(&events);
         assert_eq!(frags[0].id.as_deref(), Some("call_6596dafa2a6a46f7a217da"));
         assert_eq!(frags[0].name.as_deref(), Some("get_weather"));
         assert!(frags[1..]
@@ -1122,20 +1071,16 @@ mod tests {
 
     #[test]
     fn errors_classify_by_code_and_message() {
-        let cases: [(&str, u16, ErrorKind); 7] = [
-            ("error_429.json", 429, ErrorKind::RateLimited),
-            ("error_500.json", 500, ErrorKind::Overloaded),
-            ("error_401.json", 401, ErrorKind::Auth),
-            ("error_400.json", 400, ErrorKind::BadRequest),
-            ("error_400_context.json", 400, ErrorKind::ContextLength),
-            ("error_400_inspection.json", 400, ErrorKind::ContentFilter),
-            ("error_400_arrearage.json", 400, ErrorKind::Auth),
+        let cases: [(u16, &str, ErrorKind); 7] = [
+            (429, "error_429.json", ErrorKind::RateLimited),
+            (500, "error_500.json", ErrorKind::Overloaded),
+            (401, "error_401.json", ErrorKind::Auth),
+            (400, "error_400.json", ErrorKind::BadRequest),
+            (400, "error_400_context.json", ErrorKind::ContextLength),
+            (400, "error_400_inspection.json", ErrorKind::ContentFilter),
+            (400, "error_400_arrearage.json", ErrorKind::Auth),
         ];
-        for (name, status, kind) in cases {
-            let e = classify_error_body(status, fixture("dashscope", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}: {}", e.message);
-            assert_eq!(e.status, Some(status));
-        }
+        assert_fixture_errors("dashscope", classify_error_body, &cases);
         for (code, status, kind) in [
             ("Throttling.RateQuota", 429, ErrorKind::RateLimited),
             ("Throttling.AllocationQuota", 429, ErrorKind::RateLimited),

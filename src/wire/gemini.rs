@@ -1191,22 +1191,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::gemini::GeminiCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
-    }
+    use crate::wire::common::testing::{
+        assert_fixture_errors, decode_stream, finishes, fixture, request, text_of, usages,
+        without_clock,
+    };
 
     fn encode(req: &ChatRequest, model: &str) -> Value {
         serde_json::from_slice(&encode_chat_request(req, model)).unwrap()
@@ -1216,16 +1204,6 @@ mod tests {
     fn stream(sse: &str, chunk: usize) -> Result<(Vec<StreamEvent>, bool), UpstreamError> {
         let (out, result, finished) = decode_stream(&GeminiCodec::new(), sse.as_bytes(), chunk);
         result.map(|()| (out, finished))
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
     }
 
     fn assistant_call(id: &str, name: &str, args: &str) -> Message {
@@ -1733,36 +1711,15 @@ mod tests {
         assert!(finished);
         assert_eq!(text_of(&whole), "Hello from the fake upstream.");
         assert!(matches!(&whole[0], StreamEvent::Meta(m) if m.id == "conf-gemini-s1"));
-        let usage: Vec<&Usage> = whole
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Usage(u) => Some(u),
-                _ => None,
-            })
-            .collect();
+        let usage = usages(&whole);
         assert_eq!(
             usage,
             vec![&Usage::new(12, 6)],
             "usage once, the final total"
         );
         assert_eq!(whole.last(), Some(&StreamEvent::Done));
-        let finishes: Vec<_> = whole
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect();
+        let finishes = finishes(&whole);
         assert_eq!(finishes, vec![FinishReason::Stop]);
-        let without_clock = |events: Vec<StreamEvent>| -> Vec<StreamEvent> {
-            events
-                .into_iter()
-                .map(|e| match e {
-                    StreamEvent::Meta(m) => StreamEvent::Meta(StreamMeta { created: 0, ..m }),
-                    other => other,
-                })
-                .collect()
-        };
         let whole = without_clock(whole);
         for chunk in [1, 2, 3, 5, 17, 64] {
             let (events, finished) = stream(&sse, chunk).unwrap();
@@ -1829,21 +1786,16 @@ mod tests {
 
     #[test]
     fn errors_classify_by_status_word_and_details() {
-        let cases: [(&str, u16, ErrorKind); 7] = [
-            ("error_429.json", 429, ErrorKind::RateLimited),
-            ("error_500.json", 500, ErrorKind::Overloaded),
-            ("error_401.json", 401, ErrorKind::Auth),
-            ("error_400.json", 400, ErrorKind::BadRequest),
-            ("error_400_context.json", 400, ErrorKind::ContextLength),
-            ("error_400_api_key.json", 400, ErrorKind::Auth),
-            ("error_403.json", 403, ErrorKind::Auth),
+        let cases: [(u16, &str, ErrorKind); 7] = [
+            (429, "error_429.json", ErrorKind::RateLimited),
+            (500, "error_500.json", ErrorKind::Overloaded),
+            (401, "error_401.json", ErrorKind::Auth),
+            (400, "error_400.json", ErrorKind::BadRequest),
+            (400, "error_400_context.json", ErrorKind::ContextLength),
+            (400, "error_400_api_key.json", ErrorKind::Auth),
+            (403, "error_403.json", ErrorKind::Auth),
         ];
-        for (name, status, kind) in cases {
-            let e = classify_error_body(status, fixture("gemini", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}: {}", e.message);
-            assert_eq!(e.status, Some(status));
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("gemini", classify_error_body, &cases);
         let e = classify_error_body(429, fixture("gemini", "error_429.json").as_bytes());
         assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(37)));
         let more: [(Value, ErrorKind); 4] = [

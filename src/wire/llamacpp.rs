@@ -483,7 +483,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::llamacpp::LlamacppCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{
+        decode_stream, finish_of, fixture, request as chat, text_of,
+    };
     use serde_json::json;
 
     /// The templates of the shipped sample provider file.
@@ -521,21 +523,6 @@ mod tests {
         Templates::compile(&m).unwrap()
     }
 
-    fn chat(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: serde_json::Map::new(),
-        }
-    }
-
     fn transcript() -> ChatRequest {
         chat(vec![
             Message::text(Role::Developer, "Be brief."),
@@ -554,23 +541,6 @@ mod tests {
         result?;
         assert!(finished, "no stop:true event in {name}");
         Ok(out)
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn finish_of(events: &[StreamEvent]) -> Option<FinishReason> {
-        events.iter().find_map(|e| match e {
-            StreamEvent::Delta(d) => d.finish_reason,
-            _ => None,
-        })
     }
 
     fn usage_of(events: &[StreamEvent]) -> Option<Usage> {

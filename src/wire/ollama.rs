@@ -582,7 +582,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::ollama::OllamaCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{call_deltas, decode_stream, fixture, request, text_of};
     use serde_json::json;
 
     /// Decodes an NDJSON fixture, optionally cut into pieces of `chunk` bytes.
@@ -593,31 +593,6 @@ mod tests {
         result?;
         assert!(finished, "{name} has no done line");
         Ok(out)
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
     }
 
     #[test]
@@ -825,14 +800,7 @@ mod tests {
             assert_eq!(events.last(), Some(&StreamEvent::Done));
         }
         let events = stream("tools.ndjson", 5).unwrap();
-        let calls: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&events);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].index, 0);
         assert!(calls[0]

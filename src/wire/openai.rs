@@ -1568,17 +1568,16 @@ mod tests {
     use super::*;
     use crate::provider::openai::{OpenAiCodec, Quirks};
     use crate::wire::common::classify_error_body;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{self, call_deltas, finishes, fixture, text_of};
     use serde_json::json;
 
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let codec = OpenAiCodec {
-            quirks: Quirks::default(),
-        };
-        let (out, result, finished) = decode_stream(&codec, sse.as_bytes(), 0);
-        result?;
-        assert!(finished);
-        Ok(out)
+        testing::stream_events(
+            &OpenAiCodec {
+                quirks: Quirks::default(),
+            },
+            sse.as_bytes(),
+        )
     }
 
     #[test]
@@ -1791,13 +1790,7 @@ mod tests {
 
         let events =
             stream_events(&fixture("llamacpp-openai", "12-chat-stream-usage.body")).unwrap();
-        let text: String = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let text = text_of(&events);
         assert_eq!(text, "Hello from the tiny test model");
     }
 
@@ -1973,22 +1966,9 @@ mod tests {
         // `function_call` delta finishing with "function_call", then a trailing
         // "stop" chunk that must not override it.
         let events = stream_events(&fixture("chatglm3", "tools.sse")).unwrap();
-        let finishes: Vec<FinishReason> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect();
+        let finishes = finishes(&events);
         assert_eq!(finishes, vec![FinishReason::ToolCalls]);
-        let calls: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&events);
         assert_eq!(calls.len(), 1);
         assert!(calls[0]
             .id
@@ -2004,13 +1984,7 @@ mod tests {
         );
 
         let events = stream_events(&fixture("chatglm3", "chat.sse")).unwrap();
-        let text: String = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let text = text_of(&events);
         assert_eq!(text, "Hello from the fake upstream.");
         assert!(!events.iter().any(|e| matches!(e, StreamEvent::Usage(_))));
 

@@ -615,13 +615,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::qianfan::QianfanCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{
+        assert_fixture_errors, call_deltas, client_request as request, decode_stream, finishes,
+        fixture, text_of,
+    };
     use crate::wire::openai;
     use serde_json::json;
-
-    fn request(v: Value) -> ChatRequest {
-        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
-    }
 
     fn encode(v: Value) -> Result<Value, UpstreamError> {
         encode_chat_request(&request(v)).map(|b| serde_json::from_slice(&b).unwrap())
@@ -629,15 +628,6 @@ mod tests {
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
         decode_stream(&QianfanCodec::new(), text.as_bytes(), 0)
-    }
-
-    fn finishes(ev: &[StreamEvent]) -> Vec<FinishReason> {
-        ev.iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect()
     }
 
     #[test]
@@ -854,11 +844,7 @@ mod tests {
             (400, "error_400.json", ErrorKind::BadRequest),
             (400, "error_400_context.json", ErrorKind::ContextLength),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture("qianfan", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert_eq!(e.status, Some(status));
-        }
+        assert_fixture_errors("qianfan", classify_error_body, &cases);
         assert_eq!(
             classify_error_body(502, b"<html>Bad Gateway</html>").kind,
             ErrorKind::Overloaded
@@ -874,13 +860,7 @@ mod tests {
             panic!("{ev:?}")
         };
         assert_eq!(meta.id, "as-fake0002");
-        let text: String = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let text = text_of(&ev);
         assert_eq!(text, "Hello from the fake upstream.");
         assert_eq!(finishes(&ev), vec![FinishReason::Stop]);
         // Usage is reported once, from the last event.
@@ -894,14 +874,7 @@ mod tests {
         let (ev, _, done) = stream(&fixture("qianfan", "tools.sse"));
         assert!(done);
         assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
-        let calls: Vec<&ToolCallDelta> = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&ev);
         assert_eq!(calls.len(), 1);
         assert!(calls[0].id.is_some());
         assert_eq!(calls[0].arguments.as_deref(), Some("{\"city\":\"Paris\"}"));

@@ -230,25 +230,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::zhipu::ZhipuCodec;
-    use crate::wire::common::testing::{decode_stream, fixture};
+    use crate::wire::common::testing::{
+        assert_fixture_errors, call_deltas, client_request as request, decode_stream, fixture,
+        text_of,
+    };
     use serde_json::json;
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
         decode_stream(&ZhipuCodec::new(), text.as_bytes(), 0)
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn request(v: Value) -> ChatRequest {
-        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
     }
 
     #[test]
@@ -389,14 +378,7 @@ mod tests {
         assert!(ev.contains(&StreamEvent::Usage(Usage::new(12, 6))));
         assert_eq!(ev.last(), Some(&StreamEvent::Done));
         let (ev, _, _) = stream(&fixture("zhipu", "tools.sse"));
-        let calls: Vec<&ToolCallDelta> = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&ev);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
         let finishes = |ev: &[StreamEvent]| -> Vec<FinishReason> {
@@ -453,12 +435,7 @@ mod tests {
             (400, "error_400_context.json", ErrorKind::ContextLength),
             (400, "error_400_sensitive.json", ErrorKind::ContentFilter),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture("zhipu", name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert_eq!(e.status, Some(status));
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("zhipu", classify_error_body, &cases);
         // Numeric codes, unknown codes and bodies without a code.
         let e = classify_error_body(400, br#"{"error":{"code":1261,"message":"x"}}"#);
         assert_eq!(e.kind, ErrorKind::ContextLength);
