@@ -77,10 +77,7 @@ impl StreamDecoder for AzureStream {
         match frame {
             Frame::Sse(ev) => {
                 if ev.event.as_deref() == Some("error") {
-                    let v = serde_json::from_str::<serde_json::Value>(&ev.data)
-                        .map(|v| v.get("error").cloned().unwrap_or(v))
-                        .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
-                    return Err(common::classify_error_value(200, &v));
+                    return Err(common::error_event(&ev.data));
                 }
                 self.chunks.decode(&ev.data, out)
             }

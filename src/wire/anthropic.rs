@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    join_system, malformed, malformed_json, open_stream, push_joined, stream_meta,
+    body_excerpt, join_system, malformed, malformed_json, open_stream, push_joined, stream_meta,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
@@ -918,7 +918,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
             classify_error_value(status, &err)
         }
         _ => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            let text = body_excerpt(body);
             classify_error_value(status, &Value::String(text.trim().to_owned()))
         }
     }

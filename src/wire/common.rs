@@ -49,6 +49,12 @@ pub fn malformed_json(what: &str, expected: &str, e: &serde_json::Error) -> Upst
     malformed(format!("backend sent {what} that is not {expected}: {e}"))
 }
 
+/// The first 300 bytes of an error body that is not JSON (an HTML page, a
+/// proxy's text), as text for the error message.
+pub fn body_excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+}
+
 /// Classifies an OpenAI-style error object (`{"message","type","code","param"}`, or
 /// a bare string) that came with `status`.
 pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
@@ -114,14 +120,22 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
             classify_error_value(status, &err)
         }
         _ => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            let mut e = classify_error_value(status, &Value::String(text));
+            let mut e = classify_error_value(status, &Value::String(body_excerpt(body)));
             if e.message.trim().is_empty() {
                 e.message = format!("backend answered HTTP {status}");
             }
             e
         }
     }
+}
+
+/// The error an OpenAI-style stream sends in-band as an SSE `event: error`: the
+/// `error` member of its data, or the whole data (JSON or text), classified.
+pub fn error_event(data: &str) -> UpstreamError {
+    let v = serde_json::from_str::<Value>(data)
+        .map(|v| v.get("error").cloned().unwrap_or(v))
+        .unwrap_or_else(|_| Value::String(data.to_owned()));
+    classify_error_value(200, &v)
 }
 
 /// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.

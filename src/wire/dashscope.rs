@@ -22,12 +22,12 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::common::{body_excerpt, open_stream, stream_meta, InToolCall};
 use super::common::{
     finish_reason_from_wire, malformed, malformed_json, new_call_id, new_completion_id,
     out_tool_calls, out_tools, reported_usage, InCompletionDetails, InPromptDetails, OutTool,
     OutToolCall,
 };
-use super::common::{open_stream, stream_meta, InToolCall};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -637,10 +637,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
             let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
             classify(status, field("code"), field("message"))
         }
-        None => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            classify(status, "", text.trim())
-        }
+        None => classify(status, "", body_excerpt(body).trim()),
     }
 }
 

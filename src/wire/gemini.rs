@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::common::{
-    join_system, malformed, malformed_json, new_completion_id, new_wide_call_id, open_stream,
-    reported_usage, stream_meta,
+    body_excerpt, join_system, malformed, malformed_json, new_completion_id, new_wide_call_id,
+    open_stream, reported_usage, stream_meta,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -1091,8 +1091,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     match obj.as_ref().and_then(|o| o.get("error")) {
         Some(err) => classify_error_value(status, err),
         None => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            let mut e = classify_error_value(status, &Value::String(text));
+            let mut e = classify_error_value(status, &Value::String(body_excerpt(body)));
             if e.message.trim().is_empty() {
                 e.message = format!("backend answered HTTP {status}");
             }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    classify_error_value, malformed, malformed_json, new_call_id, new_completion_id, open_stream,
-    out_tools, stream_meta, OutTool,
+    body_excerpt, classify_error_value, malformed, malformed_json, new_call_id, new_completion_id,
+    open_stream, out_tools, stream_meta, OutTool,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -568,7 +568,7 @@ fn classify_error_value_ollama(status: u16, err: &Value) -> UpstreamError {
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     let value = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut o)) => o.remove("error").unwrap_or(Value::Object(o)),
-        _ => Value::String(String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()),
+        _ => Value::String(body_excerpt(body)),
     };
     let mut e = classify_error_value_ollama(status, &value);
     if e.message.trim().is_empty() {
