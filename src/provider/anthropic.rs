@@ -85,7 +85,9 @@ impl StreamDecoder for AnthropicStream {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::wire::common::testing::{decode_stream, fixture, request, text_of};
+    use crate::wire::common::testing::{
+        decode_stream, embeddings_request, fixture, request, text_of,
+    };
 
     /// Feeds `sse` to the codec's decoder in `step`-byte pieces.
     fn run(sse: &str, step: usize) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
@@ -141,14 +143,7 @@ mod tests {
     #[test]
     fn embeddings_are_refused() {
         let codec = AnthropicCodec::new("2023-06-01", 1);
-        let req = EmbeddingsRequest {
-            model: "m".into(),
-            input: EmbeddingInput::Texts(vec!["a".into()]),
-            encoding: EmbeddingEncoding::Float,
-            dimensions: None,
-            user: None,
-            extra: Default::default(),
-        };
+        let req = embeddings_request(&["a"]);
         let e = codec.embeddings_call(&req, "m").unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
     }

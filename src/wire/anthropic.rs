@@ -37,7 +37,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    body_excerpt, join_system, malformed, malformed_json, open_stream, push_joined, stream_meta,
+    body_excerpt, close_stream, join_system, malformed, malformed_json, open_stream, push_joined,
+    stream_meta,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
@@ -847,11 +848,9 @@ impl EventDecoder {
                 self.start(None, None, out);
                 // Usage only when the output count arrived (message_delta), so a
                 // partial count never passes for a reported one.
-                if let Some(u) = self.usage.filter(|u| u.output_tokens.is_some()) {
-                    out.push(StreamEvent::Usage(u.into_canonical()));
-                }
+                let usage = self.usage.filter(|u| u.output_tokens.is_some());
                 self.done = true;
-                out.push(StreamEvent::Done);
+                close_stream(usage.map(InUsage::into_canonical), out);
             }
         }
         Ok(())

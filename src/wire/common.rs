@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::canonical::{
-    unix_now, Content, FinishReason, StreamEvent, StreamMeta, Tool, ToolCall, Usage,
+    unix_now, Content, Delta, FinishReason, Role, StreamEvent, StreamMeta, Tool, ToolCall, Usage,
 };
 use crate::error::{ErrorKind, UpstreamError};
 
@@ -164,6 +164,36 @@ pub fn open_stream(
         *started = true;
         out.push(StreamEvent::Meta(meta()));
     }
+}
+
+/// Pushes `delta` when it carries output or a finish reason; the first delta
+/// pushed for a choice (`*started` false) also announces the assistant role.
+pub fn push_delta(started: &mut bool, mut delta: Delta, out: &mut Vec<StreamEvent>) {
+    if delta.has_output() || delta.finish_reason.is_some() {
+        if !*started {
+            *started = true;
+            delta.role = Some(Role::Assistant);
+        }
+        out.push(StreamEvent::Delta(delta));
+    }
+}
+
+/// Ends a stream: its usage when there is one, then `Done`.
+pub fn close_stream(usage: Option<Usage>, out: &mut Vec<StreamEvent>) {
+    if let Some(u) = usage {
+        out.push(StreamEvent::Usage(u));
+    }
+    out.push(StreamEvent::Done);
+}
+
+/// Ends a single-choice stream whose last event carries the finish reason: a
+/// delta with `finish`, the usage when there is one, then `Done`.
+pub fn finish_stream(finish: FinishReason, usage: Option<Usage>, out: &mut Vec<StreamEvent>) {
+    out.push(StreamEvent::Delta(Delta {
+        finish_reason: Some(finish),
+        ..Delta::default()
+    }));
+    close_stream(usage, out);
 }
 
 /// A stream's `Meta` with no fingerprint; `created` is now when the backend sent
@@ -424,8 +454,8 @@ pub(crate) mod testing {
     #![allow(clippy::unwrap_used)]
 
     use crate::canonical::{
-        ChatRequest, ChatResponse, Delta, FinishReason, Message, Params, StreamEvent, StreamMeta,
-        ToolCallDelta, Usage,
+        ChatRequest, ChatResponse, Delta, EmbeddingEncoding, EmbeddingInput, EmbeddingsRequest,
+        FinishReason, Message, Params, StreamEvent, StreamMeta, ToolCallDelta, Usage,
     };
     use crate::error::{ErrorKind, UpstreamError};
     use crate::framing::FrameDecoder;
@@ -519,6 +549,18 @@ pub(crate) mod testing {
             response_format: None,
             stream: false,
             include_usage: false,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// An embeddings request for `texts`: floats, no dimensions, no user.
+    pub fn embeddings_request(texts: &[&str]) -> EmbeddingsRequest {
+        EmbeddingsRequest {
+            model: "route".into(),
+            input: EmbeddingInput::Texts(texts.iter().map(|t| (*t).to_owned()).collect()),
+            encoding: EmbeddingEncoding::Float,
+            dimensions: None,
+            user: None,
             extra: serde_json::Map::new(),
         }
     }

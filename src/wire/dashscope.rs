@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::common::{body_excerpt, open_stream, stream_meta, InToolCall};
+use super::common::{body_excerpt, close_stream, open_stream, push_delta, stream_meta, InToolCall};
 use super::common::{
     finish_reason_from_wire, malformed, malformed_json, new_call_id, new_completion_id,
     out_tool_calls, out_tools, reported_usage, InCompletionDetails, InPromptDetails, OutTool,
@@ -547,20 +547,11 @@ impl EventDecoder {
                 delta.finish_reason = Some(finish(f, !state.calls.is_empty()));
                 finished = true;
             }
-            if delta.has_output() || delta.finish_reason.is_some() {
-                if !state.started {
-                    state.started = true;
-                    delta.role = Some(Role::Assistant);
-                }
-                out.push(StreamEvent::Delta(delta));
-            }
+            push_delta(&mut state.started, delta, out);
         }
         if finished {
             self.done = true;
-            if let Some(u) = self.usage.take() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            close_stream(self.usage.take(), out);
         }
         Ok(())
     }
@@ -741,8 +732,8 @@ mod tests {
     use super::*;
     use crate::provider::dashscope::DashscopeCodec;
     use crate::wire::common::testing::{
-        assert_fixture_errors, call_deltas, decode_stream, finishes, fixture, request, text_of,
-        usages, without_clock,
+        assert_fixture_errors, call_deltas, decode_stream, embeddings_request, finishes, fixture,
+        request, text_of, usages, without_clock,
     };
 
     fn encode(req: &ChatRequest) -> Value {
@@ -1116,12 +1107,8 @@ mod tests {
     #[test]
     fn embeddings_round_trip() {
         let req = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into(), "b".into()]),
-            encoding: EmbeddingEncoding::Float,
             dimensions: Some(512),
-            user: None,
-            extra: Map::new(),
+            ..embeddings_request(&["a", "b"])
         };
         let body: Value =
             serde_json::from_slice(&encode_embeddings_request(&req, "text-embedding-v4").unwrap())

@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::common::{
-    body_excerpt, join_system, malformed, malformed_json, new_completion_id, new_wide_call_id,
-    open_stream, reported_usage, stream_meta,
+    body_excerpt, close_stream, join_system, malformed, malformed_json, new_completion_id,
+    new_wide_call_id, open_stream, push_delta, reported_usage, stream_meta,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -977,21 +977,12 @@ impl EventDecoder {
                 delta.finish_reason = Some(finish(f, state.tool_calls > 0));
                 state.finished = true;
             }
-            if delta.has_output() || delta.finish_reason.is_some() {
-                if !state.started {
-                    state.started = true;
-                    delta.role = Some(Role::Assistant);
-                }
-                out.push(StreamEvent::Delta(delta));
-            }
+            push_delta(&mut state.started, delta, out);
         }
         let seen = self.candidates.iter().filter(|c| c.started);
         if self.candidates.iter().any(|c| c.finished) && seen.clone().all(|c| c.finished) {
             self.done = true;
-            if let Some(u) = self.usage.take() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            close_stream(self.usage.take(), out);
         }
         Ok(())
     }
@@ -1191,8 +1182,8 @@ mod tests {
     use super::*;
     use crate::provider::gemini::GeminiCodec;
     use crate::wire::common::testing::{
-        assert_fixture_errors, decode_stream, finishes, fixture, request, text_of, usages,
-        without_clock,
+        assert_fixture_errors, decode_stream, embeddings_request, finishes, fixture, request,
+        text_of, usages, without_clock,
     };
 
     fn encode(req: &ChatRequest, model: &str) -> Value {
@@ -1847,12 +1838,8 @@ mod tests {
     #[test]
     fn embeddings_round_trip() {
         let req = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into(), "b".into()]),
-            encoding: EmbeddingEncoding::Float,
             dimensions: Some(8),
-            user: None,
-            extra: Map::new(),
+            ..embeddings_request(&["a", "b"])
         };
         let body: Value = serde_json::from_slice(
             &encode_embeddings_request(&req, "gemini-embedding-001").unwrap(),

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::common::{
-    self, classify_error_value, malformed_json, new_completion_id, open_stream, stream_meta,
+    self, classify_error_value, finish_stream, malformed_json, new_completion_id, open_stream,
+    stream_meta,
 };
 use crate::canonical::*;
 use crate::config::ChatTemplate;
@@ -428,14 +429,7 @@ impl CompletionStream {
         if c.stop {
             c.check_truncated()?;
             self.done = true;
-            out.push(StreamEvent::Delta(Delta {
-                finish_reason: Some(c.finish_reason()),
-                ..Delta::default()
-            }));
-            if let Some(u) = c.usage() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            finish_stream(c.finish_reason(), c.usage(), out);
         }
         Ok(())
     }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    body_excerpt, classify_error_value, malformed, malformed_json, new_call_id, new_completion_id,
-    open_stream, out_tools, stream_meta, OutTool,
+    body_excerpt, classify_error_value, finish_stream, malformed, malformed_json, new_call_id,
+    new_completion_id, open_stream, out_tools, stream_meta, OutTool,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -451,14 +451,7 @@ impl ChatStream {
         }
         if c.done {
             self.done = true;
-            out.push(StreamEvent::Delta(Delta {
-                finish_reason: Some(c.finish_reason(self.tool_calls > 0)),
-                ..Delta::default()
-            }));
-            if let Some(u) = c.usage() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            finish_stream(c.finish_reason(self.tool_calls > 0), c.usage(), out);
         }
         Ok(())
     }
@@ -582,7 +575,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::provider::ollama::OllamaCodec;
-    use crate::wire::common::testing::{call_deltas, decode_stream, fixture, request, text_of};
+    use crate::wire::common::testing::{
+        call_deltas, decode_stream, embeddings_request, fixture, request, text_of,
+    };
     use serde_json::json;
 
     /// Decodes an NDJSON fixture, optionally cut into pieces of `chunk` bytes.
@@ -874,14 +869,7 @@ mod tests {
 
     #[test]
     fn embeddings_round_trip() {
-        let req = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into(), "b".into()]),
-            encoding: EmbeddingEncoding::Float,
-            dimensions: None,
-            user: None,
-            extra: Map::new(),
-        };
+        let req = embeddings_request(&["a", "b"]);
         let v: Value = serde_json::from_slice(
             &encode_embeddings_request(&req, "nomic-embed-text", Some("5m")).unwrap(),
         )

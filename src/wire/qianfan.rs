@@ -44,8 +44,8 @@ use serde_json::{Map, Value};
 
 use super::common::ArgText;
 use super::common::{
-    self, malformed_json, new_call_id, new_completion_id, open_stream, push_joined, stream_meta,
-    InUsage, OutFunction as OutFunctionCall,
+    self, finish_stream, malformed_json, new_call_id, new_completion_id, open_stream, push_delta,
+    push_joined, stream_meta, InUsage, OutFunction as OutFunctionCall,
 };
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
@@ -455,22 +455,11 @@ impl StreamState {
             });
             self.called = true;
         }
-        if delta.has_output() {
-            if !self.role_sent {
-                self.role_sent = true;
-                delta.role = Some(Role::Assistant);
-            }
-            out.push(StreamEvent::Delta(delta));
-        }
+        // The delta has no finish reason: it comes on its own, last.
+        push_delta(&mut self.role_sent, delta, out);
         if r.is_end == Some(true) {
-            out.push(StreamEvent::Delta(Delta {
-                finish_reason: Some(finish_reason(&r, self.moderated, self.called)),
-                ..Delta::default()
-            }));
-            if let Some(u) = &r.usage {
-                out.push(StreamEvent::Usage(u.canonical()));
-            }
-            out.push(StreamEvent::Done);
+            let finish = finish_reason(&r, self.moderated, self.called);
+            finish_stream(finish, r.usage.as_ref().map(InUsage::canonical), out);
             self.done = true;
         }
         Ok(())
