@@ -36,12 +36,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::common::{
+use crate::canonical::*;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::wire::common::{
     body_excerpt, close_stream, join_system, malformed, malformed_json, open_stream, push_joined,
     stream_meta,
 };
-use crate::canonical::*;
-use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
 /// Marks the text of a tool result the client flagged as an error (`is_error`).
 pub const TOOL_ERROR_PREFIX: &str = "[tool error] ";
@@ -159,7 +159,7 @@ struct OutMessage<'a> {
 }
 
 /// Anthropic's tool definition is flat (`name`, `description`, `input_schema`), not
-/// the OpenAI `{"type":"function","function":{…}}` of [`super::common::OutTool`].
+/// the OpenAI `{"type":"function","function":{…}}` of [`crate::wire::common::OutTool`].
 #[derive(Serialize)]
 struct OutTool<'a> {
     name: &'a str,
@@ -436,7 +436,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
 
 /// Anthropic counts cache reads and writes apart from `input_tokens` and sends
 /// them cumulatively over a stream, so not the OpenAI-shaped
-/// [`super::common::InUsage`].
+/// [`crate::wire::common::InUsage`].
 #[derive(Deserialize, Default, Clone, Copy)]
 struct InUsage {
     #[serde(default)]

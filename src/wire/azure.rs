@@ -14,9 +14,10 @@
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use super::{common, openai};
+use super::openai;
 use crate::canonical::StreamEvent;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common;
 
 /// Percent-encodes a path segment or query value (Azure names are usually plain).
 fn encode_component(s: &str) -> String {

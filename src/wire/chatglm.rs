@@ -30,9 +30,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::common::{self, malformed_json, new_completion_id, push_joined};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common::{self, malformed_json, new_completion_id, push_joined};
 
 #[derive(Serialize)]
 struct OutRequest<'a> {

@@ -22,14 +22,16 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::common::{body_excerpt, close_stream, open_stream, push_delta, stream_meta, InToolCall};
-use super::common::{
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common::{
+    body_excerpt, close_stream, open_stream, push_delta, stream_meta, InToolCall,
+};
+use crate::wire::common::{
     finish_reason_from_wire, malformed, malformed_json, new_call_id, new_completion_id,
     out_tool_calls, out_tools, reported_usage, InCompletionDetails, InPromptDetails, OutTool,
     OutToolCall,
 };
-use crate::canonical::*;
-use crate::error::{ErrorKind, UpstreamError};
 
 /// Chat (text in, text out).
 pub const TEXT_GENERATION_PATH: &str = "/services/aigc/text-generation/generation";
@@ -312,7 +314,7 @@ struct InOutput {
 }
 
 /// DashScope's own names for the counts (`input_tokens`, `output_tokens`,
-/// `output_tokens_details`), so not the OpenAI-shaped [`super::common::InUsage`]: serde
+/// `output_tokens_details`), so not the OpenAI-shaped [`crate::wire::common::InUsage`]: serde
 /// aliases would refuse an answer that carried both spellings.
 #[derive(Deserialize)]
 struct InUsage {

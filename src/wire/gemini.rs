@@ -31,12 +31,12 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::common::{
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common::{
     body_excerpt, close_stream, join_system, malformed, malformed_json, new_completion_id,
     new_wide_call_id, open_stream, push_delta, reported_usage, stream_meta,
 };
-use crate::canonical::*;
-use crate::error::{ErrorKind, UpstreamError};
 
 /// Separates our call id from the Gemini thought signature it carries.
 pub const SIGNATURE_MARK: &str = "~ts~";
@@ -254,7 +254,7 @@ struct OutFunctionDecl<'a> {
 }
 
 /// Gemini groups declarations under one tool (`functionDeclarations`), and its
-/// parameters are a schema subset; not the OpenAI shape of [`super::common::OutTool`].
+/// parameters are a schema subset; not the OpenAI shape of [`crate::wire::common::OutTool`].
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct OutTool<'a> {
@@ -729,7 +729,7 @@ struct InPromptFeedback {
 }
 
 /// Gemini's `usageMetadata` (camelCase counts, thoughts counted apart from the
-/// candidates), so not the OpenAI-shaped [`super::common::InUsage`].
+/// candidates), so not the OpenAI-shaped [`crate::wire::common::InUsage`].
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct InUsage {

@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::common::{
-    self, classify_error_value, finish_stream, malformed_json, new_completion_id, open_stream,
-    stream_meta,
-};
 use crate::canonical::*;
 use crate::config::ChatTemplate;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common::{
+    self, classify_error_value, finish_stream, malformed_json, new_completion_id, open_stream,
+    stream_meta,
+};
 
 /// The key of the template used for models without their own.
 pub const FALLBACK_TEMPLATE: &str = "*";

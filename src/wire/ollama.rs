@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::common::{
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common::{
     body_excerpt, classify_error_value, finish_stream, malformed, malformed_json, new_call_id,
     new_completion_id, open_stream, out_tools, stream_meta, OutTool,
 };
-use crate::canonical::*;
-use crate::error::{ErrorKind, UpstreamError};
 
 /// Fields of `ChatRequest::extra` that are Ollama `options` (model parameters
 /// the OpenAI request has no field for); they go into `options` as they are.
@@ -64,7 +64,7 @@ struct OutFunctionCall<'a> {
 }
 
 /// Ollama's tool call has no `type` and takes the arguments as a JSON object, so
-/// it is not the OpenAI-shaped [`super::common::OutToolCall`].
+/// it is not the OpenAI-shaped [`crate::wire::common::OutToolCall`].
 #[derive(Serialize)]
 struct OutToolCall<'a> {
     /// Current Ollama matches tool results to calls by id.

@@ -6,13 +6,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::common::{
+use crate::canonical::*;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::wire::common::{
     classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
     new_completion_id, out_tool_calls, out_tools, InUsage, OutFunction, OutTool, OutToolCall,
 };
-use super::common::{open_stream, stream_meta, InFunction, InToolCall};
-use crate::canonical::*;
-use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::wire::common::{open_stream, stream_meta, InFunction, InToolCall};
 
 // === decoding (a client's request, a backend's response) ===
 

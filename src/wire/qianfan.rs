@@ -42,13 +42,13 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::common::ArgText;
-use super::common::{
+use crate::canonical::*;
+use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common::ArgText;
+use crate::wire::common::{
     self, finish_stream, malformed_json, new_call_id, new_completion_id, open_stream, push_delta,
     push_joined, stream_meta, InUsage, OutFunction as OutFunctionCall,
 };
-use crate::canonical::*;
-use crate::error::{ErrorKind, UpstreamError};
 
 // === request ===
 

@@ -27,9 +27,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{common, openai};
+use super::openai;
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::wire::common;
 
 /// Temperature and `do_sample` as Zhipu accepts them.
 fn sampling(temperature: Option<f64>) -> (Option<f64>, Option<bool>) {
