@@ -39,7 +39,7 @@ use serde_json::{Map, Value};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::wire::common::{
-    body_excerpt, close_stream, join_system, malformed, malformed_json, open_stream, push_joined,
+    close_stream, error_member, join_system, malformed, malformed_json, open_stream, push_joined,
     stream_meta,
 };
 
@@ -911,16 +911,8 @@ pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
 
 /// Classifies a backend's non-2xx answer from its status and body.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut o)) => {
-            let err = o.remove("error").unwrap_or(Value::Object(o));
-            classify_error_value(status, &err)
-        }
-        _ => {
-            let text = body_excerpt(body);
-            classify_error_value(status, &Value::String(text.trim().to_owned()))
-        }
-    }
+    let err = error_member(body).unwrap_or_else(|text| Value::String(text.trim().to_owned()));
+    classify_error_value(status, &err)
 }
 
 /// Anthropic has no embeddings API: the answer for an embeddings call.

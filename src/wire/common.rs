@@ -55,6 +55,16 @@ pub fn body_excerpt(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
 }
 
+/// What describes the error in an error body: the `error` member of a JSON
+/// object, or the whole object; `Err` with the [`body_excerpt`] of a body that is
+/// not a JSON object.
+pub fn error_member(body: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut o)) => Ok(o.remove("error").unwrap_or(Value::Object(o))),
+        _ => Err(body_excerpt(body)),
+    }
+}
+
 /// Classifies an OpenAI-style error object (`{"message","type","code","param"}`, or
 /// a bare string) that came with `status`.
 pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {

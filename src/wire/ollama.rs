@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::wire::common::{
-    body_excerpt, classify_error_value, finish_stream, malformed, malformed_json, new_call_id,
+    classify_error_value, error_member, finish_stream, malformed, malformed_json, new_call_id,
     new_completion_id, open_stream, out_tools, stream_meta, OutTool,
 };
 
@@ -559,10 +559,7 @@ fn classify_error_value_ollama(status: u16, err: &Value) -> UpstreamError {
 /// bad request, 429 "server busy" rate limiting, 5xx overload), refined by the
 /// text for an over-long prompt.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    let value = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut o)) => o.remove("error").unwrap_or(Value::Object(o)),
-        _ => Value::String(body_excerpt(body)),
-    };
+    let value = error_member(body).unwrap_or_else(Value::String);
     let mut e = classify_error_value_ollama(status, &value);
     if e.message.trim().is_empty() {
         e.message = format!("backend answered HTTP {status}");
