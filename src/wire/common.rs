@@ -529,15 +529,25 @@ pub(crate) mod testing {
         Ok(out)
     }
 
-    /// Classifies each recorded error body `tests/fixtures/<kind>/<name>` with the
-    /// status it came with, and checks the kind, that a non-200 status is kept and
-    /// that the message says something.
+    /// The error samples every backend records (`tests/fixtures/<kind>/`), with
+    /// the status each came with and the kind it must classify as.
+    pub const RECORDED_ERRORS: [(u16, &str, ErrorKind); 5] = [
+        (429, "error_429.json", ErrorKind::RateLimited),
+        (500, "error_500.json", ErrorKind::Overloaded),
+        (401, "error_401.json", ErrorKind::Auth),
+        (400, "error_400.json", ErrorKind::BadRequest),
+        (400, "error_400_context.json", ErrorKind::ContextLength),
+    ];
+
+    /// Classifies the [`RECORDED_ERRORS`] and the backend's own samples `more`
+    /// (`tests/fixtures/<kind>/<name>`) with the status each came with, and checks
+    /// the kind, that a non-200 status is kept and that the message says something.
     pub fn assert_fixture_errors(
         kind: &str,
         classify: fn(u16, &[u8]) -> UpstreamError,
-        cases: &[(u16, &str, ErrorKind)],
+        more: &[(u16, &str, ErrorKind)],
     ) {
-        for &(status, name, expected) in cases {
+        for &(status, name, expected) in RECORDED_ERRORS.iter().chain(more) {
             let e = classify(status, fixture(kind, name).as_bytes());
             assert_eq!(e.kind, expected, "{name}: {}", e.message);
             // An error inside a 200 answer is in-band: it carries no HTTP status.
