@@ -513,6 +513,38 @@ pub(crate) mod testing {
         (out, Ok(()), dec.finished())
     }
 
+    /// Decodes `bytes` whole and then cut into pieces of each of `chunks` bytes:
+    /// every decoding must succeed, reach the end of the stream and give the same
+    /// events (but for the clock). Returns the events of the whole decoding.
+    pub fn same_at_every_split(
+        codec: &dyn Codec,
+        bytes: &[u8],
+        chunks: &[usize],
+    ) -> Vec<StreamEvent> {
+        let (whole, result, finished) = decode_stream(codec, bytes, 0);
+        result.unwrap();
+        assert!(finished);
+        let expected = without_clock(whole.clone());
+        for &chunk in chunks {
+            let (events, result, finished) = decode_stream(codec, bytes, chunk);
+            result.unwrap();
+            assert!(finished, "chunk {chunk}");
+            assert_eq!(without_clock(events), expected, "chunk {chunk}");
+        }
+        whole
+    }
+
+    /// The deltas among `events`.
+    pub fn deltas(events: &[StreamEvent]) -> Vec<&Delta> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Delta(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A complete (non-streamed) response body through `codec`.
     pub fn decode_response(codec: &dyn Codec, body: &[u8]) -> Result<ChatResponse, UpstreamError> {
         codec.chat_response(body)
@@ -590,31 +622,33 @@ pub(crate) mod testing {
         crate::wire::openai::decode_chat_request(body.to_string().as_bytes()).unwrap()
     }
 
-    fn deltas(events: &[StreamEvent]) -> impl Iterator<Item = &Delta> {
-        events.iter().filter_map(|e| match e {
-            StreamEvent::Delta(d) => Some(d),
-            _ => None,
-        })
-    }
-
     /// The text of every delta, joined.
     pub fn text_of(events: &[StreamEvent]) -> String {
-        deltas(events).filter_map(|d| d.content.clone()).collect()
+        deltas(events)
+            .into_iter()
+            .filter_map(|d| d.content.clone())
+            .collect()
     }
 
     /// The finish reasons, in order.
     pub fn finishes(events: &[StreamEvent]) -> Vec<FinishReason> {
-        deltas(events).filter_map(|d| d.finish_reason).collect()
+        deltas(events)
+            .into_iter()
+            .filter_map(|d| d.finish_reason)
+            .collect()
     }
 
     /// The first finish reason.
     pub fn finish_of(events: &[StreamEvent]) -> Option<FinishReason> {
-        deltas(events).find_map(|d| d.finish_reason)
+        deltas(events).into_iter().find_map(|d| d.finish_reason)
     }
 
     /// Every tool-call fragment, in order.
     pub fn call_deltas(events: &[StreamEvent]) -> Vec<&ToolCallDelta> {
-        deltas(events).flat_map(|d| &d.tool_calls).collect()
+        deltas(events)
+            .into_iter()
+            .flat_map(|d| &d.tool_calls)
+            .collect()
     }
 
     /// The usage events.

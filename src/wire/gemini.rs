@@ -1182,8 +1182,8 @@ mod tests {
     use super::*;
     use crate::provider::gemini::GeminiCodec;
     use crate::wire::common::testing::{
-        assert_fixture_errors, decode_stream, embeddings_request, finishes, fixture, request,
-        text_of, usages, without_clock,
+        assert_fixture_errors, decode_stream, deltas, embeddings_request, finishes, fixture,
+        request, same_at_every_split, text_of, usages,
     };
 
     fn encode(req: &ChatRequest, model: &str) -> Value {
@@ -1697,8 +1697,7 @@ mod tests {
     #[test]
     fn stream_text_at_every_split_gives_the_same_events() {
         let sse = fixture("gemini", "chat.sse");
-        let (whole, finished) = stream(&sse, sse.len()).unwrap();
-        assert!(finished);
+        let whole = same_at_every_split(&GeminiCodec::new(), sse.as_bytes(), &[1, 2, 3, 5, 17, 64]);
         assert_eq!(text_of(&whole), "Hello from the fake upstream.");
         assert!(matches!(&whole[0], StreamEvent::Meta(m) if m.id == "conf-gemini-s1"));
         let usage = usages(&whole);
@@ -1708,27 +1707,14 @@ mod tests {
             "usage once, the final total"
         );
         assert_eq!(whole.last(), Some(&StreamEvent::Done));
-        let finishes = finishes(&whole);
-        assert_eq!(finishes, vec![FinishReason::Stop]);
-        let whole = without_clock(whole);
-        for chunk in [1, 2, 3, 5, 17, 64] {
-            let (events, finished) = stream(&sse, chunk).unwrap();
-            assert!(finished);
-            assert_eq!(without_clock(events), whole, "chunk {chunk}");
-        }
+        assert_eq!(finishes(&whole), vec![FinishReason::Stop]);
     }
 
     #[test]
     fn stream_tool_call_arrives_whole() {
         let (events, finished) = stream(&fixture("gemini", "tools.sse"), 9).unwrap();
         assert!(finished);
-        let deltas: Vec<&Delta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(d),
-                _ => None,
-            })
-            .collect();
+        let deltas = deltas(&events);
         let call = &deltas[0].tool_calls[0];
         assert_eq!(call.index, 0);
         assert!(call.id.as_deref().is_some_and(|i| i.starts_with("call_")));
