@@ -139,13 +139,18 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     }
 }
 
-/// The error an OpenAI-style stream sends in-band as an SSE `event: error`: the
-/// `error` member of its data, or the whole data (JSON or text), classified.
-pub fn error_event(data: &str) -> UpstreamError {
-    let v = serde_json::from_str::<Value>(data)
+/// What describes the error in the data of an SSE `event: error`: its `error`
+/// member, or the whole data (JSON, or else text).
+pub fn error_event_value(data: &str) -> Value {
+    serde_json::from_str::<Value>(data)
         .map(|v| v.get("error").cloned().unwrap_or(v))
-        .unwrap_or_else(|_| Value::String(data.to_owned()));
-    classify_error_value(200, &v)
+        .unwrap_or_else(|_| Value::String(data.to_owned()))
+}
+
+/// The error an OpenAI-style stream sends in-band as an SSE `event: error`,
+/// classified.
+pub fn error_event(data: &str) -> UpstreamError {
+    classify_error_value(200, &error_event_value(data))
 }
 
 /// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.

@@ -192,15 +192,7 @@ impl ChunkDecoder {
         out: &mut Vec<StreamEvent>,
     ) -> Result<(), UpstreamError> {
         if event == Some("error") {
-            let v = serde_json::from_str::<Value>(data)
-                .map(|v| match v {
-                    Value::Object(mut o) if o.contains_key("error") => {
-                        o.remove("error").unwrap_or_default()
-                    }
-                    v => v,
-                })
-                .unwrap_or_else(|_| Value::String(data.to_owned()));
-            return Err(classify_error_value(200, &v));
+            return Err(classify_error_value(200, &common::error_event_value(data)));
         }
         if let Some(err) = top_level_error(data.as_bytes()) {
             return Err(classify_error_value(200, &err));
