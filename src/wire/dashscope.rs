@@ -25,12 +25,9 @@ use serde_json::{json, Map, Value};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::wire::common::{
-    body_excerpt, close_stream, open_stream, push_delta, stream_meta, InToolCall,
-};
-use crate::wire::common::{
-    finish_reason_from_wire, malformed, malformed_json, new_call_id, new_completion_id,
-    out_tool_calls, out_tools, reported_usage, InCompletionDetails, InPromptDetails, OutTool,
-    OutToolCall,
+    body_excerpt, close_stream, finish_reason_from_wire, malformed, malformed_json, new_call_id,
+    new_completion_id, open_stream, out_tool_calls, out_tools, push_delta, reported_usage,
+    stream_meta, InCompletionDetails, InPromptDetails, InToolCall, OutTool, OutToolCall,
 };
 
 /// Chat (text in, text out).

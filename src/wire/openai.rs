@@ -10,9 +10,9 @@ use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::wire::common::{
     classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
-    new_completion_id, out_tool_calls, out_tools, InUsage, OutFunction, OutTool, OutToolCall,
+    new_completion_id, open_stream, out_tool_calls, out_tools, stream_meta, InFunction, InToolCall,
+    InUsage, OutFunction, OutTool, OutToolCall,
 };
-use crate::wire::common::{open_stream, stream_meta, InFunction, InToolCall};
 
 // === decoding (a client's request, a backend's response) ===
 

@@ -44,10 +44,9 @@ use serde_json::{Map, Value};
 
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::wire::common::ArgText;
 use crate::wire::common::{
     self, finish_stream, malformed_json, new_call_id, new_completion_id, open_stream, push_delta,
-    push_joined, stream_meta, InUsage, OutFunction as OutFunctionCall,
+    push_joined, stream_meta, ArgText, InUsage, OutFunction as OutFunctionCall,
 };
 
 // === request ===
