@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::openai;
 use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
+use crate::backend::common;
 use crate::canonical::{
     ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, StreamEvent,
 };
@@ -51,7 +52,7 @@ pub fn deployment_path(deployment: &str, operation: &str, api_version: &str) -> 
 /// Classifies a non-2xx answer. Azure's codes (`content_filter`,
 /// `context_length_exceeded`, `429`, `DeploymentNotFound`…) are OpenAI-shaped.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    let mut e = openai::classify_error_body(status, body);
+    let mut e = common::classify_error_body(status, body);
     if e.kind == ErrorKind::BadRequest {
         let m = e.message.to_ascii_lowercase();
         if m.contains("responsibleaipolicyviolation") || m.contains("content management policy") {
@@ -226,10 +227,7 @@ impl StreamDecoder for AzureStream {
         match frame {
             Frame::Sse(ev) => {
                 if ev.event.as_deref() == Some("error") {
-                    let v = serde_json::from_str::<serde_json::Value>(&ev.data)
-                        .map(|v| v.get("error").cloned().unwrap_or(v))
-                        .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
-                    return Err(openai::classify_error_value(200, &v));
+                    return Err(common::error_event(&ev.data));
                 }
                 self.chunks.decode(&ev.data, out)
             }
@@ -279,27 +277,12 @@ mod codec_tests {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::backend::azure::AzureCodec;
+    use crate::backend::common::testing::{assert_fixture_errors, decode_stream, fixture, text_of};
     use crate::canonical::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/azure")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(text.as_bytes());
-        let mut dec = ChunkDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = dec.decode(&ev.data, &mut out) {
-                return (out, Err(e), dec.finished());
-            }
-        }
-        (out, Ok(()), dec.finished())
+        decode_stream(&AzureCodec::new("2024-10-21", true), text.as_bytes(), 0)
     }
 
     #[test]
@@ -316,24 +299,25 @@ mod tests {
 
     #[test]
     fn responses_with_filter_annotations_decode() {
-        let r = openai::decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = openai::decode_chat_response(fixture("azure", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
         );
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
-        let r = openai::decode_chat_response(fixture("content_filter.json").as_bytes()).unwrap();
+        let r = openai::decode_chat_response(fixture("azure", "content_filter.json").as_bytes())
+            .unwrap();
         assert_eq!(
             r.choices[0].finish_reason,
             Some(FinishReason::ContentFilter)
         );
-        let r = openai::decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = openai::decode_chat_response(fixture("azure", "tools.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].message.tool_calls[0].name, "get_weather");
     }
 
     #[test]
     fn the_annotation_only_first_chunk_is_skipped() {
-        let (ev, res, done) = stream(&fixture("chat.sse"));
+        let (ev, res, done) = stream(&fixture("azure", "chat.sse"));
         res.unwrap();
         assert!(done);
         let StreamEvent::Meta(meta) = &ev[0] else {
@@ -341,18 +325,12 @@ mod tests {
         };
         assert_eq!(meta.id, "chatcmpl-azure0001");
         assert_eq!(meta.created, 1700000000);
-        let text: String = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let text = text_of(&ev);
         assert_eq!(text, "Hello from the fake upstream.");
         assert!(ev
             .iter()
             .any(|e| matches!(e, StreamEvent::Usage(u) if u.total_tokens == 18)));
-        let (ev, res, _) = stream(&fixture("stream_error.sse"));
+        let (ev, res, _) = stream(&fixture("azure", "stream_error.sse"));
         assert!(ev.len() > 1);
         assert_eq!(res.unwrap_err().kind, ErrorKind::Overloaded);
     }
@@ -360,11 +338,6 @@ mod tests {
     #[test]
     fn errors_classify() {
         let cases = [
-            (429, "error_429.json", ErrorKind::RateLimited),
-            (500, "error_500.json", ErrorKind::Overloaded),
-            (401, "error_401.json", ErrorKind::Auth),
-            (400, "error_400.json", ErrorKind::BadRequest),
-            (400, "error_400_context.json", ErrorKind::ContextLength),
             (
                 400,
                 "error_400_content_filter.json",
@@ -372,10 +345,6 @@ mod tests {
             ),
             (404, "error_404_deployment.json", ErrorKind::BadRequest),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("azure", classify_error_body, &cases);
     }
 }

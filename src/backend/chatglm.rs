@@ -32,8 +32,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::openai;
 use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
+use crate::backend::common::{self, malformed_json, new_completion_id, push_joined};
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
@@ -64,13 +64,6 @@ struct Folded {
     history: Vec<(String, String)>,
 }
 
-fn push_line(buf: &mut String, text: &str) {
-    if !buf.is_empty() {
-        buf.push('\n');
-    }
-    buf.push_str(text);
-}
-
 fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
     let mut system = String::new();
     let mut turns: Vec<(Side, String)> = Vec::new();
@@ -78,7 +71,7 @@ fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
         let text = m.content.as_ref().map(Content::text).unwrap_or_default();
         let (side, text) = match m.role {
             Role::System | Role::Developer => {
-                push_line(&mut system, &text);
+                push_joined(&mut system, "\n", &text);
                 continue;
             }
             Role::User => (Side::User, text.into_owned()),
@@ -86,13 +79,13 @@ fn fold(messages: &[Message]) -> Result<Folded, UpstreamError> {
             Role::Assistant => {
                 let mut t = text.into_owned();
                 for c in &m.tool_calls {
-                    push_line(&mut t, &format!("Call {}({})", c.name, c.arguments));
+                    push_joined(&mut t, "\n", &format!("Call {}({})", c.name, c.arguments));
                 }
                 (Side::Assistant, t)
             }
         };
         match turns.last_mut() {
-            Some((s, buf)) if *s == side => push_line(buf, &text),
+            Some((s, buf)) if *s == side => push_joined(buf, "\n", &text),
             _ => turns.push((side, text)),
         }
     }
@@ -239,12 +232,8 @@ fn text_of(v: &Value) -> String {
 /// Decodes an `api.py` answer (HTTP 2xx). A `status` other than 2xx in the body,
 /// or a body with no `response`, is an error.
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InReply = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a ChatGLM reply: {e}"),
-        )
-    })?;
+    let r: InReply = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a ChatGLM reply", &e))?;
     let status = match &r.status {
         None => None,
         Some(Status::Code(c)) => Some(*c),
@@ -259,7 +248,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
     let failed = status.filter(|s| !(200..300).contains(s));
     match (failed, r.response) {
         (None, Some(text)) if why.is_none() || !text.is_empty() => Ok(ChatResponse {
-            id: openai::new_completion_id(),
+            id: new_completion_id(),
             created: unix_now(),
             model: String::new(),
             choices: vec![Choice {
@@ -287,7 +276,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
 /// Classifies a non-2xx answer: FastAPI's `{"detail": …}`, uvicorn's plain
 /// `Internal Server Error`, or a reverse proxy's body.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    refine(openai::classify_error_body(status, body))
+    refine(common::classify_error_body(status, body))
 }
 
 // === kind ===
@@ -444,18 +433,10 @@ mod codec_tests {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::backend::common::testing::{
+        assert_fixture_errors, client_request as request, fixture,
+    };
     use serde_json::json;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/chatglm")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
-    fn request(v: Value) -> ChatRequest {
-        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
-    }
 
     fn encode(v: Value, max_length: Option<u32>) -> Result<Value, UpstreamError> {
         encode_chat_request(&request(v), max_length).map(|b| serde_json::from_slice(&b).unwrap())
@@ -601,7 +582,7 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("chatglm", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -609,7 +590,8 @@ mod tests {
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert!(r.usage.is_none());
         assert!(r.id.starts_with("chatcmpl-"));
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e =
+            decode_chat_response(fixture("chatglm", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         assert!(e.message.contains("CUDA out of memory"));
         let e = decode_chat_response(b"Internal Server Error").unwrap_err();
@@ -626,17 +608,6 @@ mod tests {
 
     #[test]
     fn errors_classify() {
-        let cases = [
-            (429, "error_429.json", ErrorKind::RateLimited),
-            (500, "error_500.json", ErrorKind::Overloaded),
-            (401, "error_401.json", ErrorKind::Auth),
-            (400, "error_400.json", ErrorKind::BadRequest),
-            (400, "error_400_context.json", ErrorKind::ContextLength),
-        ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("chatglm", classify_error_body, &[]);
     }
 }

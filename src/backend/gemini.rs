@@ -32,8 +32,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::openai::new_completion_id;
 use super::{Codec, HttpCall, Kind, Sectionless, StreamDecoder};
+use crate::backend::common::{
+    body_excerpt, close_stream, join_system, malformed, malformed_json, new_completion_id,
+    new_wide_call_id, open_stream, push_delta, reported_usage, stream_meta,
+};
 use crate::canonical::*;
 use crate::config::Capabilities;
 use crate::error::{ErrorKind, UpstreamError};
@@ -45,10 +48,6 @@ pub const SIGNATURE_MARK: &str = "~ts~";
 /// The value Google documents for replayed function calls that have no real
 /// thought signature (history from another model, or from a client that dropped it).
 const SKIP_SIGNATURE: &str = "skip_thought_signature_validator";
-
-fn new_call_id() -> String {
-    format!("call_{:032x}", rand::random::<u128>())
-}
 
 /// What the gateway keeps of the function calls it handed to clients, by the
 /// call id the client saw: the call's thought signature and the id Gemini gave
@@ -258,6 +257,8 @@ struct OutFunctionDecl<'a> {
     parameters: Option<Value>,
 }
 
+/// Gemini groups declarations under one tool (`functionDeclarations`), and its
+/// parameters are a schema subset; not the OpenAI shape of [`crate::backend::common::OutTool`].
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct OutTool<'a> {
@@ -569,15 +570,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
     for m in &req.messages {
         let (role, mut parts) = match m.role {
             Role::System | Role::Developer => {
-                if let Some(c) = &m.content {
-                    let t = c.text();
-                    if !t.is_empty() {
-                        if !system.is_empty() {
-                            system.push_str("\n\n");
-                        }
-                        system.push_str(&t);
-                    }
-                }
+                join_system(&mut system, m.content.as_ref(), str::is_empty);
                 continue;
             }
             Role::User => {
@@ -739,6 +732,8 @@ struct InPromptFeedback {
     block_reason_message: Option<String>,
 }
 
+/// Gemini's `usageMetadata` (camelCase counts, thoughts counted apart from the
+/// candidates), so not the OpenAI-shaped [`crate::backend::common::InUsage`].
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct InUsage {
@@ -759,11 +754,13 @@ impl InUsage {
         let completion = self
             .candidates_token_count
             .saturating_add(self.thoughts_token_count.unwrap_or(0));
-        Usage {
-            cached_tokens: self.cached_content_token_count,
-            reasoning_tokens: self.thoughts_token_count,
-            ..Usage::reported(self.prompt_token_count, completion, self.total_token_count)
-        }
+        reported_usage(
+            self.prompt_token_count,
+            completion,
+            self.total_token_count,
+            self.cached_content_token_count,
+            self.thoughts_token_count,
+        )
     }
 }
 
@@ -811,7 +808,8 @@ fn finish(reason: &str, has_calls: bool) -> FinishReason {
 /// gateway minted (Gemini's own ids are neither random nor always portable);
 /// Gemini's id and the thought signature stay in [`signatures`] under it.
 fn tool_call(f: InFunctionCall, signature: Option<&str>) -> ToolCall {
-    let id = new_call_id();
+    // 128 bits: the id keys the signature store, so it must not collide.
+    let id = new_wide_call_id();
     signatures::remember(&id, signature, f.id.as_deref());
     ToolCall {
         id,
@@ -836,26 +834,19 @@ fn blocked(feedback: Option<&InPromptFeedback>) -> Option<UpstreamError> {
     Some(UpstreamError::new(ErrorKind::ContentFilter, message))
 }
 
-fn malformed(what: &str, e: &serde_json::Error) -> UpstreamError {
-    UpstreamError::new(
-        ErrorKind::MalformedResponse,
-        format!("backend sent {what} that is not a Gemini GenerateContentResponse: {e}"),
-    )
-}
+/// What a generation answer that fails to parse is said not to be.
+const GENERATION: &str = "a Gemini GenerateContentResponse";
 
 /// Decodes a `generateContent` body (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| malformed("a body", &e))?;
+    let r: InResponse =
+        serde_json::from_slice(body).map_err(|e| malformed_json("a body", GENERATION, &e))?;
     if let Some(err) = &r.error {
         return Err(classify_error_value(200, err));
     }
     if r.candidates.is_empty() {
-        return Err(blocked(r.prompt_feedback.as_ref()).unwrap_or_else(|| {
-            UpstreamError::new(
-                ErrorKind::MalformedResponse,
-                "Gemini response has no candidates",
-            )
-        }));
+        return Err(blocked(r.prompt_feedback.as_ref())
+            .unwrap_or_else(|| malformed("Gemini response has no candidates")));
     }
     let choices = r
         .candidates
@@ -932,8 +923,8 @@ impl EventDecoder {
         if data.is_empty() || self.done {
             return Ok(());
         }
-        let r: InResponse =
-            serde_json::from_str(data).map_err(|e| malformed("a stream event", &e))?;
+        let r: InResponse = serde_json::from_str(data)
+            .map_err(|e| malformed_json("a stream event", GENERATION, &e))?;
         if let Some(err) = &r.error {
             return Err(classify_error_value(200, err));
         }
@@ -942,15 +933,13 @@ impl EventDecoder {
                 return Err(e);
             }
         }
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: r.response_id.unwrap_or_else(new_completion_id),
-                created: unix_now(),
-                model: r.model_version.unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(
+                r.response_id.unwrap_or_else(new_completion_id),
+                None,
+                r.model_version,
+            )
+        });
         if let Some(u) = &r.usage_metadata {
             self.usage = Some(u.canonical());
         }
@@ -992,21 +981,12 @@ impl EventDecoder {
                 delta.finish_reason = Some(finish(f, state.tool_calls > 0));
                 state.finished = true;
             }
-            if delta.has_output() || delta.finish_reason.is_some() {
-                if !state.started {
-                    state.started = true;
-                    delta.role = Some(Role::Assistant);
-                }
-                out.push(StreamEvent::Delta(delta));
-            }
+            push_delta(&mut state.started, delta, out);
         }
         let seen = self.candidates.iter().filter(|c| c.started);
         if self.candidates.iter().any(|c| c.finished) && seen.clone().all(|c| c.finished) {
             self.done = true;
-            if let Some(u) = self.usage.take() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            close_stream(self.usage.take(), out);
         }
         Ok(())
     }
@@ -1106,8 +1086,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     match obj.as_ref().and_then(|o| o.get("error")) {
         Some(err) => classify_error_value(status, err),
         None => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            let mut e = classify_error_value(status, &Value::String(text));
+            let mut e = classify_error_value(status, &Value::String(body_excerpt(body)));
             if e.message.trim().is_empty() {
                 e.message = format!("backend answered HTTP {status}");
             }
@@ -1186,20 +1165,13 @@ struct InEmbeddings {
 /// Decodes a `batchEmbedContents` answer. Gemini reports no token usage (left 0:
 /// the gateway estimates it).
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbeddings = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a batchEmbedContents answer: {e}"),
-        )
-    })?;
+    let r: InEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a batchEmbedContents answer", &e))?;
     if let Some(err) = &r.error {
         return Err(classify_error_value(200, err));
     }
     let Some(embeddings) = r.embeddings else {
-        return Err(UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            "Gemini answer has no `embeddings`",
-        ));
+        return Err(malformed("Gemini answer has no `embeddings`"));
     };
     Ok(EmbeddingsResponse {
         model: String::new(),
@@ -1350,29 +1322,11 @@ mod codec_tests {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/gemini")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
-    }
+    use crate::backend::common::testing::{
+        assert_fixture_errors, decode_stream, deltas, embeddings_request, finishes, fixture,
+        request, same_at_every_split, text_of, usages,
+    };
+    use crate::backend::gemini::GeminiCodec;
 
     fn encode(req: &ChatRequest, model: &str) -> Value {
         serde_json::from_slice(&encode_chat_request(req, model)).unwrap()
@@ -1380,29 +1334,8 @@ mod tests {
 
     /// Feeds `sse` to a decoder in pieces of `chunk` bytes.
     fn stream(sse: &str, chunk: usize) -> Result<(Vec<StreamEvent>, bool), UpstreamError> {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        for piece in sse.as_bytes().chunks(chunk) {
-            frames.push(piece);
-            while let Some(Frame::Sse(ev)) = frames.next_frame() {
-                dec.decode(&ev.data, &mut out)?;
-            }
-        }
-        if let Some(Frame::Sse(ev)) = frames.finish() {
-            dec.decode(&ev.data, &mut out)?;
-        }
-        Ok((out, dec.finished()))
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
+        let (out, result, finished) = decode_stream(&GeminiCodec::new(), sse.as_bytes(), chunk);
+        result.map(|()| (out, finished))
     }
 
     fn assistant_call(id: &str, name: &str, args: &str) -> Message {
@@ -1583,7 +1516,7 @@ mod tests {
 
     #[test]
     fn thought_signatures_round_trip_through_call_ids() {
-        let resp = decode_chat_response(fixture("signed_call.json").as_bytes()).unwrap();
+        let resp = decode_chat_response(fixture("gemini", "signed_call.json").as_bytes()).unwrap();
         let call = &resp.choices[0].message.tool_calls[0];
         assert!(call.id.starts_with("call_"), "{}", call.id);
         // The signature stays in the gateway: the id is one every backend accepts.
@@ -1718,7 +1651,7 @@ mod tests {
             );
         }
         // Calls Gemini gave no id are replayed without one.
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];
         let req = request(vec![
             Message::text(Role::User, "q"),
@@ -1790,7 +1723,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -1799,13 +1732,13 @@ mod tests {
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "gemini-2.5-flash");
         assert_eq!(r.id, "conf-gemini-1");
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
     }
 
     #[test]
     fn decodes_tool_calls_with_generated_ids() {
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("gemini", "tools.json").as_bytes()).unwrap();
         let c = &r.choices[0];
         assert_eq!(c.finish_reason, Some(FinishReason::ToolCalls));
         assert_eq!(c.message.tool_calls.len(), 1);
@@ -1870,7 +1803,8 @@ mod tests {
 
     #[test]
     fn blocked_prompt_is_a_content_filter_error() {
-        let e = decode_chat_response(fixture("error_in_200_blocked.json").as_bytes()).unwrap_err();
+        let e = decode_chat_response(fixture("gemini", "error_in_200_blocked.json").as_bytes())
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContentFilter);
         assert!(e.message.contains("SAFETY"), "{}", e.message);
         let e = stream(
@@ -1912,60 +1846,25 @@ mod tests {
 
     #[test]
     fn stream_text_at_every_split_gives_the_same_events() {
-        let sse = fixture("chat.sse");
-        let (whole, finished) = stream(&sse, sse.len()).unwrap();
-        assert!(finished);
+        let sse = fixture("gemini", "chat.sse");
+        let whole = same_at_every_split(&GeminiCodec::new(), sse.as_bytes(), &[1, 2, 3, 5, 17, 64]);
         assert_eq!(text_of(&whole), "Hello from the fake upstream.");
         assert!(matches!(&whole[0], StreamEvent::Meta(m) if m.id == "conf-gemini-s1"));
-        let usage: Vec<&Usage> = whole
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Usage(u) => Some(u),
-                _ => None,
-            })
-            .collect();
+        let usage = usages(&whole);
         assert_eq!(
             usage,
             vec![&Usage::new(12, 6)],
             "usage once, the final total"
         );
         assert_eq!(whole.last(), Some(&StreamEvent::Done));
-        let finishes: Vec<_> = whole
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect();
-        assert_eq!(finishes, vec![FinishReason::Stop]);
-        let without_clock = |events: Vec<StreamEvent>| -> Vec<StreamEvent> {
-            events
-                .into_iter()
-                .map(|e| match e {
-                    StreamEvent::Meta(m) => StreamEvent::Meta(StreamMeta { created: 0, ..m }),
-                    other => other,
-                })
-                .collect()
-        };
-        let whole = without_clock(whole);
-        for chunk in [1, 2, 3, 5, 17, 64] {
-            let (events, finished) = stream(&sse, chunk).unwrap();
-            assert!(finished);
-            assert_eq!(without_clock(events), whole, "chunk {chunk}");
-        }
+        assert_eq!(finishes(&whole), vec![FinishReason::Stop]);
     }
 
     #[test]
     fn stream_tool_call_arrives_whole() {
-        let (events, finished) = stream(&fixture("tools.sse"), 9).unwrap();
+        let (events, finished) = stream(&fixture("gemini", "tools.sse"), 9).unwrap();
         assert!(finished);
-        let deltas: Vec<&Delta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(d),
-                _ => None,
-            })
-            .collect();
+        let deltas = deltas(&events);
         let call = &deltas[0].tool_calls[0];
         assert_eq!(call.index, 0);
         assert!(call.id.as_deref().is_some_and(|i| i.starts_with("call_")));
@@ -1979,24 +1878,15 @@ mod tests {
 
     #[test]
     fn stream_length_and_in_band_error() {
-        let (events, finished) = stream(&fixture("length.sse"), 11).unwrap();
+        let (events, finished) = stream(&fixture("gemini", "length.sse"), 11).unwrap();
         assert!(finished);
         assert!(events.iter().any(|e| matches!(e,
             StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Length))));
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(fixture("stream_error.sse").as_bytes());
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        let mut err = None;
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = dec.decode(&ev.data, &mut out) {
-                err = Some(e);
-                break;
-            }
-        }
+        let sse = fixture("gemini", "stream_error.sse");
+        let (out, result, finished) = decode_stream(&GeminiCodec::new(), sse.as_bytes(), 0);
         assert_eq!(text_of(&out), "Hello");
-        assert_eq!(err.unwrap().kind, ErrorKind::Overloaded);
-        assert!(!dec.finished());
+        assert_eq!(result.unwrap_err().kind, ErrorKind::Overloaded);
+        assert!(!finished);
     }
 
     #[test]
@@ -2022,22 +1912,12 @@ mod tests {
 
     #[test]
     fn errors_classify_by_status_word_and_details() {
-        let cases: [(&str, u16, ErrorKind); 7] = [
-            ("error_429.json", 429, ErrorKind::RateLimited),
-            ("error_500.json", 500, ErrorKind::Overloaded),
-            ("error_401.json", 401, ErrorKind::Auth),
-            ("error_400.json", 400, ErrorKind::BadRequest),
-            ("error_400_context.json", 400, ErrorKind::ContextLength),
-            ("error_400_api_key.json", 400, ErrorKind::Auth),
-            ("error_403.json", 403, ErrorKind::Auth),
+        let cases: [(u16, &str, ErrorKind); 2] = [
+            (400, "error_400_api_key.json", ErrorKind::Auth),
+            (403, "error_403.json", ErrorKind::Auth),
         ];
-        for (name, status, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}: {}", e.message);
-            assert_eq!(e.status, Some(status));
-            assert!(!e.message.is_empty());
-        }
-        let e = classify_error_body(429, fixture("error_429.json").as_bytes());
+        assert_fixture_errors("gemini", classify_error_body, &cases);
+        let e = classify_error_body(429, fixture("gemini", "error_429.json").as_bytes());
         assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(37)));
         let more: [(Value, ErrorKind); 4] = [
             (
@@ -2067,7 +1947,7 @@ mod tests {
             );
         }
         // An array-wrapped error, and a body that is not JSON.
-        let arr = format!("[{}]", fixture("error_429.json"));
+        let arr = format!("[{}]", fixture("gemini", "error_429.json"));
         assert_eq!(
             classify_error_body(429, arr.as_bytes()).kind,
             ErrorKind::RateLimited
@@ -2089,12 +1969,8 @@ mod tests {
     #[test]
     fn embeddings_round_trip() {
         let req = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into(), "b".into()]),
-            encoding: EmbeddingEncoding::Float,
             dimensions: Some(8),
-            user: None,
-            extra: Map::new(),
+            ..embeddings_request(&["a", "b"])
         };
         let body: Value = serde_json::from_slice(
             &encode_embeddings_request(&req, "gemini-embedding-001").unwrap(),

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::openai::{classify_error_value, new_completion_id};
 use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section, Text};
@@ -26,6 +25,10 @@ pub struct ChatTemplate {
     pub source: String,
     pub stop: Vec<String>,
 }
+use crate::backend::common::{
+    self, classify_error_value, finish_stream, malformed_json, new_completion_id, open_stream,
+    stream_meta,
+};
 
 /// The key of the template used for models without their own.
 pub const FALLBACK_TEMPLATE: &str = "*";
@@ -376,12 +379,8 @@ impl InCompletion {
 }
 
 fn parse_completion(text: &[u8]) -> Result<InCompletion, UpstreamError> {
-    let c: InCompletion = serde_json::from_slice(text).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a llama.cpp completion: {e}"),
-        )
-    })?;
+    let c: InCompletion = serde_json::from_slice(text)
+        .map_err(|e| malformed_json("a body", "a llama.cpp completion", &e))?;
     if let Some(err) = &c.error {
         return Err(classify_error_value(200, err));
     }
@@ -427,15 +426,9 @@ impl CompletionStream {
             return Ok(());
         }
         let mut c = parse_completion(data.as_bytes())?;
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: new_completion_id(),
-                created: unix_now(),
-                model: c.model.take().unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(new_completion_id(), None, c.model.take())
+        });
         // The eos token and a completed stop word arrive as empty pieces.
         if let Some(text) = c.content.take().filter(|t| !t.is_empty()) {
             out.push(StreamEvent::Delta(Delta {
@@ -448,14 +441,7 @@ impl CompletionStream {
         if c.stop {
             c.check_truncated()?;
             self.done = true;
-            out.push(StreamEvent::Delta(Delta {
-                finish_reason: Some(c.finish_reason()),
-                ..Delta::default()
-            }));
-            if let Some(u) = c.usage() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            finish_stream(c.finish_reason(), c.usage(), out);
         }
         Ok(())
     }
@@ -495,7 +481,7 @@ fn refine(mut e: UpstreamError) -> UpstreamError {
 /// `exceed_context_size_error` is a prompt too long for the context and
 /// `unavailable_error` (503) a model still loading.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    refine(super::openai::classify_error_body(status, body))
+    refine(common::classify_error_body(status, body))
 }
 
 // === kind ===
@@ -671,15 +657,11 @@ impl StreamDecoder for LlamacppStream {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::backend::common::testing::{
+        decode_stream, finish_of, fixture, request as chat, text_of,
+    };
+    use crate::backend::llamacpp::LlamacppCodec;
     use serde_json::json;
-
-    fn fixture(rel: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/llamacpp")
-            .join(rel);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     /// The templates of the shipped sample provider file.
     fn sample_templates() -> BTreeMap<String, ChatTemplate> {
@@ -716,21 +698,6 @@ mod tests {
         Templates::compile(&m).unwrap()
     }
 
-    fn chat(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: serde_json::Map::new(),
-        }
-    }
-
     fn transcript() -> ChatRequest {
         chat(vec![
             Message::text(Role::Developer, "Be brief."),
@@ -743,36 +710,12 @@ mod tests {
     /// Frames a recorded HTTP answer (status line, CRLF headers, blank line, body)
     /// and decodes its SSE body.
     fn sse_events(name: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let body = fixture(name);
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(body.as_bytes());
-        let mut dec = CompletionStream::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
-                return Err(dec.error_line(v));
-            }
-            dec.data(&ev.data, &mut out)?;
-        }
-        assert!(dec.finished(), "no stop:true event in {name}");
+        let body = fixture("llamacpp", name);
+        let codec = LlamacppCodec::new(&BTreeMap::new()).unwrap();
+        let (out, result, finished) = decode_stream(&codec, body.as_bytes(), 0);
+        result?;
+        assert!(finished, "no stop:true event in {name}");
         Ok(out)
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn finish_of(events: &[StreamEvent]) -> Option<FinishReason> {
-        events.iter().find_map(|e| match e {
-            StreamEvent::Delta(d) => d.finish_reason,
-            _ => None,
-        })
     }
 
     fn usage_of(events: &[StreamEvent]) -> Option<Usage> {
@@ -785,7 +728,8 @@ mod tests {
     #[test]
     fn sample_chatml_template_matches_the_models_own() {
         // 23-props: the template embedded in the recorded server's model (ChatML).
-        let props: Value = serde_json::from_str(&fixture("recorded/23-props.body")).unwrap();
+        let props: Value =
+            serde_json::from_str(&fixture("llamacpp", "recorded/23-props.body")).unwrap();
         let theirs = one(props["chat_template"].as_str().unwrap());
         let ours = Templates::compile(&sample_templates()).unwrap();
         let req = transcript();
@@ -966,9 +910,10 @@ mod tests {
     #[test]
     fn recorded_answers_decode() {
         // 02: cut at n_predict.
-        let r =
-            decode_completion_response(fixture("recorded/02-completion-length.body").as_bytes())
-                .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/02-completion-length.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text(
@@ -984,9 +929,10 @@ mod tests {
         );
         assert_eq!(u.cached_tokens, Some(1));
         // 04: a stop word; prompt tokens are tokens_evaluated, not timings.prompt_n (1).
-        let r =
-            decode_completion_response(fixture("recorded/04-completion-stopword.body").as_bytes())
-                .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/04-completion-stopword.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(
             r.choices[0].message.content,
@@ -996,8 +942,10 @@ mod tests {
         assert_eq!((u.prompt_tokens, u.completion_tokens), (8, 4));
         assert_eq!(u.cached_tokens, Some(7));
         // 06: end of sequence.
-        let r = decode_completion_response(fixture("recorded/06-completion-eos.body").as_bytes())
-            .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/06-completion-eos.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.unwrap(), {
             let mut u = Usage::new(7, 5);
@@ -1006,13 +954,14 @@ mod tests {
         });
         // 08 (token prompt) and 09 (with completion_probabilities) decode too.
         let r = decode_completion_response(
-            fixture("recorded/08-completion-tokens-prompt.body").as_bytes(),
+            fixture("llamacpp", "recorded/08-completion-tokens-prompt.body").as_bytes(),
         )
         .unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
-        let r =
-            decode_completion_response(fixture("recorded/09-completion-nprobs.body").as_bytes())
-                .unwrap();
+        let r = decode_completion_response(
+            fixture("llamacpp", "recorded/09-completion-nprobs.body").as_bytes(),
+        )
+        .unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text(" alpha bravo".into()))
@@ -1022,7 +971,7 @@ mod tests {
     #[test]
     fn a_truncated_prompt_is_a_context_length_error() {
         let e = decode_completion_response(
-            fixture("recorded/29-context-overflow-truncated.body").as_bytes(),
+            fixture("llamacpp", "recorded/29-context-overflow-truncated.body").as_bytes(),
         )
         .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ContextLength);
@@ -1068,7 +1017,7 @@ mod tests {
 
     #[test]
     fn conformance_fixtures_decode() {
-        let r = decode_completion_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_completion_response(fixture("llamacpp", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -1101,30 +1050,38 @@ mod tests {
         let cases: [(u16, String, ErrorKind); 8] = [
             (
                 404,
-                fixture("recorded/26-err-not-found.body"),
+                fixture("llamacpp", "recorded/26-err-not-found.body"),
                 ErrorKind::BadRequest,
             ),
             (
                 500,
-                fixture("recorded/27-err-bad-json.body"),
+                fixture("llamacpp", "recorded/27-err-bad-json.body"),
                 ErrorKind::Overloaded,
             ),
             (
                 500,
-                fixture("recorded/28-err-chat-no-messages.body"),
+                fixture("llamacpp", "recorded/28-err-chat-no-messages.body"),
                 ErrorKind::Overloaded,
             ),
             (
                 400,
-                fixture("error_400_context.json"),
+                fixture("llamacpp", "error_400_context.json"),
                 ErrorKind::ContextLength,
             ),
-            (400, fixture("error_400.json"), ErrorKind::BadRequest),
-            (401, fixture("error_401.json"), ErrorKind::Auth),
-            (429, fixture("error_429.json"), ErrorKind::RateLimited),
+            (
+                400,
+                fixture("llamacpp", "error_400.json"),
+                ErrorKind::BadRequest,
+            ),
+            (401, fixture("llamacpp", "error_401.json"), ErrorKind::Auth),
+            (
+                429,
+                fixture("llamacpp", "error_429.json"),
+                ErrorKind::RateLimited,
+            ),
             (
                 503,
-                fixture("error_503_loading.json"),
+                fixture("llamacpp", "error_503_loading.json"),
                 ErrorKind::Overloaded,
             ),
         ];

@@ -14,6 +14,7 @@ pub mod anthropic;
 pub mod auth;
 pub mod azure;
 pub mod chatglm;
+pub mod common;
 pub mod dashscope;
 pub mod gemini;
 pub mod llamacpp;

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::openai::{classify_error_value, new_completion_id};
 use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
+use crate::backend::common::{
+    classify_error_value, error_member, finish_stream, malformed, malformed_json, new_call_id,
+    new_completion_id, open_stream, out_tools, stream_meta, OutTool,
+};
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section, Text};
 use crate::error::{ErrorKind, UpstreamError};
@@ -43,14 +46,6 @@ fn bad_request(message: impl Into<String>) -> UpstreamError {
     UpstreamError::new(ErrorKind::BadRequest, message)
 }
 
-fn malformed(message: impl Into<String>) -> UpstreamError {
-    UpstreamError::new(ErrorKind::MalformedResponse, message)
-}
-
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
-}
-
 /// `keep_alive` as Ollama reads it: a Go duration string (`5m`, `1h`) or a
 /// number of seconds (negative keeps the model loaded, 0 unloads it at once).
 pub fn keep_alive_value(s: &str) -> Value {
@@ -72,6 +67,8 @@ struct OutFunctionCall<'a> {
     arguments: Value,
 }
 
+/// Ollama's tool call has no `type` and takes the arguments as a JSON object, so
+/// it is not the OpenAI-shaped [`crate::backend::common::OutToolCall`].
 #[derive(Serialize)]
 struct OutToolCall<'a> {
     /// Current Ollama matches tool results to calls by id.
@@ -91,22 +88,6 @@ struct OutMessage<'a> {
     tool_name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_call_id: Option<Cow<'a, str>>,
-}
-
-#[derive(Serialize)]
-struct OutFunctionDef<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<&'a Value>,
-}
-
-#[derive(Serialize)]
-struct OutTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunctionDef<'a>,
 }
 
 #[derive(Serialize)]
@@ -261,17 +242,8 @@ pub fn encode_chat_request(
         // Ollama has no tool_choice: "none" is honoured by not offering tools.
         Vec::new()
     } else {
-        req.tools
-            .iter()
-            .map(|t| OutTool {
-                kind: "function",
-                function: OutFunctionDef {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: t.parameters.as_ref(),
-                },
-            })
-            .collect()
+        // Ollama does not know `strict`.
+        out_tools(&req.tools, false)
     };
     let out = OutChat {
         model,
@@ -382,11 +354,8 @@ impl InChat {
 }
 
 fn parse_chat(text: &[u8]) -> Result<InChat, UpstreamError> {
-    let c: InChat = serde_json::from_slice(text).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not an Ollama chat response: {e}"
-        ))
-    })?;
+    let c: InChat = serde_json::from_slice(text)
+        .map_err(|e| malformed_json("a body", "an Ollama chat response", &e))?;
     if let Some(err) = &c.error {
         let status = c
             .status
@@ -450,15 +419,9 @@ impl ChatStream {
             return Ok(());
         }
         let mut c = parse_chat(line.as_bytes())?;
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: new_completion_id(),
-                created: unix_now(),
-                model: c.model.clone().unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(new_completion_id(), None, c.model.clone())
+        });
         if let Some(m) = c.message.take() {
             let tool_calls: Vec<ToolCallDelta> = m
                 .tool_calls
@@ -492,14 +455,7 @@ impl ChatStream {
         }
         if c.done {
             self.done = true;
-            out.push(StreamEvent::Delta(Delta {
-                finish_reason: Some(c.finish_reason(self.tool_calls > 0)),
-                ..Delta::default()
-            }));
-            if let Some(u) = c.usage() {
-                out.push(StreamEvent::Usage(u));
-            }
-            out.push(StreamEvent::Done);
+            finish_stream(c.finish_reason(self.tool_calls > 0), c.usage(), out);
         }
         Ok(())
     }
@@ -555,11 +511,8 @@ struct InEmbed {
 }
 
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbed = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not an Ollama embeddings answer: {e}"
-        ))
-    })?;
+    let r: InEmbed = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "an Ollama embeddings answer", &e))?;
     if let Some(err) = &r.error {
         return Err(classify_error_value_ollama(200, err));
     }
@@ -610,10 +563,7 @@ fn classify_error_value_ollama(status: u16, err: &Value) -> UpstreamError {
 /// bad request, 429 "server busy" rate limiting, 5xx overload), refined by the
 /// text for an over-long prompt.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    let value = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut o)) => o.remove("error").unwrap_or(Value::Object(o)),
-        _ => Value::String(String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()),
-    };
+    let value = error_member(body).unwrap_or_else(Value::String);
     let mut e = classify_error_value_ollama(status, &value);
     if e.message.trim().is_empty() {
         e.message = format!("backend answered HTTP {status}");
@@ -746,58 +696,20 @@ impl StreamDecoder for OllamaStream {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::backend::common::testing::{
+        call_deltas, decode_stream, embeddings_request, fixture, request, text_of,
+    };
+    use crate::backend::ollama::OllamaCodec;
     use serde_json::json;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/ollama")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
 
     /// Decodes an NDJSON fixture, optionally cut into pieces of `chunk` bytes.
     fn stream(name: &str, chunk: usize) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let text = fixture(name);
-        let mut frames = FrameDecoder::new(Framing::Ndjson);
-        let mut dec = ChatStream::default();
-        let mut out = Vec::new();
-        for piece in text.as_bytes().chunks(chunk) {
-            frames.push(piece);
-            while let Some(Frame::Line(l)) = frames.next_frame() {
-                dec.line(&l, &mut out)?;
-            }
-        }
-        if let Some(Frame::Line(l)) = frames.finish() {
-            dec.line(&l, &mut out)?;
-        }
-        assert!(dec.finished(), "{name} has no done line");
+        let text = fixture("ollama", name);
+        let (out, result, finished) =
+            decode_stream(&OllamaCodec::new(None), text.as_bytes(), chunk);
+        result?;
+        assert!(finished, "{name} has no done line");
         Ok(out)
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
     }
 
     #[test]
@@ -954,7 +866,7 @@ mod tests {
 
     #[test]
     fn answers_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("ollama", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
@@ -963,14 +875,14 @@ mod tests {
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "llama3.2");
 
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("ollama", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];
         assert_eq!(call.name, "get_weather");
         assert_eq!(call.arguments, "{\"city\":\"Paris\"}");
         assert!(call.id.starts_with("call_"));
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
 
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("ollama", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
 
         // Thinking, a tool call with its own id, no prompt count (cache hit).
@@ -1005,14 +917,7 @@ mod tests {
             assert_eq!(events.last(), Some(&StreamEvent::Done));
         }
         let events = stream("tools.ndjson", 5).unwrap();
-        let calls: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&events);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].index, 0);
         assert!(calls[0]
@@ -1041,16 +946,32 @@ mod tests {
     #[test]
     fn errors_classify() {
         let cases: [(u16, String, ErrorKind); 8] = [
-            (429, fixture("error_429.json"), ErrorKind::RateLimited),
-            (500, fixture("error_500.json"), ErrorKind::Overloaded),
-            (401, fixture("error_401.json"), ErrorKind::Auth),
-            (400, fixture("error_400.json"), ErrorKind::BadRequest),
+            (
+                429,
+                fixture("ollama", "error_429.json"),
+                ErrorKind::RateLimited,
+            ),
+            (
+                500,
+                fixture("ollama", "error_500.json"),
+                ErrorKind::Overloaded,
+            ),
+            (401, fixture("ollama", "error_401.json"), ErrorKind::Auth),
             (
                 400,
-                fixture("error_400_context.json"),
+                fixture("ollama", "error_400.json"),
+                ErrorKind::BadRequest,
+            ),
+            (
+                400,
+                fixture("ollama", "error_400_context.json"),
                 ErrorKind::ContextLength,
             ),
-            (404, fixture("error_404_model.json"), ErrorKind::BadRequest),
+            (
+                404,
+                fixture("ollama", "error_404_model.json"),
+                ErrorKind::BadRequest,
+            ),
             (
                 500,
                 r#"{"error":"context canceled"}"#.into(),
@@ -1063,20 +984,14 @@ mod tests {
             assert_eq!(e.kind, kind, "{status} {body}");
             assert!(!e.message.is_empty());
         }
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e =
+            decode_chat_response(fixture("ollama", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
     }
 
     #[test]
     fn embeddings_round_trip() {
-        let req = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into(), "b".into()]),
-            encoding: EmbeddingEncoding::Float,
-            dimensions: None,
-            user: None,
-            extra: Map::new(),
-        };
+        let req = embeddings_request(&["a", "b"]);
         let v: Value = serde_json::from_slice(
             &encode_embeddings_request(&req, "nomic-embed-text", Some("5m")).unwrap(),
         )
@@ -1085,7 +1000,8 @@ mod tests {
             v,
             json!({"model": "nomic-embed-text", "input": ["a", "b"], "keep_alive": "5m"})
         );
-        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        let r =
+            decode_embeddings_response(fixture("ollama", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(r.vectors.len(), 2);
         assert_eq!(r.vectors[1], vec![0.5, -0.25, 0.125]);
         assert_eq!(r.usage.prompt_tokens, 4);

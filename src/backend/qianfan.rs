@@ -47,20 +47,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::auth::{AuthPart, Credential, TokenSource};
-use super::openai;
 use super::{Codec, EnvLookup, EventStream, HttpCall, Kind, Provider, Settings, StreamDecoder};
+use crate::backend::common::{
+    self, finish_stream, malformed_json, new_call_id, new_completion_id, open_stream, push_delta,
+    push_joined, stream_meta, ArgText, InUsage, OutFunction as OutFunctionCall,
+};
 use crate::canonical::*;
 use crate::config::{valid_env_name, Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
 use crate::framing::{Frame, Framing};
 
 // === request ===
-
-#[derive(Serialize)]
-struct OutFunctionCall<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
 
 #[derive(Serialize)]
 struct OutMessage<'a> {
@@ -108,13 +105,6 @@ struct OutRequest<'a> {
     extra: &'a Map<String, Value>,
 }
 
-fn push_line(buf: &mut String, text: &str) {
-    if !buf.is_empty() {
-        buf.push('\n');
-    }
-    buf.push_str(text);
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     User,
@@ -137,7 +127,7 @@ fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), U
         let text = m.content.as_ref().map(Content::text).unwrap_or_default();
         let turn = match m.role {
             Role::System | Role::Developer => {
-                push_line(&mut system, &text);
+                push_joined(&mut system, "\n", &text);
                 continue;
             }
             Role::User => Turn {
@@ -183,7 +173,7 @@ fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), U
         }
         match turns.last_mut() {
             Some(last) if last.side == turn.side => {
-                push_line(&mut last.content, &turn.content);
+                push_joined(&mut last.content, "\n", &turn.content);
                 if last.role != turn.role {
                     last.role = "user";
                     last.name = None;
@@ -226,10 +216,7 @@ fn fold(messages: &[Message]) -> Result<(Vec<OutMessage<'_>>, Option<String>), U
             role: t.role,
             content: t.content,
             name: t.name,
-            function_call: t.call.map(|c| OutFunctionCall {
-                name: &c.name,
-                arguments: &c.arguments,
-            }),
+            function_call: t.call.map(OutFunctionCall::new),
         })
         .collect();
     Ok((out, system))
@@ -321,13 +308,6 @@ pub fn encode_chat_request(req: &ChatRequest) -> Result<Vec<u8>, UpstreamError> 
 // === response ===
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum ArgText {
-    Text(String),
-    Json(Value),
-}
-
-#[derive(Deserialize)]
 struct InFunctionCall {
     #[serde(default)]
     name: Option<String>,
@@ -339,36 +319,12 @@ struct InFunctionCall {
 
 impl InFunctionCall {
     fn arguments(self) -> (String, String, Option<String>) {
-        let args = match self.arguments {
-            None => String::new(),
-            Some(ArgText::Text(s)) => s,
-            Some(ArgText::Json(v)) => v.to_string(),
-        };
+        let args = self.arguments.map(ArgText::into_string).unwrap_or_default();
         (
             self.name.unwrap_or_default(),
             args,
             self.thoughts.filter(|t| !t.is_empty()),
         )
-    }
-}
-
-#[derive(Deserialize)]
-struct InUsage {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: Option<u32>,
-}
-
-impl InUsage {
-    fn canonical(&self) -> Usage {
-        let mut u = Usage::new(self.prompt_tokens, self.completion_tokens);
-        if let Some(t) = self.total_tokens {
-            u.total_tokens = t;
-        }
-        u
     }
 }
 
@@ -400,12 +356,8 @@ struct InReply {
 }
 
 fn parse_reply(body: &[u8]) -> Result<InReply, UpstreamError> {
-    let r: InReply = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a Qianfan reply: {e}"),
-        )
-    })?;
+    let r: InReply = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a Qianfan reply", &e))?;
     match r.error_code {
         Some(code) if code != 0 => Err(classify_code(200, code, r.error_msg.as_deref())),
         _ => Ok(r),
@@ -424,10 +376,6 @@ fn finish_reason(r: &InReply, moderated: bool, called: bool) -> FinishReason {
         _ if r.is_truncated => FinishReason::Length,
         _ => FinishReason::Stop,
     }
-}
-
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
 }
 
 /// Decodes a chat reply (HTTP 2xx); an `error_code` inside it is an error.
@@ -456,7 +404,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
         id: r
             .id
             .filter(|i| !i.is_empty())
-            .unwrap_or_else(openai::new_completion_id),
+            .unwrap_or_else(new_completion_id),
         created: r.created.unwrap_or_else(unix_now),
         model: String::new(),
         choices: vec![Choice {
@@ -489,19 +437,15 @@ impl StreamState {
             return Ok(());
         }
         let mut r = parse_reply(data.as_bytes())?;
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: r
-                    .id
-                    .clone()
+        open_stream(&mut self.started, out, || {
+            stream_meta(
+                r.id.clone()
                     .filter(|i| !i.is_empty())
-                    .unwrap_or_else(openai::new_completion_id),
-                created: r.created.unwrap_or_else(unix_now),
-                model: String::new(),
-                system_fingerprint: None,
-            }));
-        }
+                    .unwrap_or_else(new_completion_id),
+                r.created,
+                None,
+            )
+        });
         self.moderated |= r.need_clear_history;
         let mut delta = Delta {
             content: r.result.take().filter(|t| !t.is_empty()),
@@ -518,22 +462,11 @@ impl StreamState {
             });
             self.called = true;
         }
-        if delta.has_output() {
-            if !self.role_sent {
-                self.role_sent = true;
-                delta.role = Some(Role::Assistant);
-            }
-            out.push(StreamEvent::Delta(delta));
-        }
+        // The delta has no finish reason: it comes on its own, last.
+        push_delta(&mut self.role_sent, delta, out);
         if r.is_end == Some(true) {
-            out.push(StreamEvent::Delta(Delta {
-                finish_reason: Some(finish_reason(&r, self.moderated, self.called)),
-                ..Delta::default()
-            }));
-            if let Some(u) = &r.usage {
-                out.push(StreamEvent::Usage(u.canonical()));
-            }
-            out.push(StreamEvent::Done);
+            let finish = finish_reason(&r, self.moderated, self.called);
+            finish_stream(finish, r.usage.as_ref().map(InUsage::canonical), out);
             self.done = true;
         }
         Ok(())
@@ -611,7 +544,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
     }
     match serde_json::from_slice::<InError>(body) {
         Ok(e) => classify_code(status, e.error_code, e.error_msg.as_deref()),
-        Err(_) => openai::classify_error_body(status, body),
+        Err(_) => common::classify_error_body(status, body),
     }
 }
 
@@ -659,12 +592,8 @@ struct InEmbeddings {
 }
 
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let r: InEmbeddings = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a Qianfan embeddings reply: {e}"),
-        )
-    })?;
+    let r: InEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a Qianfan embeddings reply", &e))?;
     if let Some(code) = r.error_code.filter(|c| *c != 0) {
         return Err(classify_code(200, code, r.error_msg.as_deref()));
     }
@@ -1081,44 +1010,20 @@ mod codec_tests {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::backend::common::testing::{
+        assert_fixture_errors, call_deltas, client_request as request, decode_stream, finishes,
+        fixture, text_of,
+    };
+    use crate::backend::openai;
+    use crate::backend::qianfan::QianfanCodec;
     use serde_json::json;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/qianfan")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
-    fn request(v: Value) -> ChatRequest {
-        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
-    }
 
     fn encode(v: Value) -> Result<Value, UpstreamError> {
         encode_chat_request(&request(v)).map(|b| serde_json::from_slice(&b).unwrap())
     }
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(text.as_bytes());
-        let mut st = StreamState::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = st.decode(&ev.data, &mut out) {
-                return (out, Err(e), st.finished());
-            }
-        }
-        (out, Ok(()), st.finished())
-    }
-
-    fn finishes(ev: &[StreamEvent]) -> Vec<FinishReason> {
-        ev.iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect()
+        decode_stream(&QianfanCodec::new(), text.as_bytes(), 0)
     }
 
     #[test]
@@ -1255,7 +1160,7 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "chat.json").as_bytes()).unwrap();
         assert_eq!(r.id, "as-fake0001");
         assert_eq!(
             r.choices[0].message.content,
@@ -1263,7 +1168,7 @@ mod tests {
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "tools.json").as_bytes()).unwrap();
         let m = &r.choices[0].message;
         assert_eq!(m.content, None);
         assert_eq!(m.tool_calls[0].name, "get_weather");
@@ -1271,9 +1176,9 @@ mod tests {
         assert!(m.tool_calls[0].id.starts_with("call_"));
         assert!(m.reasoning.is_some());
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
-        let r = decode_chat_response(fixture("moderated.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("qianfan", "moderated.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].finish_reason,
             Some(FinishReason::ContentFilter)
@@ -1289,7 +1194,7 @@ mod tests {
     #[test]
     fn refused_tokens_are_recognised_for_a_retry() {
         for name in ["error_in_200_token.json", "token_expired_stream.1.json"] {
-            let e = decode_chat_response(fixture(name).as_bytes()).unwrap_err();
+            let e = decode_chat_response(fixture("qianfan", name).as_bytes()).unwrap_err();
             assert!(is_token_refused(&e), "{name}: {e:?}");
         }
         let e = classify_error_body(401, br#"{"error_code":110,"error_msg":"x"}"#);
@@ -1312,7 +1217,7 @@ mod tests {
             ("error_in_200.json", ErrorKind::BadRequest),
         ];
         for (name, kind) in cases {
-            let e = decode_chat_response(fixture(name).as_bytes()).unwrap_err();
+            let e = decode_chat_response(fixture("qianfan", name).as_bytes()).unwrap_err();
             assert_eq!(e.kind, kind, "{name}");
             assert_eq!(e.status, None);
             assert!(e.message.contains("error_code"));
@@ -1328,18 +1233,7 @@ mod tests {
 
     #[test]
     fn http_errors_classify() {
-        let cases = [
-            (429, "error_429.json", ErrorKind::RateLimited),
-            (500, "error_500.json", ErrorKind::Overloaded),
-            (401, "error_401.json", ErrorKind::Auth),
-            (400, "error_400.json", ErrorKind::BadRequest),
-            (400, "error_400_context.json", ErrorKind::ContextLength),
-        ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert_eq!(e.status, Some(status));
-        }
+        assert_fixture_errors("qianfan", classify_error_body, &[]);
         assert_eq!(
             classify_error_body(502, b"<html>Bad Gateway</html>").kind,
             ErrorKind::Overloaded
@@ -1348,20 +1242,14 @@ mod tests {
 
     #[test]
     fn streams_end_at_is_end() {
-        let (ev, res, done) = stream(&fixture("chat.sse"));
+        let (ev, res, done) = stream(&fixture("qianfan", "chat.sse"));
         res.unwrap();
         assert!(done);
         let StreamEvent::Meta(meta) = &ev[0] else {
             panic!("{ev:?}")
         };
         assert_eq!(meta.id, "as-fake0002");
-        let text: String = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let text = text_of(&ev);
         assert_eq!(text, "Hello from the fake upstream.");
         assert_eq!(finishes(&ev), vec![FinishReason::Stop]);
         // Usage is reported once, from the last event.
@@ -1372,25 +1260,18 @@ mod tests {
         assert_eq!(usages, vec![&StreamEvent::Usage(Usage::new(12, 6))]);
         assert_eq!(ev.last(), Some(&StreamEvent::Done));
 
-        let (ev, _, done) = stream(&fixture("tools.sse"));
+        let (ev, _, done) = stream(&fixture("qianfan", "tools.sse"));
         assert!(done);
         assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
-        let calls: Vec<&ToolCallDelta> = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&ev);
         assert_eq!(calls.len(), 1);
         assert!(calls[0].id.is_some());
         assert_eq!(calls[0].arguments.as_deref(), Some("{\"city\":\"Paris\"}"));
 
-        let (ev, _, _) = stream(&fixture("length.sse"));
+        let (ev, _, _) = stream(&fixture("qianfan", "length.sse"));
         assert_eq!(finishes(&ev), vec![FinishReason::Length]);
 
-        let (ev, res, done) = stream(&fixture("stream_error.sse"));
+        let (ev, res, done) = stream(&fixture("qianfan", "stream_error.sse"));
         assert!(!done);
         assert!(ev
             .iter()
@@ -1411,7 +1292,8 @@ mod tests {
             encode_embeddings_request(&tokens).unwrap_err().kind,
             ErrorKind::BadRequest
         );
-        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        let r =
+            decode_embeddings_response(fixture("qianfan", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(r.vectors, vec![vec![0.5, -0.25], vec![0.125, 1.0]]);
         assert_eq!(r.usage.prompt_tokens, 4);
         let e = decode_embeddings_response(

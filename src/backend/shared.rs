@@ -111,8 +111,8 @@ mod hostile_numbers {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use crate::backend::common::testing::{decode_response, decode_stream};
     use crate::backend::{self, Codec};
-    use crate::framing::FrameDecoder;
 
     /// A codec for every fixture folder: the shipped provider files' codecs
     /// (folder named after the provider, else after its kind), and ChatGLM3's
@@ -170,20 +170,7 @@ mod hostile_numbers {
     }
 
     fn stream(codec: &dyn Codec, body: &[u8], chunk: usize) {
-        let mut frames = FrameDecoder::new(codec.stream_framing());
-        let mut dec = codec.stream_decoder();
-        let mut out = Vec::new();
-        for piece in body.chunks(chunk.max(1)) {
-            frames.push(piece);
-            while let Some(f) = frames.next_frame() {
-                if dec.frame(f, &mut out).is_err() {
-                    return;
-                }
-            }
-        }
-        if let Some(f) = frames.finish() {
-            let _ = dec.frame(f, &mut out);
-        }
+        let (out, _, _) = decode_stream(codec, body, chunk.max(1));
         assert!(out.len() <= body.len() + 8, "events bounded by input");
     }
 
@@ -210,7 +197,7 @@ mod hostile_numbers {
                 let name = path.file_name().unwrap().to_string_lossy().into_owned();
                 for h in hostile {
                     let body = replace_numbers(&text, h);
-                    let _ = codec.chat_response(body.as_bytes());
+                    let _ = decode_response(codec.as_ref(), body.as_bytes());
                     let _ = codec.embeddings_response(body.as_bytes());
                     let _ = codec.error(400, body.as_bytes());
                     if name.ends_with(".sse") || name.ends_with(".ndjson") {
@@ -222,7 +209,7 @@ mod hostile_numbers {
                 // Cut at every point.
                 let bytes = text.as_bytes();
                 for cut in 0..bytes.len() {
-                    let _ = codec.chat_response(&bytes[..cut]);
+                    let _ = decode_response(codec.as_ref(), &bytes[..cut]);
                     if name.ends_with(".sse") || name.ends_with(".ndjson") {
                         stream(codec.as_ref(), &bytes[..cut], 13);
                     }

@@ -36,6 +36,7 @@ use serde_json::Value;
 use super::auth::{AuthPart, Credential, TokenSource};
 use super::openai;
 use super::{Codec, EnvLookup, HttpCall, Kind, Provider, Settings, StreamDecoder};
+use crate::backend::common;
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
@@ -131,7 +132,7 @@ fn code_of(err: &Value) -> Option<u32> {
 /// Classifies a Zhipu error object (`{"code","message"}`) that came with `status`
 /// (200 for one inside a successful answer or a stream).
 pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
-    let mut e = openai::classify_error_value(status, err);
+    let mut e = common::classify_error_value(status, err);
     if let Some(kind) = code_of(err).and_then(kind_of_code) {
         e.kind = kind;
     } else if e.kind != ErrorKind::ContextLength {
@@ -153,7 +154,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
             let err = o.remove("error").unwrap_or_default();
             classify_error_value(status, &err)
         }
-        _ => openai::classify_error_body(status, body),
+        _ => common::classify_error_body(status, body),
     }
 }
 
@@ -201,15 +202,7 @@ impl ChunkDecoder {
         out: &mut Vec<StreamEvent>,
     ) -> Result<(), UpstreamError> {
         if event == Some("error") {
-            let v = serde_json::from_str::<Value>(data)
-                .map(|v| match v {
-                    Value::Object(mut o) if o.contains_key("error") => {
-                        o.remove("error").unwrap_or_default()
-                    }
-                    v => v,
-                })
-                .unwrap_or_else(|_| Value::String(data.to_owned()));
-            return Err(classify_error_value(200, &v));
+            return Err(classify_error_value(200, &common::error_event_value(data)));
         }
         if let Some(err) = top_level_error(data.as_bytes()) {
             return Err(classify_error_value(200, &err));
@@ -543,41 +536,15 @@ mod codec_tests {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::backend::common::testing::{
+        assert_fixture_errors, call_deltas, client_request as request, decode_stream, fixture,
+        text_of,
+    };
+    use crate::backend::zhipu::ZhipuCodec;
     use serde_json::json;
 
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/zhipu")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(text.as_bytes());
-        let mut dec = ChunkDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            if let Err(e) = dec.decode(ev.event.as_deref(), &ev.data, &mut out) {
-                return (out, Err(e), dec.finished());
-            }
-        }
-        (out, Ok(()), dec.finished())
-    }
-
-    fn text_of(events: &[StreamEvent]) -> String {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn request(v: Value) -> ChatRequest {
-        openai::decode_chat_request(v.to_string().as_bytes()).unwrap()
+        decode_stream(&ZhipuCodec::new(), text.as_bytes(), 0)
     }
 
     #[test]
@@ -667,7 +634,7 @@ mod tests {
 
     #[test]
     fn context_window_exceeded_finish_is_length() {
-        let r = decode_chat_response(fixture("context_window.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "context_window.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
         let chunk = r#"{"id":"a","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"model_context_window_exceeded"}]}"#;
         let mut out = Vec::new();
@@ -681,14 +648,14 @@ mod tests {
 
     #[test]
     fn responses_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "chat.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the fake upstream.".into()))
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];
         assert_eq!(
             (
@@ -699,9 +666,9 @@ mod tests {
             ("call_9f8e7d6c5b4a", "get_weather", "{\"city\":\"Paris\"}")
         );
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("zhipu", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e = decode_chat_response(fixture("zhipu", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         // Text that merely mentions "error" is not an error.
         let ok = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"no \"error\" here"},"finish_reason":"stop"}]}"#;
@@ -710,22 +677,15 @@ mod tests {
 
     #[test]
     fn streams_decode_with_usage_on_the_last_chunk() {
-        let (ev, res, done) = stream(&fixture("chat.sse"));
+        let (ev, res, done) = stream(&fixture("zhipu", "chat.sse"));
         res.unwrap();
         assert!(done);
         assert!(matches!(ev[0], StreamEvent::Meta(_)));
         assert_eq!(text_of(&ev), "Hello from the fake upstream.");
         assert!(ev.contains(&StreamEvent::Usage(Usage::new(12, 6))));
         assert_eq!(ev.last(), Some(&StreamEvent::Done));
-        let (ev, _, _) = stream(&fixture("tools.sse"));
-        let calls: Vec<&ToolCallDelta> = ev
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let (ev, _, _) = stream(&fixture("zhipu", "tools.sse"));
+        let calls = call_deltas(&ev);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
         let finishes = |ev: &[StreamEvent]| -> Vec<FinishReason> {
@@ -737,21 +697,21 @@ mod tests {
                 .collect()
         };
         assert_eq!(finishes(&ev), vec![FinishReason::ToolCalls]);
-        let (ev, _, _) = stream(&fixture("sensitive.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "sensitive.sse"));
         assert_eq!(finishes(&ev), vec![FinishReason::ContentFilter]);
-        let (ev, _, _) = stream(&fixture("length.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "length.sse"));
         assert_eq!(finishes(&ev), vec![FinishReason::Length]);
-        let (ev, _, _) = stream(&fixture("reasoning.sse"));
+        let (ev, _, _) = stream(&fixture("zhipu", "reasoning.sse"));
         assert!(ev.iter().any(|e| matches!(e, StreamEvent::Delta(d) if d.reasoning.as_deref() == Some("The user greets."))));
     }
 
     #[test]
     fn stream_errors_are_classified_by_code() {
-        let (ev, res, done) = stream(&fixture("stream_error.sse"));
+        let (ev, res, done) = stream(&fixture("zhipu", "stream_error.sse"));
         assert_eq!(text_of(&ev), "Hello from");
         assert_eq!(res.unwrap_err().kind, ErrorKind::Overloaded);
         assert!(!done);
-        let (_, res, _) = stream(&fixture("stream_error_event.sse"));
+        let (_, res, _) = stream(&fixture("zhipu", "stream_error_event.sse"));
         assert_eq!(res.unwrap_err().kind, ErrorKind::RateLimited);
         let mut d = ChunkDecoder::default();
         assert_eq!(
@@ -773,21 +733,11 @@ mod tests {
     #[test]
     fn errors_classify_by_business_code() {
         let cases = [
-            (429, "error_429.json", ErrorKind::RateLimited),
             (429, "error_429_balance.json", ErrorKind::Auth),
-            (500, "error_500.json", ErrorKind::Overloaded),
-            (401, "error_401.json", ErrorKind::Auth),
-            (400, "error_400.json", ErrorKind::BadRequest),
             (400, "error_400_model.json", ErrorKind::BadRequest),
-            (400, "error_400_context.json", ErrorKind::ContextLength),
             (400, "error_400_sensitive.json", ErrorKind::ContentFilter),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert_eq!(e.status, Some(status));
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("zhipu", classify_error_body, &cases);
         // Numeric codes, unknown codes and bodies without a code.
         let e = classify_error_body(400, br#"{"error":{"code":1261,"message":"x"}}"#);
         assert_eq!(e.kind, ErrorKind::ContextLength);
@@ -806,7 +756,7 @@ mod tests {
 
     #[test]
     fn embeddings_decode() {
-        let r = decode_embeddings_response(fixture("embeddings.json").as_bytes()).unwrap();
+        let r = decode_embeddings_response(fixture("zhipu", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(
             r.vectors,
             vec![vec![0.25, -0.5, 0.125], vec![1.0, 0.0, -1.0]]

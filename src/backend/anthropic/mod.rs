@@ -145,47 +145,23 @@ impl StreamDecoder for AnthropicStream {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::FrameDecoder;
-
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/anthropic")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
+    use crate::backend::common::testing::{
+        decode_stream, embeddings_request, fixture, request, text_of,
+    };
 
     /// Feeds `sse` to the codec's decoder in `step`-byte pieces.
     fn run(sse: &str, step: usize) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
-        let codec = AnthropicCodec::new("2023-06-01", 1024);
-        let mut dec = codec.stream_decoder();
-        let mut frames = FrameDecoder::new(codec.stream_framing());
-        let mut out = Vec::new();
-        for piece in sse.as_bytes().chunks(step) {
-            frames.push(piece);
-            while let Some(f) = frames.next_frame() {
-                if let Err(e) = dec.frame(f, &mut out) {
-                    return (out, Err(e), dec.finished());
-                }
-            }
-        }
-        (out, Ok(()), dec.finished())
+        decode_stream(
+            &AnthropicCodec::new("2023-06-01", 1024),
+            sse.as_bytes(),
+            step,
+        )
     }
 
     #[test]
     fn call_has_path_version_header_and_max_tokens() {
         let codec = AnthropicCodec::new("2023-06-01", 777);
-        let req = ChatRequest {
-            model: "route".into(),
-            messages: vec![Message::text(Role::User, "hi")],
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Default::default(),
-        };
+        let req = request(vec![Message::text(Role::User, "hi")]);
         let call = codec.chat_call(&req, "claude-x").unwrap();
         assert_eq!(call.path, "/messages");
         assert_eq!(
@@ -200,16 +176,10 @@ mod tests {
     #[test]
     fn streams_decode_at_any_split() {
         for step in [1, 3, 7, 64, 100_000] {
-            let (events, result, done) = run(&fixture("chat.sse"), step);
+            let (events, result, done) = run(&fixture("anthropic", "chat.sse"), step);
             result.unwrap();
             assert!(done);
-            let text: String = events
-                .iter()
-                .filter_map(|e| match e {
-                    StreamEvent::Delta(d) => d.content.clone(),
-                    _ => None,
-                })
-                .collect();
+            let text = text_of(&events);
             assert_eq!(text, "Hello from the fake upstream.");
             let usage: Vec<_> = events
                 .iter()
@@ -221,7 +191,7 @@ mod tests {
 
     #[test]
     fn in_stream_error_ends_the_stream() {
-        let (events, result, done) = run(&fixture("stream_error.sse"), 5);
+        let (events, result, done) = run(&fixture("anthropic", "stream_error.sse"), 5);
         let e = result.unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::Overloaded);
         assert!(!done);
@@ -233,14 +203,7 @@ mod tests {
     #[test]
     fn embeddings_are_refused() {
         let codec = AnthropicCodec::new("2023-06-01", 1);
-        let req = EmbeddingsRequest {
-            model: "m".into(),
-            input: EmbeddingInput::Texts(vec!["a".into()]),
-            encoding: EmbeddingEncoding::Float,
-            dimensions: None,
-            user: None,
-            extra: Default::default(),
-        };
+        let req = embeddings_request(&["a"]);
         let e = codec.embeddings_call(&req, "m").unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
     }

@@ -36,6 +36,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::backend::common::{
+    close_stream, error_member, join_system, malformed, malformed_json, open_stream, push_joined,
+    stream_meta,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
@@ -68,10 +72,6 @@ fn new_message_id() -> String {
 
 fn new_tool_id() -> String {
     format!("toolu_{:016x}", rand::random::<u64>())
-}
-
-fn malformed(msg: String) -> UpstreamError {
-    UpstreamError::new(ErrorKind::MalformedResponse, msg)
 }
 
 /// Tool-call arguments (JSON text) as the `input` object this wire requires.
@@ -158,6 +158,8 @@ struct OutMessage<'a> {
     content: OutContent<'a>,
 }
 
+/// Anthropic's tool definition is flat (`name`, `description`, `input_schema`), not
+/// the OpenAI `{"type":"function","function":{…}}` of [`crate::backend::common::OutTool`].
 #[derive(Serialize)]
 struct OutTool<'a> {
     name: &'a str,
@@ -311,15 +313,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
     for m in &req.messages {
         let (role, blocks) = match m.role {
             Role::System | Role::Developer => {
-                if let Some(c) = &m.content {
-                    let t = c.text();
-                    if !blank(&t) {
-                        if !system.is_empty() {
-                            system.push_str("\n\n");
-                        }
-                        system.push_str(&t);
-                    }
-                }
+                join_system(&mut system, m.content.as_ref(), blank);
                 continue;
             }
             Role::User => {
@@ -355,10 +349,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
         }
     }
     if matches!(req.response_format, Some(ResponseFormat::JsonObject)) {
-        if !system.is_empty() {
-            system.push_str("\n\n");
-        }
-        system.push_str(JSON_MODE_INSTRUCTION);
+        push_joined(&mut system, "\n\n", JSON_MODE_INSTRUCTION);
     }
     let messages = messages
         .into_iter()
@@ -443,6 +434,9 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
 // Backend direction: Messages response / stream → canonical
 // =====================================================================
 
+/// Anthropic counts cache reads and writes apart from `input_tokens` and sends
+/// them cumulatively over a stream, so not the OpenAI-shaped
+/// [`crate::backend::common::InUsage`].
 #[derive(Deserialize, Default, Clone, Copy)]
 struct InUsage {
     #[serde(default)]
@@ -491,6 +485,8 @@ pub fn finish_reason_from_wire(s: &str) -> FinishReason {
     }
 }
 
+/// A content block of a response, or the one a stream's `content_block_start`
+/// opens (the same shape).
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum InRespBlock {
@@ -542,11 +538,8 @@ fn arguments_text(input: Option<Value>) -> String {
 
 /// Decodes a backend's Messages response (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not a Messages response: {e}"
-        ))
-    })?;
+    let r: InResponse = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a Messages response", &e))?;
     if r.kind.as_deref() == Some("error") || r.error.is_some() {
         return Err(classify_error_value(
             200,
@@ -554,7 +547,7 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
         ));
     }
     let Some(blocks) = r.content else {
-        return Err(malformed("backend response has no `content`".into()));
+        return Err(malformed("backend response has no `content`"));
     };
     let mut text: Option<String> = None;
     let mut reasoning: Option<String> = None;
@@ -615,29 +608,6 @@ struct InStartMessage {
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum InStartBlock {
-    Text {
-        #[serde(default)]
-        text: String,
-    },
-    ToolUse {
-        #[serde(default)]
-        id: String,
-        #[serde(default)]
-        name: String,
-        #[serde(default)]
-        input: Option<Value>,
-    },
-    Thinking {
-        #[serde(default)]
-        thinking: String,
-    },
-    #[serde(other)]
-    Other,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
 enum InBlockDelta {
     TextDelta {
         #[serde(default)]
@@ -670,7 +640,7 @@ enum InEvent {
     },
     ContentBlockStart {
         index: u32,
-        content_block: InStartBlock,
+        content_block: InRespBlock,
     },
     ContentBlockDelta {
         index: u32,
@@ -715,15 +685,9 @@ pub struct EventDecoder {
 
 impl EventDecoder {
     fn start(&mut self, id: Option<String>, model: Option<String>, out: &mut Vec<StreamEvent>) {
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                id: id.unwrap_or_else(new_message_id),
-                created: unix_now(),
-                model: model.unwrap_or_default(),
-                system_fingerprint: None,
-            }));
-        }
+        open_stream(&mut self.started, out, || {
+            stream_meta(id.unwrap_or_else(new_message_id), None, model)
+        });
     }
 
     fn tool_delta(out: &mut Vec<StreamEvent>, call: ToolCallDelta) {
@@ -753,11 +717,7 @@ impl EventDecoder {
                 let _ = e;
                 return Err(classify_error_value(200, &Value::String(data.to_owned())));
             }
-            Err(e) => {
-                return Err(malformed(format!(
-                    "backend sent a stream event that is not a Messages event: {e}"
-                )))
-            }
+            Err(e) => return Err(malformed_json("a stream event", "a Messages event", &e)),
         };
         match ev {
             InEvent::Error { error } => return Err(classify_error_value(200, &error)),
@@ -776,7 +736,7 @@ impl EventDecoder {
             } => {
                 self.start(None, None, out);
                 match content_block {
-                    InStartBlock::Text { text } => {
+                    InRespBlock::Text { text } => {
                         if !text.is_empty() {
                             out.push(StreamEvent::Delta(Delta {
                                 content: Some(text),
@@ -784,7 +744,7 @@ impl EventDecoder {
                             }));
                         }
                     }
-                    InStartBlock::Thinking { thinking } => {
+                    InRespBlock::Thinking { thinking } => {
                         if !thinking.is_empty() {
                             out.push(StreamEvent::Delta(Delta {
                                 reasoning: Some(thinking),
@@ -792,7 +752,7 @@ impl EventDecoder {
                             }));
                         }
                     }
-                    InStartBlock::ToolUse { id, name, input } => {
+                    InRespBlock::ToolUse { id, name, input } => {
                         let tool = self.tools.len() as u32;
                         let initial = input
                             .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
@@ -812,7 +772,7 @@ impl EventDecoder {
                             },
                         );
                     }
-                    InStartBlock::Other => {}
+                    InRespBlock::Other => {}
                 }
             }
             InEvent::ContentBlockDelta { index, delta } => {
@@ -888,11 +848,9 @@ impl EventDecoder {
                 self.start(None, None, out);
                 // Usage only when the output count arrived (message_delta), so a
                 // partial count never passes for a reported one.
-                if let Some(u) = self.usage.filter(|u| u.output_tokens.is_some()) {
-                    out.push(StreamEvent::Usage(u.into_canonical()));
-                }
+                let usage = self.usage.filter(|u| u.output_tokens.is_some());
                 self.done = true;
-                out.push(StreamEvent::Done);
+                close_stream(usage.map(InUsage::into_canonical), out);
             }
         }
         Ok(())
@@ -953,16 +911,8 @@ pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
 
 /// Classifies a backend's non-2xx answer from its status and body.
 pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut o)) => {
-            let err = o.remove("error").unwrap_or(Value::Object(o));
-            classify_error_value(status, &err)
-        }
-        _ => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            classify_error_value(status, &Value::String(text.trim().to_owned()))
-        }
-    }
+    let err = error_member(body).unwrap_or_else(|text| Value::String(text.trim().to_owned()));
+    classify_error_value(status, &err)
 }
 
 /// Anthropic has no embeddings API: the answer for an embeddings call.
@@ -1906,41 +1856,15 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::dialect::{Dialect, StreamEncoder};
-    use crate::framing::{Frame, FrameDecoder, Framing};
+
+    use crate::backend::anthropic::AnthropicCodec;
+    use crate::backend::common::testing::{
+        self, assert_fixture_errors, call_deltas, fixture, request, usages,
+    };
     use serde_json::json;
 
-    fn fixture(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/anthropic")
-            .join(name);
-        std::fs::read_to_string(p).unwrap()
-    }
-
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(sse.as_bytes());
-        let mut dec = EventDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            dec.decode(ev.event.as_deref(), &ev.data, &mut out)?;
-        }
-        assert!(dec.finished());
-        Ok(out)
-    }
-
-    fn request(messages: Vec<Message>) -> ChatRequest {
-        ChatRequest {
-            model: "route".into(),
-            messages,
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream: false,
-            include_usage: false,
-            extra: Map::new(),
-        }
+        testing::stream_events(&AnthropicCodec::new("2023-06-01", 1024), sse.as_bytes())
     }
 
     fn encode(req: &ChatRequest) -> Value {
@@ -2237,7 +2161,7 @@ mod tests {
 
     #[test]
     fn recorded_responses_decode() {
-        let r = decode_chat_response(fixture("chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "chat.json").as_bytes()).unwrap();
         assert_eq!(r.id, "msg_01FakeChat0001");
         assert_eq!(
             r.choices[0].message.content,
@@ -2250,23 +2174,23 @@ mod tests {
             (12, 6, 18)
         );
 
-        let r = decode_chat_response(fixture("tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "tools.json").as_bytes()).unwrap();
         let m = &r.choices[0].message;
         assert_eq!(m.tool_calls[0].id, "toolu_01FakeWeather");
         assert_eq!(m.tool_calls[0].name, "get_weather");
         assert_eq!(m.tool_calls[0].arguments, "{\"city\":\"Paris\"}");
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
 
-        let r = decode_chat_response(fixture("length.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "length.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Length));
 
-        let r = decode_chat_response(fixture("refusal.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "refusal.json").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].finish_reason,
             Some(FinishReason::ContentFilter)
         );
 
-        let r = decode_chat_response(fixture("cached.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("anthropic", "cached.json").as_bytes()).unwrap();
         let u = r.usage.unwrap();
         assert_eq!(
             (
@@ -2285,7 +2209,8 @@ mod tests {
 
     #[test]
     fn error_inside_a_200_body_is_an_error() {
-        let e = decode_chat_response(fixture("error_in_200.json").as_bytes()).unwrap_err();
+        let e =
+            decode_chat_response(fixture("anthropic", "error_in_200.json").as_bytes()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         let e = decode_chat_response(b"<html>oops</html>").unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
@@ -2295,16 +2220,9 @@ mod tests {
 
     #[test]
     fn streamed_tool_calls_and_finish_reasons_decode() {
-        let events = stream_events(&fixture("tools.sse")).unwrap();
+        let events = stream_events(&fixture("anthropic", "tools.sse")).unwrap();
         assert!(matches!(&events[0], StreamEvent::Meta(m) if m.id == "msg_01FakeToolStream"));
-        let calls: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&events);
         assert_eq!(calls[0].id.as_deref(), Some("toolu_01FakeWeather"));
         assert_eq!(calls[0].name.as_deref(), Some("get_weather"));
         assert!(calls[1..].iter().all(|c| c.id.is_none() && c.index == 0));
@@ -2327,7 +2245,7 @@ mod tests {
         );
         assert_eq!(events[n - 1], StreamEvent::Done);
 
-        let events = stream_events(&fixture("length.sse")).unwrap();
+        let events = stream_events(&fixture("anthropic", "length.sse")).unwrap();
         assert!(events.iter().any(
             |e| matches!(e, StreamEvent::Delta(d) if d.finish_reason == Some(FinishReason::Length))
         ));
@@ -2344,13 +2262,7 @@ mod tests {
                    event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"input_tokens\":6,\"output_tokens\":10}}\n\n\
                    event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let events = stream_events(sse).unwrap();
-        let usage: Vec<&Usage> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Usage(u) => Some(u),
-                _ => None,
-            })
-            .collect();
+        let usage = usages(&events);
         assert_eq!(usage.len(), 1);
         assert_eq!(
             (
@@ -2392,16 +2304,11 @@ mod tests {
 
     #[test]
     fn backend_errors_classify_by_type_status_and_text() {
-        let cases: [(u16, &str, ErrorKind); 11] = [
-            (429, "error_429.json", ErrorKind::RateLimited),
-            (500, "error_500.json", ErrorKind::Overloaded),
+        let cases: [(u16, &str, ErrorKind); 6] = [
             (529, "error_529.json", ErrorKind::Overloaded),
-            (401, "error_401.json", ErrorKind::Auth),
             (403, "error_403.json", ErrorKind::Auth),
             (404, "error_404.json", ErrorKind::BadRequest),
             (413, "error_413.json", ErrorKind::BadRequest),
-            (400, "error_400.json", ErrorKind::BadRequest),
-            (400, "error_400_context.json", ErrorKind::ContextLength),
             (
                 400,
                 "error_400_context_limit.json",
@@ -2409,11 +2316,7 @@ mod tests {
             ),
             (200, "error_in_200.json", ErrorKind::Overloaded),
         ];
-        for (status, name, kind) in cases {
-            let e = classify_error_body(status, fixture(name).as_bytes());
-            assert_eq!(e.kind, kind, "{name}");
-            assert!(!e.message.is_empty());
-        }
+        assert_fixture_errors("anthropic", classify_error_body, &cases);
         let e = classify_error_body(529, b"");
         assert_eq!(e.kind, ErrorKind::Overloaded);
         assert_eq!(e.status, Some(529));
@@ -2649,7 +2552,7 @@ mod tests {
 
     #[test]
     fn canonical_streams_encode_as_named_events_and_decode_back() {
-        let mut events = stream_events(&fixture("tools.sse")).unwrap();
+        let mut events = stream_events(&fixture("anthropic", "tools.sse")).unwrap();
         let mut enc = Anthropic.stream_encoder(&request(Vec::new()));
         let mut out = Vec::new();
         for ev in &events {

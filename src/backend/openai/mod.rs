@@ -18,6 +18,7 @@ use super::{choice_index, tool_id};
 use crate::dialect::{Dialect, StreamEncoder};
 
 use super::{Codec, HttpCall, Kind, Sectionless, StreamDecoder};
+use crate::backend::common;
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig};
 use crate::error::UpstreamError;
@@ -119,7 +120,7 @@ impl Codec for OpenAiCodec {
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
-        wire::classify_error_body(status, body)
+        common::classify_error_body(status, body)
     }
 
     fn embeddings_call(
@@ -153,13 +154,10 @@ impl StreamDecoder for OpenAiStream {
                 if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
                     let val = serde_json::from_str(v)
                         .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
-                    return Err(wire::classify_error_value(200, &val));
+                    return Err(common::classify_error_value(200, &val));
                 }
                 if ev.event.as_deref() == Some("error") {
-                    let val = serde_json::from_str::<serde_json::Value>(&ev.data)
-                        .map(|v| v.get("error").cloned().unwrap_or(v))
-                        .unwrap_or_else(|_| serde_json::Value::String(ev.data.clone()));
-                    return Err(wire::classify_error_value(200, &val));
+                    return Err(common::error_event(&ev.data));
                 }
                 self.chunks.decode(&ev.data, out)
             }

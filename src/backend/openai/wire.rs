@@ -6,6 +6,11 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::backend::common::{
+    classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
+    new_completion_id, open_stream, out_tool_calls, out_tools, stream_meta, InFunction, InToolCall,
+    InUsage, OutFunction, OutTool, OutToolCall,
+};
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 
@@ -27,41 +32,6 @@ enum InRole {
 enum InContent {
     Text(String),
     Parts(Vec<Value>),
-}
-
-#[derive(Deserialize)]
-struct InFunction {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<ArgText>,
-}
-
-/// Tool-call arguments: a JSON string by the spec, but some servers send an object.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ArgText {
-    Text(String),
-    Json(Value),
-}
-
-impl ArgText {
-    fn into_string(self) -> String {
-        match self {
-            ArgText::Text(s) => s,
-            ArgText::Json(v) => v.to_string(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct InToolCall {
-    #[serde(default)]
-    index: Option<u32>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    function: Option<InFunction>,
 }
 
 #[derive(Deserialize)]
@@ -108,34 +78,16 @@ fn part_from_wire(v: Value) -> Part {
     }
 }
 
-fn new_call_id() -> String {
-    format!("call_{:016x}", rand::random::<u64>())
-}
-
 impl InMessage {
     fn into_canonical(self) -> Message {
         let mut tool_calls: Vec<ToolCall> = self
             .tool_calls
             .unwrap_or_default()
             .into_iter()
-            .map(|c| {
-                let f = c.function.unwrap_or(InFunction {
-                    name: None,
-                    arguments: None,
-                });
-                ToolCall {
-                    id: c.id.filter(|i| !i.is_empty()).unwrap_or_else(new_call_id),
-                    name: f.name.unwrap_or_default(),
-                    arguments: f.arguments.map(ArgText::into_string).unwrap_or_default(),
-                }
-            })
+            .map(InToolCall::into_call)
             .collect();
         if let Some(f) = self.function_call {
-            tool_calls.push(ToolCall {
-                id: new_call_id(),
-                name: f.name.unwrap_or_default(),
-                arguments: f.arguments.map(ArgText::into_string).unwrap_or_default(),
-            });
+            tool_calls.push(f.into_call(new_call_id()));
         }
         Message {
             role: match self.role {
@@ -357,61 +309,6 @@ pub fn decode_chat_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     })
 }
 
-#[derive(Deserialize, Default)]
-struct InPromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-struct InCompletionDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct InUsage {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: Option<u32>,
-    #[serde(default)]
-    prompt_tokens_details: Option<InPromptDetails>,
-    #[serde(default)]
-    completion_tokens_details: Option<InCompletionDetails>,
-}
-
-impl InUsage {
-    fn into_canonical(self) -> Usage {
-        Usage {
-            cached_tokens: self.prompt_tokens_details.and_then(|d| d.cached_tokens),
-            reasoning_tokens: self
-                .completion_tokens_details
-                .and_then(|d| d.reasoning_tokens),
-            ..Usage::reported(
-                self.prompt_tokens,
-                self.completion_tokens,
-                self.total_tokens,
-            )
-        }
-    }
-}
-
-/// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.
-pub fn finish_reason_from_wire(s: &str) -> FinishReason {
-    match s {
-        // Zhipu: the model ran into its context window while answering.
-        "length" | "model_context_window_exceeded" => FinishReason::Length,
-        "tool_calls" | "function_call" => FinishReason::ToolCalls,
-        "content_filter" | "sensitive" => FinishReason::ContentFilter,
-        // DeepSeek: the answer was cut for lack of server resources.
-        "error" | "abort" | "network_error" | "insufficient_system_resource" => FinishReason::Error,
-        _ => FinishReason::Stop,
-    }
-}
-
 #[derive(Deserialize)]
 struct InChoice {
     #[serde(default)]
@@ -441,20 +338,13 @@ struct InResponse {
 
 /// Decodes a backend's chat completion body (HTTP 2xx).
 pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> {
-    let r: InResponse = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            format!("backend sent a body that is not a chat completion: {e}"),
-        )
-    })?;
+    let r: InResponse = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "a chat completion", &e))?;
     if let Some(err) = r.error {
         return Err(classify_error_value(200, &err));
     }
     let Some(choices) = r.choices else {
-        return Err(UpstreamError::new(
-            ErrorKind::MalformedResponse,
-            "backend response has no `choices`",
-        ));
+        return Err(malformed("backend response has no `choices`"));
     };
     Ok(ChatResponse {
         id: r
@@ -479,13 +369,9 @@ pub fn decode_chat_response(body: &[u8]) -> Result<ChatResponse, UpstreamError> 
                 }
             })
             .collect(),
-        usage: r.usage.map(InUsage::into_canonical),
+        usage: r.usage.as_ref().map(InUsage::canonical),
         system_fingerprint: r.system_fingerprint,
     })
-}
-
-pub fn new_completion_id() -> String {
-    format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32)
 }
 
 // --- stream chunks ---
@@ -559,28 +445,21 @@ impl ChunkDecoder {
         if data.is_empty() {
             return Ok(());
         }
-        let c: InChunk = serde_json::from_str(data).map_err(|e| {
-            UpstreamError::new(
-                ErrorKind::MalformedResponse,
-                format!("backend sent a stream event that is not a chat completion chunk: {e}"),
-            )
-        })?;
+        let c: InChunk = serde_json::from_str(data)
+            .map_err(|e| malformed_json("a stream event", "a chat completion chunk", &e))?;
         if let Some(err) = c.error {
             return Err(classify_error_value(200, &err));
         }
-        if !self.started {
-            self.started = true;
-            out.push(StreamEvent::Meta(StreamMeta {
-                // ChatGLM3's demo sends `"id": ""`.
-                id: c
-                    .id
-                    .filter(|i| !i.is_empty())
+        open_stream(&mut self.started, out, || StreamMeta {
+            system_fingerprint: c.system_fingerprint,
+            // ChatGLM3's demo sends `"id": ""`.
+            ..stream_meta(
+                c.id.filter(|i| !i.is_empty())
                     .unwrap_or_else(new_completion_id),
-                created: c.created.unwrap_or_else(unix_now),
-                model: c.model.unwrap_or_default(),
-                system_fingerprint: c.system_fingerprint,
-            }));
-        }
+                c.created,
+                c.model,
+            )
+        });
         for ch in c.choices {
             let bit = 1u128 << super::choice_index(ch.index)?;
             let d = ch.delta.unwrap_or_default();
@@ -589,11 +468,8 @@ impl ChunkDecoder {
                 .unwrap_or_default()
                 .into_iter()
                 .enumerate()
-                .map(|(i, t)| {
-                    let (name, arguments) = match t.function {
-                        Some(f) => (f.name, f.arguments.map(ArgText::into_string)),
-                        None => (None, None),
-                    };
+                .map(|(i, mut t)| {
+                    let (name, arguments) = t.parts();
                     ToolCallDelta {
                         index: t.index.unwrap_or(i as u32),
                         id: t.id.filter(|s| !s.is_empty()),
@@ -613,11 +489,12 @@ impl ChunkDecoder {
             if let Some(f) = d.function_call {
                 let first = !self.legacy_call_started;
                 self.legacy_call_started = true;
+                let (name, arguments) = f.into_parts();
                 tool_calls.push(ToolCallDelta {
                     index: 0,
                     id: first.then(new_call_id),
-                    name: f.name,
-                    arguments: f.arguments.map(ArgText::into_string),
+                    name,
+                    arguments,
                 });
             }
             let mut finish_reason = ch.finish_reason.as_deref().map(finish_reason_from_wire);
@@ -656,7 +533,7 @@ impl ChunkDecoder {
             out.push(StreamEvent::Delta(delta));
         }
         if let Some(u) = c.usage {
-            out.push(StreamEvent::Usage(u.into_canonical()));
+            out.push(StreamEvent::Usage(u.canonical()));
         }
         Ok(())
     }
@@ -669,95 +546,7 @@ impl ChunkDecoder {
 
 // --- errors from a backend ---
 
-/// Classifies an OpenAI-style error object (`{"message","type","code","param"}`, or
-/// a bare string) that came with `status`.
-pub fn classify_error_value(status: u16, err: &Value) -> UpstreamError {
-    let (message, etype, code) = match err {
-        Value::String(s) => (s.clone(), String::new(), String::new()),
-        Value::Object(o) => {
-            let s = |k: &str| match o.get(k) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(v) => v.to_string(),
-            };
-            (s("message"), s("type"), s("code"))
-        }
-        other => (other.to_string(), String::new(), String::new()),
-    };
-    let lower = message.to_ascii_lowercase();
-    let base = if status == 200 {
-        // An error inside a successful response: classify by its own words.
-        match code.parse::<u16>() {
-            Ok(c) if (400..600).contains(&c) => ErrorKind::from_status(c),
-            _ => match etype.as_str() {
-                "rate_limit_error" | "rate_limit_exceeded" => ErrorKind::RateLimited,
-                "invalid_request_error" => ErrorKind::BadRequest,
-                "authentication_error" => ErrorKind::Auth,
-                _ => ErrorKind::Overloaded,
-            },
-        }
-    } else if status == 402 {
-        // Payment required (DeepSeek's "Insufficient Balance"): the account, not
-        // the request, is at fault, and retrying cannot help.
-        ErrorKind::Auth
-    } else {
-        ErrorKind::from_status(status)
-    };
-    let kind = if code == "context_length_exceeded"
-        || etype == "exceed_context_size_error"
-        || lower.contains("maximum context length")
-        || lower.contains("context length")
-        || lower.contains("context window")
-        || lower.contains("prompt is too long")
-    {
-        ErrorKind::ContextLength
-    } else if code == "content_filter"
-        || code == "content_policy_violation"
-        || etype == "content_filter"
-    {
-        ErrorKind::ContentFilter
-    } else {
-        base
-    };
-    UpstreamError::from_backend(kind, message, status)
-}
-
-/// Classifies a backend's non-2xx answer from its status and body.
-pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut o)) => {
-            let err = o
-                .remove("error")
-                .or_else(|| o.remove("detail").map(|d| Value::String(d.to_string())))
-                .unwrap_or(Value::Object(o));
-            classify_error_value(status, &err)
-        }
-        _ => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            let mut e = classify_error_value(status, &Value::String(text));
-            if e.message.trim().is_empty() {
-                e.message = format!("backend answered HTTP {status}");
-            }
-            e
-        }
-    }
-}
-
 // === encoding (a request to a backend, a response to a client) ===
-
-#[derive(Serialize)]
-struct OutFunction<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
-
-#[derive(Serialize)]
-struct OutToolCall<'a> {
-    id: std::borrow::Cow<'a, str>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunction<'a>,
-}
 
 struct OutParts<'a>(&'a [Part]);
 
@@ -813,20 +602,6 @@ struct OutMessage<'a> {
     /// Legacy single function call (servers that predate `tool_calls`).
     #[serde(skip_serializing_if = "Option::is_none")]
     function_call: Option<OutFunction<'a>>,
-}
-
-fn out_tool_calls(calls: &[ToolCall]) -> Vec<OutToolCall<'_>> {
-    calls
-        .iter()
-        .map(|c| OutToolCall {
-            id: super::tool_id::portable(&c.id),
-            kind: "function",
-            function: OutFunction {
-                name: &c.name,
-                arguments: &c.arguments,
-            },
-        })
-        .collect()
 }
 
 fn out_message(m: &Message) -> OutMessage<'_> {
@@ -935,10 +710,7 @@ fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
                 Role::Developer => out.role = "system",
                 Role::Assistant if !m.tool_calls.is_empty() => {
                     let c = &m.tool_calls[0];
-                    out.function_call = Some(OutFunction {
-                        name: &c.name,
-                        arguments: &c.arguments,
-                    });
+                    out.function_call = Some(OutFunction::new(c));
                     out.content = Some(OutContent::Owned(chatglm3_call_text(c)));
                     out.tool_calls = Vec::new();
                 }
@@ -959,24 +731,6 @@ fn out_messages_legacy(messages: &[Message]) -> Vec<OutMessage<'_>> {
             out
         })
         .collect()
-}
-
-#[derive(Serialize)]
-struct OutFunctionDef<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    strict: Option<bool>,
-}
-
-#[derive(Serialize)]
-struct OutTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunctionDef<'a>,
 }
 
 #[derive(Serialize)]
@@ -1078,19 +832,7 @@ pub fn encode_chat_request_with(
         presence_penalty: req.params.presence_penalty,
         frequency_penalty: req.params.frequency_penalty,
         user: req.params.user.as_deref(),
-        tools: req
-            .tools
-            .iter()
-            .map(|t| OutTool {
-                kind: "function",
-                function: OutFunctionDef {
-                    name: &t.name,
-                    description: t.description.as_deref(),
-                    parameters: t.parameters.as_ref(),
-                    strict: t.strict,
-                },
-            })
-            .collect(),
+        tools: out_tools(&req.tools, true),
         tool_choice: req.tool_choice.as_ref().map(tool_choice_to_wire),
         parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.as_ref().map(response_format_to_wire),
@@ -1621,12 +1363,8 @@ struct InEmbeddingsResponse {
 }
 
 pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-    let malformed = |m: String| UpstreamError::new(ErrorKind::MalformedResponse, m);
-    let r: InEmbeddingsResponse = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "backend sent a body that is not an embeddings list: {e}"
-        ))
-    })?;
+    let r: InEmbeddingsResponse = serde_json::from_slice(body)
+        .map_err(|e| malformed_json("a body", "an embeddings list", &e))?;
     let mut data = r.data;
     data.sort_by_key(|d| d.index.unwrap_or(0));
     let mut vectors = Vec::with_capacity(data.len());
@@ -1634,13 +1372,13 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
         vectors.push(match d.embedding {
             InVector::Floats(v) => v,
             InVector::Base64(s) => decode_base64_vector(&s)
-                .ok_or_else(|| malformed("backend sent an invalid base64 embedding".into()))?,
+                .ok_or_else(|| malformed("backend sent an invalid base64 embedding"))?,
         });
     }
     Ok(EmbeddingsResponse {
         model: r.model.unwrap_or_default(),
         vectors,
-        usage: r.usage.map(InUsage::into_canonical).unwrap_or_default(),
+        usage: r.usage.as_ref().map(InUsage::canonical).unwrap_or_default(),
     })
 }
 
@@ -1808,18 +1546,7 @@ pub fn encode_vendor_chat_request(req: &ChatRequest, model: &str, v: &VendorChat
         frequency_penalty: p.frequency_penalty,
         user: p.user.as_deref(),
         tools: if v.tools {
-            req.tools
-                .iter()
-                .map(|t| OutTool {
-                    kind: "function",
-                    function: OutFunctionDef {
-                        name: &t.name,
-                        description: t.description.as_deref(),
-                        parameters: t.parameters.as_ref(),
-                        strict: t.strict,
-                    },
-                })
-                .collect()
+            out_tools(&req.tools, true)
         } else {
             Vec::new()
         },
@@ -1839,26 +1566,18 @@ pub fn encode_vendor_chat_request(req: &ChatRequest, model: &str, v: &VendorChat
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::framing::{Frame, FrameDecoder, Framing};
+    use crate::backend::common::classify_error_body;
+    use crate::backend::common::testing::{self, call_deltas, finishes, fixture, text_of};
+    use crate::backend::openai::{OpenAiCodec, Quirks};
     use serde_json::json;
 
-    fn fixture(rel: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(rel);
-        std::fs::read_to_string(p).unwrap()
-    }
-
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
-        let mut frames = FrameDecoder::new(Framing::Sse);
-        frames.push(sse.as_bytes());
-        let mut dec = ChunkDecoder::default();
-        let mut out = Vec::new();
-        while let Some(Frame::Sse(ev)) = frames.next_frame() {
-            dec.decode(&ev.data, &mut out)?;
-        }
-        assert!(dec.finished());
-        Ok(out)
+        testing::stream_events(
+            &OpenAiCodec {
+                quirks: Quirks::default(),
+            },
+            sse.as_bytes(),
+        )
     }
 
     #[test]
@@ -2014,16 +1733,17 @@ mod tests {
 
     #[test]
     fn recorded_responses_decode() {
-        let r = decode_chat_response(fixture("openai/chat.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("openai", "chat.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage.unwrap().cached_tokens, Some(4));
-        let r = decode_chat_response(fixture("llamacpp-openai/10-chat.body").as_bytes()).unwrap();
+        let r =
+            decode_chat_response(fixture("llamacpp-openai", "10-chat.body").as_bytes()).unwrap();
         assert_eq!(
             r.choices[0].message.content,
             Some(Content::Text("Hello from the tiny test model".into()))
         );
         assert_eq!(r.usage.unwrap(), Usage::new(23, 7));
-        let r = decode_chat_response(fixture("openai/chat_tool_calls.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("openai", "chat_tool_calls.json").as_bytes()).unwrap();
         assert_eq!(r.choices[0].message.tool_calls[0].name, "get_weather");
         let client: Value = serde_json::from_slice(&encode_chat_response(&r, "route")).unwrap();
         assert_eq!(
@@ -2035,8 +1755,8 @@ mod tests {
 
     #[test]
     fn error_inside_a_200_body_is_an_error() {
-        let e =
-            decode_chat_response(fixture("openai/chat_error_in_200.json").as_bytes()).unwrap_err();
+        let e = decode_chat_response(fixture("openai", "chat_error_in_200.json").as_bytes())
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         let e = decode_chat_response(b"<html>oops</html>").unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
@@ -2055,7 +1775,7 @@ mod tests {
 
     #[test]
     fn streams_decode_and_reencode() {
-        let events = stream_events(&fixture("openai/chat_stream_tool_calls.sse")).unwrap();
+        let events = stream_events(&fixture("openai", "chat_stream_tool_calls.sse")).unwrap();
         assert!(matches!(events[0], StreamEvent::Meta(_)));
         assert_eq!(events.last(), Some(&StreamEvent::Done));
         assert!(events.contains(&StreamEvent::Usage(Usage::new(40, 18))));
@@ -2068,14 +1788,9 @@ mod tests {
         let again = stream_events(std::str::from_utf8(&out).unwrap()).unwrap();
         assert_eq!(&again[1..], &events[1..]);
 
-        let events = stream_events(&fixture("llamacpp-openai/12-chat-stream-usage.body")).unwrap();
-        let text: String = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let events =
+            stream_events(&fixture("llamacpp-openai", "12-chat-stream-usage.body")).unwrap();
+        let text = text_of(&events);
         assert_eq!(text, "Hello from the tiny test model");
     }
 
@@ -2174,70 +1889,11 @@ mod tests {
 
     #[test]
     fn stream_error_events_are_errors() {
-        let e = stream_events(&fixture("openai/chat_stream_error_event.sse")).unwrap_err();
+        let e = stream_events(&fixture("openai", "chat_stream_error_event.sse")).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Overloaded);
         let mut dec = ChunkDecoder::default();
         let e = dec.decode("{not json", &mut Vec::new()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse);
-    }
-
-    #[test]
-    fn backend_errors_classify_by_status_and_body() {
-        let cases: [(u16, &str, ErrorKind); 9] = [
-            (
-                429,
-                &fixture("openai/error_429.json"),
-                ErrorKind::RateLimited,
-            ),
-            (401, &fixture("openai/error_401.json"), ErrorKind::Auth),
-            (
-                400,
-                &fixture("openai/error_400_context.json"),
-                ErrorKind::ContextLength,
-            ),
-            (
-                500,
-                &fixture("openai/error_500.json"),
-                ErrorKind::Overloaded,
-            ),
-            // llama.cpp
-            (
-                400,
-                r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error","n_prompt_tokens":9000,"n_ctx":4096}}"#,
-                ErrorKind::ContextLength,
-            ),
-            (
-                503,
-                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#,
-                ErrorKind::Overloaded,
-            ),
-            // vLLM's flat error, FastAPI's detail, Ollama's string
-            (
-                400,
-                r#"{"object":"error","message":"bad temperature","type":"BadRequestError","param":null,"code":400}"#,
-                ErrorKind::BadRequest,
-            ),
-            (
-                400,
-                r#"{"detail":"Invalid request"}"#,
-                ErrorKind::BadRequest,
-            ),
-            (400, r#"{"error":"content_filter"}"#, ErrorKind::BadRequest),
-        ];
-        for (status, body, kind) in cases {
-            let e = classify_error_body(status, body.as_bytes());
-            assert_eq!(e.kind, kind, "{status} {body}");
-            assert!(!e.message.is_empty());
-        }
-        let e = classify_error_body(
-            400,
-            br#"{"error":{"code":"content_filter","param":"prompt","message":"The response was filtered"}}"#,
-        );
-        assert_eq!(e.kind, ErrorKind::ContentFilter);
-        assert_eq!(
-            classify_error_body(502, b"Bad Gateway").kind,
-            ErrorKind::Overloaded
-        );
     }
 
     #[test]
@@ -2297,7 +1953,8 @@ mod tests {
                 n
             );
         }
-        let r = decode_embeddings_response(fixture("openai/embeddings.json").as_bytes()).unwrap();
+        let r =
+            decode_embeddings_response(fixture("openai", "embeddings.json").as_bytes()).unwrap();
         assert_eq!(r.vectors[1], vec![0.5, -0.25, 0.125, 1.0]);
         let b64 = encode_base64_vector(&r.vectors[1]);
         assert_eq!(decode_base64_vector(&b64).unwrap(), r.vectors[1]);
@@ -2308,23 +1965,10 @@ mod tests {
         // ChatGLM3's openai_api_demo: CRLF frames, `: ping` comments, `id: ""`, a
         // `function_call` delta finishing with "function_call", then a trailing
         // "stop" chunk that must not override it.
-        let events = stream_events(&fixture("chatglm3/tools.sse")).unwrap();
-        let finishes: Vec<FinishReason> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.finish_reason,
-                _ => None,
-            })
-            .collect();
+        let events = stream_events(&fixture("chatglm3", "tools.sse")).unwrap();
+        let finishes = finishes(&events);
         assert_eq!(finishes, vec![FinishReason::ToolCalls]);
-        let calls: Vec<&ToolCallDelta> = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => Some(&d.tool_calls),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let calls = call_deltas(&events);
         assert_eq!(calls.len(), 1);
         assert!(calls[0]
             .id
@@ -2339,19 +1983,13 @@ mod tests {
             "an empty id is replaced by a generated one: {meta:?}"
         );
 
-        let events = stream_events(&fixture("chatglm3/chat.sse")).unwrap();
-        let text: String = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Delta(d) => d.content.clone(),
-                _ => None,
-            })
-            .collect();
+        let events = stream_events(&fixture("chatglm3", "chat.sse")).unwrap();
+        let text = text_of(&events);
         assert_eq!(text, "Hello from the fake upstream.");
         assert!(!events.iter().any(|e| matches!(e, StreamEvent::Usage(_))));
 
         // Non-streaming: `id: ""` gets a generated id; the call gets an id.
-        let r = decode_chat_response(fixture("chatglm3/tools.json").as_bytes()).unwrap();
+        let r = decode_chat_response(fixture("chatglm3", "tools.json").as_bytes()).unwrap();
         assert!(r.id.starts_with("chatcmpl-"));
         assert_eq!(r.choices[0].finish_reason, Some(FinishReason::ToolCalls));
         assert_eq!(
