@@ -212,7 +212,7 @@ pub async fn run(plan: DrillPlan) -> Result<Value, String> {
             plan.route.clone(),
             samples.clone(),
         );
-        tasks.push(tokio::spawn(async move {
+        tasks.push(crate::task::spawn("drill-request", async move {
             let sent = start.elapsed();
             let t = Instant::now();
             let (ok, target, error) = one_request(&client, &url, &route, stream).await;

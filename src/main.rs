@@ -361,7 +361,7 @@ fn serve(
         {
             let r = reloader.clone();
             if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                tokio::spawn(async move {
+                promptgate::task::spawn("sighup-reload", async move {
                     while hup.recv().await.is_some() {
                         let _ = r.reload("SIGHUP").await;
                     }
@@ -385,7 +385,7 @@ fn serve(
         let admin = promptgate::admin::router(reloader.clone(), admin_key);
         // The admin port gets the same connection protections as the public one.
         let admin_limits = promptgate::conn_limits(&cfg);
-        tokio::spawn(async move {
+        promptgate::task::spawn("admin-listener", async move {
             let _ = promptgate::server::serve_with(
                 admin_listener,
                 admin,

@@ -290,7 +290,7 @@ impl Reloader {
             }
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        crate::task::spawn("reload-watcher", async move {
             while rx.recv().await.is_some() {
                 // Wait for the burst of events of one save to settle, but not
                 // forever under a steady trickle.

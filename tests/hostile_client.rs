@@ -5,6 +5,9 @@
 //! fast, the process stays up, its memory stays bounded and `/metrics` small.
 //! Plus the limits that need their own process or gateway: bounded shutdown,
 //! streams counted by `max_concurrency`, ids kept out of error bodies.
+// Test servers and clients are started freely; the gateway's own tasks go through
+// promptgate::task::spawn (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -7,6 +7,9 @@
 //!
 //! The fake speaks raw HTTP/1.1 over TCP so it can break the protocol in ways a
 //! framework would not let it.
+// Test servers and clients are started freely; the gateway's own tasks go through
+// promptgate::task::spawn (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,6 +1,9 @@
 //! Versioned prompts end to end: the extension object and the prompt endpoint,
 //! labels and versions, variable validation, rendering errors, and hot reload
 //! (file watcher, admin API, broken files, immutable versions, reload under load).
+// Test servers and clients are started freely; the gateway's own tasks go through
+// promptgate::task::spawn (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -663,7 +663,8 @@ mod tests {
     use crate::backend::llamacpp::LlamacppCodec;
     use serde_json::json;
 
-    /// The templates of the shipped sample provider file.
+    /// The templates of the shipped sample provider file, read straight from it.
+    #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
     fn sample_templates() -> BTreeMap<String, ChatTemplate> {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("providers/llamacpp.yaml");
         let v: serde_yaml::Value =

@@ -392,7 +392,7 @@ impl RedisTier {
         let name = self.redis_key(k, &e.route, e.prompt.as_deref());
         let index = self.lookup_key(k);
         let ttl_ms = e.ttl.min(MAX_TTL).as_millis().max(1) as u64;
-        tokio::spawn(async move {
+        crate::task::spawn("cache-store", async move {
             let Some(mut conn) = self.connection().await else {
                 return;
             };

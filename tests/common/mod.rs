@@ -2,6 +2,9 @@
 //! serving recorded fixtures and faults, and a real gateway (the library's router
 //! and server) on another ephemeral port with a config written to a temp folder.
 //! Everything is per test: no global state, no fixed ports.
+// Test servers and clients are started freely; the gateway's own tasks go through
+// promptgate::task::spawn (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod native;
