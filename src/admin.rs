@@ -15,9 +15,9 @@ use http::{HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
 use crate::config::Problem;
+use crate::health::FaultKind;
 use crate::provider::registry::ProviderState;
 use crate::reload::Reloader;
-use crate::router::FaultKind;
 use crate::snapshot::Plan;
 
 #[derive(Clone)]

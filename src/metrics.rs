@@ -2,6 +2,11 @@
 //! gateways in one process do not share counters). Labels are low-cardinality:
 //! route and provider names come from config, `kind` from [`crate::error`].
 
+use std::time::Duration;
+
+use crate::canonical::Usage;
+use crate::error::ErrorKind;
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -277,6 +282,100 @@ impl Metrics {
             cache_redis_errors,
             health_checks,
         })
+    }
+
+    /// A cache decision of a route.
+    pub fn cache(&self, route: &str, status: crate::cache::Status) {
+        self.cache_requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+    }
+
+    /// Time one backend call took.
+    pub fn upstream(&self, provider: &str, took: Duration) {
+        self.upstream_seconds
+            .with_label_values(&[provider])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A target's breaker state after an outcome.
+    pub fn breaker(&self, target: &str, state: crate::health::BreakerState) {
+        self.breaker_state
+            .with_label_values(&[target])
+            .set(state.gauge());
+    }
+
+    /// One attempt's result (`ok` or the error kind).
+    pub fn attempt(&self, route: &str, target: &str, result: &str) {
+        self.attempts
+            .with_label_values(&[route, target, result])
+            .inc();
+    }
+
+    /// A success on `to` after `from` failed with `kind`.
+    pub fn fallback(&self, route: &str, from: &str, to: &str, kind: ErrorKind) {
+        self.fallbacks
+            .with_label_values(&[route, from, to, kind.as_str()])
+            .inc();
+    }
+
+    /// Time to the first streamed output, per route and provider and per arm.
+    pub fn ttft(&self, route: &str, provider: &str, arm: Option<&str>, took: Duration) {
+        self.ttft_seconds
+            .with_label_values(&[route, provider])
+            .observe(took.as_secs_f64());
+        if let Some(arm) = arm {
+            self.arm_ttft_seconds
+                .with_label_values(&[route, arm])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A response's usage, per route and provider and per arm.
+    pub fn tokens(&self, route: &str, provider: &str, arm: Option<&str>, u: &Usage) {
+        let source = if u.estimated { "estimated" } else { "reported" };
+        for (dir, n) in [("in", u.prompt_tokens), ("out", u.completion_tokens)] {
+            self.tokens
+                .with_label_values(&[route, provider, dir, source])
+                .inc_by(u64::from(n));
+        }
+        if let Some(arm) = arm {
+            self.arm_tokens
+                .with_label_values(&[route, arm])
+                .inc_by(u64::from(u.total_tokens));
+        }
+    }
+
+    /// A stream's whole duration (recorded when it ends), per route and arm.
+    pub fn stream_end(&self, route: &str, arm: Option<&str>, took: Duration) {
+        self.request_seconds
+            .with_label_values(&[route])
+            .observe(took.as_secs_f64());
+        if let Some(arm) = arm {
+            self.arm_seconds
+                .with_label_values(&[route, arm])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A stream that failed after it began.
+    pub fn stream_error(&self, route: &str, provider: &str, kind: ErrorKind) {
+        self.stream_errors
+            .with_label_values(&[route, provider, kind.as_str()])
+            .inc();
+        self.errors.with_label_values(&[kind.as_str(), route]).inc();
+    }
+
+    /// A prompt lookup or render that failed (`prompt`: a configured id or `unknown`).
+    pub fn prompt_error(&self, prompt: &str) {
+        self.prompt_errors.with_label_values(&[prompt]).inc();
+    }
+
+    /// An active health check's result.
+    pub fn health_check(&self, provider: &str, failed: bool) {
+        self.health_checks
+            .with_label_values(&[provider, if failed { "failed" } else { "ok" }])
+            .inc();
     }
 
     /// The text exposition format.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::config::Problem;
-use crate::gateway::Gateway;
+use crate::pipeline::Gateway;
 use crate::snapshot::Snapshot;
 
 /// Reads environment variables for provider keys; shared with the reload task.

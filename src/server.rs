@@ -23,7 +23,9 @@ use tower::ServiceBuilder;
 use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::gateway::{ChatOutcome, Gateway, RequestMeta, Served};
+use crate::pipeline::{
+    render, ChatOutcome, ClientDialect, Gateway, Placement, RequestContext, Served,
+};
 use crate::prompt::PromptRef;
 use crate::wire::openai::{self as wire, OpenAi};
 use crate::wire::Dialect;
@@ -161,21 +163,14 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     }
 }
 
-/// The prompt version a response used.
-#[derive(Clone)]
-struct PromptUse {
-    id: String,
-    version: u32,
-}
-
 /// What a handler tells the edge about its response, for headers and metrics.
 #[derive(Clone)]
 struct Outcome {
-    prompt: Option<PromptUse>,
+    prompt: Option<crate::pipeline::PromptUse>,
     route: Option<Arc<str>>,
     /// The provider that answered.
     provider: Option<Arc<str>>,
-    arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
+    arm: Option<(Arc<str>, Arc<crate::health::ArmStats>)>,
     upstream: Duration,
     error: Option<&'static str>,
     /// Streams record their own duration when they end.
@@ -525,18 +520,44 @@ async fn off_thread_if_large<T: Send + 'static>(
         .unwrap_or_else(|_| Err(GatewayError::Internal("decoding the request failed".into())))
 }
 
+/// The wire codec of a client dialect.
+fn codec(d: ClientDialect) -> &'static dyn Dialect {
+    match d {
+        ClientDialect::OpenAi => &OpenAi,
+        ClientDialect::Anthropic => &crate::wire::anthropic::Anthropic,
+    }
+}
+
+async fn chat_openai(
+    state: State<AppState>,
+    id: RequestId,
+    headers: http::HeaderMap,
+    body: LimitedBody,
+) -> Response {
+    chat(state, id, headers, body, ClientDialect::OpenAi).await
+}
+
+async fn chat_anthropic(
+    state: State<AppState>,
+    id: RequestId,
+    headers: http::HeaderMap,
+    body: LimitedBody,
+) -> Response {
+    chat(state, id, headers, body, ClientDialect::Anthropic).await
+}
+
 /// Chat in any client dialect: decode, run the pipeline, encode the answer or
 /// the stream.
-async fn chat<D: Dialect + Default>(
+async fn chat(
     State(app): State<AppState>,
     id: RequestId,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
+    dialect: ClientDialect,
 ) -> Response {
-    let dialect = D::default();
-    let d: &dyn Dialect = &dialect;
+    let d = codec(dialect);
     let decoded = match body {
-        Ok(b) => off_thread_if_large(b, |b| D::default().decode_chat(b)).await,
+        Ok(b) => off_thread_if_large(b, move |b| codec(dialect).decode_chat(b)).await,
         Err(e) => Err(e),
     };
     let mut req = match decoded {
@@ -549,7 +570,7 @@ async fn chat<D: Dialect + Default>(
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, d, id, &headers, req, prompt).await
+    serve_chat(app, dialect, id, &headers, req, prompt).await
 }
 
 /// `POST /v1/prompts/{id}/chat/completions`: the body holds `variables`, an
@@ -599,7 +620,7 @@ async fn prompt_chat(
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, d, id, &headers, req, Some(prompt)).await
+    serve_chat(app, ClientDialect::OpenAi, id, &headers, req, Some(prompt)).await
 }
 
 /// Most `top_logprobs`, as OpenAI documents.
@@ -644,83 +665,68 @@ fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Runs a decoded chat request (after rendering its prompt, if any) and encodes
-/// the outcome in dialect `d`.
+/// Runs a decoded chat request through the pipeline's stages (render, then the
+/// context that places it on its route and arm, once) and encodes the outcome
+/// in the client's dialect.
 async fn serve_chat(
     app: AppState,
-    d: &dyn Dialect,
+    dialect: ClientDialect,
     id: RequestId,
     headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
 ) -> Response {
+    let d = codec(dialect);
     if let Err(e) = check_sizes(&req) {
         return error_response(d, e, &id, None);
     }
     let snap = app.gw.snapshot();
-    let mut meta = RequestMeta {
-        headers,
-        prompt: None,
-    };
-    let used = match prompt {
-        None => None,
-        Some(mut p) => {
-            // A split over prompt versions: a request that names no version gets
-            // its arm's, and stays on the split route.
-            let mut pinned_route = None;
-            if p.explicit_selector.is_none() {
-                if let Some(sel) = app.gw.arm_prompt(&snap, &req, &meta) {
-                    p.selector = sel;
-                    pinned_route = Some(req.model.clone());
-                }
+    let prepared = match render::render(&app.gw.metrics, &snap, headers, &mut req, prompt) {
+        Ok(p) => p,
+        Err(refused) => {
+            let mut resp = error_response(d, refused.error, &id, None);
+            if let Some(p) = refused.prompt_id {
+                resp.headers_mut().insert(
+                    PROMPT,
+                    HeaderValue::from_str(&p).unwrap_or(HeaderValue::from_static("-")),
+                );
             }
-            match snap.prompts.render(&p) {
-                Ok(r) => {
-                    let used = PromptUse {
-                        id: r.id.clone(),
-                        version: r.version,
-                    };
-                    r.apply(&mut req);
-                    if let Some(route) = pinned_route {
-                        req.model = route;
-                    }
-                    meta.prompt = Some((used.id.clone(), used.version));
-                    if req.model.is_empty() {
-                        let e = GatewayError::invalid(
-                            format!(
-                                "prompt `{}` version {} names no route: give `model`",
-                                used.id, used.version
-                            ),
-                            Some("model"),
-                        );
-                        return error_response(d, e, &id, None);
-                    }
-                    Some(used)
-                }
-                Err(e) => {
-                    let mut resp = error_response(d, e, &id, None);
-                    // Only configured ids become labels: a client naming random
-                    // prompts must not grow the metrics without bound.
-                    let label = if snap.prompts.get(&p.id).is_some() {
-                        p.id.as_str()
-                    } else {
-                        "unknown"
-                    };
-                    app.gw
-                        .metrics
-                        .prompt_errors
-                        .with_label_values(&[label])
-                        .inc();
-                    resp.headers_mut().insert(
-                        PROMPT,
-                        HeaderValue::from_str(&p.id).unwrap_or(HeaderValue::from_static("-")),
-                    );
-                    return resp;
-                }
-            }
+            return resp;
         }
     };
-    let mut resp = run_chat(&app, d, &id, &snap, req, &meta).await;
+    if req.messages.is_empty() {
+        let route = snap.route(&req.model).map(|r| r.name.clone());
+        let e = GatewayError::invalid(
+            "invalid field `messages`: at least one message is required",
+            Some("messages"),
+        );
+        return error_response(d, e, &id, route);
+    }
+    // The route stage: resolved once, the arm picked once (by the render stage
+    // already, when the arm chose the prompt version).
+    let placement = match prepared.placement {
+        Some(p) => p,
+        None => match snap.route(&req.model) {
+            Some(route) => Placement::place(route, headers, req.params.user.as_deref()),
+            None => {
+                let e = GatewayError::UnknownModel {
+                    model: req.model.clone(),
+                    available: snap.route_list.clone(),
+                };
+                return error_response(d, e, &id, None);
+            }
+        },
+    };
+    let used = prepared.prompt.clone();
+    let ctx = RequestContext::new(
+        id.0.clone(),
+        dialect,
+        snap,
+        placement,
+        headers,
+        prepared.prompt,
+    );
+    let mut resp = run_chat(&app, d, &id, &ctx, req).await;
     if let Some(u) = used {
         if let Ok(v) = HeaderValue::from_str(&u.id) {
             resp.headers_mut().insert(PROMPT, v);
@@ -738,29 +744,24 @@ async fn run_chat(
     app: &AppState,
     d: &dyn Dialect,
     id: &RequestId,
-    snap: &Arc<crate::snapshot::Snapshot>,
+    ctx: &RequestContext,
     req: ChatRequest,
-    meta: &RequestMeta<'_>,
 ) -> Response {
     let id = id.clone();
-    let route = snap.route(&req.model).map(|r| r.name.clone());
+    let route = Some(ctx.route().name.clone());
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
-    let served = match tokio::time::timeout(
-        app.settings.request_timeout,
-        app.gw.chat(snap, req, meta),
-    )
-    .await
-    {
-        Err(_) => {
-            let e = UpstreamError::new(
-                ErrorKind::Timeout,
-                "no response from the backend within the gateway's request timeout",
-            );
-            return error_response(d, e.into(), &id, route);
-        }
-        Ok(Err(e)) => return error_response(d, e, &id, route),
-        Ok(Ok(s)) => s,
-    };
+    let served =
+        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
+            Err(_) => {
+                let e = UpstreamError::new(
+                    ErrorKind::Timeout,
+                    "no response from the backend within the gateway's request timeout",
+                );
+                return error_response(d, e.into(), &id, route);
+            }
+            Ok(Err(e)) => return error_response(d, e, &id, route),
+            Ok(Ok(s)) => s,
+        };
     let (value, served) = served.split();
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
@@ -834,6 +835,7 @@ async fn run_chat(
 async fn embeddings(
     State(app): State<AppState>,
     id: RequestId,
+    headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Response {
     let decoded = match body {
@@ -846,8 +848,24 @@ async fn embeddings(
     };
     let encoding: EmbeddingEncoding = req.encoding;
     let snap = app.gw.snapshot();
-    let route = snap.route(&req.model).map(|r| r.name.clone());
-    match app.gw.embed(&snap, req).await {
+    let Some(route) = snap.route(&req.model) else {
+        let e = GatewayError::UnknownModel {
+            model: req.model.clone(),
+            available: snap.route_list.clone(),
+        };
+        return error_response(&OpenAi, e, &id, None);
+    };
+    let placement = Placement::place(route, &headers, req.user.as_deref());
+    let route = Some(route.name.clone());
+    let ctx = RequestContext::new(
+        id.0.clone(),
+        ClientDialect::OpenAi,
+        snap,
+        placement,
+        &headers,
+        None,
+    );
+    match app.gw.embed(&ctx, req).await {
         Err(e) => error_response(&OpenAi, e, &id, route),
         Ok(served) => {
             let mut out = json_response(
@@ -972,11 +990,8 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         settings: settings.clone(),
     };
     let api = Router::new()
-        .route("/v1/chat/completions", post(chat::<OpenAi>))
-        .route(
-            "/v1/messages",
-            post(chat::<crate::wire::anthropic::Anthropic>),
-        )
+        .route("/v1/chat/completions", post(chat_openai))
+        .route("/v1/messages", post(chat_anthropic))
         .route("/v1/prompts/{prompt}/chat/completions", post(prompt_chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use crate::config::{
     BreakerConfig, Capabilities, Config, ParamOverrides, RetryPolicy, Strategy, Subject,
 };
+use crate::health::{ArmStats, Book, Health};
 use crate::prompt::Selector;
 use crate::provider::registry::{self, EnvLookup, ProviderState};
-use crate::router::{ArmStats, Book, Health};
 use crate::tokens::{encoding_for, Encoding};
 
 /// A provider + model a route can send to.
@@ -64,22 +64,35 @@ pub struct Route {
 }
 
 impl Route {
-    /// The arm a subject is assigned to (sticky), or the only chain.
-    pub fn pick(&self, subject: Option<&str>) -> (&[Arc<Target>], Option<&Arm>) {
+    /// The index of the arm a subject is assigned to (sticky; drawn at random
+    /// without a subject). A split route only; the request context calls it once
+    /// per request ([`crate::pipeline::context::Placement`]).
+    pub fn arm_index(&self, subject: Option<&str>) -> usize {
+        let Plan::Split { arms, .. } = &self.plan else {
+            return 0;
+        };
+        let x = match subject {
+            Some(s) => crate::health::unit_interval(&self.name, s),
+            None => rand::random::<f64>(),
+        };
+        arms.iter()
+            .position(|a| x < a.upper)
+            .unwrap_or(arms.len().saturating_sub(1))
+    }
+
+    /// The arm at `i` of a split.
+    pub fn arm_at(&self, i: usize) -> Option<&Arm> {
         match &self.plan {
-            Plan::Chain(c) => (c, None),
-            Plan::Split { arms, .. } => {
-                let x = match subject {
-                    Some(s) => crate::router::unit_interval(&self.name, s),
-                    None => rand::random::<f64>(),
-                };
-                let arm = arms
-                    .iter()
-                    .find(|a| x < a.upper)
-                    .or(arms.last())
-                    .expect("a split has at least one arm (validated)");
-                (&arm.chain, Some(arm))
-            }
+            Plan::Split { arms, .. } => arms.get(i),
+            Plan::Chain(_) => None,
+        }
+    }
+
+    /// The chain of a plain route (empty for a split: its arms hold the chains).
+    pub fn chain(&self) -> &[Arc<Target>] {
+        match &self.plan {
+            Plan::Chain(c) => c,
+            Plan::Split { .. } => &[],
         }
     }
 

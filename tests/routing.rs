@@ -502,7 +502,7 @@ async fn active_health_checks_open_the_breaker_before_traffic_hits_it() {
     p.push(("sick.yaml".into(), format!("kind: openai\nbase_url: http://127.0.0.1:{port}/v1\nhealth_check: {{interval: 100ms}}\n")));
     p.push(("well.yaml".into(), format!("kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\nhealth_check: {{interval: 100ms}}\n", fake.base_url())));
     let gw = spawn_gateway(&g, &p).await;
-    let _checks = promptgate::gateway::spawn_health_checks(gw.gw.clone());
+    let _checks = promptgate::pipeline::spawn_health_checks(gw.gw.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (s, h, _) = send(&gw, "checked", false, &[]).await;
     assert_eq!(s, 200);
@@ -747,4 +747,56 @@ async fn a_target_shared_by_routes_has_one_breaker_across_reloads() {
         send(&gw, route, false, &[]).await;
     }
     assert_eq!(fake.requests().len(), 1, "skipped by both routes");
+}
+
+/// Without a split subject the arm is drawn at random: it must be drawn once,
+/// so the prompt version a request is rendered with is always the version of
+/// the arm (and the chain) that serves it.
+#[tokio::test]
+async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        concat!(
+            "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
+            "        - {name: v1, weight: 1, provider: sandbox, model: echo, prompt: {version: 1}}\n",
+            "        - {name: v2, weight: 1, provider: fake, model: chat, prompt: {version: 2}}\n",
+        ),
+    );
+    let prompt = "variables:\n  name: {type: string}\nlabels: {production: 1}\nversions:\n  1:\n    route: sandbox-echo\n    messages: [{role: user, content: \"one {{ name }}\"}]\n  2:\n    route: sandbox-echo\n    messages: [{role: user, content: \"two {{ name }}\"}]\n";
+    let gw = spawn_gateway_with_prompts(&g, &p, &[("greet.yaml", prompt)]).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        // No `user`: no subject to hash, so each request draws its arm.
+        let body = json!({"model": "greet-ab", "messages": [],
+                          "prompt": {"id": "greet", "variables": {"name": "x"}}});
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r.headers();
+        let arm = h["x-promptgate-arm"].to_str().unwrap().to_owned();
+        let version = h["x-promptgate-prompt-version"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let provider = h["x-promptgate-provider"].to_str().unwrap().to_owned();
+        assert_eq!(
+            arm,
+            format!("v{version}"),
+            "rendered with one arm, served by another"
+        );
+        let expected = if arm == "v1" { "sandbox" } else { "fake" };
+        assert_eq!(provider, expected, "arm {arm} served by {provider}");
+        seen.insert(arm);
+    }
+    assert_eq!(seen.len(), 2, "both arms drawn over 40 requests");
+    // The fake saw exactly the requests of arm v2, each rendered from version 2.
+    for r in fake.requests() {
+        let text = r.body["messages"].to_string();
+        assert!(text.contains("two x"), "{text}");
+    }
 }

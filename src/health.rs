@@ -1,7 +1,8 @@
 //! Routing state that outlives a config snapshot: per-target health (circuit
 //! breaker and recent error rate), per-arm experiment statistics, and drill
-//! faults injected by operators. Also the sticky arm assignment. The fallback
-//! loop itself is `Gateway::chat` (one loop for streaming and non-streaming).
+//! faults injected by operators, kept in the [`Book`]. Also the sticky arm
+//! assignment's hash. Nothing here routes: the fallback loop is
+//! `pipeline::attempt::run_chain`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
