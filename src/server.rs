@@ -312,17 +312,20 @@ fn error_response(
 ) -> Response {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
-    let err = if LIST_IDS.try_with(|l| *l).unwrap_or(true) {
-        err
-    } else {
-        unlisted(err)
-    };
+    let list_ids = LIST_IDS.try_with(|l| *l).unwrap_or(true);
+    let err = if list_ids { err } else { unlisted(err) };
     if status.is_server_error() {
         tracing::warn!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request failed");
     } else {
         tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request rejected");
     }
-    let mut resp = json_response(status, dialect.error_body(&err, &id.0));
+    let mut body = dialect.error_body(&err, &id.0);
+    if let GatewayError::Upstream(e) = &err {
+        if !e.attempts.is_empty() {
+            body = with_attempts(body, &e.attempts, list_ids);
+        }
+    }
+    let mut resp = json_response(status, body);
     if matches!(
         err,
         GatewayError::PayloadTooLarge { .. } | GatewayError::BodyTimeout { .. }
@@ -354,6 +357,36 @@ fn error_response(
     resp
 }
 
+/// An error body (either dialect: both keep the details in an `error` object)
+/// with the route's attempts added to that object:
+/// `attempts: [{target, kind, status, elapsed_ms}, …]`, in order; without
+/// `target` when configured ids are not listed.
+fn with_attempts(body: Vec<u8>, attempts: &[crate::error::Attempt], list_ids: bool) -> Vec<u8> {
+    use serde_json::{json, Value};
+    let Ok(mut v) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    let Some(obj) = v.get_mut("error").and_then(Value::as_object_mut) else {
+        return body;
+    };
+    let list: Vec<Value> = attempts
+        .iter()
+        .map(|a| {
+            let mut m = json!({
+                "kind": a.kind.as_str(),
+                "status": a.status,
+                "elapsed_ms": a.elapsed_ms,
+            });
+            if list_ids {
+                m["target"] = Value::from(&*a.target);
+            }
+            m
+        })
+        .collect();
+    obj.insert("attempts".into(), Value::Array(list));
+    serde_json::to_vec(&v).unwrap_or(body)
+}
+
 /// `err` without the configured ids it lists (routes, prompts, labels), for
 /// deployments whose port is reachable by anyone.
 fn unlisted(err: GatewayError) -> GatewayError {
@@ -377,6 +410,21 @@ fn unlisted(err: GatewayError) -> GatewayError {
             reason: public.into(),
             public,
         },
+        // The earlier attempts, by position instead of by target id.
+        GatewayError::Upstream(mut e) if e.attempts.len() > 1 => {
+            if let Some(at) = e.message.rfind(crate::error::EARLIER_ATTEMPTS) {
+                let earlier: Vec<String> = e.attempts[..e.attempts.len() - 1]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| format!("attempt {}: {}", i + 1, a.kind.as_str()))
+                    .collect();
+                e.message.truncate(at);
+                e.message.push_str(crate::error::EARLIER_ATTEMPTS);
+                e.message.push_str(&earlier.join(", "));
+                e.message.push(')');
+            }
+            GatewayError::Upstream(e)
+        }
         GatewayError::NoTarget { route, public, .. } => GatewayError::NoTarget {
             route,
             reason: public.clone(),

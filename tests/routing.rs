@@ -176,6 +176,16 @@ async fn retries_back_off_and_respect_the_deadline() {
         ),
         "{body}"
     );
+    // The history is typed data too: every attempt, in order, in the error object.
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let attempts = v["error"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{body}");
+    for a in attempts {
+        assert_eq!(a["target"], "fake/status-503", "{body}");
+        assert_eq!(a["kind"], "overloaded", "{body}");
+        assert_eq!(a["status"], 503, "{body}");
+        assert!(a["elapsed_ms"].is_u64(), "{body}");
+    }
     // Retry-After: 7 does not fit in the 1s deadline, so the gateway answers now.
     let t = Instant::now();
     let (s, h, _) = send(&gw, "polite", false, &[]).await;
@@ -798,5 +808,61 @@ async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
     for r in fake.requests() {
         let text = r.body["messages"].to_string();
         assert!(text.contains("two x"), "{text}");
+    }
+}
+
+/// The attempts array is in the Anthropic dialect's error object too, and
+/// names no target when configured ids are not listed.
+#[tokio::test]
+async fn attempts_in_both_dialects_and_unlisted_without_targets() {
+    let routes = "  both-down:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: status-503}\n";
+    for listed in [true, false] {
+        let fake = spawn_fake().await;
+        let backup = spawn_fake().await;
+        let (g, mut p) = fake_config(&fake, routes);
+        let g = if listed {
+            g
+        } else {
+            g.replace("limits:\n", "limits:\n  list_ids_in_errors: false\n")
+        };
+        p.push((
+            "backup.yaml".into(),
+            format!(
+                "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 10s}}\n",
+                backup.base_url()
+            ),
+        ));
+        let gw = spawn_gateway(&g, &p).await;
+        let r = client()
+            .post(gw.url("/v1/messages"))
+            .json(&json!({"model": "both-down", "max_tokens": 16,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_server_error(), "{}", r.status());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        let attempts = v["error"]["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{v}");
+        assert_eq!(attempts[0]["status"], 500);
+        assert_eq!(attempts[1]["status"], 503);
+        assert_eq!(attempts[1]["kind"], "overloaded");
+        let text = v.to_string();
+        if listed {
+            assert_eq!(attempts[0]["target"], "fake/status-500");
+            assert!(
+                text.contains("after earlier attempts: fake/status-500: overloaded"),
+                "{v}"
+            );
+        } else {
+            assert!(attempts.iter().all(|a| a.get("target").is_none()), "{v}");
+            assert!(!text.contains("fake/"), "{v}");
+            assert!(!text.contains("backup/"), "{v}");
+            assert!(
+                text.contains("after earlier attempts: attempt 1: overloaded"),
+                "{v}"
+            );
+        }
     }
 }
