@@ -811,6 +811,84 @@ async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
     }
 }
 
+async fn embed(gw: &Gw, model: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": model, "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    let h = r.headers().clone();
+    (s, h, r.json().await.unwrap())
+}
+
+/// Embeddings go through the same attempt loop as chat: a failing first target
+/// falls over to the next, failures count on the breaker (and an open breaker
+/// is respected), and when every target fails the error lists the attempts.
+#[tokio::test]
+async fn embeddings_fall_over_respect_breakers_and_list_attempts() {
+    let routes = concat!(
+        "  emb:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: emb}\n",
+        "  emb-limited:\n    targets:\n      - {provider: fake, model: status-429}\n      - {provider: backup, model: emb}\n",
+        "  emb-down:\n    targets:\n      - {provider: fake, model: status-429}\n      - {provider: backup, model: status-500}\n",
+    );
+    let breaker = "breaker: {consecutive_failures: 2, cooldown: 60s}\n";
+    let (fake, backup, gw) = two_fakes(routes, breaker).await;
+
+    // 500 on the first target: the second answers.
+    let (s, h, v) = embed(&gw, "emb").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-promptgate-provider"], "backup");
+    assert_eq!(h["x-promptgate-attempts"], "2");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    // 429 too.
+    let (s, h, v) = embed(&gw, "emb-limited").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-promptgate-target"], "backup/emb");
+
+    // A second failure opens the primary's breaker; then it is passed over.
+    assert_eq!(embed(&gw, "emb").await.0, 200);
+    assert_eq!(breaker_of(&gw, "emb", "fake/status-500").await, "open");
+    let before = fake.requests().len();
+    let (s, h, _) = embed(&gw, "emb").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        h["x-promptgate-attempts"], "1",
+        "the open breaker was skipped"
+    );
+    assert_eq!(fake.requests().len(), before, "no call to an open target");
+
+    // Every target fails: the error lists each attempt.
+    let backup_before = backup.requests().len();
+    let (s, _, v) = embed(&gw, "emb-down").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(backup.requests().len(), backup_before + 1);
+    let text = v["error"]["message"].as_str().unwrap();
+    assert!(
+        text.contains("after earlier attempts: fake/status-429: rate_limited"),
+        "{v}"
+    );
+    let attempts = v["error"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{v}");
+    assert_eq!(attempts[0]["target"], "fake/status-429");
+    assert_eq!(attempts[0]["kind"], "rate_limited");
+    assert_eq!(attempts[0]["status"], 429);
+    assert_eq!(attempts[1]["target"], "backup/status-500");
+    assert_eq!(attempts[1]["kind"], "overloaded");
+    assert_eq!(attempts[1]["status"], 500);
+
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("promptgate_attempts_total{result=\"overloaded\",route=\"emb\",target=\"fake/status-500\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("promptgate_fallbacks_total{from=\"fake/status-500\",kind=\"overloaded\",route=\"emb\",to=\"backup/emb\"} 2"),
+        "{m}"
+    );
+}
+
 /// The attempts array is in the Anthropic dialect's error object too, and
 /// names no target when configured ids are not listed.
 #[tokio::test]
