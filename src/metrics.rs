@@ -11,6 +11,25 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+/// What [`Metrics::request`] records of a request's end.
+pub struct RequestEnd<'a> {
+    /// The route that took the request (`None`: refused before one was chosen).
+    pub route: Option<&'a str>,
+    /// The provider that answered, or whose error ended the request.
+    pub provider: Option<&'a str>,
+    pub status: u16,
+    /// The error's code, for an error response.
+    pub error: Option<&'a str>,
+    /// The prompt id and version the request was rendered from.
+    pub prompt: Option<(&'a str, u32)>,
+    pub arm: Option<&'a str>,
+    /// The gateway's own time (everything but waiting on the backend).
+    pub overhead: Duration,
+    /// The whole time to the response; `None` for a stream, which records its
+    /// own duration when it ends.
+    pub whole: Option<Duration>,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Requests by route, provider and final HTTP status.
@@ -282,6 +301,66 @@ impl Metrics {
             cache_redis_errors,
             health_checks,
         })
+    }
+
+    /// A request's end, as the client sees it: one call records every figure
+    /// of it (by route, provider, status, error kind, prompt version, arm).
+    pub fn request(&self, r: &RequestEnd<'_>) {
+        let route = r.route.unwrap_or("");
+        let provider = r.provider.unwrap_or("");
+        let mut code = itoa::Buffer::new();
+        let code = code.format(r.status);
+        self.requests
+            .with_label_values(&[route, provider, code])
+            .inc();
+        if let Some(kind) = r.error {
+            self.errors.with_label_values(&[kind, route]).inc();
+        }
+        if let Some((id, version)) = r.prompt {
+            let mut v = itoa::Buffer::new();
+            self.prompt_requests
+                .with_label_values(&[id, v.format(version), code])
+                .inc();
+        }
+        if let Some(arm) = r.arm {
+            self.arm_requests
+                .with_label_values(&[route, arm, code])
+                .inc();
+            if let Some(whole) = r.whole {
+                self.arm_seconds
+                    .with_label_values(&[route, arm])
+                    .observe(whole.as_secs_f64());
+            }
+        }
+        if r.route.is_some() {
+            self.overhead_seconds
+                .with_label_values(&[route])
+                .observe(r.overhead.as_secs_f64());
+            if let Some(whole) = r.whole {
+                self.request_seconds
+                    .with_label_values(&[route])
+                    .observe(whole.as_secs_f64());
+            }
+        }
+    }
+
+    /// A configuration reload's result.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Cache decisions of a route so far, by result (for the admin status).
+    pub fn cache_count(&self, route: &str, result: &str) -> u64 {
+        self.cache_requests
+            .with_label_values(&[route, result])
+            .get()
+    }
+
+    /// Failures of the Redis tier so far, for an operation (for the admin status).
+    pub fn redis_errors(&self, op: &str) -> u64 {
+        self.cache_redis_errors.with_label_values(&[op]).get()
     }
 
     /// A cache decision of a route.

@@ -226,7 +226,7 @@ impl Reloader {
                 self.gw.swap(next);
                 status.last_success = at;
                 status.succeeded += 1;
-                self.gw.metrics.reloads.with_label_values(&["ok"]).inc();
+                self.gw.metrics.reload(true);
                 self.gw.metrics.last_reload.set(unix(at));
                 tracing::info!(trigger, "configuration reloaded");
                 Some(Ok(()))
@@ -241,7 +241,7 @@ impl Reloader {
                     trigger: trigger.to_owned(),
                     problems: problems.clone(),
                 });
-                self.gw.metrics.reloads.with_label_values(&["error"]).inc();
+                self.gw.metrics.reload(false);
                 Some(Err(problems))
             }
         }

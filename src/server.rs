@@ -149,7 +149,15 @@ fn guard_body<G: Send + Unpin + 'static>(resp: Response, guard: G) -> Response {
 #[derive(Clone)]
 pub struct RequestId(pub Arc<str>);
 
-impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+/// What the edge layer knows of a request when a handler runs: its id and when
+/// it arrived.
+#[derive(Clone)]
+struct Edge {
+    id: RequestId,
+    start: Instant,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Edge {
     type Rejection = Infallible;
     async fn from_request_parts(
         parts: &mut http::request::Parts,
@@ -157,13 +165,23 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     ) -> Result<Self, Self::Rejection> {
         Ok(parts
             .extensions
-            .get::<RequestId>()
+            .get::<Edge>()
             .cloned()
-            .unwrap_or_else(|| RequestId(new_request_id().into())))
+            .unwrap_or_else(|| Edge {
+                id: RequestId(new_request_id().into()),
+                start: Instant::now(),
+            }))
     }
 }
 
-/// What a handler tells the edge about its response, for headers and metrics.
+/// A handler's response and what it tells about it, for headers and metrics:
+/// [`finish`] records it.
+struct Handled {
+    response: Response,
+    outcome: Option<Outcome>,
+}
+
+/// What a handler tells about its response, for headers and metrics.
 #[derive(Clone)]
 struct Outcome {
     prompt: Option<crate::pipeline::PromptUse>,
@@ -204,7 +222,10 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         Some(v) => String::from_utf8_lossy(v.as_bytes()).into(),
         None => new_request_id().into(),
     };
-    req.extensions_mut().insert(RequestId(id.clone()));
+    req.extensions_mut().insert(Edge {
+        id: RequestId(id.clone()),
+        start,
+    });
     let anthropic = req.uri().path() == "/v1/messages";
     let metrics = &app.gw.metrics;
     // The connection's request count, from the listener: it goes into the
@@ -236,61 +257,54 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     if in_flight.is_some() || busy.is_some() {
         resp = guard_body(resp, (in_flight, busy));
     }
-    let elapsed = start.elapsed();
-    let outcome = resp.extensions_mut().remove::<Outcome>();
-    let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
-    let overhead = elapsed.saturating_sub(upstream);
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(REQUEST_ID, v);
     }
-    h.insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
+    // Set by `finish` for the API handlers; everything else is all overhead.
+    if !h.contains_key(OVERHEAD) {
+        h.insert(
+            OVERHEAD,
+            HeaderValue::from(start.elapsed().as_micros() as u64),
+        );
+    }
+    resp
+}
+
+/// Records what a handler tells about its response (the metrics of the request,
+/// the arm's figures) and sets the overhead header: one place for every API
+/// response.
+fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
+    let Handled {
+        mut response,
+        outcome,
+    } = handled;
+    let elapsed = edge.start.elapsed();
+    let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
+    let overhead = elapsed.saturating_sub(upstream);
+    response
+        .headers_mut()
+        .insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
     if let Some(o) = outcome {
-        let route = o.route.as_deref().unwrap_or("");
-        let provider = o.provider.as_deref().unwrap_or("");
-        let status = resp.status();
-        let mut code = itoa::Buffer::new();
-        metrics
-            .requests
-            .with_label_values(&[route, provider, code.format(status.as_u16())])
-            .inc();
-        if let Some(kind) = o.error {
-            metrics.errors.with_label_values(&[kind, route]).inc();
-        }
-        if let Some(p) = &o.prompt {
-            let mut v = itoa::Buffer::new();
-            metrics
-                .prompt_requests
-                .with_label_values(&[&p.id, v.format(p.version), code.format(status.as_u16())])
-                .inc();
-        }
-        if let Some((arm, stats)) = &o.arm {
-            metrics
-                .arm_requests
-                .with_label_values(&[route, arm, code.format(status.as_u16())])
-                .inc();
+        let status = response.status();
+        app.gw.metrics.request(&crate::metrics::RequestEnd {
+            route: o.route.as_deref(),
+            provider: o.provider.as_deref(),
+            status: status.as_u16(),
+            error: o.error,
+            prompt: o.prompt.as_ref().map(|p| (p.id.as_str(), p.version)),
+            arm: o.arm.as_ref().map(|(a, _)| &**a),
+            overhead,
+            // Streams record their own duration when they end.
+            whole: (!o.streaming).then_some(elapsed),
+        });
+        if let Some((_, stats)) = &o.arm {
             if !o.streaming {
-                metrics
-                    .arm_seconds
-                    .with_label_values(&[route, arm])
-                    .observe(elapsed.as_secs_f64());
                 stats.record(status.is_success(), elapsed, 0);
             }
         }
-        if o.route.is_some() {
-            metrics
-                .overhead_seconds
-                .with_label_values(&[route])
-                .observe(overhead.as_secs_f64());
-            if !o.streaming {
-                metrics
-                    .request_seconds
-                    .with_label_values(&[route])
-                    .observe(elapsed.as_secs_f64());
-            }
-        }
     }
-    resp
+    response
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
@@ -309,7 +323,7 @@ fn error_response(
     err: GatewayError,
     id: &RequestId,
     route: Option<Arc<str>>,
-) -> Response {
+) -> Handled {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
     let list_ids = LIST_IDS.try_with(|l| *l).unwrap_or(true);
@@ -345,16 +359,18 @@ fn error_response(
         GatewayError::Upstream(e) if !e.provider.is_empty() => Some(Arc::from(e.provider.as_str())),
         _ => None,
     };
-    resp.extensions_mut().insert(Outcome {
-        prompt: None,
-        route,
-        provider,
-        arm: None,
-        upstream: Duration::ZERO,
-        error: Some(err.code()),
-        streaming: false,
-    });
-    resp
+    Handled {
+        response: resp,
+        outcome: Some(Outcome {
+            prompt: None,
+            route,
+            provider,
+            arm: None,
+            upstream: Duration::ZERO,
+            error: Some(err.code()),
+            streaming: false,
+        }),
+    }
 }
 
 /// An error body (either dialect: both keep the details in an `error` object)
@@ -508,7 +524,7 @@ pub const ARM: HeaderName = HeaderName::from_static("x-promptgate-arm");
 /// `hit`, `miss`, `bypass` or `refresh` (with `age` on a hit).
 pub const CACHE: HeaderName = HeaderName::from_static("x-promptgate-cache");
 
-fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
+fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -> Outcome {
     let h = resp.headers_mut();
     for (name, value) in [
         (ROUTE, &*served.route.name),
@@ -540,7 +556,7 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
             h.insert(ARM, v);
         }
     }
-    resp.extensions_mut().insert(Outcome {
+    Outcome {
         prompt: None,
         route: Some(served.route.name.clone()),
         provider: Some(served.target.provider_id.clone()),
@@ -548,7 +564,7 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
         upstream: served.upstream,
         error: None,
         streaming,
-    });
+    }
 }
 
 /// Bodies at least this large are decoded on the blocking pool: parsing
@@ -577,32 +593,41 @@ fn codec(d: ClientDialect) -> &'static dyn Dialect {
 }
 
 async fn chat_openai(
-    state: State<AppState>,
-    id: RequestId,
+    State(app): State<AppState>,
+    edge: Edge,
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    chat(state, id, headers, body, ClientDialect::OpenAi).await
+    let handled = chat(&app, edge.id.clone(), headers, body, ClientDialect::OpenAi).await;
+    finish(&app, &edge, handled)
 }
 
 async fn chat_anthropic(
-    state: State<AppState>,
-    id: RequestId,
+    State(app): State<AppState>,
+    edge: Edge,
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    chat(state, id, headers, body, ClientDialect::Anthropic).await
+    let handled = chat(
+        &app,
+        edge.id.clone(),
+        headers,
+        body,
+        ClientDialect::Anthropic,
+    )
+    .await;
+    finish(&app, &edge, handled)
 }
 
 /// Chat in any client dialect: decode, run the pipeline, encode the answer or
 /// the stream.
 async fn chat(
-    State(app): State<AppState>,
+    app: &AppState,
     id: RequestId,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
     dialect: ClientDialect,
-) -> Response {
+) -> Handled {
     let d = codec(dialect);
     let decoded = match body {
         Ok(b) => off_thread_if_large(b, move |b| codec(dialect).decode_chat(b)).await,
@@ -626,11 +651,22 @@ async fn chat(
 /// `messages` are optional (the version names its route; messages are appended).
 async fn prompt_chat(
     State(app): State<AppState>,
-    id: RequestId,
+    edge: Edge,
     Path(prompt_id): Path<String>,
     headers: http::HeaderMap,
-    LimitedBody(body): LimitedBody,
+    body: LimitedBody,
 ) -> Response {
+    let handled = prompt_chat_handled(&app, edge.id.clone(), prompt_id, headers, body).await;
+    finish(&app, &edge, handled)
+}
+
+async fn prompt_chat_handled(
+    app: &AppState,
+    id: RequestId,
+    prompt_id: String,
+    headers: http::HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Handled {
     let d: &dyn Dialect = &OpenAi;
     let parsed = body.and_then(|b| {
         serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
@@ -717,13 +753,13 @@ fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
 /// context that places it on its route and arm, once) and encodes the outcome
 /// in the client's dialect.
 async fn serve_chat(
-    app: AppState,
+    app: &AppState,
     dialect: ClientDialect,
     id: RequestId,
     headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
-) -> Response {
+) -> Handled {
     let d = codec(dialect);
     if let Err(e) = check_sizes(&req) {
         return error_response(d, e, &id, None);
@@ -734,7 +770,7 @@ async fn serve_chat(
         Err(refused) => {
             let mut resp = error_response(d, refused.error, &id, None);
             if let Some(p) = refused.prompt_id {
-                resp.headers_mut().insert(
+                resp.response.headers_mut().insert(
                     PROMPT,
                     HeaderValue::from_str(&p).unwrap_or(HeaderValue::from_static("-")),
                 );
@@ -774,18 +810,18 @@ async fn serve_chat(
         headers,
         prepared.prompt,
     );
-    let mut resp = run_chat(&app, d, &id, &ctx, req).await;
+    let mut handled = run_chat(app, d, &id, &ctx, req).await;
     if let Some(u) = used {
+        let h = handled.response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&u.id) {
-            resp.headers_mut().insert(PROMPT, v);
+            h.insert(PROMPT, v);
         }
-        resp.headers_mut()
-            .insert(PROMPT_VERSION, HeaderValue::from(u.version));
-        if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
+        h.insert(PROMPT_VERSION, HeaderValue::from(u.version));
+        if let Some(o) = &mut handled.outcome {
             o.prompt = Some(u);
         }
     }
-    resp
+    handled
 }
 
 async fn run_chat(
@@ -794,7 +830,7 @@ async fn run_chat(
     id: &RequestId,
     ctx: &RequestContext,
     req: ChatRequest,
-) -> Response {
+) -> Handled {
     let id = id.clone();
     let route = Some(ctx.route().name.clone());
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
@@ -819,8 +855,11 @@ async fn run_chat(
                 USAGE,
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
             );
-            served_headers(&mut out, &served, false);
-            out
+            let outcome = served_headers(&mut out, &served, false);
+            Handled {
+                response: out,
+                outcome: Some(outcome),
+            }
         }
         (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
             let request_id = id.0.clone();
@@ -868,8 +907,11 @@ async fn run_chat(
                 HeaderName::from_static("x-accel-buffering"),
                 HeaderValue::from_static("no"),
             );
-            served_headers(&mut out, &served, true);
-            out
+            let outcome = served_headers(&mut out, &served, true);
+            Handled {
+                response: out,
+                outcome: Some(outcome),
+            }
         }
         (ChatOutcome::Stream(_), None) => error_response(
             d,
@@ -882,10 +924,20 @@ async fn run_chat(
 
 async fn embeddings(
     State(app): State<AppState>,
+    edge: Edge,
+    headers: http::HeaderMap,
+    body: LimitedBody,
+) -> Response {
+    let handled = embeddings_handled(&app, edge.id.clone(), headers, body).await;
+    finish(&app, &edge, handled)
+}
+
+async fn embeddings_handled(
+    app: &AppState,
     id: RequestId,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
-) -> Response {
+) -> Handled {
     let decoded = match body {
         Ok(b) => off_thread_if_large(b, wire::decode_embeddings_request).await,
         Err(e) => Err(e),
@@ -928,8 +980,11 @@ async fn embeddings(
                     "reported"
                 }),
             );
-            served_headers(&mut out, &served, false);
-            out
+            let outcome = served_headers(&mut out, &served, false);
+            Handled {
+                response: out,
+                outcome: Some(outcome),
+            }
         }
     }
 }
@@ -943,22 +998,19 @@ async fn list_models(State(app): State<AppState>) -> Response {
     resp
 }
 
-async fn get_model(
-    State(app): State<AppState>,
-    id: RequestId,
-    Path(model): Path<String>,
-) -> Response {
+async fn get_model(State(app): State<AppState>, edge: Edge, Path(model): Path<String>) -> Response {
     let snap = app.gw.snapshot();
     if snap.route(&model).is_none() {
-        return error_response(
+        let handled = error_response(
             &OpenAi,
             GatewayError::UnknownModel {
                 model,
                 available: snap.route_list.clone(),
             },
-            &id,
+            &edge.id,
             None,
         );
+        return finish(&app, &edge, handled);
     }
     let created = snap
         .loaded_at
@@ -983,16 +1035,17 @@ async fn metrics(State(app): State<AppState>) -> Response {
     resp
 }
 
-async fn not_found(id: RequestId, req: Request) -> Response {
-    error_response(
+async fn not_found(State(app): State<AppState>, edge: Edge, req: Request) -> Response {
+    let handled = error_response(
         &OpenAi,
         GatewayError::NotFound {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
         },
-        &id,
+        &edge.id,
         None,
-    )
+    );
+    finish(&app, &edge, handled)
 }
 
 /// Marks the answer of the catch-panic layer, which runs inside `edge` and does
@@ -1379,7 +1432,7 @@ pub async fn serve_with(
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        error_response(&OpenAi, self, &RequestId(new_request_id().into()), None)
+        error_response(&OpenAi, self, &RequestId(new_request_id().into()), None).response
     }
 }
 
