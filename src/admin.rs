@@ -444,7 +444,8 @@ async fn provider_action(
             }
             json_response(
                 StatusCode::OK,
-                json!({"provider": provider, "state": "enabled", "breakers_reset": reset}),
+                json!({"provider": provider, "state": "enabled",
+                       "breakers_reset": reset.iter().map(|t| t.as_str()).collect::<Vec<_>>()}),
             )
         }
         "disable" | "drain" => {

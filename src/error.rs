@@ -110,7 +110,7 @@ pub struct UpstreamError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
     /// The target's id (`provider/model`).
-    pub target: std::sync::Arc<str>,
+    pub target: crate::ids::TargetId,
     pub kind: ErrorKind,
     /// The backend's HTTP status, when it answered at all.
     pub status: Option<u16>,

@@ -11,6 +11,7 @@ pub mod drill;
 pub mod error;
 pub mod framing;
 pub mod health;
+pub mod ids;
 pub mod metrics;
 pub mod pipeline;
 pub mod prompt;

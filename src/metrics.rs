@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::canonical::Usage;
 use crate::error::ErrorKind;
+use crate::ids::{ProviderId, RouteId, TargetId};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
@@ -14,9 +15,9 @@ use prometheus::{
 /// What [`Metrics::request`] records of a request's end.
 pub struct RequestEnd<'a> {
     /// The route that took the request (`None`: refused before one was chosen).
-    pub route: Option<&'a str>,
+    pub route: Option<&'a RouteId>,
     /// The provider that answered, or whose error ended the request.
-    pub provider: Option<&'a str>,
+    pub provider: Option<&'a ProviderId>,
     pub status: u16,
     /// The error's code, for an error response.
     pub error: Option<&'a str>,
@@ -306,8 +307,8 @@ impl Metrics {
     /// A request's end, as the client sees it: one call records every figure
     /// of it (by route, provider, status, error kind, prompt version, arm).
     pub fn request(&self, r: &RequestEnd<'_>) {
-        let route = r.route.unwrap_or("");
-        let provider = r.provider.unwrap_or("");
+        let route = r.route.map_or("", RouteId::as_str);
+        let provider = r.provider.map_or("", ProviderId::as_str);
         let mut code = itoa::Buffer::new();
         let code = code.format(r.status);
         self.requests
@@ -352,7 +353,8 @@ impl Metrics {
     }
 
     /// Cache decisions of a route so far, by result (for the admin status).
-    pub fn cache_count(&self, route: &str, result: &str) -> u64 {
+    pub fn cache_count(&self, route: &RouteId, result: &str) -> u64 {
+        let route = route.as_str();
         self.cache_requests
             .with_label_values(&[route, result])
             .get()
@@ -364,42 +366,52 @@ impl Metrics {
     }
 
     /// A cache decision of a route.
-    pub fn cache(&self, route: &str, status: crate::cache::Status) {
+    pub fn cache(&self, route: &RouteId, status: crate::cache::Status) {
+        let route = route.as_str();
         self.cache_requests
             .with_label_values(&[route, status.as_str()])
             .inc();
     }
 
     /// Time one backend call took.
-    pub fn upstream(&self, provider: &str, took: Duration) {
+    pub fn upstream(&self, provider: &ProviderId, took: Duration) {
+        let provider = provider.as_str();
         self.upstream_seconds
             .with_label_values(&[provider])
             .observe(took.as_secs_f64());
     }
 
     /// A target's breaker state after an outcome.
-    pub fn breaker(&self, target: &str, state: crate::health::BreakerState) {
+    pub fn breaker(&self, target: &TargetId, state: crate::health::BreakerState) {
+        let target = target.as_str();
         self.breaker_state
             .with_label_values(&[target])
             .set(state.gauge());
     }
 
     /// One attempt's result (`ok` or the error kind).
-    pub fn attempt(&self, route: &str, target: &str, result: &str) {
+    pub fn attempt(&self, route: &RouteId, target: &TargetId, result: &str) {
+        let route = route.as_str();
+        let target = target.as_str();
         self.attempts
             .with_label_values(&[route, target, result])
             .inc();
     }
 
     /// A success on `to` after `from` failed with `kind`.
-    pub fn fallback(&self, route: &str, from: &str, to: &str, kind: ErrorKind) {
+    pub fn fallback(&self, route: &RouteId, from: &TargetId, to: &TargetId, kind: ErrorKind) {
+        let route = route.as_str();
+        let from = from.as_str();
+        let to = to.as_str();
         self.fallbacks
             .with_label_values(&[route, from, to, kind.as_str()])
             .inc();
     }
 
     /// Time to the first streamed output, per route and provider and per arm.
-    pub fn ttft(&self, route: &str, provider: &str, arm: Option<&str>, took: Duration) {
+    pub fn ttft(&self, route: &RouteId, provider: &ProviderId, arm: Option<&str>, took: Duration) {
+        let route = route.as_str();
+        let provider = provider.as_str();
         self.ttft_seconds
             .with_label_values(&[route, provider])
             .observe(took.as_secs_f64());
@@ -411,7 +423,9 @@ impl Metrics {
     }
 
     /// A response's usage, per route and provider and per arm.
-    pub fn tokens(&self, route: &str, provider: &str, arm: Option<&str>, u: &Usage) {
+    pub fn tokens(&self, route: &RouteId, provider: &ProviderId, arm: Option<&str>, u: &Usage) {
+        let route = route.as_str();
+        let provider = provider.as_str();
         let source = if u.estimated { "estimated" } else { "reported" };
         for (dir, n) in [("in", u.prompt_tokens), ("out", u.completion_tokens)] {
             self.tokens
@@ -426,7 +440,8 @@ impl Metrics {
     }
 
     /// A stream's whole duration (recorded when it ends), per route and arm.
-    pub fn stream_end(&self, route: &str, arm: Option<&str>, took: Duration) {
+    pub fn stream_end(&self, route: &RouteId, arm: Option<&str>, took: Duration) {
+        let route = route.as_str();
         self.request_seconds
             .with_label_values(&[route])
             .observe(took.as_secs_f64());
@@ -438,7 +453,9 @@ impl Metrics {
     }
 
     /// A stream that failed after it began.
-    pub fn stream_error(&self, route: &str, provider: &str, kind: ErrorKind) {
+    pub fn stream_error(&self, route: &RouteId, provider: &ProviderId, kind: ErrorKind) {
+        let route = route.as_str();
+        let provider = provider.as_str();
         self.stream_errors
             .with_label_values(&[route, provider, kind.as_str()])
             .inc();

@@ -23,6 +23,7 @@ use tower::ServiceBuilder;
 use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::ids::{ProviderId, RouteId};
 use crate::pipeline::{
     render, ChatOutcome, ClientDialect, Gateway, Placement, RequestContext, Served,
 };
@@ -185,9 +186,9 @@ struct Handled {
 #[derive(Clone)]
 struct Outcome {
     prompt: Option<crate::pipeline::PromptUse>,
-    route: Option<Arc<str>>,
+    route: Option<RouteId>,
     /// The provider that answered.
-    provider: Option<Arc<str>>,
+    provider: Option<ProviderId>,
     arm: Option<(Arc<str>, Arc<crate::health::ArmStats>)>,
     upstream: Duration,
     error: Option<&'static str>,
@@ -288,8 +289,8 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
     if let Some(o) = outcome {
         let status = response.status();
         app.gw.metrics.request(&crate::metrics::RequestEnd {
-            route: o.route.as_deref(),
-            provider: o.provider.as_deref(),
+            route: o.route.as_ref(),
+            provider: o.provider.as_ref(),
             status: status.as_u16(),
             error: o.error,
             prompt: o.prompt.as_ref().map(|p| (p.id.as_str(), p.version)),
@@ -322,7 +323,7 @@ fn error_response(
     dialect: &dyn Dialect,
     err: GatewayError,
     id: &RequestId,
-    route: Option<Arc<str>>,
+    route: Option<RouteId>,
 ) -> Handled {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -356,7 +357,9 @@ fn error_response(
         }
     }
     let provider = match &err {
-        GatewayError::Upstream(e) if !e.provider.is_empty() => Some(Arc::from(e.provider.as_str())),
+        GatewayError::Upstream(e) if !e.provider.is_empty() => {
+            Some(ProviderId::from(e.provider.as_str()))
+        }
         _ => None,
     };
     Handled {

@@ -16,6 +16,7 @@ use crate::config::{
     BreakerConfig, Capabilities, Config, ParamOverrides, RetryPolicy, Strategy, Subject,
 };
 use crate::health::{ArmStats, Book, Health};
+use crate::ids::{ProviderId, RouteId, TargetId};
 use crate::prompt::Selector;
 use crate::provider::registry::{self, EnvLookup, ProviderState};
 use crate::tokens::{encoding_for, Encoding};
@@ -23,8 +24,8 @@ use crate::tokens::{encoding_for, Encoding};
 /// A provider + model a route can send to.
 pub struct Target {
     /// `provider/model`: the name in headers, metrics and the admin status.
-    pub id: Arc<str>,
-    pub provider_id: Arc<str>,
+    pub id: TargetId,
+    pub provider_id: ProviderId,
     pub provider: ProviderState,
     /// The backend's model name.
     pub model: String,
@@ -56,7 +57,7 @@ pub enum Plan {
 
 /// A public model name and how it is served.
 pub struct Route {
-    pub name: Arc<str>,
+    pub name: RouteId,
     pub plan: Plan,
     pub retry: RetryPolicy,
     pub private: bool,
@@ -147,11 +148,11 @@ impl Snapshot {
                 .cloned()
                 .unwrap_or_else(|| ProviderState::Unavailable("not configured".into()));
             let pc = config.providers.get(&t.provider);
-            let id: Arc<str> = format!("{}/{}", t.provider, t.model).into();
+            let id = TargetId::from(format!("{}/{}", t.provider, t.model));
             Arc::new(Target {
                 health: book.health(&id, fingerprint(pc)),
                 id,
-                provider_id: t.provider.as_str().into(),
+                provider_id: ProviderId::from(t.provider.as_str()),
                 provider,
                 model: t.model.clone(),
                 overrides: t.overrides.clone(),
@@ -192,7 +193,7 @@ impl Snapshot {
             routes.insert(
                 name.clone(),
                 Arc::new(Route {
-                    name: name.as_str().into(),
+                    name: RouteId::from(name.as_str()),
                     plan,
                     retry: r.retry,
                     private: r.private,

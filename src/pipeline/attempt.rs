@@ -18,6 +18,7 @@ use super::Gateway;
 use crate::canonical::*;
 use crate::error::{Attempt, ErrorKind, GatewayError, UpstreamError};
 use crate::health::{counts_against_target, FaultKind};
+use crate::ids::{ProviderId, TargetId};
 use crate::provider::registry::ProviderState;
 use crate::provider::EventStream;
 use crate::snapshot::{Route, Snapshot, Target};
@@ -139,7 +140,7 @@ pub(super) struct Won<O> {
 enum Skip {
     NotPrivate,
     /// (provider, why, why without its settings)
-    Unavailable(Arc<str>, String, &'static str),
+    Unavailable(ProviderId, String, &'static str),
     Capability(&'static str),
     Context(u32, u32),
     Open,
@@ -147,7 +148,7 @@ enum Skip {
 
 /// A failed call: the target, its error, how long it took.
 struct Failed {
-    target: Arc<str>,
+    target: TargetId,
     error: UpstreamError,
     elapsed: Duration,
 }
