@@ -12,6 +12,45 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+/// A target's metric handles, resolved once per snapshot (on first use) for its
+/// route, provider and id: the per-request events of a target record without
+/// looking labels up.
+pub struct TargetHandles {
+    upstream: prometheus::Histogram,
+    breaker: IntGauge,
+    attempt_ok: prometheus::IntCounter,
+    ttft: prometheus::Histogram,
+    /// in/reported, out/reported, in/estimated, out/estimated
+    tokens: [prometheus::IntCounter; 4],
+}
+
+impl TargetHandles {
+    /// Time one backend call took.
+    pub fn upstream(&self, took: Duration) {
+        self.upstream.observe(took.as_secs_f64());
+    }
+
+    /// The target's breaker state after an outcome.
+    pub fn breaker(&self, state: crate::health::BreakerState) {
+        self.breaker.set(state.gauge());
+    }
+
+    /// An attempt that succeeded.
+    pub fn attempt_ok(&self) {
+        self.attempt_ok.inc();
+    }
+
+    fn ttft(&self, took: Duration) {
+        self.ttft.observe(took.as_secs_f64());
+    }
+
+    fn tokens(&self, u: &Usage) {
+        let base = if u.estimated { 2 } else { 0 };
+        self.tokens[base].inc_by(u64::from(u.prompt_tokens));
+        self.tokens[base + 1].inc_by(u64::from(u.completion_tokens));
+    }
+}
+
 /// What [`Metrics::request`] records of a request's end.
 pub struct RequestEnd<'a> {
     /// The route that took the request (`None`: refused before one was chosen).
@@ -365,20 +404,35 @@ impl Metrics {
         self.cache_redis_errors.with_label_values(&[op]).get()
     }
 
+    /// The handles of target `target` of route `route`.
+    pub fn target_handles(
+        &self,
+        route: &RouteId,
+        target: &TargetId,
+        provider: &ProviderId,
+    ) -> TargetHandles {
+        let (r, t, p) = (route.as_str(), target.as_str(), provider.as_str());
+        let tokens = |dir, source| self.tokens.with_label_values(&[r, p, dir, source]);
+        TargetHandles {
+            upstream: self.upstream_seconds.with_label_values(&[p]),
+            breaker: self.breaker_state.with_label_values(&[t]),
+            attempt_ok: self.attempts.with_label_values(&[r, t, "ok"]),
+            ttft: self.ttft_seconds.with_label_values(&[r, p]),
+            tokens: [
+                tokens("in", "reported"),
+                tokens("out", "reported"),
+                tokens("in", "estimated"),
+                tokens("out", "estimated"),
+            ],
+        }
+    }
+
     /// A cache decision of a route.
     pub fn cache(&self, route: &RouteId, status: crate::cache::Status) {
         let route = route.as_str();
         self.cache_requests
             .with_label_values(&[route, status.as_str()])
             .inc();
-    }
-
-    /// Time one backend call took.
-    pub fn upstream(&self, provider: &ProviderId, took: Duration) {
-        let provider = provider.as_str();
-        self.upstream_seconds
-            .with_label_values(&[provider])
-            .observe(took.as_secs_f64());
     }
 
     /// A target's breaker state after an outcome.
@@ -409,32 +463,21 @@ impl Metrics {
     }
 
     /// Time to the first streamed output, per route and provider and per arm.
-    pub fn ttft(&self, route: &RouteId, provider: &ProviderId, arm: Option<&str>, took: Duration) {
-        let route = route.as_str();
-        let provider = provider.as_str();
-        self.ttft_seconds
-            .with_label_values(&[route, provider])
-            .observe(took.as_secs_f64());
+    pub fn ttft(&self, target: &TargetHandles, route: &RouteId, arm: Option<&str>, took: Duration) {
+        target.ttft(took);
         if let Some(arm) = arm {
             self.arm_ttft_seconds
-                .with_label_values(&[route, arm])
+                .with_label_values(&[route.as_str(), arm])
                 .observe(took.as_secs_f64());
         }
     }
 
     /// A response's usage, per route and provider and per arm.
-    pub fn tokens(&self, route: &RouteId, provider: &ProviderId, arm: Option<&str>, u: &Usage) {
-        let route = route.as_str();
-        let provider = provider.as_str();
-        let source = if u.estimated { "estimated" } else { "reported" };
-        for (dir, n) in [("in", u.prompt_tokens), ("out", u.completion_tokens)] {
-            self.tokens
-                .with_label_values(&[route, provider, dir, source])
-                .inc_by(u64::from(n));
-        }
+    pub fn tokens(&self, target: &TargetHandles, route: &RouteId, arm: Option<&str>, u: &Usage) {
+        target.tokens(u);
         if let Some(arm) = arm {
             self.arm_tokens
-                .with_label_values(&[route, arm])
+                .with_label_values(&[route.as_str(), arm])
                 .inc_by(u64::from(u.total_tokens));
         }
     }

@@ -39,6 +39,19 @@ pub struct Target {
     /// The provider's response-headers timeout (bounds a stalled call).
     pub headers_timeout: Duration,
     pub health: Arc<Health>,
+    /// Its metric handles, resolved on first use ([`Target::metrics`]).
+    handles: std::sync::OnceLock<crate::metrics::TargetHandles>,
+    /// The route it belongs to (a target is built per route).
+    route: RouteId,
+}
+
+impl Target {
+    /// The target's metric handles in `metrics` (the gateway's; a snapshot
+    /// serves one gateway), resolved once.
+    pub fn metrics(&self, metrics: &crate::metrics::Metrics) -> &crate::metrics::TargetHandles {
+        self.handles
+            .get_or_init(|| metrics.target_handles(&self.route, &self.id, &self.provider_id))
+    }
 }
 
 pub struct Arm {
@@ -142,7 +155,7 @@ impl Snapshot {
             .iter()
             .map(|(id, p)| (id.clone(), registry::build(p, env)))
             .collect();
-        let target = |t: &crate::config::TargetConfig| -> Arc<Target> {
+        let target = |route: &RouteId, t: &crate::config::TargetConfig| -> Arc<Target> {
             let provider = providers
                 .get(&t.provider)
                 .cloned()
@@ -163,10 +176,14 @@ impl Snapshot {
                 headers_timeout: pc
                     .map(|p| p.timeouts.headers)
                     .unwrap_or(Duration::from_secs(120)),
+                handles: std::sync::OnceLock::new(),
+                route: route.clone(),
             })
         };
         let mut routes = HashMap::new();
         for (name, r) in &config.routes {
+            let route_id = RouteId::from(name.as_str());
+            let target = |t| target(&route_id, t);
             let plan = match &r.strategy {
                 Strategy::Chain(c) => Plan::Chain(c.iter().map(target).collect()),
                 Strategy::Split { subject, arms } => {
@@ -193,7 +210,7 @@ impl Snapshot {
             routes.insert(
                 name.clone(),
                 Arc::new(Route {
-                    name: RouteId::from(name.as_str()),
+                    name: route_id.clone(),
                     plan,
                     retry: r.retry,
                     private: r.private,

@@ -291,12 +291,13 @@ pub(super) async fn run_chain<O: Operation>(
                 )),
             };
             let elapsed = started.elapsed();
-            gw.metrics.upstream(&t.provider_id, elapsed);
+            let handles = t.metrics(&gw.metrics);
+            handles.upstream(elapsed);
             match result {
                 Ok(output) => {
                     let state = pass.record(&snap.breaker, false);
-                    gw.metrics.breaker(&t.id, state);
-                    gw.metrics.attempt(&route.name, &t.id, "ok");
+                    handles.breaker(state);
+                    handles.attempt_ok();
                     if let Some(f) = errors.last() {
                         gw.metrics
                             .fallback(&route.name, &f.target, &t.id, f.error.kind);
@@ -313,7 +314,7 @@ pub(super) async fn run_chain<O: Operation>(
                         e.provider = t.provider_id.to_string();
                     }
                     let state = pass.record(&snap.breaker, counts_against_target(e.kind));
-                    gw.metrics.breaker(&t.id, state);
+                    handles.breaker(state);
                     gw.metrics.attempt(&route.name, &t.id, e.kind.as_str());
                     tracing::info!(route = %route.name, target = %t.id, kind = e.kind.as_str(),
                         error = %crate::server::LogSafe(&e.message), "attempt failed");

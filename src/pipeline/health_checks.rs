@@ -46,7 +46,7 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
                         for t in route.targets() {
                             if *t.provider_id == *id {
                                 let state = t.health.record(&snap.breaker, failed);
-                                gw.metrics.breaker(&t.id, state);
+                                t.metrics(&gw.metrics).breaker(state);
                             }
                         }
                     }

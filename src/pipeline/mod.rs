@@ -211,8 +211,8 @@ impl Gateway {
             }
             Answer::Stream(head, rest) => {
                 self.metrics.ttft(
+                    target.metrics(&self.metrics),
                     &route.name,
-                    &target.provider_id,
                     arm.map(|a| &*a.name),
                     upstream,
                 );
@@ -292,7 +292,11 @@ impl Gateway {
     }
 
     fn count_tokens(&self, route: &Route, t: &Target, arm: Option<&Arm>, u: &Usage) {
-        self.metrics
-            .tokens(&route.name, &t.provider_id, arm.map(|a| &*a.name), u);
+        self.metrics.tokens(
+            t.metrics(&self.metrics),
+            &route.name,
+            arm.map(|a| &*a.name),
+            u,
+        );
     }
 }

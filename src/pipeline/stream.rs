@@ -188,9 +188,8 @@ impl UsageTap {
 
     fn finish(&mut self, usage: Usage) -> Usage {
         let arm = self.arm.as_ref().map(|(a, _)| &**a);
-        self.gateway
-            .metrics
-            .tokens(&self.route.name, &self.target.provider_id, arm, &usage);
+        let m = &self.gateway.metrics;
+        m.tokens(self.target.metrics(m), &self.route.name, arm, &usage);
         self.record_end(true, u64::from(usage.total_tokens));
         usage
     }
