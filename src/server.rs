@@ -24,9 +24,7 @@ use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::ids::{ProviderId, RouteId};
-use crate::pipeline::{
-    render, ChatOutcome, ClientDialect, Gateway, Placement, RequestContext, Served,
-};
+use crate::pipeline::{render, ChatOutcome, ClientDialect, Gateway, RequestContext, Served};
 use crate::prompt::PromptRef;
 use crate::wire::openai::{self as wire, OpenAi};
 use crate::wire::Dialect;
@@ -781,38 +779,11 @@ async fn serve_chat(
             return resp;
         }
     };
-    if req.messages.is_empty() {
-        let route = snap.route(&req.model).map(|r| r.name.clone());
-        let e = GatewayError::invalid(
-            "invalid field `messages`: at least one message is required",
-            Some("messages"),
-        );
-        return error_response(d, e, &id, route);
-    }
-    // The route stage: resolved once, the arm picked once (by the render stage
-    // already, when the arm chose the prompt version).
-    let placement = match prepared.placement {
-        Some(p) => p,
-        None => match snap.route(&req.model) {
-            Some(route) => Placement::place(route, headers, req.params.user.as_deref()),
-            None => {
-                let e = GatewayError::UnknownModel {
-                    model: req.model.clone(),
-                    available: snap.route_list.clone(),
-                };
-                return error_response(d, e, &id, None);
-            }
-        },
-    };
     let used = prepared.prompt.clone();
-    let ctx = RequestContext::new(
-        id.0.clone(),
-        dialect,
-        snap,
-        placement,
-        headers,
-        prepared.prompt,
-    );
+    let ctx = match RequestContext::for_chat(id.0.clone(), dialect, snap, headers, &req, prepared) {
+        Ok(ctx) => ctx,
+        Err((e, route)) => return error_response(d, e, &id, route),
+    };
     let mut handled = run_chat(app, d, &id, &ctx, req).await;
     if let Some(u) = used {
         let h = handled.response.headers_mut();
@@ -950,24 +921,12 @@ async fn embeddings_handled(
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
     let encoding: EmbeddingEncoding = req.encoding;
-    let snap = app.gw.snapshot();
-    let Some(route) = snap.route(&req.model) else {
-        let e = GatewayError::UnknownModel {
-            model: req.model.clone(),
-            available: snap.route_list.clone(),
-        };
-        return error_response(&OpenAi, e, &id, None);
+    let ctx = match RequestContext::for_embeddings(id.0.clone(), app.gw.snapshot(), &headers, &req)
+    {
+        Ok(ctx) => ctx,
+        Err(e) => return error_response(&OpenAi, e, &id, None),
     };
-    let placement = Placement::place(route, &headers, req.user.as_deref());
-    let route = Some(route.name.clone());
-    let ctx = RequestContext::new(
-        id.0.clone(),
-        ClientDialect::OpenAi,
-        snap,
-        placement,
-        &headers,
-        None,
-    );
+    let route = Some(ctx.route().name.clone());
     match app.gw.embed(&ctx, req).await {
         Err(e) => error_response(&OpenAi, e, &id, route),
         Ok(served) => {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use crate::cache::Directive;
+use crate::canonical::{ChatRequest, EmbeddingsRequest};
 use crate::config::{CacheMode, Subject};
+use crate::error::GatewayError;
+use crate::ids::RouteId;
 use crate::snapshot::{Arm, Route, Snapshot, Target};
 
 /// Header that restricts a request to self-hosted providers.
@@ -137,6 +140,63 @@ impl RequestContext {
         }
     }
 
+    /// The route stage of a chat request, after rendering: the route resolved
+    /// once and the arm picked once (by the render stage already, when the arm
+    /// chose the prompt version). An error carries the route it concerns, if any.
+    pub fn for_chat(
+        request_id: Arc<str>,
+        dialect: ClientDialect,
+        snapshot: Arc<Snapshot>,
+        headers: &HeaderMap,
+        req: &ChatRequest,
+        prepared: super::render::Prepared,
+    ) -> Result<RequestContext, (GatewayError, Option<RouteId>)> {
+        if req.messages.is_empty() {
+            let route = snapshot.route(&req.model).map(|r| r.name.clone());
+            let e = GatewayError::invalid(
+                "invalid field `messages`: at least one message is required",
+                Some("messages"),
+            );
+            return Err((e, route));
+        }
+        let placement = match prepared.placement {
+            Some(p) => p,
+            None => match snapshot.route(&req.model) {
+                Some(route) => Placement::place(route, headers, req.params.user.as_deref()),
+                None => return Err((unknown_model(&snapshot, &req.model), None)),
+            },
+        };
+        Ok(RequestContext::new(
+            request_id,
+            dialect,
+            snapshot,
+            placement,
+            headers,
+            prepared.prompt,
+        ))
+    }
+
+    /// The route stage of an embeddings request.
+    pub fn for_embeddings(
+        request_id: Arc<str>,
+        snapshot: Arc<Snapshot>,
+        headers: &HeaderMap,
+        req: &EmbeddingsRequest,
+    ) -> Result<RequestContext, GatewayError> {
+        let Some(route) = snapshot.route(&req.model) else {
+            return Err(unknown_model(&snapshot, &req.model));
+        };
+        let placement = Placement::place(route, headers, req.user.as_deref());
+        Ok(RequestContext::new(
+            request_id,
+            ClientDialect::OpenAi,
+            snapshot,
+            placement,
+            headers,
+            None,
+        ))
+    }
+
     pub fn route(&self) -> &Arc<Route> {
         &self.placement.route
     }
@@ -147,5 +207,12 @@ impl RequestContext {
 
     pub fn chain(&self) -> &[Arc<Target>] {
         self.placement.chain()
+    }
+}
+
+fn unknown_model(snap: &Snapshot, model: &str) -> GatewayError {
+    GatewayError::UnknownModel {
+        model: model.to_owned(),
+        available: snap.route_list.clone(),
     }
 }
