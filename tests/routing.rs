@@ -878,6 +878,42 @@ async fn embeddings_fall_over_respect_breakers_and_list_attempts() {
     assert_eq!(attempts[1]["kind"], "overloaded");
     assert_eq!(attempts[1]["status"], 500);
 
+    // Private data goes to no commercial backend, embeddings included.
+    let backup_before = backup.requests().len();
+    let r = client()
+        .post(gw.url("/v1/embeddings"))
+        .header("x-promptgate-data", "private")
+        .json(&json!({"model": "emb-limited", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_target_available", "{v}");
+    assert_eq!(backup.requests().len(), backup_before, "nothing was sent");
+
+    // A drill fault on the backup applies to embeddings too: emb-limited has
+    // no healthy target left (its first one's breaker is open by now, shared
+    // with emb-down), and the error shows the fault's answer.
+    inject(
+        &gw,
+        json!({"provider": "backup", "fault": "error", "status": 502, "duration": "30s"}),
+    )
+    .await;
+    let backup_before = backup.requests().len();
+    let (s, _, v) = embed(&gw, "emb-limited").await;
+    assert_eq!(s, 503, "{v}");
+    let last = v["error"]["attempts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["target"], "backup/emb", "{v}");
+    assert_eq!(last["status"], 502, "{v}");
+    assert_eq!(backup.requests().len(), backup_before, "the fault answered");
+    clear(&gw, "backup").await;
+
     let m = gw.metrics().await;
     assert!(
         m.contains("promptgate_attempts_total{result=\"overloaded\",route=\"emb\",target=\"fake/status-500\"} 2"),
