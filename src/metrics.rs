@@ -51,10 +51,33 @@ impl TargetHandles {
     }
 }
 
+/// A route's metric handles, resolved once per snapshot (on first use).
+pub struct RouteHandles {
+    overhead: prometheus::Histogram,
+    request_seconds: prometheus::Histogram,
+    /// hit, miss, bypass, refresh
+    cache: [prometheus::IntCounter; 4],
+}
+
+impl RouteHandles {
+    /// A cache decision of the route.
+    pub fn cache(&self, status: crate::cache::Status) {
+        use crate::cache::Status;
+        let i = match status {
+            Status::Hit => 0,
+            Status::Miss => 1,
+            Status::Bypass => 2,
+            Status::Refresh => 3,
+        };
+        self.cache[i].inc();
+    }
+}
+
 /// What [`Metrics::request`] records of a request's end.
 pub struct RequestEnd<'a> {
-    /// The route that took the request (`None`: refused before one was chosen).
-    pub route: Option<&'a RouteId>,
+    /// The route that took the request, with its handles (`None`: refused
+    /// before one was chosen).
+    pub route: Option<(&'a RouteId, &'a RouteHandles)>,
     /// The provider that answered, or whose error ended the request.
     pub provider: Option<&'a ProviderId>,
     pub status: u16,
@@ -346,7 +369,7 @@ impl Metrics {
     /// A request's end, as the client sees it: one call records every figure
     /// of it (by route, provider, status, error kind, prompt version, arm).
     pub fn request(&self, r: &RequestEnd<'_>) {
-        let route = r.route.map_or("", RouteId::as_str);
+        let route = r.route.map_or("", |(id, _)| id.as_str());
         let provider = r.provider.map_or("", ProviderId::as_str);
         let mut code = itoa::Buffer::new();
         let code = code.format(r.status);
@@ -372,14 +395,10 @@ impl Metrics {
                     .observe(whole.as_secs_f64());
             }
         }
-        if r.route.is_some() {
-            self.overhead_seconds
-                .with_label_values(&[route])
-                .observe(r.overhead.as_secs_f64());
+        if let Some((_, handles)) = r.route {
+            handles.overhead.observe(r.overhead.as_secs_f64());
             if let Some(whole) = r.whole {
-                self.request_seconds
-                    .with_label_values(&[route])
-                    .observe(whole.as_secs_f64());
+                handles.request_seconds.observe(whole.as_secs_f64());
             }
         }
     }
@@ -404,6 +423,25 @@ impl Metrics {
         self.cache_redis_errors.with_label_values(&[op]).get()
     }
 
+    /// The handles of route `route`.
+    pub fn route_handles(&self, route: &RouteId) -> RouteHandles {
+        let r = route.as_str();
+        let cache = |status: crate::cache::Status| {
+            self.cache_requests.with_label_values(&[r, status.as_str()])
+        };
+        use crate::cache::Status;
+        RouteHandles {
+            overhead: self.overhead_seconds.with_label_values(&[r]),
+            request_seconds: self.request_seconds.with_label_values(&[r]),
+            cache: [
+                cache(Status::Hit),
+                cache(Status::Miss),
+                cache(Status::Bypass),
+                cache(Status::Refresh),
+            ],
+        }
+    }
+
     /// The handles of target `target` of route `route`.
     pub fn target_handles(
         &self,
@@ -425,14 +463,6 @@ impl Metrics {
                 tokens("out", "estimated"),
             ],
         }
-    }
-
-    /// A cache decision of a route.
-    pub fn cache(&self, route: &RouteId, status: crate::cache::Status) {
-        let route = route.as_str();
-        self.cache_requests
-            .with_label_values(&[route, status.as_str()])
-            .inc();
     }
 
     /// A target's breaker state after an outcome.
@@ -483,14 +513,11 @@ impl Metrics {
     }
 
     /// A stream's whole duration (recorded when it ends), per route and arm.
-    pub fn stream_end(&self, route: &RouteId, arm: Option<&str>, took: Duration) {
-        let route = route.as_str();
-        self.request_seconds
-            .with_label_values(&[route])
-            .observe(took.as_secs_f64());
+    pub fn stream_end(&self, route: (&RouteId, &RouteHandles), arm: Option<&str>, took: Duration) {
+        route.1.request_seconds.observe(took.as_secs_f64());
         if let Some(arm) = arm {
             self.arm_seconds
-                .with_label_values(&[route, arm])
+                .with_label_values(&[route.0.as_str(), arm])
                 .observe(took.as_secs_f64());
         }
     }

@@ -23,7 +23,7 @@ use tower::ServiceBuilder;
 use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::ids::{ProviderId, RouteId};
+use crate::ids::ProviderId;
 use crate::pipeline::{render, ChatOutcome, ClientDialect, Gateway, RequestContext, Served};
 use crate::prompt::PromptRef;
 use crate::wire::openai::{self as wire, OpenAi};
@@ -184,7 +184,7 @@ struct Handled {
 #[derive(Clone)]
 struct Outcome {
     prompt: Option<crate::pipeline::PromptUse>,
-    route: Option<RouteId>,
+    route: Option<Arc<crate::snapshot::Route>>,
     /// The provider that answered.
     provider: Option<ProviderId>,
     arm: Option<(Arc<str>, Arc<crate::health::ArmStats>)>,
@@ -287,7 +287,10 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
     if let Some(o) = outcome {
         let status = response.status();
         app.gw.metrics.request(&crate::metrics::RequestEnd {
-            route: o.route.as_ref(),
+            route: o
+                .route
+                .as_deref()
+                .map(|r| (&r.name, r.metrics(&app.gw.metrics))),
             provider: o.provider.as_ref(),
             status: status.as_u16(),
             error: o.error,
@@ -321,7 +324,7 @@ fn error_response(
     dialect: &dyn Dialect,
     err: GatewayError,
     id: &RequestId,
-    route: Option<RouteId>,
+    route: Option<Arc<crate::snapshot::Route>>,
 ) -> Handled {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -559,7 +562,7 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -
     }
     Outcome {
         prompt: None,
-        route: Some(served.route.name.clone()),
+        route: Some(served.route.clone()),
         provider: Some(served.target.provider_id.clone()),
         arm,
         upstream: served.upstream,
@@ -806,7 +809,7 @@ async fn run_chat(
     req: ChatRequest,
 ) -> Handled {
     let id = id.clone();
-    let route = Some(ctx.route().name.clone());
+    let route = Some(ctx.route().clone());
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
     let served =
         match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
@@ -891,7 +894,7 @@ async fn run_chat(
             d,
             GatewayError::Internal("a stream was returned for a non-streaming request".into()),
             &id,
-            Some(served.route.name.clone()),
+            Some(served.route.clone()),
         ),
     }
 }
@@ -926,7 +929,7 @@ async fn embeddings_handled(
         Ok(ctx) => ctx,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
-    let route = Some(ctx.route().name.clone());
+    let route = Some(ctx.route().clone());
     match app.gw.embed(&ctx, req).await {
         Err(e) => error_response(&OpenAi, e, &id, route),
         Ok(served) => {

@@ -75,9 +75,17 @@ pub struct Route {
     pub retry: RetryPolicy,
     pub private: bool,
     pub cache: crate::config::RouteCache,
+    /// Its metric handles, resolved on first use ([`Route::metrics`]).
+    handles: std::sync::OnceLock<crate::metrics::RouteHandles>,
 }
 
 impl Route {
+    /// The route's metric handles in `metrics` (the gateway's), resolved once.
+    pub fn metrics(&self, metrics: &crate::metrics::Metrics) -> &crate::metrics::RouteHandles {
+        self.handles
+            .get_or_init(|| metrics.route_handles(&self.name))
+    }
+
     /// The index of the arm a subject is assigned to (sticky; drawn at random
     /// without a subject). A split route only; the request context calls it once
     /// per request ([`crate::pipeline::context::Placement`]).
@@ -215,6 +223,7 @@ impl Snapshot {
                     retry: r.retry,
                     private: r.private,
                     cache: r.cache,
+                    handles: std::sync::OnceLock::new(),
                 }),
             );
         }

@@ -73,7 +73,7 @@ pub async fn lookup(
             cache: None,
         },
         Admission::Bypass => {
-            gw.metrics.cache(&route.name, Status::Bypass);
+            route.metrics(&gw.metrics).cache(Status::Bypass);
             Cached::Miss {
                 lease: None,
                 cache: Some(CacheUse {
@@ -84,7 +84,7 @@ pub async fn lookup(
         }
         Admission::Lookup { key, refresh } => match gw.cache.lookup(key, refresh, deadline).await {
             crate::cache::Lookup::Hit(entry) => {
-                gw.metrics.cache(&route.name, Status::Hit);
+                route.metrics(&gw.metrics).cache(Status::Hit);
                 Cached::Hit(serve_hit(ctx, &entry, req.stream))
             }
             crate::cache::Lookup::Lead(lease) => {
@@ -93,7 +93,7 @@ pub async fn lookup(
                 } else {
                     Status::Miss
                 };
-                gw.metrics.cache(&route.name, status);
+                route.metrics(&gw.metrics).cache(status);
                 Cached::Miss {
                     lease: Some(lease),
                     cache: Some(CacheUse { status, age: None }),

@@ -11,7 +11,6 @@ use crate::cache::Directive;
 use crate::canonical::{ChatRequest, EmbeddingsRequest};
 use crate::config::{CacheMode, Subject};
 use crate::error::GatewayError;
-use crate::ids::RouteId;
 use crate::snapshot::{Arm, Route, Snapshot, Target};
 
 /// Header that restricts a request to self-hosted providers.
@@ -150,9 +149,9 @@ impl RequestContext {
         headers: &HeaderMap,
         req: &ChatRequest,
         prepared: super::render::Prepared,
-    ) -> Result<RequestContext, (GatewayError, Option<RouteId>)> {
+    ) -> Result<RequestContext, (GatewayError, Option<Arc<Route>>)> {
         if req.messages.is_empty() {
-            let route = snapshot.route(&req.model).map(|r| r.name.clone());
+            let route = snapshot.route(&req.model).cloned();
             let e = GatewayError::invalid(
                 "invalid field `messages`: at least one message is required",
                 Some("messages"),

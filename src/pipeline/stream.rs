@@ -197,9 +197,8 @@ impl UsageTap {
     fn record_end(&self, ok: bool, tokens: u64) {
         let elapsed = self.started.elapsed();
         let arm = self.arm.as_ref().map(|(a, _)| &**a);
-        self.gateway
-            .metrics
-            .stream_end(&self.route.name, arm, elapsed);
+        let m = &self.gateway.metrics;
+        m.stream_end((&self.route.name, self.route.metrics(m)), arm, elapsed);
         if let Some((_, stats)) = &self.arm {
             stats.record(ok, elapsed, tokens);
         }
