@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use crate::backend::ProviderState;
 use crate::config::Problem;
+use crate::health::FaultKind;
 use crate::reload::Reloader;
-use crate::router::FaultKind;
 use crate::snapshot::Plan;
 
 #[derive(Clone)]
@@ -209,7 +209,7 @@ async fn cache_json(st: &AdminState) -> Value {
     let m = &gw.metrics;
     let mut per_route = serde_json::Map::new();
     for r in snap.routes() {
-        let count = |k: &str| m.cache_requests.with_label_values(&[&r.name, k]).get();
+        let count = |k: &str| m.cache_count(&r.name, k);
         if r.cache.mode != crate::config::CacheMode::Off {
             per_route.insert(
                 r.name.to_string(),
@@ -224,10 +224,10 @@ async fn cache_json(st: &AdminState) -> Value {
         "max_bytes": snap.config.cache.max_bytes,
         "evictions": m.cache_evictions.get(),
         "redis": snap.config.cache.redis.as_ref().map(|r| json!({"url_configured": !r.url.is_empty(), "errors": {
-            "connect": m.cache_redis_errors.with_label_values(&["connect"]).get(),
-            "get": m.cache_redis_errors.with_label_values(&["get"]).get(),
-            "set": m.cache_redis_errors.with_label_values(&["set"]).get(),
-            "decode": m.cache_redis_errors.with_label_values(&["decode"]).get(),
+            "connect": m.redis_errors("connect"),
+            "get": m.redis_errors("get"),
+            "set": m.redis_errors("set"),
+            "decode": m.redis_errors("decode"),
         }})),
         "routes": per_route,
     })
@@ -438,13 +438,14 @@ async fn provider_action(
             // An operator putting a provider back means "try it now": its open
             // breakers would otherwise keep skipping it for the rest of a cooldown.
             let reset = book.reset_provider(&provider);
-            let gauge = &st.reloader.gateway().metrics.breaker_state;
+            let metrics = &st.reloader.gateway().metrics;
             for id in &reset {
-                gauge.with_label_values(&[id.as_str()]).set(0);
+                metrics.breaker(id, crate::health::BreakerState::Closed);
             }
             json_response(
                 StatusCode::OK,
-                json!({"provider": provider, "state": "enabled", "breakers_reset": reset}),
+                json!({"provider": provider, "state": "enabled",
+                       "breakers_reset": reset.iter().map(|t| t.as_str()).collect::<Vec<_>>()}),
             )
         }
         "disable" | "drain" => {

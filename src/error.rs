@@ -100,7 +100,25 @@ pub struct UpstreamError {
     /// expired or invalid access token): a fresh one fixes it, so the call may be
     /// made once more. Set by the codec that recognises it.
     pub credential_refused: bool,
+    /// When this is the last failure of a route's attempt loop: every attempt
+    /// the route made, in order, this one included. Empty otherwise (no
+    /// allocation).
+    pub attempts: Vec<Attempt>,
 }
+
+/// One backend call a route made for a request that ended in an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The target's id (`provider/model`).
+    pub target: crate::ids::TargetId,
+    pub kind: ErrorKind,
+    /// The backend's HTTP status, when it answered at all.
+    pub status: Option<u16>,
+    pub elapsed_ms: u64,
+}
+
+/// What joins the last failure's message to the list of the earlier ones.
+pub const EARLIER_ATTEMPTS: &str = " (after earlier attempts: ";
 
 /// The longest `Retry-After` the gateway honours or repeats (one hour); larger
 /// values, up to any number a backend writes, are clamped to it where they are
@@ -116,6 +134,7 @@ impl UpstreamError {
             provider: String::new(),
             retry_after: None,
             credential_refused: false,
+            attempts: Vec::new(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! promptgate: a model-agnostic prompt orchestration gateway. See ARCHITECTURE.md
-//! for the map; the request flow is `server` (edge, dialect) → `gateway`
-//! (pipeline) → `backend` (one module per backend kind) → back through `server`.
+//! for the map; the request flow is `server` (edge, dialect) → `pipeline`
+//! (stages) → `backend` (one module per backend kind) → back through `server`.
 
 pub mod admin;
 pub mod backend;
@@ -13,11 +13,12 @@ pub mod dialect;
 pub mod drill;
 pub mod error;
 pub mod framing;
-pub mod gateway;
+pub mod health;
+pub mod ids;
 pub mod metrics;
+pub mod pipeline;
 pub mod prompt;
 pub mod reload;
-pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod task;
@@ -27,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use config::Problem;
-pub use gateway::Gateway;
+pub use pipeline::Gateway;
 
 /// Loads the config at `path` and builds a ready gateway plus its server settings,
 /// reading provider keys through `env`.
@@ -37,7 +38,7 @@ pub fn load(
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
     let mut cfg = config::load(path)?;
     cache::resolve_secret(&mut cfg, path, env)?;
-    let book = std::sync::Arc::new(router::Book::default());
+    let book = std::sync::Arc::new(health::Book::default());
     let snapshot = snapshot::Snapshot::build(cfg.clone(), env, &book)?;
     let gw = Gateway::new(snapshot, book).map_err(|e| {
         vec![Problem {

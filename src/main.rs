@@ -111,7 +111,7 @@ fn load_snapshot(config: &std::path::Path) -> Result<promptgate::snapshot::Snaps
         Ok(cfg) => match promptgate::snapshot::Snapshot::build(
             cfg,
             &env_lookup,
-            &promptgate::router::Book::default(),
+            &promptgate::health::Book::default(),
         ) {
             Ok(s) => return Ok(s),
             Err(p) => p,
@@ -394,7 +394,7 @@ fn serve(
             )
             .await;
         });
-        let _health = promptgate::gateway::spawn_health_checks(gw.clone());
+        let _health = promptgate::pipeline::spawn_health_checks(gw.clone());
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let limits = promptgate::conn_limits(&cfg);
         warn_if_over_file_limit(limits.max_connections);

@@ -2,9 +2,96 @@
 //! gateways in one process do not share counters). Labels are low-cardinality:
 //! route and provider names come from config, `kind` from [`crate::error`].
 
+use std::time::Duration;
+
+use crate::canonical::Usage;
+use crate::error::ErrorKind;
+use crate::ids::{ProviderId, RouteId, TargetId};
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+/// A target's metric handles, resolved once per snapshot (on first use) for its
+/// route, provider and id: the per-request events of a target record without
+/// looking labels up.
+pub struct TargetHandles {
+    upstream: prometheus::Histogram,
+    breaker: IntGauge,
+    attempt_ok: prometheus::IntCounter,
+    ttft: prometheus::Histogram,
+    /// in/reported, out/reported, in/estimated, out/estimated
+    tokens: [prometheus::IntCounter; 4],
+}
+
+impl TargetHandles {
+    /// Time one backend call took.
+    pub fn upstream(&self, took: Duration) {
+        self.upstream.observe(took.as_secs_f64());
+    }
+
+    /// The target's breaker state after an outcome.
+    pub fn breaker(&self, state: crate::health::BreakerState) {
+        self.breaker.set(state.gauge());
+    }
+
+    /// An attempt that succeeded.
+    pub fn attempt_ok(&self) {
+        self.attempt_ok.inc();
+    }
+
+    fn ttft(&self, took: Duration) {
+        self.ttft.observe(took.as_secs_f64());
+    }
+
+    fn tokens(&self, u: &Usage) {
+        let base = if u.estimated { 2 } else { 0 };
+        self.tokens[base].inc_by(u64::from(u.prompt_tokens));
+        self.tokens[base + 1].inc_by(u64::from(u.completion_tokens));
+    }
+}
+
+/// A route's metric handles, resolved once per snapshot (on first use).
+pub struct RouteHandles {
+    overhead: prometheus::Histogram,
+    request_seconds: prometheus::Histogram,
+    /// hit, miss, bypass, refresh
+    cache: [prometheus::IntCounter; 4],
+}
+
+impl RouteHandles {
+    /// A cache decision of the route.
+    pub fn cache(&self, status: crate::cache::Status) {
+        use crate::cache::Status;
+        let i = match status {
+            Status::Hit => 0,
+            Status::Miss => 1,
+            Status::Bypass => 2,
+            Status::Refresh => 3,
+        };
+        self.cache[i].inc();
+    }
+}
+
+/// What [`Metrics::request`] records of a request's end.
+pub struct RequestEnd<'a> {
+    /// The route that took the request, with its handles (`None`: refused
+    /// before one was chosen).
+    pub route: Option<(&'a RouteId, &'a RouteHandles)>,
+    /// The provider that answered, or whose error ended the request.
+    pub provider: Option<&'a ProviderId>,
+    pub status: u16,
+    /// The error's code, for an error response.
+    pub error: Option<&'a str>,
+    /// The prompt id and version the request was rendered from.
+    pub prompt: Option<(&'a str, u32)>,
+    pub arm: Option<&'a str>,
+    /// The gateway's own time (everything but waiting on the backend).
+    pub overhead: Duration,
+    /// The whole time to the response; `None` for a stream, which records its
+    /// own duration when it ends.
+    pub whole: Option<Duration>,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -277,6 +364,184 @@ impl Metrics {
             cache_redis_errors,
             health_checks,
         })
+    }
+
+    /// A request's end, as the client sees it: one call records every figure
+    /// of it (by route, provider, status, error kind, prompt version, arm).
+    pub fn request(&self, r: &RequestEnd<'_>) {
+        let route = r.route.map_or("", |(id, _)| id.as_str());
+        let provider = r.provider.map_or("", ProviderId::as_str);
+        let mut code = itoa::Buffer::new();
+        let code = code.format(r.status);
+        self.requests
+            .with_label_values(&[route, provider, code])
+            .inc();
+        if let Some(kind) = r.error {
+            self.errors.with_label_values(&[kind, route]).inc();
+        }
+        if let Some((id, version)) = r.prompt {
+            let mut v = itoa::Buffer::new();
+            self.prompt_requests
+                .with_label_values(&[id, v.format(version), code])
+                .inc();
+        }
+        if let Some(arm) = r.arm {
+            self.arm_requests
+                .with_label_values(&[route, arm, code])
+                .inc();
+            if let Some(whole) = r.whole {
+                self.arm_seconds
+                    .with_label_values(&[route, arm])
+                    .observe(whole.as_secs_f64());
+            }
+        }
+        if let Some((_, handles)) = r.route {
+            handles.overhead.observe(r.overhead.as_secs_f64());
+            if let Some(whole) = r.whole {
+                handles.request_seconds.observe(whole.as_secs_f64());
+            }
+        }
+    }
+
+    /// A configuration reload's result.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Cache decisions of a route so far, by result (for the admin status).
+    pub fn cache_count(&self, route: &RouteId, result: &str) -> u64 {
+        let route = route.as_str();
+        self.cache_requests
+            .with_label_values(&[route, result])
+            .get()
+    }
+
+    /// Failures of the Redis tier so far, for an operation (for the admin status).
+    pub fn redis_errors(&self, op: &str) -> u64 {
+        self.cache_redis_errors.with_label_values(&[op]).get()
+    }
+
+    /// The handles of route `route`.
+    pub fn route_handles(&self, route: &RouteId) -> RouteHandles {
+        let r = route.as_str();
+        let cache = |status: crate::cache::Status| {
+            self.cache_requests.with_label_values(&[r, status.as_str()])
+        };
+        use crate::cache::Status;
+        RouteHandles {
+            overhead: self.overhead_seconds.with_label_values(&[r]),
+            request_seconds: self.request_seconds.with_label_values(&[r]),
+            cache: [
+                cache(Status::Hit),
+                cache(Status::Miss),
+                cache(Status::Bypass),
+                cache(Status::Refresh),
+            ],
+        }
+    }
+
+    /// The handles of target `target` of route `route`.
+    pub fn target_handles(
+        &self,
+        route: &RouteId,
+        target: &TargetId,
+        provider: &ProviderId,
+    ) -> TargetHandles {
+        let (r, t, p) = (route.as_str(), target.as_str(), provider.as_str());
+        let tokens = |dir, source| self.tokens.with_label_values(&[r, p, dir, source]);
+        TargetHandles {
+            upstream: self.upstream_seconds.with_label_values(&[p]),
+            breaker: self.breaker_state.with_label_values(&[t]),
+            attempt_ok: self.attempts.with_label_values(&[r, t, "ok"]),
+            ttft: self.ttft_seconds.with_label_values(&[r, p]),
+            tokens: [
+                tokens("in", "reported"),
+                tokens("out", "reported"),
+                tokens("in", "estimated"),
+                tokens("out", "estimated"),
+            ],
+        }
+    }
+
+    /// A target's breaker state after an outcome.
+    pub fn breaker(&self, target: &TargetId, state: crate::health::BreakerState) {
+        let target = target.as_str();
+        self.breaker_state
+            .with_label_values(&[target])
+            .set(state.gauge());
+    }
+
+    /// One attempt's result (`ok` or the error kind).
+    pub fn attempt(&self, route: &RouteId, target: &TargetId, result: &str) {
+        let route = route.as_str();
+        let target = target.as_str();
+        self.attempts
+            .with_label_values(&[route, target, result])
+            .inc();
+    }
+
+    /// A success on `to` after `from` failed with `kind`.
+    pub fn fallback(&self, route: &RouteId, from: &TargetId, to: &TargetId, kind: ErrorKind) {
+        let route = route.as_str();
+        let from = from.as_str();
+        let to = to.as_str();
+        self.fallbacks
+            .with_label_values(&[route, from, to, kind.as_str()])
+            .inc();
+    }
+
+    /// Time to the first streamed output, per route and provider and per arm.
+    pub fn ttft(&self, target: &TargetHandles, route: &RouteId, arm: Option<&str>, took: Duration) {
+        target.ttft(took);
+        if let Some(arm) = arm {
+            self.arm_ttft_seconds
+                .with_label_values(&[route.as_str(), arm])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A response's usage, per route and provider and per arm.
+    pub fn tokens(&self, target: &TargetHandles, route: &RouteId, arm: Option<&str>, u: &Usage) {
+        target.tokens(u);
+        if let Some(arm) = arm {
+            self.arm_tokens
+                .with_label_values(&[route.as_str(), arm])
+                .inc_by(u64::from(u.total_tokens));
+        }
+    }
+
+    /// A stream's whole duration (recorded when it ends), per route and arm.
+    pub fn stream_end(&self, route: (&RouteId, &RouteHandles), arm: Option<&str>, took: Duration) {
+        route.1.request_seconds.observe(took.as_secs_f64());
+        if let Some(arm) = arm {
+            self.arm_seconds
+                .with_label_values(&[route.0.as_str(), arm])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A stream that failed after it began.
+    pub fn stream_error(&self, route: &RouteId, provider: &ProviderId, kind: ErrorKind) {
+        let route = route.as_str();
+        let provider = provider.as_str();
+        self.stream_errors
+            .with_label_values(&[route, provider, kind.as_str()])
+            .inc();
+        self.errors.with_label_values(&[kind.as_str(), route]).inc();
+    }
+
+    /// A prompt lookup or render that failed (`prompt`: a configured id or `unknown`).
+    pub fn prompt_error(&self, prompt: &str) {
+        self.prompt_errors.with_label_values(&[prompt]).inc();
+    }
+
+    /// An active health check's result.
+    pub fn health_check(&self, provider: &str, failed: bool) {
+        self.health_checks
+            .with_label_values(&[provider, if failed { "failed" } else { "ok" }])
+            .inc();
     }
 
     /// The text exposition format.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::config::Problem;
-use crate::gateway::Gateway;
+use crate::pipeline::Gateway;
 use crate::snapshot::Snapshot;
 
 /// Reads environment variables for provider keys; shared with the reload task.
@@ -226,7 +226,7 @@ impl Reloader {
                 self.gw.swap(next);
                 status.last_success = at;
                 status.succeeded += 1;
-                self.gw.metrics.reloads.with_label_values(&["ok"]).inc();
+                self.gw.metrics.reload(true);
                 self.gw.metrics.last_reload.set(unix(at));
                 tracing::info!(trigger, "configuration reloaded");
                 Some(Ok(()))
@@ -241,7 +241,7 @@ impl Reloader {
                     trigger: trigger.to_owned(),
                     problems: problems.clone(),
                 });
-                self.gw.metrics.reloads.with_label_values(&["error"]).inc();
+                self.gw.metrics.reload(false);
                 Some(Err(problems))
             }
         }

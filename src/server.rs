@@ -25,7 +25,8 @@ use crate::canonical::{ChatRequest, EmbeddingEncoding};
 use crate::dialect::Dialect;
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::gateway::{ChatOutcome, Gateway, RequestMeta, Served};
+use crate::ids::ProviderId;
+use crate::pipeline::{render, ChatOutcome, ClientDialect, Gateway, RequestContext, Served};
 use crate::prompt::PromptRef;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -147,7 +148,15 @@ fn guard_body<G: Send + Unpin + 'static>(resp: Response, guard: G) -> Response {
 #[derive(Clone)]
 pub struct RequestId(pub Arc<str>);
 
-impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+/// What the edge layer knows of a request when a handler runs: its id and when
+/// it arrived.
+#[derive(Clone)]
+struct Edge {
+    id: RequestId,
+    start: Instant,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Edge {
     type Rejection = Infallible;
     async fn from_request_parts(
         parts: &mut http::request::Parts,
@@ -155,27 +164,30 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     ) -> Result<Self, Self::Rejection> {
         Ok(parts
             .extensions
-            .get::<RequestId>()
+            .get::<Edge>()
             .cloned()
-            .unwrap_or_else(|| RequestId(new_request_id().into())))
+            .unwrap_or_else(|| Edge {
+                id: RequestId(new_request_id().into()),
+                start: Instant::now(),
+            }))
     }
 }
 
-/// The prompt version a response used.
-#[derive(Clone)]
-struct PromptUse {
-    id: String,
-    version: u32,
+/// A handler's response and what it tells about it, for headers and metrics:
+/// [`finish`] records it.
+struct Handled {
+    response: Response,
+    outcome: Option<Outcome>,
 }
 
-/// What a handler tells the edge about its response, for headers and metrics.
+/// What a handler tells about its response, for headers and metrics.
 #[derive(Clone)]
 struct Outcome {
-    prompt: Option<PromptUse>,
-    route: Option<Arc<str>>,
+    prompt: Option<crate::pipeline::PromptUse>,
+    route: Option<Arc<crate::snapshot::Route>>,
     /// The provider that answered.
-    provider: Option<Arc<str>>,
-    arm: Option<(Arc<str>, Arc<crate::router::ArmStats>)>,
+    provider: Option<ProviderId>,
+    arm: Option<(Arc<str>, Arc<crate::health::ArmStats>)>,
     upstream: Duration,
     error: Option<&'static str>,
     /// Streams record their own duration when they end.
@@ -209,7 +221,10 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         Some(v) => String::from_utf8_lossy(v.as_bytes()).into(),
         None => new_request_id().into(),
     };
-    req.extensions_mut().insert(RequestId(id.clone()));
+    req.extensions_mut().insert(Edge {
+        id: RequestId(id.clone()),
+        start,
+    });
     let anthropic = req.uri().path() == "/v1/messages";
     let metrics = &app.gw.metrics;
     // The connection's request count, from the listener: it goes into the
@@ -241,61 +256,57 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     if in_flight.is_some() || busy.is_some() {
         resp = guard_body(resp, (in_flight, busy));
     }
-    let elapsed = start.elapsed();
-    let outcome = resp.extensions_mut().remove::<Outcome>();
-    let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
-    let overhead = elapsed.saturating_sub(upstream);
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(REQUEST_ID, v);
     }
-    h.insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
+    // Set by `finish` for the API handlers; everything else is all overhead.
+    if !h.contains_key(OVERHEAD) {
+        h.insert(
+            OVERHEAD,
+            HeaderValue::from(start.elapsed().as_micros() as u64),
+        );
+    }
+    resp
+}
+
+/// Records what a handler tells about its response (the metrics of the request,
+/// the arm's figures) and sets the overhead header: one place for every API
+/// response.
+fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
+    let Handled {
+        mut response,
+        outcome,
+    } = handled;
+    let elapsed = edge.start.elapsed();
+    let upstream = outcome.as_ref().map(|o| o.upstream).unwrap_or_default();
+    let overhead = elapsed.saturating_sub(upstream);
+    response
+        .headers_mut()
+        .insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
     if let Some(o) = outcome {
-        let route = o.route.as_deref().unwrap_or("");
-        let provider = o.provider.as_deref().unwrap_or("");
-        let status = resp.status();
-        let mut code = itoa::Buffer::new();
-        metrics
-            .requests
-            .with_label_values(&[route, provider, code.format(status.as_u16())])
-            .inc();
-        if let Some(kind) = o.error {
-            metrics.errors.with_label_values(&[kind, route]).inc();
-        }
-        if let Some(p) = &o.prompt {
-            let mut v = itoa::Buffer::new();
-            metrics
-                .prompt_requests
-                .with_label_values(&[&p.id, v.format(p.version), code.format(status.as_u16())])
-                .inc();
-        }
-        if let Some((arm, stats)) = &o.arm {
-            metrics
-                .arm_requests
-                .with_label_values(&[route, arm, code.format(status.as_u16())])
-                .inc();
+        let status = response.status();
+        app.gw.metrics.request(&crate::metrics::RequestEnd {
+            route: o
+                .route
+                .as_deref()
+                .map(|r| (&r.name, r.metrics(&app.gw.metrics))),
+            provider: o.provider.as_ref(),
+            status: status.as_u16(),
+            error: o.error,
+            prompt: o.prompt.as_ref().map(|p| (p.id.as_str(), p.version)),
+            arm: o.arm.as_ref().map(|(a, _)| &**a),
+            overhead,
+            // Streams record their own duration when they end.
+            whole: (!o.streaming).then_some(elapsed),
+        });
+        if let Some((_, stats)) = &o.arm {
             if !o.streaming {
-                metrics
-                    .arm_seconds
-                    .with_label_values(&[route, arm])
-                    .observe(elapsed.as_secs_f64());
                 stats.record(status.is_success(), elapsed, 0);
             }
         }
-        if o.route.is_some() {
-            metrics
-                .overhead_seconds
-                .with_label_values(&[route])
-                .observe(overhead.as_secs_f64());
-            if !o.streaming {
-                metrics
-                    .request_seconds
-                    .with_label_values(&[route])
-                    .observe(elapsed.as_secs_f64());
-            }
-        }
     }
-    resp
+    response
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
@@ -313,21 +324,24 @@ fn error_response(
     dialect: &dyn Dialect,
     err: GatewayError,
     id: &RequestId,
-    route: Option<Arc<str>>,
-) -> Response {
+    route: Option<Arc<crate::snapshot::Route>>,
+) -> Handled {
     let status =
         StatusCode::from_u16(dialect.error_status(&err)).unwrap_or(StatusCode::BAD_GATEWAY);
-    let err = if LIST_IDS.try_with(|l| *l).unwrap_or(true) {
-        err
-    } else {
-        unlisted(err)
-    };
+    let list_ids = LIST_IDS.try_with(|l| *l).unwrap_or(true);
+    let err = if list_ids { err } else { unlisted(err) };
     if status.is_server_error() {
         tracing::warn!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request failed");
     } else {
         tracing::info!(request_id = %id.0, status = status.as_u16(), code = err.code(), error = %LogSafe(&err), "request rejected");
     }
-    let mut resp = json_response(status, dialect.error_body(&err, &id.0));
+    let mut body = dialect.error_body(&err, &id.0);
+    if let GatewayError::Upstream(e) = &err {
+        if !e.attempts.is_empty() {
+            body = with_attempts(body, &e.attempts, list_ids);
+        }
+    }
+    let mut resp = json_response(status, body);
     if matches!(
         err,
         GatewayError::PayloadTooLarge { .. } | GatewayError::BodyTimeout { .. }
@@ -344,19 +358,53 @@ fn error_response(
         }
     }
     let provider = match &err {
-        GatewayError::Upstream(e) if !e.provider.is_empty() => Some(Arc::from(e.provider.as_str())),
+        GatewayError::Upstream(e) if !e.provider.is_empty() => {
+            Some(ProviderId::from(e.provider.as_str()))
+        }
         _ => None,
     };
-    resp.extensions_mut().insert(Outcome {
-        prompt: None,
-        route,
-        provider,
-        arm: None,
-        upstream: Duration::ZERO,
-        error: Some(err.code()),
-        streaming: false,
-    });
-    resp
+    Handled {
+        response: resp,
+        outcome: Some(Outcome {
+            prompt: None,
+            route,
+            provider,
+            arm: None,
+            upstream: Duration::ZERO,
+            error: Some(err.code()),
+            streaming: false,
+        }),
+    }
+}
+
+/// An error body (either dialect: both keep the details in an `error` object)
+/// with the route's attempts added to that object:
+/// `attempts: [{target, kind, status, elapsed_ms}, …]`, in order; without
+/// `target` when configured ids are not listed.
+fn with_attempts(body: Vec<u8>, attempts: &[crate::error::Attempt], list_ids: bool) -> Vec<u8> {
+    use serde_json::{json, Value};
+    let Ok(mut v) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    let Some(obj) = v.get_mut("error").and_then(Value::as_object_mut) else {
+        return body;
+    };
+    let list: Vec<Value> = attempts
+        .iter()
+        .map(|a| {
+            let mut m = json!({
+                "kind": a.kind.as_str(),
+                "status": a.status,
+                "elapsed_ms": a.elapsed_ms,
+            });
+            if list_ids {
+                m["target"] = Value::from(&*a.target);
+            }
+            m
+        })
+        .collect();
+    obj.insert("attempts".into(), Value::Array(list));
+    serde_json::to_vec(&v).unwrap_or(body)
 }
 
 /// `err` without the configured ids it lists (routes, prompts, labels), for
@@ -382,6 +430,21 @@ fn unlisted(err: GatewayError) -> GatewayError {
             reason: public.into(),
             public,
         },
+        // The earlier attempts, by position instead of by target id.
+        GatewayError::Upstream(mut e) if e.attempts.len() > 1 => {
+            if let Some(at) = e.message.rfind(crate::error::EARLIER_ATTEMPTS) {
+                let earlier: Vec<String> = e.attempts[..e.attempts.len() - 1]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| format!("attempt {}: {}", i + 1, a.kind.as_str()))
+                    .collect();
+                e.message.truncate(at);
+                e.message.push_str(crate::error::EARLIER_ATTEMPTS);
+                e.message.push_str(&earlier.join(", "));
+                e.message.push(')');
+            }
+            GatewayError::Upstream(e)
+        }
         GatewayError::NoTarget { route, public, .. } => GatewayError::NoTarget {
             route,
             reason: public.clone(),
@@ -465,7 +528,7 @@ pub const ARM: HeaderName = HeaderName::from_static("x-promptgate-arm");
 /// `hit`, `miss`, `bypass` or `refresh` (with `age` on a hit).
 pub const CACHE: HeaderName = HeaderName::from_static("x-promptgate-cache");
 
-fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
+fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -> Outcome {
     let h = resp.headers_mut();
     for (name, value) in [
         (ROUTE, &*served.route.name),
@@ -497,15 +560,15 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) {
             h.insert(ARM, v);
         }
     }
-    resp.extensions_mut().insert(Outcome {
+    Outcome {
         prompt: None,
-        route: Some(served.route.name.clone()),
+        route: Some(served.route.clone()),
         provider: Some(served.target.provider_id.clone()),
         arm,
         upstream: served.upstream,
         error: None,
         streaming,
-    });
+    }
 }
 
 /// Bodies at least this large are decoded on the blocking pool: parsing
@@ -525,18 +588,53 @@ async fn off_thread_if_large<T: Send + 'static>(
         .unwrap_or_else(|_| Err(GatewayError::Internal("decoding the request failed".into())))
 }
 
+/// The wire codec of a client dialect.
+fn codec(d: ClientDialect) -> &'static dyn Dialect {
+    match d {
+        ClientDialect::OpenAi => &OpenAi,
+        ClientDialect::Anthropic => &crate::backend::anthropic::Anthropic,
+    }
+}
+
+async fn chat_openai(
+    State(app): State<AppState>,
+    edge: Edge,
+    headers: http::HeaderMap,
+    body: LimitedBody,
+) -> Response {
+    let handled = chat(&app, edge.id.clone(), headers, body, ClientDialect::OpenAi).await;
+    finish(&app, &edge, handled)
+}
+
+async fn chat_anthropic(
+    State(app): State<AppState>,
+    edge: Edge,
+    headers: http::HeaderMap,
+    body: LimitedBody,
+) -> Response {
+    let handled = chat(
+        &app,
+        edge.id.clone(),
+        headers,
+        body,
+        ClientDialect::Anthropic,
+    )
+    .await;
+    finish(&app, &edge, handled)
+}
+
 /// Chat in any client dialect: decode, run the pipeline, encode the answer or
 /// the stream.
-async fn chat<D: Dialect + Default>(
-    State(app): State<AppState>,
+async fn chat(
+    app: &AppState,
     id: RequestId,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
-) -> Response {
-    let dialect = D::default();
-    let d: &dyn Dialect = &dialect;
+    dialect: ClientDialect,
+) -> Handled {
+    let d = codec(dialect);
     let decoded = match body {
-        Ok(b) => off_thread_if_large(b, |b| D::default().decode_chat(b)).await,
+        Ok(b) => off_thread_if_large(b, move |b| codec(dialect).decode_chat(b)).await,
         Err(e) => Err(e),
     };
     let mut req = match decoded {
@@ -549,7 +647,7 @@ async fn chat<D: Dialect + Default>(
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, d, id, &headers, req, prompt).await
+    serve_chat(app, dialect, id, &headers, req, prompt).await
 }
 
 /// `POST /v1/prompts/{id}/chat/completions`: the body holds `variables`, an
@@ -557,11 +655,22 @@ async fn chat<D: Dialect + Default>(
 /// `messages` are optional (the version names its route; messages are appended).
 async fn prompt_chat(
     State(app): State<AppState>,
-    id: RequestId,
+    edge: Edge,
     Path(prompt_id): Path<String>,
     headers: http::HeaderMap,
-    LimitedBody(body): LimitedBody,
+    body: LimitedBody,
 ) -> Response {
+    let handled = prompt_chat_handled(&app, edge.id.clone(), prompt_id, headers, body).await;
+    finish(&app, &edge, handled)
+}
+
+async fn prompt_chat_handled(
+    app: &AppState,
+    id: RequestId,
+    prompt_id: String,
+    headers: http::HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Handled {
     let d: &dyn Dialect = &OpenAi;
     let parsed = body.and_then(|b| {
         serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
@@ -599,7 +708,7 @@ async fn prompt_chat(
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, d, id, &headers, req, Some(prompt)).await
+    serve_chat(app, ClientDialect::OpenAi, id, &headers, req, Some(prompt)).await
 }
 
 /// Most `top_logprobs`, as OpenAI documents.
@@ -644,123 +753,76 @@ fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Runs a decoded chat request (after rendering its prompt, if any) and encodes
-/// the outcome in dialect `d`.
+/// Runs a decoded chat request through the pipeline's stages (render, then the
+/// context that places it on its route and arm, once) and encodes the outcome
+/// in the client's dialect.
 async fn serve_chat(
-    app: AppState,
-    d: &dyn Dialect,
+    app: &AppState,
+    dialect: ClientDialect,
     id: RequestId,
     headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
-) -> Response {
+) -> Handled {
+    let d = codec(dialect);
     if let Err(e) = check_sizes(&req) {
         return error_response(d, e, &id, None);
     }
     let snap = app.gw.snapshot();
-    let mut meta = RequestMeta {
-        headers,
-        prompt: None,
-    };
-    let used = match prompt {
-        None => None,
-        Some(mut p) => {
-            // A split over prompt versions: a request that names no version gets
-            // its arm's, and stays on the split route.
-            let mut pinned_route = None;
-            if p.explicit_selector.is_none() {
-                if let Some(sel) = app.gw.arm_prompt(&snap, &req, &meta) {
-                    p.selector = sel;
-                    pinned_route = Some(req.model.clone());
-                }
+    let prepared = match render::render(&app.gw.metrics, &snap, headers, &mut req, prompt) {
+        Ok(p) => p,
+        Err(refused) => {
+            let mut resp = error_response(d, refused.error, &id, None);
+            if let Some(p) = refused.prompt_id {
+                resp.response.headers_mut().insert(
+                    PROMPT,
+                    HeaderValue::from_str(&p).unwrap_or(HeaderValue::from_static("-")),
+                );
             }
-            match snap.prompts.render(&p) {
-                Ok(r) => {
-                    let used = PromptUse {
-                        id: r.id.clone(),
-                        version: r.version,
-                    };
-                    r.apply(&mut req);
-                    if let Some(route) = pinned_route {
-                        req.model = route;
-                    }
-                    meta.prompt = Some((used.id.clone(), used.version));
-                    if req.model.is_empty() {
-                        let e = GatewayError::invalid(
-                            format!(
-                                "prompt `{}` version {} names no route: give `model`",
-                                used.id, used.version
-                            ),
-                            Some("model"),
-                        );
-                        return error_response(d, e, &id, None);
-                    }
-                    Some(used)
-                }
-                Err(e) => {
-                    let mut resp = error_response(d, e, &id, None);
-                    // Only configured ids become labels: a client naming random
-                    // prompts must not grow the metrics without bound.
-                    let label = if snap.prompts.get(&p.id).is_some() {
-                        p.id.as_str()
-                    } else {
-                        "unknown"
-                    };
-                    app.gw
-                        .metrics
-                        .prompt_errors
-                        .with_label_values(&[label])
-                        .inc();
-                    resp.headers_mut().insert(
-                        PROMPT,
-                        HeaderValue::from_str(&p.id).unwrap_or(HeaderValue::from_static("-")),
-                    );
-                    return resp;
-                }
-            }
+            return resp;
         }
     };
-    let mut resp = run_chat(&app, d, &id, &snap, req, &meta).await;
+    let used = prepared.prompt.clone();
+    let ctx = match RequestContext::for_chat(id.0.clone(), dialect, snap, headers, &req, prepared) {
+        Ok(ctx) => ctx,
+        Err((e, route)) => return error_response(d, e, &id, route),
+    };
+    let mut handled = run_chat(app, d, &id, &ctx, req).await;
     if let Some(u) = used {
+        let h = handled.response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&u.id) {
-            resp.headers_mut().insert(PROMPT, v);
+            h.insert(PROMPT, v);
         }
-        resp.headers_mut()
-            .insert(PROMPT_VERSION, HeaderValue::from(u.version));
-        if let Some(o) = resp.extensions_mut().get_mut::<Outcome>() {
+        h.insert(PROMPT_VERSION, HeaderValue::from(u.version));
+        if let Some(o) = &mut handled.outcome {
             o.prompt = Some(u);
         }
     }
-    resp
+    handled
 }
 
 async fn run_chat(
     app: &AppState,
     d: &dyn Dialect,
     id: &RequestId,
-    snap: &Arc<crate::snapshot::Snapshot>,
+    ctx: &RequestContext,
     req: ChatRequest,
-    meta: &RequestMeta<'_>,
-) -> Response {
+) -> Handled {
     let id = id.clone();
-    let route = snap.route(&req.model).map(|r| r.name.clone());
+    let route = Some(ctx.route().clone());
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
-    let served = match tokio::time::timeout(
-        app.settings.request_timeout,
-        app.gw.chat(snap, req, meta),
-    )
-    .await
-    {
-        Err(_) => {
-            let e = UpstreamError::new(
-                ErrorKind::Timeout,
-                "no response from the backend within the gateway's request timeout",
-            );
-            return error_response(d, e.into(), &id, route);
-        }
-        Ok(Err(e)) => return error_response(d, e, &id, route),
-        Ok(Ok(s)) => s,
-    };
+    let served =
+        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
+            Err(_) => {
+                let e = UpstreamError::new(
+                    ErrorKind::Timeout,
+                    "no response from the backend within the gateway's request timeout",
+                );
+                return error_response(d, e.into(), &id, route);
+            }
+            Ok(Err(e)) => return error_response(d, e, &id, route),
+            Ok(Ok(s)) => s,
+        };
     let (value, served) = served.split();
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
@@ -770,8 +832,11 @@ async fn run_chat(
                 USAGE,
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
             );
-            served_headers(&mut out, &served, false);
-            out
+            let outcome = served_headers(&mut out, &served, false);
+            Handled {
+                response: out,
+                outcome: Some(outcome),
+            }
         }
         (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
             let request_id = id.0.clone();
@@ -819,23 +884,37 @@ async fn run_chat(
                 HeaderName::from_static("x-accel-buffering"),
                 HeaderValue::from_static("no"),
             );
-            served_headers(&mut out, &served, true);
-            out
+            let outcome = served_headers(&mut out, &served, true);
+            Handled {
+                response: out,
+                outcome: Some(outcome),
+            }
         }
         (ChatOutcome::Stream(_), None) => error_response(
             d,
             GatewayError::Internal("a stream was returned for a non-streaming request".into()),
             &id,
-            Some(served.route.name.clone()),
+            Some(served.route.clone()),
         ),
     }
 }
 
 async fn embeddings(
     State(app): State<AppState>,
-    id: RequestId,
-    LimitedBody(body): LimitedBody,
+    edge: Edge,
+    headers: http::HeaderMap,
+    body: LimitedBody,
 ) -> Response {
+    let handled = embeddings_handled(&app, edge.id.clone(), headers, body).await;
+    finish(&app, &edge, handled)
+}
+
+async fn embeddings_handled(
+    app: &AppState,
+    id: RequestId,
+    headers: http::HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Handled {
     let decoded = match body {
         Ok(b) => off_thread_if_large(b, wire::decode_embeddings_request).await,
         Err(e) => Err(e),
@@ -845,9 +924,13 @@ async fn embeddings(
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
     let encoding: EmbeddingEncoding = req.encoding;
-    let snap = app.gw.snapshot();
-    let route = snap.route(&req.model).map(|r| r.name.clone());
-    match app.gw.embed(&snap, req).await {
+    let ctx = match RequestContext::for_embeddings(id.0.clone(), app.gw.snapshot(), &headers, &req)
+    {
+        Ok(ctx) => ctx,
+        Err(e) => return error_response(&OpenAi, e, &id, None),
+    };
+    let route = Some(ctx.route().clone());
+    match app.gw.embed(&ctx, req).await {
         Err(e) => error_response(&OpenAi, e, &id, route),
         Ok(served) => {
             let mut out = json_response(
@@ -862,8 +945,11 @@ async fn embeddings(
                     "reported"
                 }),
             );
-            served_headers(&mut out, &served, false);
-            out
+            let outcome = served_headers(&mut out, &served, false);
+            Handled {
+                response: out,
+                outcome: Some(outcome),
+            }
         }
     }
 }
@@ -877,22 +963,19 @@ async fn list_models(State(app): State<AppState>) -> Response {
     resp
 }
 
-async fn get_model(
-    State(app): State<AppState>,
-    id: RequestId,
-    Path(model): Path<String>,
-) -> Response {
+async fn get_model(State(app): State<AppState>, edge: Edge, Path(model): Path<String>) -> Response {
     let snap = app.gw.snapshot();
     if snap.route(&model).is_none() {
-        return error_response(
+        let handled = error_response(
             &OpenAi,
             GatewayError::UnknownModel {
                 model,
                 available: snap.route_list.clone(),
             },
-            &id,
+            &edge.id,
             None,
         );
+        return finish(&app, &edge, handled);
     }
     let created = snap
         .loaded_at
@@ -917,16 +1000,17 @@ async fn metrics(State(app): State<AppState>) -> Response {
     resp
 }
 
-async fn not_found(id: RequestId, req: Request) -> Response {
-    error_response(
+async fn not_found(State(app): State<AppState>, edge: Edge, req: Request) -> Response {
+    let handled = error_response(
         &OpenAi,
         GatewayError::NotFound {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
         },
-        &id,
+        &edge.id,
         None,
-    )
+    );
+    finish(&app, &edge, handled)
 }
 
 /// Marks the answer of the catch-panic layer, which runs inside `edge` and does
@@ -972,11 +1056,8 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         settings: settings.clone(),
     };
     let api = Router::new()
-        .route("/v1/chat/completions", post(chat::<OpenAi>))
-        .route(
-            "/v1/messages",
-            post(chat::<crate::backend::anthropic::Anthropic>),
-        )
+        .route("/v1/chat/completions", post(chat_openai))
+        .route("/v1/messages", post(chat_anthropic))
         .route("/v1/prompts/{prompt}/chat/completions", post(prompt_chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
@@ -1270,7 +1351,7 @@ pub async fn serve_with(
         let served = http.serve_connection(TokioIo::new(io), svc);
         let conns = conns.clone();
         let mut drain = drain_rx.clone();
-        tokio::spawn(async move {
+        crate::task::spawn("connection", async move {
             tokio::pin!(served);
             let mut draining = *drain.borrow();
             if draining {
@@ -1316,7 +1397,7 @@ pub async fn serve_with(
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        error_response(&OpenAi, self, &RequestId(new_request_id().into()), None)
+        error_response(&OpenAi, self, &RequestId(new_request_id().into()), None).response
     }
 }
 

@@ -16,15 +16,16 @@ use crate::backend::{self, EnvLookup, ProviderState};
 use crate::config::{
     BreakerConfig, Capabilities, Config, ParamOverrides, RetryPolicy, Strategy, Subject,
 };
+use crate::health::{ArmStats, Book, Health};
+use crate::ids::{ProviderId, RouteId, TargetId};
 use crate::prompt::Selector;
-use crate::router::{ArmStats, Book, Health};
 use crate::tokens::{encoding_for, Encoding};
 
 /// A provider + model a route can send to.
 pub struct Target {
     /// `provider/model`: the name in headers, metrics and the admin status.
-    pub id: Arc<str>,
-    pub provider_id: Arc<str>,
+    pub id: TargetId,
+    pub provider_id: ProviderId,
     pub provider: ProviderState,
     /// The backend's model name.
     pub model: String,
@@ -38,6 +39,19 @@ pub struct Target {
     /// The provider's response-headers timeout (bounds a stalled call).
     pub headers_timeout: Duration,
     pub health: Arc<Health>,
+    /// Its metric handles, resolved on first use ([`Target::metrics`]).
+    handles: std::sync::OnceLock<crate::metrics::TargetHandles>,
+    /// The route it belongs to (a target is built per route).
+    route: RouteId,
+}
+
+impl Target {
+    /// The target's metric handles in `metrics` (the gateway's; a snapshot
+    /// serves one gateway), resolved once.
+    pub fn metrics(&self, metrics: &crate::metrics::Metrics) -> &crate::metrics::TargetHandles {
+        self.handles
+            .get_or_init(|| metrics.target_handles(&self.route, &self.id, &self.provider_id))
+    }
 }
 
 pub struct Arm {
@@ -56,30 +70,51 @@ pub enum Plan {
 
 /// A public model name and how it is served.
 pub struct Route {
-    pub name: Arc<str>,
+    pub name: RouteId,
     pub plan: Plan,
     pub retry: RetryPolicy,
     pub private: bool,
     pub cache: crate::config::RouteCache,
+    /// Its metric handles, resolved on first use ([`Route::metrics`]).
+    handles: std::sync::OnceLock<crate::metrics::RouteHandles>,
 }
 
 impl Route {
-    /// The arm a subject is assigned to (sticky), or the only chain.
-    pub fn pick(&self, subject: Option<&str>) -> (&[Arc<Target>], Option<&Arm>) {
+    /// The route's metric handles in `metrics` (the gateway's), resolved once.
+    pub fn metrics(&self, metrics: &crate::metrics::Metrics) -> &crate::metrics::RouteHandles {
+        self.handles
+            .get_or_init(|| metrics.route_handles(&self.name))
+    }
+
+    /// The index of the arm a subject is assigned to (sticky; drawn at random
+    /// without a subject). A split route only; the request context calls it once
+    /// per request ([`crate::pipeline::context::Placement`]).
+    pub fn arm_index(&self, subject: Option<&str>) -> usize {
+        let Plan::Split { arms, .. } = &self.plan else {
+            return 0;
+        };
+        let x = match subject {
+            Some(s) => crate::health::unit_interval(&self.name, s),
+            None => rand::random::<f64>(),
+        };
+        arms.iter()
+            .position(|a| x < a.upper)
+            .unwrap_or(arms.len().saturating_sub(1))
+    }
+
+    /// The arm at `i` of a split.
+    pub fn arm_at(&self, i: usize) -> Option<&Arm> {
         match &self.plan {
-            Plan::Chain(c) => (c, None),
-            Plan::Split { arms, .. } => {
-                let x = match subject {
-                    Some(s) => crate::router::unit_interval(&self.name, s),
-                    None => rand::random::<f64>(),
-                };
-                let arm = arms
-                    .iter()
-                    .find(|a| x < a.upper)
-                    .or(arms.last())
-                    .expect("a split has at least one arm (validated)");
-                (&arm.chain, Some(arm))
-            }
+            Plan::Split { arms, .. } => arms.get(i),
+            Plan::Chain(_) => None,
+        }
+    }
+
+    /// The chain of a plain route (empty for a split: its arms hold the chains).
+    pub fn chain(&self) -> &[Arc<Target>] {
+        match &self.plan {
+            Plan::Chain(c) => c,
+            Plan::Split { .. } => &[],
         }
     }
 
@@ -128,17 +163,17 @@ impl Snapshot {
             .iter()
             .map(|(id, p)| (id.clone(), backend::build(p, env)))
             .collect();
-        let target = |t: &crate::config::TargetConfig| -> Arc<Target> {
+        let target = |route: &RouteId, t: &crate::config::TargetConfig| -> Arc<Target> {
             let provider = providers
                 .get(&t.provider)
                 .cloned()
                 .unwrap_or_else(|| ProviderState::Unavailable("not configured".into()));
             let pc = config.providers.get(&t.provider);
-            let id: Arc<str> = format!("{}/{}", t.provider, t.model).into();
+            let id = TargetId::from(format!("{}/{}", t.provider, t.model));
             Arc::new(Target {
                 health: book.health(&id, fingerprint(pc)),
                 id,
-                provider_id: t.provider.as_str().into(),
+                provider_id: ProviderId::from(t.provider.as_str()),
                 provider,
                 model: t.model.clone(),
                 overrides: t.overrides.clone(),
@@ -149,10 +184,14 @@ impl Snapshot {
                 headers_timeout: pc
                     .map(|p| p.timeouts.headers)
                     .unwrap_or(Duration::from_secs(120)),
+                handles: std::sync::OnceLock::new(),
+                route: route.clone(),
             })
         };
         let mut routes = HashMap::new();
         for (name, r) in &config.routes {
+            let route_id = RouteId::from(name.as_str());
+            let target = |t| target(&route_id, t);
             let plan = match &r.strategy {
                 Strategy::Chain(c) => Plan::Chain(c.iter().map(target).collect()),
                 Strategy::Split { subject, arms } => {
@@ -179,11 +218,12 @@ impl Snapshot {
             routes.insert(
                 name.clone(),
                 Arc::new(Route {
-                    name: name.as_str().into(),
+                    name: route_id.clone(),
                     plan,
                     retry: r.retry,
                     private: r.private,
                     cache: r.cache,
+                    handles: std::sync::OnceLock::new(),
                 }),
             );
         }

@@ -176,6 +176,16 @@ async fn retries_back_off_and_respect_the_deadline() {
         ),
         "{body}"
     );
+    // The history is typed data too: every attempt, in order, in the error object.
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let attempts = v["error"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{body}");
+    for a in attempts {
+        assert_eq!(a["target"], "fake/status-503", "{body}");
+        assert_eq!(a["kind"], "overloaded", "{body}");
+        assert_eq!(a["status"], 503, "{body}");
+        assert!(a["elapsed_ms"].is_u64(), "{body}");
+    }
     // Retry-After: 7 does not fit in the 1s deadline, so the gateway answers now.
     let t = Instant::now();
     let (s, h, _) = send(&gw, "polite", false, &[]).await;
@@ -502,7 +512,7 @@ async fn active_health_checks_open_the_breaker_before_traffic_hits_it() {
     p.push(("sick.yaml".into(), format!("kind: openai\nbase_url: http://127.0.0.1:{port}/v1\nhealth_check: {{interval: 100ms}}\n")));
     p.push(("well.yaml".into(), format!("kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\nhealth_check: {{interval: 100ms}}\n", fake.base_url())));
     let gw = spawn_gateway(&g, &p).await;
-    let _checks = promptgate::gateway::spawn_health_checks(gw.gw.clone());
+    let _checks = promptgate::pipeline::spawn_health_checks(gw.gw.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (s, h, _) = send(&gw, "checked", false, &[]).await;
     assert_eq!(s, 200);
@@ -747,4 +757,226 @@ async fn a_target_shared_by_routes_has_one_breaker_across_reloads() {
         send(&gw, route, false, &[]).await;
     }
     assert_eq!(fake.requests().len(), 1, "skipped by both routes");
+}
+
+/// Without a split subject the arm is drawn at random: it must be drawn once,
+/// so the prompt version a request is rendered with is always the version of
+/// the arm (and the chain) that serves it.
+#[tokio::test]
+async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        concat!(
+            "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
+            "        - {name: v1, weight: 1, provider: sandbox, model: echo, prompt: {version: 1}}\n",
+            "        - {name: v2, weight: 1, provider: fake, model: chat, prompt: {version: 2}}\n",
+        ),
+    );
+    let prompt = "variables:\n  name: {type: string}\nlabels: {production: 1}\nversions:\n  1:\n    route: sandbox-echo\n    messages: [{role: user, content: \"one {{ name }}\"}]\n  2:\n    route: sandbox-echo\n    messages: [{role: user, content: \"two {{ name }}\"}]\n";
+    let gw = spawn_gateway_with_prompts(&g, &p, &[("greet.yaml", prompt)]).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        // No `user`: no subject to hash, so each request draws its arm.
+        let body = json!({"model": "greet-ab", "messages": [],
+                          "prompt": {"id": "greet", "variables": {"name": "x"}}});
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r.headers();
+        let arm = h["x-promptgate-arm"].to_str().unwrap().to_owned();
+        let version = h["x-promptgate-prompt-version"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let provider = h["x-promptgate-provider"].to_str().unwrap().to_owned();
+        assert_eq!(
+            arm,
+            format!("v{version}"),
+            "rendered with one arm, served by another"
+        );
+        let expected = if arm == "v1" { "sandbox" } else { "fake" };
+        assert_eq!(provider, expected, "arm {arm} served by {provider}");
+        seen.insert(arm);
+    }
+    assert_eq!(seen.len(), 2, "both arms drawn over 40 requests");
+    // The fake saw exactly the requests of arm v2, each rendered from version 2.
+    for r in fake.requests() {
+        let text = r.body["messages"].to_string();
+        assert!(text.contains("two x"), "{text}");
+    }
+}
+
+async fn embed(gw: &Gw, model: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": model, "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    let h = r.headers().clone();
+    (s, h, r.json().await.unwrap())
+}
+
+/// Embeddings go through the same attempt loop as chat: a failing first target
+/// falls over to the next, failures count on the breaker (and an open breaker
+/// is respected), and when every target fails the error lists the attempts.
+#[tokio::test]
+async fn embeddings_fall_over_respect_breakers_and_list_attempts() {
+    let routes = concat!(
+        "  emb:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: emb}\n",
+        "  emb-limited:\n    targets:\n      - {provider: fake, model: status-429}\n      - {provider: backup, model: emb}\n",
+        "  emb-down:\n    targets:\n      - {provider: fake, model: status-429}\n      - {provider: backup, model: status-500}\n",
+    );
+    let breaker = "breaker: {consecutive_failures: 2, cooldown: 60s}\n";
+    let (fake, backup, gw) = two_fakes(routes, breaker).await;
+
+    // 500 on the first target: the second answers.
+    let (s, h, v) = embed(&gw, "emb").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-promptgate-provider"], "backup");
+    assert_eq!(h["x-promptgate-attempts"], "2");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    // 429 too.
+    let (s, h, v) = embed(&gw, "emb-limited").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-promptgate-target"], "backup/emb");
+
+    // A second failure opens the primary's breaker; then it is passed over.
+    assert_eq!(embed(&gw, "emb").await.0, 200);
+    assert_eq!(breaker_of(&gw, "emb", "fake/status-500").await, "open");
+    let before = fake.requests().len();
+    let (s, h, _) = embed(&gw, "emb").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        h["x-promptgate-attempts"], "1",
+        "the open breaker was skipped"
+    );
+    assert_eq!(fake.requests().len(), before, "no call to an open target");
+
+    // Every target fails: the error lists each attempt.
+    let backup_before = backup.requests().len();
+    let (s, _, v) = embed(&gw, "emb-down").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(backup.requests().len(), backup_before + 1);
+    let text = v["error"]["message"].as_str().unwrap();
+    assert!(
+        text.contains("after earlier attempts: fake/status-429: rate_limited"),
+        "{v}"
+    );
+    let attempts = v["error"]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{v}");
+    assert_eq!(attempts[0]["target"], "fake/status-429");
+    assert_eq!(attempts[0]["kind"], "rate_limited");
+    assert_eq!(attempts[0]["status"], 429);
+    assert_eq!(attempts[1]["target"], "backup/status-500");
+    assert_eq!(attempts[1]["kind"], "overloaded");
+    assert_eq!(attempts[1]["status"], 500);
+
+    // Private data goes to no commercial backend, embeddings included.
+    let backup_before = backup.requests().len();
+    let r = client()
+        .post(gw.url("/v1/embeddings"))
+        .header("x-promptgate-data", "private")
+        .json(&json!({"model": "emb-limited", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_target_available", "{v}");
+    assert_eq!(backup.requests().len(), backup_before, "nothing was sent");
+
+    // A drill fault on the backup applies to embeddings too: emb-limited has
+    // no healthy target left (its first one's breaker is open by now, shared
+    // with emb-down), and the error shows the fault's answer.
+    inject(
+        &gw,
+        json!({"provider": "backup", "fault": "error", "status": 502, "duration": "30s"}),
+    )
+    .await;
+    let backup_before = backup.requests().len();
+    let (s, _, v) = embed(&gw, "emb-limited").await;
+    assert_eq!(s, 503, "{v}");
+    let last = v["error"]["attempts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["target"], "backup/emb", "{v}");
+    assert_eq!(last["status"], 502, "{v}");
+    assert_eq!(backup.requests().len(), backup_before, "the fault answered");
+    clear(&gw, "backup").await;
+
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("promptgate_attempts_total{result=\"overloaded\",route=\"emb\",target=\"fake/status-500\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("promptgate_fallbacks_total{from=\"fake/status-500\",kind=\"overloaded\",route=\"emb\",to=\"backup/emb\"} 2"),
+        "{m}"
+    );
+}
+
+/// The attempts array is in the Anthropic dialect's error object too, and
+/// names no target when configured ids are not listed.
+#[tokio::test]
+async fn attempts_in_both_dialects_and_unlisted_without_targets() {
+    let routes = "  both-down:\n    targets:\n      - {provider: fake, model: status-500}\n      - {provider: backup, model: status-503}\n";
+    for listed in [true, false] {
+        let fake = spawn_fake().await;
+        let backup = spawn_fake().await;
+        let (g, mut p) = fake_config(&fake, routes);
+        let g = if listed {
+            g
+        } else {
+            g.replace("limits:\n", "limits:\n  list_ids_in_errors: false\n")
+        };
+        p.push((
+            "backup.yaml".into(),
+            format!(
+                "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 10s}}\n",
+                backup.base_url()
+            ),
+        ));
+        let gw = spawn_gateway(&g, &p).await;
+        let r = client()
+            .post(gw.url("/v1/messages"))
+            .json(&json!({"model": "both-down", "max_tokens": 16,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_server_error(), "{}", r.status());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        let attempts = v["error"]["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{v}");
+        assert_eq!(attempts[0]["status"], 500);
+        assert_eq!(attempts[1]["status"], 503);
+        assert_eq!(attempts[1]["kind"], "overloaded");
+        let text = v.to_string();
+        if listed {
+            assert_eq!(attempts[0]["target"], "fake/status-500");
+            assert!(
+                text.contains("after earlier attempts: fake/status-500: overloaded"),
+                "{v}"
+            );
+        } else {
+            assert!(attempts.iter().all(|a| a.get("target").is_none()), "{v}");
+            assert!(!text.contains("fake/"), "{v}");
+            assert!(!text.contains("backup/"), "{v}");
+            assert!(
+                text.contains("after earlier attempts: attempt 1: overloaded"),
+                "{v}"
+            );
+        }
+    }
 }

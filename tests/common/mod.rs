@@ -223,6 +223,7 @@ async fn embeddings(State(state): State<FakeState>, headers: HeaderMap, body: By
     });
     match v["model"].as_str() {
         Some("status-500") => json(500, fixture("openai/error_500.json")),
+        Some("status-429") => json(429, fixture("openai/error_429.json")),
         _ => json(200, fixture("openai/embeddings.json")),
     }
 }

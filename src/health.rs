@@ -1,7 +1,8 @@
 //! Routing state that outlives a config snapshot: per-target health (circuit
 //! breaker and recent error rate), per-arm experiment statistics, and drill
-//! faults injected by operators. Also the sticky arm assignment. The fallback
-//! loop itself is `Gateway::chat` (one loop for streaming and non-streaming).
+//! faults injected by operators, kept in the [`Book`]. Also the sticky arm
+//! assignment's hash. Nothing here routes: the fallback loop is
+//! `pipeline::attempt::run_chain`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::BreakerConfig;
 use crate::error::{ErrorKind, UpstreamError};
+use crate::ids::{ProviderId, TargetId};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -393,9 +395,9 @@ pub struct Fault {
 #[derive(Default)]
 pub struct Book {
     /// Per target id: the fingerprint of the target's config and its health.
-    health: Mutex<HashMap<String, (u64, Arc<Health>)>>,
+    health: Mutex<HashMap<TargetId, (u64, Arc<Health>)>>,
     arms: Mutex<HashMap<String, Arc<ArmStats>>>,
-    faults: ArcSwap<HashMap<String, Fault>>,
+    faults: ArcSwap<HashMap<ProviderId, Fault>>,
 }
 
 impl Book {
@@ -403,13 +405,13 @@ impl Book {
     /// (provider settings, model, overrides): a reload that keeps it keeps the
     /// breaker; one that changes it starts the target over with a closed breaker,
     /// since the old failures say nothing about the new backend.
-    pub fn health(&self, target: &str, fingerprint: u64) -> Arc<Health> {
+    pub fn health(&self, target: &TargetId, fingerprint: u64) -> Arc<Health> {
         let mut map = lock(&self.health);
         match map.get(target) {
             Some((f, h)) if *f == fingerprint => h.clone(),
             _ => {
                 let h = Arc::new(Health::default());
-                map.insert(target.to_owned(), (fingerprint, h.clone()));
+                map.insert(target.clone(), (fingerprint, h.clone()));
                 h
             }
         }
@@ -417,7 +419,7 @@ impl Book {
 
     /// Resets the breakers of every target of `provider` (ids `provider/model`);
     /// returns the ids reset.
-    pub fn reset_provider(&self, provider: &str) -> Vec<String> {
+    pub fn reset_provider(&self, provider: &str) -> Vec<TargetId> {
         let map = lock(&self.health);
         let mut ids = Vec::new();
         for (id, (_, h)) in map.iter() {
@@ -450,7 +452,7 @@ impl Book {
 
     /// The target ids and arms (`route/arm`) the book tracks, sorted.
     pub fn tracked(&self) -> (Vec<String>, Vec<String>) {
-        let mut targets: Vec<String> = lock(&self.health).keys().cloned().collect();
+        let mut targets: Vec<String> = lock(&self.health).keys().map(|k| k.to_string()).collect();
         let mut arms: Vec<String> = lock(&self.arms)
             .keys()
             .map(|k| k.replacen('\u{0}', "/", 1))
@@ -472,10 +474,10 @@ impl Book {
     }
 
     pub fn set_fault(&self, provider: &str, kind: FaultKind, duration: Duration) {
-        let mut map: HashMap<String, Fault> = (**self.faults.load()).clone();
+        let mut map: HashMap<ProviderId, Fault> = (**self.faults.load()).clone();
         map.retain(|_, f| Instant::now() < f.until);
         map.insert(
-            provider.to_owned(),
+            ProviderId::from(provider),
             Fault {
                 kind,
                 until: Instant::now() + duration,
@@ -486,7 +488,7 @@ impl Book {
     }
 
     pub fn clear_fault(&self, provider: &str) -> bool {
-        let mut map: HashMap<String, Fault> = (**self.faults.load()).clone();
+        let mut map: HashMap<ProviderId, Fault> = (**self.faults.load()).clone();
         let had = map
             .remove(provider)
             .is_some_and(|f| Instant::now() < f.until);
@@ -501,7 +503,7 @@ impl Book {
             .load()
             .iter()
             .filter(|(_, f)| now < f.until)
-            .map(|(k, f)| (k.clone(), f.clone()))
+            .map(|(k, f)| (k.to_string(), f.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -640,19 +642,20 @@ mod tests {
     #[test]
     fn book_keeps_health_only_while_the_target_config_is_the_same() {
         let book = Book::default();
-        let a = book.health("p/m", 1);
-        assert!(Arc::ptr_eq(&a, &book.health("p/m", 1)));
-        let b = book.health("p/m", 2);
+        let pm = TargetId::from("p/m");
+        let a = book.health(&pm, 1);
+        assert!(Arc::ptr_eq(&a, &book.health(&pm, 1)));
+        let b = book.health(&pm, 2);
         assert!(!Arc::ptr_eq(&a, &b), "a changed target starts over");
         let cfg = quick();
         for _ in 0..3 {
             b.record(&cfg, true);
         }
-        let other = book.health("q/m", 1);
+        let other = book.health(&TargetId::from("q/m"), 1);
         for _ in 0..3 {
             other.record(&cfg, true);
         }
-        assert_eq!(book.reset_provider("p"), vec!["p/m".to_string()]);
+        assert_eq!(book.reset_provider("p"), vec![pm]);
         assert_eq!(b.summary(&cfg).0, BreakerState::Closed);
         assert_eq!(other.summary(&cfg).0, BreakerState::Open);
     }

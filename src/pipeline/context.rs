@@ -1,0 +1,217 @@
+//! The request context: every per-request decision the pipeline needs, made once
+//! at the edge from the headers and the decoded request. The route is resolved
+//! once and the A/B arm is picked once ([`Placement`]); the stages after it read
+//! the context and never look at headers again.
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+
+use crate::cache::Directive;
+use crate::canonical::{ChatRequest, EmbeddingsRequest};
+use crate::config::{CacheMode, Subject};
+use crate::error::GatewayError;
+use crate::snapshot::{Arm, Route, Snapshot, Target};
+
+/// Header that restricts a request to self-hosted providers.
+pub const PRIVATE_HEADER: &str = "x-promptgate-data";
+
+/// The API dialect a request arrived in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientDialect {
+    OpenAi,
+    Anthropic,
+}
+
+/// The prompt version a request was rendered from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptUse {
+    pub id: String,
+    pub version: u32,
+}
+
+/// A route and the arm of it a request is assigned to, decided once.
+#[derive(Clone)]
+pub struct Placement {
+    pub route: Arc<Route>,
+    /// Index into the split's arms; `None` for a plain chain.
+    arm: Option<usize>,
+}
+
+impl Placement {
+    /// Resolves nothing: places a request on `route`, drawing its arm (sticky
+    /// on the split's subject, at random without one). Called once per request.
+    pub fn place(route: &Arc<Route>, headers: &HeaderMap, user: Option<&str>) -> Placement {
+        let arm = match &route.plan {
+            crate::snapshot::Plan::Chain(_) => None,
+            crate::snapshot::Plan::Split { subject, .. } => {
+                let subject = subject_of(subject, headers, user);
+                Some(route.arm_index(subject))
+            }
+        };
+        Placement {
+            route: route.clone(),
+            arm,
+        }
+    }
+
+    pub fn arm(&self) -> Option<&Arm> {
+        self.arm.and_then(|i| self.route.arm_at(i))
+    }
+
+    /// The fallback chain of the placed arm (or the route's chain).
+    pub fn chain(&self) -> &[Arc<Target>] {
+        match self.arm() {
+            Some(a) => &a.chain,
+            None => self.route.chain(),
+        }
+    }
+}
+
+/// The split subject a request carries, if any.
+fn subject_of<'a>(s: &Subject, headers: &'a HeaderMap, user: Option<&'a str>) -> Option<&'a str> {
+    match s {
+        Subject::User => user,
+        Subject::Header(h) => headers.get(h.as_str()).and_then(|v| v.to_str().ok()),
+        Subject::Key => headers
+            .get(http::header::AUTHORIZATION)
+            .or_else(|| headers.get("x-api-key"))
+            .and_then(|v| v.to_str().ok()),
+    }
+}
+
+/// Whether the client marked the request private.
+fn private_header(headers: &HeaderMap) -> bool {
+    headers
+        .get(PRIVATE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("private"))
+}
+
+/// Everything decided about a request before the pipeline runs it.
+pub struct RequestContext {
+    pub request_id: Arc<str>,
+    pub dialect: ClientDialect,
+    /// The snapshot the request was placed in; it serves the request to its end.
+    pub snapshot: Arc<Snapshot>,
+    pub placement: Placement,
+    /// Only self-hosted targets may serve it (the route's or the client's choice).
+    pub private: bool,
+    /// The client's cache directive (`Normal` when the route does not cache).
+    pub directive: Directive,
+    /// The cache tenant (from the client's credential), when the route caches
+    /// per tenant.
+    pub tenant: Option<String>,
+    pub prompt: Option<PromptUse>,
+}
+
+impl RequestContext {
+    /// Builds the context of a request placed on `placement`.
+    pub fn new(
+        request_id: Arc<str>,
+        dialect: ClientDialect,
+        snapshot: Arc<Snapshot>,
+        placement: Placement,
+        headers: &HeaderMap,
+        prompt: Option<PromptUse>,
+    ) -> RequestContext {
+        let route = &placement.route;
+        let caching = route.cache.mode != CacheMode::Off;
+        let directive = if caching {
+            Directive::from_headers(headers)
+        } else {
+            Directive::Normal
+        };
+        let tenant = if caching && !route.cache.shared {
+            crate::cache::tenant_of(headers)
+        } else {
+            None
+        };
+        RequestContext {
+            request_id,
+            dialect,
+            private: route.private || private_header(headers),
+            snapshot,
+            placement,
+            directive,
+            tenant,
+            prompt,
+        }
+    }
+
+    /// The route stage of a chat request, after rendering: the route resolved
+    /// once and the arm picked once (by the render stage already, when the arm
+    /// chose the prompt version). An error carries the route it concerns, if any.
+    pub fn for_chat(
+        request_id: Arc<str>,
+        dialect: ClientDialect,
+        snapshot: Arc<Snapshot>,
+        headers: &HeaderMap,
+        req: &ChatRequest,
+        prepared: super::render::Prepared,
+    ) -> Result<RequestContext, (GatewayError, Option<Arc<Route>>)> {
+        if req.messages.is_empty() {
+            let route = snapshot.route(&req.model).cloned();
+            let e = GatewayError::invalid(
+                "invalid field `messages`: at least one message is required",
+                Some("messages"),
+            );
+            return Err((e, route));
+        }
+        let placement = match prepared.placement {
+            Some(p) => p,
+            None => match snapshot.route(&req.model) {
+                Some(route) => Placement::place(route, headers, req.params.user.as_deref()),
+                None => return Err((unknown_model(&snapshot, &req.model), None)),
+            },
+        };
+        Ok(RequestContext::new(
+            request_id,
+            dialect,
+            snapshot,
+            placement,
+            headers,
+            prepared.prompt,
+        ))
+    }
+
+    /// The route stage of an embeddings request.
+    pub fn for_embeddings(
+        request_id: Arc<str>,
+        snapshot: Arc<Snapshot>,
+        headers: &HeaderMap,
+        req: &EmbeddingsRequest,
+    ) -> Result<RequestContext, GatewayError> {
+        let Some(route) = snapshot.route(&req.model) else {
+            return Err(unknown_model(&snapshot, &req.model));
+        };
+        let placement = Placement::place(route, headers, req.user.as_deref());
+        Ok(RequestContext::new(
+            request_id,
+            ClientDialect::OpenAi,
+            snapshot,
+            placement,
+            headers,
+            None,
+        ))
+    }
+
+    pub fn route(&self) -> &Arc<Route> {
+        &self.placement.route
+    }
+
+    pub fn arm(&self) -> Option<&Arm> {
+        self.placement.arm()
+    }
+
+    pub fn chain(&self) -> &[Arc<Target>] {
+        self.placement.chain()
+    }
+}
+
+fn unknown_model(snap: &Snapshot, model: &str) -> GatewayError {
+    GatewayError::UnknownModel {
+        model: model.to_owned(),
+        available: snap.route_list.clone(),
+    }
+}

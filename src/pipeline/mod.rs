@@ -1,0 +1,302 @@
+//! The request pipeline, as plain async functions over canonical types, in
+//! explicit stages, each a module:
+//!
+//! ```text
+//! server (ingress: decode)  →  render  →  route (context)  →  cache  →  attempt loop  →  stream / egress (server: encode)
+//! ```
+//!
+//! - [`context`]: the [`RequestContext`], every per-request decision made once
+//!   at the edge: the route (resolved once), the A/B arm (picked once), privacy,
+//!   the cache directive and tenant, the prompt version used.
+//! - [`render`]: prompt rendering; a split over prompt versions picks its arm here.
+//! - [`cache`]: the admission decision (one call), hit replay, the lease to fill.
+//! - [`attempt`]: the one fallback loop, for chat and embeddings alike: retries,
+//!   breakers, drill faults, capability and privacy skips, attempt history.
+//! - [`stream`]: the stream commit point and the usage tap.
+//! - [`health_checks`]: active health checks.
+//!
+//! Dialect-free: the server decodes before and encodes after.
+
+pub mod attempt;
+pub mod cache;
+pub mod context;
+pub mod health_checks;
+pub mod render;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+
+use crate::backend::EventStream;
+use crate::canonical::*;
+use crate::error::GatewayError;
+use crate::health::Book;
+use crate::metrics::Metrics;
+use crate::snapshot::{Arm, Route, Snapshot, Target};
+use crate::tokens;
+
+pub use context::{ClientDialect, Placement, PromptUse, RequestContext, PRIVATE_HEADER};
+pub use health_checks::spawn_health_checks;
+
+use attempt::{Answer, Chat, Embed, Won};
+use cache::{Cached, Store};
+use stream::UsageTap;
+
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    book: Arc<Book>,
+    pub cache: Arc<crate::cache::Cache>,
+    pub metrics: Metrics,
+}
+
+/// How the cache took part in a response.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheUse {
+    pub status: crate::cache::Status,
+    /// Age of the entry, on a hit.
+    pub age: Option<Duration>,
+}
+
+/// A pipeline result plus what the edge reports about it.
+pub struct Served<T> {
+    pub route: Arc<Route>,
+    /// The target that answered.
+    pub target: Arc<Target>,
+    pub arm: Option<Arc<str>>,
+    pub attempts: u32,
+    pub value: T,
+    /// Time spent waiting on backends before the response could start.
+    pub upstream: Duration,
+    pub cache: Option<CacheUse>,
+}
+
+impl<T> Served<T> {
+    /// Takes the value out, keeping the facts about who served it.
+    pub fn split(self) -> (T, Served<()>) {
+        (
+            self.value,
+            Served {
+                route: self.route,
+                target: self.target,
+                arm: self.arm,
+                attempts: self.attempts,
+                value: (),
+                upstream: self.upstream,
+                cache: self.cache,
+            },
+        )
+    }
+}
+
+pub enum ChatOutcome {
+    Complete(ChatResponse),
+    /// A stream whose first output has arrived: nothing has gone to the client yet,
+    /// so a failure before this point is still an ordinary error response (and
+    /// could fall back); after it, failures end the stream with an error event.
+    Stream(EventStream),
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot, book: Arc<Book>) -> Result<Arc<Self>, prometheus::Error> {
+        let metrics = Metrics::new()?;
+        let cache = crate::cache::Cache::new(
+            &snapshot.config.cache,
+            crate::cache::CacheMetrics {
+                evictions: metrics.cache_evictions.clone(),
+                redis_errors: metrics.cache_redis_errors.clone(),
+            },
+        );
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            book,
+            cache,
+            metrics,
+        }))
+    }
+
+    /// Updates the cache gauges (called when metrics are scraped).
+    pub async fn refresh_cache_gauges(&self) {
+        let (entries, bytes) = self.cache.figures().await;
+        self.metrics.cache_entries.set(entries as i64);
+        self.metrics.cache_bytes.set(bytes as i64);
+    }
+
+    /// The current snapshot; a request loads it once and uses it throughout.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Replaces the snapshot atomically; requests in flight keep the old one.
+    pub fn swap(&self, next: Snapshot) {
+        next.prune_book(&self.book);
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// State that survives reloads: breakers, experiments, drill faults.
+    pub fn book(&self) -> &Arc<Book> {
+        &self.book
+    }
+
+    /// The request's deadline: the route's, from now.
+    fn deadline(route: &Route) -> Instant {
+        let now = Instant::now();
+        now.checked_add(route.retry.deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+    }
+
+    /// Chat, after the context is built: cache → attempt loop → usage.
+    pub async fn chat(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        mut req: ChatRequest,
+    ) -> Result<Served<ChatOutcome>, GatewayError> {
+        let route = ctx.route();
+        let snap = &ctx.snapshot;
+        let arm = ctx.arm();
+        // The request's deadline covers waiting for an identical call too.
+        let deadline = Self::deadline(route);
+        let (lease, cache_use) = match cache::lookup(self, ctx, &req, deadline).await {
+            Cached::Hit(served) => return Ok(served),
+            Cached::Miss { lease, cache } => (lease, cache),
+        };
+        let started = Instant::now();
+        let Won {
+            output: answer,
+            target,
+            attempts,
+            counts,
+        } = attempt::run_chain(
+            self,
+            snap,
+            route,
+            ctx.chain(),
+            &Chat(&req),
+            ctx.private,
+            deadline,
+        )
+        .await?;
+        // Counted for a context window already (overrides change no text), the
+        // prompt is not counted again for the estimate.
+        let prompt_tokens = counts.known(target.encoding);
+        let store = lease.map(|lease| Store {
+            lease,
+            route: route.name.to_string(),
+            prompt: ctx.prompt.as_ref().map(|p| p.id.clone()),
+            target: target.id.to_string(),
+            ttl: route.cache.ttl.unwrap_or(snap.config.cache.ttl),
+        });
+        let upstream = started.elapsed();
+        if !target.overrides.is_empty() {
+            target.overrides.apply(&mut req);
+        }
+        let arm_name = arm.map(|a| a.name.clone());
+        let value = match answer {
+            Answer::Complete(mut resp) => {
+                let usage = match resp.usage {
+                    Some(u) => u,
+                    None => {
+                        let text = tokens::response_text(&resp);
+                        tokens::estimate_async(target.encoding, &req, prompt_tokens, &text, 0).await
+                    }
+                };
+                resp.usage = Some(usage);
+                self.count_tokens(route, &target, arm, &usage);
+                if let Some(store) = store {
+                    store.put(&resp).await;
+                }
+                ChatOutcome::Complete(resp)
+            }
+            Answer::Stream(head, rest) => {
+                self.metrics.ttft(
+                    target.metrics(&self.metrics),
+                    &route.name,
+                    arm.map(|a| &*a.name),
+                    upstream,
+                );
+                let tap = UsageTap {
+                    gateway: self.clone(),
+                    route: route.clone(),
+                    target: target.clone(),
+                    arm: arm.map(|a| (a.name.clone(), a.stats.clone())),
+                    req,
+                    prompt_tokens,
+                    started,
+                    output: String::new(),
+                    output_beyond: 0,
+                    usage: None,
+                    store: store.map(|s| (s, self.cache.assembler())),
+                };
+                ChatOutcome::Stream(tap.wrap(head, rest))
+            }
+        };
+        Ok(Served {
+            route: route.clone(),
+            target,
+            arm: arm_name,
+            attempts,
+            value,
+            upstream,
+            cache: cache_use,
+        })
+    }
+
+    /// Embeddings, after the context is built: the same attempt loop as chat
+    /// (fallback, retries, breakers, drill faults, capability and privacy skips).
+    pub async fn embed(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        req: EmbeddingsRequest,
+    ) -> Result<Served<EmbeddingsResponse>, GatewayError> {
+        let route = ctx.route();
+        let arm = ctx.arm();
+        let started = Instant::now();
+        let Won {
+            output: mut resp,
+            target,
+            attempts,
+            ..
+        } = attempt::run_chain(
+            self,
+            &ctx.snapshot,
+            route,
+            ctx.chain(),
+            &Embed(&req),
+            ctx.private,
+            Self::deadline(route),
+        )
+        .await?;
+        let upstream = started.elapsed();
+        if resp.usage.prompt_tokens == 0 {
+            let n = match &req.input {
+                EmbeddingInput::Texts(t) => tokens::count_all_async(target.encoding, t).await,
+                EmbeddingInput::Tokens(t) => t.iter().fold(0u32, |n, v| {
+                    n.saturating_add(u32::try_from(v.len()).unwrap_or(u32::MAX))
+                }),
+            };
+            resp.usage = Usage::new(n, 0);
+            resp.usage.estimated = true;
+        }
+        self.count_tokens(route, &target, arm, &resp.usage);
+        Ok(Served {
+            route: route.clone(),
+            target,
+            arm: arm.map(|a| a.name.clone()),
+            attempts,
+            value: resp,
+            upstream,
+            cache: None,
+        })
+    }
+
+    fn count_tokens(&self, route: &Route, t: &Target, arm: Option<&Arm>, u: &Usage) {
+        self.metrics.tokens(
+            t.metrics(&self.metrics),
+            &route.name,
+            arm.map(|a| &*a.name),
+            u,
+        );
+    }
+}
