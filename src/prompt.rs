@@ -418,34 +418,6 @@ pub fn limits_message() -> String {
     )
 }
 
-/// `check` for a llama.cpp chat template: it must compile, and a sample
-/// conversation must render within the execution limits.
-pub fn check_chat_template(source: &str) -> Result<(), String> {
-    let mut env = crate::backend::llamacpp::chat_env();
-    env.add_template("t", source)
-        .map_err(|e| format!("does not compile: {e}"))?;
-    let sample = minijinja::context! {
-        messages => serde_json::json!([
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Hello, who are you?"},
-            {"role": "assistant", "content": "An assistant. How can I help?"},
-            {"role": "user", "content": "Summarise our conversation."},
-        ]),
-        add_generation_prompt => true,
-        bos_token => "",
-    };
-    match env
-        .get_template("t")
-        .and_then(|t| render_capped(&t, sample, output_cap(0)))
-    {
-        Err(e) if over_limits(&e) => Err(format!(
-            "{} on a sample four-message conversation",
-            limits_message()
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// A plausible value of a declared variable for `check`'s sample render: the
 /// default if there is one, else a small value of the declared type.
 fn sample_value(v: &VarDef) -> Value {
@@ -836,99 +808,6 @@ pub fn version_hash(content: &Value) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    /// llama.cpp templates with `source` as the `*` fallback.
-    fn fallback_template(source: &str) -> crate::backend::llamacpp::Templates {
-        crate::backend::llamacpp::Templates::compile(
-            &[(
-                "*".to_string(),
-                crate::backend::llamacpp::ChatTemplate {
-                    source: source.into(),
-                    stop: vec![],
-                },
-            )]
-            .into_iter()
-            .collect(),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn chat_templates_are_checked_against_the_limits() {
-        let ok = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
-        assert_eq!(check_chat_template(ok), Ok(()));
-        let runaway = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ m.role }}{% endfor %}{% endfor %}{% endfor %}";
-        let e = check_chat_template(runaway).unwrap_err();
-        assert!(e.contains("execution budget"), "{e}");
-        let bomb = "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}";
-        assert!(check_chat_template(bomb)
-            .unwrap_err()
-            .contains("execution budget"));
-        assert!(check_chat_template("{% for %}")
-            .unwrap_err()
-            .contains("does not compile"));
-        // Errors that depend on the conversation are not `check`'s business.
-        assert_eq!(
-            check_chat_template("{{ raise_exception('roles must alternate') }}"),
-            Ok(())
-        );
-    }
-
-    #[test]
-    fn a_chat_template_that_runs_away_on_a_long_conversation_is_a_bad_request() {
-        // Passes `check` (four messages), but loops quadratically in the number
-        // of messages: a long transcript runs out of budget at render time.
-        let source = "{% for m in messages %}{% for n in messages %}{% for i in range(50) %}.{% endfor %}{% endfor %}{% endfor %}";
-        assert_eq!(check_chat_template(source), Ok(()));
-        let templates = fallback_template(source);
-        let messages: Vec<serde_json::Value> = (0..400)
-            .map(|i| serde_json::json!({"role": "user", "content": format!("message {i}")}))
-            .collect();
-        let req = crate::backend::openai::decode_chat_request(
-            serde_json::json!({"model": "m", "messages": messages})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-        let e = templates.render(&req, "m").unwrap_err();
-        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
-        assert!(e.message.contains("execution budget"), "{}", e.message);
-    }
-
-    #[test]
-    fn a_chat_template_that_amplifies_a_message_stops_at_the_output_cap() {
-        // Prints the last (1 MB) message once per message: 300 MB uncapped.
-        let source = "{% for m in messages %}{{ messages[-1].content }}{% endfor %}";
-        let templates = fallback_template(source);
-        let mut messages: Vec<serde_json::Value> = (0..299)
-            .map(|_| serde_json::json!({"role": "user", "content": "hi"}))
-            .collect();
-        messages.push(serde_json::json!({"role": "user", "content": "y".repeat(1 << 20)}));
-        let req = crate::backend::openai::decode_chat_request(
-            serde_json::json!({"model": "m", "messages": messages})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-        let e = templates.render(&req, "m").unwrap_err();
-        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
-        assert!(e.message.contains("execution budget"), "{}", e.message);
-        // A transcript rendered once is well inside the cap.
-        let once = crate::backend::llamacpp::Templates::compile(
-            &[(
-                "*".to_string(),
-                crate::backend::llamacpp::ChatTemplate {
-                    source: "{% for m in messages %}{{ m.content }}{% endfor %}".into(),
-                    stop: vec![],
-                },
-            )]
-            .into_iter()
-            .collect(),
-        )
-        .unwrap();
-        let (p, _) = once.render(&req, "m").unwrap();
-        assert_eq!(p.len(), 299 * 2 + (1 << 20));
-    }
 
     #[test]
     fn widths_that_multiply_output_are_bounded() {

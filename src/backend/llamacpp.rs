@@ -533,7 +533,7 @@ impl Settings for LlamacppSettings {
 fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
     let mut templates = BTreeMap::new();
     for (model, t) in s.parse::<RawLlamacpp>().unwrap_or_default().templates {
-        if let Err(e) = crate::prompt::check_chat_template(&t.template) {
+        if let Err(e) = check_chat_template(&t.template) {
             s.problem(&format!("templates.{model}.template"), e);
         }
         templates.insert(
@@ -551,6 +551,34 @@ fn settings(s: &mut Section<'_>) -> Arc<dyn Settings> {
         );
     }
     Arc::new(LlamacppSettings { templates })
+}
+
+/// `check` for a llama.cpp chat template: it must compile, and a sample
+/// conversation must render within the execution limits.
+pub fn check_chat_template(source: &str) -> Result<(), String> {
+    let mut env = chat_env();
+    env.add_template("t", source)
+        .map_err(|e| format!("does not compile: {e}"))?;
+    let sample = minijinja::context! {
+        messages => serde_json::json!([
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello, who are you?"},
+            {"role": "assistant", "content": "An assistant. How can I help?"},
+            {"role": "user", "content": "Summarise our conversation."},
+        ]),
+        add_generation_prompt => true,
+        bos_token => "",
+    };
+    match env
+        .get_template("t")
+        .and_then(|t| crate::prompt::render_capped(&t, sample, crate::prompt::output_cap(0)))
+    {
+        Err(e) if crate::prompt::over_limits(&e) => Err(format!(
+            "{} on a sample four-message conversation",
+            crate::prompt::limits_message()
+        )),
+        _ => Ok(()),
+    }
 }
 
 // === codec ===
@@ -1097,5 +1125,98 @@ mod tests {
                 .kind,
             ErrorKind::Overloaded
         );
+    }
+
+    /// llama.cpp templates with `source` as the `*` fallback.
+    fn fallback_template(source: &str) -> Templates {
+        Templates::compile(
+            &[(
+                "*".to_string(),
+                ChatTemplate {
+                    source: source.into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn chat_templates_are_checked_against_the_limits() {
+        let ok = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+        assert_eq!(check_chat_template(ok), Ok(()));
+        let runaway = "{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ m.role }}{% endfor %}{% endfor %}{% endfor %}";
+        let e = check_chat_template(runaway).unwrap_err();
+        assert!(e.contains("execution budget"), "{e}");
+        let bomb = "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}";
+        assert!(check_chat_template(bomb)
+            .unwrap_err()
+            .contains("execution budget"));
+        assert!(check_chat_template("{% for %}")
+            .unwrap_err()
+            .contains("does not compile"));
+        // Errors that depend on the conversation are not `check`'s business.
+        assert_eq!(
+            check_chat_template("{{ raise_exception('roles must alternate') }}"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_chat_template_that_runs_away_on_a_long_conversation_is_a_bad_request() {
+        // Passes `check` (four messages), but loops quadratically in the number
+        // of messages: a long transcript runs out of budget at render time.
+        let source = "{% for m in messages %}{% for n in messages %}{% for i in range(50) %}.{% endfor %}{% endfor %}{% endfor %}";
+        assert_eq!(check_chat_template(source), Ok(()));
+        let templates = fallback_template(source);
+        let messages: Vec<serde_json::Value> = (0..400)
+            .map(|i| serde_json::json!({"role": "user", "content": format!("message {i}")}))
+            .collect();
+        let req = crate::backend::openai::decode_chat_request(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let e = templates.render(&req, "m").unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+        assert!(e.message.contains("execution budget"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_chat_template_that_amplifies_a_message_stops_at_the_output_cap() {
+        // Prints the last (1 MB) message once per message: 300 MB uncapped.
+        let source = "{% for m in messages %}{{ messages[-1].content }}{% endfor %}";
+        let templates = fallback_template(source);
+        let mut messages: Vec<serde_json::Value> = (0..299)
+            .map(|_| serde_json::json!({"role": "user", "content": "hi"}))
+            .collect();
+        messages.push(serde_json::json!({"role": "user", "content": "y".repeat(1 << 20)}));
+        let req = crate::backend::openai::decode_chat_request(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let e = templates.render(&req, "m").unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::BadRequest);
+        assert!(e.message.contains("execution budget"), "{}", e.message);
+        // A transcript rendered once is well inside the cap.
+        let once = Templates::compile(
+            &[(
+                "*".to_string(),
+                ChatTemplate {
+                    source: "{% for m in messages %}{{ m.content }}{% endfor %}".into(),
+                    stop: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .unwrap();
+        let (p, _) = once.render(&req, "m").unwrap();
+        assert_eq!(p.len(), 299 * 2 + (1 << 20));
     }
 }
