@@ -541,37 +541,55 @@ async fn active_health_checks_open_the_breaker_before_traffic_hits_it() {
         .all(|r| r.headers["authorization"] == format!("Bearer {FAKE_KEY}")));
 }
 
-#[tokio::test]
-async fn a_split_over_prompt_versions_renders_the_arm_version() {
+/// A 50/50 split `greet-ab` over the two versions of prompt `greet`: arm `v1`
+/// (version 1) is the sandbox's echo, arm `v2` (version 2) is `second`.
+async fn greet_split(second: &str) -> (Fake, Gw) {
     let fake = spawn_fake().await;
-    let (g, p) = fake_config(
-        &fake,
+    let routes = format!(
         concat!(
             "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
-            "        - {name: v1, weight: 1, provider: sandbox, model: echo, prompt: {version: 1}}\n",
-            "        - {name: v2, weight: 1, provider: sandbox, model: echo, prompt: {version: 2}}\n",
+            "        - {{name: v1, weight: 1, provider: sandbox, model: echo, prompt: {{version: 1}}}}\n",
+            "        - {{name: v2, weight: 1, {second}, prompt: {{version: 2}}}}\n",
         ),
+        second = second
     );
+    let (g, p) = fake_config(&fake, &routes);
     let prompt = "variables:\n  name: {type: string}\nlabels: {production: 1}\nversions:\n  1:\n    route: sandbox-echo\n    messages: [{role: user, content: \"one {{ name }}\"}]\n  2:\n    route: sandbox-echo\n    messages: [{role: user, content: \"two {{ name }}\"}]\n";
     let gw = spawn_gateway_with_prompts(&g, &p, &[("greet.yaml", prompt)]).await;
+    (fake, gw)
+}
+
+/// One request to `greet-ab` (with `user` when given): the arm, the prompt
+/// version and the provider that served it, and the body.
+async fn greet(gw: &Gw, user: Option<String>) -> (String, String, String, Value) {
+    let mut body = json!({"model": "greet-ab", "messages": [],
+                          "prompt": {"id": "greet", "variables": {"name": "x"}}});
+    if let Some(u) = user {
+        body["user"] = json!(u);
+    }
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header = |name: &str| r.headers()[name].to_str().unwrap().to_owned();
+    let (arm, version, provider) = (
+        header("x-promptgate-arm"),
+        header("x-promptgate-prompt-version"),
+        header("x-promptgate-provider"),
+    );
+    (arm, version, provider, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_split_over_prompt_versions_renders_the_arm_version() {
+    let (_fake, gw) = greet_split("provider: sandbox, model: echo").await;
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..30 {
-        let body = json!({"model": "greet-ab", "messages": [], "user": format!("u{i}"),
-                          "prompt": {"id": "greet", "variables": {"name": "x"}}});
-        let r = client()
-            .post(gw.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let arm = r.headers()["x-promptgate-arm"].to_str().unwrap().to_owned();
-        let version = r.headers()["x-promptgate-prompt-version"]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let (arm, version, _, v) = greet(&gw, Some(format!("u{i}"))).await;
         assert_eq!(arm, format!("v{version}"), "the arm decides the version");
-        let v: Value = r.json().await.unwrap();
         let expected = if version == "1" { "one x" } else { "two x" };
         assert_eq!(v["choices"][0]["message"]["content"], expected);
         seen.insert(version);
@@ -764,36 +782,11 @@ async fn a_target_shared_by_routes_has_one_breaker_across_reloads() {
 /// the arm (and the chain) that serves it.
 #[tokio::test]
 async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
-    let fake = spawn_fake().await;
-    let (g, p) = fake_config(
-        &fake,
-        concat!(
-            "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
-            "        - {name: v1, weight: 1, provider: sandbox, model: echo, prompt: {version: 1}}\n",
-            "        - {name: v2, weight: 1, provider: fake, model: chat, prompt: {version: 2}}\n",
-        ),
-    );
-    let prompt = "variables:\n  name: {type: string}\nlabels: {production: 1}\nversions:\n  1:\n    route: sandbox-echo\n    messages: [{role: user, content: \"one {{ name }}\"}]\n  2:\n    route: sandbox-echo\n    messages: [{role: user, content: \"two {{ name }}\"}]\n";
-    let gw = spawn_gateway_with_prompts(&g, &p, &[("greet.yaml", prompt)]).await;
+    let (fake, gw) = greet_split("provider: fake, model: chat").await;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
         // No `user`: no subject to hash, so each request draws its arm.
-        let body = json!({"model": "greet-ab", "messages": [],
-                          "prompt": {"id": "greet", "variables": {"name": "x"}}});
-        let r = client()
-            .post(gw.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let h = r.headers();
-        let arm = h["x-promptgate-arm"].to_str().unwrap().to_owned();
-        let version = h["x-promptgate-prompt-version"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let provider = h["x-promptgate-provider"].to_str().unwrap().to_owned();
+        let (arm, version, provider, _) = greet(&gw, None).await;
         assert_eq!(
             arm,
             format!("v{version}"),

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::stream::{cut_after, peek_output};
 use super::Gateway;
-use crate::backend::EventStream;
 use crate::backend::ProviderState;
+use crate::backend::{EventStream, Provider};
 use crate::canonical::*;
 use crate::error::{Attempt, ErrorKind, GatewayError, UpstreamError};
 use crate::health::{counts_against_target, FaultKind};
@@ -90,25 +90,10 @@ impl Operation for Embed<'_> {
         gw: &'a Gateway,
         t: &'a Target,
     ) -> Result<EmbeddingsResponse, UpstreamError> {
-        let ProviderState::Ready(provider) = &t.provider else {
-            return Err(UpstreamError::new(
-                ErrorKind::Connect,
-                "provider unavailable",
-            ));
-        };
-        let fault = gw.book.fault(&t.provider_id).map(|f| f.kind);
-        if let Some(f) = &fault {
-            if let Some(e) = f.failure() {
-                return Err(e);
-            }
-            match f {
-                FaultKind::Slow(d) => tokio::time::sleep(*d).await,
-                FaultKind::Stall => {
-                    tokio::time::sleep(t.headers_timeout).await;
-                    return Err(stall_error(t.headers_timeout));
-                }
-                _ => {}
-            }
+        let (provider, fault) = prepare(gw, t).await?;
+        if fault == Some(FaultKind::Stall) {
+            tokio::time::sleep(t.headers_timeout).await;
+            return Err(stall_error(t.headers_timeout));
         }
         let req = self.0;
         let resp = provider.embed(req, &t.model).await?;
@@ -339,12 +324,13 @@ pub(super) async fn run_chain<O: Operation>(
     Err(give_up(&route.name, errors, skips, private))
 }
 
-/// One chat call to one target, with the drill fault of its provider applied.
-async fn chat_attempt(
+/// What every call to a target starts with: its provider, and its provider's
+/// drill fault, of which failures and slowness are applied here; a stall or a
+/// stream cut is left to the operation, which knows how it shows.
+async fn prepare<'t>(
     gw: &Gateway,
-    t: &Target,
-    req: &ChatRequest,
-) -> Result<Answer, UpstreamError> {
+    t: &'t Target,
+) -> Result<(&'t Arc<dyn Provider>, Option<FaultKind>), UpstreamError> {
     let ProviderState::Ready(provider) = &t.provider else {
         return Err(UpstreamError::new(
             ErrorKind::Connect,
@@ -360,6 +346,16 @@ async fn chat_attempt(
             tokio::time::sleep(*d).await;
         }
     }
+    Ok((provider, fault))
+}
+
+/// One chat call to one target, with the drill fault of its provider applied.
+async fn chat_attempt(
+    gw: &Gateway,
+    t: &Target,
+    req: &ChatRequest,
+) -> Result<Answer, UpstreamError> {
+    let (provider, fault) = prepare(gw, t).await?;
     let stall = fault == Some(FaultKind::Stall);
     if !req.stream {
         if stall {
