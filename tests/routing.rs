@@ -12,19 +12,24 @@ use common::*;
 use serde_json::{json, Value};
 
 /// A gateway with two fake upstreams: provider `fake` (the primary) and
+/// The provider file of a second fake upstream, `backup`.
+fn backup_provider(backup: &Fake) -> (String, String) {
+    (
+        "backup.yaml".into(),
+        format!(
+            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 10s}}\n",
+            backup.base_url()
+        ),
+    )
+}
+
 /// `backup`, plus the sandbox; `routes` is added to the gateway file.
 async fn two_fakes(routes: &str, gateway_extra: &str) -> (Fake, Fake, Gw) {
     let fake = spawn_fake().await;
     let backup = spawn_fake().await;
     let (mut g, mut p) = fake_config(&fake, routes);
     g.push_str(gateway_extra);
-    p.push((
-        "backup.yaml".into(),
-        format!(
-            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 10s}}\n",
-            backup.base_url()
-        ),
-    ));
+    p.push(backup_provider(&backup));
     let gw = spawn_gateway(&g, &p).await;
     (fake, backup, gw)
 }
@@ -932,13 +937,7 @@ async fn attempts_in_both_dialects_and_unlisted_without_targets() {
         } else {
             g.replace("limits:\n", "limits:\n  list_ids_in_errors: false\n")
         };
-        p.push((
-            "backup.yaml".into(),
-            format!(
-                "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 10s}}\n",
-                backup.base_url()
-            ),
-        ));
+        p.push(backup_provider(&backup));
         let gw = spawn_gateway(&g, &p).await;
         let r = client()
             .post(gw.url("/v1/messages"))

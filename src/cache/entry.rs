@@ -437,9 +437,45 @@ pub fn weight(resp: &ChatResponse) -> u32 {
     n.min(u32::MAX as usize) as u32
 }
 
+/// Responses and entries for the cache's tests.
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::*;
+
+    /// A one-choice answer saying `content`.
+    pub fn answer(content: &str) -> ChatResponse {
+        ChatResponse {
+            id: "c1".into(),
+            created: 1,
+            model: "m".into(),
+            choices: vec![Choice {
+                index: 0,
+                message: Message::text(Role::Assistant, content),
+                finish_reason: Some(FinishReason::Stop),
+            }],
+            usage: None,
+            system_fingerprint: None,
+        }
+    }
+
+    /// An entry of route `r`, answered by `p/m`.
+    pub fn entry(response: ChatResponse, created: SystemTime, ttl: Duration) -> Entry {
+        Entry {
+            bytes: weight(&response),
+            response,
+            target: "p/m".into(),
+            route: "r".into(),
+            prompt: None,
+            created,
+            ttl,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::samples::answer;
     use super::*;
     use serde_json::json;
 
@@ -456,30 +492,7 @@ mod tests {
     }
 
     fn entry(response: ChatResponse, created_ms: u64, ttl_ms: u64) -> Entry {
-        Entry {
-            bytes: weight(&response),
-            response,
-            target: "p/m".into(),
-            route: "r".into(),
-            prompt: None,
-            created: at(created_ms),
-            ttl: Duration::from_millis(ttl_ms),
-        }
-    }
-
-    fn small() -> ChatResponse {
-        ChatResponse {
-            id: "c1".into(),
-            created: 1,
-            model: "m".into(),
-            choices: vec![Choice {
-                index: 0,
-                message: Message::text(Role::Assistant, "hi"),
-                finish_reason: Some(FinishReason::Stop),
-            }],
-            usage: None,
-            system_fingerprint: None,
-        }
+        super::samples::entry(response, at(created_ms), Duration::from_millis(ttl_ms))
     }
 
     /// A response using every field and variant the canonical model has.
@@ -592,7 +605,7 @@ mod tests {
     #[test]
     fn the_stored_form_keeps_every_field() {
         let created = now_ms();
-        for response in [rich(), small()] {
+        for response in [rich(), answer("hi")] {
             let mut e = entry(response.clone(), created, 3_600_000);
             e.prompt = Some("greeting".into());
             let raw = e.encode().unwrap();
@@ -612,7 +625,7 @@ mod tests {
             assert_eq!(back.bytes, e.bytes);
         }
         // Usage without the optional figures, and no usage at all.
-        let mut r = small();
+        let mut r = answer("hi");
         r.usage = Some(Usage::new(3, 4));
         let back = Entry::decode(&entry(r.clone(), created, 60_000).encode().unwrap()).unwrap();
         assert_eq!(back.response, r);
@@ -645,7 +658,7 @@ mod tests {
         assert!(Entry::decode(&previous)
             .unwrap_err()
             .contains("format version"));
-        let mut raw = entry(small(), now_ms(), 60_000).encode().unwrap();
+        let mut raw = entry(answer("hi"), now_ms(), 60_000).encode().unwrap();
         for other in [0, 1, FORMAT + 1, b'{'] {
             raw[0] = other;
             assert!(Entry::decode(&raw).unwrap_err().contains("format version"));
@@ -665,7 +678,7 @@ mod tests {
     }
 
     fn stored(created_ms: u64, ttl_ms: u64) -> Vec<u8> {
-        entry(small(), created_ms, ttl_ms).encode().unwrap()
+        entry(answer("hi"), created_ms, ttl_ms).encode().unwrap()
     }
 
     #[test]

@@ -143,7 +143,6 @@ impl Cache {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::canonical::*;
     use futures_util::FutureExt;
     use std::time::{Duration, SystemTime};
 
@@ -170,27 +169,11 @@ mod tests {
     }
 
     fn entry() -> Entry {
-        let response = ChatResponse {
-            id: "c1".into(),
-            created: 1,
-            model: "m".into(),
-            choices: vec![Choice {
-                index: 0,
-                message: Message::text(Role::Assistant, "hi"),
-                finish_reason: Some(FinishReason::Stop),
-            }],
-            usage: None,
-            system_fingerprint: None,
-        };
-        Entry {
-            bytes: weight(&response),
-            response,
-            target: "p/m".into(),
-            route: "r".into(),
-            prompt: None,
-            created: SystemTime::now(),
-            ttl: Duration::from_secs(60),
-        }
+        entry::samples::entry(
+            entry::samples::answer("hi"),
+            SystemTime::now(),
+            Duration::from_secs(60),
+        )
     }
 
     fn far() -> Instant {

@@ -513,7 +513,6 @@ impl SharedTier for RedisTier {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::canonical::*;
     use std::future::Future;
     use std::time::SystemTime;
 
@@ -523,27 +522,11 @@ mod tests {
 
     /// The stored form of an entry answering `content`.
     fn stored_with(created_ms: u64, ttl_ms: u64, content: &str) -> Vec<u8> {
-        let response = ChatResponse {
-            id: "c1".into(),
-            created: 1,
-            model: "m".into(),
-            choices: vec![Choice {
-                index: 0,
-                message: Message::text(Role::Assistant, content),
-                finish_reason: Some(FinishReason::Stop),
-            }],
-            usage: None,
-            system_fingerprint: None,
-        };
-        Entry {
-            bytes: super::super::entry::weight(&response),
-            response,
-            target: "p/m".into(),
-            route: "r".into(),
-            prompt: None,
-            created: SystemTime::UNIX_EPOCH + Duration::from_millis(created_ms),
-            ttl: Duration::from_millis(ttl_ms),
-        }
+        super::super::entry::samples::entry(
+            super::super::entry::samples::answer(content),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(created_ms),
+            Duration::from_millis(ttl_ms),
+        )
         .encode()
         .unwrap()
     }
