@@ -381,13 +381,6 @@ impl Codec for ChatglmCodec {
             "ChatGLM's api.py has no embeddings endpoint",
         ))
     }
-
-    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-        Err(UpstreamError::new(
-            ErrorKind::BadRequest,
-            "ChatGLM's api.py has no embeddings endpoint",
-        ))
-    }
 }
 
 /// Never used: the transport does not open streams for this codec.

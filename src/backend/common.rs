@@ -17,6 +17,7 @@ use crate::canonical::{
     unix_now, Content, Delta, FinishReason, Role, StreamEvent, StreamMeta, Tool, ToolCall, Usage,
 };
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::Frame;
 
 // === ids ===
 
@@ -151,6 +152,27 @@ pub fn error_event_value(data: &str) -> Value {
 /// classified.
 pub fn error_event(data: &str) -> UpstreamError {
     classify_error_value(200, &error_event_value(data))
+}
+
+/// The data of one frame of an OpenAI-style stream, or the error the frame
+/// carries: an SSE `event: error`, or an `error: {json}` line (older llama.cpp
+/// builds), made an error by `error` from its text.
+pub fn stream_data(
+    frame: &Frame,
+    error: impl FnOnce(&str) -> UpstreamError,
+) -> Result<&str, UpstreamError> {
+    match frame {
+        Frame::Sse(ev) => {
+            if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
+                return Err(error(v));
+            }
+            if ev.event.as_deref() == Some("error") {
+                return Err(error(&ev.data));
+            }
+            Ok(&ev.data)
+        }
+        Frame::Line(l) => Ok(l),
+    }
 }
 
 /// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.

@@ -32,7 +32,7 @@ use crate::backend::common::{
 use crate::canonical::*;
 use crate::config::Capabilities;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// Chat (text in, text out).
 pub const TEXT_GENERATION_PATH: &str = "/services/aigc/text-generation/generation";
@@ -558,9 +558,17 @@ impl EventDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for EventDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        // `id:` and the `:HTTP_STATUS/200` comment line are dropped by framing.
+        let (event, data) = super::event_and_data(&frame);
+        self.decode(event, data, out)
+    }
 
     /// True once an event with a real finish reason arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -782,12 +790,8 @@ impl Codec for DashscopeCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(DashscopeStream::default())
+        Box::new(EventDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -808,25 +812,6 @@ impl Codec for DashscopeCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct DashscopeStream {
-    inner: EventDecoder,
-}
-
-impl StreamDecoder for DashscopeStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            // `id:` and the `:HTTP_STATUS/200` comment line are dropped by framing.
-            Frame::Sse(ev) => self.inner.decode(ev.event.as_deref(), &ev.data, out),
-            Frame::Line(l) => self.inner.decode(None, &l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
     }
 }
 

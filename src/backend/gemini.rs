@@ -40,7 +40,7 @@ use crate::backend::common::{
 use crate::canonical::*;
 use crate::config::Capabilities;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// Separates our call id from the Gemini thought signature it carries.
 pub const SIGNATURE_MARK: &str = "~ts~";
@@ -990,9 +990,16 @@ impl EventDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for EventDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (_, data) = super::event_and_data(&frame);
+        self.decode(data, out)
+    }
 
     /// True once every candidate has finished.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -1227,12 +1234,8 @@ impl Codec for GeminiCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(GeminiStream::default())
+        Box::new(EventDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -1253,24 +1256,6 @@ impl Codec for GeminiCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct GeminiStream {
-    inner: EventDecoder,
-}
-
-impl StreamDecoder for GeminiStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => self.inner.decode(&ev.data, out),
-            Frame::Line(l) => self.inner.decode(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
     }
 }
 

@@ -459,9 +459,17 @@ impl ChatStream {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for ChatStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        // An SSE event is not Ollama's framing; a proxy that re-frames as SSE keeps the JSON.
+        let (_, line) = super::event_and_data(&frame);
+        self.line(line, out)
+    }
 
     /// True once the line with `done: true` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -644,7 +652,7 @@ impl Codec for OllamaCodec {
     }
 
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(OllamaStream::default())
+        Box::new(ChatStream::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -670,25 +678,6 @@ impl Codec for OllamaCodec {
     fn health_path(&self) -> Option<&str> {
         // `{"version":"…"}` as soon as the server is up (models load on demand).
         Some("/api/version")
-    }
-}
-
-#[derive(Default)]
-struct OllamaStream {
-    inner: ChatStream,
-}
-
-impl StreamDecoder for OllamaStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Line(l) => self.inner.line(&l, out),
-            // Not Ollama's framing; a proxy that re-frames as SSE keeps the JSON.
-            Frame::Sse(ev) => self.inner.line(&ev.data, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
     }
 }
 

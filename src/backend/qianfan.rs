@@ -55,7 +55,7 @@ use crate::backend::common::{
 use crate::canonical::*;
 use crate::config::{valid_env_name, Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 // === request ===
 
@@ -471,9 +471,16 @@ impl StreamState {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for StreamState {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (_, data) = super::event_and_data(&frame);
+        self.decode(data, out)
+    }
 
     /// True once the `is_end` event arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -929,12 +936,8 @@ impl Codec for QianfanCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(QianfanStream::default())
+        Box::new(StreamState::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -955,24 +958,6 @@ impl Codec for QianfanCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct QianfanStream {
-    state: StreamState,
-}
-
-impl StreamDecoder for QianfanStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => self.state.decode(&ev.data, out),
-            Frame::Line(l) => self.state.decode(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.state.finished()
     }
 }
 

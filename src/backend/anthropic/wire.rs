@@ -40,8 +40,10 @@ use crate::backend::common::{
     close_stream, error_member, join_system, malformed, malformed_json, open_stream, push_joined,
     stream_meta,
 };
+use crate::backend::StreamDecoder;
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::framing::Frame;
 
 /// Marks the text of a tool result the client flagged as an error (`is_error`).
 pub const TOOL_ERROR_PREFIX: &str = "[tool error] ";
@@ -855,9 +857,16 @@ impl EventDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for EventDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (event, data) = crate::backend::event_and_data(&frame);
+        self.decode(event, data, out)
+    }
 
     /// True once `message_stop` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }

@@ -7,12 +7,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::backend::common::{
-    classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
+    self, classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
     new_completion_id, open_stream, out_tool_calls, out_tools, stream_meta, InFunction, InToolCall,
     InUsage, OutFunction, OutTool, OutToolCall,
 };
+use crate::backend::StreamDecoder;
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::framing::Frame;
 
 // === decoding (a client's request, a backend's response) ===
 
@@ -537,9 +539,16 @@ impl ChunkDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for ChunkDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let data = common::stream_data(&frame, common::error_event)?;
+        self.decode(data, out)
+    }
 
     /// True once `[DONE]` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
