@@ -258,7 +258,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::azure::AzureCodec;
-    use crate::backend::common::testing::{assert_fixture_errors, decode_stream, fixture, text_of};
+    use crate::backend::common::testing::{
+        assert_fixture_errors, decode_stream, fixture, recorded_chat, text_of,
+    };
     use crate::canonical::*;
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
@@ -279,11 +281,7 @@ mod tests {
 
     #[test]
     fn responses_with_filter_annotations_decode() {
-        let r = openai::decode_chat_response(fixture("azure", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
+        let r = recorded_chat("azure", openai::decode_chat_response);
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
         let r = openai::decode_chat_response(fixture("azure", "content_filter.json").as_bytes())
             .unwrap();

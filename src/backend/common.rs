@@ -492,8 +492,9 @@ pub(crate) mod testing {
 
     use crate::backend::Codec;
     use crate::canonical::{
-        ChatRequest, ChatResponse, Delta, EmbeddingEncoding, EmbeddingInput, EmbeddingsRequest,
-        FinishReason, Message, Params, StreamEvent, StreamMeta, ToolCallDelta, Usage,
+        ChatRequest, ChatResponse, Content, Delta, EmbeddingEncoding, EmbeddingInput,
+        EmbeddingsRequest, FinishReason, Message, Params, StreamEvent, StreamMeta, ToolCallDelta,
+        Usage,
     };
     use crate::error::{ErrorKind, UpstreamError};
     use crate::framing::FrameDecoder;
@@ -614,6 +615,25 @@ pub(crate) mod testing {
             assert_eq!(e.status, kept, "{name}");
             assert!(!e.message.is_empty(), "{name}");
         }
+    }
+
+    /// The text every backend's recorded `chat.json` answers with.
+    pub const RECORDED_TEXT: &str = "Hello from the fake upstream.";
+
+    /// Decodes `tests/fixtures/<kind>/chat.json` with `decode` and checks the
+    /// recorded answer every backend shares: its text and a `stop` finish. Returns
+    /// the response for the backend's own checks (id, usage).
+    pub fn recorded_chat(
+        kind: &str,
+        decode: fn(&[u8]) -> Result<ChatResponse, UpstreamError>,
+    ) -> ChatResponse {
+        let r = decode(fixture(kind, "chat.json").as_bytes()).unwrap();
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text(RECORDED_TEXT.into()))
+        );
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        r
     }
 
     /// A plain request for `messages`: no parameters, no tools, not streamed.

@@ -819,22 +819,15 @@ impl Codec for DashscopeCodec {
 mod codec_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::backend::common::testing::request;
 
     fn req(stream: bool, content: Content) -> ChatRequest {
         ChatRequest {
-            model: "route".into(),
-            messages: vec![Message {
+            stream,
+            ..request(vec![Message {
                 content: Some(content),
                 ..Message::text(Role::User, "")
-            }],
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream,
-            include_usage: false,
-            extra: serde_json::Map::new(),
+            }])
         }
     }
 
@@ -865,7 +858,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, call_deltas, decode_stream, embeddings_request, finishes, fixture,
-        request, same_at_every_split, text_of, usages,
+        recorded_chat, request, same_at_every_split, text_of, usages,
     };
     use crate::backend::dashscope::DashscopeCodec;
 
@@ -1058,12 +1051,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("dashscope", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("dashscope", decode_chat_response);
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.id, "0ba0c2d9-6a9e-9b1f-8c2e-2f1d7c0e1a01");
         let r = decode_chat_response(fixture("dashscope", "length.json").as_bytes()).unwrap();

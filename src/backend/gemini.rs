@@ -1263,19 +1263,12 @@ impl Codec for GeminiCodec {
 mod codec_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::backend::common::testing::{embeddings_request, request};
 
     fn req(stream: bool) -> ChatRequest {
         ChatRequest {
-            model: "route".into(),
-            messages: vec![Message::text(Role::User, "hi")],
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
             stream,
-            include_usage: false,
-            extra: serde_json::Map::new(),
+            ..request(vec![Message::text(Role::User, "hi")])
         }
     }
 
@@ -1290,14 +1283,7 @@ mod codec_tests {
             "/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
         );
         assert!(call.headers.is_empty());
-        let e = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into()]),
-            encoding: EmbeddingEncoding::Float,
-            dimensions: None,
-            user: None,
-            extra: serde_json::Map::new(),
-        };
+        let e = embeddings_request(&["a"]);
         let call = c.embeddings_call(&e, "gemini-embedding-001").unwrap();
         assert_eq!(call.path, "/models/gemini-embedding-001:batchEmbedContents");
     }
@@ -1309,7 +1295,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, decode_stream, deltas, embeddings_request, finishes, fixture,
-        request, same_at_every_split, text_of, usages,
+        recorded_chat, request, same_at_every_split, text_of, usages,
     };
     use crate::backend::gemini::GeminiCodec;
 
@@ -1708,12 +1694,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("gemini", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("gemini", decode_chat_response);
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "gemini-2.5-flash");
         assert_eq!(r.id, "conf-gemini-1");

@@ -621,7 +621,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::common::testing::{
-        decode_stream, finish_of, fixture, request as chat, text_of,
+        decode_stream, finish_of, fixture, recorded_chat, request as chat, text_of,
     };
     use crate::backend::llamacpp::LlamacppCodec;
     use serde_json::json;
@@ -981,11 +981,7 @@ mod tests {
 
     #[test]
     fn conformance_fixtures_decode() {
-        let r = decode_completion_response(fixture("llamacpp", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
+        let r = recorded_chat("llamacpp", decode_completion_response);
         assert_eq!(r.usage.unwrap().total_tokens, 18);
         let events = sse_events("chat.sse").unwrap();
         assert_eq!(text_of(&events), "Hello from the fake upstream.");

@@ -686,7 +686,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::common::testing::{
-        call_deltas, decode_stream, embeddings_request, fixture, request, text_of,
+        call_deltas, decode_stream, embeddings_request, fixture, recorded_chat, request, text_of,
     };
     use crate::backend::ollama::OllamaCodec;
     use serde_json::json;
@@ -855,12 +855,7 @@ mod tests {
 
     #[test]
     fn answers_decode() {
-        let r = decode_chat_response(fixture("ollama", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("ollama", decode_chat_response);
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "llama3.2");
 

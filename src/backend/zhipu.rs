@@ -523,7 +523,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, call_deltas, client_request as request, decode_stream, fixture,
-        text_of,
+        recorded_chat, text_of,
     };
     use crate::backend::zhipu::ZhipuCodec;
     use serde_json::json;
@@ -633,12 +633,7 @@ mod tests {
 
     #[test]
     fn responses_decode() {
-        let r = decode_chat_response(fixture("zhipu", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("zhipu", decode_chat_response);
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
         let r = decode_chat_response(fixture("zhipu", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];

@@ -1868,7 +1868,7 @@ mod tests {
 
     use crate::backend::anthropic::AnthropicCodec;
     use crate::backend::common::testing::{
-        self, assert_fixture_errors, call_deltas, fixture, request, usages,
+        self, assert_fixture_errors, call_deltas, fixture, recorded_chat, request, usages,
     };
     use serde_json::json;
 
@@ -2170,13 +2170,8 @@ mod tests {
 
     #[test]
     fn recorded_responses_decode() {
-        let r = decode_chat_response(fixture("anthropic", "chat.json").as_bytes()).unwrap();
+        let r = recorded_chat("anthropic", decode_chat_response);
         assert_eq!(r.id, "msg_01FakeChat0001");
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         let u = r.usage.unwrap();
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.total_tokens),
