@@ -855,18 +855,24 @@ impl TokenRetry {
     }
 }
 
+/// The answer of `call`, or of a second `call` when the first one's access token
+/// was refused.
+async fn once_more<'a, T>(
+    call: impl Fn() -> BoxFuture<'a, Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match call().await {
+        Err(e) if is_token_refused(&e) => call().await,
+        r => r,
+    }
+}
+
 impl Provider for TokenRetry {
     fn chat<'a>(
         &'a self,
         req: &'a ChatRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<ChatResponse, UpstreamError>> {
-        Box::pin(async move {
-            match self.inner.chat(req, model).await {
-                Err(e) if is_token_refused(&e) => self.inner.chat(req, model).await,
-                r => r,
-            }
-        })
+        Box::pin(once_more(move || self.inner.chat(req, model)))
     }
 
     fn chat_stream<'a>(
@@ -874,12 +880,7 @@ impl Provider for TokenRetry {
         req: &'a ChatRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<EventStream, UpstreamError>> {
-        Box::pin(async move {
-            match self.inner.chat_stream(req, model).await {
-                Err(e) if is_token_refused(&e) => self.inner.chat_stream(req, model).await,
-                r => r,
-            }
-        })
+        Box::pin(once_more(move || self.inner.chat_stream(req, model)))
     }
 
     fn embed<'a>(
@@ -887,12 +888,7 @@ impl Provider for TokenRetry {
         req: &'a EmbeddingsRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<EmbeddingsResponse, UpstreamError>> {
-        Box::pin(async move {
-            match self.inner.embed(req, model).await {
-                Err(e) if is_token_refused(&e) => self.inner.embed(req, model).await,
-                r => r,
-            }
-        })
+        Box::pin(once_more(move || self.inner.embed(req, model)))
     }
 
     fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
