@@ -256,6 +256,19 @@ pub fn push_joined(buf: &mut String, sep: &str, text: &str) {
     buf.push_str(text);
 }
 
+/// Appends a turn of `items` said by `role` to `turns`, for APIs that want
+/// turns to alternate: an empty turn is dropped (such APIs reject it) and a
+/// turn by the same role as the last one is merged into it.
+pub fn push_turn<R: PartialEq, T>(turns: &mut Vec<(R, Vec<T>)>, role: R, items: Vec<T>) {
+    if items.is_empty() {
+        return;
+    }
+    match turns.last_mut() {
+        Some((r, last)) if *r == role => last.extend(items),
+        _ => turns.push((role, items)),
+    }
+}
+
 /// Appends the text of a system or developer message to `system`, a blank line
 /// apart from what is there: for backends that take one system text. Text that
 /// `skip` refuses (empty, blank) is left out.

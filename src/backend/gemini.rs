@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 use super::{Codec, HttpCall, Kind, Sectionless, StreamDecoder};
 use crate::backend::common::{
     body_excerpt, close_stream, join_system, malformed, malformed_json, new_completion_id,
-    new_wide_call_id, open_stream, push_delta, reported_usage, stream_meta,
+    new_wide_call_id, open_stream, push_delta, push_turn, reported_usage, stream_meta,
 };
 use crate::canonical::*;
 use crate::config::Capabilities;
@@ -562,13 +562,13 @@ fn generation_config(req: &ChatRequest) -> Map<String, Value> {
 /// Encodes a canonical chat request as a `generateContent` body for `model`.
 pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
     let mut system = String::new();
-    let mut contents: Vec<OutContent<'_>> = Vec::with_capacity(req.messages.len());
+    let mut turns: Vec<(&'static str, Vec<OutPart<'_>>)> = Vec::with_capacity(req.messages.len());
     // Tool call id → function name, for the `functionResponse` of a tool result.
     let mut call_names: HashMap<&str, &str> = HashMap::new();
     let sign_calls = validates_signatures(model);
 
     for m in &req.messages {
-        let (role, mut parts) = match m.role {
+        let (role, parts) = match m.role {
             Role::System | Role::Developer => {
                 join_system(&mut system, m.content.as_ref(), str::is_empty);
                 continue;
@@ -643,13 +643,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                 ("user", vec![part])
             }
         };
-        if parts.is_empty() {
-            continue;
-        }
-        match contents.last_mut() {
-            Some(last) if last.role == role => last.parts.append(&mut parts),
-            _ => contents.push(OutContent { role, parts }),
-        }
+        push_turn(&mut turns, role, parts);
     }
 
     let declarations: Vec<OutFunctionDecl<'_>> = req
@@ -662,7 +656,10 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
         })
         .collect();
     let out = OutRequest {
-        contents,
+        contents: turns
+            .into_iter()
+            .map(|(role, parts)| OutContent { role, parts })
+            .collect(),
         system_instruction: (!system.is_empty()).then(|| OutSystem {
             parts: [OutPart::text(Cow::Owned(system))],
         }),

@@ -38,7 +38,7 @@ use serde_json::{Map, Value};
 
 use crate::backend::common::{
     close_stream, error_member, join_system, malformed, malformed_json, open_stream, push_joined,
-    stream_meta,
+    push_turn, stream_meta,
 };
 use crate::backend::StreamDecoder;
 use crate::canonical::*;
@@ -341,14 +341,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
             }
             Role::Tool => ("user", vec![tool_result(m)]),
         };
-        // Empty turns are rejected by the API; same-role neighbours are merged.
-        if blocks.is_empty() {
-            continue;
-        }
-        match messages.last_mut() {
-            Some((r, b)) if *r == role => b.extend(blocks),
-            _ => messages.push((role, blocks)),
-        }
+        push_turn(&mut messages, role, blocks);
     }
     if matches!(req.response_format, Some(ResponseFormat::JsonObject)) {
         push_joined(&mut system, "\n\n", JSON_MODE_INSTRUCTION);
