@@ -1580,6 +1580,27 @@ mod tests {
     use crate::backend::openai::{OpenAiCodec, Quirks};
     use serde_json::json;
 
+    #[test]
+    fn an_error_line_reads_like_an_error_event() {
+        // Older llama.cpp builds behind `/v1` write `error: {json}`, the object
+        // bare or wrapped in `error` as in an `event: error`; both name the failure.
+        let inner =
+            r#"{"code":500,"message":"llama_decode failed: out of memory","type":"server_error"}"#;
+        for line in [
+            format!("error: {inner}\n\n"),
+            format!("error: {{\"error\":{inner}}}\n\n"),
+            format!("event: error\ndata: {{\"error\":{inner}}}\n\n"),
+        ] {
+            let err = stream_events(&line).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Overloaded, "{line}");
+            assert!(
+                err.message.contains("out of memory"),
+                "{line}: {}",
+                err.message
+            );
+        }
+    }
+
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
         testing::stream_events(
             &OpenAiCodec {
