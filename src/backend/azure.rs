@@ -24,7 +24,7 @@ use crate::canonical::{
 };
 use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// Percent-encodes a path segment or query value (Azure names are usually plain).
 fn encode_component(s: &str) -> String {
@@ -96,8 +96,15 @@ impl ChunkDecoder {
         }
         self.chunks.decode(data, out)
     }
+}
 
-    pub fn finished(&self) -> bool {
+impl StreamDecoder for ChunkDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let data = common::stream_data(&frame, common::error_event)?;
+        self.decode(data, out)
+    }
+
+    fn finished(&self) -> bool {
         self.chunks.finished()
     }
 }
@@ -188,12 +195,8 @@ impl Codec for AzureCodec {
         openai::decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(AzureStream::default())
+        Box::new(ChunkDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -214,29 +217,6 @@ impl Codec for AzureCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         openai::decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct AzureStream {
-    chunks: ChunkDecoder,
-}
-
-impl StreamDecoder for AzureStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => {
-                if ev.event.as_deref() == Some("error") {
-                    return Err(common::error_event(&ev.data));
-                }
-                self.chunks.decode(&ev.data, out)
-            }
-            Frame::Line(l) => self.chunks.decode(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.chunks.finished()
     }
 }
 
@@ -278,7 +258,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::azure::AzureCodec;
-    use crate::backend::common::testing::{assert_fixture_errors, decode_stream, fixture, text_of};
+    use crate::backend::common::testing::{
+        assert_fixture_errors, decode_stream, fixture, recorded_chat, text_of,
+    };
     use crate::canonical::*;
 
     fn stream(text: &str) -> (Vec<StreamEvent>, Result<(), UpstreamError>, bool) {
@@ -299,11 +281,7 @@ mod tests {
 
     #[test]
     fn responses_with_filter_annotations_decode() {
-        let r = openai::decode_chat_response(fixture("azure", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
+        let r = recorded_chat("azure", openai::decode_chat_response);
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
         let r = openai::decode_chat_response(fixture("azure", "content_filter.json").as_bytes())
             .unwrap();

@@ -381,13 +381,6 @@ impl Codec for ChatglmCodec {
             "ChatGLM's api.py has no embeddings endpoint",
         ))
     }
-
-    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-        Err(UpstreamError::new(
-            ErrorKind::BadRequest,
-            "ChatGLM's api.py has no embeddings endpoint",
-        ))
-    }
 }
 
 /// Never used: the transport does not open streams for this codec.
@@ -434,7 +427,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::common::testing::{
-        assert_fixture_errors, client_request as request, fixture,
+        assert_fixture_errors, client_request as request, fixture, recorded_chat,
     };
     use serde_json::json;
 
@@ -582,12 +575,7 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r = decode_chat_response(fixture("chatglm", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("chatglm", decode_chat_response);
         assert!(r.usage.is_none());
         assert!(r.id.starts_with("chatcmpl-"));
         let e =

@@ -17,6 +17,7 @@ use crate::canonical::{
     unix_now, Content, Delta, FinishReason, Role, StreamEvent, StreamMeta, Tool, ToolCall, Usage,
 };
 use crate::error::{ErrorKind, UpstreamError};
+use crate::framing::Frame;
 
 // === ids ===
 
@@ -153,6 +154,27 @@ pub fn error_event(data: &str) -> UpstreamError {
     classify_error_value(200, &error_event_value(data))
 }
 
+/// The data of one frame of an OpenAI-style stream, or the error the frame
+/// carries: an SSE `event: error`, or an `error: {json}` line (older llama.cpp
+/// builds), made an error by `error` from its text.
+pub fn stream_data(
+    frame: &Frame,
+    error: impl FnOnce(&str) -> UpstreamError,
+) -> Result<&str, UpstreamError> {
+    match frame {
+        Frame::Sse(ev) => {
+            if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
+                return Err(error(v));
+            }
+            if ev.event.as_deref() == Some("error") {
+                return Err(error(&ev.data));
+            }
+            Ok(&ev.data)
+        }
+        Frame::Line(l) => Ok(l),
+    }
+}
+
 /// Maps the finish-reason words of OpenAI-compatible servers onto the canonical set.
 pub fn finish_reason_from_wire(s: &str) -> FinishReason {
     match s {
@@ -232,6 +254,19 @@ pub fn push_joined(buf: &mut String, sep: &str, text: &str) {
         buf.push_str(sep);
     }
     buf.push_str(text);
+}
+
+/// Appends a turn of `items` said by `role` to `turns`, for APIs that want
+/// turns to alternate: an empty turn is dropped (such APIs reject it) and a
+/// turn by the same role as the last one is merged into it.
+pub fn push_turn<R: PartialEq, T>(turns: &mut Vec<(R, Vec<T>)>, role: R, items: Vec<T>) {
+    if items.is_empty() {
+        return;
+    }
+    match turns.last_mut() {
+        Some((r, last)) if *r == role => last.extend(items),
+        _ => turns.push((role, items)),
+    }
 }
 
 /// Appends the text of a system or developer message to `system`, a blank line
@@ -470,8 +505,9 @@ pub(crate) mod testing {
 
     use crate::backend::Codec;
     use crate::canonical::{
-        ChatRequest, ChatResponse, Delta, EmbeddingEncoding, EmbeddingInput, EmbeddingsRequest,
-        FinishReason, Message, Params, StreamEvent, StreamMeta, ToolCallDelta, Usage,
+        ChatRequest, ChatResponse, Content, Delta, EmbeddingEncoding, EmbeddingInput,
+        EmbeddingsRequest, FinishReason, Message, Params, StreamEvent, StreamMeta, ToolCallDelta,
+        Usage,
     };
     use crate::error::{ErrorKind, UpstreamError};
     use crate::framing::FrameDecoder;
@@ -592,6 +628,25 @@ pub(crate) mod testing {
             assert_eq!(e.status, kept, "{name}");
             assert!(!e.message.is_empty(), "{name}");
         }
+    }
+
+    /// The text every backend's recorded `chat.json` answers with.
+    pub const RECORDED_TEXT: &str = "Hello from the fake upstream.";
+
+    /// Decodes `tests/fixtures/<kind>/chat.json` with `decode` and checks the
+    /// recorded answer every backend shares: its text and a `stop` finish. Returns
+    /// the response for the backend's own checks (id, usage).
+    pub fn recorded_chat(
+        kind: &str,
+        decode: fn(&[u8]) -> Result<ChatResponse, UpstreamError>,
+    ) -> ChatResponse {
+        let r = decode(fixture(kind, "chat.json").as_bytes()).unwrap();
+        assert_eq!(
+            r.choices[0].message.content,
+            Some(Content::Text(RECORDED_TEXT.into()))
+        );
+        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        r
     }
 
     /// A plain request for `messages`: no parameters, no tools, not streamed.

@@ -32,7 +32,7 @@ use crate::backend::common::{
 use crate::canonical::*;
 use crate::config::Capabilities;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// Chat (text in, text out).
 pub const TEXT_GENERATION_PATH: &str = "/services/aigc/text-generation/generation";
@@ -558,9 +558,17 @@ impl EventDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for EventDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        // `id:` and the `:HTTP_STATUS/200` comment line are dropped by framing.
+        let (event, data) = super::event_and_data(&frame);
+        self.decode(event, data, out)
+    }
 
     /// True once an event with a real finish reason arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -782,12 +790,8 @@ impl Codec for DashscopeCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(DashscopeStream::default())
+        Box::new(EventDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -811,45 +815,19 @@ impl Codec for DashscopeCodec {
     }
 }
 
-#[derive(Default)]
-struct DashscopeStream {
-    inner: EventDecoder,
-}
-
-impl StreamDecoder for DashscopeStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            // `id:` and the `:HTTP_STATUS/200` comment line are dropped by framing.
-            Frame::Sse(ev) => self.inner.decode(ev.event.as_deref(), &ev.data, out),
-            Frame::Line(l) => self.inner.decode(None, &l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
-    }
-}
-
 #[cfg(test)]
 mod codec_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::backend::common::testing::request;
 
     fn req(stream: bool, content: Content) -> ChatRequest {
         ChatRequest {
-            model: "route".into(),
-            messages: vec![Message {
+            stream,
+            ..request(vec![Message {
                 content: Some(content),
                 ..Message::text(Role::User, "")
-            }],
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
-            stream,
-            include_usage: false,
-            extra: serde_json::Map::new(),
+            }])
         }
     }
 
@@ -880,7 +858,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, call_deltas, decode_stream, embeddings_request, finishes, fixture,
-        request, same_at_every_split, text_of, usages,
+        recorded_chat, request, same_at_every_split, text_of, usages,
     };
     use crate::backend::dashscope::DashscopeCodec;
 
@@ -1073,12 +1051,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("dashscope", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("dashscope", decode_chat_response);
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.id, "0ba0c2d9-6a9e-9b1f-8c2e-2f1d7c0e1a01");
         let r = decode_chat_response(fixture("dashscope", "length.json").as_bytes()).unwrap();

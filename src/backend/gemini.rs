@@ -35,12 +35,12 @@ use serde_json::{json, Map, Value};
 use super::{Codec, HttpCall, Kind, Sectionless, StreamDecoder};
 use crate::backend::common::{
     body_excerpt, close_stream, join_system, malformed, malformed_json, new_completion_id,
-    new_wide_call_id, open_stream, push_delta, reported_usage, stream_meta,
+    new_wide_call_id, open_stream, push_delta, push_turn, reported_usage, stream_meta,
 };
 use crate::canonical::*;
 use crate::config::Capabilities;
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// Separates our call id from the Gemini thought signature it carries.
 pub const SIGNATURE_MARK: &str = "~ts~";
@@ -562,13 +562,13 @@ fn generation_config(req: &ChatRequest) -> Map<String, Value> {
 /// Encodes a canonical chat request as a `generateContent` body for `model`.
 pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
     let mut system = String::new();
-    let mut contents: Vec<OutContent<'_>> = Vec::with_capacity(req.messages.len());
+    let mut turns: Vec<(&'static str, Vec<OutPart<'_>>)> = Vec::with_capacity(req.messages.len());
     // Tool call id → function name, for the `functionResponse` of a tool result.
     let mut call_names: HashMap<&str, &str> = HashMap::new();
     let sign_calls = validates_signatures(model);
 
     for m in &req.messages {
-        let (role, mut parts) = match m.role {
+        let (role, parts) = match m.role {
             Role::System | Role::Developer => {
                 join_system(&mut system, m.content.as_ref(), str::is_empty);
                 continue;
@@ -643,13 +643,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
                 ("user", vec![part])
             }
         };
-        if parts.is_empty() {
-            continue;
-        }
-        match contents.last_mut() {
-            Some(last) if last.role == role => last.parts.append(&mut parts),
-            _ => contents.push(OutContent { role, parts }),
-        }
+        push_turn(&mut turns, role, parts);
     }
 
     let declarations: Vec<OutFunctionDecl<'_>> = req
@@ -662,7 +656,10 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str) -> Vec<u8> {
         })
         .collect();
     let out = OutRequest {
-        contents,
+        contents: turns
+            .into_iter()
+            .map(|(role, parts)| OutContent { role, parts })
+            .collect(),
         system_instruction: (!system.is_empty()).then(|| OutSystem {
             parts: [OutPart::text(Cow::Owned(system))],
         }),
@@ -990,9 +987,16 @@ impl EventDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for EventDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (_, data) = super::event_and_data(&frame);
+        self.decode(data, out)
+    }
 
     /// True once every candidate has finished.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -1227,12 +1231,8 @@ impl Codec for GeminiCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(GeminiStream::default())
+        Box::new(EventDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -1256,41 +1256,16 @@ impl Codec for GeminiCodec {
     }
 }
 
-#[derive(Default)]
-struct GeminiStream {
-    inner: EventDecoder,
-}
-
-impl StreamDecoder for GeminiStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => self.inner.decode(&ev.data, out),
-            Frame::Line(l) => self.inner.decode(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
-    }
-}
-
 #[cfg(test)]
 mod codec_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::backend::common::testing::{embeddings_request, request};
 
     fn req(stream: bool) -> ChatRequest {
         ChatRequest {
-            model: "route".into(),
-            messages: vec![Message::text(Role::User, "hi")],
-            params: Params::default(),
-            tools: Vec::new(),
-            tool_choice: None,
-            parallel_tool_calls: None,
-            response_format: None,
             stream,
-            include_usage: false,
-            extra: serde_json::Map::new(),
+            ..request(vec![Message::text(Role::User, "hi")])
         }
     }
 
@@ -1305,14 +1280,7 @@ mod codec_tests {
             "/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
         );
         assert!(call.headers.is_empty());
-        let e = EmbeddingsRequest {
-            model: "route".into(),
-            input: EmbeddingInput::Texts(vec!["a".into()]),
-            encoding: EmbeddingEncoding::Float,
-            dimensions: None,
-            user: None,
-            extra: serde_json::Map::new(),
-        };
+        let e = embeddings_request(&["a"]);
         let call = c.embeddings_call(&e, "gemini-embedding-001").unwrap();
         assert_eq!(call.path, "/models/gemini-embedding-001:batchEmbedContents");
     }
@@ -1324,7 +1292,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, decode_stream, deltas, embeddings_request, finishes, fixture,
-        request, same_at_every_split, text_of, usages,
+        recorded_chat, request, same_at_every_split, text_of, usages,
     };
     use crate::backend::gemini::GeminiCodec;
 
@@ -1723,12 +1691,7 @@ mod tests {
 
     #[test]
     fn decodes_text_usage_and_finish() {
-        let r = decode_chat_response(fixture("gemini", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("gemini", decode_chat_response);
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "gemini-2.5-flash");
         assert_eq!(r.id, "conf-gemini-1");

@@ -15,7 +15,7 @@ use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section, Text};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// A chat template for llama.cpp's raw-prompt API: the minijinja source
 /// (rendered with `messages`, `add_generation_prompt`, `bos_token`) and the stop
@@ -446,21 +446,22 @@ impl CompletionStream {
         Ok(())
     }
 
-    /// Decodes an `error: {json}` SSE line (older builds).
+    /// Decodes an `error: {json}` SSE line (older builds) or the data of an
+    /// `event: error`.
     pub fn error_line(&self, value: &str) -> UpstreamError {
-        let v = serde_json::from_str::<Value>(value)
-            .map(|v| match v {
-                Value::Object(mut o) if o.contains_key("error") => {
-                    o.remove("error").unwrap_or(Value::Null)
-                }
-                other => other,
-            })
-            .unwrap_or_else(|_| Value::String(value.to_owned()));
-        refine(classify_error_value(200, &v))
+        refine(common::error_event(value))
+    }
+}
+
+impl StreamDecoder for CompletionStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        // Older builds write a failure as an `error: {json}` line.
+        let data = common::stream_data(&frame, |v| self.error_line(v))?;
+        self.data(data, out)
     }
 
     /// True once the event with `stop: true` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -618,12 +619,8 @@ impl Codec for LlamacppCodec {
         decode_completion_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(LlamacppStream::default())
+        Box::new(CompletionStream::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -641,43 +638,9 @@ impl Codec for LlamacppCodec {
         ))
     }
 
-    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-        Err(UpstreamError::new(
-            ErrorKind::BadRequest,
-            "llama.cpp's native API has no OpenAI-style embeddings",
-        ))
-    }
-
     fn health_path(&self) -> Option<&str> {
         // 200 once the model is loaded, 503 `unavailable_error` while it loads.
         Some("/health")
-    }
-}
-
-#[derive(Default)]
-struct LlamacppStream {
-    inner: CompletionStream,
-}
-
-impl StreamDecoder for LlamacppStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => {
-                // Older builds write a failure as an `error: {json}` line.
-                if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
-                    return Err(self.inner.error_line(v));
-                }
-                if ev.event.as_deref() == Some("error") {
-                    return Err(self.inner.error_line(&ev.data));
-                }
-                self.inner.data(&ev.data, out)
-            }
-            Frame::Line(l) => self.inner.data(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
     }
 }
 
@@ -686,7 +649,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::common::testing::{
-        decode_stream, finish_of, fixture, request as chat, text_of,
+        decode_stream, finish_of, fixture, recorded_chat, request as chat, text_of,
     };
     use crate::backend::llamacpp::LlamacppCodec;
     use serde_json::json;
@@ -1046,11 +1009,7 @@ mod tests {
 
     #[test]
     fn conformance_fixtures_decode() {
-        let r = decode_completion_response(fixture("llamacpp", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
+        let r = recorded_chat("llamacpp", decode_completion_response);
         assert_eq!(r.usage.unwrap().total_tokens, 18);
         let events = sse_events("chat.sse").unwrap();
         assert_eq!(text_of(&events), "Hello from the fake upstream.");

@@ -103,16 +103,26 @@ pub trait Codec: Send + Sync + 'static {
     fn native_streaming(&self) -> bool {
         true
     }
-    fn stream_framing(&self) -> Framing;
+    /// How the backend frames a stream: SSE unless it says otherwise.
+    fn stream_framing(&self) -> Framing {
+        Framing::Sse
+    }
     fn stream_decoder(&self) -> Box<dyn StreamDecoder>;
     /// Classifies a non-2xx answer.
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError;
+    /// The embeddings call; by default the backend has none and says so (a
+    /// backend without embeddings overrides this only to say why in its words).
     fn embeddings_call(
         &self,
-        req: &EmbeddingsRequest,
-        model: &str,
-    ) -> Result<HttpCall, UpstreamError>;
-    fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError>;
+        _req: &EmbeddingsRequest,
+        _model: &str,
+    ) -> Result<HttpCall, UpstreamError> {
+        Err(no_embeddings())
+    }
+    /// Never reached by default: the call above failed first.
+    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
+        Err(no_embeddings())
+    }
     /// A cheap `GET` path (relative to the base URL) that answers 2xx when the
     /// backend is ready to serve, for readiness and health checks.
     fn health_path(&self) -> Option<&str> {
@@ -120,12 +130,31 @@ pub trait Codec: Send + Sync + 'static {
     }
 }
 
-/// Per-stream state of a codec: turns frames into canonical events.
+/// What a codec without embeddings answers an embeddings call with.
+fn no_embeddings() -> UpstreamError {
+    UpstreamError::new(
+        crate::error::ErrorKind::BadRequest,
+        "this backend has no embeddings API",
+    )
+}
+
+/// Per-stream state of a codec: turns frames into canonical events. Every
+/// backend's wire decoder implements it, so one test driver
+/// (`common::testing::decode_stream`) serves them all.
 pub trait StreamDecoder: Send {
     /// Decodes one frame, appending events to `out`. An `Err` ends the stream.
     fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError>;
     /// True once the protocol's end-of-stream marker arrived.
     fn finished(&self) -> bool;
+}
+
+/// A frame's SSE event name (`None` for an unnamed event or an NDJSON line) and
+/// its data (the line itself for NDJSON).
+pub fn event_and_data(frame: &Frame) -> (Option<&str>, &str) {
+    match frame {
+        Frame::Sse(ev) => (ev.event.as_deref(), &ev.data),
+        Frame::Line(l) => (None, l),
+    }
 }
 
 // === kinds ===

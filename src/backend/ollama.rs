@@ -459,9 +459,17 @@ impl ChatStream {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for ChatStream {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        // An SSE event is not Ollama's framing; a proxy that re-frames as SSE keeps the JSON.
+        let (_, line) = super::event_and_data(&frame);
+        self.line(line, out)
+    }
 
     /// True once the line with `done: true` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -644,7 +652,7 @@ impl Codec for OllamaCodec {
     }
 
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(OllamaStream::default())
+        Box::new(ChatStream::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -673,31 +681,12 @@ impl Codec for OllamaCodec {
     }
 }
 
-#[derive(Default)]
-struct OllamaStream {
-    inner: ChatStream,
-}
-
-impl StreamDecoder for OllamaStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Line(l) => self.inner.line(&l, out),
-            // Not Ollama's framing; a proxy that re-frames as SSE keeps the JSON.
-            Frame::Sse(ev) => self.inner.line(&ev.data, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.inner.finished()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::common::testing::{
-        call_deltas, decode_stream, embeddings_request, fixture, request, text_of,
+        call_deltas, decode_stream, embeddings_request, fixture, recorded_chat, request, text_of,
     };
     use crate::backend::ollama::OllamaCodec;
     use serde_json::json;
@@ -866,12 +855,7 @@ mod tests {
 
     #[test]
     fn answers_decode() {
-        let r = decode_chat_response(fixture("ollama", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("ollama", decode_chat_response);
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         assert_eq!(r.model, "llama3.2");
 

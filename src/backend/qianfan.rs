@@ -55,7 +55,7 @@ use crate::backend::common::{
 use crate::canonical::*;
 use crate::config::{valid_env_name, Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 // === request ===
 
@@ -471,9 +471,16 @@ impl StreamState {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for StreamState {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (_, data) = super::event_and_data(&frame);
+        self.decode(data, out)
+    }
 
     /// True once the `is_end` event arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -848,18 +855,24 @@ impl TokenRetry {
     }
 }
 
+/// The answer of `call`, or of a second `call` when the first one's access token
+/// was refused.
+async fn once_more<'a, T>(
+    call: impl Fn() -> BoxFuture<'a, Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match call().await {
+        Err(e) if is_token_refused(&e) => call().await,
+        r => r,
+    }
+}
+
 impl Provider for TokenRetry {
     fn chat<'a>(
         &'a self,
         req: &'a ChatRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<ChatResponse, UpstreamError>> {
-        Box::pin(async move {
-            match self.inner.chat(req, model).await {
-                Err(e) if is_token_refused(&e) => self.inner.chat(req, model).await,
-                r => r,
-            }
-        })
+        Box::pin(once_more(move || self.inner.chat(req, model)))
     }
 
     fn chat_stream<'a>(
@@ -867,12 +880,7 @@ impl Provider for TokenRetry {
         req: &'a ChatRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<EventStream, UpstreamError>> {
-        Box::pin(async move {
-            match self.inner.chat_stream(req, model).await {
-                Err(e) if is_token_refused(&e) => self.inner.chat_stream(req, model).await,
-                r => r,
-            }
-        })
+        Box::pin(once_more(move || self.inner.chat_stream(req, model)))
     }
 
     fn embed<'a>(
@@ -880,12 +888,7 @@ impl Provider for TokenRetry {
         req: &'a EmbeddingsRequest,
         model: &'a str,
     ) -> BoxFuture<'a, Result<EmbeddingsResponse, UpstreamError>> {
-        Box::pin(async move {
-            match self.inner.embed(req, model).await {
-                Err(e) if is_token_refused(&e) => self.inner.embed(req, model).await,
-                r => r,
-            }
-        })
+        Box::pin(once_more(move || self.inner.embed(req, model)))
     }
 
     fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
@@ -929,12 +932,8 @@ impl Codec for QianfanCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(QianfanStream::default())
+        Box::new(StreamState::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -955,24 +954,6 @@ impl Codec for QianfanCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct QianfanStream {
-    state: StreamState,
-}
-
-impl StreamDecoder for QianfanStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => self.state.decode(&ev.data, out),
-            Frame::Line(l) => self.state.decode(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.state.finished()
     }
 }
 
@@ -1012,7 +993,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, call_deltas, client_request as request, decode_stream, finishes,
-        fixture, text_of,
+        fixture, recorded_chat, text_of,
     };
     use crate::backend::openai;
     use crate::backend::qianfan::QianfanCodec;
@@ -1160,13 +1141,8 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r = decode_chat_response(fixture("qianfan", "chat.json").as_bytes()).unwrap();
+        let r = recorded_chat("qianfan", decode_chat_response);
         assert_eq!(r.id, "as-fake0001");
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         assert_eq!(r.usage, Some(Usage::new(12, 6)));
         let r = decode_chat_response(fixture("qianfan", "tools.json").as_bytes()).unwrap();
         let m = &r.choices[0].message;

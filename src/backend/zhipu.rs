@@ -40,7 +40,7 @@ use crate::backend::common;
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::{ErrorKind, UpstreamError};
-use crate::framing::{Frame, Framing};
+use crate::framing::Frame;
 
 /// Temperature and `do_sample` as Zhipu accepts them.
 fn sampling(temperature: Option<f64>) -> (Option<f64>, Option<bool>) {
@@ -209,9 +209,16 @@ impl ChunkDecoder {
         }
         self.chunks.decode(data, out)
     }
+}
+
+impl StreamDecoder for ChunkDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (event, data) = super::event_and_data(&frame);
+        self.decode(event, data, out)
+    }
 
     /// True once `[DONE]` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.chunks.finished()
     }
 }
@@ -460,12 +467,8 @@ impl Codec for ZhipuCodec {
         decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(ZhipuStream::default())
+        Box::new(ChunkDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -486,24 +489,6 @@ impl Codec for ZhipuCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct ZhipuStream {
-    chunks: ChunkDecoder,
-}
-
-impl StreamDecoder for ZhipuStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => self.chunks.decode(ev.event.as_deref(), &ev.data, out),
-            Frame::Line(l) => self.chunks.decode(None, &l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.chunks.finished()
     }
 }
 
@@ -538,7 +523,7 @@ mod tests {
     use super::*;
     use crate::backend::common::testing::{
         assert_fixture_errors, call_deltas, client_request as request, decode_stream, fixture,
-        text_of,
+        recorded_chat, text_of,
     };
     use crate::backend::zhipu::ZhipuCodec;
     use serde_json::json;
@@ -648,12 +633,7 @@ mod tests {
 
     #[test]
     fn responses_decode() {
-        let r = decode_chat_response(fixture("zhipu", "chat.json").as_bytes()).unwrap();
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
+        let r = recorded_chat("zhipu", decode_chat_response);
         assert_eq!(r.usage.map(|u| u.total_tokens), Some(18));
         let r = decode_chat_response(fixture("zhipu", "tools.json").as_bytes()).unwrap();
         let call = &r.choices[0].message.tool_calls[0];

@@ -21,7 +21,6 @@ use super::{Codec, HttpCall, Kind, Settings, StreamDecoder};
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig, Section};
 use crate::error::UpstreamError;
-use crate::framing::{Frame, Framing};
 
 pub static KIND: Kind = Kind {
     name: "anthropic",
@@ -98,12 +97,8 @@ impl Codec for AnthropicCodec {
         wire::decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(AnthropicStream::default())
+        Box::new(wire::EventDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -116,28 +111,6 @@ impl Codec for AnthropicCodec {
         _model: &str,
     ) -> Result<HttpCall, UpstreamError> {
         Err(wire::embeddings_unsupported())
-    }
-
-    fn embeddings_response(&self, _body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
-        Err(wire::embeddings_unsupported())
-    }
-}
-
-#[derive(Default)]
-struct AnthropicStream {
-    events: wire::EventDecoder,
-}
-
-impl StreamDecoder for AnthropicStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => self.events.decode(ev.event.as_deref(), &ev.data, out),
-            Frame::Line(l) => self.events.decode(None, &l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.events.finished()
     }
 }
 

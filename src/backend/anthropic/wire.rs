@@ -38,10 +38,12 @@ use serde_json::{Map, Value};
 
 use crate::backend::common::{
     close_stream, error_member, join_system, malformed, malformed_json, open_stream, push_joined,
-    stream_meta,
+    push_turn, stream_meta,
 };
+use crate::backend::StreamDecoder;
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::framing::Frame;
 
 /// Marks the text of a tool result the client flagged as an error (`is_error`).
 pub const TOOL_ERROR_PREFIX: &str = "[tool error] ";
@@ -339,14 +341,7 @@ pub fn encode_chat_request(req: &ChatRequest, model: &str, default_max_tokens: u
             }
             Role::Tool => ("user", vec![tool_result(m)]),
         };
-        // Empty turns are rejected by the API; same-role neighbours are merged.
-        if blocks.is_empty() {
-            continue;
-        }
-        match messages.last_mut() {
-            Some((r, b)) if *r == role => b.extend(blocks),
-            _ => messages.push((role, blocks)),
-        }
+        push_turn(&mut messages, role, blocks);
     }
     if matches!(req.response_format, Some(ResponseFormat::JsonObject)) {
         push_joined(&mut system, "\n\n", JSON_MODE_INSTRUCTION);
@@ -855,9 +850,16 @@ impl EventDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for EventDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let (event, data) = crate::backend::event_and_data(&frame);
+        self.decode(event, data, out)
+    }
 
     /// True once `message_stop` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -1859,7 +1861,7 @@ mod tests {
 
     use crate::backend::anthropic::AnthropicCodec;
     use crate::backend::common::testing::{
-        self, assert_fixture_errors, call_deltas, fixture, request, usages,
+        self, assert_fixture_errors, call_deltas, fixture, recorded_chat, request, usages,
     };
     use serde_json::json;
 
@@ -2161,13 +2163,8 @@ mod tests {
 
     #[test]
     fn recorded_responses_decode() {
-        let r = decode_chat_response(fixture("anthropic", "chat.json").as_bytes()).unwrap();
+        let r = recorded_chat("anthropic", decode_chat_response);
         assert_eq!(r.id, "msg_01FakeChat0001");
-        assert_eq!(
-            r.choices[0].message.content,
-            Some(Content::Text("Hello from the fake upstream.".into()))
-        );
-        assert_eq!(r.choices[0].finish_reason, Some(FinishReason::Stop));
         let u = r.usage.unwrap();
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.total_tokens),

@@ -22,7 +22,6 @@ use crate::backend::common;
 use crate::canonical::*;
 use crate::config::{Capabilities, ProviderConfig};
 use crate::error::UpstreamError;
-use crate::framing::{Frame, Framing};
 
 pub static KIND: Kind = Kind {
     name: "openai",
@@ -111,12 +110,8 @@ impl Codec for OpenAiCodec {
         wire::decode_chat_response(body)
     }
 
-    fn stream_framing(&self) -> Framing {
-        Framing::Sse
-    }
-
     fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
-        Box::new(OpenAiStream::default())
+        Box::new(wire::ChunkDecoder::default())
     }
 
     fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
@@ -137,35 +132,5 @@ impl Codec for OpenAiCodec {
 
     fn embeddings_response(&self, body: &[u8]) -> Result<EmbeddingsResponse, UpstreamError> {
         wire::decode_embeddings_response(body)
-    }
-}
-
-#[derive(Default)]
-struct OpenAiStream {
-    chunks: wire::ChunkDecoder,
-}
-
-impl StreamDecoder for OpenAiStream {
-    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
-        match frame {
-            Frame::Sse(ev) => {
-                // Older llama.cpp builds write `error: {json}` lines; others send
-                // `event: error`.
-                if let Some((_, v)) = ev.other.iter().find(|(k, _)| k == "error") {
-                    let val = serde_json::from_str(v)
-                        .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
-                    return Err(common::classify_error_value(200, &val));
-                }
-                if ev.event.as_deref() == Some("error") {
-                    return Err(common::error_event(&ev.data));
-                }
-                self.chunks.decode(&ev.data, out)
-            }
-            Frame::Line(l) => self.chunks.decode(&l, out),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.chunks.finished()
     }
 }

@@ -7,12 +7,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::backend::common::{
-    classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
+    self, classify_error_value, finish_reason_from_wire, malformed, malformed_json, new_call_id,
     new_completion_id, open_stream, out_tool_calls, out_tools, stream_meta, InFunction, InToolCall,
     InUsage, OutFunction, OutTool, OutToolCall,
 };
+use crate::backend::StreamDecoder;
 use crate::canonical::*;
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::framing::Frame;
 
 // === decoding (a client's request, a backend's response) ===
 
@@ -537,9 +539,16 @@ impl ChunkDecoder {
         }
         Ok(())
     }
+}
+
+impl StreamDecoder for ChunkDecoder {
+    fn frame(&mut self, frame: Frame, out: &mut Vec<StreamEvent>) -> Result<(), UpstreamError> {
+        let data = common::stream_data(&frame, common::error_event)?;
+        self.decode(data, out)
+    }
 
     /// True once `[DONE]` arrived.
-    pub fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.done
     }
 }
@@ -1570,6 +1579,27 @@ mod tests {
     use crate::backend::common::testing::{self, call_deltas, finishes, fixture, text_of};
     use crate::backend::openai::{OpenAiCodec, Quirks};
     use serde_json::json;
+
+    #[test]
+    fn an_error_line_reads_like_an_error_event() {
+        // Older llama.cpp builds behind `/v1` write `error: {json}`, the object
+        // bare or wrapped in `error` as in an `event: error`; both name the failure.
+        let inner =
+            r#"{"code":500,"message":"llama_decode failed: out of memory","type":"server_error"}"#;
+        for line in [
+            format!("error: {inner}\n\n"),
+            format!("error: {{\"error\":{inner}}}\n\n"),
+            format!("event: error\ndata: {{\"error\":{inner}}}\n\n"),
+        ] {
+            let err = stream_events(&line).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Overloaded, "{line}");
+            assert!(
+                err.message.contains("out of memory"),
+                "{line}: {}",
+                err.message
+            );
+        }
+    }
 
     fn stream_events(sse: &str) -> Result<Vec<StreamEvent>, UpstreamError> {
         testing::stream_events(
