@@ -1,5 +1,5 @@
 //! Background tasks. Every task the gateway starts goes through [`spawn`]: it has
-//! a name, runs inside a tracing span carrying that name, and a panic in it is
+//! a name, runs inside a (debug-level) tracing span carrying that name, and a panic in it is
 //! logged and counted instead of vanishing with a dropped `JoinHandle`.
 //! `clippy.toml` forbids calling `tokio::spawn` anywhere else.
 
@@ -40,8 +40,10 @@ where
             }
         }
     };
+    // A debug span: disabled at the default log level, so a connection task's
+    // every poll does not enter a span (an enabled span costs a lock per enter).
     #[allow(clippy::disallowed_methods)] // the one place tasks are started
-    tokio::spawn(supervised.instrument(tracing::info_span!("task", name)))
+    tokio::spawn(supervised.instrument(tracing::debug_span!("task", name)))
 }
 
 #[cfg(test)]
