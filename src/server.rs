@@ -567,7 +567,12 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -
         arm,
         upstream: served.upstream,
         error: None,
-        streaming,
+        // A stream records its own duration when it ends, except a replayed
+        // cache hit, which is in memory and has no tap to do it.
+        streaming: streaming
+            && !served
+                .cache
+                .is_some_and(|c| matches!(c.status, crate::cache::Status::Hit)),
     }
 }
 
@@ -930,9 +935,17 @@ async fn embeddings_handled(
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
     let route = Some(ctx.route().clone());
-    match app.gw.embed(&ctx, req).await {
-        Err(e) => error_response(&OpenAi, e, &id, route),
-        Ok(served) => {
+    let served = tokio::time::timeout(app.settings.request_timeout, app.gw.embed(&ctx, req)).await;
+    match served {
+        Err(_) => {
+            let e = UpstreamError::new(
+                ErrorKind::Timeout,
+                "no response from the backend within the gateway's request timeout",
+            );
+            error_response(&OpenAi, e.into(), &id, route)
+        }
+        Ok(Err(e)) => error_response(&OpenAi, e, &id, route),
+        Ok(Ok(served)) => {
             let mut out = json_response(
                 StatusCode::OK,
                 wire::encode_embeddings_response(&served.value, &served.route.name, encoding),

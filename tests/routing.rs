@@ -547,15 +547,17 @@ async fn active_health_checks_open_the_breaker_before_traffic_hits_it() {
 }
 
 /// A 50/50 split `greet-ab` over the two versions of prompt `greet`: arm `v1`
-/// (version 1) is the sandbox's echo, arm `v2` (version 2) is `second`.
-async fn greet_split(second: &str) -> (Fake, Gw) {
+/// is the sandbox's echo (with `first`, e.g. its prompt selector), arm `v2`
+/// (version 2) is `second`.
+async fn greet_split(first: &str, second: &str) -> (Fake, Gw) {
     let fake = spawn_fake().await;
     let routes = format!(
         concat!(
             "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
-            "        - {{name: v1, weight: 1, provider: sandbox, model: echo, prompt: {{version: 1}}}}\n",
+            "        - {{name: v1, weight: 1, provider: sandbox, model: echo{first}}}\n",
             "        - {{name: v2, weight: 1, {second}, prompt: {{version: 2}}}}\n",
         ),
+        first = first,
         second = second
     );
     let (g, p) = fake_config(&fake, &routes);
@@ -590,7 +592,7 @@ async fn greet(gw: &Gw, user: Option<String>) -> (String, String, String, Value)
 
 #[tokio::test]
 async fn a_split_over_prompt_versions_renders_the_arm_version() {
-    let (_fake, gw) = greet_split("provider: sandbox, model: echo").await;
+    let (_fake, gw) = greet_split(", prompt: {version: 1}", "provider: sandbox, model: echo").await;
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..30 {
         let (arm, version, _, v) = greet(&gw, Some(format!("u{i}"))).await;
@@ -787,7 +789,7 @@ async fn a_target_shared_by_routes_has_one_breaker_across_reloads() {
 /// the arm (and the chain) that serves it.
 #[tokio::test]
 async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
-    let (fake, gw) = greet_split("provider: fake, model: chat").await;
+    let (fake, gw) = greet_split(", prompt: {version: 1}", "provider: fake, model: chat").await;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
         // No `user`: no subject to hash, so each request draws its arm.
@@ -806,6 +808,34 @@ async fn an_unsubjected_split_renders_and_serves_with_one_arm() {
     for r in fake.requests() {
         let text = r.body["messages"].to_string();
         assert!(text.contains("two x"), "{text}");
+    }
+}
+
+/// A split where only one arm pins a prompt version: the other arm renders the
+/// prompt's default (label `production`, version 1). Drawn once, the version
+/// always matches the arm that serves, on `/v1/chat/completions` and on the
+/// prompt endpoint whose version names the split route.
+#[tokio::test]
+async fn a_split_where_one_arm_pins_a_version_renders_and_serves_with_one_arm() {
+    let (fake, gw) = greet_split("", "provider: fake, model: chat").await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (arm, version, provider, _) = greet(&gw, None).await;
+        let (want_version, want_provider) = if arm == "v2" {
+            ("2", "fake")
+        } else {
+            ("1", "sandbox")
+        };
+        assert_eq!(
+            (version.as_str(), provider.as_str()),
+            (want_version, want_provider),
+            "arm {arm}"
+        );
+        seen.insert(arm);
+    }
+    assert_eq!(seen.len(), 2, "both arms drawn over 40 requests");
+    for r in fake.requests() {
+        assert!(r.body["messages"].to_string().contains("two x"));
     }
 }
 

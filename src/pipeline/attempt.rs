@@ -230,7 +230,8 @@ pub(super) async fn run_chain<O: Operation>(
                 let exp = policy.backoff.saturating_mul(1 << (round.min(10)));
                 let jitter = 0.5 + rand::random::<f64>() / 2.0;
                 let mut wait = exp.min(policy.max_backoff).mul_f64(jitter);
-                if let Some(f) = errors.last() {
+                // A backend's Retry-After holds back that backend only.
+                if let Some(f) = errors.last().filter(|f| f.target == t.id) {
                     if let Some(ra) = f.error.retry_after {
                         // A backend's number: capped, and compared without adding
                         // it to an Instant (which would overflow).
@@ -268,12 +269,19 @@ pub(super) async fn run_chain<O: Operation>(
             tried_this_round = true;
             let started = Instant::now();
             let remaining = deadline.saturating_duration_since(started);
+            // Cut short by the route's deadline, a call counts against its target
+            // only if it had at least the target's own headers timeout to answer:
+            // a request that spent its budget waiting elsewhere says nothing of it.
+            let mut cut_early = false;
             let result = match tokio::time::timeout(remaining, op.call(gw, t)).await {
                 Ok(r) => r,
-                Err(_) => Err(UpstreamError::new(
-                    ErrorKind::Timeout,
-                    "the route's deadline passed during the attempt",
-                )),
+                Err(_) => {
+                    cut_early = remaining < t.headers_timeout;
+                    Err(UpstreamError::new(
+                        ErrorKind::Timeout,
+                        "the route's deadline passed during the attempt",
+                    ))
+                }
             };
             let elapsed = started.elapsed();
             let handles = t.metrics(&gw.metrics);
@@ -298,8 +306,12 @@ pub(super) async fn run_chain<O: Operation>(
                     if e.provider.is_empty() {
                         e.provider = t.provider_id.to_string();
                     }
-                    let state = pass.record(&snap.breaker, counts_against_target(e.kind));
-                    handles.breaker(state);
+                    if cut_early {
+                        drop(pass);
+                    } else {
+                        let state = pass.record(&snap.breaker, counts_against_target(e.kind));
+                        handles.breaker(state);
+                    }
                     gw.metrics.attempt(&route.name, &t.id, e.kind.as_str());
                     tracing::info!(route = %route.name, target = %t.id, kind = e.kind.as_str(),
                         error = %crate::server::LogSafe(&e.message), "attempt failed");

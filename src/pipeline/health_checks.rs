@@ -42,9 +42,12 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
                     if let Err(e) = &result {
                         tracing::warn!(provider = %id, kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "health check failed");
                     }
+                    // Once per target: a target shared by several routes or arms
+                    // has one `Health`, and one check is one observation of it.
+                    let mut seen = std::collections::HashSet::new();
                     for route in snap.routes() {
                         for t in route.targets() {
-                            if *t.provider_id == *id {
+                            if *t.provider_id == *id && seen.insert(t.id.clone()) {
                                 let state = t.health.record(&snap.breaker, failed);
                                 t.metrics(&gw.metrics).breaker(state);
                             }

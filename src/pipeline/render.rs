@@ -12,12 +12,12 @@ use crate::canonical::ChatRequest;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::prompt::PromptRef;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Plan, Route, Snapshot};
 
 /// What rendering decided.
 #[derive(Default)]
 pub struct Prepared {
-    /// The route and arm, when the arm chose the prompt version.
+    /// The route and arm, when the request was placed on a split here.
     pub placement: Option<Placement>,
     pub prompt: Option<PromptUse>,
 }
@@ -40,58 +40,84 @@ pub fn render(
     let Some(mut p) = prompt else {
         return Ok(Prepared::default());
     };
-    // A split over prompt versions: a request that names no version gets its
-    // arm's, and stays on the split route.
-    let mut placement = None;
+    // A split: the request is placed here, once, and a split over prompt
+    // versions gives a request that names no version its arm's version (and
+    // keeps it on the split route). The placement is kept for every split, so
+    // the arm that chose the version is the arm that serves.
+    let is_split = |r: &&Arc<Route>| matches!(r.plan, Plan::Split { .. });
+    let mut placement: Option<Placement> = None;
     if p.explicit_selector.is_none() {
-        if let Some(route) = snap.route(&req.model) {
+        if let Some(route) = snap.route(&req.model).filter(is_split) {
             let placed = Placement::place(route, headers, req.params.user.as_deref());
             if let Some(sel) = placed.arm().and_then(|a| a.prompt.clone()) {
                 p.selector = sel;
-                placement = Some(placed);
             }
+            placement = Some(placed);
         }
     }
-    match snap.prompts.render(&p) {
-        Ok(r) => {
-            let used = PromptUse {
-                id: r.id.clone(),
-                version: r.version,
-            };
-            r.apply(req);
-            if let Some(placed) = &placement {
-                req.model = placed.route.name.to_string();
+    let mut r = match snap.prompts.render(&p) {
+        Ok(r) => r,
+        Err(e) => return Err(refused(metrics, snap, p, e)),
+    };
+    // No route in the request (the prompt endpoint): the version names it, and
+    // when that route is a split over prompt versions its arm decides the version.
+    if placement.is_none() && p.explicit_selector.is_none() {
+        if let Some(route) = r
+            .route
+            .as_deref()
+            .and_then(|n| snap.route(n))
+            .filter(is_split)
+        {
+            let placed = Placement::place(route, headers, req.params.user.as_deref());
+            if let Some(sel) = placed.arm().and_then(|a| a.prompt.clone()) {
+                p.selector = sel;
+                r = match snap.prompts.render(&p) {
+                    Ok(r) => r,
+                    Err(e) => return Err(refused(metrics, snap, p, e)),
+                };
             }
-            if req.model.is_empty() {
-                return Err(Refused {
-                    error: GatewayError::invalid(
-                        format!(
-                            "prompt `{}` version {} names no route: give `model`",
-                            used.id, used.version
-                        ),
-                        Some("model"),
-                    ),
-                    prompt_id: None,
-                });
-            }
-            Ok(Prepared {
-                placement,
-                prompt: Some(used),
-            })
+            placement = Some(placed);
         }
-        Err(e) => {
-            // Only configured ids become labels: a client naming random
-            // prompts must not grow the metrics without bound.
-            let label = if snap.prompts.get(&p.id).is_some() {
-                p.id.as_str()
-            } else {
-                "unknown"
-            };
-            metrics.prompt_error(label);
-            Err(Refused {
-                error: e,
-                prompt_id: Some(p.id),
-            })
-        }
+    }
+    let used = PromptUse {
+        id: r.id.clone(),
+        version: r.version,
+    };
+    r.apply(req);
+    // A request placed on a split stays on it, whatever route the version names.
+    if let Some(placed) = &placement {
+        req.model = placed.route.name.to_string();
+    }
+    if req.model.is_empty() {
+        return Err(Refused {
+            error: GatewayError::invalid(
+                format!(
+                    "prompt `{}` version {} names no route: give `model`",
+                    used.id, used.version
+                ),
+                Some("model"),
+            ),
+            prompt_id: None,
+        });
+    }
+    Ok(Prepared {
+        placement,
+        prompt: Some(used),
+    })
+}
+
+/// A render error, counted under the prompt's id when it is a configured one.
+fn refused(metrics: &Metrics, snap: &Snapshot, p: PromptRef, e: GatewayError) -> Refused {
+    // Only configured ids become labels: a client naming random prompts must
+    // not grow the metrics without bound.
+    let label = if snap.prompts.get(&p.id).is_some() {
+        p.id.as_str()
+    } else {
+        "unknown"
+    };
+    metrics.prompt_error(label);
+    Refused {
+        error: e,
+        prompt_id: Some(p.id),
     }
 }
