@@ -309,6 +309,15 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
     response
 }
 
+/// A failed request placed on an A/B arm counts for that arm: its experiment's
+/// error rate sees failures that never produced a response.
+fn on_arm(mut handled: Handled, ctx: &RequestContext) -> Handled {
+    if let (Some(o), Some(a)) = (handled.outcome.as_mut(), ctx.arm()) {
+        o.arm = Some((a.name.clone(), a.stats.clone()));
+    }
+    handled
+}
+
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
@@ -823,9 +832,9 @@ async fn run_chat(
                     ErrorKind::Timeout,
                     "no response from the backend within the gateway's request timeout",
                 );
-                return error_response(d, e.into(), &id, route);
+                return on_arm(error_response(d, e.into(), &id, route), ctx);
             }
-            Ok(Err(e)) => return error_response(d, e, &id, route),
+            Ok(Err(e)) => return on_arm(error_response(d, e, &id, route), ctx),
             Ok(Ok(s)) => s,
         };
     let (value, served) = served.split();
@@ -942,9 +951,9 @@ async fn embeddings_handled(
                 ErrorKind::Timeout,
                 "no response from the backend within the gateway's request timeout",
             );
-            error_response(&OpenAi, e.into(), &id, route)
+            on_arm(error_response(&OpenAi, e.into(), &id, route), &ctx)
         }
-        Ok(Err(e)) => error_response(&OpenAi, e, &id, route),
+        Ok(Err(e)) => on_arm(error_response(&OpenAi, e, &id, route), &ctx),
         Ok(Ok(served)) => {
             let mut out = json_response(
                 StatusCode::OK,

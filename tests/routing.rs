@@ -1002,3 +1002,30 @@ async fn attempts_in_both_dialects_and_unlisted_without_targets() {
         }
     }
 }
+
+/// A request that fails on an A/B arm before any response counts for that arm,
+/// in both modes: the experiment's error rate sees it.
+#[tokio::test]
+async fn failures_before_a_response_count_for_their_arm() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  ab-down:\n    split:\n      subject: user\n      arms:\n        - {name: down, weight: 1, provider: fake, model: status-500}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    for stream in [false, true] {
+        let (s, h, _) = send(&gw, "ab-down", stream, &[]).await;
+        assert_eq!(s, 503);
+        assert!(h.get("x-request-id").is_some());
+    }
+    let metrics = gw.metrics().await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("promptgate_arm_requests_total")
+                && l.contains("arm=\"down\"")
+                && l.contains("status=\"503\"")
+        })
+        .unwrap_or_else(|| panic!("no failure counted for the arm:\n{metrics}"));
+    assert!(line.ends_with(" 2"), "{line}");
+}
