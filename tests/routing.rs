@@ -1029,3 +1029,46 @@ async fn failures_before_a_response_count_for_their_arm() {
         .unwrap_or_else(|| panic!("no failure counted for the arm:\n{metrics}"));
     assert!(line.ends_with(" 2"), "{line}");
 }
+
+/// On the prompt endpoint, without `model`, the version names the route; when
+/// that route is a split over prompt versions, its arm (drawn once) chooses the
+/// version that is rendered and serves it.
+#[tokio::test]
+async fn the_prompt_endpoint_on_a_split_renders_and_serves_with_one_arm() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        concat!(
+            "  greet-ab:\n    split:\n      subject: user\n      arms:\n",
+            "        - {name: v1, weight: 1, provider: sandbox, model: echo, prompt: {version: 1}}\n",
+            "        - {name: v2, weight: 1, provider: fake, model: chat, prompt: {version: 2}}\n",
+        ),
+    );
+    let prompt = "variables:\n  name: {type: string}\nlabels: {production: 1}\nversions:\n  1:\n    route: greet-ab\n    messages: [{role: user, content: \"one {{ name }}\"}]\n  2:\n    route: greet-ab\n    messages: [{role: user, content: \"two {{ name }}\"}]\n";
+    let gw = spawn_gateway_with_prompts(&g, &p, &[("greet.yaml", prompt)]).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = client()
+            .post(gw.url("/v1/prompts/greet/chat/completions"))
+            .json(&json!({"variables": {"name": "x"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let header = |name: &str| r.headers()[name].to_str().unwrap().to_owned();
+        let (arm, version) = (
+            header("x-promptgate-arm"),
+            header("x-promptgate-prompt-version"),
+        );
+        assert_eq!(
+            arm,
+            format!("v{version}"),
+            "rendered with one arm, served by another"
+        );
+        seen.insert(arm);
+    }
+    assert_eq!(seen.len(), 2, "both arms drawn over 40 requests");
+    for r in fake.requests() {
+        assert!(r.body["messages"].to_string().contains("two x"));
+    }
+}

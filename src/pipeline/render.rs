@@ -11,7 +11,7 @@ use super::context::{Placement, PromptUse};
 use crate::canonical::ChatRequest;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::prompt::PromptRef;
+use crate::prompt::{PromptRef, Rendered};
 use crate::snapshot::{Plan, Route, Snapshot};
 
 /// What rendering decided.
@@ -44,37 +44,25 @@ pub fn render(
     // versions gives a request that names no version its arm's version (and
     // keeps it on the split route). The placement is kept for every split, so
     // the arm that chose the version is the arm that serves.
-    let is_split = |r: &&Arc<Route>| matches!(r.plan, Plan::Split { .. });
+    let user = req.params.user.as_deref();
+    let split = |name: &str| {
+        snap.route(name)
+            .filter(|r| matches!(r.plan, Plan::Split { .. }))
+    };
     let mut placement: Option<Placement> = None;
     if p.explicit_selector.is_none() {
-        if let Some(route) = snap.route(&req.model).filter(is_split) {
-            let placed = Placement::place(route, headers, req.params.user.as_deref());
-            if let Some(sel) = placed.arm().and_then(|a| a.prompt.clone()) {
-                p.selector = sel;
-            }
-            placement = Some(placed);
+        if let Some(route) = split(&req.model) {
+            placement = Some(place(route, headers, user, &mut p).0);
         }
     }
-    let mut r = match snap.prompts.render(&p) {
-        Ok(r) => r,
-        Err(e) => return Err(refused(metrics, snap, p, e)),
-    };
+    let mut r = render_prompt(metrics, snap, &p)?;
     // No route in the request (the prompt endpoint): the version names it, and
     // when that route is a split over prompt versions its arm decides the version.
     if placement.is_none() && p.explicit_selector.is_none() {
-        if let Some(route) = r
-            .route
-            .as_deref()
-            .and_then(|n| snap.route(n))
-            .filter(is_split)
-        {
-            let placed = Placement::place(route, headers, req.params.user.as_deref());
-            if let Some(sel) = placed.arm().and_then(|a| a.prompt.clone()) {
-                p.selector = sel;
-                r = match snap.prompts.render(&p) {
-                    Ok(r) => r,
-                    Err(e) => return Err(refused(metrics, snap, p, e)),
-                };
+        if let Some(route) = r.route.as_deref().and_then(split) {
+            let (placed, chose) = place(route, headers, user, &mut p);
+            if chose {
+                r = render_prompt(metrics, snap, &p)?;
             }
             placement = Some(placed);
         }
@@ -106,18 +94,40 @@ pub fn render(
     })
 }
 
-/// A render error, counted under the prompt's id when it is a configured one.
-fn refused(metrics: &Metrics, snap: &Snapshot, p: PromptRef, e: GatewayError) -> Refused {
-    // Only configured ids become labels: a client naming random prompts must
-    // not grow the metrics without bound.
-    let label = if snap.prompts.get(&p.id).is_some() {
-        p.id.as_str()
-    } else {
-        "unknown"
+/// Places a request on the split `route`; when the arm pins a prompt version,
+/// it becomes the prompt's selector (true).
+fn place(
+    route: &Arc<Route>,
+    headers: &HeaderMap,
+    user: Option<&str>,
+    p: &mut PromptRef,
+) -> (Placement, bool) {
+    let placed = Placement::place(route, headers, user);
+    let chose = match placed.arm().and_then(|a| a.prompt.clone()) {
+        Some(sel) => {
+            p.selector = sel;
+            true
+        }
+        None => false,
     };
-    metrics.prompt_error(label);
-    Refused {
-        error: e,
-        prompt_id: Some(p.id),
-    }
+    (placed, chose)
+}
+
+/// Renders `p`; a render error is counted under the prompt's id when it is a
+/// configured one.
+fn render_prompt(metrics: &Metrics, snap: &Snapshot, p: &PromptRef) -> Result<Rendered, Refused> {
+    snap.prompts.render(p).map_err(|e| {
+        // Only configured ids become labels: a client naming random prompts must
+        // not grow the metrics without bound.
+        let label = if snap.prompts.get(&p.id).is_some() {
+            p.id.as_str()
+        } else {
+            "unknown"
+        };
+        metrics.prompt_error(label);
+        Refused {
+            error: e,
+            prompt_id: Some(p.id.clone()),
+        }
+    })
 }
