@@ -309,9 +309,12 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
     response
 }
 
-/// A failed request placed on an A/B arm counts for that arm: its experiment's
-/// error rate sees failures that never produced a response.
-fn on_arm(mut handled: Handled, ctx: &RequestContext) -> Handled {
+/// The error response of a request the pipeline failed, placed by `ctx`: it
+/// counts for the request's route and, on a split, for its A/B arm (the
+/// experiment's error rate sees failures that never produced a response).
+fn pipeline_error(d: &dyn Dialect, err: GatewayError, ctx: &RequestContext) -> Handled {
+    let id = RequestId(ctx.request_id.clone());
+    let mut handled = error_response(d, err, &id, Some(ctx.route().clone()));
     if let (Some(o), Some(a)) = (handled.outcome.as_mut(), ctx.arm()) {
         o.arm = Some((a.name.clone(), a.stats.clone()));
     }
@@ -823,7 +826,6 @@ async fn run_chat(
     req: ChatRequest,
 ) -> Handled {
     let id = id.clone();
-    let route = Some(ctx.route().clone());
     let mut encoder = req.stream.then(|| d.stream_encoder(&req));
     let served =
         match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
@@ -832,9 +834,9 @@ async fn run_chat(
                     ErrorKind::Timeout,
                     "no response from the backend within the gateway's request timeout",
                 );
-                return on_arm(error_response(d, e.into(), &id, route), ctx);
+                return pipeline_error(d, e.into(), ctx);
             }
-            Ok(Err(e)) => return on_arm(error_response(d, e, &id, route), ctx),
+            Ok(Err(e)) => return pipeline_error(d, e, ctx),
             Ok(Ok(s)) => s,
         };
     let (value, served) = served.split();
@@ -943,7 +945,6 @@ async fn embeddings_handled(
         Ok(ctx) => ctx,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
-    let route = Some(ctx.route().clone());
     let served = tokio::time::timeout(app.settings.request_timeout, app.gw.embed(&ctx, req)).await;
     match served {
         Err(_) => {
@@ -951,9 +952,9 @@ async fn embeddings_handled(
                 ErrorKind::Timeout,
                 "no response from the backend within the gateway's request timeout",
             );
-            on_arm(error_response(&OpenAi, e.into(), &id, route), &ctx)
+            pipeline_error(&OpenAi, e.into(), &ctx)
         }
-        Ok(Err(e)) => on_arm(error_response(&OpenAi, e, &id, route), &ctx),
+        Ok(Err(e)) => pipeline_error(&OpenAi, e, &ctx),
         Ok(Ok(served)) => {
             let mut out = json_response(
                 StatusCode::OK,
