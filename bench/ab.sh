@@ -38,7 +38,7 @@ trap cleanup EXIT
 python3 "$BENCH/bench.py" gen --dir "$TMP" >/dev/null
 nginx -c "$TMP/nginx-upstream/nginx.conf" -p "$TMP/nginx-upstream" &
 NGX=$!
-sleep 0.5
+wait_port 19001 "$NGX" "nginx upstream"
 export WRK_BODY_FILE=$TMP/body.json
 URL=http://127.0.0.1:19003/v1/chat/completions
 
@@ -47,10 +47,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 one() {  # label binary
   "$2" serve --config "$TMP/promptgate/promptgate.yaml" --listen 127.0.0.1:19003 2>"$TMP/pg.log" &
   PG=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/19003) 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_port 19003 "$PG" "promptgate ($1)"
   wrk -t1 -c64 -d2s -s "$BENCH/wrk_post.lua" "$URL" >/dev/null
   local t0 t1 n hz
   hz=$(getconf CLK_TCK)

@@ -82,14 +82,6 @@ done
 TMP=$(mktemp -d /tmp/promptgate-cachebench.XXXXXX)
 python3 "$BENCH/cache_bench.py" gen --dir "$TMP" --mem-bound "$MEM_BOUND" >/dev/null
 
-wait_port() {  # port pid name
-  for _ in $(seq 100); do
-    kill -0 "$2" 2>/dev/null || die "$3 exited during start-up"
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  die "$3 is not listening on 127.0.0.1:$1 after 10s"
-}
 wait_port_free() {  # port
   for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null || return 0

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shared by bench/load.sh and bench/cache_hit.sh: the tools they need, the release
-# build, and waiting for an idle machine. The caller sets ROOT, BENCH, TOOLS,
+# Shared by bench/load.sh, bench/cache_hit.sh and bench/ab.sh: the tools they need, the release
+# build, waiting for an idle machine and for a port. The caller sets ROOT, BENCH, TOOLS,
 # PG_BIN, IDLE_WAIT and defines say/die before sourcing this file.
 
 apt_install() {
@@ -74,4 +74,14 @@ bench_wait_idle() {
   elif (( waited > 10 )); then
     IDLE="yes (after waiting ${waited}s)"
   fi
+}
+
+# Waits until process `pid` (`name`) listens on 127.0.0.1:`port`, at most 10 s.
+wait_port() {  # port pid name
+  for _ in $(seq 100); do
+    kill -0 "$2" 2>/dev/null || die "$3 exited during start-up"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "$3 is not listening on 127.0.0.1:$1 after 10s"
 }

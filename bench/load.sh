@@ -71,15 +71,6 @@ done
 TMP=$(mktemp -d /tmp/promptgate-bench.XXXXXX)
 python3 "$BENCH/bench.py" gen --dir "$TMP" >/dev/null
 
-wait_port() {  # port pid name
-  for _ in $(seq 100); do
-    kill -0 "$2" 2>/dev/null || die "$3 exited during start-up"
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  die "$3 is not listening on 127.0.0.1:$1 after 10s"
-}
-
 for inst in upstream proxy; do
   "$NGINX" -t -q -c "$TMP/nginx-$inst/nginx.conf" -p "$TMP/nginx-$inst" \
     || die "nginx ($inst) config test failed"
