@@ -13,8 +13,12 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 mod prompts;
+mod retrievers;
 mod routes;
 
+pub use retrievers::{
+    retrievers_dir, ChunkConfig, Mode, RetrieverConfig, RetrieverKind, Weights, DEFAULT_TEMPLATE,
+};
 pub use routes::{
     ArmConfig, BreakerConfig, RetryPolicy, RouteConfig, Strategy, Subject, TargetConfig,
 };
@@ -711,6 +715,8 @@ pub struct Config {
     pub routes: BTreeMap<String, RouteConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub prompts: BTreeMap<String, crate::prompt::PromptDef>,
+    /// `retrievers/*.yaml`, by id.
+    pub retrievers: BTreeMap<String, RetrieverConfig>,
     pub breaker: BreakerConfig,
     pub cache: CacheConfig,
 }
@@ -840,6 +846,16 @@ pub fn prompts_dir(gateway_file: &Path) -> PathBuf {
         .parent()
         .unwrap_or_else(|| Path::new("."))
         .join("prompts")
+}
+
+/// The folders beside the gateway file whose `*.yaml` files the
+/// configuration reads (and the reload watcher watches).
+pub fn config_dirs(gateway_file: &Path) -> [PathBuf; 3] {
+    [
+        providers_dir(gateway_file),
+        prompts_dir(gateway_file),
+        retrievers_dir(gateway_file),
+    ]
 }
 
 /// Whether `p` is a file the configuration reads from its folders (`*.yaml`,
@@ -1076,7 +1092,13 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     }
 
     let route_names: Vec<&str> = routes.keys().map(String::as_str).collect();
-    let prompts = prompts::load_dir(&prompts_dir(gateway_file), &route_names, &mut problems);
+    let retrievers = retrievers::load_dir(gateway_file, &route_names, &mut problems);
+    let prompts = prompts::load_dir(
+        &prompts_dir(gateway_file),
+        &route_names,
+        &retrievers,
+        &mut problems,
+    );
 
     if problems.list.is_empty() {
         Ok(Config {
@@ -1088,6 +1110,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             routes,
             providers,
             prompts,
+            retrievers,
             breaker,
             cache,
         })

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod prompt;
 pub mod reload;
+pub mod retrieval;
 pub mod server;
 pub mod snapshot;
 pub mod task;

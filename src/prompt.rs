@@ -82,15 +82,31 @@ pub struct PromptParams {
     pub response_format: Option<ResponseFormat>,
 }
 
-/// A retrieval hook: fills variable `into` with context from `retriever` for the
-/// rendered `query`, before the messages are rendered. The syntax is fixed now;
-/// retrievers are configured in `promptgate.yaml`.
+/// A retrieval hook: fills variable `into` with passages from `retriever` for
+/// the rendered `query` (a template over the prompt's variables), before the
+/// messages are rendered.
 #[derive(Debug, Clone)]
 pub struct Hook {
     pub retriever: String,
     pub query: String,
     pub top_k: u32,
+    /// Passages scoring below it are dropped (the [0, 1] similarity scale).
+    pub min_score: Option<f32>,
+    /// Token budget of the passages (tiktoken): the lowest-ranked are dropped
+    /// until it holds.
+    pub max_tokens: Option<u32>,
+    pub filter: crate::retrieval::Filter,
+    pub on_error: OnError,
     pub into: String,
+}
+
+/// What a failed retrieval does to its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The request fails (502 / 504, kind `retrieval`).
+    Fail,
+    /// The template gets an empty list; the failure is counted and logged.
+    Empty,
 }
 
 #[derive(Debug, Clone)]

@@ -46,7 +46,7 @@ pub struct Reloader {
 }
 
 /// Whether `path` is (or may lead to) a file the configuration reads: the
-/// gateway file, a `*.yaml`/`*.yml` under `providers/` or `prompts/`, those
+/// gateway file, a `*.yaml`/`*.yml` under `providers/`, `prompts/` or `retrievers/`, those
 /// folders themselves, or the `..`-prefixed entries Kubernetes swaps when it
 /// updates a ConfigMap mount. Logs, editor swap files and anything else
 /// written into these folders are not.
@@ -58,10 +58,7 @@ fn is_input(path: &Path, gateway_file: &Path) -> bool {
     if path == gateway_file || name.starts_with("..") {
         return true;
     }
-    let folders = [
-        crate::config::providers_dir(gateway_file),
-        crate::config::prompts_dir(gateway_file),
-    ];
+    let folders = crate::config::config_dirs(gateway_file);
     if path.parent() == Some(dir) && folders.iter().any(|f| f == path) {
         return true;
     }
@@ -70,7 +67,7 @@ fn is_input(path: &Path, gateway_file: &Path) -> bool {
 
 /// SHA-256 over every file the configuration reads (name and content, links
 /// followed): the gateway file and the `*.yaml`/`*.yml` files directly in
-/// `providers/` and `prompts/`.
+/// `providers/`, `prompts/` and `retrievers/`.
 pub fn input_digest(gateway_file: &Path) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -87,10 +84,7 @@ pub fn input_digest(gateway_file: &Path) -> [u8; 32] {
         h.update([0]);
     };
     add(&mut h, gateway_file);
-    for dir in [
-        crate::config::providers_dir(gateway_file),
-        crate::config::prompts_dir(gateway_file),
-    ] {
+    for dir in crate::config::config_dirs(gateway_file) {
         let files = crate::config::yaml_files(&dir).unwrap_or_default();
         h.update(dir.as_os_str().as_encoded_bytes());
         h.update([1]);
@@ -283,8 +277,7 @@ impl Reloader {
             .unwrap_or_else(|| Path::new("."))
             .to_owned();
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        for sub in ["providers", "prompts"] {
-            let p = dir.join(sub);
+        for p in crate::config::config_dirs(&gateway_file) {
             if p.is_dir() {
                 watcher.watch(&p, RecursiveMode::Recursive)?;
             }

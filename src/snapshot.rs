@@ -129,6 +129,8 @@ impl Route {
 pub struct Snapshot {
     pub config: Config,
     pub prompts: crate::prompt::Registry,
+    /// Every configured retriever, built once per snapshot.
+    pub retrievers: crate::retrieval::Retrievers,
     routes: HashMap<String, Arc<Route>>,
     pub providers: BTreeMap<String, ProviderState>,
     pub breaker: BreakerConfig,
@@ -242,10 +244,12 @@ impl Snapshot {
             .map(String::as_str)
             .collect::<Vec<_>>()
             .join(", ");
+        let retrievers = crate::retrieval::Retrievers::build(&config.retrievers, env);
         Ok(Snapshot {
             breaker: config.breaker,
             config,
             prompts,
+            retrievers,
             routes,
             providers,
             models_body,

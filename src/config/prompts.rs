@@ -9,7 +9,9 @@ use serde_json::Value;
 
 use super::{read_yaml, Problem, Problems};
 use crate::canonical::Role;
-use crate::prompt::{Hook, MessageTemplate, PromptDef, PromptParams, VarDef, VarType, VersionDef};
+use crate::prompt::{
+    Hook, MessageTemplate, OnError, PromptDef, PromptParams, VarDef, VarType, VersionDef,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +80,22 @@ struct RawHook {
     query: String,
     #[serde(default)]
     top_k: Option<u32>,
+    #[serde(default)]
+    min_score: Option<f32>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    filter: Option<Value>,
+    #[serde(default)]
+    on_error: Option<RawOnError>,
     into: String,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum RawOnError {
+    Fail,
+    Empty,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +189,7 @@ fn openai_params(v: &RawPromptParams) -> Result<ToolParams, String> {
 pub(super) fn load_dir(
     dir: &Path,
     routes: &[&str],
+    retrievers: &BTreeMap<String, crate::config::RetrieverConfig>,
     problems: &mut Problems,
 ) -> BTreeMap<String, PromptDef> {
     let mut out = BTreeMap::new();
@@ -202,11 +220,38 @@ pub(super) fn load_dir(
             );
             continue;
         }
-        if let Some(p) = validate(&id, &file, &text, raw, routes, problems) {
+        if let Some(p) = validate(&id, &file, &text, raw, routes, retrievers, problems) {
             out.insert(id, p);
         }
     }
     out
+}
+
+/// A hook as the version hash sees it: the original four fields, and each
+/// later one only when set (so hashes recorded before they existed still hold).
+fn hook_content(h: &RawHook) -> Value {
+    let mut o = serde_json::json!({"retriever": h.retriever, "query": h.query, "top_k": h.top_k, "into": h.into});
+    if let Some(m) = o.as_object_mut() {
+        if let Some(s) = h.min_score {
+            m.insert("min_score".into(), serde_json::json!(s));
+        }
+        if let Some(t) = h.max_tokens {
+            m.insert("max_tokens".into(), serde_json::json!(t));
+        }
+        if let Some(f) = &h.filter {
+            m.insert("filter".into(), f.clone());
+        }
+        if let Some(e) = h.on_error {
+            m.insert(
+                "on_error".into(),
+                serde_json::json!(match e {
+                    RawOnError::Fail => "fail",
+                    RawOnError::Empty => "empty",
+                }),
+            );
+        }
+    }
+    o
 }
 
 fn at(problems: &mut Problems, file: &Path, line: usize, field: String, message: String) {
@@ -224,6 +269,7 @@ fn validate(
     text: &str,
     raw: RawPrompt,
     routes: &[&str],
+    retrievers: &BTreeMap<String, crate::config::RetrieverConfig>,
     problems: &mut Problems,
 ) -> Option<PromptDef> {
     let before = problems.list.len();
@@ -317,7 +363,7 @@ fn validate(
         let content = serde_json::json!({
             "route": v.route,
             "params": v.params,
-            "retrieval": v.retrieval.iter().map(|h| serde_json::json!({"retriever": h.retriever, "query": h.query, "top_k": h.top_k, "into": h.into})).collect::<Vec<_>>(),
+            "retrieval": v.retrieval.iter().map(hook_content).collect::<Vec<_>>(),
             "messages": v.messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
         });
         let hash = crate::prompt::version_hash(&content);
@@ -371,25 +417,100 @@ fn validate(
                 line,
             });
         }
-        for (i, h) in v.retrieval.iter().enumerate() {
-            at(
-                problems,
-                file,
-                vline,
-                format!("versions.{n}.retrieval[{i}].retriever"),
-                format!("retriever `{}` is not configured (no retrievers are declared in the gateway file)", h.retriever),
-            );
-        }
-        let retrieval = v
-            .retrieval
-            .into_iter()
-            .map(|h| Hook {
+        let mut retrieval = Vec::with_capacity(v.retrieval.len());
+        for (i, h) in v.retrieval.into_iter().enumerate() {
+            let field = |f: &str| format!("versions.{n}.retrieval[{i}].{f}");
+            if !retrievers.contains_key(&h.retriever) {
+                let known: Vec<&str> = retrievers.keys().map(String::as_str).collect();
+                at(
+                    problems,
+                    file,
+                    vline,
+                    field("retriever"),
+                    format!(
+                        "retriever `{}` is not configured (retrievers: {})",
+                        h.retriever,
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            let top_k = h.top_k.unwrap_or(4);
+            if top_k == 0 || top_k > crate::retrieval::MAX_TOP_K {
+                at(
+                    problems,
+                    file,
+                    vline,
+                    field("top_k"),
+                    format!("must be from 1 to {}", crate::retrieval::MAX_TOP_K),
+                );
+            }
+            if let Some(s) = h.min_score {
+                if !(0.0..=1.0).contains(&s) {
+                    at(
+                        problems,
+                        file,
+                        vline,
+                        field("min_score"),
+                        "must be from 0 to 1 (scores are similarities, higher is better)".into(),
+                    );
+                }
+            }
+            if h.max_tokens == Some(0) {
+                at(
+                    problems,
+                    file,
+                    vline,
+                    field("max_tokens"),
+                    "must be at least 1".into(),
+                );
+            }
+            let filter = match crate::retrieval::Filter::from_json(h.filter.as_ref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    at(problems, file, vline, field("filter"), e.to_string());
+                    crate::retrieval::Filter::default()
+                }
+            };
+            if h.into.is_empty()
+                || !h
+                    .into
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                at(
+                    problems,
+                    file,
+                    vline,
+                    field("into"),
+                    "must be a variable name (letters, digits, `_`)".into(),
+                );
+            } else if variables.iter().any(|var: &VarDef| var.name == h.into) {
+                at(
+                    problems,
+                    file,
+                    vline,
+                    field("into"),
+                    format!("`{}` is already a declared variable", h.into),
+                );
+            }
+            retrieval.push(Hook {
                 retriever: h.retriever,
                 query: h.query,
-                top_k: h.top_k.unwrap_or(4),
+                top_k,
+                min_score: h.min_score,
+                max_tokens: h.max_tokens,
+                filter,
+                on_error: match h.on_error {
+                    Some(RawOnError::Empty) => OnError::Empty,
+                    _ => OnError::Fail,
+                },
                 into: h.into,
-            })
-            .collect();
+            });
+        }
         versions.insert(
             n,
             VersionDef {
