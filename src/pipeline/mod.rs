@@ -20,6 +20,7 @@
 pub mod attempt;
 pub mod cache;
 pub mod context;
+pub mod embedder;
 pub mod health_checks;
 pub mod render;
 pub mod stream;
