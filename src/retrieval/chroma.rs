@@ -11,3 +11,13 @@ pub fn build(cfg: &RetrieverConfig, env: EnvLookup<'_>) -> Result<Arc<dyn Retrie
     let _ = (cfg, env);
     Err("the chroma kind is not built yet".into())
 }
+
+/// The writer `promptgate ingest` fills the collection through (created when
+/// missing).
+pub fn writer(
+    cfg: &RetrieverConfig,
+    env: EnvLookup<'_>,
+) -> Result<Box<dyn super::ingest::IndexWriter>, String> {
+    let _ = (cfg, env);
+    Err("the chroma kind is not built yet".into())
+}

@@ -13,3 +13,10 @@ pub fn open(cfg: &RetrieverConfig) -> Result<Arc<dyn Retriever>, String> {
     let _ = cfg;
     Err("the local kind is not built yet".into())
 }
+
+/// The writer `promptgate ingest` fills the index through (creating the file
+/// when it does not exist yet).
+pub fn writer(cfg: &RetrieverConfig) -> Result<Box<dyn super::ingest::IndexWriter>, String> {
+    let _ = cfg;
+    Err("the local kind is not built yet".into())
+}
