@@ -772,3 +772,49 @@ impl Embedder for FixedEmbedder {
         Box::pin(async move { Ok(texts.iter().map(|_| vec![1.0, 0.0, 0.0]).collect()) })
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chroma_kind_keeps_identical_documents_at_two_sources_apart() {
+    // The same file at two paths (a copy in an archive folder) has the same
+    // content hash; both must stay in the index, each with its own chunks.
+    let chroma_peer = common::peers::start_chroma().await;
+    let cfg = retriever_config(
+        "kb",
+        RetrieverKind::Chroma {
+            url: chroma_peer.base.clone(),
+            collection: "copies".into(),
+            tenant: "default_tenant".into(),
+            database: "default_database".into(),
+            api_key_env: None,
+        },
+        Some(EmbeddingSpec {
+            route: "unused".into(),
+            query: Default::default(),
+            document: Default::default(),
+            batch: 8,
+        }),
+    );
+    let original = doc("returns.md", "1", "zh");
+    let copy = Document {
+        source: "archive/returns.md".into(),
+        ..original.clone()
+    };
+    let cs = chunks(&RETURNS);
+    let vectors = vec![vec![1.0, 0.0, 0.0]; cs.len()];
+    let mut w = chroma::writer(&cfg, &|_| None).unwrap();
+    w.put(&original, &cs, Some(&vectors)).await.unwrap();
+    w.put(&copy, &cs, Some(&vectors)).await.unwrap();
+    let listed = w.documents().await.unwrap();
+    assert_eq!(
+        listed.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["archive/returns.md", "returns.md"]
+    );
+    assert_eq!(chroma_count(&chroma_peer, "copies").await, 4);
+    let r = chroma::build(&cfg, &|_| None).unwrap();
+    let got = r
+        .search(&search("q", 10, Value::Null), &FixedEmbedder)
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = got.iter().map(|p| p.chunk_id.as_str()).collect();
+    assert_eq!(ids.len(), 4, "chunk ids must differ per source: {got:#?}");
+}
