@@ -818,3 +818,70 @@ async fn chroma_kind_keeps_identical_documents_at_two_sources_apart() {
     let ids: BTreeSet<&str> = got.iter().map(|p| p.chunk_id.as_str()).collect();
     assert_eq!(ids.len(), 4, "chunk ids must differ per source: {got:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chroma_kind_maps_distances_by_the_collection_space() {
+    let chroma_peer = common::peers::start_chroma().await;
+    let base = format!(
+        "{}/api/v2/tenants/default_tenant/databases/default_database/collections",
+        chroma_peer.base
+    );
+    let http = common::client();
+    // Collections made by someone else, in each space, with two unit vectors.
+    for space in ["l2", "ip", "cosine"] {
+        let c: Value = http
+            .post(&base)
+            .json(&json!({"name": format!("space-{space}"), "configuration": {"hnsw": {"space": space}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = c["id"].as_str().unwrap();
+        let r = http
+            .post(format!("{base}/{id}/upsert"))
+            .json(&json!({
+                "ids": ["same", "orthogonal"],
+                "embeddings": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                "documents": ["same", "orthogonal"],
+                "metadatas": [{"source": "s"}, {"source": "o"}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let cfg = retriever_config(
+            "kb",
+            RetrieverKind::Chroma {
+                url: chroma_peer.base.clone(),
+                collection: format!("space-{space}"),
+                tenant: "default_tenant".into(),
+                database: "default_database".into(),
+                api_key_env: None,
+            },
+            Some(EmbeddingSpec {
+                route: "unused".into(),
+                query: Default::default(),
+                document: Default::default(),
+                batch: 8,
+            }),
+        );
+        let r = chroma::build(&cfg, &|_| None).unwrap();
+        let got = r
+            .search(&search("q", 5, Value::Null), &FixedEmbedder)
+            .await
+            .unwrap();
+        let scores: Vec<(&str, f32)> = got.iter().map(|p| (p.text.as_str(), p.score)).collect();
+        // l2 is Chroma's squared distance (2 for orthogonal unit vectors):
+        // 1 / (1 + 2); ip and cosine: 1 − d, the cosine (0 when orthogonal).
+        let orthogonal = if space == "l2" { 1.0 / 3.0 } else { 0.0 };
+        assert_eq!(scores.len(), 2, "{space}: {scores:?}");
+        assert_eq!(scores[0].0, "same");
+        assert!((scores[0].1 - 1.0).abs() < 1e-4, "{space}: {scores:?}");
+        assert!(
+            (scores[1].1 - orthogonal).abs() < 1e-4,
+            "{space}: {scores:?}"
+        );
+    }
+}
