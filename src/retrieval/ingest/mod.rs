@@ -1,10 +1,16 @@
 //! `promptgate ingest`: documents → text → chunks → an index (the local
 //! SQLite file, or a Chroma collection), incremental by content hash.
+//!
+//! [`read`] turns a file into a title and sections, [`chunk`] cuts sections
+//! into token-sized chunks.
 
 use std::collections::BTreeMap;
 
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
+
+pub mod chunk;
+pub mod read;
 
 /// One source document as the index knows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,9 +18,12 @@ pub struct Document {
     /// Its id in the index: the path relative to the ingest root (`/`
     /// separated), or `file#line` for one line of a `.jsonl` file.
     pub source: String,
-    /// `sha256:` + hex of the document's bytes (of its line, for `.jsonl`).
+    /// `sha256:` + hex of the document's bytes (of its line, for `.jsonl`)
+    /// and of the settings that shape its chunks and vectors: changing those
+    /// re-indexes it.
     pub hash: String,
-    /// Its title (first heading, `<title>`, the PDF's title, or the file name).
+    /// Its title (first heading, `<title>`, the PDF's title, or the file name
+    /// without extension; a `.jsonl` line's `title`, else "").
     pub title: String,
     pub metadata: Map<String, Value>,
 }
