@@ -403,8 +403,10 @@ impl Item {
 
 struct FileOutcome {
     entry: FileEntry,
-    /// Bytes read.
+    /// Bytes read (of its lines, for a block of a `.jsonl` file).
     bytes: u64,
+    /// Bytes of the walk this outcome completes (for the progress bar).
+    progress: u64,
     items: Vec<Item>,
     warnings: Vec<String>,
     /// The file could not be read at all: what the index holds from it stays.
@@ -413,75 +415,165 @@ struct FileOutcome {
     bad_lines: usize,
 }
 
-/// What a worker needs to prepare one file.
-struct Job {
-    entry: FileEntry,
-    existing: Arc<BTreeMap<String, String>>,
-    fingerprint: Arc<str>,
-    chunk: ChunkConfig,
-    max_file_bytes: u64,
-    threads: usize,
+impl FileOutcome {
+    fn new(entry: FileEntry) -> FileOutcome {
+        FileOutcome {
+            entry,
+            bytes: 0,
+            progress: 0,
+            items: Vec::new(),
+            warnings: Vec::new(),
+            unreadable: false,
+            bad_lines: 0,
+        }
+    }
+
+    fn failed(entry: FileEntry, warning: String) -> FileOutcome {
+        let mut out = FileOutcome::new(entry);
+        out.progress = out.entry.size;
+        out.warnings.push(warning);
+        out.unreadable = true;
+        out
+    }
 }
 
-/// Reads, hashes and chunks one file (on a blocking thread).
-fn prepare(job: Job) -> FileOutcome {
-    let Job {
-        entry,
-        existing,
-        fingerprint,
-        chunk: chunk_cfg,
-        max_file_bytes,
-        threads,
-    } = job;
-    let mut out = FileOutcome {
-        entry,
-        bytes: 0,
-        items: Vec::new(),
-        warnings: Vec::new(),
-        unreadable: false,
-        bad_lines: 0,
+/// What every job of a run shares.
+struct Shared {
+    /// The index's documents: source → hash.
+    existing: BTreeMap<String, String>,
+    fingerprint: String,
+    chunk: ChunkConfig,
+    max_file_bytes: u64,
+}
+
+/// A `.jsonl` file is read once and cut into blocks of lines of about this
+/// size, prepared in parallel and written while later blocks are chunked.
+const JSONL_BLOCK_BYTES: usize = 256 * 1024;
+
+/// One unit of work for the blocking pool.
+enum Job {
+    /// A whole file.
+    File(FileEntry),
+    /// Lines `text[start..end]` of a `.jsonl` file, the first being line
+    /// number `first_line`.
+    Lines {
+        entry: FileEntry,
+        text: Arc<str>,
+        start: usize,
+        end: usize,
+        first_line: usize,
+    },
+    /// Nothing left to do (a file that could not be read, a warning).
+    Done(FileOutcome),
+}
+
+impl Job {
+    fn entry(&self) -> &FileEntry {
+        match self {
+            Job::File(e) | Job::Lines { entry: e, .. } => e,
+            Job::Done(o) => &o.entry,
+        }
+    }
+}
+
+/// The file's bytes, within the size limit; `None` (with a warning in `out`)
+/// when it cannot be read.
+fn load(out: &mut FileOutcome, max_file_bytes: u64) -> Option<Vec<u8>> {
+    let source = &out.entry.source;
+    let too_big = |size: u64| {
+        format!("{source}: {size} bytes is over the limit of {max_file_bytes} bytes; skipped")
     };
+    let warning = if out.entry.size > max_file_bytes {
+        too_big(out.entry.size)
+    } else {
+        match read_bounded(&out.entry.path, max_file_bytes) {
+            Ok(Some(b)) => {
+                out.bytes = b.len() as u64;
+                return Some(b);
+            }
+            Ok(None) => too_big(max_file_bytes.saturating_add(1)),
+            Err(e) => format!("{source}: cannot read: {e}"),
+        }
+    };
+    out.warnings.push(warning);
+    out.unreadable = true;
+    out.progress = out.entry.size;
+    None
+}
+
+/// A `.jsonl` file → its blocks of lines (on a blocking thread).
+fn plan_jsonl(entry: FileEntry, shared: &Shared) -> Vec<Job> {
+    let mut head = FileOutcome::new(entry);
+    let Some(bytes) = load(&mut head, shared.max_file_bytes) else {
+        return vec![Job::Done(head)];
+    };
+    head.bytes = 0;
+    let (text, lossy) = read::decode(&bytes);
+    drop(bytes);
+    if lossy {
+        head.warnings.push(format!(
+            "{}: not valid UTF-8; the invalid bytes were replaced",
+            head.entry.source
+        ));
+    }
+    let text: Arc<str> = text.into();
+    let mut jobs = Vec::new();
+    let (mut start, mut line) = (0usize, 1usize);
+    while start < text.len() {
+        let from = (start + JSONL_BLOCK_BYTES).min(text.len());
+        let end = text.as_bytes()[from..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(text.len(), |i| from + i + 1);
+        jobs.push(Job::Lines {
+            entry: head.entry.clone(),
+            text: text.clone(),
+            start,
+            end,
+            first_line: line,
+        });
+        line += text.as_bytes()[start..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        start = end;
+    }
+    if jobs.is_empty() || !head.warnings.is_empty() {
+        jobs.insert(0, Job::Done(head));
+    }
+    jobs
+}
+
+/// Reads, hashes and chunks one job's documents (on a blocking thread).
+fn prepare(job: Job, shared: &Shared) -> FileOutcome {
+    let entry = match job {
+        Job::Done(o) => return o,
+        Job::Lines {
+            entry,
+            text,
+            start,
+            end,
+            first_line,
+        } => {
+            let mut out = FileOutcome::new(entry);
+            out.bytes = (end - start) as u64;
+            out.progress = out.bytes;
+            prepare_lines(shared, &text[start..end], first_line, &mut out);
+            return out;
+        }
+        Job::File(entry) => entry,
+    };
+    let mut out = FileOutcome::new(entry);
+    out.progress = out.entry.size;
     let Some(format) = out.entry.format else {
         return out;
     };
+    let Some(bytes) = load(&mut out, shared.max_file_bytes) else {
+        return out;
+    };
     let source = out.entry.source.clone();
-    let too_big = |size: u64| {
-        format!(
-            "{source}: {size} bytes is over the limit of {} bytes; skipped",
-            max_file_bytes
-        )
-    };
-    if out.entry.size > max_file_bytes {
-        out.warnings.push(too_big(out.entry.size));
-        out.unreadable = true;
-        return out;
-    }
-    let bytes = match read_bounded(&out.entry.path, max_file_bytes) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            out.warnings.push(too_big(max_file_bytes.saturating_add(1)));
-            out.unreadable = true;
-            return out;
-        }
-        Err(e) => {
-            out.warnings.push(format!("{source}: cannot read: {e}"));
-            out.unreadable = true;
-            return out;
-        }
-    };
-    out.bytes = bytes.len() as u64;
-    if format == Format::Jsonl {
-        let ctx = JsonlCtx {
-            existing: &existing,
-            fingerprint: &fingerprint,
-            chunk: chunk_cfg,
-            threads,
-        };
-        prepare_jsonl(&ctx, &source, &bytes, &mut out);
-        return out;
-    }
-    let hash = content_hash(&fingerprint, &bytes);
-    if existing.get(&source) == Some(&hash) {
+    let hash = content_hash(&shared.fingerprint, &bytes);
+    if shared.existing.get(&source) == Some(&hash) {
         out.items.push(Item::Unchanged(source));
         return out;
     }
@@ -517,7 +609,7 @@ fn prepare(job: Job) -> FileOutcome {
             }
         }
     };
-    let chunks = chunk::chunk(&parsed.title, &parsed.sections, chunk_cfg);
+    let chunks = chunk::chunk(&parsed.title, &parsed.sections, shared.chunk);
     if chunks.is_empty() {
         out.items.push(Item::Empty(source));
         return out;
@@ -544,33 +636,15 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
     Ok((buf.len() as u64 <= limit).then_some(buf))
 }
 
-struct JsonlCtx<'a> {
-    existing: &'a BTreeMap<String, String>,
-    fingerprint: &'a str,
-    chunk: ChunkConfig,
-    threads: usize,
-}
-
-/// One document per line; a bad line is a warning naming its number.
-fn prepare_jsonl(job: &JsonlCtx<'_>, source: &str, bytes: &[u8], out: &mut FileOutcome) {
-    let (text, lossy) = read::decode(bytes);
-    if lossy {
-        out.warnings.push(format!(
-            "{source}: not valid UTF-8; the invalid bytes were replaced"
-        ));
-    }
-    enum Slot {
-        Done(Item),
-        Todo(Document),
-    }
-    let mut slots = Vec::new();
-    let mut todo: Vec<(String, String)> = Vec::new();
-    for (n, line) in text.split('\n').enumerate() {
+/// `.jsonl` lines, one document each; a bad line is a warning naming its
+/// number.
+fn prepare_lines(shared: &Shared, lines: &str, first_line: usize, out: &mut FileOutcome) {
+    let source = out.entry.source.clone();
+    for (n, line) in lines.split('\n').enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let line_no = n + 1;
-        let default_source = format!("{source}#{line_no}");
+        let line_no = first_line + n;
         let d = match read::jsonl_line(line) {
             Ok(d) => d,
             Err(e) => {
@@ -581,77 +655,31 @@ fn prepare_jsonl(job: &JsonlCtx<'_>, source: &str, bytes: &[u8], out: &mut FileO
                 continue;
             }
         };
-        let src = d.id.unwrap_or(default_source);
-        let hash = content_hash(job.fingerprint, line.as_bytes());
-        if job.existing.get(&src) == Some(&hash) {
-            slots.push(Slot::Done(Item::Unchanged(src)));
+        let src = d.id.unwrap_or_else(|| format!("{source}#{line_no}"));
+        let hash = content_hash(&shared.fingerprint, line.as_bytes());
+        if shared.existing.get(&src) == Some(&hash) {
+            out.items.push(Item::Unchanged(src));
             continue;
         }
-        if d.text.trim().is_empty() {
-            slots.push(Slot::Done(Item::Empty(src)));
-            continue;
-        }
-        todo.push((d.title.clone(), d.text));
-        slots.push(Slot::Todo(Document {
-            source: src,
-            hash,
-            title: d.title,
-            metadata: d.metadata,
-        }));
-    }
-    let mut chunked = chunk_all(todo, job.chunk, job.threads).into_iter();
-    for slot in slots {
-        let item = match slot {
-            Slot::Done(item) => item,
-            Slot::Todo(doc) => {
-                let chunks = chunked.next().unwrap_or_default();
-                if chunks.is_empty() {
-                    Item::Empty(doc.source)
-                } else {
-                    Item::Ready { doc, chunks }
-                }
-            }
-        };
-        out.items.push(item);
-    }
-}
-
-/// Chunks many small documents (title, text), on up to `threads` threads.
-fn chunk_all(docs: Vec<(String, String)>, cfg: ChunkConfig, threads: usize) -> Vec<Vec<Chunk>> {
-    let one = |(title, text): &(String, String)| {
         let sections = [read::Section {
             path: Vec::new(),
-            text: text.clone(),
+            text: d.text,
         }];
-        chunk::chunk(title, &sections, cfg)
-    };
-    if threads <= 1 || docs.len() < 32 {
-        return docs.iter().map(one).collect();
-    }
-    let per = docs.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = docs
-            .chunks(per)
-            .map(|part| {
-                let spawned = std::thread::Builder::new()
-                    .name("ingest-chunk".into())
-                    .spawn_scoped(s, move || part.iter().map(one).collect::<Vec<_>>());
-                (part, spawned)
-            })
-            .collect();
-        let mut out = Vec::with_capacity(docs.len());
-        for (part, h) in handles {
-            match h {
-                Ok(h) => match h.join() {
-                    Ok(v) => out.extend(v),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                },
-                // No thread to be had: this part here.
-                Err(_) => out.extend(part.iter().map(one)),
-            }
+        let chunks = chunk::chunk(&d.title, &sections, shared.chunk);
+        if chunks.is_empty() {
+            out.items.push(Item::Empty(src));
+            continue;
         }
-        out
-    })
+        out.items.push(Item::Ready {
+            doc: Document {
+                source: src,
+                hash,
+                title: d.title,
+                metadata: d.metadata,
+            },
+            chunks,
+        });
+    }
 }
 
 /// Where warnings go: the summary, and stderr (above the progress bar).
@@ -812,7 +840,12 @@ pub async fn ingest(
     };
 
     let tree = walk(roots, &mut |w| warnings.add(w))?;
-    let existing = Arc::new(writer.documents().await.map_err(IngestError::Index)?);
+    let shared = Arc::new(Shared {
+        existing: writer.documents().await.map_err(IngestError::Index)?,
+        fingerprint: fingerprint(cfg.chunk, spec),
+        chunk: cfg.chunk,
+        max_file_bytes: opts.max_file_bytes,
+    });
     let total: u64 = tree.files.iter().map(|f| f.size).sum();
     bar.set_length(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -821,39 +854,52 @@ pub async fn ingest(
         bar.set_style(style.progress_chars("=> "));
     }
 
+    // Files are prepared (read, hashed, chunked) on the blocking pool, as
+    // many at once as there are CPUs, and written here in walk order.
     let threads = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-    let fingerprint: Arc<str> = fingerprint(cfg.chunk, spec).into();
-    let jobs = tree.files.iter().cloned().map(|entry| {
-        let job = Job {
-            entry: entry.clone(),
-            existing: existing.clone(),
-            fingerprint: fingerprint.clone(),
-            chunk: cfg.chunk,
-            max_file_bytes: opts.max_file_bytes,
-            threads,
-        };
-        async move {
-            match tokio::task::spawn_blocking(move || prepare(job)).await {
-                Ok(o) => o,
-                Err(e) => FileOutcome {
-                    warnings: vec![format!("{}: cannot read: {e}", entry.source)],
-                    entry,
-                    bytes: 0,
-                    items: Vec::new(),
-                    unreadable: true,
-                    bad_lines: 0,
-                },
+    let plans = {
+        let shared = shared.clone();
+        futures_util::stream::iter(tree.files.clone())
+            .then(move |entry| {
+                let shared = shared.clone();
+                async move {
+                    if entry.format != Some(Format::Jsonl) {
+                        return vec![Job::File(entry)];
+                    }
+                    let e = entry.clone();
+                    tokio::task::spawn_blocking(move || plan_jsonl(entry, &shared))
+                        .await
+                        .unwrap_or_else(|err| {
+                            let w = format!("{}: cannot read: {err}", e.source);
+                            vec![Job::Done(FileOutcome::failed(e, w))]
+                        })
+                }
+            })
+            .flat_map(futures_util::stream::iter)
+    };
+    let mut outcomes = plans
+        .map(|job| {
+            let shared = shared.clone();
+            let entry = job.entry().clone();
+            async move {
+                tokio::task::spawn_blocking(move || prepare(job, &shared))
+                    .await
+                    .unwrap_or_else(|err| {
+                        let w = format!("{}: cannot read: {err}", entry.source);
+                        FileOutcome::failed(entry, w)
+                    })
             }
-        }
-    });
-    let mut outcomes = futures_util::stream::iter(jobs).buffered(threads.clamp(1, 8));
+        })
+        .buffered(threads.clamp(1, 8))
+        .boxed();
+    let existing = &shared.existing;
 
     let mut seen: HashSet<String> = HashSet::new();
     // Sources of files that could not be read: what the index holds of them stays.
     let mut kept: Vec<String> = Vec::new();
     let mut prune_blocked = false;
     while let Some(outcome) = outcomes.next().await {
-        bar.inc(outcome.entry.size);
+        bar.inc(outcome.progress);
         bar.set_message(outcome.entry.source.clone());
         summary.bytes = summary.bytes.saturating_add(outcome.bytes);
         for w in outcome.warnings {
@@ -1498,6 +1544,49 @@ mod tests {
             .warnings
             .iter()
             .any(|w| w.starts_with("handbook.md: more than one document")));
+    }
+
+    #[tokio::test]
+    async fn a_large_jsonl_file_keeps_its_line_numbers_across_blocks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut text = String::new();
+        let filler = "x".repeat(300);
+        for i in 1..=3000 {
+            if i == 2500 {
+                text.push_str("{broken\n");
+            } else if i % 1000 == 0 {
+                text.push('\n');
+            } else {
+                text.push_str(&format!(
+                    "{{\"text\": \"Line {i} says hello. {filler}\", \"n\": {i}}}\n"
+                ));
+            }
+        }
+        assert!(text.len() > 3 * JSONL_BLOCK_BYTES);
+        std::fs::write(dir.path().join("big.jsonl"), &text).expect("write");
+        let store = Arc::new(Mutex::new(Store::default()));
+        let s = run(
+            &lexical(),
+            &store,
+            &[dir.path().to_owned()],
+            &Options::default(),
+        )
+        .await;
+        assert_eq!((s.new, s.skipped), (2996, 1), "{s:?}");
+        assert_eq!(s.bytes, text.len() as u64);
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.warnings[0].starts_with("big.jsonl: line 2500:"),
+            "{:?}",
+            s.warnings
+        );
+        let guard = store.lock().expect("store");
+        for i in [1, 999, 1001, 1999, 2001, 2499, 2501, 2999] {
+            let (doc, chunks, _) = &guard.docs[&format!("big.jsonl#{i}")];
+            assert_eq!(doc.metadata["n"], i);
+            assert!(chunks[0].text.starts_with(&format!("Line {i} says")));
+        }
+        assert!(!guard.docs.contains_key("big.jsonl#1000"));
     }
 
     #[test]
