@@ -735,11 +735,17 @@ async fn chroma_kind_faults_are_search_errors() {
     assert!(!format!("{e:?}").contains("chroma-SECRET-token"));
 
     // A server that accepts and never answers: the retriever's timeout.
+    // It also shows what a request carries: the token as `x-chroma-token`.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
         let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let _ = seen_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
             held.push(sock);
         }
     });
@@ -756,6 +762,17 @@ async fn chroma_kind_faults_are_search_errors() {
     assert!(
         matches!(e, SearchError::Timeout(d) if d == Duration::from_millis(300)),
         "{e:?}"
+    );
+    let head = seen_rx.recv().await.unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with(
+            "get /api/v2/tenants/default_tenant/databases/default_database/collections/c "
+        ),
+        "{head}"
+    );
+    assert!(
+        head.contains("x-chroma-token: chroma-secret-token\r\n"),
+        "{head}"
     );
 }
 
