@@ -81,7 +81,7 @@ fn subject_of<'a>(s: &Subject, headers: &'a HeaderMap, user: Option<&'a str>) ->
 }
 
 /// Whether the client marked the request private.
-fn private_header(headers: &HeaderMap) -> bool {
+pub(crate) fn private_header(headers: &HeaderMap) -> bool {
     headers
         .get(PRIVATE_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -165,14 +165,17 @@ impl RequestContext {
                 None => return Err((unknown_model(&snapshot, &req.model), None)),
             },
         };
-        Ok(RequestContext::new(
+        let mut ctx = RequestContext::new(
             request_id,
             dialect,
             snapshot,
             placement,
             headers,
             prepared.prompt,
-        ))
+        );
+        // Passages from a private retriever: self-hosted targets only.
+        ctx.private |= prepared.retrieved.private;
+        Ok(ctx)
     }
 
     /// The route stage of an embeddings request.

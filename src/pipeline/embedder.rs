@@ -56,7 +56,12 @@ impl Embedder for GatewayEmbedder {
             )
             .map_err(|e| SearchError::Failed(format!("embedding route: {e}")))?;
             ctx.private |= self.private;
-            let served = self.gateway.embed(&ctx, req).await.map_err(|e| {
+            let started = tokio::time::Instant::now();
+            let served = self.gateway.embed(&ctx, req).await;
+            self.gateway
+                .metrics
+                .embedding(&spec.route, started.elapsed());
+            let served = served.map_err(|e| {
                 SearchError::Failed(format!("embedding route `{}`: {e}", spec.route))
             })?;
             let vectors = served.value.vectors;
