@@ -780,3 +780,44 @@ versions:
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriever_embeddings_are_timed_and_a_private_retrievers_stay_self_hosted() {
+    use promptgate::retrieval::{EmbedSide, Embedder, EmbeddingSpec, Side};
+    let (fake, gw, _seen) = setup_all().await;
+    let spec = EmbeddingSpec {
+        route: "mixed".into(),
+        query: EmbedSide::default(),
+        document: EmbedSide::default(),
+        batch: 8,
+    };
+    let embedder = |private| promptgate::pipeline::embedder::GatewayEmbedder {
+        gateway: gw.gw.clone(),
+        request_id: "req-embed".into(),
+        private,
+    };
+    // Public: the first target (the commercial fake) embeds.
+    let v = embedder(false)
+        .embed(&spec, Side::Query, vec!["refunds".into()])
+        .await
+        .unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(fake.last().path, "/v1/embeddings");
+    // Private: only the self-hosted sandbox may see the text.
+    let v = embedder(true)
+        .embed(&spec, Side::Query, vec!["internal".into()])
+        .await
+        .unwrap();
+    assert_eq!(v.len(), 1);
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "the private text never reached the fake"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("promptgate_retrieval_embedding_duration_seconds_count{route=\"mixed\"} 2"),
+        "{m}"
+    );
+}
