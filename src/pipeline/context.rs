@@ -199,6 +199,20 @@ impl RequestContext {
         ))
     }
 
+    /// The route stage of an embeddings call the gateway makes itself (a
+    /// retriever's query or ingest): no client headers; `private` keeps it on
+    /// self-hosted targets.
+    pub fn for_internal_embeddings(
+        request_id: Arc<str>,
+        snapshot: Arc<Snapshot>,
+        req: &EmbeddingsRequest,
+        private: bool,
+    ) -> Result<RequestContext, GatewayError> {
+        let mut ctx = Self::for_embeddings(request_id, snapshot, &HeaderMap::new(), req)?;
+        ctx.private |= private;
+        Ok(ctx)
+    }
+
     pub fn route(&self) -> &Arc<Route> {
         &self.placement.route
     }

@@ -48,14 +48,13 @@ impl Embedder for GatewayEmbedder {
                 extra: s.extra.clone(),
             };
             let snapshot = self.gateway.snapshot();
-            let mut ctx = RequestContext::for_embeddings(
+            let ctx = RequestContext::for_internal_embeddings(
                 self.request_id.clone(),
                 snapshot,
-                &http::HeaderMap::new(),
                 &req,
+                self.private,
             )
             .map_err(|e| SearchError::Failed(format!("embedding route: {e}")))?;
-            ctx.private |= self.private;
             let started = tokio::time::Instant::now();
             let served = self.gateway.embed(&ctx, req).await;
             self.gateway
