@@ -928,39 +928,21 @@ async fn run_chat(
     id: &RequestId,
     ctx: &RequestContext,
     req: ChatRequest,
-    citing: Option<Citing>,
+    mut citing: Option<Citing>,
 ) -> Handled {
-    let id = id.clone();
-    let cite_header = citing.as_ref().map(|c| c.header.clone());
-    let (mut citing, mut encoder) = match req.stream {
-        false => (citing, None),
-        true => (
-            None,
-            Some(Box::new(CitingEncoder {
-                inner: d.stream_encoder(&req),
-                citing,
+    let cited = citing.as_ref().map(|c| c.header.clone());
+    // A stream's citations go into its final event, through its encoder.
+    let mut encoder = req.stream.then(|| {
+        let inner = d.stream_encoder(&req);
+        match citing.take() {
+            Some(c) => Box::new(CitingEncoder {
+                inner,
+                citing: Some(c),
                 dialect: ctx.dialect,
-            }) as Box<dyn crate::dialect::StreamEncoder>),
-        ),
-    };
-    let mut handled = run_chat_encoded(app, d, &id, ctx, req, &mut encoder, &mut citing).await;
-    if let Some(h) = cite_header {
-        if handled.response.status().is_success() {
-            handled.response.headers_mut().insert(RETRIEVAL, h);
+            }),
+            None => inner,
         }
-    }
-    handled
-}
-
-async fn run_chat_encoded(
-    app: &AppState,
-    d: &dyn Dialect,
-    id: &RequestId,
-    ctx: &RequestContext,
-    req: ChatRequest,
-    encoder: &mut Option<Box<dyn crate::dialect::StreamEncoder>>,
-    citing: &mut Option<Citing>,
-) -> Handled {
+    });
     let id = id.clone();
     let served =
         match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
@@ -988,6 +970,9 @@ async fn run_chat_encoded(
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
             );
             let outcome = served_headers(&mut out, &served, false);
+            if let Some(h) = cited {
+                out.headers_mut().insert(RETRIEVAL, h);
+            }
             Handled {
                 response: out,
                 outcome: Some(outcome),
@@ -1040,6 +1025,9 @@ async fn run_chat_encoded(
                 HeaderValue::from_static("no"),
             );
             let outcome = served_headers(&mut out, &served, true);
+            if let Some(h) = cited {
+                out.headers_mut().insert(RETRIEVAL, h);
+            }
             Handled {
                 response: out,
                 outcome: Some(outcome),

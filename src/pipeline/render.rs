@@ -45,6 +45,9 @@ pub async fn render(
     prompt: Option<PromptRef>,
     retrieval: Option<RetrievalRef>,
 ) -> Result<Prepared, Refused> {
+    if prompt.is_none() && retrieval.is_none() {
+        return Ok(Prepared::default());
+    }
     let caller = Caller {
         request_id: request_id.clone(),
         private: super::context::private_header(headers),
