@@ -104,6 +104,7 @@ impl RetrievalError {
 }
 
 /// A retriever's metric handles, resolved once per configured retriever.
+#[derive(Clone)]
 pub struct RetrieverHandles {
     /// lexical, dense, search
     seconds: [prometheus::Histogram; 3],

@@ -51,8 +51,20 @@ impl Retrieval {
     fn per(&self, metrics: &crate::metrics::Metrics, state: &RetrieverState) -> Arc<PerRetriever> {
         let mut map = self.per.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = map.get(&state.id) {
-            if Arc::ptr_eq(&p.config, &state.config) || *p.config == *state.config {
+            if Arc::ptr_eq(&p.config, &state.config) {
                 return p.clone();
+            }
+            // A reload that left the file as it was keeps the cache; the
+            // entry now points at the new snapshot's config, so the next
+            // search is a pointer comparison again.
+            if *p.config == *state.config {
+                let kept = Arc::new(PerRetriever {
+                    config: state.config.clone(),
+                    cache: p.cache.clone(),
+                    handles: p.handles.clone(),
+                });
+                map.insert(state.id.clone(), kept.clone());
+                return kept;
             }
         }
         let cfg = &state.config;
@@ -711,6 +723,11 @@ mod tests {
         let on = state(r.clone(), Duration::from_secs(60));
         search(&gw, &on, &ask("q"), &caller()).await.unwrap();
         search(&gw, &on, &ask("q"), &caller()).await.unwrap();
+        assert_eq!(r.calls.load(Ordering::SeqCst), 3);
+        // A reload that leaves the file unchanged (a new but equal config)
+        // keeps the cached results.
+        let reloaded = state(r.clone(), Duration::from_secs(60));
+        search(&gw, &reloaded, &ask("q"), &caller()).await.unwrap();
         assert_eq!(r.calls.load(Ordering::SeqCst), 3);
     }
 
