@@ -815,9 +815,53 @@ async fn retriever_embeddings_are_timed_and_a_private_retrievers_stay_self_hoste
         1,
         "the private text never reached the fake"
     );
+    // Through the stage: a retriever that embeds its query, private or not.
+    struct Embedding(EmbeddingSpec);
+    impl promptgate::retrieval::Retriever for Embedding {
+        fn search<'a>(
+            &'a self,
+            search: &'a promptgate::retrieval::Search,
+            embedder: &'a dyn Embedder,
+        ) -> futures_util::future::BoxFuture<
+            'a,
+            Result<Vec<promptgate::retrieval::Passage>, promptgate::retrieval::SearchError>,
+        > {
+            Box::pin(async move {
+                embedder
+                    .embed(&self.0, Side::Query, vec![search.query.clone()])
+                    .await?;
+                Ok(Vec::new())
+            })
+        }
+    }
+    let snap = gw.gw.snapshot();
+    let template = snap.retrievers.get("kb").unwrap();
+    for (private, calls) in [(true, 1), (false, 2)] {
+        let mut config = (*template.config).clone();
+        config.private = private;
+        config.cache_ttl = Duration::ZERO;
+        let state = promptgate::retrieval::RetrieverState {
+            id: "embedding".into(),
+            config: Arc::new(config),
+            retriever: Ok(Arc::new(Embedding(spec.clone()))),
+        };
+        let search = promptgate::retrieval::Search {
+            query: "internal question".into(),
+            top_k: 2,
+            filter: Default::default(),
+        };
+        let caller = promptgate::pipeline::retrieve::Caller {
+            request_id: "req-embed".into(),
+            private: false,
+        };
+        promptgate::pipeline::retrieve::search(&gw.gw, &state, &search, &caller)
+            .await
+            .unwrap();
+        assert_eq!(fake.requests().len(), calls, "private: {private}");
+    }
     let m = gw.metrics().await;
     assert!(
-        m.contains("promptgate_retrieval_embedding_duration_seconds_count{route=\"mixed\"} 2"),
+        m.contains("promptgate_retrieval_embedding_duration_seconds_count{route=\"mixed\"} 4"),
         "{m}"
     );
 }
