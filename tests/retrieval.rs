@@ -723,6 +723,25 @@ async fn check_fails_on_an_unavailable_retriever_and_serve_logs_it_and_serves() 
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "the rest of the gateway serves");
+    // A reload that brings another unavailable retriever logs it too.
+    std::fs::write(
+        dir.path().join("retrievers/faq.yaml"),
+        "kind: http\nurl: http://127.0.0.1:9/faq\napi_key_env: PROMPTGATE_TEST_UNSET_RETRIEVER_KEY\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logged = log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("retriever unavailable") && l.contains("faq"));
+        if logged {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:#?}", log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[test]
