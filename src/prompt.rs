@@ -462,6 +462,18 @@ fn context_template_name(retriever: &str) -> String {
     format!("retriever:{retriever}")
 }
 
+/// The variables template `t` uses that are neither in `declared` nor the
+/// template language's own, sorted.
+fn undeclared(t: &minijinja::Template<'_, '_>, declared: &[&str]) -> Vec<String> {
+    let mut unknown: Vec<String> = t
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|n| !declared.contains(&n.as_str()) && !BUILTIN_NAMES.contains(&n.as_str()))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// Compiles hook `i`'s query: it may use the prompt's declared variables only
 /// (not other hooks' passages: hooks run concurrently).
 fn compile_query(
@@ -489,13 +501,7 @@ fn compile_query(
         return;
     }
     if let Ok(t) = env.get_template(&name) {
-        let mut unknown: Vec<String> = t
-            .undeclared_variables(false)
-            .into_iter()
-            .filter(|n| !declared.contains(&n.as_str()) && !BUILTIN_NAMES.contains(&n.as_str()))
-            .collect();
-        unknown.sort();
-        for n in unknown {
+        for n in undeclared(&t, declared) {
             problems.push(Problem {
                 file: file.clone(),
                 line: Some(v.line),
@@ -529,15 +535,7 @@ fn compile_context_template(
         return;
     }
     if let Ok(t) = env.get_template(&name) {
-        let mut unknown: Vec<String> = t
-            .undeclared_variables(false)
-            .into_iter()
-            .filter(|n| {
-                !["passages", "query"].contains(&n.as_str()) && !BUILTIN_NAMES.contains(&n.as_str())
-            })
-            .collect();
-        unknown.sort();
-        for n in unknown {
+        for n in undeclared(&t, &["passages", "query"]) {
             problems.push(Problem {
                 file: file.clone(),
                 line: None,
@@ -651,16 +649,7 @@ impl Registry {
                                 });
                             }
                         }
-                        let mut unknown: Vec<String> = t
-                            .undeclared_variables(false)
-                            .into_iter()
-                            .filter(|n| {
-                                !declared.contains(&n.as_str())
-                                    && !BUILTIN_NAMES.contains(&n.as_str())
-                            })
-                            .collect();
-                        unknown.sort();
-                        for n in unknown {
+                        for n in undeclared(&t, &declared) {
                             problems.push(Problem {
                                 file: file.clone(),
                                 line: Some(m.line),

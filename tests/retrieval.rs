@@ -676,8 +676,8 @@ async fn repeated_queries_hit_the_results_cache_and_cached_answers_still_cite() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_fails_on_an_unavailable_retriever_and_serve_logs_it_and_serves() {
+/// A config folder with a sandbox route `echo` and retriever file `kb`.
+fn echo_config_with_retriever(kb: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_config(
         dir.path(),
@@ -688,11 +688,15 @@ async fn check_fails_on_an_unavailable_retriever_and_serve_logs_it_and_serves() 
         )],
     );
     std::fs::create_dir_all(dir.path().join("retrievers")).unwrap();
-    std::fs::write(
-        dir.path().join("retrievers/kb.yaml"),
+    std::fs::write(dir.path().join("retrievers/kb.yaml"), kb).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_on_an_unavailable_retriever_and_serve_logs_it_and_serves() {
+    let dir = echo_config_with_retriever(
         "kind: http\nurl: http://127.0.0.1:9/search\napi_key_env: PROMPTGATE_TEST_UNSET_RETRIEVER_KEY\n",
-    )
-    .unwrap();
+    );
     let config = dir.path().join("promptgate.yaml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
         .args(["check", "--config"])
@@ -746,21 +750,9 @@ async fn check_fails_on_an_unavailable_retriever_and_serve_logs_it_and_serves() 
 
 #[test]
 fn check_reports_bad_query_and_context_templates_with_file_and_line() {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        "listen: 127.0.0.1:0\nroutes:\n  echo:\n    provider: sandbox\n    model: echo\n",
-        &[(
-            "sandbox.yaml".into(),
-            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
-        )],
-    );
-    std::fs::create_dir_all(dir.path().join("retrievers")).unwrap();
-    std::fs::write(
-        dir.path().join("retrievers/kb.yaml"),
+    let dir = echo_config_with_retriever(
         "kind: http\nurl: http://127.0.0.1:9/search\ntemplate: \"{% for p in passages %}{{ p.text }}{{ secret }}{% endfor %}\"\n",
-    )
-    .unwrap();
+    );
     std::fs::write(
         dir.path().join("prompts/bad.yaml"),
         r#"variables:

@@ -510,7 +510,7 @@ pub async fn run_extension(
     };
     let query = match r.query {
         Some(q) => q,
-        None => match last_user_text(req) {
+        None => match req.last_user_text().filter(|t| !t.trim().is_empty()) {
             Some(q) => q,
             None => {
                 return Err(GatewayError::invalid(
@@ -543,16 +543,6 @@ pub async fn run_extension(
             passages: passages.to_vec(),
         }],
     })
-}
-
-fn last_user_text(req: &ChatRequest) -> Option<String> {
-    req.messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .and_then(|m| m.content.as_ref())
-        .map(|c| c.text().into_owned())
-        .filter(|t| !t.trim().is_empty())
 }
 
 /// Logs one error per retriever of `snap` that cannot serve (at startup and
