@@ -668,6 +668,21 @@ async fn chat(
     serve_chat(app, dialect, id, &headers, req, prompt).await
 }
 
+/// A request body that must be a JSON object (the gateway's own endpoints).
+fn json_object(
+    body: Result<Bytes, GatewayError>,
+) -> Result<serde_json::Map<String, serde_json::Value>, GatewayError> {
+    let v = serde_json::from_slice::<serde_json::Value>(&body?)
+        .map_err(|e| GatewayError::invalid(format!("request body is not valid JSON: {e}"), None))?;
+    match v {
+        serde_json::Value::Object(o) => Ok(o),
+        _ => Err(GatewayError::invalid(
+            "request body must be a JSON object",
+            None,
+        )),
+    }
+}
+
 /// `POST /v1/prompts/{id}/chat/completions`: the body holds `variables`, an
 /// optional `version` or `label`, and the usual chat options; `model` and
 /// `messages` are optional (the version names its route; messages are appended).
@@ -690,21 +705,8 @@ async fn prompt_chat_handled(
     LimitedBody(body): LimitedBody,
 ) -> Handled {
     let d: &dyn Dialect = &OpenAi;
-    let parsed = body.and_then(|b| {
-        serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
-            GatewayError::invalid(format!("request body is not valid JSON: {e}"), None)
-        })
-    });
-    let mut obj = match parsed {
-        Ok(serde_json::Value::Object(o)) => o,
-        Ok(_) => {
-            return error_response(
-                d,
-                GatewayError::invalid("request body must be a JSON object", None),
-                &id,
-                None,
-            )
-        }
+    let mut obj = match json_object(body) {
+        Ok(o) => o,
         Err(e) => return error_response(d, e, &id, None),
     };
     let mut pref = serde_json::Map::new();
@@ -1129,19 +1131,8 @@ async fn retriever_search_handled(
     use serde_json::Value;
     let fail = |e: GatewayError| error_response(&OpenAi, e, &id, None);
     let bad = |m: String, p: &str| fail(GatewayError::invalid(m, Some(p)));
-    let parsed = body.and_then(|b| {
-        serde_json::from_slice::<Value>(&b).map_err(|e| {
-            GatewayError::invalid(format!("request body is not valid JSON: {e}"), None)
-        })
-    });
-    let mut obj = match parsed {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => {
-            return fail(GatewayError::invalid(
-                "request body must be a JSON object",
-                None,
-            ))
-        }
+    let mut obj = match json_object(body) {
+        Ok(o) => o,
         Err(e) => return fail(e),
     };
     let snap = app.gw.snapshot();
