@@ -231,10 +231,14 @@ impl HttpRetriever {
     fn transport_error(&self, e: crate::error::UpstreamError) -> SearchError {
         match e.kind {
             ErrorKind::Timeout => SearchError::Timeout(self.timeout),
+            // `read_body`'s size refusal.
             ErrorKind::MalformedResponse if e.message.contains("exceeded") => self.failed(format!(
                 "the service's answer is larger than {} MiB",
                 MAX_RESPONSE_BYTES / (1024 * 1024)
             )),
+            ErrorKind::MalformedResponse => {
+                self.failed(format!("the service's answer broke off: {}", e.message))
+            }
             _ => self.failed(format!("cannot reach the service: {}", e.message)),
         }
     }

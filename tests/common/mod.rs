@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod native;
+pub mod peers;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
