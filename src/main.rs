@@ -243,6 +243,23 @@ fn render(config: PathBuf, prompt: String, vars: Vec<String>) -> ExitCode {
                 out.version,
                 out.route.as_deref().unwrap_or("(the request's model)")
             );
+            let hooks: Vec<String> = snap
+                .prompts
+                .get(&out.id)
+                .and_then(|p| p.versions.get(&out.version))
+                .map(|v| {
+                    v.retrieval
+                        .iter()
+                        .map(|h| format!("{} ← {}", h.into, h.retriever))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !hooks.is_empty() {
+                println!(
+                    "# retrieval not run here; these are empty lists: {}",
+                    hooks.join(", ")
+                );
+            }
             let p = &out.params;
             let mut params = Vec::new();
             if let Some(t) = p.temperature {

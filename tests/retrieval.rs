@@ -876,3 +876,30 @@ async fn retriever_embeddings_are_timed_and_a_private_retrievers_stay_self_hoste
         "{m}"
     );
 }
+
+#[test]
+fn the_render_command_renders_hooks_as_empty_lists_and_says_so() {
+    let dir = echo_config_with_retriever("kind: http\nurl: http://127.0.0.1:9/search\n");
+    std::fs::write(
+        dir.path().join("prompts/ask.yaml"),
+        hook_prompt(&hook("kb", ""), "echo"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .args(["render", "--config"])
+        .arg(dir.path().join("promptgate.yaml"))
+        .args(["ask", "--var", "question=Refunds?"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("# retrieval not run here; these are empty lists: passages ← kb"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[user]\nQ: Refunds?"), "{stdout}");
+}
