@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `meta` | `schema_version`, `generation` (changes at every commit that changed something), `dim` (vector size, 0 = no vectors yet) |
 //! | `documents` | `id`, `source` (unique), `hash`, `title`, `metadata` (JSON object) |
-//! | `chunks` | `id` (row id), `doc`, `chunk_id` (`Chunk::id`), `position`, `title`, `text`, `tokens` |
+//! | `chunks` | `id` (row id, never reused), `doc`, `chunk_id` (`Chunk::id`), `position`, `title`, `text`, `tokens` |
 //! | `chunks_fts` | FTS5, contentless, `porter unicode61 remove_diacritics 2`, over the segmented title + text; rowid = `chunks.id` |
 //! | `vectors` | `chunk` (= `chunks.id`), `vector` (L2-normalised little-endian f32s) |
 //!
@@ -44,7 +44,7 @@ CREATE TABLE documents (
     metadata TEXT NOT NULL
 );
 CREATE TABLE chunks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     doc INTEGER NOT NULL,
     chunk_id TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -135,6 +135,8 @@ pub fn open_reader(path: &Path, id: &str) -> Result<Connection, String> {
         .map_err(|e| sql_err(path, e))?;
     conn.set_prepared_statement_cache_capacity(32);
     check_index(&conn, path)?;
+    conn.execute_batch(super::bm25::CONNECTION_SETUP)
+        .map_err(|e| sql_err(path, e))?;
     Ok(conn)
 }
 
