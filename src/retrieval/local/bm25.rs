@@ -21,7 +21,7 @@ const K1: f64 = 1.2;
 const B: f64 = 0.75;
 /// The most postings (term, chunk) kept in memory per index generation;
 /// past it the cache starts again.
-const MAX_CACHED_POSTINGS: usize = 16 << 20;
+const MAX_CACHED_POSTINGS: usize = 8 << 20;
 /// Query terms whose FTS5 tokens are remembered (process-wide).
 const MAX_CACHED_STEMS: usize = 100_000;
 
