@@ -782,3 +782,35 @@ async fn in_memory_bm25_equals_fts5_bm25() {
         bm25::tokens(&conn, &["refunds".into(), "Invoices".into(), "退货".into()]).unwrap();
     assert_eq!(tokens, vec!["refund", "invoic", "退货"]);
 }
+
+/// The branch large indexes use (FTS5 ranks with `bm25()`): the same
+/// order as the in-memory one, and `keep` applied before the cut.
+#[tokio::test]
+async fn fts5_ranking_agrees_and_filters_before_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kb.db");
+    corpus(&path, false).await;
+    let mut conn = store::open_reader(&path, "kb").unwrap();
+    for q in BM25_QUERIES {
+        let (mine, _) = both_bm25(&path, q);
+        let tx = conn.transaction().unwrap();
+        let hits = match lexical::fts_query(q) {
+            Some(fq) => lexical::search(&tx, &fq, 100, true, |_| true).unwrap(),
+            None => Vec::new(),
+        };
+        let rows: Vec<i64> = hits.iter().map(|h| h.row).collect();
+        assert_eq!(rows, mine.iter().map(|m| m.0).collect::<Vec<_>>(), "{q}");
+        for (h, m) in hits.iter().zip(&mine) {
+            assert!((f64::from(h.bm25) - m.1).abs() < 1e-4, "{q}");
+        }
+        // With a filter: rows are read in rank order until enough pass.
+        if rows.len() >= 2 {
+            let second = rows[1];
+            let kept = lexical::search(&tx, &lexical::fts_query(q).unwrap(), 1, false, |r| {
+                r == second
+            })
+            .unwrap();
+            assert_eq!(kept.iter().map(|h| h.row).collect::<Vec<_>>(), vec![second]);
+        }
+    }
+}
