@@ -508,8 +508,8 @@ fn search(
             );
             return ExitCode::FAILURE;
         };
-        let r = match &state.retriever {
-            Ok(r) => r.clone(),
+        let r = match state.current() {
+            Ok(r) => r,
             Err(why) => {
                 eprintln!("error: retriever `{retriever}` cannot serve: {why}");
                 return ExitCode::FAILURE;

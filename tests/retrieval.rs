@@ -851,11 +851,11 @@ async fn retriever_embeddings_are_timed_and_a_private_retrievers_stay_self_hoste
         let mut config = (*template.config).clone();
         config.private = private;
         config.cache_ttl = Duration::ZERO;
-        let state = promptgate::retrieval::RetrieverState {
-            id: "embedding".into(),
-            config: Arc::new(config),
-            retriever: Ok(Arc::new(Embedding(spec.clone()))),
-        };
+        let state = promptgate::retrieval::RetrieverState::new(
+            "embedding".into(),
+            Arc::new(config),
+            Ok(Arc::new(Embedding(spec.clone()))),
+        );
         let search = promptgate::retrieval::Search {
             query: "internal question".into(),
             top_k: 2,

@@ -113,7 +113,7 @@ pub async fn search(
         per.handles.error(RetrievalError::Invalid);
         return Err(e);
     }
-    let retriever = match &state.retriever {
+    let retriever = match state.current() {
         Ok(r) => r,
         Err(why) => {
             per.handles.error(RetrievalError::Unavailable);
@@ -637,11 +637,7 @@ mod tests {
     }
 
     fn state(r: Arc<Counting>, ttl: Duration) -> RetrieverState {
-        RetrieverState {
-            id: "kb".into(),
-            config: Arc::new(config(ttl)),
-            retriever: Ok(r),
-        }
+        RetrieverState::new("kb".into(), Arc::new(config(ttl)), Ok(r))
     }
 
     fn counting(hang: bool) -> Arc<Counting> {
@@ -750,11 +746,11 @@ mod tests {
             "{g:?}"
         );
         assert_eq!(r.calls.load(Ordering::SeqCst), 0);
-        let down = RetrieverState {
-            id: "kb".into(),
-            config: Arc::new(config(Duration::from_secs(60))),
-            retriever: Err("index file missing".into()),
-        };
+        let down = RetrieverState::new(
+            "kb".into(),
+            Arc::new(config(Duration::from_secs(60))),
+            Err("index file missing".into()),
+        );
         let e = search(&gw, &down, &ask("q"), &caller()).await.unwrap_err();
         let g = search_error("kb", e, "");
         assert_eq!(g.status(), 502);

@@ -286,10 +286,68 @@ pub trait Retriever: Send + Sync {
 pub struct RetrieverState {
     pub id: Arc<str>,
     pub config: Arc<crate::config::RetrieverConfig>,
-    /// `Err` holds why it cannot serve (a missing or corrupt index, an unset
-    /// key): the rest of the gateway serves; requests that need it follow
-    /// their `on_error` policy.
+    /// As built with the snapshot. `Err` holds why it could not serve (a
+    /// missing or corrupt index, an unset key): the rest of the gateway
+    /// serves; requests that need it follow their `on_error` policy, and
+    /// [`RetrieverState::current`] tries a local index again.
     pub retriever: Result<Arc<dyn Retriever>, String>,
+    /// A local index that opened after the snapshot was built (the first
+    /// `promptgate ingest` into a running gateway).
+    late: std::sync::OnceLock<Arc<dyn Retriever>>,
+    /// When a failed local index may next be tried (at most once a second).
+    retry_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How often a local index that could not be opened is tried again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+impl RetrieverState {
+    pub fn new(
+        id: Arc<str>,
+        config: Arc<crate::config::RetrieverConfig>,
+        retriever: Result<Arc<dyn Retriever>, String>,
+    ) -> RetrieverState {
+        RetrieverState {
+            id,
+            config,
+            retriever,
+            late: std::sync::OnceLock::new(),
+            retry_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The retriever, or why it cannot serve. A local index that was missing
+    /// or broken when the snapshot was built is opened again (at most once a
+    /// second, only while it keeps failing), so the first ingest into a
+    /// running gateway is picked up without a reload; later ingests are seen
+    /// by the open index itself.
+    pub fn current(&self) -> Result<Arc<dyn Retriever>, String> {
+        let why = match &self.retriever {
+            Ok(r) => return Ok(r.clone()),
+            Err(why) => why,
+        };
+        if let Some(r) = self.late.get() {
+            return Ok(r.clone());
+        }
+        if !matches!(self.config.kind, crate::config::RetrieverKind::Local { .. }) {
+            return Err(why.clone());
+        }
+        {
+            let now = std::time::Instant::now();
+            let mut at = self.retry_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|t| now < t) {
+                return Err(why.clone());
+            }
+            *at = Some(now + REOPEN_EVERY);
+        }
+        match local::open(&self.config) {
+            Ok(r) => {
+                tracing::info!(retriever = %self.id, "the retriever's index can now be opened; it serves");
+                Ok(self.late.get_or_init(|| r).clone())
+            }
+            Err(now) => Err(now),
+        }
+    }
 }
 
 /// Every configured retriever of a snapshot, built once.
@@ -314,11 +372,8 @@ impl Retrievers {
                     RetrieverKind::Http { .. } => http::build(cfg, env),
                     RetrieverKind::Chroma { .. } => chroma::build(cfg, env),
                 };
-                let state = RetrieverState {
-                    id: id.as_str().into(),
-                    config: Arc::new(cfg.clone()),
-                    retriever,
-                };
+                let state =
+                    RetrieverState::new(id.as_str().into(), Arc::new(cfg.clone()), retriever);
                 (id.clone(), state)
             })
             .collect();
