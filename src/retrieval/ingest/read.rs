@@ -239,7 +239,10 @@ pub fn markdown(text: &str, fallback_title: &str) -> Parsed {
 /// the heading path `path` (level, heading).
 fn end_section(sections: &mut Vec<Section>, cur: &mut String, path: &[(usize, String)]) {
     let text = std::mem::take(cur);
-    if !text.trim().is_empty() {
+    // A heading followed at once by a subheading is no passage of its own:
+    // it lives on in the heading path of the sections under it.
+    let only_heading = path.last().is_some_and(|(_, h)| text.trim() == h.trim());
+    if !text.trim().is_empty() && !only_heading {
         sections.push(Section {
             path: path.iter().map(|(_, h)| h.clone()).collect(),
             text: text.trim().to_owned(),
@@ -724,6 +727,17 @@ mod tests {
         assert!(expenses.contains("# not a heading"), "{expenses}");
         // An underlined heading.
         assert!(p.sections[4].text.starts_with("Expenses\n\n"));
+    }
+
+    #[test]
+    fn a_heading_with_only_subheadings_under_it_is_no_section() {
+        let p = markdown("# Policy\n\n## Deadlines\n\nSeven days.\n", "f");
+        assert_eq!(p.sections.len(), 1, "{:?}", p.sections);
+        assert_eq!(
+            p.sections[0].path,
+            vec!["Policy".to_owned(), "Deadlines".to_owned()]
+        );
+        assert!(p.sections[0].text.contains("Seven days."));
     }
 
     #[test]
