@@ -98,6 +98,27 @@ enum Command {
         #[arg(long, default_value = "promptgate.yaml")]
         config: PathBuf,
     },
+    /// Search a retriever: prints the ranked passages (score, source, title,
+    /// first line); `--explain` adds each branch's rank and raw score.
+    Search {
+        /// The retriever id (its file name in `retrievers/`).
+        retriever: String,
+        query: String,
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// Passages to return (default: the retriever's `top_k`).
+        #[arg(long)]
+        top_k: Option<u32>,
+        /// A metadata filter as a JSON object, e.g. '{"lang": "zh"}'.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Show each branch's rank and raw score (BM25, cosine).
+        #[arg(long)]
+        explain: bool,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn env_lookup(name: &str) -> Option<String> {
@@ -291,6 +312,189 @@ fn prompts(config: PathBuf) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `promptgate search`: one search through the configured retriever, with
+/// query embeddings through the gateway's own route (as `serve` would).
+#[allow(clippy::print_stdout)]
+fn search(
+    config: PathBuf,
+    retriever: String,
+    query: String,
+    top_k: Option<u32>,
+    filter: Option<String>,
+    explain: bool,
+    json: bool,
+) -> ExitCode {
+    use promptgate::retrieval::{BranchHit, Filter, Search};
+    let filter = match filter
+        .as_deref()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
+        None => Filter::default(),
+        Some(Err(e)) => {
+            eprintln!("error: --filter is not JSON: {e}");
+            return ExitCode::FAILURE;
+        }
+        Some(Ok(v)) => match Filter::from_json(Some(&v)) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: --filter: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gw = match promptgate::load(&config, &env_lookup) {
+            Ok((gw, _)) => gw,
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                eprintln!("the configuration is invalid; run `promptgate check` for details");
+                return ExitCode::FAILURE;
+            }
+        };
+        let snap = gw.snapshot();
+        let Some(state) = snap.retrievers.get(&retriever) else {
+            let ids: Vec<&str> = snap.retrievers.iter().map(|s| &*s.id).collect();
+            eprintln!(
+                "error: no retriever `{retriever}` (retrievers: {})",
+                if ids.is_empty() {
+                    "none".to_owned()
+                } else {
+                    ids.join(", ")
+                }
+            );
+            return ExitCode::FAILURE;
+        };
+        let r = match &state.retriever {
+            Ok(r) => r.clone(),
+            Err(why) => {
+                eprintln!("error: retriever `{retriever}` cannot serve: {why}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let search = Search {
+            query,
+            top_k: top_k.unwrap_or(state.config.top_k),
+            filter,
+        };
+        if let Err(e) = search.validate() {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+        let embedder = promptgate::pipeline::embedder::GatewayEmbedder {
+            gateway: gw.clone(),
+            request_id: "cli-search".into(),
+            private: state.config.private,
+        };
+        let started = std::time::Instant::now();
+        let found = tokio::time::timeout(state.config.timeout, r.search(&search, &embedder)).await;
+        let elapsed = started.elapsed();
+        let passages = match found {
+            Err(_) => {
+                eprintln!(
+                    "error: retriever `{retriever}` did not answer within its timeout ({})",
+                    humantime::format_duration(state.config.timeout)
+                );
+                return ExitCode::FAILURE;
+            }
+            Ok(Err(e)) => {
+                eprintln!("error: retriever `{retriever}`: {e}");
+                return ExitCode::FAILURE;
+            }
+            Ok(Ok(p)) => p,
+        };
+        let hit_json = |h: Option<BranchHit>| {
+            h.map_or(
+                serde_json::Value::Null,
+                |h| serde_json::json!({"rank": h.rank, "raw": h.raw}),
+            )
+        };
+        if json {
+            let data: Vec<serde_json::Value> = passages
+                .iter()
+                .map(|p| {
+                    let mut v = serde_json::json!({
+                        "text": p.text,
+                        "source": p.source,
+                        "title": p.title,
+                        "score": p.score,
+                        "chunk_id": p.chunk_id,
+                        "metadata": p.metadata,
+                    });
+                    if explain {
+                        v["ranks"] = serde_json::json!({
+                            "lexical": hit_json(p.branches.lexical),
+                            "dense": hit_json(p.branches.dense),
+                        });
+                    }
+                    v
+                })
+                .collect();
+            let out = serde_json::json!({
+                "object": "list",
+                "retriever": retriever,
+                "generation": r.generation(),
+                "data": data,
+            });
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            return ExitCode::SUCCESS;
+        }
+        if passages.is_empty() {
+            println!("no passages found ({} ms)", elapsed.as_millis());
+            return ExitCode::SUCCESS;
+        }
+        for (i, p) in passages.iter().enumerate() {
+            let first = p
+                .text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("");
+            let first: String = if first.chars().count() > 100 {
+                first.chars().take(99).chain(['…']).collect()
+            } else {
+                first.to_owned()
+            };
+            let title = if p.title.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", p.title)
+            };
+            println!("{:>2}. {:.3}  {}{title}", i + 1, p.score, p.source);
+            println!("    {first}");
+            if explain {
+                let branch = |name: &str, what: &str, h: Option<BranchHit>| match h {
+                    Some(h) => format!("{name} #{} ({what} {:.4})", h.rank, h.raw),
+                    None => format!("{name} -"),
+                };
+                println!(
+                    "    {}  {}  chunk {}",
+                    branch("lexical", "bm25", p.branches.lexical),
+                    branch("dense", "cosine", p.branches.dense),
+                    p.chunk_id
+                );
+            }
+        }
+        println!(
+            "{} passage(s) from `{retriever}` in {} ms",
+            passages.len(),
+            elapsed.as_millis()
+        );
+        ExitCode::SUCCESS
+    })
 }
 
 fn serve(
@@ -568,6 +772,15 @@ fn main() -> ExitCode {
             config,
         } => render(config, prompt, vars),
         Command::Prompts { config } => prompts(config),
+        Command::Search {
+            retriever,
+            query,
+            config,
+            top_k,
+            filter,
+            explain,
+            json,
+        } => search(config, retriever, query, top_k, filter, explain, json),
         Command::Drill {
             gateway,
             admin,

@@ -35,7 +35,8 @@ pub struct Passage {
     /// Stable id of the chunk within its retriever.
     pub chunk_id: String,
     pub metadata: Map<String, Value>,
-    /// Per-branch ranks and raw scores (local hybrid search; empty otherwise).
+    /// Per-branch ranks and raw scores (local searches, every mode; empty for
+    /// remote kinds).
     pub branches: Branches,
 }
 
