@@ -71,7 +71,8 @@ def main():
         lines += [
             "",
             f"Scale: synthetic {n}-passage zh/en corpus (`retrieval_eval gen-scale`), {scale_pg['results'][0]['queries']} queries; "
-            "dense query vectors precomputed through the route (latency excludes the embedding call).",
+            "query vectors precomputed through the route (latency excludes the embedding call)"
+            + ("; document vectors synthetic (see run.sh)." if any(r.get("synthetic_doc_vectors") for r in scale_pg["results"]) else "."),
             "",
             "| system | ingest MB/s | query p50 ms | query p99 ms |",
             "|---|---:|---:|---:|",
