@@ -93,6 +93,21 @@ enum Command {
         #[arg(long, default_value = "drill-report")]
         out: PathBuf,
     },
+    /// Index documents into a retriever: .txt, .md, .html, .pdf and .jsonl
+    /// files (folders are walked). Unchanged documents are skipped; changed
+    /// ones replaced; everything becomes visible at once at the end.
+    Ingest {
+        /// The retriever (`retrievers/<id>.yaml`).
+        retriever: String,
+        /// Files or folders; sources are paths relative to each.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// Remove documents whose files are gone (only under the given paths).
+        #[arg(long)]
+        prune: bool,
+    },
     /// List prompts with their versions, content hashes and labels.
     Prompts {
         #[arg(long, default_value = "promptgate.yaml")]
@@ -277,6 +292,86 @@ fn render(config: PathBuf, prompt: String, vars: Vec<String>) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+#[allow(clippy::print_stdout)]
+fn ingest(config: PathBuf, retriever: String, paths: Vec<PathBuf>, prune: bool) -> ExitCode {
+    use promptgate::config::RetrieverKind;
+    use promptgate::retrieval::{chroma, ingest, local};
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        // The whole gateway, in process: document embeddings go through the
+        // retriever's embeddings route like any request.
+        let (gw, cfg) = match promptgate::load(&config, &env_lookup) {
+            Ok(x) => x,
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                eprintln!("the configuration is invalid; run `promptgate check` for details");
+                return ExitCode::FAILURE;
+            }
+        };
+        let Some(rcfg) = cfg.retrievers.get(&retriever) else {
+            let ids: Vec<&str> = cfg.retrievers.keys().map(String::as_str).collect();
+            eprintln!(
+                "error: no retriever `{retriever}` (retrievers: {})",
+                if ids.is_empty() {
+                    "none".into()
+                } else {
+                    ids.join(", ")
+                }
+            );
+            return ExitCode::FAILURE;
+        };
+        let writer = match &rcfg.kind {
+            RetrieverKind::Local { .. } => local::writer(rcfg),
+            RetrieverKind::Chroma { .. } => chroma::writer(rcfg, &env_lookup),
+            RetrieverKind::Http { .. } => {
+                Err("it is of kind http: an http retriever is indexed by its own service".into())
+            }
+        };
+        let writer = match writer {
+            Ok(w) => w,
+            Err(why) => {
+                eprintln!("error: cannot ingest into retriever `{retriever}`: {why}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let embedder = promptgate::pipeline::embedder::GatewayEmbedder {
+            gateway: gw.clone(),
+            request_id: format!("ingest-{retriever}").into(),
+            private: rcfg.private,
+        };
+        let opts = ingest::Options {
+            prune,
+            progress: true,
+            echo_warnings: true,
+            ..ingest::Options::default()
+        };
+        eprintln!("ingesting into `{retriever}` ({})", rcfg.kind_name());
+        match ingest::ingest(rcfg, writer, Some(&embedder), &paths, &opts).await {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: ingest into `{retriever}` failed, the index is unchanged: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }
 
 #[allow(clippy::print_stdout)]
@@ -781,6 +876,12 @@ fn main() -> ExitCode {
             explain,
             json,
         } => search(config, retriever, query, top_k, filter, explain, json),
+        Command::Ingest {
+            retriever,
+            paths,
+            config,
+            prune,
+        } => ingest(config, retriever, paths, prune),
         Command::Drill {
             gateway,
             admin,
