@@ -514,48 +514,42 @@ struct Indexed {
     bytes: usize,
 }
 
-/// Ingests the corpus into the retriever's index through the library.
+/// Ingests the corpus into the retriever's index through the library's
+/// ingest driver (the code `promptgate ingest` runs): the passages are written
+/// as one `.jsonl` file (one document per line, `_id` naming it, `doc_id`
+/// kept as metadata to map chunks back), then read, chunked, embedded when
+/// the retriever needs vectors, and committed once. Returns the seconds taken.
 async fn index_corpus(
     cfg: &RetrieverConfig,
     corpus: &[Doc],
     embedder: Option<&dyn Embedder>,
     work: &Path,
 ) -> Res<f64> {
-    use promptgate::retrieval::ingest::{Chunk, Document};
-    let _ = work;
-    let t = Instant::now();
-    let mut writer = retrieval::local::writer(cfg)?;
-    let enc = promptgate::tokens::Encoding::Cl100k;
-    let spec = cfg.embedding.as_ref();
-    for batch in corpus.chunks(spec.map_or(256, |s| s.batch)) {
-        let vectors = match (embedder, spec) {
-            (Some(e), Some(s)) => Some(
-                e.embed(s, Side::Document, batch.iter().map(passage_text).collect())
-                    .await
-                    .map_err(|e| format!("embedding the corpus: {e}"))?,
-            ),
-            _ => None,
-        };
-        for (i, d) in batch.iter().enumerate() {
-            let text = passage_text(d);
-            let doc = Document {
-                source: d.id.clone(),
-                hash: format!("sha256:{}", hex(&Sha256::digest(text.as_bytes()))),
-                title: d.title.clone(),
-                metadata: serde_json::Map::from_iter([("doc_id".to_owned(), json!(d.id))]),
-            };
-            let chunk = Chunk {
-                tokens: promptgate::tokens::count(enc, &text),
-                text,
-                title: d.title.clone(),
-                position: 0,
-            };
-            let v = vectors.as_ref().map(|v| std::slice::from_ref(&v[i]));
-            writer.put(&doc, std::slice::from_ref(&chunk), v).await?;
-        }
+    use promptgate::retrieval::ingest;
+    let dir = work.join(format!("docs-{}", cfg.id));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut lines = String::new();
+    for d in corpus {
+        let v = json!({"_id": d.id, "title": d.title, "text": d.text, "doc_id": d.id});
+        lines.push_str(&v.to_string());
+        lines.push('\n');
     }
-    writer.commit().await?;
-    Ok(t.elapsed().as_secs_f64())
+    write(&dir.join("corpus.jsonl"), &lines)?;
+    let writer = retrieval::local::writer(cfg)?;
+    let t = Instant::now();
+    let summary = ingest::ingest(cfg, writer, embedder, &[dir], &ingest::Options::default())
+        .await
+        .map_err(|e| format!("ingest into `{}`: {e}", cfg.id))?;
+    let seconds = t.elapsed().as_secs_f64();
+    if summary.skipped > 0 || summary.warning_count > 0 {
+        eprintln!(
+            "retrieval_eval: ingest skipped {} documents, {} warnings: {:?}",
+            summary.skipped,
+            summary.warning_count,
+            summary.warnings.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    Ok(seconds)
 }
 
 fn passage_text(d: &Doc) -> String {
@@ -564,10 +558,6 @@ fn passage_text(d: &Doc) -> String {
     } else {
         format!("{}\n{}", d.title, d.text)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // === eval ===
