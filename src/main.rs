@@ -552,11 +552,14 @@ fn search(
             return ExitCode::SUCCESS;
         }
         for (i, p) in passages.iter().enumerate() {
-            let first = p
-                .text
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
+            // The first line of the text proper (chunks often start with
+            // their heading, which the title already shows).
+            let heading = p.title.rsplit(" > ").next().unwrap_or("");
+            let mut lines = p.text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines
+                .clone()
+                .find(|l| !l.starts_with('#') && l.trim_start_matches('#').trim() != heading)
+                .or_else(|| lines.next())
                 .unwrap_or("");
             let first: String = if first.chars().count() > 100 {
                 first.chars().take(99).chain(['…']).collect()

@@ -138,11 +138,10 @@ fn is_stopword(term: &str) -> bool {
     }
 }
 
-/// The FTS5 query for a user's text: its terms (segmented as indexed, split
-/// at every non-alphanumeric character, stopwords dropped unless nothing else
-/// is left, duplicates dropped, at most [`MAX_QUERY_TERMS`]), each quoted
-/// (`"` doubled) and OR-ed. `None` when the text has no term at all.
-pub fn fts_query(text: &str) -> Option<String> {
+/// A user's text as search terms: segmented as indexed, split at every
+/// non-alphanumeric character, lowercased, stopwords dropped unless nothing
+/// else is left, duplicates dropped, at most [`MAX_QUERY_TERMS`].
+pub fn query_terms(text: &str) -> Vec<String> {
     let segmented = segment(text);
     let mut terms: Vec<String> = Vec::new();
     let mut stop: Vec<String> = Vec::new();
@@ -163,10 +162,17 @@ pub fn fts_query(text: &str) -> Option<String> {
     if terms.is_empty() {
         terms = stop;
     }
+    terms
+}
+
+/// The FTS5 query for a user's text: its [`query_terms`], each quoted (`"`
+/// doubled) and OR-ed. `None` when the text has no term at all.
+pub fn fts_query(text: &str) -> Option<String> {
+    let terms = query_terms(text);
     if terms.is_empty() {
         return None;
     }
-    let mut q = String::with_capacity(segmented.len() + terms.len() * 6);
+    let mut q = String::with_capacity(terms.iter().map(|t| t.len() + 6).sum());
     for (i, t) in terms.iter().enumerate() {
         if i > 0 {
             q.push_str(" OR ");

@@ -27,6 +27,7 @@ use super::{score, BranchHit, Branches, Embedder, Passage, Retriever, Search, Se
 use crate::config::{Mode, RetrieverConfig, RetrieverKind, Weights};
 use crate::retrieval::EmbeddingSpec;
 
+pub mod bm25;
 pub mod dense;
 pub mod fuse;
 pub mod lexical;
@@ -72,14 +73,25 @@ struct Inner {
     generation: AtomicU64,
 }
 
-/// An index generation's documents (for filters) and vectors, in memory.
+/// An index generation's chunks, documents (for filters), BM25 statistics
+/// and vectors, in memory.
 struct Catalog {
     generation: i64,
     docs: Vec<DocMeta>,
-    /// `chunks.id` → position in `docs`.
-    chunk_doc: HashMap<i64, u32>,
+    /// Chunk position → `chunks.id`.
+    chunks: Vec<i64>,
+    /// Chunk position → position in `docs`.
+    chunk_docs: Vec<u32>,
+    /// `chunks.id` → chunk position.
+    index_of: HashMap<i64, u32>,
+    /// In-memory BM25 (`None` past [`MAX_MEMORY_CHUNKS`]: FTS5 ranks).
+    bm25: Option<bm25::Bm25>,
     dense: Option<DenseRows>,
 }
+
+/// Past this many chunks the lexical branch ranks with FTS5's `bm25()`
+/// rather than over postings in memory.
+const MAX_MEMORY_CHUNKS: usize = 500_000;
 
 struct DocMeta {
     source: String,
@@ -87,10 +99,8 @@ struct DocMeta {
 }
 
 struct DenseRows {
-    /// Row of the index → `chunks.id`.
-    chunks: Vec<i64>,
-    /// Row of the index → position in `docs`.
-    docs: Vec<u32>,
+    /// Row of the index → chunk position.
+    positions: Vec<u32>,
     index: Box<dyn VectorIndex>,
 }
 
@@ -265,20 +275,23 @@ impl Inner {
         self.generation.store(generation as u64, Ordering::Relaxed);
         let k = search.top_k as usize;
         let filtered = !search.filter.is_empty();
-        let needs_catalog = filtered || self.mode != Mode::Lexical;
-        let catalog = if needs_catalog {
-            Some(self.catalog(&tx, generation)?)
-        } else {
-            None
-        };
+        let catalog = self.catalog(&tx, generation)?;
         // Which documents pass the filter, by position in the catalog.
-        let passes: Vec<bool> = match &catalog {
-            Some(c) if filtered => c
+        let passes: Vec<bool> = if filtered {
+            catalog
                 .docs
                 .iter()
                 .map(|d| search.filter.matches(&d.source, &d.metadata))
-                .collect(),
-            _ => Vec::new(),
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let keep_chunk = |i: u32| {
+            !filtered
+                || catalog
+                    .chunk_docs
+                    .get(i as usize)
+                    .is_some_and(|d| passes.get(*d as usize) == Some(&true))
         };
         let depth = match self.mode {
             Mode::Hybrid => fusion_depth(k),
@@ -287,42 +300,25 @@ impl Inner {
         let lexical_hits = if self.mode == Mode::Dense {
             Vec::new()
         } else {
-            match lexical::fts_query(&search.query) {
-                None => Vec::new(),
-                Some(q) => {
-                    let keep = |row: i64| {
-                        !filtered
-                            || catalog.as_ref().is_some_and(|c| {
-                                c.chunk_doc
-                                    .get(&row)
-                                    .is_some_and(|d| passes.get(*d as usize) == Some(&true))
-                            })
-                    };
-                    lexical::search(&tx, &q, depth, !filtered, keep).map_err(|e| self.failed(e))?
-                }
-            }
+            self.lexical(&tx, &catalog, &search.query, depth, filtered, &keep_chunk)?
         };
-        let dense_hits: Vec<(i64, f32)> = match (&catalog, query_vector) {
-            (Some(c), Some(q)) if self.mode != Mode::Lexical => match &c.dense {
-                None => Vec::new(),
-                Some(d) => {
-                    if q.len() != d.index.dim() {
-                        return Err(SearchError::Failed(format!(
-                            "the embedding route returns vectors of {} dimensions, but index {} holds vectors of {} (was the embedding model changed? ingest again into a new index file)",
-                            q.len(),
-                            self.path.display(),
-                            d.index.dim()
-                        )));
-                    }
-                    let keep =
-                        |row: usize| !filtered || passes.get(d.docs[row] as usize) == Some(&true);
-                    d.index
-                        .search(q, depth, &keep)
-                        .into_iter()
-                        .map(|(row, cos)| (d.chunks[row], cos))
-                        .collect()
+        let dense_hits: Vec<(i64, f32)> = match (&catalog.dense, query_vector) {
+            (Some(d), Some(q)) if self.mode != Mode::Lexical => {
+                if q.len() != d.index.dim() {
+                    return Err(SearchError::Failed(format!(
+                        "the embedding route returns vectors of {} dimensions, but index {} holds vectors of {} (was the embedding model changed? ingest again into a new index file)",
+                        q.len(),
+                        self.path.display(),
+                        d.index.dim()
+                    )));
                 }
-            },
+                let keep = |row: usize| keep_chunk(d.positions[row]);
+                d.index
+                    .search(q, depth, &keep)
+                    .into_iter()
+                    .map(|(row, cos)| (catalog.chunks[d.positions[row] as usize], cos))
+                    .collect()
+            }
             _ => Vec::new(),
         };
         let ranked: Vec<fuse::Ranked> = match self.mode {
@@ -423,6 +419,41 @@ impl Inner {
         Ok(loaded)
     }
 
+    /// The lexical branch: BM25 over postings in memory (FTS5's `bm25()`
+    /// past [`MAX_MEMORY_CHUNKS`]), best first, `keep`-ing at most `depth`.
+    fn lexical(
+        &self,
+        tx: &Transaction<'_>,
+        catalog: &Catalog,
+        query: &str,
+        depth: usize,
+        filtered: bool,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Result<Vec<lexical::Hit>, SearchError> {
+        let terms = lexical::query_terms(query);
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(bm) = &catalog.bm25 {
+            let tokens = bm25::tokens(tx, &terms).map_err(|e| self.failed(e))?;
+            let hits = bm
+                .search(tx, &catalog.index_of, &tokens, depth, keep)
+                .map_err(|e| self.failed(e))?;
+            return Ok(hits
+                .into_iter()
+                .map(|(i, b)| lexical::Hit {
+                    row: catalog.chunks[i as usize],
+                    bm25: b as f32,
+                })
+                .collect());
+        }
+        let Some(q) = lexical::fts_query(query) else {
+            return Ok(Vec::new());
+        };
+        let keep_row = |row: i64| catalog.index_of.get(&row).is_some_and(|i| keep(*i));
+        lexical::search(tx, &q, depth, !filtered, keep_row).map_err(|e| self.failed(e))
+    }
+
     fn load_catalog(&self, tx: &Transaction<'_>, generation: i64) -> Result<Catalog, SearchError> {
         let err = |e: rusqlite::Error| self.failed(e);
         let mut docs = Vec::new();
@@ -444,18 +475,29 @@ impl Inner {
                 docs.push(DocMeta { source, metadata });
             }
         }
-        let mut chunk_doc = HashMap::new();
+        let mut chunks = Vec::new();
+        let mut chunk_docs = Vec::new();
+        let mut index_of = HashMap::new();
         {
-            let mut stmt = tx.prepare("SELECT id, doc FROM chunks").map_err(err)?;
+            let mut stmt = tx
+                .prepare("SELECT id, doc FROM chunks ORDER BY id")
+                .map_err(err)?;
             let mut rows = stmt.query([]).map_err(err)?;
             while let Some(r) = rows.next().map_err(err)? {
                 let id: i64 = r.get(0).map_err(err)?;
                 let doc: i64 = r.get(1).map_err(err)?;
                 if let Some(p) = doc_pos.get(&doc) {
-                    chunk_doc.insert(id, *p);
+                    index_of.insert(id, chunks.len() as u32);
+                    chunks.push(id);
+                    chunk_docs.push(*p);
                 }
             }
         }
+        let bm25 = if self.mode != Mode::Dense && chunks.len() <= MAX_MEMORY_CHUNKS {
+            Some(bm25::Bm25::load(tx, &index_of).map_err(err)?)
+        } else {
+            None
+        };
         let dense = if self.mode == Mode::Lexical {
             None
         } else {
@@ -466,8 +508,7 @@ impl Inner {
             if dim == 0 {
                 None
             } else {
-                let mut chunks = Vec::new();
-                let mut row_docs = Vec::new();
+                let mut positions = Vec::new();
                 let mut matrix = Vec::new();
                 let mut stmt = tx
                     .prepare("SELECT chunk, vector FROM vectors ORDER BY chunk")
@@ -475,19 +516,17 @@ impl Inner {
                 let mut rows = stmt.query([]).map_err(err)?;
                 while let Some(r) = rows.next().map_err(err)? {
                     let id: i64 = r.get(0).map_err(err)?;
-                    let Some(doc) = chunk_doc.get(&id) else {
+                    let Some(pos) = index_of.get(&id) else {
                         continue;
                     };
                     let blob = r.get_ref(1).map_err(err)?;
                     let blob = blob.as_blob().map_err(|e| self.failed(e))?;
                     if dense::extend_from_blob(blob, dim, &mut matrix) {
-                        chunks.push(id);
-                        row_docs.push(*doc);
+                        positions.push(*pos);
                     }
                 }
                 Some(DenseRows {
-                    chunks,
-                    docs: row_docs,
+                    positions,
                     index: Box::new(dense::ExactIndex::new(dim, matrix)),
                 })
             }
@@ -495,7 +534,10 @@ impl Inner {
         Ok(Catalog {
             generation,
             docs,
-            chunk_doc,
+            chunks,
+            chunk_docs,
+            index_of,
+            bm25,
             dense,
         })
     }

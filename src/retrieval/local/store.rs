@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `meta` | `schema_version`, `generation` (changes at every commit that changed something), `dim` (vector size, 0 = no vectors yet) |
 //! | `documents` | `id`, `source` (unique), `hash`, `title`, `metadata` (JSON object) |
-//! | `chunks` | `id` (row id), `doc`, `chunk_id` (`Chunk::id`), `position`, `title`, `text`, `tokens` |
+//! | `chunks` | `id` (row id, never reused), `doc`, `chunk_id` (`Chunk::id`), `position`, `title`, `text`, `tokens` |
 //! | `chunks_fts` | FTS5, contentless, `porter unicode61 remove_diacritics 2`, over the segmented title + text; rowid = `chunks.id` |
 //! | `vectors` | `chunk` (= `chunks.id`), `vector` (L2-normalised little-endian f32s) |
 //!
@@ -17,11 +17,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
 
 use super::dense;
 use super::lexical;
@@ -44,7 +47,7 @@ CREATE TABLE documents (
     metadata TEXT NOT NULL
 );
 CREATE TABLE chunks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     doc INTEGER NOT NULL,
     chunk_id TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -135,6 +138,8 @@ pub fn open_reader(path: &Path, id: &str) -> Result<Connection, String> {
         .map_err(|e| sql_err(path, e))?;
     conn.set_prepared_statement_cache_capacity(32);
     check_index(&conn, path)?;
+    conn.execute_batch(super::bm25::CONNECTION_SETUP)
+        .map_err(|e| sql_err(path, e))?;
     Ok(conn)
 }
 
@@ -206,7 +211,8 @@ pub fn writer(path: &Path) -> Result<Writer, String> {
             path.display()
         ));
     }
-    conn.execute_batch("PRAGMA synchronous = NORMAL")
+    // A larger page cache keeps FTS5's segment writes in memory during a run.
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536")
         .map_err(|e| sql_err(path, e))?;
     conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| {
         if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
@@ -221,13 +227,11 @@ pub fn writer(path: &Path) -> Result<Writer, String> {
     let dim: i64 = conn
         .query_row("SELECT value FROM meta WHERE key = 'dim'", [], |r| r.get(0))
         .map_err(|e| sql_err(path, e))?;
-    Ok(Writer {
-        inner: Some(Box::new(WriterState {
-            conn,
-            path: path.to_owned(),
-            dim: usize::try_from(dim).unwrap_or(0),
-            changed: false,
-        })),
+    Writer::start(WriterState {
+        conn,
+        path: path.to_owned(),
+        dim: usize::try_from(dim).unwrap_or(0),
+        changed: false,
     })
 }
 
@@ -246,12 +250,40 @@ fn create(conn: &Connection, path: &Path) -> Result<(), String> {
     })
 }
 
-/// The writer of one ingest run: every change in one transaction.
+/// The writer of one ingest run: every change in one transaction, applied
+/// by a thread of its own. A call hands its work over and returns: the
+/// caller prepares the next document (reads, chunks, embeds it; `put`
+/// segments it) while the thread inserts the previous one. A failure of the
+/// thread is returned by the next call, and nothing is committed.
 pub struct Writer {
-    /// `None` once a call was abandoned midway (its future dropped): the
-    /// transaction is gone with the connection, nothing was committed.
-    inner: Option<Box<WriterState>>,
+    ops: Option<SyncSender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The thread's first failure.
+    failed: Arc<Mutex<Option<String>>>,
+    path: PathBuf,
+    /// Size of the vectors in the index (0 = none yet).
+    dim: usize,
+    /// A call is under way: set while its future runs. Still set when the
+    /// next call starts means that future was dropped midway.
+    busy: bool,
 }
+
+enum Op {
+    Put {
+        doc: Document,
+        chunks: Vec<Chunk>,
+        /// Each chunk's title and text, segmented.
+        bodies: Vec<String>,
+        /// Normalised.
+        vectors: Option<Vec<Vec<f32>>>,
+    },
+    Remove(String),
+    Documents(oneshot::Sender<Result<BTreeMap<String, String>, String>>),
+    Commit(oneshot::Sender<Result<(), String>>),
+}
+
+/// Operations queued for the writer thread at most.
+const QUEUE: usize = 16;
 
 struct WriterState {
     conn: Connection,
@@ -263,23 +295,190 @@ struct WriterState {
 }
 
 impl Writer {
-    /// Runs `f` on the writer's connection on the blocking pool.
-    async fn run<T: Send + 'static>(
+    fn start(state: WriterState) -> Result<Writer, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let failed = Arc::new(Mutex::new(None));
+        let path = state.path.clone();
+        let dim = state.dim;
+        let thread_failed = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("promptgate-index-writer".into())
+            .spawn(move || apply(state, rx, thread_failed))
+            .map_err(|e| format!("cannot start the index writer: {e}"))?;
+        Ok(Writer {
+            ops: Some(tx),
+            thread: Some(thread),
+            failed,
+            path,
+            dim,
+            busy: false,
+        })
+    }
+
+    /// Why no call can succeed any more, if so.
+    fn broken(&self) -> Option<String> {
+        if self.busy {
+            return Some("the index writer was abandoned midway; nothing was written".into());
+        }
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Queues `op` (waiting, off the runtime, while the queue is full).
+    async fn send(&self, op: Op) -> Result<(), String> {
+        let Some(ops) = self.ops.clone() else {
+            return Err("the index writer has finished".into());
+        };
+        let sent = tokio::task::spawn_blocking(move || ops.send(op).is_ok())
+            .await
+            .map_err(|e| format!("the index writer failed: {e}"))?;
+        self.sent(sent)
+    }
+
+    /// `Ok` if an operation was queued, else why the thread stopped.
+    fn sent(&self, sent: bool) -> Result<(), String> {
+        if sent {
+            return Ok(());
+        }
+        Err(self
+            .broken()
+            .unwrap_or_else(|| "the index writer stopped".into()))
+    }
+
+    /// Checks and normalises `vectors` for `chunks`; the first sets the
+    /// index's vector size.
+    fn check_vectors(
         &mut self,
-        f: impl FnOnce(&mut WriterState) -> Result<T, String> + Send + 'static,
-    ) -> Result<T, String> {
-        let mut state = self
-            .inner
-            .take()
-            .ok_or("the index writer was abandoned midway; nothing was written")?;
-        let (state, out) = tokio::task::spawn_blocking(move || {
-            let out = f(&mut state);
-            (state, out)
+        source: &str,
+        n: usize,
+        vectors: Option<&[Vec<f32>]>,
+    ) -> Result<Option<Vec<Vec<f32>>>, String> {
+        let Some(vs) = vectors else { return Ok(None) };
+        if vs.len() != n {
+            return Err(format!("{source}: {} vectors for {n} chunks", vs.len()));
+        }
+        let mut out = Vec::with_capacity(vs.len());
+        for v in vs {
+            if v.is_empty() {
+                return Err(format!("{source}: an empty vector"));
+            }
+            if self.dim != 0 && v.len() != self.dim {
+                return Err(format!(
+                    "{source}: a vector of {} dimensions, but index {} holds vectors of {} (was the embedding model changed? ingest into a new index file)",
+                    v.len(),
+                    self.path.display(),
+                    self.dim
+                ));
+            }
+            let mut v = v.clone();
+            if !dense::normalise(&mut v) {
+                return Err(format!(
+                    "{source}: the embedding route returned a vector with NaN or infinite values"
+                ));
+            }
+            self.dim = v.len();
+            out.push(v);
+        }
+        Ok(Some(out))
+    }
+
+    async fn put_owned(
+        &mut self,
+        doc: Document,
+        chunks: Vec<Chunk>,
+        vectors: Option<Vec<Vec<f32>>>,
+    ) -> Result<(), String> {
+        let ops = self
+            .ops
+            .clone()
+            .ok_or_else(|| "the index writer has finished".to_owned())?;
+        // Segmenting is the CPU-heavy part: done here, on the blocking pool,
+        // while the writer thread inserts what came before.
+        let sent = tokio::task::spawn_blocking(move || {
+            let bodies = chunks
+                .iter()
+                .map(|c| {
+                    let mut body = String::with_capacity(c.title.len() + c.text.len() + 64);
+                    lexical::segment_into(&c.title, &mut body);
+                    body.push('\n');
+                    lexical::segment_into(&c.text, &mut body);
+                    body
+                })
+                .collect();
+            ops.send(Op::Put {
+                doc,
+                chunks,
+                bodies,
+                vectors,
+            })
+            .is_ok()
         })
         .await
         .map_err(|e| format!("the index writer failed: {e}"))?;
-        self.inner = Some(state);
-        out
+        self.sent(sent)
+    }
+}
+
+impl Drop for Writer {
+    /// Without a commit: stops the thread, which rolls the transaction back
+    /// (waiting for it, so the write lock is free when this returns).
+    fn drop(&mut self) {
+        self.ops = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The writer thread: applies the operations in order; after a failure only
+/// answers (with it). Ends at commit, or when the writer is dropped (the
+/// connection closes and the transaction rolls back).
+fn apply(mut state: WriterState, ops: Receiver<Op>, failed: Arc<Mutex<Option<String>>>) {
+    let first =
+        |failed: &Mutex<Option<String>>| failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let record = |failed: &Mutex<Option<String>>, r: Result<(), String>| {
+        if let Err(e) = r {
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        }
+    };
+    for op in ops {
+        match op {
+            Op::Put {
+                doc,
+                chunks,
+                bodies,
+                vectors,
+            } => {
+                if first(&failed).is_none() {
+                    record(
+                        &failed,
+                        state.put(&doc, &chunks, &bodies, vectors.as_deref()),
+                    );
+                }
+            }
+            Op::Remove(source) => {
+                if first(&failed).is_none() {
+                    record(&failed, state.remove(&source));
+                }
+            }
+            Op::Documents(reply) => {
+                let r = match first(&failed) {
+                    Some(e) => Err(e),
+                    None => state.documents(),
+                };
+                let _ = reply.send(r);
+            }
+            Op::Commit(reply) => {
+                let r = match first(&failed) {
+                    Some(e) => Err(e),
+                    None => state.commit(),
+                };
+                let _ = reply.send(r);
+                return;
+            }
+        }
     }
 }
 
@@ -325,44 +524,16 @@ impl WriterState {
         &mut self,
         doc: &Document,
         chunks: &[Chunk],
-        vectors: Option<Vec<Vec<f32>>>,
+        bodies: &[String],
+        vectors: Option<&[Vec<f32>]>,
     ) -> Result<(), String> {
-        let mut vectors = vectors;
-        if let Some(vs) = &mut vectors {
-            if vs.len() != chunks.len() {
-                return Err(format!(
-                    "{}: {} vectors for {} chunks",
-                    doc.source,
-                    vs.len(),
-                    chunks.len()
-                ));
-            }
-            for v in vs.iter_mut() {
-                if v.is_empty() {
-                    return Err(format!("{}: an empty vector", doc.source));
-                }
-                if self.dim != 0 && v.len() != self.dim {
-                    return Err(format!(
-                        "{}: a vector of {} dimensions, but index {} holds vectors of {} (was the embedding model changed? ingest into a new index file)",
-                        doc.source,
-                        v.len(),
-                        self.path.display(),
-                        self.dim
-                    ));
-                }
-                if !dense::normalise(v) {
-                    return Err(format!(
-                        "{}: the embedding route returned a vector with NaN or infinite values",
-                        doc.source
-                    ));
-                }
-                if self.dim == 0 {
-                    self.dim = v.len();
-                    let dim = i64::try_from(self.dim).unwrap_or(i64::MAX);
-                    self.conn
-                        .execute("UPDATE meta SET value = ?1 WHERE key = 'dim'", [dim])
-                        .map_err(|e| self.err(e))?;
-                }
+        if let Some(v) = vectors.and_then(|vs| vs.first()) {
+            if self.dim == 0 {
+                self.dim = v.len();
+                let dim = i64::try_from(self.dim).unwrap_or(i64::MAX);
+                self.conn
+                    .execute("UPDATE meta SET value = ?1 WHERE key = 'dim'", [dim])
+                    .map_err(|e| self.err(e))?;
             }
         }
         self.remove(&doc.source)?;
@@ -386,8 +557,7 @@ impl WriterState {
         let mut insert_vector = conn
             .prepare_cached("INSERT INTO vectors (chunk, vector) VALUES (?1, ?2)")
             .map_err(err)?;
-        let mut body = String::new();
-        for (i, chunk) in chunks.iter().enumerate() {
+        for (i, (chunk, body)) in chunks.iter().zip(bodies).enumerate() {
             insert_chunk
                 .execute(params![
                     doc_id,
@@ -399,12 +569,8 @@ impl WriterState {
                 ])
                 .map_err(err)?;
             let row = conn.last_insert_rowid();
-            body.clear();
-            lexical::segment_into(&chunk.title, &mut body);
-            body.push('\n');
-            lexical::segment_into(&chunk.text, &mut body);
             insert_fts.execute(params![row, body]).map_err(err)?;
-            if let Some(v) = vectors.as_ref().and_then(|vs| vs.get(i)) {
+            if let Some(v) = vectors.and_then(|vs| vs.get(i)) {
                 insert_vector
                     .execute(params![row, dense::to_blob(v)])
                     .map_err(err)?;
@@ -439,7 +605,21 @@ impl WriterState {
 
 impl IndexWriter for Writer {
     fn documents(&mut self) -> BoxFuture<'_, Result<BTreeMap<String, String>, String>> {
-        self.run(|s| s.documents()).boxed()
+        async move {
+            if let Some(e) = self.broken() {
+                return Err(e);
+            }
+            self.busy = true;
+            let (tx, rx) = oneshot::channel();
+            self.send(Op::Documents(tx)).await?;
+            let out = rx.await.map_err(|_| {
+                self.broken()
+                    .unwrap_or_else(|| "the index writer stopped".into())
+            })?;
+            self.busy = false;
+            out
+        }
+        .boxed()
     }
 
     fn put<'a>(
@@ -448,18 +628,50 @@ impl IndexWriter for Writer {
         chunks: &'a [Chunk],
         vectors: Option<&'a [Vec<f32>]>,
     ) -> BoxFuture<'a, Result<(), String>> {
-        let doc = doc.clone();
-        let chunks = chunks.to_vec();
-        let vectors = vectors.map(<[Vec<f32>]>::to_vec);
-        self.run(move |s| s.put(&doc, &chunks, vectors)).boxed()
+        async move {
+            if let Some(e) = self.broken() {
+                return Err(e);
+            }
+            let vectors = self.check_vectors(&doc.source, chunks.len(), vectors)?;
+            self.busy = true;
+            self.put_owned(doc.clone(), chunks.to_vec(), vectors)
+                .await?;
+            self.busy = false;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn remove<'a>(&'a mut self, source: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        let source = source.to_owned();
-        self.run(move |s| s.remove(&source)).boxed()
+        async move {
+            if let Some(e) = self.broken() {
+                return Err(e);
+            }
+            self.busy = true;
+            self.send(Op::Remove(source.to_owned())).await?;
+            self.busy = false;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), String>> {
-        async move { self.run(|s| s.commit()).await }.boxed()
+        async move {
+            if let Some(e) = self.broken() {
+                return Err(e);
+            }
+            let (tx, rx) = oneshot::channel();
+            self.send(Op::Commit(tx)).await?;
+            let out = rx.await.map_err(|_| {
+                self.broken()
+                    .unwrap_or_else(|| "the index writer stopped".into())
+            })?;
+            self.ops = None;
+            if let Some(t) = self.thread.take() {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            out
+        }
+        .boxed()
     }
 }

@@ -680,3 +680,137 @@ async fn a_writer_holds_the_write_lock_until_done() {
     drop(w);
     assert!(conn.execute_batch("BEGIN IMMEDIATE; COMMIT").is_ok());
 }
+
+/// The in-memory BM25 of `path`'s index for `q` and FTS5's `bm25()` for the
+/// same query: (chunks.id, BM25 higher = better), best first.
+type Ranking = Vec<(i64, f64)>;
+
+fn both_bm25(path: &Path, q: &str) -> (Ranking, Ranking) {
+    let conn = store::open_reader(path, "kb").unwrap();
+    let ids: Vec<i64> = conn
+        .prepare("SELECT id FROM chunks ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let index_of: HashMap<i64, u32> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u32))
+        .collect();
+    let bm = bm25::Bm25::load(&conn, &index_of).unwrap();
+    let tokens = bm25::tokens(&conn, &lexical::query_terms(q)).unwrap();
+    let mine = bm
+        .search(&conn, &index_of, &tokens, 100, |_| true)
+        .unwrap()
+        .into_iter()
+        .map(|(i, s)| (ids[i as usize], s))
+        .collect();
+    let fts = conn
+        .prepare("SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ?1 ORDER BY rank")
+        .unwrap()
+        .query_map([lexical::fts_query(q).unwrap()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    (mine, fts)
+}
+
+const BM25_QUERIES: [&str; 7] = [
+    "refunds",
+    "refund receipt days",
+    "invoices email company",
+    "退货",
+    "发票 退款 申请",
+    "Employees book travel",
+    "zebra",
+];
+
+#[tokio::test]
+async fn in_memory_bm25_equals_fts5_bm25() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kb.db");
+    corpus(&path, false).await;
+    let mut w = store::writer(&path).unwrap();
+    let d = doc("more-en.md", "1", json!({}));
+    let text = "Refunds: a refund is issued within five days; refund requests need the receipt.";
+    w.put(
+        &d,
+        &chunks(&[text, "Invoices for refunds are sent by email."]),
+        None,
+    )
+    .await
+    .unwrap();
+    let d = doc("more-zh.md", "1", json!({}));
+    w.put(
+        &d,
+        &chunks(&["退货退款须在七天内申请，发票随退款一并作废。"]),
+        None,
+    )
+    .await
+    .unwrap();
+    Box::new(w).commit().await.unwrap();
+    for q in BM25_QUERIES {
+        let (mine, fts) = both_bm25(&path, q);
+        assert_eq!(mine.len(), fts.len(), "{q}: {mine:?} vs {fts:?}");
+        for ((row, s), (fts_row, b)) in mine.iter().zip(&fts) {
+            assert_eq!(row, fts_row, "{q}: {mine:?} vs {fts:?}");
+            assert!((s - b).abs() < 1e-9 * b.abs().max(1.0), "{q}: {s} vs {b}");
+        }
+    }
+
+    // After deletions FTS5 (contentless) still counts the deleted rows in
+    // its N and average length; the in-memory statistics count the live
+    // rows only. The same chunks match.
+    let mut w = store::writer(&path).unwrap();
+    w.remove("travel-en.md").await.unwrap();
+    w.remove("refund-en.md").await.unwrap();
+    Box::new(w).commit().await.unwrap();
+    for q in BM25_QUERIES {
+        let (mine, fts) = both_bm25(&path, q);
+        let mut a: Vec<i64> = mine.iter().map(|h| h.0).collect();
+        let mut b: Vec<i64> = fts.iter().map(|h| h.0).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{q}");
+    }
+
+    // Query terms are stemmed by FTS5 itself.
+    let conn = store::open_reader(&path, "kb").unwrap();
+    let tokens =
+        bm25::tokens(&conn, &["refunds".into(), "Invoices".into(), "退货".into()]).unwrap();
+    assert_eq!(tokens, vec!["refund", "invoic", "退货"]);
+}
+
+/// The branch large indexes use (FTS5 ranks with `bm25()`): the same
+/// order as the in-memory one, and `keep` applied before the cut.
+#[tokio::test]
+async fn fts5_ranking_agrees_and_filters_before_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kb.db");
+    corpus(&path, false).await;
+    let mut conn = store::open_reader(&path, "kb").unwrap();
+    for q in BM25_QUERIES {
+        let (mine, _) = both_bm25(&path, q);
+        let tx = conn.transaction().unwrap();
+        let hits = match lexical::fts_query(q) {
+            Some(fq) => lexical::search(&tx, &fq, 100, true, |_| true).unwrap(),
+            None => Vec::new(),
+        };
+        let rows: Vec<i64> = hits.iter().map(|h| h.row).collect();
+        assert_eq!(rows, mine.iter().map(|m| m.0).collect::<Vec<_>>(), "{q}");
+        for (h, m) in hits.iter().zip(&mine) {
+            assert!((f64::from(h.bm25) - m.1).abs() < 1e-4, "{q}");
+        }
+        // With a filter: rows are read in rank order until enough pass.
+        if rows.len() >= 2 {
+            let second = rows[1];
+            let kept = lexical::search(&tx, &lexical::fts_query(q).unwrap(), 1, false, |r| {
+                r == second
+            })
+            .unwrap();
+            assert_eq!(kept.iter().map(|h| h.row).collect::<Vec<_>>(), vec![second]);
+        }
+    }
+}
