@@ -221,6 +221,14 @@ pub enum GatewayError {
     NotFoundPrompt { message: String },
     #[error("no such endpoint: {method} {path}")]
     NotFound { method: String, path: String },
+    /// A retriever a request needed failed (502) or timed out (504); the
+    /// request's `on_error` policy was `fail`.
+    #[error("retriever `{retriever}` {}: {message}", if *timed_out { "timed out" } else { "failed" })]
+    Retrieval {
+        retriever: String,
+        message: String,
+        timed_out: bool,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -243,6 +251,13 @@ impl GatewayError {
             | GatewayError::NotFoundPrompt { .. } => 404,
             GatewayError::ProviderUnavailable { .. } | GatewayError::NoTarget { .. } => 503,
             GatewayError::Upstream(e) => e.kind.client_status(e.status),
+            GatewayError::Retrieval { timed_out, .. } => {
+                if *timed_out {
+                    504
+                } else {
+                    502
+                }
+            }
             GatewayError::Internal(_) => 500,
         }
     }
@@ -264,6 +279,7 @@ impl GatewayError {
             },
             GatewayError::NotFound { .. } => "not_found",
             GatewayError::NotFoundPrompt { .. } => "prompt_not_found",
+            GatewayError::Retrieval { .. } => "retrieval",
             GatewayError::Internal(_) => "internal_error",
         }
     }

@@ -186,11 +186,29 @@ fn check(config: PathBuf) -> ExitCode {
                     );
                 }
             }
+            // A retriever that cannot serve (a missing or corrupt index, an
+            // unset key) fails the check: `serve` would run without it.
+            let mut unavailable = 0;
+            for s in snap.retrievers.iter() {
+                if let Err(why) = &s.retriever {
+                    eprintln!(
+                        "error: {}: retriever `{}` is unavailable: {why}",
+                        s.config.file.display(),
+                        s.id
+                    );
+                    unavailable += 1;
+                }
+            }
+            if unavailable > 0 {
+                eprintln!("{unavailable} problem(s) found");
+                return ExitCode::FAILURE;
+            }
             println!(
-                "ok: {} route(s), {} provider(s), {} prompt(s)",
+                "ok: {} route(s), {} provider(s), {} prompt(s), {} retriever(s)",
                 cfg.routes.len(),
                 cfg.providers.len(),
-                cfg.prompts.len()
+                cfg.prompts.len(),
+                cfg.retrievers.len()
             );
             ExitCode::SUCCESS
         }
@@ -246,6 +264,23 @@ fn render(config: PathBuf, prompt: String, vars: Vec<String>) -> ExitCode {
                 out.version,
                 out.route.as_deref().unwrap_or("(the request's model)")
             );
+            let hooks: Vec<String> = snap
+                .prompts
+                .get(&out.id)
+                .and_then(|p| p.versions.get(&out.version))
+                .map(|v| {
+                    v.retrieval
+                        .iter()
+                        .map(|h| format!("{} ← {}", h.into, h.retriever))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !hooks.is_empty() {
+                println!(
+                    "# retrieval not run here; these are empty lists: {}",
+                    hooks.join(", ")
+                );
+            }
             let p = &out.params;
             let mut params = Vec::new();
             if let Some(t) = p.temperature {
@@ -630,8 +665,13 @@ fn serve(
                 }
             }
         }
-        // Load the tokenizers now, off the request path.
-        let encodings = snap.encodings_to_preload();
+        promptgate::pipeline::retrieve::log_unavailable(&snap);
+        // Load the tokenizers now, off the request path (retrieval budgets
+        // passages in cl100k tokens).
+        let mut encodings = snap.encodings_to_preload();
+        if !cfg.retrievers.is_empty() && !encodings.contains(&promptgate::tokens::Encoding::Cl100k) {
+            encodings.push(promptgate::tokens::Encoding::Cl100k);
+        }
         tokio::task::spawn_blocking(move || promptgate::tokens::warm(&encodings));
         let addr = listen.unwrap_or(cfg.listen);
         let listener = match bind_public(addr) {
@@ -870,6 +910,12 @@ fn main() -> ExitCode {
             config,
         } => render(config, prompt, vars),
         Command::Prompts { config } => prompts(config),
+        Command::Ingest {
+            retriever,
+            paths,
+            config,
+            prune,
+        } => ingest(config, retriever, paths, prune),
         Command::Search {
             retriever,
             query,
@@ -879,12 +925,6 @@ fn main() -> ExitCode {
             explain,
             json,
         } => search(config, retriever, query, top_k, filter, explain, json),
-        Command::Ingest {
-            retriever,
-            paths,
-            config,
-            prune,
-        } => ingest(config, retriever, paths, prune),
         Command::Drill {
             gateway,
             admin,

@@ -73,6 +73,84 @@ impl RouteHandles {
     }
 }
 
+/// A search branch, as the retrieval latency's `branch` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branch {
+    Lexical,
+    Dense,
+    /// A remote kind's one search (http, chroma), or a search that found nothing.
+    Search,
+}
+
+/// Why a search failed, as the retrieval error's `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetrievalError {
+    Invalid,
+    Timeout,
+    Failed,
+    /// The retriever cannot serve (missing index, unset key).
+    Unavailable,
+}
+
+impl RetrievalError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetrievalError::Invalid => "invalid",
+            RetrievalError::Timeout => "timeout",
+            RetrievalError::Failed => "failed",
+            RetrievalError::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A retriever's metric handles, resolved once per configured retriever.
+#[derive(Clone)]
+pub struct RetrieverHandles {
+    /// lexical, dense, search
+    seconds: [prometheus::Histogram; 3],
+    passages: prometheus::IntCounter,
+    empty: prometheus::IntCounter,
+    /// invalid, timeout, failed, unavailable
+    errors: [prometheus::IntCounter; 4],
+    /// hit, miss
+    cache: [prometheus::IntCounter; 2],
+}
+
+impl RetrieverHandles {
+    /// A search that answered: its latency under each branch that produced
+    /// its passages, and what it returned.
+    pub fn searched(&self, took: Duration, branches: &[Branch], passages: usize) {
+        for b in branches {
+            let i = match b {
+                Branch::Lexical => 0,
+                Branch::Dense => 1,
+                Branch::Search => 2,
+            };
+            self.seconds[i].observe(took.as_secs_f64());
+        }
+        self.passages.inc_by(passages as u64);
+        if passages == 0 {
+            self.empty.inc();
+        }
+    }
+
+    /// A search that failed.
+    pub fn error(&self, kind: RetrievalError) {
+        let i = match kind {
+            RetrievalError::Invalid => 0,
+            RetrievalError::Timeout => 1,
+            RetrievalError::Failed => 2,
+            RetrievalError::Unavailable => 3,
+        };
+        self.errors[i].inc();
+    }
+
+    /// A results-cache lookup.
+    pub fn cache(&self, hit: bool) {
+        self.cache[usize::from(!hit)].inc();
+    }
+}
+
 /// What [`Metrics::request`] records of a request's end.
 pub struct RequestEnd<'a> {
     /// The route that took the request, with its handles (`None`: refused
@@ -140,6 +218,18 @@ pub struct Metrics {
     pub cache_redis_errors: IntCounterVec,
     /// Active health checks by provider and result.
     pub health_checks: IntCounterVec,
+    /// Retrieval latency by retriever and branch.
+    pub retrieval_seconds: HistogramVec,
+    /// Passages retrievers returned, by retriever.
+    pub retrieval_passages: IntCounterVec,
+    /// Searches that returned nothing, by retriever.
+    pub retrieval_empty: IntCounterVec,
+    /// Failed searches by retriever and kind.
+    pub retrieval_errors: IntCounterVec,
+    /// Results-cache lookups by retriever and result.
+    pub retrieval_cache: IntCounterVec,
+    /// Time of the embeddings calls retrievers make, by embeddings route.
+    pub embedding_seconds: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -309,6 +399,57 @@ impl Metrics {
             ),
             &["provider", "result"],
         )?;
+        let retrieval_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "retrieval_duration_seconds",
+                "Retrieval latency by retriever and branch",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["retriever", "branch"],
+        )?;
+        let retrieval_passages = IntCounterVec::new(
+            Opts::new("retrieval_passages_total", "Passages returned by retriever"),
+            &["retriever"],
+        )?;
+        let retrieval_empty = IntCounterVec::new(
+            Opts::new(
+                "retrieval_empty_total",
+                "Searches that returned no passage, by retriever",
+            ),
+            &["retriever"],
+        )?;
+        let retrieval_errors = IntCounterVec::new(
+            Opts::new(
+                "retrieval_errors_total",
+                "Failed searches by retriever and kind",
+            ),
+            &["retriever", "kind"],
+        )?;
+        let retrieval_cache = IntCounterVec::new(
+            Opts::new(
+                "retrieval_cache_requests_total",
+                "Retrieval results-cache lookups by retriever and result",
+            ),
+            &["retriever", "result"],
+        )?;
+        let embedding_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "retrieval_embedding_duration_seconds",
+                "Time of the embeddings calls retrievers make, by embeddings route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        for c in [
+            &retrieval_passages,
+            &retrieval_empty,
+            &retrieval_errors,
+            &retrieval_cache,
+        ] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(retrieval_seconds.clone()))?;
+        registry.register(Box::new(embedding_seconds.clone()))?;
         registry.register(Box::new(health_checks.clone()))?;
         registry.register(Box::new(cache_requests.clone()))?;
         registry.register(Box::new(cache_evictions.clone()))?;
@@ -363,6 +504,12 @@ impl Metrics {
             cache_bytes,
             cache_redis_errors,
             health_checks,
+            retrieval_seconds,
+            retrieval_passages,
+            retrieval_empty,
+            retrieval_errors,
+            retrieval_cache,
+            embedding_seconds,
         })
     }
 
@@ -535,6 +682,33 @@ impl Metrics {
     /// A prompt lookup or render that failed (`prompt`: a configured id or `unknown`).
     pub fn prompt_error(&self, prompt: &str) {
         self.prompt_errors.with_label_values(&[prompt]).inc();
+    }
+
+    /// The handles of retriever `id` (a configured id).
+    pub fn retriever_handles(&self, id: &str) -> RetrieverHandles {
+        let seconds = |b: &str| self.retrieval_seconds.with_label_values(&[id, b]);
+        let error = |k: RetrievalError| self.retrieval_errors.with_label_values(&[id, k.as_str()]);
+        let cache = |r: &str| self.retrieval_cache.with_label_values(&[id, r]);
+        RetrieverHandles {
+            seconds: [seconds("lexical"), seconds("dense"), seconds("search")],
+            passages: self.retrieval_passages.with_label_values(&[id]),
+            empty: self.retrieval_empty.with_label_values(&[id]),
+            errors: [
+                error(RetrievalError::Invalid),
+                error(RetrievalError::Timeout),
+                error(RetrievalError::Failed),
+                error(RetrievalError::Unavailable),
+            ],
+            cache: [cache("hit"), cache("miss")],
+        }
+    }
+
+    /// One embeddings call a retriever made through route `route` (a
+    /// configured route: retriever files are validated against them).
+    pub fn embedding(&self, route: &str, took: Duration) {
+        self.embedding_seconds
+            .with_label_values(&[route])
+            .observe(took.as_secs_f64());
     }
 
     /// An active health check's result.

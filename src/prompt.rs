@@ -454,6 +454,98 @@ fn template_name(id: &str, version: u32, index: usize) -> String {
     format!("{id}@{version}/messages[{index}]")
 }
 
+fn query_template_name(id: &str, version: u32, index: usize) -> String {
+    format!("{id}@{version}/retrieval[{index}].query")
+}
+
+fn context_template_name(retriever: &str) -> String {
+    format!("retriever:{retriever}")
+}
+
+/// The variables template `t` uses that are neither in `declared` nor the
+/// template language's own, sorted.
+fn undeclared(t: &minijinja::Template<'_, '_>, declared: &[&str]) -> Vec<String> {
+    let mut unknown: Vec<String> = t
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|n| !declared.contains(&n.as_str()) && !BUILTIN_NAMES.contains(&n.as_str()))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// Compiles hook `i`'s query: it may use the prompt's declared variables only
+/// (not other hooks' passages: hooks run concurrently).
+fn compile_query(
+    env: &mut minijinja::Environment<'static>,
+    p: &PromptDef,
+    v: &VersionDef,
+    i: usize,
+    h: &Hook,
+    declared: &[&str],
+    problems: &mut Vec<Problem>,
+) {
+    let file = p.file.display().to_string();
+    let field = format!("versions.{}.retrieval[{i}].query", v.number);
+    let name = query_template_name(&p.id, v.number, i);
+    if let Err(e) = env.add_template_owned(name.clone(), h.query.clone()) {
+        problems.push(Problem {
+            file,
+            line: Some(v.line),
+            field,
+            message: format!(
+                "query template does not compile: {}",
+                e.detail().unwrap_or(&e.to_string())
+            ),
+        });
+        return;
+    }
+    if let Ok(t) = env.get_template(&name) {
+        for n in undeclared(&t, declared) {
+            problems.push(Problem {
+                file: file.clone(),
+                line: Some(v.line),
+                field: field.clone(),
+                message: format!("query uses `{n}`, which is not a declared variable"),
+            });
+        }
+    }
+}
+
+/// Compiles a retriever's context template (the system message of the chat
+/// extension); it may use `passages` and `query`.
+fn compile_context_template(
+    env: &mut minijinja::Environment<'static>,
+    r: &crate::config::RetrieverConfig,
+    problems: &mut Vec<Problem>,
+) {
+    let file = r.file.display().to_string();
+    let name = context_template_name(&r.id);
+    if let Err(e) = env.add_template_owned(name.clone(), r.template.clone()) {
+        problems.push(Problem {
+            file,
+            line: None,
+            field: "template".into(),
+            message: format!(
+                "template does not compile (line {} of the template): {}",
+                e.line().unwrap_or(1),
+                e.detail().unwrap_or(&e.to_string())
+            ),
+        });
+        return;
+    }
+    if let Ok(t) = env.get_template(&name) {
+        for n in undeclared(&t, &["passages", "query"]) {
+            problems.push(Problem {
+                file: file.clone(),
+                line: None,
+                field: "template".into(),
+                message: format!("template uses `{n}`; it receives `passages` and `query` only"),
+            });
+        }
+    }
+}
+
 /// Names the template language provides itself; they need no declaration.
 const BUILTIN_NAMES: &[&str] = &[
     "range",
@@ -483,15 +575,30 @@ pub struct Registry {
 impl Registry {
     /// Compiles every template; reports each problem with `file:line`.
     pub fn build(prompts: BTreeMap<String, PromptDef>) -> Result<Registry, Vec<Problem>> {
+        Registry::build_with(prompts, &BTreeMap::new())
+    }
+
+    /// Compiles every prompt template, every retrieval hook's query and every
+    /// retriever's context template (the chat extension's system message).
+    pub fn build_with(
+        prompts: BTreeMap<String, PromptDef>,
+        retrievers: &BTreeMap<String, crate::config::RetrieverConfig>,
+    ) -> Result<Registry, Vec<Problem>> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         limit(&mut env);
         let mut problems = Vec::new();
+        for r in retrievers.values() {
+            compile_context_template(&mut env, r, &mut problems);
+        }
         for p in prompts.values() {
             let file = p.file.display().to_string();
             let mut declared: Vec<&str> = p.variables.iter().map(|v| v.name.as_str()).collect();
             for v in p.versions.values() {
+                for (i, h) in v.retrieval.iter().enumerate() {
+                    compile_query(&mut env, p, v, i, h, &declared, &mut problems);
+                }
                 let hooks: Vec<&str> = v.retrieval.iter().map(|h| h.into.as_str()).collect();
                 declared.extend(&hooks);
                 for (i, m) in v.messages.iter().enumerate() {
@@ -542,16 +649,7 @@ impl Registry {
                                 });
                             }
                         }
-                        let mut unknown: Vec<String> = t
-                            .undeclared_variables(false)
-                            .into_iter()
-                            .filter(|n| {
-                                !declared.contains(&n.as_str())
-                                    && !BUILTIN_NAMES.contains(&n.as_str())
-                            })
-                            .collect();
-                        unknown.sort();
-                        for n in unknown {
+                        for n in undeclared(&t, &declared) {
                             problems.push(Problem {
                                 file: file.clone(),
                                 line: Some(m.line),
@@ -619,19 +717,68 @@ impl Registry {
     }
 
     /// Validates the variables (types, required, unknown), applies defaults and
-    /// renders the version's messages.
+    /// renders the version's messages. Retrieval hooks are not run: each
+    /// hook's variable is an empty list (the request path runs them, see
+    /// [`Registry::prepare`]).
     pub fn render(&self, r: &PromptRef) -> Result<Rendered, GatewayError> {
-        let (p, v) = self.resolve(&r.id, &r.selector)?;
-        let vars = check_variables(p, &r.variables)?;
-        if let Some(h) = v.retrieval.first() {
-            return Err(GatewayError::invalid(
-                format!(
-                    "prompt `{}` version {} needs retriever `{}`, which is not configured",
-                    p.id, v.number, h.retriever
-                ),
-                Some("prompt"),
-            ));
-        }
+        let resolved = self.prepare(r)?;
+        let filled = resolved
+            .version
+            .retrieval
+            .iter()
+            .map(|h| (h.into.clone(), Value::Array(Vec::new())))
+            .collect();
+        self.render_prepared(resolved, filled)
+    }
+
+    /// The first step of rendering: the version a reference names, with its
+    /// variables checked and defaults applied.
+    pub fn prepare(&self, r: &PromptRef) -> Result<Prepared<'_>, GatewayError> {
+        let (def, version) = self.resolve(&r.id, &r.selector)?;
+        let vars = check_variables(def, &r.variables)?;
+        Ok(Prepared { def, version, vars })
+    }
+
+    /// The query of hook `i` of a prepared version, rendered from the
+    /// request's variables (as values, never as template source). A query
+    /// past [`crate::retrieval::MAX_QUERY_BYTES`] is the client's error.
+    pub fn hook_query(&self, r: &Prepared<'_>, i: usize) -> Result<String, GatewayError> {
+        let (p, v) = (r.def, r.version);
+        let name = query_template_name(&p.id, v.number, i);
+        let max = crate::retrieval::MAX_QUERY_BYTES;
+        self.env
+            .get_template(&name)
+            .and_then(|t| render_capped(&t, minijinja::Value::from_serialize(&r.vars), max + 1))
+            .map_err(|e| {
+                let message = if over_limits(&e) {
+                    format!(
+                        "prompt `{}` version {}: the query of retrieval[{i}] is longer than {max} bytes or exceeded the template limits",
+                        p.id, v.number
+                    )
+                } else {
+                    format!(
+                        "prompt `{}` version {} failed to render the query of retrieval[{i}] ({}:{}): {}",
+                        p.id,
+                        v.number,
+                        shown_path(&p.file),
+                        v.line,
+                        e.detail().map(str::to_owned).unwrap_or_else(|| e.to_string())
+                    )
+                };
+                GatewayError::invalid(message, Some("prompt.variables"))
+            })
+    }
+
+    /// Renders a prepared version's messages; `filled` holds each hook's
+    /// variable (its passages), passed as values like the client's variables.
+    pub fn render_prepared(
+        &self,
+        r: Prepared<'_>,
+        filled: Map<String, Value>,
+    ) -> Result<Rendered, GatewayError> {
+        let (p, v) = (r.def, r.version);
+        let mut vars = r.vars;
+        vars.extend(filled);
         let ctx = minijinja::Value::from_serialize(&vars);
         // One output budget for all of the version's messages.
         let mut budget = output_cap(vars.values().map(text_bytes).fold(0, usize::saturating_add));
@@ -678,6 +825,46 @@ impl Registry {
             params: v.params.clone(),
         })
     }
+}
+
+impl Registry {
+    /// Renders retriever `retriever`'s context template (compiled with the
+    /// snapshot) with `passages` and `query` as values.
+    pub fn render_context(
+        &self,
+        retriever: &str,
+        passages: &Value,
+        query: &str,
+    ) -> Result<String, GatewayError> {
+        let cap = output_cap(text_bytes(passages).saturating_add(query.len()));
+        let ctx = minijinja::context! {
+            passages => minijinja::Value::from_serialize(passages),
+            query => query,
+        };
+        self.env
+            .get_template(&context_template_name(retriever))
+            .and_then(|t| render_capped(&t, ctx, cap))
+            .map_err(|e| {
+                let detail = if over_limits(&e) {
+                    limits_message()
+                } else {
+                    e.detail()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| e.to_string())
+                };
+                GatewayError::Internal(format!(
+                    "retriever `{retriever}`'s template failed to render: {detail}"
+                ))
+            })
+    }
+}
+
+/// A prompt version resolved for a request, its variables checked.
+pub struct Prepared<'a> {
+    pub def: &'a PromptDef,
+    pub version: &'a VersionDef,
+    /// The client's variables with the defaults applied.
+    pub vars: Map<String, Value>,
 }
 
 /// A prompt file as error bodies show it: relative to the configuration

@@ -26,6 +26,7 @@ use crate::dialect::Dialect;
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::ids::ProviderId;
+use crate::pipeline::retrieve::RetrievalRef;
 use crate::pipeline::{render, ChatOutcome, ClientDialect, Gateway, RequestContext, Served};
 use crate::prompt::PromptRef;
 
@@ -667,6 +668,21 @@ async fn chat(
     serve_chat(app, dialect, id, &headers, req, prompt).await
 }
 
+/// A request body that must be a JSON object (the gateway's own endpoints).
+fn json_object(
+    body: Result<Bytes, GatewayError>,
+) -> Result<serde_json::Map<String, serde_json::Value>, GatewayError> {
+    let v = serde_json::from_slice::<serde_json::Value>(&body?)
+        .map_err(|e| GatewayError::invalid(format!("request body is not valid JSON: {e}"), None))?;
+    match v {
+        serde_json::Value::Object(o) => Ok(o),
+        _ => Err(GatewayError::invalid(
+            "request body must be a JSON object",
+            None,
+        )),
+    }
+}
+
 /// `POST /v1/prompts/{id}/chat/completions`: the body holds `variables`, an
 /// optional `version` or `label`, and the usual chat options; `model` and
 /// `messages` are optional (the version names its route; messages are appended).
@@ -689,21 +705,8 @@ async fn prompt_chat_handled(
     LimitedBody(body): LimitedBody,
 ) -> Handled {
     let d: &dyn Dialect = &OpenAi;
-    let parsed = body.and_then(|b| {
-        serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| {
-            GatewayError::invalid(format!("request body is not valid JSON: {e}"), None)
-        })
-    });
-    let mut obj = match parsed {
-        Ok(serde_json::Value::Object(o)) => o,
-        Ok(_) => {
-            return error_response(
-                d,
-                GatewayError::invalid("request body must be a JSON object", None),
-                &id,
-                None,
-            )
-        }
+    let mut obj = match json_object(body) {
+        Ok(o) => o,
         Err(e) => return error_response(d, e, &id, None),
     };
     let mut pref = serde_json::Map::new();
@@ -785,8 +788,16 @@ async fn serve_chat(
     if let Err(e) = check_sizes(&req) {
         return error_response(d, e, &id, None);
     }
+    // The retrieval extension object, read here once for every door.
+    let retrieval = match req.extra.remove("retrieval").map(RetrievalRef::from_json) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => return error_response(d, e, &id, None),
+    };
     let snap = app.gw.snapshot();
-    let prepared = match render::render(&app.gw.metrics, &snap, headers, &mut req, prompt) {
+    let rendered =
+        render::render(&app.gw, &id.0, &snap, headers, &mut req, prompt, retrieval).await;
+    let mut prepared = match rendered {
         Ok(p) => p,
         Err(refused) => {
             let mut resp = error_response(d, refused.error, &id, None);
@@ -800,11 +811,12 @@ async fn serve_chat(
         }
     };
     let used = prepared.prompt.clone();
+    let citing = Citing::new(std::mem::take(&mut prepared.retrieved.used));
     let ctx = match RequestContext::for_chat(id.0.clone(), dialect, snap, headers, &req, prepared) {
         Ok(ctx) => ctx,
         Err((e, route)) => return error_response(d, e, &id, route),
     };
-    let mut handled = run_chat(app, d, &id, &ctx, req).await;
+    let mut handled = run_chat(app, d, &id, &ctx, req, citing).await;
     if let Some(u) = used {
         let h = handled.response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&u.id) {
@@ -818,15 +830,122 @@ async fn serve_chat(
     handled
 }
 
+/// The citations of a response that used retrieval: the
+/// `x-promptgate-retrieval` header and the `promptgate` member its JSON body
+/// (or its final stream event) carries.
+struct Citing {
+    header: HeaderValue,
+    /// `,"promptgate":{"citations":[…]}`, spliced into a JSON object.
+    member: Vec<u8>,
+}
+
+/// Passages of which retrievers a response used, and how many:
+/// `retriever=count`, comma-separated.
+pub const RETRIEVAL: HeaderName = HeaderName::from_static("x-promptgate-retrieval");
+
+impl Citing {
+    fn new(used: Vec<crate::pipeline::retrieve::Used>) -> Option<Citing> {
+        if used.is_empty() {
+            return None;
+        }
+        let r = crate::pipeline::retrieve::Retrieved {
+            used,
+            private: false,
+        };
+        let mut member = b",\"promptgate\":".to_vec();
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut member, &r.citations_json());
+        Some(Citing {
+            header: HeaderValue::from_str(&r.header()).unwrap_or(HeaderValue::from_static("-")),
+            member,
+        })
+    }
+
+    /// Adds the member to the JSON object `body` (an encoded response).
+    fn body(&self, mut body: Vec<u8>) -> Vec<u8> {
+        if let Some(end) = body.iter().rposition(|b| *b == b'}') {
+            body.splice(end..end, self.member.iter().copied());
+        }
+        body
+    }
+
+    /// Adds the member to the object of the SSE frame that starts with
+    /// `marker` in `out[from..]`, if there is one.
+    fn frame(&self, out: &mut Vec<u8>, from: usize, marker: &[u8]) -> bool {
+        let Some(at) = find(&out[from..], marker).map(|i| from + i) else {
+            return false;
+        };
+        let Some(end) = find(&out[at..], b"\n\n").map(|i| at + i) else {
+            return false;
+        };
+        if end == 0 || out[end - 1] != b'}' {
+            return false;
+        }
+        out.splice(end - 1..end - 1, self.member.iter().copied());
+        true
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A stream encoder that puts the citations into the stream's final event:
+/// OpenAI's chunk with the `finish_reason`, Anthropic's `message_delta`.
+struct CitingEncoder {
+    inner: Box<dyn crate::dialect::StreamEncoder>,
+    citing: Option<Citing>,
+    dialect: ClientDialect,
+}
+
+impl crate::dialect::StreamEncoder for CitingEncoder {
+    fn encode(&mut self, ev: &crate::canonical::StreamEvent, out: &mut Vec<u8>) {
+        let from = out.len();
+        self.inner.encode(ev, out);
+        let Some(c) = &self.citing else {
+            return;
+        };
+        let done = match self.dialect {
+            ClientDialect::OpenAi => match ev {
+                crate::canonical::StreamEvent::Delta(d) if d.finish_reason.is_some() => {
+                    c.frame(out, from, b"data: ")
+                }
+                _ => false,
+            },
+            ClientDialect::Anthropic => c.frame(out, from, b"event: message_delta\ndata: "),
+        };
+        if done {
+            self.citing = None;
+        }
+    }
+
+    fn encode_error(&mut self, err: &GatewayError, request_id: &str, out: &mut Vec<u8>) {
+        self.inner.encode_error(err, request_id, out);
+    }
+}
+
 async fn run_chat(
     app: &AppState,
     d: &dyn Dialect,
     id: &RequestId,
     ctx: &RequestContext,
     req: ChatRequest,
+    mut citing: Option<Citing>,
 ) -> Handled {
+    let cited = citing.as_ref().map(|c| c.header.clone());
+    // A stream's citations go into its final event, through its encoder.
+    let mut encoder = req.stream.then(|| {
+        let inner = d.stream_encoder(&req);
+        match citing.take() {
+            Some(c) => Box::new(CitingEncoder {
+                inner,
+                citing: Some(c),
+                dialect: ctx.dialect,
+            }),
+            None => inner,
+        }
+    });
     let id = id.clone();
-    let mut encoder = req.stream.then(|| d.stream_encoder(&req));
     let served =
         match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
             Err(_) => {
@@ -843,12 +962,19 @@ async fn run_chat(
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
             let estimated = resp.usage.is_some_and(|u| u.estimated);
-            let mut out = json_response(StatusCode::OK, d.encode_chat(&resp, &served.route.name));
+            let mut body = d.encode_chat(&resp, &served.route.name);
+            if let Some(c) = citing.take() {
+                body = c.body(body);
+            }
+            let mut out = json_response(StatusCode::OK, body);
             out.headers_mut().insert(
                 USAGE,
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
             );
             let outcome = served_headers(&mut out, &served, false);
+            if let Some(h) = cited {
+                out.headers_mut().insert(RETRIEVAL, h);
+            }
             Handled {
                 response: out,
                 outcome: Some(outcome),
@@ -901,6 +1027,9 @@ async fn run_chat(
                 HeaderValue::from_static("no"),
             );
             let outcome = served_headers(&mut out, &served, true);
+            if let Some(h) = cited {
+                out.headers_mut().insert(RETRIEVAL, h);
+            }
             Handled {
                 response: out,
                 outcome: Some(outcome),
@@ -974,6 +1103,125 @@ async fn embeddings_handled(
                 outcome: Some(outcome),
             }
         }
+    }
+}
+
+/// `POST /v1/retrievers/{name}/search`: `{query, top_k?, filter?, explain?}`
+/// → `{"object": "list", "retriever", "data": [passage…]}`; errors in the
+/// OpenAI shape, an invalid search naming its field.
+async fn retriever_search(
+    State(app): State<AppState>,
+    edge: Edge,
+    Path(name): Path<String>,
+    headers: http::HeaderMap,
+    body: LimitedBody,
+) -> Response {
+    let handled = retriever_search_handled(&app, edge.id.clone(), name, &headers, body).await;
+    finish(&app, &edge, handled)
+}
+
+async fn retriever_search_handled(
+    app: &AppState,
+    id: RequestId,
+    name: String,
+    headers: &http::HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Handled {
+    use crate::pipeline::retrieve;
+    use serde_json::Value;
+    let fail = |e: GatewayError| error_response(&OpenAi, e, &id, None);
+    let bad = |m: String, p: &str| fail(GatewayError::invalid(m, Some(p)));
+    let mut obj = match json_object(body) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let snap = app.gw.snapshot();
+    let Some(state) = snap.retrievers.get(&name) else {
+        return bad(
+            format!(
+                "invalid field `retriever`: retriever `{}` is not configured",
+                LogSafe(&name)
+            ),
+            "retriever",
+        );
+    };
+    let query = match obj.remove("query") {
+        Some(Value::String(q)) => q,
+        _ => {
+            return bad(
+                "invalid field `query`: a string is required".into(),
+                "query",
+            )
+        }
+    };
+    let top_k = match obj.remove("top_k") {
+        None | Some(Value::Null) => state.config.top_k,
+        Some(v) => match v.as_u64() {
+            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            None => {
+                return bad(
+                    format!(
+                        "invalid field `top_k`: must be from 1 to {}",
+                        crate::retrieval::MAX_TOP_K
+                    ),
+                    "top_k",
+                )
+            }
+        },
+    };
+    let explain = match obj.remove("explain") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => {
+            return bad(
+                "invalid field `explain`: must be a boolean".into(),
+                "explain",
+            )
+        }
+    };
+    let filter = match crate::retrieval::Filter::from_json(obj.get("filter")) {
+        Ok(f) => f,
+        Err(e) => return fail(retrieve::search_error(&name, e, "")),
+    };
+    obj.remove("filter");
+    if let Some(k) = obj.keys().next() {
+        return bad(format!("unknown field `{}`", LogSafe(k)), k);
+    }
+    let search = crate::retrieval::Search {
+        query,
+        top_k,
+        filter,
+    };
+    let caller = retrieve::Caller {
+        request_id: id.0.clone(),
+        private: crate::pipeline::context::private_header(headers),
+    };
+    let passages = match retrieve::search(&app.gw, state, &search, &caller).await {
+        Ok(p) => p,
+        Err(e) => return fail(retrieve::search_error(&name, e, "")),
+    };
+    let data: Vec<Value> = passages
+        .iter()
+        .map(|p| {
+            let mut v = retrieve::passage_json(p);
+            if explain {
+                v["ranks"] = retrieve::ranks_json(p);
+            }
+            v
+        })
+        .collect();
+    let body = serde_json::json!({"object": "list", "retriever": name, "data": data});
+    Handled {
+        response: json_response(StatusCode::OK, body.to_string().into_bytes()),
+        outcome: Some(Outcome {
+            prompt: None,
+            route: None,
+            provider: None,
+            arm: None,
+            upstream: Duration::ZERO,
+            error: None,
+            streaming: false,
+        }),
     }
 }
 
@@ -1083,6 +1331,7 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         .route("/v1/messages", post(chat_anthropic))
         .route("/v1/prompts/{prompt}/chat/completions", post(prompt_chat))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/retrievers/{retriever}/search", post(retriever_search))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/healthz", get(healthz))

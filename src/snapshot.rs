@@ -159,7 +159,8 @@ impl Snapshot {
         env: EnvLookup<'_>,
         book: &Book,
     ) -> Result<Snapshot, Vec<crate::config::Problem>> {
-        let prompts = crate::prompt::Registry::build(config.prompts.clone())?;
+        let prompts =
+            crate::prompt::Registry::build_with(config.prompts.clone(), &config.retrievers)?;
         let providers: BTreeMap<String, ProviderState> = config
             .providers
             .iter()

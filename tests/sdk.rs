@@ -39,6 +39,27 @@ fn python() -> PathBuf {
     );
 }
 
+/// A retrieval service on loopback answering every search with two passages;
+/// returns its URL.
+async fn retrieval_service() -> String {
+    let app = axum::Router::new().route(
+        "/search",
+        axum::routing::post(|| async {
+            axum::Json(serde_json::json!({"results": [
+                {"text": "Refunds are accepted within 30 days.", "score": 0.9, "source": "policy.md", "chunk_id": "p1"},
+                {"text": "Invoices are sent monthly.", "score": 0.6, "source": "billing.md", "chunk_id": "p2"},
+            ]}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    #[allow(clippy::disallowed_methods)]
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/search")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk() {
     let python = python();
@@ -62,7 +83,11 @@ async fn openai_python_sdk() {
     }
     let (g, mut p) = common::fake_config(&fake, &routes);
     p.extend(natives);
-    let gw = common::spawn_gateway(&g, &p).await;
+    // Retriever `kb` for test_openai_sdk_retrieval.py: a loopback service
+    // speaking the http kind's contract, always with the same two passages.
+    let kb = retrieval_service().await;
+    let kb = format!("kind: http\nurl: {kb}\n");
+    let gw = common::spawn_gateway_with_files(&g, &p, &[("retrievers/kb.yaml", &kb)]).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
 
     let child = tokio::process::Command::new(&python)

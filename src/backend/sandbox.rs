@@ -227,13 +227,7 @@ impl SandboxProvider {
 }
 
 fn last_user_text(req: &ChatRequest) -> String {
-    req.messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .and_then(|m| m.content.as_ref())
-        .map(|c| c.text().into_owned())
-        .unwrap_or_default()
+    req.last_user_text().unwrap_or_default()
 }
 
 /// The deterministic answer to `req`.

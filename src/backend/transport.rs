@@ -133,6 +133,19 @@ async fn read_prefix(resp: reqwest::Response, max: usize) -> Bytes {
     buf.freeze()
 }
 
+/// The pooled HTTP client every outgoing call of the gateway uses (providers,
+/// remote retrievers): the connect timeout, no Nagle delay, idle connections
+/// kept 90 s. Per-call timeouts and body limits are the caller's.
+pub fn client(connect: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))
+}
+
 /// Everything an HTTP provider needs, resolved from its config file.
 pub struct HttpSettings {
     pub id: String,
@@ -160,13 +173,7 @@ pub struct HttpProvider {
 
 impl HttpProvider {
     pub fn new(settings: HttpSettings, codec: Arc<dyn Codec>) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.timeouts.connect)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        let client = client(settings.timeouts.connect)?;
         let mut headers = settings.headers;
         let mut credential = settings.credential;
         // A static header goes into the shared header map once.

@@ -81,7 +81,7 @@ fn subject_of<'a>(s: &Subject, headers: &'a HeaderMap, user: Option<&'a str>) ->
 }
 
 /// Whether the client marked the request private.
-fn private_header(headers: &HeaderMap) -> bool {
+pub(crate) fn private_header(headers: &HeaderMap) -> bool {
     headers
         .get(PRIVATE_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -165,14 +165,17 @@ impl RequestContext {
                 None => return Err((unknown_model(&snapshot, &req.model), None)),
             },
         };
-        Ok(RequestContext::new(
+        let mut ctx = RequestContext::new(
             request_id,
             dialect,
             snapshot,
             placement,
             headers,
             prepared.prompt,
-        ))
+        );
+        // Passages from a private retriever: self-hosted targets only.
+        ctx.private |= prepared.retrieved.private;
+        Ok(ctx)
     }
 
     /// The route stage of an embeddings request.
@@ -194,6 +197,20 @@ impl RequestContext {
             headers,
             None,
         ))
+    }
+
+    /// The route stage of an embeddings call the gateway makes itself (a
+    /// retriever's query or ingest): no client headers; `private` keeps it on
+    /// self-hosted targets.
+    pub fn for_internal_embeddings(
+        request_id: Arc<str>,
+        snapshot: Arc<Snapshot>,
+        req: &EmbeddingsRequest,
+        private: bool,
+    ) -> Result<RequestContext, GatewayError> {
+        let mut ctx = Self::for_embeddings(request_id, snapshot, &HeaderMap::new(), req)?;
+        ctx.private |= private;
+        Ok(ctx)
     }
 
     pub fn route(&self) -> &Arc<Route> {

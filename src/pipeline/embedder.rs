@@ -48,15 +48,19 @@ impl Embedder for GatewayEmbedder {
                 extra: s.extra.clone(),
             };
             let snapshot = self.gateway.snapshot();
-            let mut ctx = RequestContext::for_embeddings(
+            let ctx = RequestContext::for_internal_embeddings(
                 self.request_id.clone(),
                 snapshot,
-                &http::HeaderMap::new(),
                 &req,
+                self.private,
             )
             .map_err(|e| SearchError::Failed(format!("embedding route: {e}")))?;
-            ctx.private |= self.private;
-            let served = self.gateway.embed(&ctx, req).await.map_err(|e| {
+            let started = tokio::time::Instant::now();
+            let served = self.gateway.embed(&ctx, req).await;
+            self.gateway
+                .metrics
+                .embedding(&spec.route, started.elapsed());
+            let served = served.map_err(|e| {
                 SearchError::Failed(format!("embedding route `{}`: {e}", spec.route))
             })?;
             let vectors = served.value.vectors;

@@ -9,6 +9,9 @@
 //!   at the edge: the route (resolved once), the A/B arm (picked once), privacy,
 //!   the cache directive and tenant, the prompt version used.
 //! - [`render`]: prompt rendering; a split over prompt versions picks its arm here.
+//! - [`retrieve`]: the searches a request needs before it renders (prompt
+//!   hooks, the chat `retrieval` extension) and the search endpoint's: timeout,
+//!   results cache, metrics, citations.
 //! - [`cache`]: the admission decision (one call), hit replay, the lease to fill.
 //! - [`attempt`]: the one fallback loop, for chat and embeddings alike: retries,
 //!   breakers, drill faults, capability and privacy skips, attempt history.
@@ -23,6 +26,7 @@ pub mod context;
 pub mod embedder;
 pub mod health_checks;
 pub mod render;
+pub mod retrieve;
 pub mod stream;
 
 use std::sync::Arc;
@@ -51,6 +55,8 @@ pub struct Gateway {
     book: Arc<Book>,
     pub cache: Arc<crate::cache::Cache>,
     pub metrics: Metrics,
+    /// Retrieval results cache and per-retriever handles.
+    pub retrieval: retrieve::Retrieval,
 }
 
 /// How the cache took part in a response.
@@ -115,6 +121,7 @@ impl Gateway {
             book,
             cache,
             metrics,
+            retrieval: retrieve::Retrieval::default(),
         }))
     }
 
@@ -133,6 +140,8 @@ impl Gateway {
     /// Replaces the snapshot atomically; requests in flight keep the old one.
     pub fn swap(&self, next: Snapshot) {
         next.prune_book(&self.book);
+        self.retrieval.prune(&next);
+        retrieve::log_unavailable(&next);
         self.snapshot.store(Arc::new(next));
     }
 

@@ -1,6 +1,8 @@
 //! The render stage: a request that names a prompt gets the prompt's rendered
-//! messages and parameters. On a split over prompt versions, a request that
-//! names no version gets its arm's: the arm is picked here, once, and the
+//! messages and parameters, its retrieval hooks run first (concurrently, see
+//! [`super::retrieve`]); a request with the chat `retrieval` extension gets its
+//! passages as a system message. On a split over prompt versions, a request
+//! that names no version gets its arm's: the arm is picked here, once, and the
 //! request stays on the split route with that arm ([`Placement`]).
 
 use std::sync::Arc;
@@ -8,9 +10,10 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use super::context::{Placement, PromptUse};
+use super::retrieve::{self, Caller, RetrievalRef, Retrieved};
+use super::Gateway;
 use crate::canonical::ChatRequest;
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
 use crate::prompt::{PromptRef, Rendered};
 use crate::snapshot::{Plan, Route, Snapshot};
 
@@ -20,6 +23,8 @@ pub struct Prepared {
     /// The route and arm, when the request was placed on a split here.
     pub placement: Option<Placement>,
     pub prompt: Option<PromptUse>,
+    /// The passages retrieval put into the request (citations, privacy).
+    pub retrieved: Retrieved,
 }
 
 /// A prompt that could not be rendered: the error, and the prompt id the
@@ -29,44 +34,80 @@ pub struct Refused {
     pub prompt_id: Option<String>,
 }
 
-/// Renders `prompt` into `req`, if there is one.
-pub fn render(
-    metrics: &Metrics,
+/// Renders `prompt` into `req`, if there is one, running its retrieval hooks;
+/// then runs the `retrieval` extension, if there is one.
+pub async fn render(
+    gw: &Arc<Gateway>,
+    request_id: &Arc<str>,
     snap: &Arc<Snapshot>,
     headers: &HeaderMap,
     req: &mut ChatRequest,
     prompt: Option<PromptRef>,
+    retrieval: Option<RetrievalRef>,
 ) -> Result<Prepared, Refused> {
-    let Some(mut p) = prompt else {
+    if prompt.is_none() && retrieval.is_none() {
         return Ok(Prepared::default());
+    }
+    let caller = Caller {
+        request_id: request_id.clone(),
+        private: super::context::private_header(headers),
     };
+    let mut prepared = match prompt {
+        Some(p) => render_prompt(gw, snap, headers, req, p, &caller).await?,
+        None => Prepared::default(),
+    };
+    if let Some(r) = retrieval {
+        let found = retrieve::run_extension(gw, snap, r, req, &caller)
+            .await
+            .map_err(|error| Refused {
+                error,
+                prompt_id: None,
+            })?;
+        prepared.retrieved.private |= found.private;
+        prepared.retrieved.used.extend(found.used);
+    }
+    Ok(prepared)
+}
+
+async fn render_prompt(
+    gw: &Arc<Gateway>,
+    snap: &Arc<Snapshot>,
+    headers: &HeaderMap,
+    req: &mut ChatRequest,
+    mut p: PromptRef,
+    caller: &Caller,
+) -> Result<Prepared, Refused> {
     // A split: the request is placed here, once, and a split over prompt
     // versions gives a request that names no version its arm's version (and
     // keeps it on the split route). The placement is kept for every split, so
     // the arm that chose the version is the arm that serves.
-    let user = req.params.user.as_deref();
     let split = |name: &str| {
         snap.route(name)
             .filter(|r| matches!(r.plan, Plan::Split { .. }))
+            .cloned()
     };
     let mut placement: Option<Placement> = None;
     if p.explicit_selector.is_none() {
+        let user = req.params.user.as_deref();
         if let Some(route) = split(&req.model) {
-            placement = Some(place(route, headers, user, &mut p).0);
+            placement = Some(place(&route, headers, user, &mut p));
         }
-    }
-    let mut r = render_prompt(metrics, snap, &p)?;
-    // No route in the request (the prompt endpoint): the version names it, and
-    // when that route is a split over prompt versions its arm decides the version.
-    if placement.is_none() && p.explicit_selector.is_none() {
-        if let Some(route) = r.route.as_deref().and_then(split) {
-            let (placed, chose) = place(route, headers, user, &mut p);
-            if chose {
-                r = render_prompt(metrics, snap, &p)?;
+        // No route in the request (the prompt endpoint): the version names
+        // it, and when that route is a split over prompt versions its arm
+        // decides the version. Decided before rendering, so the version's
+        // retrieval runs once.
+        if placement.is_none() {
+            let version_route = snap
+                .prompts
+                .resolve(&p.id, &p.selector)
+                .map(|(_, v)| v.route.clone())
+                .map_err(|e| refuse(gw, snap, &p, e))?;
+            if let Some(route) = version_route.as_deref().and_then(split) {
+                placement = Some(place(&route, headers, user, &mut p));
             }
-            placement = Some(placed);
         }
     }
+    let (r, retrieved) = render_version(gw, snap, &p, caller).await?;
     let used = PromptUse {
         id: r.id.clone(),
         version: r.version,
@@ -91,43 +132,66 @@ pub fn render(
     Ok(Prepared {
         placement,
         prompt: Some(used),
+        retrieved,
     })
 }
 
 /// Places a request on the split `route`; when the arm pins a prompt version,
-/// it becomes the prompt's selector (true).
+/// it becomes the prompt's selector.
 fn place(
     route: &Arc<Route>,
     headers: &HeaderMap,
     user: Option<&str>,
     p: &mut PromptRef,
-) -> (Placement, bool) {
+) -> Placement {
     let placed = Placement::place(route, headers, user);
-    let chose = match placed.arm().and_then(|a| a.prompt.clone()) {
-        Some(sel) => {
-            p.selector = sel;
-            true
-        }
-        None => false,
-    };
-    (placed, chose)
+    if let Some(sel) = placed.arm().and_then(|a| a.prompt.clone()) {
+        p.selector = sel;
+    }
+    placed
 }
 
-/// Renders `p`; a render error is counted under the prompt's id when it is a
-/// configured one.
-fn render_prompt(metrics: &Metrics, snap: &Snapshot, p: &PromptRef) -> Result<Rendered, Refused> {
-    snap.prompts.render(p).map_err(|e| {
-        // Only configured ids become labels: a client naming random prompts must
-        // not grow the metrics without bound.
+/// Renders `p`: its variables checked, its hooks run, its messages rendered
+/// with the passages.
+async fn render_version(
+    gw: &Arc<Gateway>,
+    snap: &Snapshot,
+    p: &PromptRef,
+    caller: &Caller,
+) -> Result<(Rendered, Retrieved), Refused> {
+    let prepared = snap
+        .prompts
+        .prepare(p)
+        .map_err(|e| refuse(gw, snap, p, e))?;
+    let (filled, retrieved) = if prepared.version.retrieval.is_empty() {
+        Default::default()
+    } else {
+        retrieve::run_hooks(gw, snap, &prepared, caller)
+            .await
+            .map_err(|e| refuse(gw, snap, p, e))?
+    };
+    let rendered = snap
+        .prompts
+        .render_prepared(prepared, filled)
+        .map_err(|e| refuse(gw, snap, p, e))?;
+    Ok((rendered, retrieved))
+}
+
+/// A prompt the request cannot use; a prompt error (not a retriever's
+/// failure) is counted under the prompt's id when it is a configured one.
+fn refuse(gw: &Gateway, snap: &Snapshot, p: &PromptRef, e: GatewayError) -> Refused {
+    if !matches!(e, GatewayError::Retrieval { .. }) {
+        // Only configured ids become labels: a client naming random prompts
+        // must not grow the metrics without bound.
         let label = if snap.prompts.get(&p.id).is_some() {
             p.id.as_str()
         } else {
             "unknown"
         };
-        metrics.prompt_error(label);
-        Refused {
-            error: e,
-            prompt_id: Some(p.id.clone()),
-        }
-    })
+        gw.metrics.prompt_error(label);
+    }
+    Refused {
+        error: e,
+        prompt_id: Some(p.id.clone()),
+    }
 }

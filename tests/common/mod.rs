@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod native;
+pub mod peers;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -396,10 +397,27 @@ pub async fn spawn_gateway_with_prompts(
     providers: &[(String, String)],
     prompts: &[(&str, &str)],
 ) -> Gw {
+    let files: Vec<(String, &str)> = prompts
+        .iter()
+        .map(|(name, text)| (format!("prompts/{name}"), *text))
+        .collect();
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+    spawn_gateway_with_files(gateway, providers, &files).await
+}
+
+/// Same, with any files (path relative to the config folder, text), e.g.
+/// `prompts/x.yaml`, `retrievers/kb.yaml`.
+pub async fn spawn_gateway_with_files(
+    gateway: &str,
+    providers: &[(String, String)],
+    files: &[(&str, &str)],
+) -> Gw {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), gateway, providers);
-    for (name, text) in prompts {
-        std::fs::write(dir.path().join("prompts").join(name), text).unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
     }
     let path = dir.path().join("promptgate.yaml");
     let (gw, cfg) = match promptgate::load(&path, &test_env) {

@@ -1777,6 +1777,7 @@ pub fn error_type(err: &GatewayError) -> &'static str {
         GatewayError::ProviderUnavailable { .. }
         | GatewayError::NoTarget { .. }
         | GatewayError::Internal(_) => "api_error",
+        GatewayError::Retrieval { .. } => "retrieval_error",
         GatewayError::Upstream(e) => match e.kind {
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Overloaded => "overloaded_error",

@@ -1198,6 +1198,7 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
             e.status,
             Some(e.provider.as_str()).filter(|p| !p.is_empty()),
         ),
+        GatewayError::Retrieval { .. } => ("retrieval_error", None, None, None),
         GatewayError::Internal(_) => ("server_error", None, None, None),
     };
     let param = match (param, err) {

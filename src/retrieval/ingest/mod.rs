@@ -55,10 +55,23 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// The chunk's id in its retriever: stable while the document's content is.
+    /// The chunk's id in its retriever: stable while the document's source
+    /// and content are, and different for the same content at two sources
+    /// (an index keyed by chunk id, like Chroma, would otherwise keep one copy).
     pub fn id(doc: &Document, position: u32) -> String {
-        let h = doc.hash.trim_start_matches("sha256:");
-        format!("{}#{}", &h[..h.len().min(16)], position)
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(doc.source.as_bytes());
+        h.update([0u8]);
+        h.update(doc.hash.as_bytes());
+        let d = h.finalize();
+        let mut out = String::with_capacity(28);
+        for b in &d[..8] {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out.push('#');
+        out.push_str(itoa::Buffer::new().format(position));
+        out
     }
 }
 

@@ -145,17 +145,6 @@ pub fn markdown(text: &str, fallback_title: &str) -> Parsed {
     let mut para_line: Option<usize> = None;
     let mut prev_blank = true;
 
-    let start_section =
-        |sections: &mut Vec<Section>, cur: &mut String, path: &[(usize, String)]| {
-            let text = std::mem::take(cur);
-            if !text.trim().is_empty() {
-                sections.push(Section {
-                    path: path.iter().map(|(_, h)| h.clone()).collect(),
-                    text: text.trim().to_owned(),
-                });
-            }
-        };
-
     for line in text.split('\n') {
         let trimmed = line.trim_start_matches(' ');
         let indent = line.len() - trimmed.len();
@@ -211,7 +200,7 @@ pub fn markdown(text: &str, fallback_title: &str) -> Parsed {
             _ => None,
         };
         if let Some((level, h)) = heading.or(setext) {
-            start_section(&mut sections, &mut cur, &path);
+            end_section(&mut sections, &mut cur, &path);
             while path.last().is_some_and(|(l, _)| *l >= level) {
                 path.pop();
             }
@@ -238,12 +227,24 @@ pub fn markdown(text: &str, fallback_title: &str) -> Parsed {
         cur.push_str(line);
         cur.push('\n');
     }
-    start_section(&mut sections, &mut cur, &path);
+    end_section(&mut sections, &mut cur, &path);
     let title = first_h1
         .or(first_any)
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| fallback_title.to_owned());
     Parsed { title, sections }
+}
+
+/// Ends the section whose text is `cur` (kept when it holds any text) under
+/// the heading path `path` (level, heading).
+fn end_section(sections: &mut Vec<Section>, cur: &mut String, path: &[(usize, String)]) {
+    let text = std::mem::take(cur);
+    if !text.trim().is_empty() {
+        sections.push(Section {
+            path: path.iter().map(|(_, h)| h.clone()).collect(),
+            text: text.trim().to_owned(),
+        });
+    }
 }
 
 /// `# text` … `###### text` (closing `#`s dropped) → level and text.
@@ -458,13 +459,7 @@ pub fn html(source: &str, fallback_title: &str) -> Parsed {
                         if let Some((level, h)) = heading.take() {
                             let h = h.text.trim().to_owned();
                             if !h.is_empty() {
-                                let text = std::mem::take(&mut out.text);
-                                if !text.trim().is_empty() {
-                                    sections.push(Section {
-                                        path: path.iter().map(|(_, h)| h.clone()).collect(),
-                                        text: text.trim().to_owned(),
-                                    });
-                                }
+                                end_section(&mut sections, &mut out.text, &path);
                                 while path.last().is_some_and(|(l, _)| *l >= level) {
                                     path.pop();
                                 }
@@ -502,12 +497,7 @@ pub fn html(source: &str, fallback_title: &str) -> Parsed {
             break;
         }
     }
-    if !out.text.trim().is_empty() {
-        sections.push(Section {
-            path: path.iter().map(|(_, h)| h.clone()).collect(),
-            text: out.text.trim().to_owned(),
-        });
-    }
+    end_section(&mut sections, &mut out.text, &path);
     let title = Some(title)
         .filter(|t| !t.is_empty())
         .or(first_h1)
@@ -685,6 +675,13 @@ mod tests {
         std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
+    fn paths(p: &Parsed) -> Vec<Vec<&str>> {
+        p.sections
+            .iter()
+            .map(|s| s.path.iter().map(String::as_str).collect())
+            .collect()
+    }
+
     #[test]
     fn formats_come_from_the_extension() {
         assert_eq!(Format::of(Path::new("a/b.MD")), Some(Format::Markdown));
@@ -709,13 +706,8 @@ mod tests {
         let (text, _) = decode(&fixture("handbook.md"));
         let p = markdown(&text, "handbook");
         assert_eq!(p.title, "Employee Handbook");
-        let paths: Vec<Vec<&str>> = p
-            .sections
-            .iter()
-            .map(|s| s.path.iter().map(String::as_str).collect())
-            .collect();
         assert_eq!(
-            paths,
+            paths(&p),
             vec![
                 vec!["Employee Handbook"],
                 vec!["Employee Handbook", "Leave"],
@@ -764,13 +756,8 @@ mod tests {
         assert!(!all.contains("trackVisitor"), "{all}");
         assert!(!all.contains("color:"), "{all}");
         assert!(!all.contains("Home"), "navigation text leaked: {all}");
-        let paths: Vec<Vec<&str>> = p
-            .sections
-            .iter()
-            .map(|s| s.path.iter().map(String::as_str).collect())
-            .collect();
         assert_eq!(
-            paths,
+            paths(&p),
             vec![
                 vec!["Shipping"],
                 vec!["Shipping", "Domestic orders"],

