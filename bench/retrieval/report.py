@@ -60,7 +60,7 @@ def main():
         if r:
             idx = f"{r['index_seconds']:.2f}"
             if mode != "lexical":
-                idx += f" (+{r['embed_seconds']:.1f} s embedding)" if r.get("embed_seconds") else " (vectors cached)"
+                idx += f" ({r['embed_seconds']:.1f} s of it embedding)" if r.get("embed_seconds") else " (vectors cached)"
             lines.append(
                 f"| promptgate local, {mode} | {f3(r.get('ndcg@10'))} | {f3(r.get('recall@5'))} | {f3(r.get('mrr@10'))} "
                 f"| {idx} | {ms(r['p50_ms'])} | {ms(r['p99_ms'])} |"
