@@ -329,44 +329,68 @@ fn render(config: PathBuf, prompt: String, vars: Vec<String>) -> ExitCode {
     }
 }
 
+/// The multi-threaded runtime every command that serves or calls routes runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// The whole gateway, in process (its routes serve `ingest`'s and `search`'s
+/// embeddings as they serve requests); every problem printed on failure.
+fn load_gateway(
+    config: &std::path::Path,
+) -> Result<
+    (
+        std::sync::Arc<promptgate::Gateway>,
+        promptgate::config::Config,
+    ),
+    ExitCode,
+> {
+    promptgate::load(config, &env_lookup).map_err(|problems| {
+        for p in &problems {
+            eprintln!("error: {p}");
+        }
+        eprintln!("the configuration is invalid; run `promptgate check` for details");
+        ExitCode::FAILURE
+    })
+}
+
+/// "No such retriever", listing the configured ones.
+fn no_retriever<'a>(name: &str, ids: impl Iterator<Item = &'a str>) -> ExitCode {
+    let ids: Vec<&str> = ids.collect();
+    eprintln!(
+        "error: no retriever `{name}` (retrievers: {})",
+        if ids.is_empty() {
+            "none".to_owned()
+        } else {
+            ids.join(", ")
+        }
+    );
+    ExitCode::FAILURE
+}
+
 #[allow(clippy::print_stdout)]
 fn ingest(config: PathBuf, retriever: String, paths: Vec<PathBuf>, prune: bool) -> ExitCode {
     use promptgate::config::RetrieverKind;
     use promptgate::retrieval::{chroma, ingest, local};
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(async move {
         // The whole gateway, in process: document embeddings go through the
         // retriever's embeddings route like any request.
-        let (gw, cfg) = match promptgate::load(&config, &env_lookup) {
+        let (gw, cfg) = match load_gateway(&config) {
             Ok(x) => x,
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("error: {p}");
-                }
-                eprintln!("the configuration is invalid; run `promptgate check` for details");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         let Some(rcfg) = cfg.retrievers.get(&retriever) else {
-            let ids: Vec<&str> = cfg.retrievers.keys().map(String::as_str).collect();
-            eprintln!(
-                "error: no retriever `{retriever}` (retrievers: {})",
-                if ids.is_empty() {
-                    "none".into()
-                } else {
-                    ids.join(", ")
-                }
-            );
-            return ExitCode::FAILURE;
+            return no_retriever(&retriever, cfg.retrievers.keys().map(String::as_str));
         };
         let writer = match &rcfg.kind {
             RetrieverKind::Local { .. } => local::writer(rcfg),
@@ -474,39 +498,18 @@ fn search(
             }
         },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
-        let gw = match promptgate::load(&config, &env_lookup) {
+        let gw = match load_gateway(&config) {
             Ok((gw, _)) => gw,
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("error: {p}");
-                }
-                eprintln!("the configuration is invalid; run `promptgate check` for details");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         let snap = gw.snapshot();
         let Some(state) = snap.retrievers.get(&retriever) else {
-            let ids: Vec<&str> = snap.retrievers.iter().map(|s| &*s.id).collect();
-            eprintln!(
-                "error: no retriever `{retriever}` (retrievers: {})",
-                if ids.is_empty() {
-                    "none".to_owned()
-                } else {
-                    ids.join(", ")
-                }
-            );
-            return ExitCode::FAILURE;
+            return no_retriever(&retriever, snap.retrievers.iter().map(|s| &*s.id));
         };
         let r = match state.current() {
             Ok(r) => r,
@@ -635,26 +638,14 @@ fn serve(
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(async move {
-        let (gw, cfg) = match promptgate::load(&config, &env_lookup) {
+        let (gw, cfg) = match load_gateway(&config) {
             Ok(x) => x,
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("error: {p}");
-                }
-                eprintln!("the configuration is invalid; run `promptgate check` for details");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         let snap = gw.snapshot();
         for (id, state) in &snap.providers {
@@ -851,15 +842,9 @@ fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<(
 
 #[allow(clippy::print_stdout)]
 fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(promptgate::drill::run(plan)) {
         Err(e) => {

@@ -183,17 +183,7 @@ impl Client {
         else {
             return Err("not a chroma retriever".into());
         };
-        let secret = match api_key_env {
-            None => None,
-            Some(var) => match env(var) {
-                Some(v) if !v.trim().is_empty() => Some(v.trim().to_owned()),
-                _ => {
-                    return Err(format!(
-                        "environment variable {var} (its api_key_env) is not set"
-                    ))
-                }
-            },
-        };
+        let secret = super::key_from_env(api_key_env.as_deref(), env)?;
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,

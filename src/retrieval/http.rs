@@ -81,17 +81,7 @@ impl HttpRetriever {
             return Err("not an http retriever".into());
         };
         let url = reqwest::Url::parse(url).map_err(|e| format!("invalid `url`: {e}"))?;
-        let secret = match api_key_env {
-            None => None,
-            Some(var) => match env(var) {
-                Some(v) if !v.trim().is_empty() => Some(v.trim().to_owned()),
-                _ => {
-                    return Err(format!(
-                        "environment variable {var} (its api_key_env) is not set"
-                    ))
-                }
-            },
-        };
+        let secret = super::key_from_env(api_key_env.as_deref(), env)?;
         let mut headers = HeaderMap::new();
         for (k, v) in extra {
             let name = HeaderName::from_bytes(k.as_bytes())

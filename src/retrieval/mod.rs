@@ -350,6 +350,24 @@ impl RetrieverState {
     }
 }
 
+/// The key a remote retriever sends, read from the environment variable its
+/// file names (`api_key_env`); an unset or blank variable makes the retriever
+/// unavailable, and the reason names the variable, never a value.
+pub fn key_from_env(
+    var: Option<&str>,
+    env: crate::backend::EnvLookup<'_>,
+) -> Result<Option<String>, String> {
+    let Some(var) = var else {
+        return Ok(None);
+    };
+    match env(var) {
+        Some(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
+        _ => Err(format!(
+            "environment variable {var} (its api_key_env) is not set"
+        )),
+    }
+}
+
 /// Every configured retriever of a snapshot, built once.
 #[derive(Default)]
 pub struct Retrievers {
