@@ -318,6 +318,8 @@ mod tests {
             "/etc/pg/..data",
             "/etc/pg/prompts/..data_tmp",
             "/etc/pg/prompts/..2024_01_01/greeting.yaml",
+            "/etc/pg/retrievers/policies.yaml",
+            "/etc/pg/retrievers",
         ] {
             assert!(is_input(Path::new(p), g), "{p}");
         }
@@ -328,6 +330,9 @@ mod tests {
             "/etc/pg/prompts/.greeting.yaml.swp",
             "/etc/pg/providers/access.log",
             "/etc/pg/logs/x.yaml",
+            // An index an ingest writes is no configuration input.
+            "/etc/pg/index/policies.db",
+            "/etc/pg/retrievers/policies.db-wal",
         ] {
             assert!(!is_input(Path::new(p), g), "{p}");
         }
