@@ -352,3 +352,61 @@ async fn searches_during_an_ingest_see_the_old_index_or_the_new_one() {
         "the old index served during the ingest ({new} new)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_route_keeps_retrieval_queries_off_commercial_embeddings() {
+    let fake = spawn_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), &fake.base_url());
+    let config = dir.path().join("promptgate.yaml");
+    // An embeddings route that tries the commercial fake first, a private
+    // chat route, and a dense retriever embedding through the former.
+    let mut gateway = std::fs::read_to_string(&config).unwrap();
+    gateway.push_str(
+        "  emb:\n    targets:\n      - {provider: fake, model: chat}\n      - {provider: sandbox, model: echo}\n  secure:\n    private: true\n    provider: sandbox\n    model: echo\n",
+    );
+    std::fs::write(&config, gateway).unwrap();
+    std::fs::write(
+        dir.path().join("retrievers/dense.yaml"),
+        "kind: local\npath: index/dense.db\nmode: dense\nembedding: {route: emb}\n",
+    )
+    .unwrap();
+    for (name, route) in [("dense-public", "echo"), ("dense-secure", "secure")] {
+        std::fs::write(
+            dir.path().join(format!("prompts/{name}.yaml")),
+            format!(
+                "variables:\n  question: {{type: string}}\nlabels: {{production: 1}}\nversions:\n  1:\n    route: {route}\n    retrieval:\n      - {{retriever: dense, query: \"{{{{ question }}}}\", on_error: empty, into: passages}}\n    messages:\n      - role: user\n        content: \"{{{{ passages | length }}}} {{{{ question }}}}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    // The documents are public: the fake embeds them.
+    ingest(&config, "dense", &dir.path().join("docs"), false);
+    assert!(!fake.requests().is_empty());
+    let gw = GatewayProcess::start(&config, &[]);
+
+    let before = fake.requests().len();
+    ask(&gw, "dense-public", "refund policy").await;
+    assert_eq!(
+        fake.requests().len(),
+        before + 1,
+        "a public request's question is embedded by the first target"
+    );
+    let before = fake.requests().len();
+    let (provider, _, _, _) = ask(&gw, "dense-secure", "internal refund question").await;
+    assert_eq!(provider, "sandbox");
+    // The chat extension on the private route, too.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .json(&json!({"model": "secure", "messages": [{"role": "user", "content": "internal travel question"}],
+            "retrieval": {"retriever": "dense"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 500);
+    assert_eq!(
+        fake.requests().len(),
+        before,
+        "no question sent on a private route reached the commercial embeddings target"
+    );
+}

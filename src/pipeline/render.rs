@@ -57,6 +57,12 @@ pub async fn render(
         None => Prepared::default(),
     };
     if let Some(r) = retrieval {
+        // The question goes to the embeddings route only as far as the
+        // request itself may go: a private route keeps it self-hosted.
+        let caller = Caller {
+            private: caller.private || private_route(snap, &req.model),
+            ..caller
+        };
         let found = retrieve::run_extension(gw, snap, r, req, &caller)
             .await
             .map_err(|error| Refused {
@@ -107,7 +113,22 @@ async fn render_prompt(
             }
         }
     }
-    let (r, retrieved) = render_version(gw, snap, &p, caller).await?;
+    // The hooks' queries are embedded only as far as the request may go: a
+    // private route (the client's, the version's or the arm's) keeps them on
+    // self-hosted targets.
+    let version_route = snap
+        .prompts
+        .resolve(&p.id, &p.selector)
+        .ok()
+        .and_then(|(_, v)| v.route.clone());
+    let caller = Caller {
+        private: caller.private
+            || private_route(snap, &req.model)
+            || version_route.is_some_and(|r| private_route(snap, &r))
+            || placement.as_ref().is_some_and(|pl| pl.route.private),
+        ..caller.clone()
+    };
+    let (r, retrieved) = render_version(gw, snap, &p, &caller).await?;
     let used = PromptUse {
         id: r.id.clone(),
         version: r.version,
@@ -194,4 +215,9 @@ fn refuse(gw: &Gateway, snap: &Snapshot, p: &PromptRef, e: GatewayError) -> Refu
         error: e,
         prompt_id: Some(p.id.clone()),
     }
+}
+
+/// Whether `name` is a configured route that only self-hosted targets may serve.
+fn private_route(snap: &Snapshot, name: &str) -> bool {
+    snap.route(name).is_some_and(|r| r.private)
 }
