@@ -77,6 +77,19 @@ fn not_a_database(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// The error of the first read of an index file: "not a database" said in
+/// words a user can act on, anything else as it is.
+fn first_read_err(path: &Path, e: rusqlite::Error) -> String {
+    if not_a_database(&e) {
+        format!(
+            "index {} is not a SQLite database (corrupt or another kind of file); delete it and run `promptgate ingest` again",
+            path.display()
+        )
+    } else {
+        sql_err(path, e)
+    }
+}
+
 /// Checks that `conn` holds a promptgate index of [`SCHEMA_VERSION`].
 fn check_index(conn: &Connection, path: &Path) -> Result<(), String> {
     let not_ours = || {
@@ -87,16 +100,7 @@ fn check_index(conn: &Connection, path: &Path) -> Result<(), String> {
     };
     let app: i64 = conn
         .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(|e| {
-            if not_a_database(&e) {
-                format!(
-                    "index {} is not a SQLite database (corrupt or another kind of file); delete it and run `promptgate ingest` again",
-                    path.display()
-                )
-            } else {
-                sql_err(path, e)
-            }
-        })?;
+        .map_err(|e| first_read_err(path, e))?;
     if app != APPLICATION_ID {
         return Err(not_ours());
     }
@@ -188,16 +192,7 @@ pub fn writer(path: &Path) -> Result<Writer, String> {
     // empty index rather than "not an index".
     let tables: i64 = conn
         .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
-        .map_err(|e| {
-            if not_a_database(&e) {
-                format!(
-                    "index {} is not a SQLite database (corrupt or another kind of file); delete it and run `promptgate ingest` again",
-                    path.display()
-                )
-            } else {
-                sql_err(path, e)
-            }
-        })?;
+        .map_err(|e| first_read_err(path, e))?;
     if tables == 0 {
         create(&conn, path)?;
     }
