@@ -922,10 +922,7 @@ async fn hooks_over_a_real_chroma_server_and_embedding_model_find_the_answer() {
             ),
             (
                 "e5.yaml".into(),
-                format!(
-                    "kind: openai\nbase_url: {}/v1\nself_hosted: true\ntimeouts: {{connect: 2s, headers: 30s, idle: 30s, total: 60s}}\n",
-                    e5.base
-                ),
+                e5.e5_provider(),
             ),
         ],
     );

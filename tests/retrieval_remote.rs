@@ -420,10 +420,7 @@ fn e5_gateway(
         "listen: 127.0.0.1:0\nroutes:\n  e5:\n    provider: e5\n    model: multilingual-e5-small-q4\n",
         &[(
             "e5.yaml".to_owned(),
-            format!(
-                "kind: openai\nbase_url: {}/v1\nself_hosted: true\ntimeouts: {{connect: 2s, headers: 30s, idle: 30s, total: 60s}}\n",
-                e5.base
-            ),
+            e5.e5_provider(),
         )],
     );
     std::fs::create_dir_all(dir.path().join("retrievers")).unwrap();

