@@ -657,12 +657,8 @@ fn serve(
             }
         }
         promptgate::pipeline::retrieve::log_unavailable(&snap);
-        // Load the tokenizers now, off the request path (retrieval budgets
-        // passages in cl100k tokens).
-        let mut encodings = snap.encodings_to_preload();
-        if !cfg.retrievers.is_empty() && !encodings.contains(&promptgate::tokens::Encoding::Cl100k) {
-            encodings.push(promptgate::tokens::Encoding::Cl100k);
-        }
+        // Load the tokenizers now, off the request path.
+        let encodings = snap.encodings_to_preload();
         tokio::task::spawn_blocking(move || promptgate::tokens::warm(&encodings));
         let addr = listen.unwrap_or(cfg.listen);
         let listener = match bind_public(addr) {

@@ -290,7 +290,8 @@ impl Snapshot {
         self.routes.values()
     }
 
-    /// Tokenizer encodings that routes to backends without usage reporting need.
+    /// Tokenizer encodings that routes to backends without usage reporting,
+    /// and retrieval's token budgets, need.
     pub fn encodings_to_preload(&self) -> Vec<Encoding> {
         let mut out = Vec::new();
         for r in self.routes.values() {
@@ -304,6 +305,10 @@ impl Snapshot {
                     out.push(t.encoding);
                 }
             }
+        }
+        // Retrieval budgets passages (`max_tokens`) in cl100k tokens.
+        if !self.config.retrievers.is_empty() && !out.contains(&Encoding::Cl100k) {
+            out.push(Encoding::Cl100k);
         }
         out
     }
