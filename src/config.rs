@@ -12,9 +12,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+mod governance;
 mod prompts;
 mod retrievers;
 mod routes;
+
+pub use governance::{
+    keys_dir, AuditConfig, AuthMode, Budget, BudgetLimit, DataPolicy, KeyConfig, OnStoreError,
+    Price, PriceTable, ProtectConfig, RateLimitStore, RateLimits, RedisStore, RouteGovernance,
+    SpendConfig,
+};
 
 pub use retrievers::{
     retrievers_dir, ChunkConfig, Mode, RetrieverConfig, RetrieverKind, Weights, DEFAULT_TEMPLATE,
@@ -44,6 +51,14 @@ struct RawGateway {
     breaker: routes::RawBreaker,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    auth: governance::RawAuth,
+    #[serde(default)]
+    spend: governance::RawSpend,
+    #[serde(default)]
+    audit: governance::RawAudit,
+    #[serde(default)]
+    data_protection: governance::RawProtect,
 }
 
 #[derive(Deserialize, Default)]
@@ -171,6 +186,9 @@ struct RawLimits {
     write_timeout: Option<String>,
     #[serde(default)]
     body_read_timeout: Option<String>,
+    /// Where rate-limit counters live (`memory` or `redis`).
+    #[serde(flatten)]
+    rate: governance::RawRateStore,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -349,6 +367,9 @@ struct RawProvider {
     chat_path: Option<String>,
     #[serde(default)]
     embeddings_path: Option<String>,
+    /// Prices per million tokens, per model.
+    #[serde(default)]
+    prices: Option<governance::RawPrices>,
 }
 
 /// A provider file's `kind:`, looked up in the backend table.
@@ -603,6 +624,8 @@ pub struct ProviderConfig {
     pub legacy_functions: bool,
     pub chat_path: String,
     pub embeddings_path: String,
+    /// Prices per million tokens, in `spend.currency`.
+    pub prices: Option<PriceTable>,
     /// What the kind read from its own section; it builds the provider.
     pub settings: std::sync::Arc<dyn Settings>,
 }
@@ -719,6 +742,15 @@ pub struct Config {
     pub retrievers: BTreeMap<String, RetrieverConfig>,
     pub breaker: BreakerConfig,
     pub cache: CacheConfig,
+    /// Whether requests need a gateway key.
+    pub auth: AuthMode,
+    /// `keys/*.yaml`, by key id.
+    pub keys: BTreeMap<String, KeyConfig>,
+    /// Where rate-limit counters live.
+    pub rate_store: RateLimitStore,
+    pub spend: SpendConfig,
+    pub audit: AuditConfig,
+    pub protect: ProtectConfig,
 }
 
 /// One problem found in the configuration.
@@ -850,11 +882,12 @@ pub fn prompts_dir(gateway_file: &Path) -> PathBuf {
 
 /// The folders beside the gateway file whose `*.yaml` files the
 /// configuration reads (and the reload watcher watches).
-pub fn config_dirs(gateway_file: &Path) -> [PathBuf; 3] {
+pub fn config_dirs(gateway_file: &Path) -> [PathBuf; 4] {
     [
         providers_dir(gateway_file),
         prompts_dir(gateway_file),
         retrievers_dir(gateway_file),
+        keys_dir(gateway_file),
     ]
 }
 
@@ -880,6 +913,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems { list: Vec::new() };
     let gw: RawGateway = read_yaml(gateway_file, &mut problems).unwrap_or_default();
 
+    let currency = gw.spend.currency.clone().unwrap_or_else(|| "USD".into());
     let dir = providers_dir(gateway_file);
     let mut providers = BTreeMap::new();
     match yaml_files(&dir) {
@@ -902,7 +936,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
                     continue;
                 }
                 if let Some(raw) = read_yaml::<RawProviderFile>(&file, &mut problems) {
-                    let p = validate_provider(id.clone(), file, raw, &mut problems);
+                    let p = validate_provider(id.clone(), file, raw, &currency, &mut problems);
                     providers.insert(id, p);
                 }
             }
@@ -1091,6 +1125,19 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         );
     }
 
+    let gov = governance::load(
+        gateway_file,
+        governance::RawSections {
+            auth: gw.auth,
+            rate: gw.limits.rate,
+            spend: gw.spend,
+            audit: gw.audit,
+            protect: gw.data_protection,
+            currency,
+        },
+        &routes,
+        &mut problems,
+    );
     let route_names: Vec<&str> = routes.keys().map(String::as_str).collect();
     let retrievers = retrievers::load_dir(gateway_file, &route_names, &mut problems);
     let prompts = prompts::load_dir(
@@ -1113,6 +1160,12 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             retrievers,
             breaker,
             cache,
+            auth: gov.auth,
+            keys: gov.keys,
+            rate_store: gov.rate_store,
+            spend: gov.spend,
+            audit: gov.audit,
+            protect: gov.protect,
         })
     } else {
         Err(problems.list)
@@ -1129,12 +1182,17 @@ fn validate_provider(
     id: String,
     file: PathBuf,
     raw: RawProviderFile,
+    currency: &str,
     problems: &mut Problems,
 ) -> ProviderConfig {
     let RawProviderFile {
         common: raw,
         sections,
     } = raw;
+    let prices = raw
+        .prices
+        .as_ref()
+        .map(|p| governance::price_table(p, currency, &file, problems));
     let kind = raw.kind.0;
     let d = Timeouts::default();
     let t = &raw.timeouts;
@@ -1311,6 +1369,7 @@ fn validate_provider(
         legacy_functions: raw.legacy_functions.unwrap_or(false),
         chat_path: raw.chat_path.unwrap_or_else(|| "/chat/completions".into()),
         embeddings_path: raw.embeddings_path.unwrap_or_else(|| "/embeddings".into()),
+        prices,
         settings,
     }
 }

@@ -229,6 +229,27 @@ pub enum GatewayError {
         message: String,
         timed_out: bool,
     },
+    /// 401: a missing, unknown, disabled or expired gateway key
+    /// (`auth: {mode: required}`). `code` names the reason; the message never
+    /// holds the key.
+    #[error("{message}")]
+    Unauthorized { message: String, code: &'static str },
+    /// 403: the key may not use this route or prompt.
+    #[error("{message}")]
+    Forbidden { message: String },
+    /// 429: a rate limit (`rate_limit_exceeded`) or a budget
+    /// (`budget_exceeded`). `headers` are the `x-ratelimit-*` headers to send.
+    #[error("{message}")]
+    Limited {
+        message: String,
+        code: &'static str,
+        retry_after: Option<std::time::Duration>,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// 400: a detector found sensitive data in a request under the `block`
+    /// policy. The message names the types found, never the values.
+    #[error("{message}")]
+    SensitiveData { message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -258,6 +279,10 @@ impl GatewayError {
                     502
                 }
             }
+            GatewayError::Unauthorized { .. } => 401,
+            GatewayError::Forbidden { .. } => 403,
+            GatewayError::Limited { .. } => 429,
+            GatewayError::SensitiveData { .. } => 400,
             GatewayError::Internal(_) => 500,
         }
     }
@@ -280,6 +305,10 @@ impl GatewayError {
             GatewayError::NotFound { .. } => "not_found",
             GatewayError::NotFoundPrompt { .. } => "prompt_not_found",
             GatewayError::Retrieval { .. } => "retrieval",
+            GatewayError::Unauthorized { code, .. } => code,
+            GatewayError::Forbidden { .. } => "permission_denied",
+            GatewayError::Limited { code, .. } => code,
+            GatewayError::SensitiveData { .. } => "sensitive_data",
             GatewayError::Internal(_) => "internal_error",
         }
     }

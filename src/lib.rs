@@ -13,11 +13,13 @@ pub mod dialect;
 pub mod drill;
 pub mod error;
 pub mod framing;
+pub mod governance;
 pub mod health;
 pub mod ids;
 pub mod metrics;
 pub mod pipeline;
 pub mod prompt;
+pub mod protect;
 pub mod reload;
 pub mod retrieval;
 pub mod server;
@@ -46,7 +48,7 @@ pub fn load(
             file: path.display().to_string(),
             line: None,
             field: String::new(),
-            message: format!("cannot set up metrics: {e}"),
+            message: e,
         }]
     })?;
     Ok((gw, cfg))

@@ -230,6 +230,176 @@ pub struct Metrics {
     pub retrieval_cache: IntCounterVec,
     /// Time of the embeddings calls retrievers make, by embeddings route.
     pub embedding_seconds: HistogramVec,
+    /// Keys, limits, spend, audit and data protection.
+    pub gov: GovMetrics,
+}
+
+/// Governance metrics (keys, limits, budgets and cost, audit, data
+/// protection). Key labels are key ids, never keys; detection labels are
+/// types, never values.
+#[derive(Clone)]
+pub struct GovMetrics {
+    /// Requests refused for their credential, by reason (the error code).
+    pub auth_failures: IntCounterVec,
+    /// Requests by key, route and HTTP status.
+    pub key_requests: IntCounterVec,
+    /// Tokens by key, route and direction (`in`/`out`).
+    pub key_tokens: IntCounterVec,
+    /// Cost in `spend.currency` by key, route and provider.
+    pub cost: prometheus::CounterVec,
+    /// Requests refused by a rate limit, by key, route, scope (`key`/`route`)
+    /// and limit (`rpm`/`tpm`/`concurrency`).
+    pub limited: IntCounterVec,
+    /// Rate-limit store failures by policy outcome (`fail_open`/`fail_closed`).
+    pub limit_store_errors: IntCounterVec,
+    /// Requests over a budget, by key, period and action (`reject`/`fallback`).
+    pub budget_exceeded: IntCounterVec,
+    /// Spend store failures by operation.
+    pub spend_store_errors: IntCounterVec,
+    /// Audit records written, by sink (`file`/`stdout`).
+    pub audit_records: IntCounterVec,
+    /// Audit records dropped, by reason (`queue_full`/`write_error`).
+    pub audit_dropped: IntCounterVec,
+    /// Sensitive values found, by type, route and action.
+    pub detections: IntCounterVec,
+}
+
+impl GovMetrics {
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn key_request(&self, key: &str, route: &str, status: u16) {
+        let mut code = itoa::Buffer::new();
+        self.key_requests
+            .with_label_values(&[key, route, code.format(status)])
+            .inc();
+    }
+
+    pub fn key_tokens(&self, key: &str, route: &str, usage: &Usage) {
+        for (direction, n) in [
+            ("in", usage.prompt_tokens),
+            ("out", usage.completion_tokens),
+        ] {
+            if n > 0 {
+                self.key_tokens
+                    .with_label_values(&[key, route, direction])
+                    .inc_by(u64::from(n));
+            }
+        }
+    }
+
+    pub fn cost(&self, key: &str, route: &str, provider: &str, amount: f64) {
+        if amount.is_finite() && amount > 0.0 {
+            self.cost
+                .with_label_values(&[key, route, provider])
+                .inc_by(amount);
+        }
+    }
+
+    pub fn limited(&self, key: &str, route: &str, scope: &str, limit: &str) {
+        self.limited
+            .with_label_values(&[key, route, scope, limit])
+            .inc();
+    }
+
+    pub fn limit_store_error(&self, policy: &str) {
+        self.limit_store_errors.with_label_values(&[policy]).inc();
+    }
+
+    pub fn budget_exceeded(&self, key: &str, period: &str, action: &str) {
+        self.budget_exceeded
+            .with_label_values(&[key, period, action])
+            .inc();
+    }
+
+    pub fn spend_store_error(&self, op: &str) {
+        self.spend_store_errors.with_label_values(&[op]).inc();
+    }
+
+    pub fn audit_record(&self, sink: &str) {
+        self.audit_records.with_label_values(&[sink]).inc();
+    }
+
+    pub fn audit_dropped(&self, reason: &str) {
+        self.audit_dropped.with_label_values(&[reason]).inc();
+    }
+
+    pub fn detection(&self, kind: &str, route: &str, action: &str, n: u32) {
+        self.detections
+            .with_label_values(&[kind, route, action])
+            .inc_by(u64::from(n));
+    }
+
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let cost = prometheus::CounterVec::new(
+            Opts::new(
+                "cost_total",
+                "Cost of responses in the spend currency, by key, route and provider",
+            ),
+            &["key", "route", "provider"],
+        )?;
+        registry.register(Box::new(cost.clone()))?;
+        Ok(GovMetrics {
+            auth_failures: counter(
+                "auth_failures_total",
+                "Requests refused for their gateway key, by reason",
+                &["reason"],
+            )?,
+            key_requests: counter(
+                "key_requests_total",
+                "Requests by gateway key id, route and HTTP status",
+                &["key", "route", "status"],
+            )?,
+            key_tokens: counter(
+                "key_tokens_total",
+                "Tokens by gateway key id, route and direction",
+                &["key", "route", "direction"],
+            )?,
+            cost,
+            limited: counter(
+                "ratelimit_rejections_total",
+                "Requests refused by a rate limit, by key, route, scope and limit",
+                &["key", "route", "scope", "limit"],
+            )?,
+            limit_store_errors: counter(
+                "ratelimit_store_errors_total",
+                "Rate-limit store failures, by the policy applied",
+                &["policy"],
+            )?,
+            budget_exceeded: counter(
+                "budget_exceeded_total",
+                "Requests over a key's budget, by key, period and action",
+                &["key", "period", "action"],
+            )?,
+            spend_store_errors: counter(
+                "spend_store_errors_total",
+                "Spend store failures by operation",
+                &["op"],
+            )?,
+            audit_records: counter(
+                "audit_records_total",
+                "Audit records written, by sink",
+                &["sink"],
+            )?,
+            audit_dropped: counter(
+                "audit_dropped_total",
+                "Audit records dropped, by reason",
+                &["reason"],
+            )?,
+            detections: counter(
+                "sensitive_detections_total",
+                "Sensitive values found in requests, by type, route and action",
+                &["type", "route", "action"],
+            )?,
+        })
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -476,6 +646,7 @@ impl Metrics {
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(stream_errors.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        let gov = GovMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             requests,
@@ -510,6 +681,7 @@ impl Metrics {
             retrieval_errors,
             retrieval_cache,
             embedding_seconds,
+            gov,
         })
     }
 

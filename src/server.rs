@@ -155,6 +155,8 @@ pub struct RequestId(pub Arc<str>);
 struct Edge {
     id: RequestId,
     start: Instant,
+    /// Who sent it: the gateway key's id and entry, when the key is configured.
+    caller: Option<crate::governance::Caller>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Edge {
@@ -170,6 +172,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Edge {
             .unwrap_or_else(|| Edge {
                 id: RequestId(new_request_id().into()),
                 start: Instant::now(),
+                caller: None,
             }))
     }
 }
@@ -193,6 +196,8 @@ struct Outcome {
     error: Option<&'static str>,
     /// Streams record their own duration when they end.
     streaming: bool,
+    /// The request's governance ticket: the response body holds it to its end.
+    ticket: Option<Arc<crate::governance::Ticket>>,
 }
 
 fn new_request_id() -> String {
@@ -222,11 +227,25 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         Some(v) => String::from_utf8_lossy(v.as_bytes()).into(),
         None => new_request_id().into(),
     };
-    req.extensions_mut().insert(Edge {
+    let anthropic = req.uri().path() == "/v1/messages";
+    // Every API call is authenticated here, once: the caller travels in `Edge`.
+    let (caller, refused) = if req.uri().path().starts_with("/v1/") {
+        match app.gw.snapshot().access.authenticate(req.headers()) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                app.gw.metrics.gov.auth_failure(e.code());
+                (None, Some(e))
+            }
+        }
+    } else {
+        (None, None)
+    };
+    let edge = Edge {
         id: RequestId(id.clone()),
         start,
-    });
-    let anthropic = req.uri().path() == "/v1/messages";
+        caller,
+    };
+    req.extensions_mut().insert(edge.clone());
     let metrics = &app.gw.metrics;
     // The connection's request count, from the listener: it goes into the
     // same body wrapper as the permit.
@@ -246,9 +265,21 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
             gauge: metrics.in_flight.clone(),
         })
     };
-    let mut resp = LIST_IDS
-        .scope(app.settings.list_ids_in_errors, next.run(req))
-        .await;
+    let mut resp = match refused {
+        Some(e) => {
+            let d: &dyn Dialect = if anthropic {
+                &crate::backend::anthropic::Anthropic
+            } else {
+                &OpenAi
+            };
+            finish(&app, &edge, error_response(d, e, &edge.id, None))
+        }
+        None => {
+            LIST_IDS
+                .scope(app.settings.list_ids_in_errors, next.run(req))
+                .await
+        }
+    };
     if resp.extensions().get::<Panicked>().is_some() {
         resp = panic_body(&id, anthropic);
     }
@@ -287,6 +318,42 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
         .insert(OVERHEAD, HeaderValue::from(overhead.as_micros() as u64));
     if let Some(o) = outcome {
         let status = response.status();
+        let route_name = o.route.as_deref().map_or("", |r| r.name.as_str());
+        let gov = &app.gw.metrics.gov;
+        if let Some(c) = &edge.caller {
+            gov.key_request(&c.id, route_name, status.as_u16());
+        }
+        match &o.ticket {
+            Some(t) => {
+                t.note(|l| {
+                    l.status = status.as_u16();
+                    l.error = o.error;
+                    l.streaming = o.streaming;
+                });
+                for (name, value) in &t.held.headers {
+                    if let Ok(v) = HeaderValue::from_str(value) {
+                        response.headers_mut().insert(*name, v);
+                    }
+                }
+                if let Some(cost) = t.cost() {
+                    if let Ok(v) =
+                        HeaderValue::from_str(&crate::governance::spend::format_cost(cost))
+                    {
+                        response.headers_mut().insert(COST, v);
+                    }
+                }
+                // The ticket ends with the response body (a stream's last byte).
+                response = guard_body(response, t.clone());
+            }
+            None => app.gw.governor.audit.rejected(
+                edge.caller.as_ref(),
+                o.route.as_ref().map(|r| &r.name),
+                &edge.id.0,
+                status.as_u16(),
+                o.error,
+                elapsed,
+            ),
+        }
         app.gw.metrics.request(&crate::metrics::RequestEnd {
             route: o
                 .route
@@ -316,8 +383,11 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
 fn pipeline_error(d: &dyn Dialect, err: GatewayError, ctx: &RequestContext) -> Handled {
     let id = RequestId(ctx.request_id.clone());
     let mut handled = error_response(d, err, &id, Some(ctx.route().clone()));
-    if let (Some(o), Some(a)) = (handled.outcome.as_mut(), ctx.arm()) {
-        o.arm = Some((a.name.clone(), a.stats.clone()));
+    if let Some(o) = handled.outcome.as_mut() {
+        if let Some(a) = ctx.arm() {
+            o.arm = Some((a.name.clone(), a.stats.clone()));
+        }
+        o.ticket = ctx.ticket.clone();
     }
     handled
 }
@@ -370,6 +440,25 @@ fn error_response(
                 .insert(http::header::RETRY_AFTER, HeaderValue::from(ra.as_secs()));
         }
     }
+    if let GatewayError::Limited {
+        retry_after,
+        headers,
+        ..
+    } = &err
+    {
+        let h = resp.headers_mut();
+        if let Some(ra) = retry_after {
+            // Whole seconds, rounded up: a client that waits this long is admitted.
+            let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        for (name, value) in headers {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(*name, v);
+            }
+        }
+    }
+
     let provider = match &err {
         GatewayError::Upstream(e) if !e.provider.is_empty() => {
             Some(ProviderId::from(e.provider.as_str()))
@@ -386,6 +475,7 @@ fn error_response(
             upstream: Duration::ZERO,
             error: Some(err.code()),
             streaming: false,
+            ticket: None,
         }),
     }
 }
@@ -540,6 +630,8 @@ pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-promptgate-attempts"
 pub const ARM: HeaderName = HeaderName::from_static("x-promptgate-arm");
 /// `hit`, `miss`, `bypass` or `refresh` (with `age` on a hit).
 pub const CACHE: HeaderName = HeaderName::from_static("x-promptgate-cache");
+/// The response's cost in `spend.currency` (a complete response whose target has a price).
+pub const COST: HeaderName = HeaderName::from_static("x-promptgate-cost");
 
 fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -> Outcome {
     let h = resp.headers_mut();
@@ -580,6 +672,7 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -
         arm,
         upstream: served.upstream,
         error: None,
+        ticket: None,
         // A stream records its own duration when it ends, except a replayed
         // cache hit, which is in memory and has no tap to do it.
         streaming: streaming
@@ -620,7 +713,7 @@ async fn chat_openai(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = chat(&app, edge.id.clone(), headers, body, ClientDialect::OpenAi).await;
+    let handled = chat(&app, &edge, headers, body, ClientDialect::OpenAi).await;
     finish(&app, &edge, handled)
 }
 
@@ -630,14 +723,7 @@ async fn chat_anthropic(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = chat(
-        &app,
-        edge.id.clone(),
-        headers,
-        body,
-        ClientDialect::Anthropic,
-    )
-    .await;
+    let handled = chat(&app, &edge, headers, body, ClientDialect::Anthropic).await;
     finish(&app, &edge, handled)
 }
 
@@ -645,11 +731,12 @@ async fn chat_anthropic(
 /// the stream.
 async fn chat(
     app: &AppState,
-    id: RequestId,
+    edge: &Edge,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
     dialect: ClientDialect,
 ) -> Handled {
+    let id = edge.id.clone();
     let d = codec(dialect);
     let decoded = match body {
         Ok(b) => off_thread_if_large(b, move |b| codec(dialect).decode_chat(b)).await,
@@ -665,7 +752,7 @@ async fn chat(
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, dialect, id, &headers, req, prompt).await
+    serve_chat(app, dialect, edge, &headers, req, prompt).await
 }
 
 /// A request body that must be a JSON object (the gateway's own endpoints).
@@ -693,17 +780,18 @@ async fn prompt_chat(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = prompt_chat_handled(&app, edge.id.clone(), prompt_id, headers, body).await;
+    let handled = prompt_chat_handled(&app, &edge, prompt_id, headers, body).await;
     finish(&app, &edge, handled)
 }
 
 async fn prompt_chat_handled(
     app: &AppState,
-    id: RequestId,
+    edge: &Edge,
     prompt_id: String,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Handled {
+    let id = edge.id.clone();
     let d: &dyn Dialect = &OpenAi;
     let mut obj = match json_object(body) {
         Ok(o) => o,
@@ -728,7 +816,15 @@ async fn prompt_chat_handled(
         Ok(r) => r,
         Err(e) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, ClientDialect::OpenAi, id, &headers, req, Some(prompt)).await
+    serve_chat(
+        app,
+        ClientDialect::OpenAi,
+        edge,
+        &headers,
+        req,
+        Some(prompt),
+    )
+    .await
 }
 
 /// Most `top_logprobs`, as OpenAI documents.
@@ -779,11 +875,13 @@ fn check_sizes(req: &ChatRequest) -> Result<(), GatewayError> {
 async fn serve_chat(
     app: &AppState,
     dialect: ClientDialect,
-    id: RequestId,
+    edge: &Edge,
     headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
 ) -> Handled {
+    let id = edge.id.clone();
+    let caller = edge.caller.as_ref();
     let d = codec(dialect);
     if let Err(e) = check_sizes(&req) {
         return error_response(d, e, &id, None);
@@ -795,8 +893,10 @@ async fn serve_chat(
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
     let snap = app.gw.snapshot();
-    let rendered =
-        render::render(&app.gw, &id.0, &snap, headers, &mut req, prompt, retrieval).await;
+    let rendered = render::render(
+        &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval,
+    )
+    .await;
     let mut prepared = match rendered {
         Ok(p) => p,
         Err(refused) => {
@@ -812,11 +912,36 @@ async fn serve_chat(
     };
     let used = prepared.prompt.clone();
     let citing = Citing::new(std::mem::take(&mut prepared.retrieved.used));
-    let ctx = match RequestContext::for_chat(id.0.clone(), dialect, snap, headers, &req, prepared) {
+    let mut ctx = match RequestContext::for_chat(
+        id.0.clone(),
+        dialect,
+        snap,
+        headers,
+        &req,
+        prepared,
+        caller.cloned(),
+    ) {
         Ok(ctx) => ctx,
         Err((e, route)) => return error_response(d, e, &id, route),
     };
-    let mut handled = run_chat(app, d, &id, &ctx, req, citing).await;
+    // Governance, in order: may the caller use this route and prompt; what
+    // may leave (data protection, which can make the request private); then
+    // budgets and rate limits, which hand out the request's ticket.
+    if let Err(e) = crate::governance::keys::authorize(&ctx) {
+        return pipeline_error(d, e, &ctx);
+    }
+    let protection = match crate::protect::apply(&mut ctx, &mut req) {
+        Ok(p) => p,
+        Err(e) => return pipeline_error(d, e, &ctx),
+    };
+    match app.gw.governor.admit(&mut ctx, Some(&req), None).await {
+        Ok(t) => ctx.ticket = t,
+        Err(e) => return pipeline_error(d, e, &ctx),
+    }
+    if let Some(t) = &ctx.ticket {
+        protection.note(t);
+    }
+    let mut handled = run_chat(app, d, &id, &ctx, req, citing, &protection).await;
     if let Some(u) = used {
         let h = handled.response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&u.id) {
@@ -931,6 +1056,7 @@ async fn run_chat(
     ctx: &RequestContext,
     req: ChatRequest,
     mut citing: Option<Citing>,
+    protection: &crate::protect::Protection,
 ) -> Handled {
     let cited = citing.as_ref().map(|c| c.header.clone());
     // A stream's citations go into its final event, through its encoder.
@@ -959,6 +1085,8 @@ async fn run_chat(
             Ok(Ok(s)) => s,
         };
     let (value, served) = served.split();
+    // Redacted values go back into the answer before it is encoded.
+    let value = protection.restore(value);
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
             let estimated = resp.usage.is_some_and(|u| u.estimated);
@@ -971,7 +1099,8 @@ async fn run_chat(
                 USAGE,
                 HeaderValue::from_static(if estimated { "estimated" } else { "reported" }),
             );
-            let outcome = served_headers(&mut out, &served, false);
+            let mut outcome = served_headers(&mut out, &served, false);
+            outcome.ticket = ctx.ticket.clone();
             if let Some(h) = cited {
                 out.headers_mut().insert(RETRIEVAL, h);
             }
@@ -1026,7 +1155,8 @@ async fn run_chat(
                 HeaderName::from_static("x-accel-buffering"),
                 HeaderValue::from_static("no"),
             );
-            let outcome = served_headers(&mut out, &served, true);
+            let mut outcome = served_headers(&mut out, &served, true);
+            outcome.ticket = ctx.ticket.clone();
             if let Some(h) = cited {
                 out.headers_mut().insert(RETRIEVAL, h);
             }
@@ -1050,16 +1180,17 @@ async fn embeddings(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = embeddings_handled(&app, edge.id.clone(), headers, body).await;
+    let handled = embeddings_handled(&app, &edge, headers, body).await;
     finish(&app, &edge, handled)
 }
 
 async fn embeddings_handled(
     app: &AppState,
-    id: RequestId,
+    edge: &Edge,
     headers: http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Handled {
+    let id = edge.id.clone();
     let decoded = match body {
         Ok(b) => off_thread_if_large(b, wire::decode_embeddings_request).await,
         Err(e) => Err(e),
@@ -1069,11 +1200,27 @@ async fn embeddings_handled(
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
     let encoding: EmbeddingEncoding = req.encoding;
-    let ctx = match RequestContext::for_embeddings(id.0.clone(), app.gw.snapshot(), &headers, &req)
-    {
+    let mut ctx = match RequestContext::for_embeddings(
+        id.0.clone(),
+        app.gw.snapshot(),
+        &headers,
+        &req,
+        edge.caller.clone(),
+    ) {
         Ok(ctx) => ctx,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
+    if let Err(e) = crate::governance::keys::authorize(&ctx) {
+        return pipeline_error(&OpenAi, e, &ctx);
+    }
+    let mut req = req;
+    if let Err(e) = crate::protect::apply_embeddings(&mut ctx, &mut req) {
+        return pipeline_error(&OpenAi, e, &ctx);
+    }
+    match app.gw.governor.admit(&mut ctx, None, Some(&req)).await {
+        Ok(t) => ctx.ticket = t,
+        Err(e) => return pipeline_error(&OpenAi, e, &ctx),
+    }
     let served = tokio::time::timeout(app.settings.request_timeout, app.gw.embed(&ctx, req)).await;
     match served {
         Err(_) => {
@@ -1097,7 +1244,8 @@ async fn embeddings_handled(
                     "reported"
                 }),
             );
-            let outcome = served_headers(&mut out, &served, false);
+            let mut outcome = served_headers(&mut out, &served, false);
+            outcome.ticket = ctx.ticket.clone();
             Handled {
                 response: out,
                 outcome: Some(outcome),
@@ -1221,6 +1369,7 @@ async fn retriever_search_handled(
             upstream: Duration::ZERO,
             error: None,
             streaming: false,
+            ticket: None,
         }),
     }
 }

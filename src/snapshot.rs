@@ -39,6 +39,8 @@ pub struct Target {
     /// The provider's response-headers timeout (bounds a stalled call).
     pub headers_timeout: Duration,
     pub health: Arc<Health>,
+    /// Its price per million tokens, from the provider's price table.
+    pub price: Option<crate::config::Price>,
     /// Its metric handles, resolved on first use ([`Target::metrics`]).
     handles: std::sync::OnceLock<crate::metrics::TargetHandles>,
     /// The route it belongs to (a target is built per route).
@@ -75,6 +77,8 @@ pub struct Route {
     pub retry: RetryPolicy,
     pub private: bool,
     pub cache: crate::config::RouteCache,
+    /// Rate limits, data policy, audit content.
+    pub governance: crate::config::RouteGovernance,
     /// Its metric handles, resolved on first use ([`Route::metrics`]).
     handles: std::sync::OnceLock<crate::metrics::RouteHandles>,
 }
@@ -139,6 +143,10 @@ pub struct Snapshot {
     /// "a, b, c": the route names, for unknown-model errors.
     pub route_list: String,
     pub loaded_at: SystemTime,
+    /// Gateway keys by hash and the auth mode, built once per snapshot.
+    pub access: crate::governance::Access,
+    /// The data-protection detectors, compiled once per snapshot.
+    pub protect: crate::protect::Scanner,
 }
 
 /// Summarises the backend behind a target id (`provider/model`): its provider's
@@ -187,6 +195,9 @@ impl Snapshot {
                 headers_timeout: pc
                     .map(|p| p.timeouts.headers)
                     .unwrap_or(Duration::from_secs(120)),
+                price: pc
+                    .and_then(|p| p.prices.as_ref())
+                    .and_then(|p| p.price(&t.model)),
                 handles: std::sync::OnceLock::new(),
                 route: route.clone(),
             })
@@ -226,6 +237,7 @@ impl Snapshot {
                     retry: r.retry,
                     private: r.private,
                     cache: r.cache,
+                    governance: r.governance.clone(),
                     handles: std::sync::OnceLock::new(),
                 }),
             );
@@ -246,7 +258,11 @@ impl Snapshot {
             .collect::<Vec<_>>()
             .join(", ");
         let retrievers = crate::retrieval::Retrievers::build(&config.retrievers, env);
+        let access = crate::governance::Access::build(&config);
+        let protect = crate::protect::Scanner::build(&config.protect);
         Ok(Snapshot {
+            access,
+            protect,
             breaker: config.breaker,
             config,
             prompts,

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use common::peers::Redis;
 use std::time::Duration;
 
 use common::*;
@@ -335,54 +335,6 @@ async fn memory_stays_within_the_byte_bound() {
     assert_eq!(call(&gw, &b, &[]).await.1["x-promptgate-cache"], "hit");
 }
 
-/// A throwaway redis-server on a free loopback port.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(port: Option<u16>) -> Redis {
-        let port = port.unwrap_or_else(|| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        });
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("redis-server is needed for the cache tier tests (.ci/run installs it): {e}")
-            });
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Redis { child, port };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("redis-server did not start");
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn call_url(base: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
     let r = client()
         .post(format!("{base}/v1/chat/completions"))
@@ -450,8 +402,7 @@ async fn redis_tier_is_shared_by_two_processes_and_its_outage_fails_nothing() {
     assert_eq!(r.status(), 200);
 
     // Redis dies: every request still succeeds; the failures are counted.
-    redis.child.kill().unwrap();
-    redis.child.wait().unwrap();
+    redis.kill();
     for i in 0..20 {
         let mut q = body("cached");
         q["messages"][1]["content"] = json!(format!("after the outage {i}"));

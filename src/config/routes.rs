@@ -38,6 +38,15 @@ pub(super) struct RawRoute {
     private: Option<bool>,
     #[serde(default)]
     cache: Option<RawRouteCache>,
+    /// Rate limits of the whole route: `{rpm, tpm, concurrency}`.
+    #[serde(default)]
+    limits: Option<super::governance::RawRateLimits>,
+    /// Data protection policy (default `data_protection.policy`).
+    #[serde(default)]
+    data: Option<super::DataPolicy>,
+    /// `{content: true}`: audit records of this route carry message content.
+    #[serde(default)]
+    audit: Option<super::governance::RawRouteAudit>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +191,8 @@ pub struct RouteConfig {
     pub retry: RetryPolicy,
     pub private: bool,
     pub cache: super::RouteCache,
+    /// Rate limits, data policy, audit content.
+    pub governance: super::RouteGovernance,
 }
 
 impl RouteConfig {
@@ -511,6 +522,16 @@ pub(super) fn route(
         retry,
         private,
         cache,
+        governance: super::RouteGovernance {
+            limits: super::governance::rate_limits(
+                r.limits.as_ref(),
+                file,
+                &format!("{field}.limits"),
+                problems,
+            ),
+            data: r.data,
+            audit_content: r.audit.and_then(|a| a.content).unwrap_or(false),
+        },
     };
     if private {
         let public: Vec<String> = route

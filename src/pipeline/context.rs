@@ -11,6 +11,7 @@ use crate::cache::Directive;
 use crate::canonical::{ChatRequest, EmbeddingsRequest};
 use crate::config::{CacheMode, Subject};
 use crate::error::GatewayError;
+use crate::governance::Caller;
 use crate::snapshot::{Arm, Route, Snapshot, Target};
 
 /// Header that restricts a request to self-hosted providers.
@@ -41,11 +42,16 @@ pub struct Placement {
 impl Placement {
     /// Resolves nothing: places a request on `route`, drawing its arm (sticky
     /// on the split's subject, at random without one). Called once per request.
-    pub fn place(route: &Arc<Route>, headers: &HeaderMap, user: Option<&str>) -> Placement {
+    pub fn place(
+        route: &Arc<Route>,
+        headers: &HeaderMap,
+        user: Option<&str>,
+        caller: Option<&Caller>,
+    ) -> Placement {
         let arm = match &route.plan {
             crate::snapshot::Plan::Chain(_) => None,
             crate::snapshot::Plan::Split { subject, .. } => {
-                let subject = subject_of(subject, headers, user);
+                let subject = subject_of(subject, headers, user, caller);
                 Some(route.arm_index(subject))
             }
         };
@@ -69,10 +75,17 @@ impl Placement {
 }
 
 /// The split subject a request carries, if any.
-fn subject_of<'a>(s: &Subject, headers: &'a HeaderMap, user: Option<&'a str>) -> Option<&'a str> {
+fn subject_of<'a>(
+    s: &Subject,
+    headers: &'a HeaderMap,
+    user: Option<&'a str>,
+    caller: Option<&'a Caller>,
+) -> Option<&'a str> {
     match s {
         Subject::User => user,
         Subject::Header(h) => headers.get(h.as_str()).and_then(|v| v.to_str().ok()),
+        // The key's id when the key is configured, else the raw credential.
+        Subject::Key if caller.is_some() => caller.map(|c| &*c.id),
         Subject::Key => headers
             .get(http::header::AUTHORIZATION)
             .or_else(|| headers.get("x-api-key"))
@@ -103,6 +116,10 @@ pub struct RequestContext {
     /// per tenant.
     pub tenant: Option<String>,
     pub prompt: Option<PromptUse>,
+    /// Who sent it (the gateway key's id and entry), when known.
+    pub caller: Option<crate::governance::Caller>,
+    /// Its hold on governance state (limits, spend, audit), once admitted.
+    pub ticket: Option<Arc<crate::governance::Ticket>>,
 }
 
 impl RequestContext {
@@ -114,6 +131,7 @@ impl RequestContext {
         placement: Placement,
         headers: &HeaderMap,
         prompt: Option<PromptUse>,
+        caller: Option<Caller>,
     ) -> RequestContext {
         let route = &placement.route;
         let caching = route.cache.mode != CacheMode::Off;
@@ -122,8 +140,12 @@ impl RequestContext {
         } else {
             Directive::Normal
         };
+        // The key's id when the key is configured, else the raw credential's hash.
         let tenant = if caching && !route.cache.shared {
-            crate::cache::tenant_of(headers)
+            match &caller {
+                Some(c) => Some(format!("key:{}", c.id)),
+                None => crate::cache::tenant_of(headers),
+            }
         } else {
             None
         };
@@ -136,6 +158,8 @@ impl RequestContext {
             directive,
             tenant,
             prompt,
+            caller,
+            ticket: None,
         }
     }
 
@@ -149,6 +173,7 @@ impl RequestContext {
         headers: &HeaderMap,
         req: &ChatRequest,
         prepared: super::render::Prepared,
+        caller: Option<Caller>,
     ) -> Result<RequestContext, (GatewayError, Option<Arc<Route>>)> {
         if req.messages.is_empty() {
             let route = snapshot.route(&req.model).cloned();
@@ -161,7 +186,9 @@ impl RequestContext {
         let placement = match prepared.placement {
             Some(p) => p,
             None => match snapshot.route(&req.model) {
-                Some(route) => Placement::place(route, headers, req.params.user.as_deref()),
+                Some(route) => {
+                    Placement::place(route, headers, req.params.user.as_deref(), caller.as_ref())
+                }
                 None => return Err((unknown_model(&snapshot, &req.model), None)),
             },
         };
@@ -172,6 +199,7 @@ impl RequestContext {
             placement,
             headers,
             prepared.prompt,
+            caller,
         );
         // Passages from a private retriever: self-hosted targets only.
         ctx.private |= prepared.retrieved.private;
@@ -184,11 +212,12 @@ impl RequestContext {
         snapshot: Arc<Snapshot>,
         headers: &HeaderMap,
         req: &EmbeddingsRequest,
+        caller: Option<Caller>,
     ) -> Result<RequestContext, GatewayError> {
         let Some(route) = snapshot.route(&req.model) else {
             return Err(unknown_model(&snapshot, &req.model));
         };
-        let placement = Placement::place(route, headers, req.user.as_deref());
+        let placement = Placement::place(route, headers, req.user.as_deref(), caller.as_ref());
         Ok(RequestContext::new(
             request_id,
             ClientDialect::OpenAi,
@@ -196,6 +225,7 @@ impl RequestContext {
             placement,
             headers,
             None,
+            caller,
         ))
     }
 
@@ -208,7 +238,7 @@ impl RequestContext {
         req: &EmbeddingsRequest,
         private: bool,
     ) -> Result<RequestContext, GatewayError> {
-        let mut ctx = Self::for_embeddings(request_id, snapshot, &HeaderMap::new(), req)?;
+        let mut ctx = Self::for_embeddings(request_id, snapshot, &HeaderMap::new(), req, None)?;
         ctx.private |= private;
         Ok(ctx)
     }

@@ -57,6 +57,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Retrieval results cache and per-retriever handles.
     pub retrieval: retrieve::Retrieval,
+    /// Keys, limits, spend and audit: state that outlives snapshots.
+    pub governor: Arc<crate::governance::Governor>,
 }
 
 /// How the cache took part in a response.
@@ -107,8 +109,9 @@ pub enum ChatOutcome {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, book: Arc<Book>) -> Result<Arc<Self>, prometheus::Error> {
-        let metrics = Metrics::new()?;
+    pub fn new(snapshot: Snapshot, book: Arc<Book>) -> Result<Arc<Self>, String> {
+        let metrics = Metrics::new().map_err(|e| format!("cannot set up metrics: {e}"))?;
+        let governor = crate::governance::Governor::new(&snapshot.config, &metrics.gov)?;
         let cache = crate::cache::Cache::new(
             &snapshot.config.cache,
             crate::cache::CacheMetrics {
@@ -122,6 +125,7 @@ impl Gateway {
             cache,
             metrics,
             retrieval: retrieve::Retrieval::default(),
+            governor,
         }))
     }
 
@@ -214,6 +218,9 @@ impl Gateway {
                 };
                 resp.usage = Some(usage);
                 self.count_tokens(route, &target, arm, &usage);
+                if let Some(t) = &ctx.ticket {
+                    t.settle(&target, &usage);
+                }
                 if let Some(store) = store {
                     store.put(&resp).await;
                 }
@@ -238,6 +245,7 @@ impl Gateway {
                     output_beyond: 0,
                     usage: None,
                     store: store.map(|s| (s, self.cache.assembler())),
+                    ticket: ctx.ticket.clone(),
                 };
                 ChatOutcome::Stream(tap.wrap(head, rest))
             }
@@ -290,6 +298,9 @@ impl Gateway {
             resp.usage.estimated = true;
         }
         self.count_tokens(route, &target, arm, &resp.usage);
+        if let Some(t) = &ctx.ticket {
+            t.settle(&target, &resp.usage);
+        }
         Ok(Served {
             route: route.clone(),
             target,

@@ -36,11 +36,14 @@ pub struct Refused {
 
 /// Renders `prompt` into `req`, if there is one, running its retrieval hooks;
 /// then runs the `retrieval` extension, if there is one.
+// The request's parts, each used by a different step; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub async fn render(
     gw: &Arc<Gateway>,
     request_id: &Arc<str>,
     snap: &Arc<Snapshot>,
     headers: &HeaderMap,
+    who: Option<&crate::governance::Caller>,
     req: &mut ChatRequest,
     prompt: Option<PromptRef>,
     retrieval: Option<RetrievalRef>,
@@ -53,7 +56,7 @@ pub async fn render(
         private: super::context::private_header(headers),
     };
     let mut prepared = match prompt {
-        Some(p) => render_prompt(gw, snap, headers, req, p, &caller).await?,
+        Some(p) => render_prompt(gw, snap, headers, who, req, p, &caller).await?,
         None => Prepared::default(),
     };
     if let Some(r) = retrieval {
@@ -79,6 +82,7 @@ async fn render_prompt(
     gw: &Arc<Gateway>,
     snap: &Arc<Snapshot>,
     headers: &HeaderMap,
+    who: Option<&crate::governance::Caller>,
     req: &mut ChatRequest,
     mut p: PromptRef,
     caller: &Caller,
@@ -96,7 +100,7 @@ async fn render_prompt(
     if p.explicit_selector.is_none() {
         let user = req.params.user.as_deref();
         if let Some(route) = split(&req.model) {
-            placement = Some(place(&route, headers, user, &mut p));
+            placement = Some(place(&route, headers, user, who, &mut p));
         }
         // No route in the request (the prompt endpoint): the version names
         // it, and when that route is a split over prompt versions its arm
@@ -109,7 +113,7 @@ async fn render_prompt(
                 .map(|(_, v)| v.route.clone())
                 .map_err(|e| refuse(gw, snap, &p, e))?;
             if let Some(route) = version_route.as_deref().and_then(split) {
-                placement = Some(place(&route, headers, user, &mut p));
+                placement = Some(place(&route, headers, user, who, &mut p));
             }
         }
     }
@@ -163,9 +167,10 @@ fn place(
     route: &Arc<Route>,
     headers: &HeaderMap,
     user: Option<&str>,
+    who: Option<&crate::governance::Caller>,
     p: &mut PromptRef,
 ) -> Placement {
-    let placed = Placement::place(route, headers, user);
+    let placed = Placement::place(route, headers, user, who);
     if let Some(sel) = placed.arm().and_then(|a| a.prompt.clone()) {
         p.selector = sel;
     }

@@ -138,6 +138,8 @@ pub(super) struct UsageTap {
     pub usage: Option<Usage>,
     /// A cache lease to fill once the stream has ended properly.
     pub store: Option<(Store, crate::cache::Assembler)>,
+    /// The request's governance ticket: settled with the usage at the end.
+    pub ticket: Option<Arc<crate::governance::Ticket>>,
 }
 
 impl UsageTap {
@@ -190,6 +192,9 @@ impl UsageTap {
         let arm = self.arm.as_ref().map(|(a, _)| &**a);
         let m = &self.gateway.metrics;
         m.tokens(self.target.metrics(m), &self.route.name, arm, &usage);
+        if let Some(t) = &self.ticket {
+            t.settle(&self.target, &usage);
+        }
         self.record_end(true, u64::from(usage.total_tokens));
         usage
     }

@@ -1778,6 +1778,10 @@ pub fn error_type(err: &GatewayError) -> &'static str {
         | GatewayError::NoTarget { .. }
         | GatewayError::Internal(_) => "api_error",
         GatewayError::Retrieval { .. } => "retrieval_error",
+        GatewayError::Unauthorized { .. } => "authentication_error",
+        GatewayError::Forbidden { .. } => "permission_error",
+        GatewayError::Limited { .. } => "rate_limit_error",
+        GatewayError::SensitiveData { .. } => "invalid_request_error",
         GatewayError::Upstream(e) => match e.kind {
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Overloaded => "overloaded_error",

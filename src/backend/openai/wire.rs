@@ -1199,6 +1199,12 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
             Some(e.provider.as_str()).filter(|p| !p.is_empty()),
         ),
         GatewayError::Retrieval { .. } => ("retrieval_error", None, None, None),
+        GatewayError::Unauthorized { .. } => ("invalid_request_error", None, None, None),
+        GatewayError::Forbidden { .. } => ("permission_error", None, None, None),
+        GatewayError::Limited { .. } => ("rate_limit_error", None, None, None),
+        GatewayError::SensitiveData { .. } => {
+            ("invalid_request_error", Some("messages"), None, None)
+        }
         GatewayError::Internal(_) => ("server_error", None, None, None),
     };
     let param = match (param, err) {
