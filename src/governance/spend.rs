@@ -368,7 +368,8 @@ impl Spend {
 
     /// Adds a finished request's tokens and cost to its caller's spend (the
     /// metrics, the in-memory totals, the store's queue). A request no target
-    /// answered spent nothing.
+    /// answered spent nothing; one without a key is stored (as `anonymous`)
+    /// only when its target has a price.
     pub fn record(&self, caller: Option<&Caller>, route: &RouteId, ledger: &Ledger) {
         let (Some(target), Some(usage)) = (&ledger.target, &ledger.usage) else {
             return;
@@ -392,6 +393,9 @@ impl Spend {
                 );
                 c.id.clone()
             }
+            // Requests without a key are stored only when they cost
+            // something: free anonymous traffic has nobody to account to.
+            None if cost.is_none() => return,
             None => Arc::from(super::ANONYMOUS),
         };
         let row = Row {
