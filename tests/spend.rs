@@ -21,6 +21,7 @@ use sha2::Digest;
 const FREE_KEY: &str = "pg-test-free-0123456789";
 const CAPPED_KEY: &str = "pg-test-capped-0123456789";
 const MOVED_KEY: &str = "pg-test-moved-0123456789";
+const THRIFTY_KEY: &str = "pg-test-thrifty-0123456789";
 
 /// Prices per million tokens.
 const PREMIUM: (f64, f64, f64) = (2.5, 10.0, 1.25); // input, output, cached
@@ -33,16 +34,18 @@ fn sha(k: &str) -> String {
         .collect()
 }
 
-/// A config folder: routes `premium` (provider `fake`) and `cheap` (provider
-/// `cheap`), both on the fake's model `chat`; keys `free` (no budget),
-/// `capped` (30 tokens a day) and `moved` (30 tokens a day, then `cheap`).
-fn write_setup(dir: &Path, fake: &Fake, spend: &str) {
+/// The config: routes `premium` (provider `fake`), `cheap` (provider
+/// `cheap`) and `unpriced` (provider `unpriced`, no price table), all on the
+/// fake's model `chat`; keys `free` (no budget), `capped` (30 tokens a day)
+/// `moved` (30 tokens a day, then `cheap`) and `thrifty` (0.0001 USD a
+/// month). (gateway, providers, keys file)
+fn setup(fake: &Fake, spend: &str) -> (String, Vec<(String, String)>, String) {
     let gateway = format!(
-        "listen: 127.0.0.1:0\nroutes:\n  premium:\n    provider: fake\n    model: chat\n  cheap:\n    provider: cheap\n    model: chat\n{spend}"
+        "listen: 127.0.0.1:0\nroutes:\n  premium:\n    provider: fake\n    model: chat\n  cheap:\n    provider: cheap\n    model: chat\n  unpriced:\n    provider: unpriced\n    model: chat\n{spend}"
     );
     let provider = |prices: &str| {
         format!(
-            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 2s, idle: 2s, total: 10s}}\nprices:\n{prices}",
+            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\ntimeouts: {{connect: 1s, headers: 2s, idle: 2s, total: 10s}}\n{prices}",
             fake.base_url()
         )
     };
@@ -50,30 +53,35 @@ fn write_setup(dir: &Path, fake: &Fake, spend: &str) {
         (
             "fake.yaml".to_string(),
             provider(&format!(
-                "  currency: USD\n  models:\n    chat: {{input: {}, output: {}, cached: {}}}\n",
+                "prices:\n  currency: USD\n  models:\n    chat: {{input: {}, output: {}, cached: {}}}\n",
                 PREMIUM.0, PREMIUM.1, PREMIUM.2
             )),
         ),
         (
             "cheap.yaml".to_string(),
             provider(&format!(
-                "  models:\n    \"*\": {{input: {}, output: {}}}\n",
+                "prices:\n  models:\n    \"*\": {{input: {}, output: {}}}\n",
                 CHEAP.0, CHEAP.1
             )),
         ),
+        ("unpriced.yaml".to_string(), provider("")),
     ];
+    let keys = format!(
+        "free:\n  sha256: {}\n  owner: tests\ncapped:\n  sha256: {}\n  budget:\n    daily: {{tokens: 30}}\nmoved:\n  sha256: {}\n  budget:\n    daily: {{tokens: 30}}\n    fallback_route: cheap\nthrifty:\n  sha256: {}\n  budget:\n    monthly: {{cost: 0.0001}}\n",
+        sha(FREE_KEY),
+        sha(CAPPED_KEY),
+        sha(MOVED_KEY),
+        sha(THRIFTY_KEY)
+    );
+    (gateway, providers, keys)
+}
+
+/// The same config written to a folder, for the binary.
+fn write_setup(dir: &Path, fake: &Fake, spend: &str) {
+    let (gateway, providers, keys) = setup(fake, spend);
     write_config(dir, &gateway, &providers);
     std::fs::create_dir_all(dir.join("keys")).unwrap();
-    std::fs::write(
-        dir.join("keys/team.yaml"),
-        format!(
-            "free:\n  sha256: {}\n  owner: tests\ncapped:\n  sha256: {}\n  budget:\n    daily: {{tokens: 30}}\nmoved:\n  sha256: {}\n  budget:\n    daily: {{tokens: 30}}\n    fallback_route: cheap\n",
-            sha(FREE_KEY),
-            sha(CAPPED_KEY),
-            sha(MOVED_KEY)
-        ),
-    )
-    .unwrap();
+    std::fs::write(dir.join("keys/team.yaml"), keys).unwrap();
 }
 
 fn start(dir: &Path) -> GatewayProcess {
@@ -220,6 +228,11 @@ async fn cost_header_metrics_and_usage_report_follow_the_price_table() {
         anon
     ));
 
+    // Without a key on a route without a price: nothing to account for.
+    let r = openai(&gw, None, "unpriced", false).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-promptgate-cost").is_none());
+
     let m = metrics(&gw).await;
     let free = metric(
         &m,
@@ -267,6 +280,7 @@ async fn cost_header_metrics_and_usage_report_follow_the_price_table() {
         .collect();
     assert_eq!(&total[..4], ["total", "3", "36", "18"], "{table}");
     assert!(table.contains("anonymous"), "{table}");
+    assert!(!table.contains("unpriced"), "{table}");
     assert!(table.contains("(cost in USD)"));
 
     // Bad input is a precise error, not a panic.
@@ -452,4 +466,122 @@ async fn spend_in_redis_is_shared_by_two_gateway_processes() {
     drop((a, b));
     let a = start(dir.path());
     assert_refused_openai(openai(&a, Some(CAPPED_KEY), "premium", false).await).await;
+}
+
+#[tokio::test]
+async fn a_keys_spend_in_its_budget_periods_is_reported_for_the_admin_api() {
+    let fake = spawn_fake().await;
+    let (gateway, providers, keys) = setup(&fake, "");
+    let gw = spawn_gateway_with_files(&gateway, &providers, &[("keys/team.yaml", &keys)]).await;
+    let before = gw.gw.governor.spend.usage("free");
+    assert_eq!(before["day"]["tokens"], 0);
+    for stream in [false, true] {
+        let mut body = chat_body("premium", stream);
+        body["stream_options"] = json!({"include_usage": true});
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(FREE_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The spend is recorded when the response (a stream too) has ended.
+        r.text().await.unwrap();
+    }
+    // The ticket drops just after the body's last byte: poll briefly.
+    let mut u = Value::Null;
+    for _ in 0..100 {
+        u = gw.gw.governor.spend.usage("free");
+        if u["day"]["tokens"] == 36 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(u["day"]["tokens"], 36, "{u}");
+    assert_eq!(u["month"]["tokens"], 36, "{u}");
+    assert_eq!(u["currency"], "USD");
+    let want = premium_cost(12, 4, 6) + premium_cost(12, 0, 6);
+    assert!(close(u["day"]["cost"].as_f64().unwrap(), want), "{u}");
+    assert!(u["day"]["resets_at"]
+        .as_str()
+        .unwrap()
+        .ends_with("T00:00:00Z"));
+    assert!(u["month"]["resets_at"]
+        .as_str()
+        .unwrap()
+        .ends_with("-01T00:00:00Z"));
+    // A key that spent nothing.
+    assert_eq!(gw.gw.governor.spend.usage("capped")["month"]["tokens"], 0);
+}
+
+/// One chat request to an in-process gateway: (status, headers, body).
+async fn call(gw: &Gw, key: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&chat_body("premium", false))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_money_budget_refuses_once_the_months_cost_is_spent() {
+    let fake = spawn_fake().await;
+    let (gateway, providers, keys) = setup(&fake, "");
+    let gw = spawn_gateway_with_files(&gateway, &providers, &[("keys/team.yaml", &keys)]).await;
+    // 0.000085 each: the first leaves room, the second crosses 0.0001.
+    for _ in 0..2 {
+        assert_eq!(call(&gw, THRIFTY_KEY).await.0, 200);
+    }
+    let (status, headers, body) = call(&gw, THRIFTY_KEY).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("monthly budget (0.0001 USD)"), "{msg}");
+    // Until the first second of next month: at most 31 days.
+    let ra: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=31 * 86_400).contains(&ra), "{ra}");
+}
+
+#[tokio::test]
+async fn a_redis_outage_fails_no_request_and_budgets_hold_in_each_replica() {
+    let mut redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let (gateway, providers, keys) = setup(
+        &fake,
+        &format!(
+            "spend:\n  store: redis\n  redis: {{url: \"{}\", timeout: 200ms}}\n",
+            redis.url()
+        ),
+    );
+    let gw = spawn_gateway_with_files(&gateway, &providers, &[("keys/team.yaml", &keys)]).await;
+    redis.kill();
+    // Spend cannot be read or written: requests are served, and this
+    // replica's own figures still enforce the budget.
+    for _ in 0..2 {
+        assert_eq!(call(&gw, CAPPED_KEY).await.0, 200);
+    }
+    assert_eq!(call(&gw, CAPPED_KEY).await.0, 429);
+    assert_eq!(call(&gw, FREE_KEY).await.0, 200);
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = gw.metrics().await;
+        if metric(&m, "promptgate_spend_store_errors_total{op=\"write\"}").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        metric(&m, "promptgate_spend_store_errors_total{op=\"connect\"}").is_some(),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "promptgate_spend_store_errors_total{op=\"write\"}").is_some(),
+        "{m}"
+    );
 }
