@@ -246,6 +246,16 @@ async fn cost_header_metrics_and_usage_report_follow_the_price_table() {
     )
     .unwrap();
     assert!(close(a, anon));
+    // Tokens per key: the key's; requests without one are counted by route only.
+    assert_eq!(
+        metric(
+            &m,
+            "promptgate_key_tokens_total{direction=\"in\",key=\"free\",route=\"premium\"}"
+        ),
+        Some(24.0),
+        "{m}"
+    );
+    assert!(!m.contains("promptgate_key_tokens_total{direction=\"in\",key=\"anonymous\""));
 
     // The store, read while the gateway runs.
     let report = stored(dir.path(), "free", 2).await;

@@ -376,7 +376,11 @@ impl Spend {
         };
         let key = Caller::label(caller);
         let cost = ledger.cost.filter(|c| c.is_finite() && *c > 0.0);
-        self.metrics.key_tokens(key, route, usage);
+        // Tokens per key only for keys (requests without one are in the
+        // route's token counters already); cost for everyone, as `anonymous`.
+        if caller.is_some() {
+            self.metrics.key_tokens(key, route, usage);
+        }
         if let Some(c) = cost {
             self.metrics
                 .cost(key, route, target.provider_id.as_str(), c);
