@@ -134,6 +134,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print spend per key, route and model from the spend store (the SQLite
+    /// file or Redis the config names); safe while the gateway runs.
+    Usage {
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// Only this key id (`anonymous`: requests without a key).
+        #[arg(long)]
+        key: Option<String>,
+        /// `7d` (the 7 UTC days ending today) or a date like 2026-11-01
+        /// (default: this UTC month).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn env_lookup(name: &str) -> Option<String> {
@@ -836,6 +852,64 @@ fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<(
     rx
 }
 
+/// `promptgate usage`: reads the spend store (read-only) and prints a table
+/// or JSON.
+#[allow(clippy::print_stdout)]
+fn usage(config: PathBuf, key: Option<String>, since: Option<String>, json: bool) -> ExitCode {
+    use promptgate::governance::spend;
+    let cfg = match promptgate::config::load(&config) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let today = spend::Period::now();
+    let since = match spend::parse_since(since.as_deref(), today) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --since: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let q = spend::UsageQuery { since, key };
+    let lines = match runtime.block_on(spend::report(&cfg.spend, &q)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let out = serde_json::json!({
+            "since": spend::date(since),
+            "until": spend::date(today.day),
+            "currency": cfg.spend.currency,
+            "store": match &cfg.spend.redis {
+                Some(_) => "redis".to_owned(),
+                None => cfg.spend.path.display().to_string(),
+            },
+            "lines": lines,
+            "total": spend::total(&lines),
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        println!(
+            "spend from {} to {} (UTC)",
+            spend::date(since),
+            spend::date(today.day)
+        );
+        print!("{}", spend::render_table(&lines, &cfg.spend.currency));
+    }
+    ExitCode::SUCCESS
+}
+
 #[allow(clippy::print_stdout)]
 fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
     let runtime = match runtime() {
@@ -891,6 +965,12 @@ fn main() -> ExitCode {
             config,
         } => render(config, prompt, vars),
         Command::Prompts { config } => prompts(config),
+        Command::Usage {
+            config,
+            key,
+            since,
+            json,
+        } => usage(config, key, since, json),
         Command::Ingest {
             retriever,
             paths,

@@ -1049,6 +1049,15 @@ impl crate::dialect::StreamEncoder for CitingEncoder {
     }
 }
 
+/// The model name a response shows: the route the client asked for, also
+/// when its budget moved the request to a fallback route.
+fn shown_model<'a>(ctx: &'a RequestContext, served: &'a str) -> &'a str {
+    ctx.ticket
+        .as_ref()
+        .and_then(|t| t.moved_from.as_deref())
+        .unwrap_or(served)
+}
+
 async fn run_chat(
     app: &AppState,
     d: &dyn Dialect,
@@ -1090,7 +1099,7 @@ async fn run_chat(
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
             let estimated = resp.usage.is_some_and(|u| u.estimated);
-            let mut body = d.encode_chat(&resp, &served.route.name);
+            let mut body = d.encode_chat(&resp, shown_model(ctx, &served.route.name));
             if let Some(c) = citing.take() {
                 body = c.body(body);
             }
@@ -1234,7 +1243,11 @@ async fn embeddings_handled(
         Ok(Ok(served)) => {
             let mut out = json_response(
                 StatusCode::OK,
-                wire::encode_embeddings_response(&served.value, &served.route.name, encoding),
+                wire::encode_embeddings_response(
+                    &served.value,
+                    shown_model(&ctx, &served.route.name),
+                    encoding,
+                ),
             );
             out.headers_mut().insert(
                 USAGE,

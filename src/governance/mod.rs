@@ -89,11 +89,13 @@ impl Governor {
         if !self.needed(&ctx.snapshot) {
             return Ok(None);
         }
+        let asked = ctx.route().name.clone();
         self.spend.check(self, ctx).await?;
         let held = self.limits.acquire(ctx, req, input).await?;
         Ok(Some(Arc::new(Ticket {
             gov: self.clone(),
             caller: ctx.caller.clone(),
+            moved_from: (ctx.route().name != asked).then_some(asked),
             route: ctx.route().name.clone(),
             held,
             started: Instant::now(),
@@ -141,6 +143,9 @@ pub struct Ticket {
     gov: Arc<Governor>,
     pub caller: Option<Caller>,
     pub route: crate::ids::RouteId,
+    /// The route the client asked for, when its budget moved the request to
+    /// the fallback route (responses keep showing the name asked for).
+    pub moved_from: Option<crate::ids::RouteId>,
     pub held: limits::Held,
     pub started: Instant,
     pub ledger: Mutex<Ledger>,
