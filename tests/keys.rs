@@ -826,17 +826,17 @@ fn check_reports_bad_keys_files_precisely() {
             "no `{file}` / `{field}` / `{what}` in:\n{err}"
         );
     };
-    has("a.yaml", "short.sha256", "64 hex digits");
-    has("a.yaml", "clear.sha256", "64 hex digits");
-    has("a.yaml", "same-key.sha256", "already key `one`");
-    has("a.yaml", "when.expires", "next year");
+    has("a.yaml:2", "short.sha256", "64 hex digits");
+    has("a.yaml:4", "clear.sha256", "64 hex digits");
+    has("a.yaml:8", "same-key.sha256", "already key `one`");
+    has("a.yaml:11", "when.expires", "next year");
     has(
-        "a.yaml",
+        "a.yaml:14",
         "fallback.budget.fallback_route",
         "no route `cheap`",
     );
-    has("a.yaml", "bad id", "key id must be");
-    has("b.yaml", "one", "also defined in");
+    has("a.yaml:15", "bad id", "key id must be");
+    has("b.yaml:1", "one", "also defined in");
     has("c.yaml", "colour", "unknown field");
     // A value written where the hash belongs is not echoed (it may be the key).
     assert!(!err.contains("pg-this-is-the-key-in-clear"), "{err}");

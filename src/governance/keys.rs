@@ -86,6 +86,10 @@ impl Access {
     /// identifies its caller, and a known key that is disabled or expired is
     /// refused all the same: the operator turned it off.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Caller>, GatewayError> {
+        // Nothing to identify: no hashing at all (today's behaviour, as cheap).
+        if self.mode == AuthMode::Off && self.by_hash.is_empty() {
+            return Ok(None);
+        }
         match self.identify(headers, now_unix()) {
             Ok(c) => Ok(Some(c.clone())),
             Err((Refusal::Missing | Refusal::Invalid, _)) if self.mode == AuthMode::Off => Ok(None),
