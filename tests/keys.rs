@@ -907,3 +907,83 @@ fn serve_states_the_auth_mode_and_warns_when_off_beyond_loopback() {
         "{open}"
     );
 }
+
+#[tokio::test]
+async fn no_key_or_hash_appears_in_the_log_even_at_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat:\n    provider: sandbox\n    model: echo\n  other:\n    provider: sandbox\n    model: echo\n",
+        &[(
+            "sandbox.yaml".into(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
+        )],
+    );
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    let mut keys = keys_file();
+    keys = keys.replace("\"fake-c?at\"", "\"chat\"");
+    std::fs::write(dir.path().join("keys/team.yaml"), &keys).unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let gw = GatewayProcess::start_limited(
+        &dir.path().join("promptgate.yaml"),
+        &[("PROMPTGATE_LOG", "debug")],
+        1024,
+        log.clone(),
+    );
+    let send = |route: &str, stream: bool, header: (&str, String)| {
+        client()
+            .post(format!("{}/v1/chat/completions", gw.base))
+            .header(header.0, header.1)
+            .json(&chat_body(route, stream))
+            .send()
+    };
+    for stream in [false, true] {
+        for s in SECRETS {
+            for h in [bearer(s), ("x-api-key", s.to_owned())] {
+                let r = send("chat", stream, h).await.unwrap();
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap();
+                assert_no_secret(&body);
+                let expected = match s {
+                    TEAM_A | TEAM_B | NARROW => 200,
+                    _ => 401,
+                };
+                assert_eq!(status, expected, "{body}");
+            }
+        }
+        let r = send("other", stream, bearer(NARROW)).await.unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    // A keys file that is refused on reload: its problems are logged.
+    std::fs::write(
+        dir.path().join("keys/broken.yaml"),
+        format!("copy:\n  sha256: {}\n", sha256_hex(TEAM_A.as_bytes())),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("keys/clear.yaml"),
+        format!("clear:\n  sha256: {TEAM_B}\n"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("already key"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(gw);
+    let log = log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("the same key is already key `copy`"),
+        "the refused reload was not logged:\n{log}"
+    );
+    assert!(log.contains("clear.sha256"), "{log}");
+    assert!(log.contains("auth: required"), "{log}");
+    assert_no_secret(&log);
+}
