@@ -253,6 +253,13 @@ fn check(config: PathBuf) -> ExitCode {
                 cfg.prompts.len(),
                 cfg.retrievers.len()
             );
+            println!(
+                "{}",
+                promptgate::governance::describe(cfg.auth, cfg.keys.len())
+            );
+            for note in promptgate::governance::keys::notes(cfg) {
+                println!("note: {note}");
+            }
             ExitCode::SUCCESS
         }
     }

@@ -987,3 +987,49 @@ async fn no_key_or_hash_appears_in_the_log_even_at_debug() {
     assert!(log.contains("auth: required"), "{log}");
     assert_no_secret(&log);
 }
+
+#[test]
+fn check_states_the_auth_mode_and_notes_globs_that_match_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat-fast:\n    provider: sandbox\n    model: echo\n",
+        &[(
+            "sandbox.yaml".into(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
+        )],
+    );
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(
+        dir.path().join("keys/k.yaml"),
+        format!(
+            "typo:\n  sha256: {}\n  routes: [\"chat-*\", \"chta*\"]\n  prompts: [\"support\"]\n",
+            sha256_hex(b"k")
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(dir.path().join("promptgate.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("auth: required — 1 gateway keys"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("k.yaml: key `typo`: route pattern `chta*` matches no configured route"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("key `typo`: prompt pattern `support` matches no configured prompt"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("`chat-*`"), "{stdout}");
+}

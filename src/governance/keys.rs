@@ -437,6 +437,32 @@ pub fn now() -> u64 {
     now_unix()
 }
 
+/// `promptgate check`'s notes on the keys: every route or prompt glob that
+/// matches nothing configured (most likely a typo; not an error, since the
+/// route or prompt may be added later).
+pub fn notes(cfg: &Config) -> Vec<String> {
+    let routes: Vec<&str> = cfg.routes.keys().map(String::as_str).collect();
+    let prompts: Vec<&str> = cfg.prompts.keys().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for k in cfg.keys.values() {
+        for (what, globs, names) in [
+            ("route", &k.routes, &routes),
+            ("prompt", &k.prompts, &prompts),
+        ] {
+            for g in globs {
+                if !names.iter().any(|n| glob(g.as_bytes(), n.as_bytes())) {
+                    out.push(format!(
+                        "{}: key `{}`: {what} pattern `{g}` matches no configured {what}",
+                        k.file.display(),
+                        k.id
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// What `promptgate keys new` puts in a key's entry.
 #[derive(Debug, Default, Clone)]
 pub struct NewKey {
