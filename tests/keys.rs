@@ -94,6 +94,34 @@ async fn post(
     )
 }
 
+/// A chat completion on `route` with `headers`.
+async fn chat(
+    gw: &Gw,
+    route: &str,
+    stream: bool,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    chat_with(gw, &chat_body(route, stream), headers).await
+}
+
+async fn chat_with(
+    gw: &Gw,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    post(gw, "/v1/chat/completions", body, headers).await
+}
+
+/// A search for `x` in retriever `name` with `headers`.
+async fn search(
+    gw: &Gw,
+    name: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let path = format!("/v1/retrievers/{name}/search");
+    post(gw, &path, &json!({"query": "x"}), headers).await
+}
+
 fn bearer(k: &str) -> (&'static str, String) {
     ("authorization", format!("Bearer {k}"))
 }
@@ -133,13 +161,7 @@ async fn required_mode_refuses_each_bad_key_with_its_code_in_the_clients_dialect
     for (header, code) in cases {
         let hs: Vec<(&str, &str)> = header.iter().map(|(n, v)| (*n, v.as_str())).collect();
         // OpenAI door.
-        let (status, h, body) = post(
-            &gw,
-            "/v1/chat/completions",
-            &chat_body("fake-chat", false),
-            &hs,
-        )
-        .await;
+        let (status, h, body) = chat(&gw, "fake-chat", false, &hs).await;
         assert_eq!(status, 401, "{body}");
         assert_no_secret(&body);
         let v: Value = serde_json::from_str(&body).unwrap();
@@ -207,13 +229,7 @@ async fn a_good_key_is_accepted_in_either_header_on_either_door_and_never_forwar
     let a = bearer(TEAM_A);
     let hs = [(a.0, a.1.as_str())];
     for stream in [false, true] {
-        let (status, _, body) = post(
-            &gw,
-            "/v1/chat/completions",
-            &chat_body("fake-chat", stream),
-            &hs,
-        )
-        .await;
+        let (status, _, body) = chat(&gw, "fake-chat", stream, &hs).await;
         assert_eq!(status, 200, "{body}");
         let (status, _, body) = post(
             &gw,
@@ -233,13 +249,7 @@ async fn a_good_key_is_accepted_in_either_header_on_either_door_and_never_forwar
     )
     .await;
     assert_eq!(status, 200);
-    let (status, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &[("x-api-key", TEAM_A)],
-    )
-    .await;
+    let (status, _, _) = chat(&gw, "fake-chat", false, &[("x-api-key", TEAM_A)]).await;
     assert_eq!(status, 200);
     let (status, _, _) = post(
         &gw,
@@ -270,49 +280,25 @@ async fn a_good_key_is_accepted_in_either_header_on_either_door_and_never_forwar
 #[tokio::test]
 async fn mode_off_serves_without_a_key_identifies_known_keys_and_refuses_revoked_ones() {
     let (_fake, gw) = setup("off").await;
-    let (status, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &[],
-    )
-    .await;
+    let (status, _, _) = chat(&gw, "fake-chat", false, &[]).await;
     assert_eq!(status, 200);
     // A key the gateway does not know (a provider key, say) is anonymous.
-    let (status, _, _) = post(
+    let (status, _, _) = chat(
         &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
+        "fake-chat",
+        false,
         &[("authorization", "Bearer sk-provider-key")],
     )
     .await;
     assert_eq!(status, 200);
     // A known key identifies its caller: its route restrictions apply.
     let n = bearer(NARROW);
-    let (status, _, body) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-json", false),
-        &[(n.0, n.1.as_str())],
-    )
-    .await;
+    let (status, _, body) = chat(&gw, "fake-json", false, &[(n.0, n.1.as_str())]).await;
     assert_eq!(status, 403, "{body}");
-    let (status, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &[(n.0, n.1.as_str())],
-    )
-    .await;
+    let (status, _, _) = chat(&gw, "fake-chat", false, &[(n.0, n.1.as_str())]).await;
     assert_eq!(status, 200);
     // A key the operator turned off is refused even here.
-    let (status, _, body) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &[("x-api-key", DISABLED)],
-    )
-    .await;
+    let (status, _, body) = chat(&gw, "fake-chat", false, &[("x-api-key", DISABLED)]).await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("key_disabled"));
     let m = gw.metrics().await;
@@ -351,21 +337,9 @@ async fn routes_and_prompts_are_limited_by_globs_on_every_endpoint() {
         assert_no_secret(body);
     };
     // `fake-c?at` matches fake-chat only.
-    let (s, _, b) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", true),
-        &hs,
-    )
-    .await;
+    let (s, _, b) = chat(&gw, "fake-chat", true, &hs).await;
     assert_eq!(s, 200, "{b}");
-    let (s, _, b) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-json", false),
-        &hs,
-    )
-    .await;
+    let (s, _, b) = chat(&gw, "fake-json", false, &hs).await;
     forbidden(s, &b, "route `fake-json`");
     assert_eq!(
         serde_json::from_str::<Value>(&b).unwrap()["error"]["type"],
@@ -395,9 +369,8 @@ async fn routes_and_prompts_are_limited_by_globs_on_every_endpoint() {
     assert_eq!(s, 200, "{b}");
     let (s, _, b) = post(&gw, "/v1/prompts/other/chat/completions", &json!({}), &hs).await;
     forbidden(s, &b, "prompt `other`");
-    let (s, _, b) = post(
+    let (s, _, b) = chat_with(
         &gw,
-        "/v1/chat/completions",
         &json!({"model": "fake-chat", "messages": [], "prompt": {"id": "other"}}),
         &hs,
     )
@@ -406,32 +379,14 @@ async fn routes_and_prompts_are_limited_by_globs_on_every_endpoint() {
     // Retriever search: allowed when the key may use the embedding route; a
     // lexical retriever needs any route. (Neither index exists: past the
     // check the search fails for that reason, not for the key.)
-    let (s, _, b) = post(
-        &gw,
-        "/v1/retrievers/dense/search",
-        &json!({"query": "x"}),
-        &hs,
-    )
-    .await;
+    let (s, _, b) = search(&gw, "dense", &hs).await;
     assert_ne!(s, 403, "{b}");
-    let (s, _, b) = post(
-        &gw,
-        "/v1/retrievers/lex/search",
-        &json!({"query": "x"}),
-        &hs,
-    )
-    .await;
+    let (s, _, b) = search(&gw, "lex", &hs).await;
     assert_ne!(s, 403, "{b}");
     let before = fake.requests().len();
     // team-b may use every route; the other way round is covered above.
     let b_ = bearer(TEAM_B);
-    let (s, _, b) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-json", false),
-        &[(b_.0, b_.1.as_str())],
-    )
-    .await;
+    let (s, _, b) = chat(&gw, "fake-json", false, &[(b_.0, b_.1.as_str())]).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(fake.requests().len(), before + 1);
     // The forbidden requests reached no provider.
@@ -471,40 +426,16 @@ async fn a_key_that_may_use_no_route_may_search_no_retriever() {
     )
     .await;
     let a = bearer(TEAM_A);
-    let (s, _, b) = post(
-        &gw,
-        "/v1/retrievers/lex/search",
-        &json!({"query": "x"}),
-        &[(a.0, a.1.as_str())],
-    )
-    .await;
+    let (s, _, b) = search(&gw, "lex", &[(a.0, a.1.as_str())]).await;
     assert_eq!(s, 403, "{b}");
     assert!(b.contains("retriever `lex`"), "{b}");
-    let (s, _, b) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &[(a.0, a.1.as_str())],
-    )
-    .await;
+    let (s, _, b) = chat(&gw, "fake-chat", false, &[(a.0, a.1.as_str())]).await;
     assert_eq!(s, 403, "{b}");
     let bb = bearer(TEAM_B);
-    let (s, _, b) = post(
-        &gw,
-        "/v1/retrievers/dense/search",
-        &json!({"query": "x"}),
-        &[(bb.0, bb.1.as_str())],
-    )
-    .await;
+    let (s, _, b) = search(&gw, "dense", &[(bb.0, bb.1.as_str())]).await;
     assert_eq!(s, 403, "{b}");
     assert!(b.contains("embedding route `emb`"), "{b}");
-    let (s, _, b) = post(
-        &gw,
-        "/v1/retrievers/lex/search",
-        &json!({"query": "x"}),
-        &[(bb.0, bb.1.as_str())],
-    )
-    .await;
+    let (s, _, b) = search(&gw, "lex", &[(bb.0, bb.1.as_str())]).await;
     assert_ne!(s, 403, "{b}");
 }
 
@@ -514,15 +445,15 @@ async fn two_keys_never_share_cache_entries_and_one_key_shares_across_headers() 
     let a = bearer(TEAM_A);
     let b = bearer(TEAM_B);
     let body = chat_body("cached", false);
-    let (_, h, _) = post(&gw, "/v1/chat/completions", &body, &[(a.0, a.1.as_str())]).await;
+    let (_, h, _) = chat_with(&gw, &body, &[(a.0, a.1.as_str())]).await;
     assert_eq!(h["x-promptgate-cache"], "miss");
-    let (_, h, _) = post(&gw, "/v1/chat/completions", &body, &[(b.0, b.1.as_str())]).await;
+    let (_, h, _) = chat_with(&gw, &body, &[(b.0, b.1.as_str())]).await;
     assert_eq!(
         h["x-promptgate-cache"], "miss",
         "team-b was served team-a's entry"
     );
     // The tenant is the key id, not the header it came in.
-    let (_, h, _) = post(&gw, "/v1/chat/completions", &body, &[("x-api-key", TEAM_A)]).await;
+    let (_, h, _) = chat_with(&gw, &body, &[("x-api-key", TEAM_A)]).await;
     assert_eq!(h["x-promptgate-cache"], "hit");
     assert_eq!(fake.requests().len(), 2);
 }
@@ -550,13 +481,7 @@ async fn a_split_on_key_keeps_each_key_on_one_arm() {
                 } else {
                     s.clone()
                 };
-                let (status, h, body) = post(
-                    &gw,
-                    "/v1/chat/completions",
-                    &chat_body("by-key", false),
-                    &[(header, v.as_str())],
-                )
-                .await;
+                let (status, h, body) = chat(&gw, "by-key", false, &[(header, v.as_str())]).await;
                 assert_eq!(status, 200, "{body}");
                 let arm = h["x-promptgate-arm"].to_str().unwrap().to_owned();
                 match &first {
@@ -575,13 +500,7 @@ async fn keys_are_reloaded_and_a_removed_key_stops_working() {
     let (_fake, gw) = setup("required").await;
     let fresh = "pg-fresh-secret-0099";
     let hs = [("x-api-key", fresh)];
-    let (s, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &hs,
-    )
-    .await;
+    let (s, _, _) = chat(&gw, "fake-chat", false, &hs).await;
     assert_eq!(s, 401);
     let path = gw.dir.path().join("keys/fresh.yaml");
     std::fs::write(
@@ -591,36 +510,18 @@ async fn keys_are_reloaded_and_a_removed_key_stops_working() {
     .unwrap();
     let (status, body) = gw.admin_reload().await;
     assert_eq!(status, 200, "{body}");
-    let (s, _, b) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &hs,
-    )
-    .await;
+    let (s, _, b) = chat(&gw, "fake-chat", false, &hs).await;
     assert_eq!(s, 200, "{b}");
     // A broken keys file is refused as a whole; the old keys stay.
     std::fs::write(&path, "fresh:\n  sha256: not-hex\n").unwrap();
     let (status, body) = gw.admin_reload().await;
     assert_ne!(status, 200, "{body}");
     assert!(body.to_string().contains("fresh.sha256"), "{body}");
-    let (s, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &hs,
-    )
-    .await;
+    let (s, _, _) = chat(&gw, "fake-chat", false, &hs).await;
     assert_eq!(s, 200);
     std::fs::remove_file(&path).unwrap();
     assert_eq!(gw.admin_reload().await.0, 200);
-    let (s, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        &chat_body("fake-chat", false),
-        &hs,
-    )
-    .await;
+    let (s, _, _) = chat(&gw, "fake-chat", false, &hs).await;
     assert_eq!(s, 401);
 }
 
@@ -677,6 +578,28 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_promptgate"))
 }
 
+/// A gateway file `gateway` in `dir` with the sandbox provider (model `echo`).
+fn sandbox_config(dir: &std::path::Path, gateway: &str) {
+    write_config(
+        dir,
+        gateway,
+        &[(
+            "sandbox.yaml".into(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
+        )],
+    );
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+}
+
+/// `promptgate check` on the config in `dir`.
+fn check(dir: &std::path::Path) -> std::process::Output {
+    bin()
+        .args(["check", "--config"])
+        .arg(dir.join("promptgate.yaml"))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn keys_new_prints_a_fresh_key_once_and_an_entry_that_loads() {
     let run = || {
@@ -729,9 +652,7 @@ fn keys_new_prints_a_fresh_key_once_and_an_entry_that_loads() {
     // The entry, pasted into a keys file, is a valid key the gateway accepts.
     let entry: String = first.lines().skip(1).map(|l| format!("{l}\n")).collect();
     let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat-x:\n    provider: sandbox\n    model: echo\n",
-                 &[("sandbox.yaml".into(), "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into())]);
-    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    sandbox_config(dir.path(), "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat-x:\n    provider: sandbox\n    model: echo\n");
     std::fs::write(dir.path().join("keys/team.yaml"), &entry).unwrap();
     let cfg = promptgate::config::load(&dir.path().join("promptgate.yaml")).unwrap();
     let k = &cfg.keys["team-a"];
@@ -779,15 +700,10 @@ fn keys_new_refuses_bad_input_without_printing_a_key() {
 #[test]
 fn check_reports_bad_keys_files_precisely() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(
+    sandbox_config(
         dir.path(),
         "listen: 127.0.0.1:0\nroutes:\n  chat:\n    provider: sandbox\n    model: echo\n",
-        &[(
-            "sandbox.yaml".into(),
-            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
-        )],
     );
-    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
     let good = sha256_hex(b"pg-one");
     std::fs::write(
         dir.path().join("keys/a.yaml"),
@@ -812,11 +728,7 @@ fn check_reports_bad_keys_files_precisely() {
         "x:\n  sha256: 00\n  colour: blue\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(dir.path().join("promptgate.yaml"))
-        .output()
-        .unwrap();
+    let out = check(dir.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let has = |file: &str, field: &str, what: &str| {
@@ -845,13 +757,9 @@ fn check_reports_bad_keys_files_precisely() {
 #[test]
 fn serve_states_the_auth_mode_and_warns_when_off_beyond_loopback() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(
+    sandbox_config(
         dir.path(),
         "listen: 127.0.0.1:0\nroutes:\n  chat:\n    provider: sandbox\n    model: echo\n",
-        &[(
-            "sandbox.yaml".into(),
-            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
-        )],
     );
     let config = dir.path().join("promptgate.yaml");
     let stderr_of = |listen: &str| {
@@ -911,15 +819,7 @@ fn serve_states_the_auth_mode_and_warns_when_off_beyond_loopback() {
 #[tokio::test]
 async fn no_key_or_hash_appears_in_the_log_even_at_debug() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat:\n    provider: sandbox\n    model: echo\n  other:\n    provider: sandbox\n    model: echo\n",
-        &[(
-            "sandbox.yaml".into(),
-            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
-        )],
-    );
-    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    sandbox_config(dir.path(), "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat:\n    provider: sandbox\n    model: echo\n  other:\n    provider: sandbox\n    model: echo\n");
     let mut keys = keys_file();
     keys = keys.replace("\"fake-c?at\"", "\"chat\"");
     std::fs::write(dir.path().join("keys/team.yaml"), &keys).unwrap();
@@ -991,15 +891,7 @@ async fn no_key_or_hash_appears_in_the_log_even_at_debug() {
 #[test]
 fn check_states_the_auth_mode_and_notes_globs_that_match_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat-fast:\n    provider: sandbox\n    model: echo\n",
-        &[(
-            "sandbox.yaml".into(),
-            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".into(),
-        )],
-    );
-    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    sandbox_config(dir.path(), "listen: 127.0.0.1:0\nauth: {mode: required}\nroutes:\n  chat-fast:\n    provider: sandbox\n    model: echo\n");
     std::fs::write(
         dir.path().join("keys/k.yaml"),
         format!(
@@ -1008,11 +900,7 @@ fn check_states_the_auth_mode_and_notes_globs_that_match_nothing() {
         ),
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(dir.path().join("promptgate.yaml"))
-        .output()
-        .unwrap();
+    let out = check(dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
