@@ -108,6 +108,12 @@ enum Command {
         #[arg(long)]
         prune: bool,
     },
+    /// Gateway keys: make a new one (`keys new`), list the configured ones
+    /// (`keys list`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// List prompts with their versions, content hashes and labels.
     Prompts {
         #[arg(long, default_value = "promptgate.yaml")]
@@ -149,6 +155,43 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Print a fresh random key (once: only its SHA-256 is kept) and the entry
+    /// to paste into `keys/<file>.yaml`.
+    New {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Route globs, comma-separated (`chat*,embed`); default: every route.
+        #[arg(long)]
+        routes: Option<String>,
+        /// Prompt globs, comma-separated; default: every prompt.
+        #[arg(long)]
+        prompts: Option<String>,
+        /// When the key stops working, RFC 3339 (2027-01-01T00:00:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        rpm: Option<u64>,
+        #[arg(long)]
+        tpm: Option<u64>,
+        #[arg(long)]
+        concurrency: Option<u32>,
+    },
+    /// List the configured keys: id, owner, team, expiry, state, routes (never
+    /// a key or its hash).
+    List {
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -226,6 +269,13 @@ fn check(config: PathBuf) -> ExitCode {
                 cfg.prompts.len(),
                 cfg.retrievers.len()
             );
+            println!(
+                "{}",
+                promptgate::governance::describe(cfg.auth, cfg.keys.len())
+            );
+            for note in promptgate::governance::keys::notes(cfg) {
+                println!("note: {note}");
+            }
             ExitCode::SUCCESS
         }
     }
@@ -693,6 +743,13 @@ fn serve(
             "promptgate listening on http://{local} ({} routes)",
             cfg.routes.len()
         );
+        // The auth mode, once; without keys on a reachable address anyone
+        // who reaches the port spends the providers' keys.
+        tracing::info!("{}", promptgate::governance::describe(snap.access.mode, snap.access.len()));
+        let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+        if snap.access.mode == promptgate::config::AuthMode::Off && !loopback {
+            tracing::warn!(address = %local, "auth is off and the gateway listens beyond this machine: anyone who reaches it uses the providers' keys; set `auth: {{mode: required}}` and give clients keys (`promptgate keys new`)");
+        }
         let env: promptgate::reload::SharedEnv = std::sync::Arc::new(env_lookup);
         let reloader = promptgate::reload::Reloader::new(gw.clone(), &config, env);
         let _watcher = match reloader.watch(std::time::Duration::from_millis(200)) {
@@ -943,6 +1000,103 @@ fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
     }
 }
 
+#[allow(clippy::print_stdout)]
+fn keys(action: KeysAction) -> ExitCode {
+    use promptgate::governance::keys as gk;
+    match action {
+        KeysAction::New {
+            id,
+            owner,
+            team,
+            description,
+            routes,
+            prompts,
+            expires,
+            rpm,
+            tpm,
+            concurrency,
+        } => {
+            let spec = gk::NewKey {
+                id,
+                owner,
+                team,
+                description,
+                routes: routes.as_deref().map(gk::split_globs).unwrap_or_default(),
+                prompts: prompts.as_deref().map(gk::split_globs).unwrap_or_default(),
+                expires,
+                rpm,
+                tpm,
+                concurrency,
+            };
+            // Checked before a key exists, so a refused entry prints no key.
+            if let Err(e) = gk::entry_yaml(&spec, &"0".repeat(64)) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            let (key, sha256) = match gk::new_key() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let entry = match gk::entry_yaml(&spec, &sha256) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            eprintln!(
+                "The key is shown once, on the first line: give it to its owner now; the gateway keeps only its SHA-256."
+            );
+            println!("{key}");
+            println!();
+            println!("# paste into keys/<file>.yaml beside promptgate.yaml:");
+            print!("{entry}");
+            ExitCode::SUCCESS
+        }
+        KeysAction::List { config } => {
+            let cfg = match promptgate::config::load(&config) {
+                Ok(c) => c,
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("error: {p}");
+                    }
+                    eprintln!("{} problem(s) found", problems.len());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let now = gk::now();
+            println!(
+                "auth: {} — {} keys",
+                gk::mode_name(cfg.auth),
+                cfg.keys.len()
+            );
+            for k in cfg.keys.values() {
+                let state = if !k.enabled {
+                    "disabled"
+                } else if k.expires.is_some_and(|e| now >= e) {
+                    "expired"
+                } else {
+                    "enabled"
+                };
+                println!(
+                    "{}  owner: {}  team: {}  expires: {}  {state}  routes: {}  prompts: {}  ({})",
+                    k.id,
+                    k.owner.as_deref().unwrap_or("-"),
+                    k.team.as_deref().unwrap_or("-"),
+                    k.expires.map(gk::rfc3339).as_deref().unwrap_or("never"),
+                    k.routes.join(","),
+                    k.prompts.join(","),
+                    k.file.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -971,6 +1125,7 @@ fn main() -> ExitCode {
             since,
             json,
         } => usage(config, key, since, json),
+        Command::Keys { action } => keys(action),
         Command::Ingest {
             retriever,
             paths,

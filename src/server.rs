@@ -893,6 +893,16 @@ async fn serve_chat(
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
     let snap = app.gw.snapshot();
+    // A key refused its prompt (or, without one, its route) costs no rendering
+    // or retrieval; the placed route is checked again below.
+    if caller.is_some() {
+        let named = prompt.as_ref().map(|p| p.id.as_str());
+        let route = named.is_none().then(|| snap.route(&req.model)).flatten();
+        let name = route.map(|r| r.name.as_str());
+        if let Err(e) = crate::governance::keys::precheck(caller, name, named) {
+            return error_response(d, e, &id, route.cloned());
+        }
+    }
     let rendered = render::render(
         &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval,
     )
@@ -1277,19 +1287,20 @@ async fn retriever_search(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = retriever_search_handled(&app, edge.id.clone(), name, &headers, body).await;
+    let handled = retriever_search_handled(&app, &edge, name, &headers, body).await;
     finish(&app, &edge, handled)
 }
 
 async fn retriever_search_handled(
     app: &AppState,
-    id: RequestId,
+    edge: &Edge,
     name: String,
     headers: &http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Handled {
     use crate::pipeline::retrieve;
     use serde_json::Value;
+    let id = edge.id.clone();
     let fail = |e: GatewayError| error_response(&OpenAi, e, &id, None);
     let bad = |m: String, p: &str| fail(GatewayError::invalid(m, Some(p)));
     let mut obj = match json_object(body) {
@@ -1306,6 +1317,12 @@ async fn retriever_search_handled(
             "retriever",
         );
     };
+    let embedding_route = state.config.embedding.as_ref().map(|e| e.route.as_str());
+    if let Err(e) =
+        crate::governance::keys::authorize_search(edge.caller.as_ref(), &name, embedding_route)
+    {
+        return fail(e);
+    }
     let query = match obj.remove("query") {
         Some(Value::String(q)) => q,
         _ => {

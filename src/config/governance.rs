@@ -657,6 +657,7 @@ fn load_keys(
         let Some(raw) = super::read_yaml::<BTreeMap<String, RawKey>>(&file, problems) else {
             continue;
         };
+        let reported = problems.list.len();
         for (id, k) in raw {
             if let Some(key) = validate_key(&file, id.clone(), k, routes, problems) {
                 if let Some(prev) = keys.get(&id) {
@@ -678,8 +679,51 @@ fn load_keys(
                 keys.insert(id, key);
             }
         }
+        if problems.list.len() > reported {
+            locate_key_problems(&file, &mut problems.list[reported..]);
+        }
     }
     keys
+}
+
+/// Gives the problems found in a keys file the line of the entry's field
+/// they name (`ID.FIELD…`): the file is read again, only when it has problems.
+fn locate_key_problems(file: &Path, found: &mut [super::Problem]) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    // The line an entry `id` starts on (ids may hold dots: the longest id
+    // the field path begins with that has an entry wins).
+    let entry = |id: &str| {
+        let keys = [format!("{id}:"), format!("\"{id}\":"), format!("'{id}':")];
+        lines
+            .iter()
+            .position(|l| keys.iter().any(|k| l.starts_with(k.as_str())))
+    };
+    for p in found.iter_mut().filter(|p| p.line.is_none()) {
+        let mut cuts: Vec<usize> = p.field.match_indices('.').map(|(i, _)| i).collect();
+        cuts.push(p.field.len());
+        let Some((start, end)) = cuts
+            .iter()
+            .rev()
+            .find_map(|&i| entry(&p.field[..i]).map(|s| (s, i)))
+        else {
+            continue;
+        };
+        let field = p.field.get(end + 1..).and_then(|r| r.split('.').next());
+        let mut line = start;
+        if let Some(f) = field {
+            let inner = lines[start + 1..]
+                .iter()
+                .take_while(|l| l.is_empty() || l.starts_with([' ', '\t', '#']))
+                .position(|l| l.trim_start().starts_with(&format!("{f}:")));
+            if let Some(i) = inner {
+                line = start + 1 + i;
+            }
+        }
+        p.line = Some(line + 1);
+    }
 }
 
 fn validate_key(
