@@ -198,6 +198,11 @@ struct Outcome {
     streaming: bool,
     /// The request's governance ticket: the response body holds it to its end.
     ticket: Option<Arc<crate::governance::Ticket>>,
+    /// For the audit log: the target that answered, the attempts made, the
+    /// cache's part (`hit`, `miss`, …).
+    target: Option<Arc<crate::snapshot::Target>>,
+    attempts: u32,
+    cache: Option<&'static str>,
 }
 
 fn new_request_id() -> String {
@@ -329,6 +334,13 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
                     l.status = status.as_u16();
                     l.error = o.error;
                     l.streaming = o.streaming;
+                    l.arrived = Some(edge.start.into_std());
+                    l.attempts = o.attempts;
+                    l.cache = o.cache;
+                    // A cache hit settles nothing: the target it replays.
+                    if l.target.is_none() {
+                        l.target = o.target.clone();
+                    }
                 });
                 for (name, value) in &t.held.headers {
                     if let Ok(v) = HeaderValue::from_str(value) {
@@ -465,6 +477,10 @@ fn error_response(
         }
         _ => None,
     };
+    let attempts = match &err {
+        GatewayError::Upstream(e) => u32::try_from(e.attempts.len()).unwrap_or(u32::MAX),
+        _ => 0,
+    };
     Handled {
         response: resp,
         outcome: Some(Outcome {
@@ -476,6 +492,9 @@ fn error_response(
             error: Some(err.code()),
             streaming: false,
             ticket: None,
+            target: None,
+            attempts,
+            cache: None,
         }),
     }
 }
@@ -673,6 +692,9 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -
         upstream: served.upstream,
         error: None,
         ticket: None,
+        target: Some(served.target.clone()),
+        attempts: served.attempts,
+        cache: served.cache.map(|c| c.status.as_str()),
         // A stream records its own duration when it ends, except a replayed
         // cache hit, which is in memory and has no tap to do it.
         streaming: streaming
@@ -1085,7 +1107,10 @@ async fn run_chat(
             Ok(Ok(s)) => s,
         };
     let (value, served) = served.split();
-    // Redacted values go back into the answer before it is encoded.
+    // The audit record's answer text (when it keeps content) is the
+    // backend's; redacted values go back into the answer after, before it is
+    // encoded.
+    let value = crate::governance::audit::capture(ctx.ticket.as_ref(), value);
     let value = protection.restore(value);
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
@@ -1370,6 +1395,9 @@ async fn retriever_search_handled(
             error: None,
             streaming: false,
             ticket: None,
+            target: None,
+            attempts: 0,
+            cache: None,
         }),
     }
 }
