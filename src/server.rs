@@ -330,10 +330,15 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
         }
         match &o.ticket {
             Some(t) => {
+                // A replayed stream (a cache hit) is a stream too.
+                let sse = response
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
                 t.note(|l| {
                     l.status = status.as_u16();
                     l.error = o.error;
-                    l.streaming = o.streaming;
+                    l.streaming = o.streaming || sse;
                     l.arrived = Some(edge.start.into_std());
                     l.attempts = o.attempts;
                     l.cache = o.cache;

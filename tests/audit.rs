@@ -162,6 +162,10 @@ async fn every_request_gets_one_record_with_its_facts() {
         (s, &h["x-promptgate-cache"]),
         (200, &"hit".parse().unwrap())
     );
+    let (s, h, body) = chat(&gw, "cache-stream", &chat_body("cached", true), &[]).await;
+    assert_eq!(s, 200);
+    assert!(body.contains("[DONE]"), "{body}");
+    let stream_cache = h["x-promptgate-cache"].to_str().unwrap().to_owned();
     let (s, h, _) = chat(&gw, "fallback-1", &chat_body("chain", false), &[]).await;
     assert_eq!(s, 200);
     assert_eq!(h["x-promptgate-attempts"], "2");
@@ -171,8 +175,8 @@ async fn every_request_gets_one_record_with_its_facts() {
     let (s, _, _) = chat(&gw, "unknown-1", &chat_body("no-such-route", false), &[]).await;
     assert_eq!(s, 404);
 
-    let recs = records(&path, 7).await;
-    assert_eq!(recs.len(), 7, "{recs:#?}");
+    let recs = records(&path, 8).await;
+    assert_eq!(recs.len(), 8, "{recs:#?}");
 
     let r = by_id(&recs, "plain-1");
     assert_eq!(r["key"], Value::Null);
@@ -243,6 +247,10 @@ async fn every_request_gets_one_record_with_its_facts() {
     assert_eq!(r["attempts"], 0);
     assert_eq!(r["status"], 200);
 
+    let r = by_id(&recs, "cache-stream");
+    assert_eq!(r["cache"], stream_cache.as_str());
+    assert_eq!(r["stream"], true, "a replayed stream is a stream: {r}");
+
     let r = by_id(&recs, "fallback-1");
     assert_eq!(r["attempts"], 2);
     assert_eq!(r["target"], "fake/chat");
@@ -260,7 +268,7 @@ async fn every_request_gets_one_record_with_its_facts() {
 
     assert_eq!(
         metric(&gw, "promptgate_audit_records_total{sink=\"file\"}").await,
-        7.0
+        8.0
     );
 }
 
@@ -345,8 +353,19 @@ async fn content_is_recorded_only_when_a_route_or_key_opts_in() {
     )
     .await;
     assert_eq!(s, 200);
-    let recs = records(&path, 4).await;
+    let r = client()
+        .post(gw.url("/v1/embeddings"))
+        .header("x-request-id", "open-embed")
+        .json(&json!({"model": "open", "input": ["marker-embed", "second"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let recs = records(&path, 5).await;
 
+    let c = &by_id(&recs, "open-embed")["content"];
+    assert_eq!(c["input"], json!(["marker-embed", "second"]));
+    assert_eq!(c["response"], "");
     let c = &by_id(&recs, "open-1")["content"];
     assert_eq!(
         c["messages"],
