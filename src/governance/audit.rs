@@ -50,6 +50,10 @@ pub struct Content {
     /// The answer's text.
     response: String,
     response_truncated: bool,
+    /// Set when data protection found values it did not redact (`private`:
+    /// they went, as they were, to a self-hosted target): the text is not
+    /// kept, so detected values never reach the audit log.
+    withheld: Option<&'static str>,
 }
 
 /// One message of the request, as the record shows it: its role, its text
@@ -159,6 +163,23 @@ impl Content {
         if !push_bounded(&mut self.response, text, &mut room) {
             self.response_truncated = true;
         }
+    }
+}
+
+/// The content a record keeps: none for a request in which data protection
+/// found values it left in place (they would be in the text).
+fn kept(
+    content: Option<Content>,
+    detections: &[(Arc<str>, u32)],
+    action: Option<&'static str>,
+) -> Option<Content> {
+    let content = content?;
+    match action {
+        Some(a) if a != "redact" && !detections.is_empty() => Some(Content {
+            withheld: Some(a),
+            ..Content::default()
+        }),
+        _ => Some(content),
     }
 }
 
@@ -290,14 +311,19 @@ struct Tokens {
 }
 
 #[derive(Serialize)]
-struct ContentLine<'a> {
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    messages: &'a [Said],
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    input: &'a [String],
-    request_truncated: bool,
-    response: &'a str,
-    response_truncated: bool,
+#[serde(untagged)]
+enum ContentLine<'a> {
+    Kept {
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        messages: &'a [Said],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        input: &'a [String],
+        request_truncated: bool,
+        response: &'a str,
+        response_truncated: bool,
+    },
+    /// `{"withheld": "private"}`
+    Withheld { withheld: &'a str },
 }
 
 impl Record {
@@ -329,12 +355,15 @@ impl Record {
             data_action: self.data_action,
             latency_ms: u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
             stream: self.stream,
-            content: self.content.as_ref().map(|c| ContentLine {
-                messages: &c.messages,
-                input: &c.input,
-                request_truncated: c.request_truncated,
-                response: &c.response,
-                response_truncated: c.response_truncated,
+            content: self.content.as_ref().map(|c| match c.withheld {
+                Some(withheld) => ContentLine::Withheld { withheld },
+                None => ContentLine::Kept {
+                    messages: &c.messages,
+                    input: &c.input,
+                    request_truncated: c.request_truncated,
+                    response: &c.response,
+                    response_truncated: c.response_truncated,
+                },
             }),
         };
         // Writing into a Vec cannot fail, and every field serialises.
@@ -427,11 +456,11 @@ impl Audit {
             usage: ledger.usage,
             cost: ledger.cost,
             cache: ledger.cache,
-            detections: ledger.detections,
             data_action: ledger.protect_action,
             latency,
             stream: ledger.streaming,
-            content: ledger.content,
+            content: kept(ledger.content, &ledger.detections, ledger.protect_action),
+            detections: ledger.detections,
         });
     }
 
@@ -547,6 +576,26 @@ mod tests {
         assert!(c.request_truncated);
         assert!(kept.len() <= CONTENT_BYTES && kept.len() >= CONTENT_BYTES - 1);
         assert!(c.take("after").is_empty());
+    }
+
+    #[test]
+    fn content_with_detected_values_left_in_place_is_withheld() {
+        let with_text = || {
+            let mut c = Content::new();
+            c.respond("13812345678");
+            Some(c)
+        };
+        let found = [(Arc::<str>::from("cn_mobile"), 1)];
+        let c = kept(with_text(), &found, Some("private")).unwrap();
+        assert_eq!(c.withheld, Some("private"));
+        assert!(c.response.is_empty());
+        // Redacted text holds placeholders only; nothing found, nothing to withhold.
+        assert!(kept(with_text(), &found, Some("redact"))
+            .unwrap()
+            .withheld
+            .is_none());
+        assert!(kept(with_text(), &[], None).unwrap().withheld.is_none());
+        assert!(kept(None, &found, Some("private")).is_none());
     }
 
     #[test]
