@@ -1141,6 +1141,13 @@ async fn run_chat(
         }
         (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
             let request_id = id.0.clone();
+            // A stream that fails after it began: its audit record names the error.
+            let ticket = ctx.ticket.clone();
+            let failed = move |e: &GatewayError| {
+                if let Some(t) = &ticket {
+                    t.note(|l| l.error = Some(e.code()));
+                }
+            };
             let body = async_stream::stream! {
                 let mut buf = Vec::with_capacity(512);
                 let mut done = false;
@@ -1151,7 +1158,9 @@ async fn run_chat(
                             encoder.encode(&ev, &mut buf)
                         }
                         Err(e) => {
-                            encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                            let e = GatewayError::Upstream(e);
+                            failed(&e);
+                            encoder.encode_error(&e, &request_id, &mut buf);
                             yield Ok::<Bytes, Infallible>(Bytes::from(std::mem::take(&mut buf)));
                             return;
                         }
@@ -1167,7 +1176,9 @@ async fn run_chat(
                         ErrorKind::MalformedResponse,
                         "the backend stream ended without a finish",
                     );
-                    encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                    let e = GatewayError::Upstream(e);
+                    failed(&e);
+                    encoder.encode_error(&e, &request_id, &mut buf);
                     yield Ok(Bytes::from(buf));
                 }
             };

@@ -139,7 +139,7 @@ fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
-const ROUTES: &str = "  plain:\n    provider: fake\n    model: chat\n  cached:\n    provider: fake\n    model: chat\n    cache: {mode: on, ttl: 1h}\n  chain:\n    targets:\n      - {provider: fake, model: status-503}\n      - {provider: fake, model: chat}\n";
+const ROUTES: &str = "  cutting:\n    provider: fake\n    model: cut\n  plain:\n    provider: fake\n    model: chat\n  cached:\n    provider: fake\n    model: chat\n    cache: {mode: on, ttl: 1h}\n  chain:\n    targets:\n      - {provider: fake, model: status-503}\n      - {provider: fake, model: chat}\n";
 
 #[tokio::test]
 async fn every_request_gets_one_record_with_its_facts() {
@@ -169,14 +169,17 @@ async fn every_request_gets_one_record_with_its_facts() {
     let (s, h, _) = chat(&gw, "fallback-1", &chat_body("chain", false), &[]).await;
     assert_eq!(s, 200);
     assert_eq!(h["x-promptgate-attempts"], "2");
+    let (s, _, body) = chat(&gw, "stream-cut", &chat_body("cutting", true), &[]).await;
+    assert_eq!(s, 200);
+    assert!(body.contains("error"), "{body}");
     let bad = json!({"model": "plain", "messages": "not a list"});
     let (s, _, _) = chat(&gw, "bad-1", &bad, &[]).await;
     assert_eq!(s, 400);
     let (s, _, _) = chat(&gw, "unknown-1", &chat_body("no-such-route", false), &[]).await;
     assert_eq!(s, 404);
 
-    let recs = records(&path, 8).await;
-    assert_eq!(recs.len(), 8, "{recs:#?}");
+    let recs = records(&path, 9).await;
+    assert_eq!(recs.len(), 9, "{recs:#?}");
 
     let r = by_id(&recs, "plain-1");
     assert_eq!(r["key"], Value::Null);
@@ -238,6 +241,12 @@ async fn every_request_gets_one_record_with_its_facts() {
     assert_eq!(r["target"], "fake/chat");
     assert!(r["tokens"]["output"].as_u64().unwrap() > 0, "{r}");
 
+    // A stream that broke after it began: sent as 200, recorded with its error.
+    let r = by_id(&recs, "stream-cut");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["stream"], true);
+    assert!(r["error"].is_string(), "{r}");
+
     let r = by_id(&recs, "cache-miss");
     assert_eq!(r["cache"], "miss");
     assert_eq!(r["attempts"], 1);
@@ -268,7 +277,7 @@ async fn every_request_gets_one_record_with_its_facts() {
 
     assert_eq!(
         metric(&gw, "promptgate_audit_records_total{sink=\"file\"}").await,
-        8.0
+        9.0
     );
 }
 
