@@ -797,6 +797,7 @@ fn serve(
             .await;
         });
         let _health = promptgate::pipeline::spawn_health_checks(gw.clone());
+        let governor = gw.governor.clone();
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let limits = promptgate::conn_limits(&cfg);
         warn_if_over_file_limit(limits.max_connections);
@@ -807,7 +808,10 @@ fn serve(
                 std::future::pending::<()>().await;
             }
         };
-        match promptgate::server::serve_with(listener, router, limits, shutdown).await {
+        let served = promptgate::server::serve_with(listener, router, limits, shutdown).await;
+        // Audit records still queued are written before the process ends.
+        governor.audit.close(std::time::Duration::from_secs(2));
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: server failed: {e}");

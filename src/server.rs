@@ -198,6 +198,11 @@ struct Outcome {
     streaming: bool,
     /// The request's governance ticket: the response body holds it to its end.
     ticket: Option<Arc<crate::governance::Ticket>>,
+    /// For the audit log: the target that answered, the attempts made, the
+    /// cache's part (`hit`, `miss`, …).
+    target: Option<Arc<crate::snapshot::Target>>,
+    attempts: u32,
+    cache: Option<&'static str>,
 }
 
 fn new_request_id() -> String {
@@ -325,10 +330,22 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
         }
         match &o.ticket {
             Some(t) => {
+                // A replayed stream (a cache hit) is a stream too.
+                let sse = response
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
                 t.note(|l| {
                     l.status = status.as_u16();
                     l.error = o.error;
-                    l.streaming = o.streaming;
+                    l.streaming = o.streaming || sse;
+                    l.arrived = Some(edge.start.into_std());
+                    l.attempts = o.attempts;
+                    l.cache = o.cache;
+                    // A cache hit settles nothing: the target it replays.
+                    if l.target.is_none() {
+                        l.target = o.target.clone();
+                    }
                 });
                 for (name, value) in &t.held.headers {
                     if let Ok(v) = HeaderValue::from_str(value) {
@@ -465,6 +482,10 @@ fn error_response(
         }
         _ => None,
     };
+    let attempts = match &err {
+        GatewayError::Upstream(e) => u32::try_from(e.attempts.len()).unwrap_or(u32::MAX),
+        _ => 0,
+    };
     Handled {
         response: resp,
         outcome: Some(Outcome {
@@ -476,6 +497,9 @@ fn error_response(
             error: Some(err.code()),
             streaming: false,
             ticket: None,
+            target: None,
+            attempts,
+            cache: None,
         }),
     }
 }
@@ -673,6 +697,9 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -
         upstream: served.upstream,
         error: None,
         ticket: None,
+        target: Some(served.target.clone()),
+        attempts: served.attempts,
+        cache: served.cache.map(|c| c.status.as_str()),
         // A stream records its own duration when it ends, except a replayed
         // cache hit, which is in memory and has no tap to do it.
         streaming: streaming
@@ -1104,7 +1131,10 @@ async fn run_chat(
             Ok(Ok(s)) => s,
         };
     let (value, served) = served.split();
-    // Redacted values go back into the answer before it is encoded.
+    // The audit record's answer text (when it keeps content) is the
+    // backend's; redacted values go back into the answer after, before it is
+    // encoded.
+    let value = crate::governance::audit::capture(ctx.ticket.as_ref(), value);
     let value = protection.restore(value);
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
@@ -1130,6 +1160,13 @@ async fn run_chat(
         }
         (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
             let request_id = id.0.clone();
+            // A stream that fails after it began: its audit record names the error.
+            let ticket = ctx.ticket.clone();
+            let failed = move |e: &GatewayError| {
+                if let Some(t) = &ticket {
+                    t.note(|l| l.error = Some(e.code()));
+                }
+            };
             let body = async_stream::stream! {
                 let mut buf = Vec::with_capacity(512);
                 let mut done = false;
@@ -1140,7 +1177,9 @@ async fn run_chat(
                             encoder.encode(&ev, &mut buf)
                         }
                         Err(e) => {
-                            encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                            let e = GatewayError::Upstream(e);
+                            failed(&e);
+                            encoder.encode_error(&e, &request_id, &mut buf);
                             yield Ok::<Bytes, Infallible>(Bytes::from(std::mem::take(&mut buf)));
                             return;
                         }
@@ -1156,7 +1195,9 @@ async fn run_chat(
                         ErrorKind::MalformedResponse,
                         "the backend stream ended without a finish",
                     );
-                    encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                    let e = GatewayError::Upstream(e);
+                    failed(&e);
+                    encoder.encode_error(&e, &request_id, &mut buf);
                     yield Ok(Bytes::from(buf));
                 }
             };
@@ -1400,6 +1441,9 @@ async fn retriever_search_handled(
             error: None,
             streaming: false,
             ticket: None,
+            target: None,
+            attempts: 0,
+            cache: None,
         }),
     }
 }

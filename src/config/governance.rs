@@ -115,6 +115,11 @@ pub struct SpendConfig {
     pub currency: String,
 }
 
+/// Most records `audit.queue` may hold (its slots are allocated up front).
+pub const MAX_AUDIT_QUEUE: usize = 1_000_000;
+/// Most rotated files `audit.keep` may keep.
+pub const MAX_AUDIT_KEEP: u32 = 1000;
+
 /// `audit:` — the audit log.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -582,7 +587,11 @@ pub(super) fn load(
     // Audit.
     let a = raw.audit;
     let audit = AuditConfig {
-        path: a.path.as_deref().map(|p| beside(f, p)),
+        path: a
+            .path
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| beside(f, p)),
         stdout: a.stdout.unwrap_or(false),
         max_bytes: a.max_bytes.unwrap_or(100 * 1024 * 1024),
         keep: a.keep.unwrap_or(5),
@@ -592,8 +601,33 @@ pub(super) fn load(
     if audit.max_bytes < 4096 {
         problems.add(f, "audit.max_bytes", "must be at least 4096");
     }
-    if audit.queue == 0 {
-        problems.add(f, "audit.queue", "must be at least 1");
+    if audit.queue == 0 || audit.queue > MAX_AUDIT_QUEUE {
+        problems.add(
+            f,
+            "audit.queue",
+            format!("must be from 1 to {MAX_AUDIT_QUEUE} records"),
+        );
+    }
+    if audit.keep > MAX_AUDIT_KEEP {
+        problems.add(
+            f,
+            "audit.keep",
+            format!("must be at most {MAX_AUDIT_KEEP} rotated files"),
+        );
+    }
+    if a.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        problems.add(
+            f,
+            "audit.path",
+            "must name a file (leave it out for no file)",
+        );
+    }
+    if audit.content && !audit.enabled() {
+        problems.add(
+            f,
+            "audit.content",
+            "records content only with a sink: set `path`, `stdout: true` or both",
+        );
     }
     // Data protection.
     let p = raw.protect;

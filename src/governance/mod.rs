@@ -104,7 +104,7 @@ impl Governor {
                 dialect: Some(ctx.dialect),
                 prompt: ctx.prompt.clone(),
                 arm: ctx.arm().map(|a| a.name.clone()),
-                content: audit::wants_content(ctx),
+                content: audit::wants_content(ctx, req, input),
                 ..Ledger::default()
             }),
         })))
@@ -136,6 +136,9 @@ pub struct Ledger {
     /// Whether the record carries message content, and the content once known.
     pub content: Option<audit::Content>,
     pub streaming: bool,
+    /// When the request reached the gateway (noted by `server::finish`; the
+    /// audit log's latency is measured from it).
+    pub arrived: Option<Instant>,
 }
 
 /// A request's hold on governance state; see the module documentation.
@@ -187,7 +190,7 @@ impl Drop for Ticket {
             .record(self.caller.as_ref(), &self.route, &ledger);
         self.gov
             .audit
-            .write(self.caller.as_ref(), Some(&self.route), &ledger, elapsed);
+            .write(self.caller.as_ref(), Some(&self.route), ledger, elapsed);
     }
 }
 
