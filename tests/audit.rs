@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 /// Whether gateway keys are built on this branch. The audit log records a
 /// key's id and a refused key's status; the assertions about them run only
 /// once keys authenticate (`// needs: keys`).
-const KEYS_BUILT: bool = false;
+const KEYS_BUILT: bool = true;
 
 /// A gateway process in front of `fake`, with `routes` added to the fake's and
 /// `sections` (top-level YAML) appended; `files` are written beside it.

@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 // What this test asserts beyond "nothing leaks" depends on features built in
 // parallel: each flag turns on the assertions marked `// needs: <feature>`.
 // Set them to true once those features are merged.
-const KEYS_BUILT: bool = false;
+const KEYS_BUILT: bool = true;
 const LIMITS_BUILT: bool = false;
-const SPEND_BUILT: bool = false;
+const SPEND_BUILT: bool = true;
 const PROTECT_BUILT: bool = false;
 
 const KEY_GOOD: &str = "pg-test-good-8b1d0f6c2e9a47d3b5c1e0f9a8d7c6b5";

@@ -172,6 +172,16 @@ pub fn report(path: &Path, since: i64, key: Option<&str>) -> Result<Vec<UsageLin
     }
     let read = || -> rusqlite::Result<Vec<UsageLine>> {
         let conn = open_ro(path)?;
+        // A gateway that has just created the file may not have written its
+        // schema yet: no table is no spend.
+        let has_table: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spend')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_table {
+            return Ok(Vec::new());
+        }
         let mut stmt = conn.prepare(
             "SELECT key, route, model, SUM(requests), SUM(input_tokens), SUM(output_tokens), \
              SUM(cost) FROM spend WHERE day >= ?1 AND (?2 IS NULL OR key = ?2) \
