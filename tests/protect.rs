@@ -50,6 +50,13 @@ routes:
     provider: commercial
     model: echo
     cache: {mode: on, ttl: 1h}
+  embed:
+    provider: commercial
+    model: embed
+  embed-blocked:
+    provider: commercial
+    model: embed
+    data: block
 "#,
         &[
             (
@@ -429,6 +436,46 @@ async fn identical_redacted_requests_share_a_cache_entry_restored_per_request() 
         assert_eq!(answer_text(&body, stream), format!("You said: {second}"));
     }
     assert_eq!(env.commercial.requests().len(), 1, "one call for all three");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_redacted_or_blocked_without_restoring() {
+    let env = start().await;
+    let r = client()
+        .post(format!("{}/v1/embeddings", env.gw.base))
+        .json(
+            &json!({"model": "embed", "input": [format!("call {PHONE} or {PHONE}"), "plain text"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let seen = env.commercial.last();
+    assert_eq!(seen.path, "/v1/embeddings");
+    let input = seen.body["input"].to_string();
+    assert!(
+        input.contains("call [CN_MOBILE_1] or [CN_MOBILE_1]"),
+        "{input}"
+    );
+    assert!(!input.contains(PHONE));
+    let r = client()
+        .post(format!("{}/v1/embeddings", env.gw.base))
+        .json(&json!({"model": "embed-blocked", "input": format!("mail me: a.b@example.com, {PHONE}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "sensitive_data", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("email"),
+        "{v}"
+    );
+    assert_eq!(
+        env.commercial.requests().len(),
+        1,
+        "the blocked request went nowhere"
+    );
 }
 
 #[test]

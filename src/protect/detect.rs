@@ -67,39 +67,47 @@ impl Enabled {
     }
 }
 
-// Byte classes.
-const OTHER: u8 = 0;
-const DIGIT: u8 = 1;
-const ALPHA: u8 = 2; // ASCII letters and `_`
+// Byte classes, as flags: a word byte (ASCII letter, digit, `_`), `-` (also
+// in tokens), `.`/`%`/`+` (also in e-mail local parts).
+const WORD: u8 = 1;
+const DASH: u8 = 2;
+const LOCAL: u8 = 4;
 
 static CLASS: [u8; 256] = {
-    let mut t = [OTHER; 256];
+    let mut t = [0u8; 256];
     let mut c = b'0';
     while c <= b'9' {
-        t[c as usize] = DIGIT;
+        t[c as usize] = WORD;
         c += 1;
     }
     let mut c = b'a';
     while c <= b'z' {
-        t[c as usize] = ALPHA;
-        t[(c - 32) as usize] = ALPHA;
+        t[c as usize] = WORD;
+        t[(c - 32) as usize] = WORD;
         c += 1;
     }
-    t[b'_' as usize] = ALPHA;
+    t[b'_' as usize] = WORD;
+    t[b'-' as usize] = DASH;
+    t[b'.' as usize] = LOCAL;
+    t[b'%' as usize] = LOCAL;
+    t[b'+' as usize] = LOCAL;
     t
 };
 
 fn is_word(b: u8) -> bool {
-    CLASS[b as usize] != OTHER
+    CLASS[b as usize] & WORD != 0
 }
 
 fn is_token(b: u8) -> bool {
-    is_word(b) || b == b'-'
+    CLASS[b as usize] & (WORD | DASH) != 0
 }
 
 fn is_local(b: u8) -> bool {
-    is_token(b) || matches!(b, b'.' | b'%' | b'+')
+    CLASS[b as usize] != 0
 }
+
+/// Longest e-mail local part looked at (RFC 5321 allows 64 bytes).
+const MAX_LOCAL: usize = 64;
 
 fn digits_end(b: &[u8], mut i: usize) -> usize {
     while i < b.len() && b[i].is_ascii_digit() {
@@ -120,10 +128,14 @@ pub fn scan(text: &str, on: Enabled, out: &mut Vec<Hit>) {
     // email / a secret token (each byte is looked at a bounded number of times).
     let mut no_email_until = 0;
     let mut no_secret_until = 0;
+    // The next `@` at or after `i` (`n`: none): only a word that starts
+    // within a local part's length of it can begin an e-mail address.
+    let mut next_at = 0;
+    let mut at_known = false;
     let mut i = 0;
     while i < n {
         // Skip what cannot start a word.
-        while i < n && CLASS[b[i] as usize] == OTHER {
+        while i < n && !is_word(b[i]) {
             i += 1;
         }
         if i >= n {
@@ -133,7 +145,11 @@ pub fn scan(text: &str, on: Enabled, out: &mut Vec<Hit>) {
         let first = b[i];
         let mut word_end = 0;
         let mut token_end = 0;
-        if emails && i >= no_email_until {
+        if emails && (!at_known || next_at < i) {
+            next_at = text[i..].find('@').map_or(n, |p| i + p);
+            at_known = true;
+        }
+        if emails && i >= no_email_until && next_at < n && next_at - i <= MAX_LOCAL {
             // One pass over the local-part run gives the word and token ends too.
             let mut e = i;
             while e < n && is_local(b[e]) {
@@ -691,6 +707,11 @@ mod tests {
         assert_eq!(found("12345@qq.com."), [("email", "12345@qq.com")]);
         assert!(found("not an email: a@b, x@localhost, @home, a@b.c").is_empty());
         assert!(found("user@-bad.com").is_empty());
+        // A local part is at most 64 bytes; a word further from the `@` is not one.
+        let long = format!("{}@example.com", "a".repeat(65));
+        assert!(found(&long).is_empty());
+        let ok = format!("x {}@example.com", "a".repeat(64));
+        assert_eq!(found(&ok).len(), 1);
     }
 
     #[test]
