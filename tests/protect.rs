@@ -10,6 +10,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use common::{client, spawn_fake, Fake, GatewayProcess};
 use serde_json::{json, Value};
@@ -141,7 +142,22 @@ struct Env {
     commercial: Fake,
     onprem: Fake,
     gw: GatewayProcess,
+    /// Every line the gateway logged (at debug level).
+    log: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// No sensitive value appears in any log line.
+    fn assert_log_clean(&self) {
+        let log = self.log.lock().unwrap();
+        assert!(!log.is_empty());
+        for line in log.iter() {
+            for value in [ID, PHONE, CARD, "13912345678", "EMP-004211"] {
+                assert!(!line.contains(value), "{value} logged: {line}");
+            }
+        }
+    }
 }
 
 async fn start() -> Env {
@@ -149,11 +165,18 @@ async fn start() -> Env {
     let onprem = spawn_fake().await;
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), &commercial, &onprem);
-    let gw = GatewayProcess::start(&dir.path().join("promptgate.yaml"), &[]);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let gw = GatewayProcess::start_limited(
+        &dir.path().join("promptgate.yaml"),
+        &[("RUST_LOG", "debug")],
+        4096,
+        log.clone(),
+    );
     Env {
         commercial,
         onprem,
         gw,
+        log,
         _dir: dir,
     }
 }
@@ -274,6 +297,7 @@ async fn redaction_round_trips_on_both_doors_streamed_and_complete() {
     for value in [ID, PHONE, CARD] {
         assert!(!metrics.contains(value));
     }
+    env.assert_log_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,6 +352,7 @@ async fn block_refuses_in_both_dialects_and_nothing_reaches_the_provider() {
     // Clean text passes the same route.
     let (status, _, body) = ask(&env.gw, false, "blocked", "hello there", false).await;
     assert_eq!(status, 200, "{body}");
+    env.assert_log_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,6 +421,7 @@ async fn prompt_variables_and_retrieved_passages_are_redacted() {
     let seen = env.commercial.last().body.to_string();
     assert!(seen.contains("手机 [CN_MOBILE_1]，"), "{seen}");
     assert!(!recorded(&env.commercial).contains("13912345678"));
+    env.assert_log_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
