@@ -421,6 +421,119 @@ mod tests {
         })
     }
 
+    /// A snapshot from a gateway file (sandbox routes) and one keys file.
+    fn snapshot(gateway: &str, keys: &str) -> Arc<crate::snapshot::Snapshot> {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("promptgate.yaml"), gateway).unwrap();
+        for sub in ["providers", "keys"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::write(
+            d.join("providers/sandbox.yaml"),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("keys/team.yaml"), keys).unwrap();
+        let cfg =
+            crate::config::load(&d.join("promptgate.yaml")).unwrap_or_else(|p| panic!("{p:?}"));
+        let book = crate::health::Book::default();
+        Arc::new(
+            crate::snapshot::Snapshot::build(cfg, &|_| None, &book)
+                .unwrap_or_else(|p| panic!("{p:?}")),
+        )
+    }
+
+    fn context(
+        snap: &Arc<crate::snapshot::Snapshot>,
+        route: &str,
+        key: Option<&str>,
+    ) -> RequestContext {
+        let caller = key.map(|id| crate::governance::Caller {
+            id: Arc::from(id),
+            key: Arc::new(snap.config.keys[id].clone()),
+        });
+        let headers = http::HeaderMap::new();
+        let placement = crate::pipeline::Placement::place(
+            snap.route(route).unwrap(),
+            &headers,
+            None,
+            caller.as_ref(),
+        );
+        RequestContext::new(
+            "req".into(),
+            crate::pipeline::ClientDialect::OpenAi,
+            snap.clone(),
+            placement,
+            &headers,
+            None,
+            caller,
+        )
+    }
+
+    fn request(text: &str) -> ChatRequest {
+        let body = serde_json::json!({"model": "r", "messages": [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "lookup", "arguments": format!("{{\"q\":\"{text}\"}}")}}]},
+        ]});
+        crate::backend::openai::decode_chat_request(body.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_key_policy_wins_over_the_route_and_the_route_over_the_gateway() {
+        let hash = "0".repeat(64);
+        let snap = snapshot(
+            "listen: 127.0.0.1:0\ndata_protection: {policy: redact}\nroutes:\n  plain: {provider: sandbox, model: echo}\n  strict: {provider: sandbox, model: echo, data: block}\n  open: {provider: sandbox, model: echo, data: off}\n",
+            &format!("careful: {{sha256: \"{hash}\", data: private}}\nplain: {{sha256: \"{}\"}}\n", "1".repeat(64)),
+        );
+        let metrics = crate::metrics::Metrics::new().unwrap().gov;
+        let text = "call 13800138000";
+        let cases = [
+            ("plain", None, DataPolicy::Redact),
+            ("strict", None, DataPolicy::Block),
+            ("open", None, DataPolicy::Off),
+            ("strict", Some("careful"), DataPolicy::Private),
+            ("open", Some("careful"), DataPolicy::Private),
+            ("strict", Some("plain"), DataPolicy::Block),
+        ];
+        for (route, key, want) in cases {
+            let mut ctx = context(&snap, route, key);
+            assert_eq!(policy(&ctx), want, "{route} {key:?}");
+            let mut req = request(text);
+            let result = apply(&mut ctx, &mut req, &metrics);
+            match want {
+                DataPolicy::Off => {
+                    let p = result.unwrap();
+                    assert!(p.is_empty());
+                    assert_eq!(req, request(text), "nothing changes");
+                }
+                DataPolicy::Block => {
+                    let e = result.err().unwrap();
+                    assert_eq!(e.code(), "sensitive_data");
+                    assert!(!e.to_string().contains("13800138000"));
+                }
+                DataPolicy::Private => {
+                    let p = result.unwrap();
+                    assert!(ctx.private);
+                    assert_eq!(p.action, Some("private"));
+                    assert_eq!(req, request(text), "sent as is, to self-hosted targets");
+                }
+                DataPolicy::Redact => {
+                    let p = result.unwrap();
+                    assert!(!ctx.private);
+                    assert_eq!(p.action, Some("redact"));
+                    assert_eq!(p.detections, [(Arc::from("cn_mobile"), 2)]);
+                    assert_eq!(
+                        req,
+                        request("call [CN_MOBILE_1]"),
+                        "text and tool-call arguments"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn custom_detectors_are_checked() {
         assert!(check_custom("employee_id", r"EMP-\d{6}").is_ok());
