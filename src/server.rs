@@ -967,7 +967,7 @@ async fn serve_chat(
     if let Err(e) = crate::governance::keys::authorize(&ctx) {
         return pipeline_error(d, e, &ctx);
     }
-    let protection = match crate::protect::apply(&mut ctx, &mut req) {
+    let protection = match crate::protect::apply(&mut ctx, &mut req, &app.gw.governor.metrics) {
         Ok(p) => p,
         Err(e) => return pipeline_error(d, e, &ctx),
     };
@@ -1274,7 +1274,7 @@ async fn embeddings_handled(
         return pipeline_error(&OpenAi, e, &ctx);
     }
     let mut req = req;
-    if let Err(e) = crate::protect::apply_embeddings(&mut ctx, &mut req) {
+    if let Err(e) = crate::protect::apply_embeddings(&mut ctx, &mut req, &app.gw.governor.metrics) {
         return pipeline_error(&OpenAi, e, &ctx);
     }
     match app.gw.governor.admit(&mut ctx, None, Some(&req)).await {

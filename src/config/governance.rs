@@ -656,6 +656,12 @@ pub(super) fn load(
     for (i, (name, pattern)) in protect.custom.iter().enumerate() {
         if let Err(e) = crate::protect::check_custom(name, pattern) {
             problems.add(f, format!("data_protection.custom[{i}]"), e);
+        } else if protect.custom[..i].iter().any(|(n, _)| n == name) {
+            problems.add(
+                f,
+                format!("data_protection.custom[{i}].name"),
+                format!("detector `{name}` is defined twice"),
+            );
         }
     }
     // Keys.
