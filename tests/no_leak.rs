@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 const KEYS_BUILT: bool = true;
 const LIMITS_BUILT: bool = false;
 const SPEND_BUILT: bool = true;
-const PROTECT_BUILT: bool = false;
+const PROTECT_BUILT: bool = true;
 
 const KEY_GOOD: &str = "pg-test-good-8b1d0f6c2e9a47d3b5c1e0f9a8d7c6b5";
 const KEY_BUDGET: &str = "pg-test-budget-3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c";
@@ -100,7 +100,7 @@ async fn no_key_hash_or_detected_value_appears_in_any_log_error_metric_or_record
     let routes = "  redacted:\n    provider: fake\n    model: chat\n    data: redact\n  blocked:\n    provider: fake\n    model: chat\n    data: block\n  limited:\n    provider: fake\n    model: chat\n    limits: {rpm: 2}\n";
     let (gateway, mut providers) = fake_config(&fake, routes);
     let gateway = format!(
-        "{gateway}auth: {{mode: required}}\naudit: {{path: audit/audit.jsonl, stdout: true}}\nspend: {{path: data/spend.sqlite}}\n"
+        "{gateway}auth: {{mode: required}}\naudit: {{path: audit/audit.jsonl, stdout: true}}\nspend: {{path: data/spend.sqlite}}\ndata_protection: {{policy: redact}}\n"
     );
     for (name, text) in &mut providers {
         if name == "fake.yaml" {
