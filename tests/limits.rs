@@ -1,0 +1,720 @@
+//! Rate limits: requests, tokens and concurrency per key and per route, the
+//! 429 answers in both dialects, and one limit in Redis shared by two gateway
+//! processes, with the failure policies when Redis is down.
+// Test clients are started freely; the gateway's own tasks go through task::spawn.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::peers::Redis;
+use common::*;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+const KEY_A: &str = "pg-limits-test-key-aaaaaaaaaaaaaaaa";
+const KEY_B: &str = "pg-limits-test-key-bbbbbbbbbbbbbbbb";
+
+fn sha(key: &str) -> String {
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `keys/team.yaml` with two keys and their limits.
+fn keys_file(a_limits: &str, b_limits: &str) -> String {
+    format!(
+        "team-a:\n  sha256: {}\n  owner: a\n  limits: {a_limits}\n\
+         team-b:\n  sha256: {}\n  owner: b\n  limits: {b_limits}\n",
+        sha(KEY_A),
+        sha(KEY_B)
+    )
+}
+
+async fn post(url: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut r = client().post(url).json(body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    r.send().await.unwrap()
+}
+
+fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+/// The sum of a counter's samples whose labels contain every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends `n` chat requests at once; returns each one's status and body.
+async fn burst(url: String, model: &str, key: Option<&'static str>, n: usize) -> Vec<(u16, Value)> {
+    let body = chat_body(model, false);
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move {
+                let r = post(&url, key, &body).await;
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// 12 requests at once against `rpm: 5`: exactly 5 are admitted. They all
+/// arrive well within one emission interval (12 s), where GCRA admits exactly
+/// the burst (the whole minute's allowance), so the count is exact.
+#[tokio::test]
+async fn rpm_admits_exactly_the_burst_of_concurrent_requests() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  limited:\n    provider: fake\n    model: chat\n    limits: {rpm: 5}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let results = burst(gw.url("/v1/chat/completions"), "limited", None, 12).await;
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let limited: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(ok, 5, "{results:?}");
+    assert_eq!(limited.len(), 7, "{results:?}");
+    for b in &limited {
+        assert_eq!(b["error"]["type"], "rate_limit_error", "{b}");
+        assert_eq!(b["error"]["code"], "rate_limit_exceeded", "{b}");
+        let m = b["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("route `limited`") && m.contains("5 requests per minute (rpm)"),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        fake.requests().len(),
+        5,
+        "refused requests never reach the upstream"
+    );
+
+    // The next one: 429 with when to come back and OpenAI's headers.
+    let r = post(
+        &gw.url("/v1/chat/completions"),
+        None,
+        &chat_body("limited", false),
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=12).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    let reset = header(&r, "x-ratelimit-reset-requests").unwrap();
+    assert!(reset.ends_with('s'), "{reset}");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "promptgate_ratelimit_rejections_total",
+            &[
+                "route=\"limited\"",
+                "scope=\"route\"",
+                "limit=\"rpm\"",
+                "key=\"anonymous\""
+            ]
+        ),
+        8.0,
+        "{m}"
+    );
+}
+
+/// Admitted responses carry the tightest limit's headers.
+#[tokio::test]
+async fn admitted_responses_carry_the_tightest_limits_headers() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  limited:\n    provider: fake\n    model: chat\n    limits: {rpm: 60, tpm: 100000}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let url = gw.url("/v1/chat/completions");
+    let r = post(&url, None, &chat_body("limited", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("60")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-requests").as_deref(),
+        Some("59")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-reset-requests").as_deref(),
+        Some("1s")
+    );
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-tokens").as_deref(),
+        Some("100000")
+    );
+    let remaining: u64 = header(&r, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The input (two short messages) was charged before the call.
+    assert!((99_950..100_000).contains(&remaining), "{remaining}");
+    // A route without limits: no headers.
+    let r = post(&url, None, &chat_body("fake-chat", false)).await;
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "x-ratelimit-limit-requests").is_none());
+}
+
+/// A route's limit counts every caller: two keys share it; a key's own limit
+/// counts only that key.
+#[tokio::test]
+async fn route_limit_is_shared_by_two_keys_and_a_key_limit_is_its_own() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  limited:\n    provider: fake\n    model: chat\n    limits: {rpm: 3}\n",
+    );
+    let keys = keys_file("{rpm: 100}", "{rpm: 100}");
+    let gw = spawn_gateway_with_files(&g, &p, &[("keys/team.yaml", &keys)]).await;
+    let url = gw.url("/v1/chat/completions");
+    let body = chat_body("limited", false);
+    let mut statuses = Vec::new();
+    for key in [KEY_A, KEY_B, KEY_A, KEY_B] {
+        statuses.push(post(&url, Some(key), &body).await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+
+    // A key's own limit: team-a may send 2 a minute; team-b is not affected.
+    let (g, p) = fake_config(&fake, "");
+    let keys = keys_file("{rpm: 2}", "{rpm: 100}");
+    let gw = spawn_gateway_with_files(&g, &p, &[("keys/team.yaml", &keys)]).await;
+    let url = gw.url("/v1/chat/completions");
+    let body = chat_body("fake-chat", false);
+    for _ in 0..2 {
+        assert_eq!(post(&url, Some(KEY_A), &body).await.status(), 200);
+    }
+    let r = post(&url, Some(KEY_A), &body).await;
+    assert_eq!(r.status(), 429);
+    let b: Value = r.json().await.unwrap();
+    let m = b["error"]["message"].as_str().unwrap();
+    assert!(m.contains("key `team-a`") && m.contains("rpm"), "{m}");
+    assert!(!m.contains(KEY_A) && !m.contains(&sha(KEY_A)), "{m}");
+    assert_eq!(post(&url, Some(KEY_B), &body).await.status(), 200);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "promptgate_ratelimit_rejections_total",
+            &["key=\"team-a\"", "scope=\"key\"", "limit=\"rpm\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // The admin API's view of the key: its limit and what is left.
+    let usage = gw.gw.governor.limits.usage("team-a");
+    assert_eq!(usage["rpm"]["limit"], 2, "{usage}");
+    assert_eq!(usage["rpm"]["remaining"], 0, "{usage}");
+    assert_eq!(usage["in_flight"], 0, "{usage}");
+}
+
+/// `concurrency: 2` with streams that take seconds: a third request while two
+/// are in flight is refused; each stream holds its slot to its last byte; once
+/// they end, requests are admitted again.
+#[tokio::test]
+async fn concurrency_limit_holds_a_slot_until_the_response_ends() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  two-at-once:\n    provider: fake\n    model: slow\n    limits: {concurrency: 2}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let url = gw.url("/v1/chat/completions");
+    let body = chat_body("two-at-once", true);
+    let first = post(&url, None, &body).await;
+    let second = post(&url, None, &body).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = post(&url, None, &body).await;
+    assert_eq!(third.status(), 429);
+    assert!(
+        header(&third, "retry-after").is_none(),
+        "no time is known for a slot"
+    );
+    let b: Value = third.json().await.unwrap();
+    let m = b["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("route `two-at-once` allows 2 concurrent requests"),
+        "{m}"
+    );
+
+    // One stream read to its end frees its slot only then; the other is
+    // abandoned by its client, which frees its slot too.
+    let text = first.text().await.unwrap();
+    assert!(text.contains("[DONE]"));
+    drop(second);
+    let mut admitted = false;
+    for _ in 0..50 {
+        let r = post(&url, None, &body).await;
+        if r.status() == 200 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "a slot came back after the streams ended");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "promptgate_ratelimit_rejections_total",
+            &["limit=\"concurrency\"", "scope=\"route\""]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+fn big_body(model: &str, words: usize) -> Value {
+    let text: String = (0..words).map(|i| format!("word{i} ")).collect();
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// `tpm: 1000`: input is counted before the call and charged at admission, the
+/// output when the response ends; a big request is refused once the budget is
+/// used, and one bigger than the whole minute is refused for good.
+#[tokio::test]
+async fn token_limit_refuses_a_big_request_after_the_budget_is_used() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  tokens:\n    provider: fake\n    model: chat\n    limits: {tpm: 1000}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let url = gw.url("/v1/chat/completions");
+    let r = post(&url, None, &big_body("tokens", 300)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-tokens").as_deref(),
+        Some("1000")
+    );
+    let after_first: u64 = header(&r, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 300 words of the form `wordN ` are several hundred tokens (over half).
+    assert!((100..500).contains(&after_first), "{after_first}");
+    let input = 1000 - after_first;
+    let _ = r.bytes().await.unwrap();
+
+    // The first response's 6 output tokens were settled when it ended: a
+    // small request now sees them gone too.
+    let r = post(&url, None, &chat_body("tokens", false)).await;
+    assert_eq!(r.status(), 200);
+    let after_small: u64 = header(&r, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        after_small + 6 < after_first && after_small + 40 > after_first,
+        "{after_first} → {after_small}"
+    );
+    let _ = r.bytes().await.unwrap();
+
+    // The same big request again does not fit what is left.
+    let r = post(&url, None, &big_body("tokens", 300)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-tokens").as_deref(),
+        Some("1000")
+    );
+    assert!(header(&r, "retry-after").is_some());
+    let b: Value = r.json().await.unwrap();
+    let m = b["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("1000 tokens per minute (tpm)") && m.contains(&format!("{input} tokens")),
+        "{m}"
+    );
+    // More than the whole minute: refused without a time to come back.
+    let r = post(&url, None, &big_body("tokens", 1200)).await;
+    assert_eq!(r.status(), 429);
+    assert!(header(&r, "retry-after").is_none());
+    let b: Value = r.json().await.unwrap();
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("can never fit"),
+        "{b}"
+    );
+    assert_eq!(fake.requests().len(), 2);
+}
+
+/// The refusal in each client's dialect: OpenAI's error object and
+/// Anthropic's `rate_limit_error`, with the request id and the headers.
+#[tokio::test]
+async fn limited_answers_speak_both_dialects() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  one:\n    provider: fake\n    model: chat\n    limits: {rpm: 1}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let openai = gw.url("/v1/chat/completions");
+    assert_eq!(
+        post(&openai, None, &chat_body("one", false)).await.status(),
+        200
+    );
+    let r = post(&openai, None, &chat_body("one", false)).await;
+    assert_eq!(r.status(), 429);
+    let id = header(&r, "x-request-id").unwrap();
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["type"], "rate_limit_error", "{b}");
+    assert_eq!(b["error"]["code"], "rate_limit_exceeded", "{b}");
+    assert!(
+        b.to_string().contains(&id),
+        "the request id is in the body: {b}"
+    );
+
+    let body = json!({"model": "one", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Say hello."}]});
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("1")
+    );
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["type"], "error", "{b}");
+    assert_eq!(b["error"]["type"], "rate_limit_error", "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("rpm"),
+        "{b}"
+    );
+}
+
+fn redis_section(redis_port: u16, policy: &str) -> String {
+    format!(
+        "  store: redis\n  redis: {{url: \"redis://127.0.0.1:{redis_port}\", prefix: \"pgtest:\", timeout: 200ms}}\n  on_store_error: {policy}\n"
+    )
+}
+
+/// The gateway config folder for processes: a fake route with `limits` and the
+/// rate-limit store in Redis.
+fn process_config(
+    fake: &Fake,
+    route_limits: &str,
+    redis_port: u16,
+    policy: &str,
+) -> tempfile::TempDir {
+    let (g, p) = fake_config(
+        fake,
+        &format!(
+            "  shared:\n    provider: fake\n    model: chat\n    limits: {route_limits}\n\
+             \x20 warm:\n    provider: fake\n    model: chat\n    limits: {{rpm: 100}}\n"
+        ),
+    );
+    let g = g.replace(
+        "limits:\n  max_body_bytes: 65536\n",
+        &format!(
+            "limits:\n  max_body_bytes: 65536\n{}",
+            redis_section(redis_port, policy)
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &g, &p);
+    dir
+}
+
+async fn redis_conn(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// One limit in Redis, two gateway processes: together they admit exactly
+/// the limit. The counters live under the prefix and expire; a script Redis
+/// forgot (`SCRIPT FLUSH`) is sent again.
+#[tokio::test]
+async fn one_redis_limit_is_shared_by_two_gateway_processes() {
+    let redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let dir = process_config(&fake, "{rpm: 6, concurrency: 50}", redis.port, "fail_open");
+    let env = [("FAKE_UPSTREAM_KEY", FAKE_KEY)];
+    let a = GatewayProcess::start(&dir.path().join("promptgate.yaml"), &env);
+    let b = GatewayProcess::start(&dir.path().join("promptgate.yaml"), &env);
+    // Each process connects to Redis (on another route's counter) first, so
+    // neither starts the race late.
+    for base in [&a.base, &b.base] {
+        let url = format!("{base}/v1/chat/completions");
+        assert_eq!(
+            post(&url, None, &chat_body("warm", false)).await.status(),
+            200
+        );
+    }
+    let mut tasks = Vec::new();
+    for i in 0..14 {
+        let base = if i % 2 == 0 { &a.base } else { &b.base };
+        let url = format!("{base}/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            post(&url, None, &chat_body("shared", false))
+                .await
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let ok_a = statuses.iter().step_by(2).filter(|s| **s == 200).count();
+    let ok_b = statuses
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .filter(|s| **s == 200)
+        .count();
+    assert_eq!(ok_a + ok_b, 6, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        8,
+        "{statuses:?}"
+    );
+
+    let mut conn = redis_conn(redis.port).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("pgtest:limit:route:shared:rpm")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl <= 61_000,
+        "the counter expires when idle: {pttl}"
+    );
+    // Every lease was given back when its response ended.
+    let mut leases = 1;
+    for _ in 0..50 {
+        leases = redis::cmd("ZCARD")
+            .arg("pgtest:limit:route:shared:conc")
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+        if leases == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(leases, 0);
+
+    // Redis forgets the script: the gateway sends it again (EVAL), still
+    // enforcing the shared limit, with no store error.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = post(
+        &format!("{}/v1/chat/completions", a.base),
+        None,
+        &chat_body("shared", false),
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+    let m = client()
+        .get(format!("{}/metrics", a.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, "promptgate_ratelimit_store_errors_total", &[]),
+        0.0,
+        "{m}"
+    );
+}
+
+/// Redis killed under `fail_open`: the gateway keeps serving under this
+/// replica's own limits, counts every fallback, and logs the outage once and
+/// the recovery once.
+#[tokio::test]
+async fn redis_outage_fails_open_with_per_replica_limits() {
+    let mut redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let dir = process_config(&fake, "{rpm: 3}", redis.port, "fail_open");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let gw = GatewayProcess::start_limited(
+        &dir.path().join("promptgate.yaml"),
+        &[("FAKE_UPSTREAM_KEY", FAKE_KEY)],
+        4096,
+        log.clone(),
+    );
+    let url = format!("{}/v1/chat/completions", gw.base);
+    let body = chat_body("shared", false);
+    // Two of the three requests in Redis.
+    for _ in 0..2 {
+        assert_eq!(post(&url, None, &body).await.status(), 200);
+    }
+    redis.kill();
+    // This replica's own counters start afresh: 3 more, then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(post(&url, None, &body).await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let metrics = || async {
+        client()
+            .get(format!("{}/metrics", gw.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let m = metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "promptgate_ratelimit_store_errors_total",
+            &["policy=\"fail_open\""]
+        ),
+        5.0,
+        "{m}"
+    );
+    let failed = |log: &[String]| {
+        log.iter()
+            .filter(|l| l.contains("rate-limit store (Redis) failed"))
+            .count()
+    };
+    assert_eq!(failed(&log.lock().unwrap()), 1, "{:?}", log.lock().unwrap());
+
+    // Redis is back (empty). This replica's own counters are used up, so a
+    // 200 now comes from Redis; from then on no request falls back.
+    let _redis = Redis::start(Some(redis.port));
+    let mut back = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if post(&url, None, &body).await.status() == 200 {
+            back = true;
+            break;
+        }
+    }
+    assert!(
+        back,
+        "limits are shared again once Redis is back: {:?}",
+        log.lock().unwrap()
+    );
+    let before = metric(
+        &metrics().await,
+        "promptgate_ratelimit_store_errors_total",
+        &[],
+    );
+    assert_eq!(post(&url, None, &body).await.status(), 200);
+    let m = metrics().await;
+    assert_eq!(
+        metric(&m, "promptgate_ratelimit_store_errors_total", &[]),
+        before,
+        "no more fallbacks once Redis answers: {m}"
+    );
+    let log = log.lock().unwrap();
+    assert_eq!(failed(&log), 1, "{log:?}");
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("rate-limit store (Redis) is back"))
+            .count(),
+        1,
+        "{log:?}"
+    );
+}
+
+/// `fail_closed` with Redis down: 503 in the client's dialect, counted.
+#[tokio::test]
+async fn redis_outage_fails_closed_with_503() {
+    let fake = spawn_fake().await;
+    let dead = common::peers::free_port();
+    let (g, p) = fake_config(
+        &fake,
+        "  shared:\n    provider: fake\n    model: chat\n    limits: {rpm: 100}\n",
+    );
+    let g = g.replace(
+        "limits:\n  max_body_bytes: 65536\n",
+        &format!(
+            "limits:\n  max_body_bytes: 65536\n{}",
+            redis_section(dead, "fail_closed")
+        ),
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let r = post(
+        &gw.url("/v1/chat/completions"),
+        None,
+        &chat_body("shared", false),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "store_unavailable", "{b}");
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .json(&json!({"model": "shared", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["type"], "error", "{b}");
+    // Routes without limits do not need the store.
+    let r = post(
+        &gw.url("/v1/chat/completions"),
+        None,
+        &chat_body("fake-chat", false),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(fake.requests().len() == 1);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "promptgate_ratelimit_store_errors_total",
+            &["policy=\"fail_closed\""]
+        ),
+        2.0,
+        "{m}"
+    );
+}
