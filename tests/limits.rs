@@ -718,3 +718,167 @@ async fn redis_outage_fails_closed_with_503() {
         "{m}"
     );
 }
+
+/// A gateway in this process with its limits in Redis (another replica of
+/// the same limits, to a second one started alike).
+async fn redis_gateway(fake: &Fake, redis_port: u16, routes: &str) -> Gw {
+    let (g, p) = fake_config(fake, routes);
+    let g = g.replace(
+        "limits:\n  max_body_bytes: 65536\n",
+        &format!(
+            "limits:\n  max_body_bytes: 65536\n{}",
+            redis_section(redis_port, "fail_open")
+        ),
+    );
+    spawn_gateway(&g, &p).await
+}
+
+/// Concurrency in Redis: a stream in flight on one replica holds the slot
+/// for both; when it ends its lease is given back and the other replica is
+/// admitted. Token limits are shared too, output included.
+#[tokio::test]
+async fn redis_concurrency_and_tokens_are_shared_by_replicas() {
+    let redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let routes =
+        "  one-at-once:\n    provider: fake\n    model: slow\n    limits: {concurrency: 1}\n\
+                  \x20 tokens:\n    provider: fake\n    model: chat\n    limits: {tpm: 1000}\n";
+    let a = redis_gateway(&fake, redis.port, routes).await;
+    let b = redis_gateway(&fake, redis.port, routes).await;
+    let body = chat_body("one-at-once", true);
+    let first = post(&a.url("/v1/chat/completions"), None, &body).await;
+    assert_eq!(first.status(), 200);
+    let r = post(&b.url("/v1/chat/completions"), None, &body).await;
+    assert_eq!(r.status(), 429, "the other replica sees the slot taken");
+    let b_body: Value = r.json().await.unwrap();
+    assert!(
+        b_body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allows 1 concurrent requests"),
+        "{b_body}"
+    );
+    drop(first);
+    let mut admitted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = post(&b.url("/v1/chat/completions"), None, &body).await;
+        if r.status() == 200 {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(admitted, "the lease came back when the stream ended");
+
+    // Tokens: what replica a charged (input, then output) is gone for b.
+    let r = post(
+        &a.url("/v1/chat/completions"),
+        None,
+        &big_body("tokens", 300),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let after_a: u64 = header(&r, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let _ = r.bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = post(
+        &b.url("/v1/chat/completions"),
+        None,
+        &chat_body("tokens", false),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let after_b: u64 = header(&r, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // b's small input and a's 6 output tokens.
+    assert!(
+        after_b + 6 < after_a && after_b + 40 > after_a,
+        "{after_a} → {after_b}"
+    );
+    let r = post(
+        &b.url("/v1/chat/completions"),
+        None,
+        &big_body("tokens", 300),
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+    let m = a.metrics().await + &b.metrics().await;
+    assert_eq!(
+        metric(&m, "promptgate_ratelimit_store_errors_total", &[]),
+        0.0
+    );
+}
+
+fn p50_p90(mut v: Vec<u64>) -> (u64, u64) {
+    v.sort_unstable();
+    (v[v.len() / 2], v[v.len() * 9 / 10])
+}
+
+/// The added latency of a limit in Redis: the gateway's own time
+/// (`x-promptgate-overhead-us`, everything but the upstream) on a route
+/// without limits, with an in-memory limit, and with the same limit in a
+/// real redis-server, over sequential requests. Run by hand:
+/// `cargo test --release --test limits -- --ignored --nocapture redis_limit_latency`.
+#[tokio::test]
+#[ignore]
+async fn redis_limit_latency() {
+    let n: usize = std::env::var("PROMPTGATE_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let routes = "  limited:\n    provider: fake\n    model: chat\n    limits: {rpm: 100000000, concurrency: 1000}\n\
+                  \x20 tokens:\n    provider: fake\n    model: chat\n    limits: {tpm: 1000000000}\n";
+    let (g, p) = fake_config(&fake, routes);
+    let memory = spawn_gateway(&g, &p).await;
+    let shared = redis_gateway(&fake, redis.port, routes).await;
+    let body = chat_body("limited", false);
+    let plain = chat_body("fake-chat", false);
+    let run = |url: String, body: Value| async move {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n + 200 {
+            let r = post(&url, None, &body).await;
+            assert_eq!(r.status(), 200);
+            let us: u64 = header(&r, "x-promptgate-overhead-us")
+                .unwrap()
+                .parse()
+                .unwrap();
+            let _ = r.bytes().await.unwrap();
+            if i >= 200 {
+                out.push(us);
+            }
+        }
+        p50_p90(out)
+    };
+    let tokens = chat_body("tokens", false);
+    let none = run(memory.url("/v1/chat/completions"), plain).await;
+    let mem = run(memory.url("/v1/chat/completions"), body.clone()).await;
+    let red = run(shared.url("/v1/chat/completions"), body).await;
+    let tok_mem = run(memory.url("/v1/chat/completions"), tokens.clone()).await;
+    let tok_red = run(shared.url("/v1/chat/completions"), tokens).await;
+    eprintln!("RESULT gateway own time over {n} sequential requests (p50 / p90, us):");
+    eprintln!(
+        "RESULT no limit:                     {} / {}",
+        none.0, none.1
+    );
+    eprintln!("RESULT rpm + concurrency, memory:    {} / {}", mem.0, mem.1);
+    eprintln!("RESULT rpm + concurrency, redis:     {} / {}", red.0, red.1);
+    eprintln!(
+        "RESULT tpm (input counted), memory:  {} / {}",
+        tok_mem.0, tok_mem.1
+    );
+    eprintln!(
+        "RESULT tpm (input counted), redis:   {} / {}",
+        tok_red.0, tok_red.1
+    );
+    eprintln!(
+        "RESULT added by the redis limit over the same limit in memory: p50 {} us",
+        red.0.saturating_sub(mem.0)
+    );
+}
