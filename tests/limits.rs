@@ -882,3 +882,75 @@ async fn redis_limit_latency() {
         red.0.saturating_sub(mem.0)
     );
 }
+
+const SANDBOX: &str = "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n";
+
+/// `promptgate check` names each rate-limit mistake with its file and field.
+#[test]
+fn check_reports_rate_limit_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        "limits:\n  redis: {url: \"redis://127.0.0.1:6379\"}\n\
+         routes:\n  a:\n    provider: sandbox\n    model: echo\n    limits: {rpm: 0, concurrency: 0}\n",
+        &[("sandbox.yaml".into(), SANDBOX.into())],
+    );
+    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+    std::fs::write(
+        dir.path().join("keys/k.yaml"),
+        format!(
+            "k1:\n  sha256: {}\n  limits: {{tpm: 0, burst: 5}}\n",
+            sha(KEY_A)
+        ),
+    )
+    .unwrap();
+    let check = |dir: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+            .args(["check", "--config"])
+            .arg(dir.join("promptgate.yaml"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = check(dir.path());
+    for needle in [
+        "limits.redis: is set but `limits.store` is `memory`",
+        "routes.a.limits.rpm: must be at least 1",
+        "routes.a.limits.concurrency: must be at least 1",
+        "k.yaml",
+        "unknown field `burst`",
+    ] {
+        assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
+    }
+    std::fs::write(
+        dir.path().join("keys/k.yaml"),
+        format!("k1:\n  sha256: {}\n  limits: {{tpm: 0}}\n", sha(KEY_A)),
+    )
+    .unwrap();
+    write_config(
+        dir.path(),
+        "limits:\n  store: redis\n  on_store_error: sometimes\n\
+         routes:\n  a:\n    provider: sandbox\n    model: echo\n",
+        &[("sandbox.yaml".into(), SANDBOX.into())],
+    );
+    let err = check(dir.path());
+    assert!(
+        err.contains("unknown variant `sometimes`, expected `fail_open` or `fail_closed`"),
+        "{err}"
+    );
+    write_config(
+        dir.path(),
+        "limits:\n  store: redis\n  redis: {url: \"http://127.0.0.1:6379\", timeout: soon}\n\
+         routes:\n  a:\n    provider: sandbox\n    model: echo\n",
+        &[("sandbox.yaml".into(), SANDBOX.into())],
+    );
+    let err = check(dir.path());
+    for needle in [
+        "limits.redis.url: must be a redis:// URL",
+        "limits.redis.timeout",
+        "k1.limits.tpm: must be at least 1",
+    ] {
+        assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
+    }
+}
