@@ -954,3 +954,47 @@ fn check_reports_rate_limit_problems() {
         assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
     }
 }
+
+/// A stream the client leaves before its end is still charged for the output
+/// it sent (estimated, the backend never reported usage): the token limit
+/// sees it on the next request.
+#[tokio::test]
+async fn a_cut_stream_is_charged_for_its_output() {
+    use futures_util::StreamExt;
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  slow-tokens:\n    provider: fake\n    model: slow\n    limits: {tpm: 200}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let url = gw.url("/v1/chat/completions");
+    let body = chat_body("slow-tokens", true);
+    let remaining = |r: &reqwest::Response| -> u64 {
+        header(r, "x-ratelimit-remaining-tokens")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let r = post(&url, None, &body).await;
+    assert_eq!(r.status(), 200);
+    let first = remaining(&r);
+    let input = 200 - first;
+    // Read until the 41st word (`w40 `) went by, then leave.
+    let mut chunks = r.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("w40 ") {
+        let c = chunks.next().await.unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&c));
+    }
+    drop(chunks);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = post(&url, None, &body).await;
+    assert_eq!(r.status(), 200);
+    let second = remaining(&r);
+    // Without the output: `first - input` plus what came back meanwhile
+    // (200 a minute: a few tokens). 41+ words of output are 30+ tokens.
+    assert!(
+        second + input + 20 < first,
+        "first {first}, input {input}, second {second}"
+    );
+}

@@ -538,8 +538,8 @@ impl Limiter {
         }
         let refused = refusals(&parties, &decision.state, decision.now, tokens);
         let Some(first) = refused.first() else {
-            // The store refused what the counters it returned admit (its clock
-            // moved on in between): report the first limit.
+            // Not expected: the store and `refusals` apply the same rule to the
+            // same figures. Refuse without naming a limit rather than admit.
             return Err(limited("rate limit exceeded".into(), None, headers));
         };
         inner.metrics.limited(
