@@ -998,3 +998,45 @@ async fn a_cut_stream_is_charged_for_its_output() {
         "first {first}, input {input}, second {second}"
     );
 }
+
+/// Redis slower than `limits.redis.timeout` (every client paused) is a store
+/// failure: the request waits no longer than the timeout, then `fail_open`
+/// serves it from this replica's counters.
+#[tokio::test]
+async fn a_slow_redis_costs_a_request_no_more_than_the_timeout() {
+    let redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let gw = redis_gateway(
+        &fake,
+        redis.port,
+        "  shared:\n    provider: fake\n    model: chat\n    limits: {rpm: 100}\n",
+    )
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let body = chat_body("shared", false);
+    assert_eq!(post(&url, None, &body).await.status(), 200);
+    let mut conn = redis_conn(redis.port).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let r = post(&url, None, &body).await;
+    let took = start.elapsed();
+    assert_eq!(r.status(), 200);
+    // The timeout is 200 ms; the upstream call and the rest take a few ms.
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "promptgate_ratelimit_store_errors_total",
+            &["policy=\"fail_open\""]
+        ),
+        1.0,
+        "{m}"
+    );
+}
