@@ -1040,3 +1040,71 @@ async fn a_slow_redis_costs_a_request_no_more_than_the_timeout() {
         "{m}"
     );
 }
+
+/// A replica that crashes with a request in flight does not keep its slot
+/// forever: its lease carries an expiry 30 s ahead (renewed while the request
+/// runs), and once that passes the next request that counts the set drops it.
+/// (The test moves the lease's expiry into the past rather than wait 30 s.)
+#[tokio::test]
+async fn a_crashed_replicas_concurrency_lease_expires() {
+    let redis = Redis::start(None);
+    let fake = spawn_fake().await;
+    let routes = "  one-slot:\n    provider: fake\n    model: slow\n    limits: {concurrency: 1}\n";
+    let (g, p) = fake_config(&fake, routes);
+    let g = g.replace(
+        "limits:\n  max_body_bytes: 65536\n",
+        &format!(
+            "limits:\n  max_body_bytes: 65536\n{}",
+            redis_section(redis.port, "fail_open")
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &g, &p);
+    let mut a = GatewayProcess::start(
+        &dir.path().join("promptgate.yaml"),
+        &[("FAKE_UPSTREAM_KEY", FAKE_KEY)],
+    );
+    let body = chat_body("one-slot", true);
+    let r = post(&format!("{}/v1/chat/completions", a.base), None, &body).await;
+    assert_eq!(r.status(), 200);
+    let set = "pgtest:limit:route:one-slot:conc";
+    let mut conn = redis_conn(redis.port).await;
+    let leases: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(set)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let (member, expiry) = leases[0].clone();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = (secs * 1000 + micros / 1000) as f64;
+    assert!(
+        expiry > now_ms + 25_000.0 && expiry <= now_ms + 30_000.0,
+        "lease expiry {expiry} vs now {now_ms}"
+    );
+    // The replica crashes mid-stream.
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    drop(r);
+    let b = redis_gateway(&fake, redis.port, routes).await;
+    let url = b.url("/v1/chat/completions");
+    assert_eq!(
+        post(&url, None, &body).await.status(),
+        429,
+        "the slot is still leased"
+    );
+    // Its 30 s run out.
+    let _: () = redis::cmd("ZADD")
+        .arg(set)
+        .arg("XX")
+        .arg(now_ms - 1.0)
+        .arg(&member)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = post(&url, None, &body).await;
+    assert_eq!(r.status(), 200, "the expired lease was dropped");
+}
