@@ -143,8 +143,33 @@ async fn status(State(st): State<AdminState>) -> Response {
         "cache": cache_json(&st).await,
         "providers": providers,
         "prompts": prompts,
+        "keys": crate::governance::keys::status_json(&snap.access, crate::governance::keys::now()),
     });
     json_response(StatusCode::OK, body)
+}
+
+/// `GET /admin/keys`: every configured key (never its hash) with its current
+/// use of its limits and budget.
+async fn keys(State(st): State<AdminState>) -> Response {
+    let gw = st.reloader.gateway();
+    let snap = gw.snapshot();
+    let now = crate::governance::keys::now();
+    let mut callers: Vec<&crate::governance::Caller> = snap.access.callers().collect();
+    callers.sort_by(|a, b| a.id.cmp(&b.id));
+    let data: Vec<Value> = callers
+        .into_iter()
+        .map(|c| {
+            let usage = json!({
+                "limits": gw.governor.limits.usage(&c.id),
+                "spend": gw.governor.spend.usage(&c.id),
+            });
+            crate::governance::keys::admin_json(c, now, usage)
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"mode": crate::governance::keys::mode_name(snap.access.mode), "keys": data}),
+    )
 }
 
 fn routes_json(snap: &crate::snapshot::Snapshot) -> Value {
@@ -503,6 +528,7 @@ pub fn router(reloader: Arc<Reloader>, key: Option<String>) -> Router {
     };
     let app = Router::new()
         .route("/admin/status", get(status))
+        .route("/admin/keys", get(keys))
         .route("/admin/reload", post(reload))
         .route("/admin/experiments", get(experiments))
         .route("/admin/cache", axum::routing::delete(purge_cache))

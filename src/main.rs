@@ -108,6 +108,12 @@ enum Command {
         #[arg(long)]
         prune: bool,
     },
+    /// Gateway keys: make a new one (`keys new`), list the configured ones
+    /// (`keys list`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// List prompts with their versions, content hashes and labels.
     Prompts {
         #[arg(long, default_value = "promptgate.yaml")]
@@ -133,6 +139,59 @@ enum Command {
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print spend per key, route and model from the spend store (the SQLite
+    /// file or Redis the config names); safe while the gateway runs.
+    Usage {
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// Only this key id (`anonymous`: requests without a key).
+        #[arg(long)]
+        key: Option<String>,
+        /// `7d` (the 7 UTC days ending today) or a date like 2026-11-01
+        /// (default: this UTC month).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Print a fresh random key (once: only its SHA-256 is kept) and the entry
+    /// to paste into `keys/<file>.yaml`.
+    New {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Route globs, comma-separated (`chat*,embed`); default: every route.
+        #[arg(long)]
+        routes: Option<String>,
+        /// Prompt globs, comma-separated; default: every prompt.
+        #[arg(long)]
+        prompts: Option<String>,
+        /// When the key stops working, RFC 3339 (2027-01-01T00:00:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        rpm: Option<u64>,
+        #[arg(long)]
+        tpm: Option<u64>,
+        #[arg(long)]
+        concurrency: Option<u32>,
+    },
+    /// List the configured keys: id, owner, team, expiry, state, routes (never
+    /// a key or its hash).
+    List {
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -210,6 +269,13 @@ fn check(config: PathBuf) -> ExitCode {
                 cfg.prompts.len(),
                 cfg.retrievers.len()
             );
+            println!(
+                "{}",
+                promptgate::governance::describe(cfg.auth, cfg.keys.len())
+            );
+            for note in promptgate::governance::keys::notes(cfg) {
+                println!("note: {note}");
+            }
             ExitCode::SUCCESS
         }
     }
@@ -677,6 +743,13 @@ fn serve(
             "promptgate listening on http://{local} ({} routes)",
             cfg.routes.len()
         );
+        // The auth mode, once; without keys on a reachable address anyone
+        // who reaches the port spends the providers' keys.
+        tracing::info!("{}", promptgate::governance::describe(snap.access.mode, snap.access.len()));
+        let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+        if snap.access.mode == promptgate::config::AuthMode::Off && !loopback {
+            tracing::warn!(address = %local, "auth is off and the gateway listens beyond this machine: anyone who reaches it uses the providers' keys; set `auth: {{mode: required}}` and give clients keys (`promptgate keys new`)");
+        }
         let env: promptgate::reload::SharedEnv = std::sync::Arc::new(env_lookup);
         let reloader = promptgate::reload::Reloader::new(gw.clone(), &config, env);
         let _watcher = match reloader.watch(std::time::Duration::from_millis(200)) {
@@ -724,6 +797,7 @@ fn serve(
             .await;
         });
         let _health = promptgate::pipeline::spawn_health_checks(gw.clone());
+        let governor = gw.governor.clone();
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let limits = promptgate::conn_limits(&cfg);
         warn_if_over_file_limit(limits.max_connections);
@@ -734,7 +808,10 @@ fn serve(
                 std::future::pending::<()>().await;
             }
         };
-        match promptgate::server::serve_with(listener, router, limits, shutdown).await {
+        let served = promptgate::server::serve_with(listener, router, limits, shutdown).await;
+        // Audit records still queued are written before the process ends.
+        governor.audit.close(std::time::Duration::from_secs(2));
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: server failed: {e}");
@@ -836,6 +913,64 @@ fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<(
     rx
 }
 
+/// `promptgate usage`: reads the spend store (read-only) and prints a table
+/// or JSON.
+#[allow(clippy::print_stdout)]
+fn usage(config: PathBuf, key: Option<String>, since: Option<String>, json: bool) -> ExitCode {
+    use promptgate::governance::spend;
+    let cfg = match promptgate::config::load(&config) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let today = spend::Period::now();
+    let since = match spend::parse_since(since.as_deref(), today) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --since: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let q = spend::UsageQuery { since, key };
+    let lines = match runtime.block_on(spend::report(&cfg.spend, &q)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let out = serde_json::json!({
+            "since": spend::date(since),
+            "until": spend::date(today.day),
+            "currency": cfg.spend.currency,
+            "store": match &cfg.spend.redis {
+                Some(_) => "redis".to_owned(),
+                None => cfg.spend.path.display().to_string(),
+            },
+            "lines": lines,
+            "total": spend::total(&lines),
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        println!(
+            "spend from {} to {} (UTC)",
+            spend::date(since),
+            spend::date(today.day)
+        );
+        print!("{}", spend::render_table(&lines, &cfg.spend.currency));
+    }
+    ExitCode::SUCCESS
+}
+
 #[allow(clippy::print_stdout)]
 fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
     let runtime = match runtime() {
@@ -869,6 +1004,103 @@ fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
     }
 }
 
+#[allow(clippy::print_stdout)]
+fn keys(action: KeysAction) -> ExitCode {
+    use promptgate::governance::keys as gk;
+    match action {
+        KeysAction::New {
+            id,
+            owner,
+            team,
+            description,
+            routes,
+            prompts,
+            expires,
+            rpm,
+            tpm,
+            concurrency,
+        } => {
+            let spec = gk::NewKey {
+                id,
+                owner,
+                team,
+                description,
+                routes: routes.as_deref().map(gk::split_globs).unwrap_or_default(),
+                prompts: prompts.as_deref().map(gk::split_globs).unwrap_or_default(),
+                expires,
+                rpm,
+                tpm,
+                concurrency,
+            };
+            // Checked before a key exists, so a refused entry prints no key.
+            if let Err(e) = gk::entry_yaml(&spec, &"0".repeat(64)) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            let (key, sha256) = match gk::new_key() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let entry = match gk::entry_yaml(&spec, &sha256) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            eprintln!(
+                "The key is shown once, on the first line: give it to its owner now; the gateway keeps only its SHA-256."
+            );
+            println!("{key}");
+            println!();
+            println!("# paste into keys/<file>.yaml beside promptgate.yaml:");
+            print!("{entry}");
+            ExitCode::SUCCESS
+        }
+        KeysAction::List { config } => {
+            let cfg = match promptgate::config::load(&config) {
+                Ok(c) => c,
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("error: {p}");
+                    }
+                    eprintln!("{} problem(s) found", problems.len());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let now = gk::now();
+            println!(
+                "auth: {} — {} keys",
+                gk::mode_name(cfg.auth),
+                cfg.keys.len()
+            );
+            for k in cfg.keys.values() {
+                let state = if !k.enabled {
+                    "disabled"
+                } else if k.expires.is_some_and(|e| now >= e) {
+                    "expired"
+                } else {
+                    "enabled"
+                };
+                println!(
+                    "{}  owner: {}  team: {}  expires: {}  {state}  routes: {}  prompts: {}  ({})",
+                    k.id,
+                    k.owner.as_deref().unwrap_or("-"),
+                    k.team.as_deref().unwrap_or("-"),
+                    k.expires.map(gk::rfc3339).as_deref().unwrap_or("never"),
+                    k.routes.join(","),
+                    k.prompts.join(","),
+                    k.file.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -891,6 +1123,13 @@ fn main() -> ExitCode {
             config,
         } => render(config, prompt, vars),
         Command::Prompts { config } => prompts(config),
+        Command::Usage {
+            config,
+            key,
+            since,
+            json,
+        } => usage(config, key, since, json),
+        Command::Keys { action } => keys(action),
         Command::Ingest {
             retriever,
             paths,

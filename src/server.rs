@@ -198,6 +198,11 @@ struct Outcome {
     streaming: bool,
     /// The request's governance ticket: the response body holds it to its end.
     ticket: Option<Arc<crate::governance::Ticket>>,
+    /// For the audit log: the target that answered, the attempts made, the
+    /// cache's part (`hit`, `miss`, …).
+    target: Option<Arc<crate::snapshot::Target>>,
+    attempts: u32,
+    cache: Option<&'static str>,
 }
 
 fn new_request_id() -> String {
@@ -325,10 +330,22 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
         }
         match &o.ticket {
             Some(t) => {
+                // A replayed stream (a cache hit) is a stream too.
+                let sse = response
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
                 t.note(|l| {
                     l.status = status.as_u16();
                     l.error = o.error;
-                    l.streaming = o.streaming;
+                    l.streaming = o.streaming || sse;
+                    l.arrived = Some(edge.start.into_std());
+                    l.attempts = o.attempts;
+                    l.cache = o.cache;
+                    // A cache hit settles nothing: the target it replays.
+                    if l.target.is_none() {
+                        l.target = o.target.clone();
+                    }
                 });
                 for (name, value) in &t.held.headers {
                     if let Ok(v) = HeaderValue::from_str(value) {
@@ -465,6 +482,10 @@ fn error_response(
         }
         _ => None,
     };
+    let attempts = match &err {
+        GatewayError::Upstream(e) => u32::try_from(e.attempts.len()).unwrap_or(u32::MAX),
+        _ => 0,
+    };
     Handled {
         response: resp,
         outcome: Some(Outcome {
@@ -476,6 +497,9 @@ fn error_response(
             error: Some(err.code()),
             streaming: false,
             ticket: None,
+            target: None,
+            attempts,
+            cache: None,
         }),
     }
 }
@@ -673,6 +697,9 @@ fn served_headers<T>(resp: &mut Response, served: &Served<T>, streaming: bool) -
         upstream: served.upstream,
         error: None,
         ticket: None,
+        target: Some(served.target.clone()),
+        attempts: served.attempts,
+        cache: served.cache.map(|c| c.status.as_str()),
         // A stream records its own duration when it ends, except a replayed
         // cache hit, which is in memory and has no tap to do it.
         streaming: streaming
@@ -893,6 +920,16 @@ async fn serve_chat(
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
     let snap = app.gw.snapshot();
+    // A key refused its prompt (or, without one, its route) costs no rendering
+    // or retrieval; the placed route is checked again below.
+    if caller.is_some() {
+        let named = prompt.as_ref().map(|p| p.id.as_str());
+        let route = named.is_none().then(|| snap.route(&req.model)).flatten();
+        let name = route.map(|r| r.name.as_str());
+        if let Err(e) = crate::governance::keys::precheck(caller, name, named) {
+            return error_response(d, e, &id, route.cloned());
+        }
+    }
     let rendered = render::render(
         &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval,
     )
@@ -930,7 +967,7 @@ async fn serve_chat(
     if let Err(e) = crate::governance::keys::authorize(&ctx) {
         return pipeline_error(d, e, &ctx);
     }
-    let protection = match crate::protect::apply(&mut ctx, &mut req) {
+    let protection = match crate::protect::apply(&mut ctx, &mut req, &app.gw.governor.metrics) {
         Ok(p) => p,
         Err(e) => return pipeline_error(d, e, &ctx),
     };
@@ -1049,6 +1086,15 @@ impl crate::dialect::StreamEncoder for CitingEncoder {
     }
 }
 
+/// The model name a response shows: the route the client asked for, also
+/// when its budget moved the request to a fallback route.
+fn shown_model<'a>(ctx: &'a RequestContext, served: &'a str) -> &'a str {
+    ctx.ticket
+        .as_ref()
+        .and_then(|t| t.moved_from.as_deref())
+        .unwrap_or(served)
+}
+
 async fn run_chat(
     app: &AppState,
     d: &dyn Dialect,
@@ -1085,12 +1131,15 @@ async fn run_chat(
             Ok(Ok(s)) => s,
         };
     let (value, served) = served.split();
-    // Redacted values go back into the answer before it is encoded.
+    // The audit record's answer text (when it keeps content) is the
+    // backend's; redacted values go back into the answer after, before it is
+    // encoded.
+    let value = crate::governance::audit::capture(ctx.ticket.as_ref(), value);
     let value = protection.restore(value);
     match (value, encoder.take()) {
         (ChatOutcome::Complete(resp), _) => {
             let estimated = resp.usage.is_some_and(|u| u.estimated);
-            let mut body = d.encode_chat(&resp, &served.route.name);
+            let mut body = d.encode_chat(&resp, shown_model(ctx, &served.route.name));
             if let Some(c) = citing.take() {
                 body = c.body(body);
             }
@@ -1111,6 +1160,13 @@ async fn run_chat(
         }
         (ChatOutcome::Stream(mut events), Some(mut encoder)) => {
             let request_id = id.0.clone();
+            // A stream that fails after it began: its audit record names the error.
+            let ticket = ctx.ticket.clone();
+            let failed = move |e: &GatewayError| {
+                if let Some(t) = &ticket {
+                    t.note(|l| l.error = Some(e.code()));
+                }
+            };
             let body = async_stream::stream! {
                 let mut buf = Vec::with_capacity(512);
                 let mut done = false;
@@ -1121,7 +1177,9 @@ async fn run_chat(
                             encoder.encode(&ev, &mut buf)
                         }
                         Err(e) => {
-                            encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                            let e = GatewayError::Upstream(e);
+                            failed(&e);
+                            encoder.encode_error(&e, &request_id, &mut buf);
                             yield Ok::<Bytes, Infallible>(Bytes::from(std::mem::take(&mut buf)));
                             return;
                         }
@@ -1137,7 +1195,9 @@ async fn run_chat(
                         ErrorKind::MalformedResponse,
                         "the backend stream ended without a finish",
                     );
-                    encoder.encode_error(&GatewayError::Upstream(e), &request_id, &mut buf);
+                    let e = GatewayError::Upstream(e);
+                    failed(&e);
+                    encoder.encode_error(&e, &request_id, &mut buf);
                     yield Ok(Bytes::from(buf));
                 }
             };
@@ -1214,7 +1274,7 @@ async fn embeddings_handled(
         return pipeline_error(&OpenAi, e, &ctx);
     }
     let mut req = req;
-    if let Err(e) = crate::protect::apply_embeddings(&mut ctx, &mut req) {
+    if let Err(e) = crate::protect::apply_embeddings(&mut ctx, &mut req, &app.gw.governor.metrics) {
         return pipeline_error(&OpenAi, e, &ctx);
     }
     match app.gw.governor.admit(&mut ctx, None, Some(&req)).await {
@@ -1234,7 +1294,11 @@ async fn embeddings_handled(
         Ok(Ok(served)) => {
             let mut out = json_response(
                 StatusCode::OK,
-                wire::encode_embeddings_response(&served.value, &served.route.name, encoding),
+                wire::encode_embeddings_response(
+                    &served.value,
+                    shown_model(&ctx, &served.route.name),
+                    encoding,
+                ),
             );
             out.headers_mut().insert(
                 USAGE,
@@ -1264,19 +1328,20 @@ async fn retriever_search(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = retriever_search_handled(&app, edge.id.clone(), name, &headers, body).await;
+    let handled = retriever_search_handled(&app, &edge, name, &headers, body).await;
     finish(&app, &edge, handled)
 }
 
 async fn retriever_search_handled(
     app: &AppState,
-    id: RequestId,
+    edge: &Edge,
     name: String,
     headers: &http::HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Handled {
     use crate::pipeline::retrieve;
     use serde_json::Value;
+    let id = edge.id.clone();
     let fail = |e: GatewayError| error_response(&OpenAi, e, &id, None);
     let bad = |m: String, p: &str| fail(GatewayError::invalid(m, Some(p)));
     let mut obj = match json_object(body) {
@@ -1293,6 +1358,12 @@ async fn retriever_search_handled(
             "retriever",
         );
     };
+    let embedding_route = state.config.embedding.as_ref().map(|e| e.route.as_str());
+    if let Err(e) =
+        crate::governance::keys::authorize_search(edge.caller.as_ref(), &name, embedding_route)
+    {
+        return fail(e);
+    }
     let query = match obj.remove("query") {
         Some(Value::String(q)) => q,
         _ => {
@@ -1370,6 +1441,9 @@ async fn retriever_search_handled(
             error: None,
             streaming: false,
             ticket: None,
+            target: None,
+            attempts: 0,
+            cache: None,
         }),
     }
 }

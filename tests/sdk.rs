@@ -88,38 +88,12 @@ async fn openai_python_sdk() {
     let kb = retrieval_service().await;
     let kb = format!("kind: http\nurl: {kb}\n");
     let gw = common::spawn_gateway_with_files(&g, &p, &[("retrievers/kb.yaml", &kb)]).await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-
-    let child = tokio::process::Command::new(&python)
-        .args(["-m", "pytest", "tests/sdk", "-q", "-p", "no:cacheprovider"])
-        .current_dir(root)
-        .env("PROMPTGATE_BASE_URL", gw.url("/v1"))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        // The SDKs must talk to the loopback gateway, never through a proxy.
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-
-    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
-        .await
-        .expect("pytest did not finish within 300s")
-        .expect("waiting for pytest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    if !stderr.trim().is_empty() {
-        println!("--- pytest stderr ---\n{stderr}");
-    }
-    assert!(
-        out.status.success(),
-        "pytest failed ({}); output above",
-        out.status
-    );
+    run_pytest(
+        &python,
+        &["tests/sdk"],
+        &[("PROMPTGATE_BASE_URL", gw.url("/v1"))],
+    )
+    .await;
 
     // test_extra_body_passthrough sends extra_body={"top_k": 5, "vendor_flag": true}:
     // unknown fields must reach the upstream untouched.
@@ -136,4 +110,93 @@ async fn openai_python_sdk() {
     assert_eq!(passed.body["vendor_flag"], serde_json::json!(true));
     assert_eq!(passed.body["top_k"], serde_json::json!(5));
     assert_eq!(passed.body["model"], serde_json::json!("chat"));
+}
+
+/// Runs pytest on `paths` with `envs`, printing its output; fails the test
+/// when pytest fails.
+async fn run_pytest(python: &Path, paths: &[&str], envs: &[(&str, String)]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.args(["-m", "pytest"])
+        .args(paths)
+        .args(["-q", "-p", "no:cacheprovider"])
+        .current_dir(root)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // The SDKs must talk to the loopback gateway, never through a proxy.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("pytest did not finish within 300s")
+        .expect("waiting for pytest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    if !stderr.trim().is_empty() {
+        println!("--- pytest stderr ---\n{stderr}");
+    }
+    assert!(
+        out.status.success(),
+        "pytest failed ({}); output above",
+        out.status
+    );
+}
+
+/// Gateway keys with both SDKs (tests/sdk/test_*_sdk_keys.py): a gateway with
+/// `auth: {mode: required}`, a key that may use the `fake-*` routes and an
+/// expired one. Afterwards no key appears in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_with_the_python_sdks() {
+    use promptgate::governance::keys::{new_key, sha256_hex};
+    let python = python();
+    let fake = common::spawn_fake().await;
+    let (mut g, p) = common::fake_config(
+        &fake,
+        "  fake-emb:\n    provider: fake\n    model: text-embedding\n",
+    );
+    g.push_str("auth: {mode: required}\n");
+    let (good, _) = new_key().unwrap();
+    let (expired, _) = new_key().unwrap();
+    let keys = format!(
+        "sdk-good:\n  sha256: {}\n  routes: [\"fake-*\"]\nsdk-old:\n  sha256: {}\n  expires: 2021-06-01T00:00:00Z\n",
+        sha256_hex(good.as_bytes()),
+        sha256_hex(expired.as_bytes())
+    );
+    let gw = common::spawn_gateway_with_files(&g, &p, &[("keys/sdk.yaml", &keys)]).await;
+    run_pytest(
+        &python,
+        &[
+            "tests/sdk/test_openai_sdk_keys.py",
+            "tests/sdk/test_anthropic_sdk_keys.py",
+        ],
+        &[
+            ("PROMPTGATE_KEYS_BASE_URL", gw.url("/v1")),
+            ("PROMPTGATE_KEY_GOOD", good.clone()),
+            ("PROMPTGATE_KEY_EXPIRED", expired.clone()),
+        ],
+    )
+    .await;
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(
+            "promptgate_key_requests_total{key=\"sdk-good\",route=\"fake-chat\",status=\"200\"}"
+        ),
+        "{m}"
+    );
+    for k in [&good, &expired] {
+        assert!(!m.contains(k.as_str()) && !m.contains(&sha256_hex(k.as_bytes())));
+        for r in fake.requests() {
+            assert!(!format!("{:?}{}", r.headers, r.body).contains(k.as_str()));
+        }
+    }
 }

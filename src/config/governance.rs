@@ -115,6 +115,11 @@ pub struct SpendConfig {
     pub currency: String,
 }
 
+/// Most records `audit.queue` may hold (its slots are allocated up front).
+pub const MAX_AUDIT_QUEUE: usize = 1_000_000;
+/// Most rotated files `audit.keep` may keep.
+pub const MAX_AUDIT_KEEP: u32 = 1000;
+
 /// `audit:` — the audit log.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -589,7 +594,11 @@ pub(super) fn load(
     // Audit.
     let a = raw.audit;
     let audit = AuditConfig {
-        path: a.path.as_deref().map(|p| beside(f, p)),
+        path: a
+            .path
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| beside(f, p)),
         stdout: a.stdout.unwrap_or(false),
         max_bytes: a.max_bytes.unwrap_or(100 * 1024 * 1024),
         keep: a.keep.unwrap_or(5),
@@ -599,8 +608,33 @@ pub(super) fn load(
     if audit.max_bytes < 4096 {
         problems.add(f, "audit.max_bytes", "must be at least 4096");
     }
-    if audit.queue == 0 {
-        problems.add(f, "audit.queue", "must be at least 1");
+    if audit.queue == 0 || audit.queue > MAX_AUDIT_QUEUE {
+        problems.add(
+            f,
+            "audit.queue",
+            format!("must be from 1 to {MAX_AUDIT_QUEUE} records"),
+        );
+    }
+    if audit.keep > MAX_AUDIT_KEEP {
+        problems.add(
+            f,
+            "audit.keep",
+            format!("must be at most {MAX_AUDIT_KEEP} rotated files"),
+        );
+    }
+    if a.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        problems.add(
+            f,
+            "audit.path",
+            "must name a file (leave it out for no file)",
+        );
+    }
+    if audit.content && !audit.enabled() {
+        problems.add(
+            f,
+            "audit.content",
+            "records content only with a sink: set `path`, `stdout: true` or both",
+        );
     }
     // Data protection.
     let p = raw.protect;
@@ -629,6 +663,12 @@ pub(super) fn load(
     for (i, (name, pattern)) in protect.custom.iter().enumerate() {
         if let Err(e) = crate::protect::check_custom(name, pattern) {
             problems.add(f, format!("data_protection.custom[{i}]"), e);
+        } else if protect.custom[..i].iter().any(|(n, _)| n == name) {
+            problems.add(
+                f,
+                format!("data_protection.custom[{i}].name"),
+                format!("detector `{name}` is defined twice"),
+            );
         }
     }
     // Keys.
@@ -664,6 +704,7 @@ fn load_keys(
         let Some(raw) = super::read_yaml::<BTreeMap<String, RawKey>>(&file, problems) else {
             continue;
         };
+        let reported = problems.list.len();
         for (id, k) in raw {
             if let Some(key) = validate_key(&file, id.clone(), k, routes, problems) {
                 if let Some(prev) = keys.get(&id) {
@@ -685,8 +726,51 @@ fn load_keys(
                 keys.insert(id, key);
             }
         }
+        if problems.list.len() > reported {
+            locate_key_problems(&file, &mut problems.list[reported..]);
+        }
     }
     keys
+}
+
+/// Gives the problems found in a keys file the line of the entry's field
+/// they name (`ID.FIELD…`): the file is read again, only when it has problems.
+fn locate_key_problems(file: &Path, found: &mut [super::Problem]) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    // The line an entry `id` starts on (ids may hold dots: the longest id
+    // the field path begins with that has an entry wins).
+    let entry = |id: &str| {
+        let keys = [format!("{id}:"), format!("\"{id}\":"), format!("'{id}':")];
+        lines
+            .iter()
+            .position(|l| keys.iter().any(|k| l.starts_with(k.as_str())))
+    };
+    for p in found.iter_mut().filter(|p| p.line.is_none()) {
+        let mut cuts: Vec<usize> = p.field.match_indices('.').map(|(i, _)| i).collect();
+        cuts.push(p.field.len());
+        let Some((start, end)) = cuts
+            .iter()
+            .rev()
+            .find_map(|&i| entry(&p.field[..i]).map(|s| (s, i)))
+        else {
+            continue;
+        };
+        let field = p.field.get(end + 1..).and_then(|r| r.split('.').next());
+        let mut line = start;
+        if let Some(f) = field {
+            let inner = lines[start + 1..]
+                .iter()
+                .take_while(|l| l.is_empty() || l.starts_with([' ', '\t', '#']))
+                .position(|l| l.trim_start().starts_with(&format!("{f}:")));
+            if let Some(i) = inner {
+                line = start + 1 + i;
+            }
+        }
+        p.line = Some(line + 1);
+    }
 }
 
 fn validate_key(

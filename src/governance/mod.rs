@@ -89,11 +89,13 @@ impl Governor {
         if !self.needed(&ctx.snapshot) {
             return Ok(None);
         }
+        let asked = ctx.route().name.clone();
         self.spend.check(self, ctx).await?;
         let held = self.limits.acquire(ctx, req, input).await?;
         Ok(Some(Arc::new(Ticket {
             gov: self.clone(),
             caller: ctx.caller.clone(),
+            moved_from: (ctx.route().name != asked).then_some(asked),
             route: ctx.route().name.clone(),
             held,
             started: Instant::now(),
@@ -102,7 +104,7 @@ impl Governor {
                 dialect: Some(ctx.dialect),
                 prompt: ctx.prompt.clone(),
                 arm: ctx.arm().map(|a| a.name.clone()),
-                content: audit::wants_content(ctx),
+                content: audit::wants_content(ctx, req, input),
                 ..Ledger::default()
             }),
         })))
@@ -134,6 +136,9 @@ pub struct Ledger {
     /// Whether the record carries message content, and the content once known.
     pub content: Option<audit::Content>,
     pub streaming: bool,
+    /// When the request reached the gateway (noted by `server::finish`; the
+    /// audit log's latency is measured from it).
+    pub arrived: Option<Instant>,
 }
 
 /// A request's hold on governance state; see the module documentation.
@@ -141,6 +146,9 @@ pub struct Ticket {
     gov: Arc<Governor>,
     pub caller: Option<Caller>,
     pub route: crate::ids::RouteId,
+    /// The route the client asked for, when its budget moved the request to
+    /// the fallback route (responses keep showing the name asked for).
+    pub moved_from: Option<crate::ids::RouteId>,
     pub held: limits::Held,
     pub started: Instant,
     pub ledger: Mutex<Ledger>,
@@ -182,7 +190,7 @@ impl Drop for Ticket {
             .record(self.caller.as_ref(), &self.route, &ledger);
         self.gov
             .audit
-            .write(self.caller.as_ref(), Some(&self.route), &ledger, elapsed);
+            .write(self.caller.as_ref(), Some(&self.route), ledger, elapsed);
     }
 }
 

@@ -3,29 +3,189 @@
 //! addresses, API-key-like secrets, operator regexes) and the policies applied
 //! to a request in which they found something: `redact` (placeholders before
 //! the call, restored in the answer, streams included), `block`, `private`.
+//!
+//! What is scanned: the text of every message of the canonical request after
+//! rendering (system, developer, user, assistant, tool results; text parts of
+//! multi-part content; assistant reasoning) and the arguments of tool calls in
+//! the conversation. Prompt variables and retrieved passages render into
+//! messages, so they are scanned too. Tool definitions, images and parts the
+//! gateway does not model are not scanned.
+//!
+//! - [`detect`]: the built-in detectors, one pass over a text.
+//! - [`restore`]: placeholders back into complete answers and streams.
 
-use crate::canonical::ChatRequest;
-use crate::config::ProtectConfig;
+pub mod detect;
+pub mod restore;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::canonical::{ChatRequest, Content, EmbeddingInput, EmbeddingsRequest, Part};
+use crate::config::{DataPolicy, ProtectConfig};
 use crate::error::GatewayError;
+use crate::metrics::GovMetrics;
 use crate::pipeline::{ChatOutcome, RequestContext};
+
+use detect::{Enabled, Hit};
+pub use restore::Restorer;
 
 /// The built-in detectors, by name.
 pub const BUILTIN: &[&str] = &["cn_id", "cn_mobile", "bank_card", "email", "ipv4", "secret"];
 
-/// Checks an operator-defined detector (`data_protection.custom`).
+/// Most bytes in an operator's pattern.
+const MAX_PATTERN: usize = 1024;
+/// Most memory the compiled form of an operator's pattern may use.
+const REGEX_SIZE: usize = 1 << 20;
+/// Longest detector name (it becomes part of a placeholder).
+const MAX_NAME: usize = 32;
+
+fn compile(pattern: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE)
+        .dfa_size_limit(REGEX_SIZE)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(_) => {
+                format!("pattern is too large once compiled (over {REGEX_SIZE} bytes)")
+            }
+            e => format!("invalid regular expression: {e}"),
+        })
+}
+
+/// Checks an operator-defined detector (`data_protection.custom`): its name
+/// (`[a-z][a-z0-9_]*`, at most 32 bytes, not a built-in name) and its pattern
+/// (a regular expression of at most 1024 bytes whose compiled form stays under
+/// 1 MiB, which does not match the empty string).
 pub fn check_custom(name: &str, pattern: &str) -> Result<(), String> {
-    let _ = (name, pattern);
+    let valid_name = name.len() <= MAX_NAME
+        && name.bytes().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+    if !valid_name {
+        return Err(format!(
+            "invalid detector name `{name}`: use a lower-case letter, then letters, digits or `_` (at most {MAX_NAME})"
+        ));
+    }
+    if BUILTIN.contains(&name) {
+        return Err(format!(
+            "`{name}` is a built-in detector; choose another name"
+        ));
+    }
+    if pattern.len() > MAX_PATTERN {
+        return Err(format!(
+            "pattern is {} bytes; at most {MAX_PATTERN}",
+            pattern.len()
+        ));
+    }
+    let re = compile(pattern)?;
+    if re.is_match("") {
+        return Err("pattern matches the empty string".into());
+    }
     Ok(())
+}
+
+struct Custom {
+    re: regex::Regex,
 }
 
 /// The detectors of a snapshot, compiled once.
 #[derive(Default)]
-pub struct Scanner {}
+pub struct Scanner {
+    builtin: Enabled,
+    custom: Vec<Custom>,
+    /// Names by kind: the built-ins, then the operator's.
+    names: Vec<Arc<str>>,
+    /// Placeholder labels by kind (`CN_MOBILE`).
+    labels: Vec<String>,
+}
 
 impl Scanner {
     pub fn build(cfg: &ProtectConfig) -> Scanner {
-        let _ = cfg;
-        Scanner {}
+        let mut builtin = Enabled::default();
+        for (k, name) in BUILTIN.iter().enumerate() {
+            if cfg.detectors.iter().any(|d| d == name) {
+                builtin = builtin.with(k as u16);
+            }
+        }
+        let mut names: Vec<Arc<str>> = BUILTIN.iter().map(|n| Arc::from(*n)).collect();
+        let mut custom = Vec::new();
+        for (name, pattern) in &cfg.custom {
+            // Validated by `check`; a pattern that fails here is left out, loudly.
+            match compile(pattern) {
+                Ok(re) => {
+                    custom.push(Custom { re });
+                    names.push(Arc::from(name.as_str()));
+                }
+                Err(e) => tracing::error!(detector = %name, error = %e, "custom detector left out"),
+            }
+        }
+        let labels = names.iter().map(|n| n.to_ascii_uppercase()).collect();
+        Scanner {
+            builtin,
+            custom,
+            names,
+            labels,
+        }
+    }
+
+    /// No detector is enabled.
+    pub fn is_empty(&self) -> bool {
+        self.builtin.is_empty() && self.custom.is_empty()
+    }
+
+    /// The hits in `text`, in order, not overlapping.
+    pub fn scan(&self, text: &str, out: &mut Vec<Hit>) {
+        let before = out.len();
+        detect::scan(text, self.builtin, out);
+        if self.custom.is_empty() {
+            return;
+        }
+        let builtin_end = out.len();
+        for (k, c) in self.custom.iter().enumerate() {
+            let kind = (BUILTIN.len() + k) as u16;
+            for m in c.re.find_iter(text) {
+                if !m.is_empty() {
+                    out.push(Hit {
+                        start: m.start(),
+                        end: m.end(),
+                        kind,
+                    });
+                }
+            }
+        }
+        if out.len() == builtin_end {
+            return;
+        }
+        // Built-in hits win over operator hits that overlap them; among
+        // operator hits, the one that starts first (then the longest).
+        let found = &mut out[before..];
+        found.sort_by(|a, b| {
+            a.start
+                .cmp(&b.start)
+                .then((b.kind < BUILTIN.len() as u16).cmp(&(a.kind < BUILTIN.len() as u16)))
+                .then(b.end.cmp(&a.end))
+        });
+        let mut kept: Vec<Hit> = Vec::with_capacity(found.len());
+        for h in found.iter() {
+            match kept.last_mut() {
+                Some(last) if h.start < last.end => {
+                    let builtin = |h: &Hit| h.kind < BUILTIN.len() as u16;
+                    if builtin(h) && !builtin(last) {
+                        *last = *h;
+                    }
+                }
+                _ => kept.push(*h),
+            }
+        }
+        // A built-in hit that replaced an operator hit may now overlap the one before.
+        kept.dedup_by(|b, a| b.start < a.end);
+        out.truncate(before);
+        out.extend(kept);
+    }
+
+    pub fn name(&self, kind: u16) -> &Arc<str> {
+        &self.names[kind as usize]
     }
 }
 
@@ -36,24 +196,181 @@ pub struct Protection {
     pub detections: Vec<(std::sync::Arc<str>, u32)>,
     /// `redact`, `block` or `private`, when something was found.
     pub action: Option<&'static str>,
+    /// Placeholders → values, when something was redacted.
+    map: Option<Arc<Restorer>>,
+}
+
+/// The policy of a request: its key's, else its route's, else the gateway's.
+pub fn policy(ctx: &RequestContext) -> DataPolicy {
+    ctx.caller
+        .as_ref()
+        .and_then(|c| c.key.data)
+        .or(ctx.route().governance.data)
+        .unwrap_or(ctx.snapshot.config.protect.policy)
+}
+
+/// Every scanned text of a chat request, in a fixed order.
+fn visit_chat(req: &mut ChatRequest, f: &mut dyn FnMut(&mut String)) {
+    for m in &mut req.messages {
+        match &mut m.content {
+            Some(Content::Text(t)) => f(t),
+            Some(Content::Parts(parts)) => {
+                for p in parts {
+                    if let Part::Text(t) = p {
+                        f(t);
+                    }
+                }
+            }
+            None => {}
+        }
+        if let Some(r) = &mut m.reasoning {
+            f(r);
+        }
+        for c in &mut m.tool_calls {
+            f(&mut c.arguments);
+        }
+    }
+}
+
+fn visit_embeddings(req: &mut EmbeddingsRequest, f: &mut dyn FnMut(&mut String)) {
+    if let EmbeddingInput::Texts(texts) = &mut req.input {
+        for t in texts {
+            f(t);
+        }
+    }
 }
 
 /// Applies the request's data policy (its key's, else its route's, else the
 /// gateway's) to `req`: `block` → 400 `sensitive_data`; `private` → the
 /// context is made private; `redact` → values replaced by placeholders.
-pub fn apply(ctx: &mut RequestContext, req: &mut ChatRequest) -> Result<Protection, GatewayError> {
-    let _ = (ctx, req);
-    Ok(Protection::default())
+/// Detections are counted in `metrics` by type, route and action.
+pub fn apply(
+    ctx: &mut RequestContext,
+    req: &mut ChatRequest,
+    metrics: &GovMetrics,
+) -> Result<Protection, GatewayError> {
+    protect(ctx, metrics, |f| visit_chat(req, f), true)
 }
 
 /// Data protection of an embeddings request: `block` and `private` as for
 /// chat; `redact` replaces values (an embedding has nothing to restore).
+/// Token-array inputs are not scanned.
 pub fn apply_embeddings(
     ctx: &mut RequestContext,
     req: &mut crate::canonical::EmbeddingsRequest,
+    metrics: &GovMetrics,
 ) -> Result<Protection, GatewayError> {
-    let _ = (ctx, req);
-    Ok(Protection::default())
+    protect(ctx, metrics, |f| visit_embeddings(req, f), false)
+}
+
+fn protect(
+    ctx: &mut RequestContext,
+    metrics: &GovMetrics,
+    mut visit: impl FnMut(&mut dyn FnMut(&mut String)),
+    restorable: bool,
+) -> Result<Protection, GatewayError> {
+    let policy = policy(ctx);
+    if policy == DataPolicy::Off || ctx.snapshot.protect.is_empty() {
+        return Ok(Protection::default());
+    }
+    let snapshot = ctx.snapshot.clone();
+    let scanner = &snapshot.protect;
+    // Pass 1: the hits of each text (no allocation when there are none).
+    let mut found: Vec<(usize, Vec<Hit>)> = Vec::new();
+    let mut hits = Vec::new();
+    let mut index = 0;
+    visit(&mut |s: &mut String| {
+        scanner.scan(s, &mut hits);
+        if !hits.is_empty() {
+            found.push((index, std::mem::take(&mut hits)));
+        }
+        index += 1;
+    });
+    if found.is_empty() {
+        return Ok(Protection::default());
+    }
+    let mut counts = vec![0u32; scanner.names.len()];
+    for h in found.iter().flat_map(|(_, h)| h) {
+        counts[h.kind as usize] = counts[h.kind as usize].saturating_add(1);
+    }
+    let detections: Vec<(Arc<str>, u32)> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (scanner.name(k as u16).clone(), *n))
+        .collect();
+    let action = match policy {
+        DataPolicy::Block => "block",
+        DataPolicy::Private => "private",
+        _ => "redact",
+    };
+    for (kind, n) in &detections {
+        metrics.detection(kind, &ctx.route().name, action, *n);
+    }
+    let mut protection = Protection {
+        detections,
+        action: Some(action),
+        map: None,
+    };
+    match policy {
+        DataPolicy::Block => {
+            let types: Vec<&str> = protection.detections.iter().map(|(k, _)| &**k).collect();
+            return Err(GatewayError::SensitiveData {
+                message: format!(
+                    "the request contains sensitive data ({}), which the data policy of this route does not let leave the gateway",
+                    types.join(", ")
+                ),
+            });
+        }
+        DataPolicy::Private => {
+            ctx.private = true;
+            return Ok(protection);
+        }
+        _ => {}
+    }
+    // Redact. Placeholders the client's own text already holds are not used,
+    // so restoring never touches what the client wrote.
+    let mut taken = HashSet::new();
+    visit(&mut |s: &mut String| restore::placeholders_in(s, &mut taken));
+    let mut numbers = vec![0u32; scanner.names.len()];
+    let mut by_value: HashMap<String, String> = HashMap::new();
+    let mut restorer = Restorer::default();
+    let mut next = found.iter().peekable();
+    let mut index = 0;
+    visit(&mut |s: &mut String| {
+        let here = index;
+        index += 1;
+        let Some((_, hits)) = next.next_if(|(i, _)| *i == here) else {
+            return;
+        };
+        let mut out = String::with_capacity(s.len());
+        let mut at = 0;
+        for h in hits {
+            out.push_str(&s[at..h.start]);
+            let value = &s[h.start..h.end];
+            if !by_value.contains_key(value) {
+                let label = &scanner.labels[h.kind as usize];
+                let n = &mut numbers[h.kind as usize];
+                let p = loop {
+                    *n = n.saturating_add(1);
+                    let p = format!("[{label}_{n}]");
+                    if !taken.contains(&p) {
+                        break p;
+                    }
+                };
+                restorer.insert(p.clone(), value.to_owned());
+                by_value.insert(value.to_owned(), p);
+            }
+            out.push_str(&by_value[value]);
+            at = h.end;
+        }
+        out.push_str(&s[at..]);
+        *s = out;
+    });
+    if restorable {
+        protection.map = Some(Arc::new(restorer));
+    }
+    Ok(protection)
 }
 
 impl Protection {
@@ -71,10 +388,184 @@ impl Protection {
     /// Puts the redacted values back into the answer (a stream too, across
     /// chunk boundaries).
     pub fn restore(&self, outcome: ChatOutcome) -> ChatOutcome {
-        outcome
+        let Some(map) = &self.map else {
+            return outcome;
+        };
+        match outcome {
+            ChatOutcome::Complete(mut resp) => {
+                map.restore_response(&mut resp);
+                ChatOutcome::Complete(resp)
+            }
+            ChatOutcome::Stream(s) => ChatOutcome::Stream(restore::restore_stream(map.clone(), s)),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.detections.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn scanner(custom: &[(&str, &str)]) -> Scanner {
+        Scanner::build(&ProtectConfig {
+            policy: DataPolicy::Redact,
+            detectors: BUILTIN.iter().map(|s| (*s).to_owned()).collect(),
+            custom: custom
+                .iter()
+                .map(|(n, p)| ((*n).to_owned(), (*p).to_owned()))
+                .collect(),
+        })
+    }
+
+    /// A snapshot from a gateway file (sandbox routes) and one keys file.
+    fn snapshot(gateway: &str, keys: &str) -> Arc<crate::snapshot::Snapshot> {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("promptgate.yaml"), gateway).unwrap();
+        for sub in ["providers", "keys"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::write(
+            d.join("providers/sandbox.yaml"),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("keys/team.yaml"), keys).unwrap();
+        let cfg =
+            crate::config::load(&d.join("promptgate.yaml")).unwrap_or_else(|p| panic!("{p:?}"));
+        let book = crate::health::Book::default();
+        Arc::new(
+            crate::snapshot::Snapshot::build(cfg, &|_| None, &book)
+                .unwrap_or_else(|p| panic!("{p:?}")),
+        )
+    }
+
+    fn context(
+        snap: &Arc<crate::snapshot::Snapshot>,
+        route: &str,
+        key: Option<&str>,
+    ) -> RequestContext {
+        let caller = key.map(|id| crate::governance::Caller {
+            id: Arc::from(id),
+            key: Arc::new(snap.config.keys[id].clone()),
+        });
+        let headers = http::HeaderMap::new();
+        let placement = crate::pipeline::Placement::place(
+            snap.route(route).unwrap(),
+            &headers,
+            None,
+            caller.as_ref(),
+        );
+        RequestContext::new(
+            "req".into(),
+            crate::pipeline::ClientDialect::OpenAi,
+            snap.clone(),
+            placement,
+            &headers,
+            None,
+            caller,
+        )
+    }
+
+    fn request(text: &str) -> ChatRequest {
+        let body = serde_json::json!({"model": "r", "messages": [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "lookup", "arguments": format!("{{\"q\":\"{text}\"}}")}}]},
+        ]});
+        crate::backend::openai::decode_chat_request(body.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_key_policy_wins_over_the_route_and_the_route_over_the_gateway() {
+        let hash = "0".repeat(64);
+        let snap = snapshot(
+            "listen: 127.0.0.1:0\ndata_protection: {policy: redact}\nroutes:\n  plain: {provider: sandbox, model: echo}\n  strict: {provider: sandbox, model: echo, data: block}\n  open: {provider: sandbox, model: echo, data: off}\n",
+            &format!("careful: {{sha256: \"{hash}\", data: private}}\nplain: {{sha256: \"{}\"}}\n", "1".repeat(64)),
+        );
+        let metrics = crate::metrics::Metrics::new().unwrap().gov;
+        let text = "call 13800138000";
+        let cases = [
+            ("plain", None, DataPolicy::Redact),
+            ("strict", None, DataPolicy::Block),
+            ("open", None, DataPolicy::Off),
+            ("strict", Some("careful"), DataPolicy::Private),
+            ("open", Some("careful"), DataPolicy::Private),
+            ("strict", Some("plain"), DataPolicy::Block),
+        ];
+        for (route, key, want) in cases {
+            let mut ctx = context(&snap, route, key);
+            assert_eq!(policy(&ctx), want, "{route} {key:?}");
+            let mut req = request(text);
+            let result = apply(&mut ctx, &mut req, &metrics);
+            match want {
+                DataPolicy::Off => {
+                    let p = result.unwrap();
+                    assert!(p.is_empty());
+                    assert_eq!(req, request(text), "nothing changes");
+                }
+                DataPolicy::Block => {
+                    let e = result.err().unwrap();
+                    assert_eq!(e.code(), "sensitive_data");
+                    assert!(!e.to_string().contains("13800138000"));
+                }
+                DataPolicy::Private => {
+                    let p = result.unwrap();
+                    assert!(ctx.private);
+                    assert_eq!(p.action, Some("private"));
+                    assert_eq!(req, request(text), "sent as is, to self-hosted targets");
+                }
+                DataPolicy::Redact => {
+                    let p = result.unwrap();
+                    assert!(!ctx.private);
+                    assert_eq!(p.action, Some("redact"));
+                    assert_eq!(p.detections, [(Arc::from("cn_mobile"), 2)]);
+                    assert_eq!(
+                        req,
+                        request("call [CN_MOBILE_1]"),
+                        "text and tool-call arguments"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn custom_detectors_are_checked() {
+        assert!(check_custom("employee_id", r"EMP-\d{6}").is_ok());
+        assert!(check_custom("Employee", r"x").unwrap_err().contains("name"));
+        assert!(check_custom("cn_id", r"x")
+            .unwrap_err()
+            .contains("built-in"));
+        assert!(check_custom("e", r"(unclosed")
+            .unwrap_err()
+            .contains("invalid regular expression"));
+        assert!(check_custom("e", r"\d*").unwrap_err().contains("empty"));
+        assert!(check_custom("e", r"\w{1000}\w{1000}")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(check_custom("e", &"a".repeat(2000))
+            .unwrap_err()
+            .contains("at most"));
+    }
+
+    #[test]
+    fn custom_hits_join_builtin_hits_and_lose_overlaps_to_them() {
+        let s = scanner(&[("employee_id", r"EMP-\d{6}"), ("digits", r"\d{11}")]);
+        let text = "EMP-123456 and 13800138000";
+        let mut hits = Vec::new();
+        s.scan(text, &mut hits);
+        let named: Vec<(&str, &str)> = hits
+            .iter()
+            .map(|h| (&**s.name(h.kind), &text[h.start..h.end]))
+            .collect();
+        assert_eq!(
+            named,
+            [("employee_id", "EMP-123456"), ("cn_mobile", "13800138000")]
+        );
     }
 }

@@ -138,6 +138,8 @@ async fn chat(State(state): State<FakeState>, headers: HeaderMap, body: Bytes) -
     let none = Duration::ZERO;
     match (model.as_str(), stream) {
         ("chat", false) => json(200, fixture("openai/chat.json")),
+        ("echo", false) => json(200, echo_completion(&v)),
+        ("echo", true) => sse(state, echo_stream(&v), none, None),
         ("slow-chat", false) => {
             tokio::time::sleep(Duration::from_millis(300)).await;
             json(200, fixture("openai/chat.json"))
@@ -213,6 +215,60 @@ async fn chat(State(state): State<FakeState>, headers: HeaderMap, body: Bytes) -
             format!("{{\"error\":{{\"message\":\"The model `{model}` does not exist\",\"type\":\"invalid_request_error\",\"code\":\"model_not_found\"}}}}"),
         ),
     }
+}
+
+/// What model `echo` answers: `You said: ` and the last user message's text.
+pub fn echo_text(req: &Value) -> String {
+    let last = req["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .map(|m| &m["content"]);
+    let text = match last {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    };
+    format!("You said: {text}")
+}
+
+fn echo_completion(req: &Value) -> String {
+    serde_json::json!({
+        "id": "chatcmpl-echo", "object": "chat.completion", "created": 1, "model": "echo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": echo_text(req)}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
+    })
+    .to_string()
+}
+
+/// The echo as a stream of 3-byte pieces (whole characters), so any
+/// bracketed token in it is split across chunks.
+fn echo_stream(req: &Value) -> String {
+    let text = echo_text(req);
+    let chunk = |delta: Value, finish: Value| {
+        let c = serde_json::json!({
+            "id": "chatcmpl-echo", "object": "chat.completion.chunk", "created": 1, "model": "echo",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+        });
+        format!("data: {c}\n\n")
+    };
+    let mut out = chunk(
+        serde_json::json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    );
+    let mut piece = String::new();
+    for ch in text.chars() {
+        piece.push(ch);
+        if piece.len() >= 3 {
+            out.push_str(&chunk(serde_json::json!({"content": piece}), Value::Null));
+            piece.clear();
+        }
+    }
+    if !piece.is_empty() {
+        out.push_str(&chunk(serde_json::json!({"content": piece}), Value::Null));
+    }
+    out.push_str(&chunk(serde_json::json!({}), "stop".into()));
+    out.push_str("data: [DONE]\n\n");
+    out
 }
 
 async fn embeddings(State(state): State<FakeState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -236,4 +236,3 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }
-
