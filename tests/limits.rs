@@ -1108,3 +1108,39 @@ async fn a_crashed_replicas_concurrency_lease_expires() {
     let r = post(&url, None, &body).await;
     assert_eq!(r.status(), 200, "the expired lease was dropped");
 }
+
+/// Embeddings count their input against a token limit too.
+#[tokio::test]
+async fn embeddings_input_counts_against_a_token_limit() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(
+        &fake,
+        "  emb:\n    provider: fake\n    model: embed\n    limits: {tpm: 50}\n",
+    );
+    let gw = spawn_gateway(&g, &p).await;
+    let url = gw.url("/v1/embeddings");
+    let r = post(
+        &url,
+        None,
+        &json!({"model": "emb", "input": ["hello", "world"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let left: u64 = header(&r, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((40..50).contains(&left), "{left}");
+    let words: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
+    let r = post(&url, None, &json!({"model": "emb", "input": words})).await;
+    assert_eq!(r.status(), 429);
+    let b: Value = r.json().await.unwrap();
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("50 tokens per minute (tpm)"),
+        "{b}"
+    );
+    assert_eq!(fake.requests().len(), 1);
+}
