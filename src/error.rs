@@ -250,6 +250,10 @@ pub enum GatewayError {
     /// policy. The message names the types found, never the values.
     #[error("{message}")]
     SensitiveData { message: String },
+    /// 503: a shared store a request needs (the rate-limit store under
+    /// `limits.on_store_error: fail_closed`) is unavailable.
+    #[error("{message}")]
+    StoreUnavailable { message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -283,6 +287,7 @@ impl GatewayError {
             GatewayError::Forbidden { .. } => 403,
             GatewayError::Limited { .. } => 429,
             GatewayError::SensitiveData { .. } => 400,
+            GatewayError::StoreUnavailable { .. } => 503,
             GatewayError::Internal(_) => 500,
         }
     }
@@ -309,6 +314,7 @@ impl GatewayError {
             GatewayError::Forbidden { .. } => "permission_denied",
             GatewayError::Limited { code, .. } => code,
             GatewayError::SensitiveData { .. } => "sensitive_data",
+            GatewayError::StoreUnavailable { .. } => "store_unavailable",
             GatewayError::Internal(_) => "internal_error",
         }
     }

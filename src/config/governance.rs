@@ -554,6 +554,13 @@ pub(super) fn load(
     if store == Store::Sqlite {
         problems.add(f, "limits.store", "must be `memory` or `redis`");
     }
+    if store == Store::Memory && rate_redis.is_some() {
+        problems.add(
+            f,
+            "limits.redis",
+            "is set but `limits.store` is `memory` (the default): add `store: redis` to keep the counters in Redis, or remove `redis`",
+        );
+    }
     let rate_store = RateLimitStore {
         redis: if store == Store::Redis {
             rate_redis

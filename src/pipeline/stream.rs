@@ -142,6 +142,26 @@ pub(super) struct UsageTap {
     pub ticket: Option<Arc<crate::governance::Ticket>>,
 }
 
+/// A stream that did not reach its end (the client left, the upstream
+/// failed) still settles its output so far on the ticket, for token limits and
+/// spend: the usage the backend reported, else four bytes a token (no
+/// tokenizer on this path: it may run on an async worker at any time).
+impl Drop for UsageTap {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket.take() else {
+            return;
+        };
+        let usage = self.usage.unwrap_or_else(|| {
+            let bytes = self.output.len().saturating_add(self.output_beyond);
+            let out = u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX);
+            let mut u = Usage::new(self.prompt_tokens.unwrap_or(0), out);
+            u.estimated = true;
+            u
+        });
+        t.settle(&self.target, &usage);
+    }
+}
+
 impl UsageTap {
     fn observe(&mut self, ev: &StreamEvent) {
         if let Some((_, asm)) = &mut self.store {
@@ -192,7 +212,7 @@ impl UsageTap {
         let arm = self.arm.as_ref().map(|(a, _)| &**a);
         let m = &self.gateway.metrics;
         m.tokens(self.target.metrics(m), &self.route.name, arm, &usage);
-        if let Some(t) = &self.ticket {
+        if let Some(t) = self.ticket.take() {
             t.settle(&self.target, &usage);
         }
         self.record_end(true, u64::from(usage.total_tokens));

@@ -1782,6 +1782,7 @@ pub fn error_type(err: &GatewayError) -> &'static str {
         GatewayError::Forbidden { .. } => "permission_error",
         GatewayError::Limited { .. } => "rate_limit_error",
         GatewayError::SensitiveData { .. } => "invalid_request_error",
+        GatewayError::StoreUnavailable { .. } => "api_error",
         GatewayError::Upstream(e) => match e.kind {
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Overloaded => "overloaded_error",

@@ -1205,6 +1205,7 @@ pub fn error_body(err: &GatewayError, request_id: &str) -> Vec<u8> {
         GatewayError::SensitiveData { .. } => {
             ("invalid_request_error", Some("messages"), None, None)
         }
+        GatewayError::StoreUnavailable { .. } => ("server_error", None, None, None),
         GatewayError::Internal(_) => ("server_error", None, None, None),
     };
     let param = match (param, err) {
