@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 // parallel: each flag turns on the assertions marked `// needs: <feature>`.
 // Set them to true once those features are merged.
 const KEYS_BUILT: bool = true;
-const LIMITS_BUILT: bool = false;
+const LIMITS_BUILT: bool = true;
 const SPEND_BUILT: bool = true;
 const PROTECT_BUILT: bool = true;
 
