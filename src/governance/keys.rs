@@ -449,7 +449,8 @@ pub fn notes(cfg: &Config) -> Vec<String> {
             ("route", &k.routes, &routes),
             ("prompt", &k.prompts, &prompts),
         ] {
-            for g in globs {
+            // `*` (the default) allows whatever is configured, none included.
+            for g in globs.iter().filter(|g| g.as_str() != "*") {
                 if !names.iter().any(|n| glob(g.as_bytes(), n.as_bytes())) {
                     out.push(format!(
                         "{}: key `{}`: {what} pattern `{g}` matches no configured {what}",
