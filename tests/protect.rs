@@ -549,8 +549,32 @@ routes:
     }
 }
 
+/// The queries a loopback retrieval service (the `http` kind's contract)
+/// received; it answers every search with one passage.
+type Searches = Arc<Mutex<Vec<Value>>>;
+
+async fn spawn_search_service() -> (String, Searches) {
+    let log: Searches = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/search",
+            axum::routing::post(
+                |axum::extract::State(log): axum::extract::State<Searches>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    log.lock().unwrap().push(body);
+                    axum::Json(json!({"results": [{"text": "热线工作日值班。", "score": 0.9}]}))
+                },
+            ),
+        )
+        .with_state(log.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/search"), log)
+}
+
 /// A gateway whose prompts search a dense `local` retriever (`dense`) before
-/// rendering. Its query embeddings go through `emb`, an embeddings route that
+/// rendering; `remote` is an `http` retriever at `remote_url`. Its query embeddings go through `emb`, an embeddings route that
 /// tries the commercial fake first, then the self-hosted fake, then the
 /// (self-hosted) sandbox: a fake answers one text with two vectors, so each
 /// fake records the call and the route falls through to the sandbox, which
@@ -558,7 +582,7 @@ routes:
 /// the question), `lookup-blocked` (`block`) and `lookup-private` (`private`,
 /// commercial chat target first), whose messages do not hold the question:
 /// only the query carries the value.
-async fn start_dense() -> Env {
+async fn start_dense(remote_url: &str) -> Env {
     let commercial = spawn_fake().await;
     let onprem = spawn_fake().await;
     let dir = tempfile::tempdir().unwrap();
@@ -613,6 +637,11 @@ routes:
     std::fs::write(
         d.join("retrievers/dense.yaml"),
         "kind: local\npath: index/dense.db\nmode: dense\ntop_k: 1\nembedding: {route: emb}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("retrievers/remote.yaml"),
+        format!("kind: http\nurl: {remote_url}\ntop_k: 1\n"),
     )
     .unwrap();
     for (name, route, message) in [
@@ -685,7 +714,8 @@ async fn prompt(gw: &GatewayProcess, name: &str, question: &str) -> reqwest::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redacted_retrieval_queries_are_embedded_with_placeholders() {
-    let env = start_dense().await;
+    let (url, searches) = spawn_search_service().await;
+    let env = start_dense(&url).await;
     let (c0, o0) = (env.commercial.requests().len(), env.onprem.requests().len());
     // A prompt hook's query.
     let question = format!("售后服务热线 call me at {PHONE}");
@@ -740,6 +770,21 @@ async fn redacted_retrieval_queries_are_embedded_with_placeholders() {
     let inputs = embedded(&env.commercial, c2);
     assert!(inputs[0].contains("热线 [CN_MOBILE_1]"), "{inputs:?}");
 
+    // A remote retriever gets the redacted query.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "echo",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "remote", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        searches.lock().unwrap().last().unwrap()["query"],
+        "热线 [CN_MOBILE_1]"
+    );
+
     // Neither fake saw a value: not in an embeddings call, not in a chat call.
     let seen = format!(
         "{}\n{}",
@@ -758,7 +803,8 @@ async fn redacted_retrieval_queries_are_embedded_with_placeholders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_retrieval_query_is_refused_before_any_search() {
-    let env = start_dense().await;
+    let (url, searches) = spawn_search_service().await;
+    let env = start_dense(&url).await;
     let (c0, o0) = (env.commercial.requests().len(), env.onprem.requests().len());
     let r = prompt(&env.gw, "lookup-blocked", &format!("热线 {PHONE}")).await;
     assert_eq!(r.status(), 400);
@@ -783,10 +829,24 @@ async fn a_blocked_retrieval_query_is_refused_before_any_search() {
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "sensitive_data", "{v}");
+    // A remote retriever's query, too.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "blocked",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "remote", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     assert_eq!(
         (env.commercial.requests().len(), env.onprem.requests().len()),
         (c0, o0),
         "no embedding, search or chat call was made"
+    );
+    assert!(
+        searches.lock().unwrap().is_empty(),
+        "no remote search either"
     );
     let metrics = client()
         .get(format!("{}/metrics", env.gw.base))
@@ -803,8 +863,12 @@ async fn a_blocked_retrieval_query_is_refused_before_any_search() {
                 && l.contains("action=\"block\"")
                 && l.contains("route=\"blocked\"")
                 && l.contains("type=\"cn_mobile\"")
-                && l.ends_with(" 2")),
+                && l.ends_with(" 3")),
         "{metrics}"
+    );
+    assert!(
+        !metrics.contains("promptgate_prompt_errors_total{prompt=\"lookup-blocked\"}"),
+        "a refused query is not a prompt error: {metrics}"
     );
     // A clean query on the same route is searched and served.
     let r = prompt(&env.gw, "lookup-blocked", "售后服务热线").await;
@@ -814,7 +878,8 @@ async fn a_blocked_retrieval_query_is_refused_before_any_search() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_retrieval_query_is_embedded_and_answered_on_self_hosted_targets_only() {
-    let env = start_dense().await;
+    let (url, searches) = spawn_search_service().await;
+    let env = start_dense(&url).await;
     let (c0, o0) = (env.commercial.requests().len(), env.onprem.requests().len());
     let r = prompt(&env.gw, "lookup-private", &format!("热线 {PHONE}")).await;
     assert_eq!(r.status(), 200);
@@ -836,6 +901,23 @@ async fn a_private_retrieval_query_is_embedded_and_answered_on_self_hosted_targe
         inputs[0].contains(PHONE),
         "the self-hosted target gets the query as written"
     );
+    // A remote retriever is the enterprise's own service: it gets the query
+    // as written, and the request stays on self-hosted targets.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "private",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "remote", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-provider"], "onprem");
+    assert_eq!(
+        searches.lock().unwrap().last().unwrap()["query"],
+        format!("热线 {PHONE}")
+    );
+    assert_eq!(env.commercial.requests().len(), c0);
     // Without sensitive data the commercial targets serve as usual.
     let r = prompt(&env.gw, "lookup-private", "售后服务热线").await;
     assert_eq!(r.status(), 200);

@@ -226,9 +226,13 @@ async fn render_version(
 }
 
 /// A prompt the request cannot use; a prompt error (not a retriever's
-/// failure) is counted under the prompt's id when it is a configured one.
+/// failure, nor a query the data policy refused) is counted under the
+/// prompt's id when it is a configured one.
 fn refuse(gw: &Gateway, snap: &Snapshot, p: &PromptRef, e: GatewayError) -> Refused {
-    if !matches!(e, GatewayError::Retrieval { .. }) {
+    if !matches!(
+        e,
+        GatewayError::Retrieval { .. } | GatewayError::SensitiveData { .. }
+    ) {
         // Only configured ids become labels: a client naming random prompts
         // must not grow the metrics without bound.
         let label = if snap.prompts.get(&p.id).is_some() {
