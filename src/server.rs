@@ -949,6 +949,7 @@ async fn serve_chat(
     };
     let used = prepared.prompt.clone();
     let citing = Citing::new(std::mem::take(&mut prepared.retrieved.used));
+    let queries = std::mem::take(&mut prepared.retrieved.protected);
     let mut ctx = match RequestContext::for_chat(
         id.0.clone(),
         dialect,
@@ -967,10 +968,12 @@ async fn serve_chat(
     if let Err(e) = crate::governance::keys::authorize(&ctx) {
         return pipeline_error(d, e, &ctx);
     }
-    let protection = match crate::protect::apply(&mut ctx, &mut req, &app.gw.governor.metrics) {
+    let mut protection = match crate::protect::apply(&mut ctx, &mut req, &app.gw.governor.metrics) {
         Ok(p) => p,
         Err(e) => return pipeline_error(d, e, &ctx),
     };
+    // The retrieval queries were protected when they were searched.
+    protection.absorb(&queries);
     match app.gw.governor.admit(&mut ctx, Some(&req), None).await {
         Ok(t) => ctx.ticket = t,
         Err(e) => return pipeline_error(d, e, &ctx),
@@ -1012,7 +1015,7 @@ impl Citing {
         }
         let r = crate::pipeline::retrieve::Retrieved {
             used,
-            private: false,
+            ..Default::default()
         };
         let mut member = b",\"promptgate\":".to_vec();
         // Writing into a Vec cannot fail.
@@ -1406,15 +1409,29 @@ async fn retriever_search_handled(
     if let Some(k) = obj.keys().next() {
         return bad(format!("unknown field `{}`", LogSafe(k)), k);
     }
-    let search = crate::retrieval::Search {
+    let mut search = crate::retrieval::Search {
         query,
         top_k,
         filter,
     };
+    // The query is searched under the caller's data policy (its key's, else
+    // the embeddings route's, else the gateway's).
+    let route = embedding_route.and_then(|r| snap.route(r)).cloned();
+    let guard = retrieve::Guard {
+        data: crate::protect::policy_for(&snap, edge.caller.as_ref(), route.as_deref()),
+        route,
+    };
+    let found = match guard.check(&app.gw, &snap, &search.query) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
     let caller = retrieve::Caller {
         request_id: id.0.clone(),
-        private: crate::pipeline::context::private_header(headers),
+        private: crate::pipeline::context::private_header(headers) || found.private(),
     };
+    if let Some(q) = found.redacted {
+        search.query = q;
+    }
     let passages = match retrieve::search(&app.gw, state, &search, &caller).await {
         Ok(p) => p,
         Err(e) => return fail(retrieve::search_error(&name, e, "")),

@@ -548,3 +548,379 @@ routes:
         assert!(err.contains(needle), "{needle} in:\n{err}");
     }
 }
+
+/// The queries a loopback retrieval service (the `http` kind's contract)
+/// received; it answers every search with one passage.
+type Searches = Arc<Mutex<Vec<Value>>>;
+
+async fn spawn_search_service() -> (String, Searches) {
+    let log: Searches = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/search",
+            axum::routing::post(
+                |axum::extract::State(log): axum::extract::State<Searches>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    log.lock().unwrap().push(body);
+                    axum::Json(json!({"results": [{"text": "热线工作日值班。", "score": 0.9}]}))
+                },
+            ),
+        )
+        .with_state(log.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/search"), log)
+}
+
+/// A gateway whose prompts search a dense `local` retriever (`dense`) before
+/// rendering; `remote` is an `http` retriever at `remote_url`. Its query embeddings go through `emb`, an embeddings route that
+/// tries the commercial fake first, then the self-hosted fake, then the
+/// (self-hosted) sandbox: a fake answers one text with two vectors, so each
+/// fake records the call and the route falls through to the sandbox, which
+/// embeds. Prompts: `lookup` (route `echo`, policy `redact`; its message holds
+/// the question), `lookup-blocked` (`block`) and `lookup-private` (`private`,
+/// commercial chat target first), whose messages do not hold the question:
+/// only the query carries the value.
+async fn start_dense(remote_url: &str) -> Env {
+    let commercial = spawn_fake().await;
+    let onprem = spawn_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::write_config(
+        d,
+        r#"listen: 127.0.0.1:0
+breaker: {consecutive_failures: 1000}
+data_protection:
+  policy: redact
+routes:
+  echo:
+    provider: commercial
+    model: echo
+  blocked:
+    provider: commercial
+    model: echo
+    data: block
+  private:
+    data: private
+    targets:
+      - {provider: commercial, model: echo}
+      - {provider: onprem, model: echo}
+  emb:
+    targets:
+      - {provider: commercial, model: embed}
+      - {provider: onprem, model: embed}
+      - {provider: sandbox, model: vectors}
+"#,
+        &[
+            (
+                "commercial.yaml".into(),
+                format!(
+                    "kind: openai\nbase_url: {}\nself_hosted: false\n",
+                    commercial.base_url()
+                ),
+            ),
+            (
+                "onprem.yaml".into(),
+                format!(
+                    "kind: openai\nbase_url: {}\nself_hosted: true\n",
+                    onprem.base_url()
+                ),
+            ),
+            (
+                "sandbox.yaml".into(),
+                "kind: sandbox\nsandbox:\n  models:\n    vectors: {}\n".into(),
+            ),
+        ],
+    );
+    std::fs::create_dir_all(d.join("retrievers")).unwrap();
+    std::fs::write(
+        d.join("retrievers/dense.yaml"),
+        "kind: local\npath: index/dense.db\nmode: dense\ntop_k: 1\nembedding: {route: emb}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("retrievers/remote.yaml"),
+        format!("kind: http\nurl: {remote_url}\ntop_k: 1\n"),
+    )
+    .unwrap();
+    for (name, route, message) in [
+        (
+            "lookup",
+            "echo",
+            "{{ passages | length }} for {{ question }}",
+        ),
+        ("lookup-blocked", "blocked", "{{ passages | length }} found"),
+        ("lookup-private", "private", "{{ passages | length }} found"),
+    ] {
+        std::fs::write(
+            d.join(format!("prompts/{name}.yaml")),
+            format!(
+                "variables:\n  question: {{type: string}}\nlabels: {{production: 1}}\nversions:\n  1:\n    route: {route}\n    retrieval:\n      - {{retriever: dense, query: \"{{{{ question }}}}\", into: passages}}\n    messages:\n      - role: user\n        content: \"{message}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    let docs = d.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("hotline.md"), "售后服务热线工作日值班。\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .args(["ingest", "dense"])
+        .arg(&docs)
+        .arg("--config")
+        .arg(d.join("promptgate.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ingest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let gw = GatewayProcess::start_limited(
+        &d.join("promptgate.yaml"),
+        &[("RUST_LOG", "debug")],
+        4096,
+        log.clone(),
+    );
+    Env {
+        commercial,
+        onprem,
+        gw,
+        log,
+        _dir: dir,
+    }
+}
+
+/// The inputs of every embeddings call a fake received, from the `from`th
+/// request on.
+fn embedded(fake: &Fake, from: usize) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .skip(from)
+        .filter(|r| r.path == "/v1/embeddings")
+        .map(|r| r.body["input"].to_string())
+        .collect()
+}
+
+async fn prompt(gw: &GatewayProcess, name: &str, question: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/prompts/{name}/chat/completions", gw.base))
+        .json(&json!({"variables": {"question": question}}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redacted_retrieval_queries_are_embedded_with_placeholders() {
+    let (url, searches) = spawn_search_service().await;
+    let env = start_dense(&url).await;
+    let (c0, o0) = (env.commercial.requests().len(), env.onprem.requests().len());
+    // A prompt hook's query.
+    let question = format!("售后服务热线 call me at {PHONE}");
+    let r = prompt(&env.gw, "lookup", &question).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-retrieval"], "dense=1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        format!("You said: 1 for {question}"),
+        "the answer is restored"
+    );
+    let inputs = embedded(&env.commercial, c0);
+    assert_eq!(inputs.len(), 1, "{inputs:?}");
+    assert!(
+        inputs[0].contains("售后服务热线 call me at [CN_MOBILE_1]"),
+        "{inputs:?}"
+    );
+
+    // The chat extension's query (the last user message).
+    let c1 = env.commercial.requests().len();
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "echo",
+            "messages": [{"role": "user", "content": "who answers 13912345678?"}],
+            "retrieval": {"retriever": "dense"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "You said: who answers 13912345678?"
+    );
+    let inputs = embedded(&env.commercial, c1);
+    assert_eq!(inputs.len(), 1, "{inputs:?}");
+    assert!(
+        inputs[0].contains("who answers [CN_MOBILE_1]?"),
+        "{inputs:?}"
+    );
+
+    // The search endpoint's query.
+    let c2 = env.commercial.requests().len();
+    let r = client()
+        .post(format!("{}/v1/retrievers/dense/search", env.gw.base))
+        .json(&json!({"query": format!("热线 {PHONE}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let inputs = embedded(&env.commercial, c2);
+    assert!(inputs[0].contains("热线 [CN_MOBILE_1]"), "{inputs:?}");
+
+    // A remote retriever gets the redacted query.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "echo",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "remote", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        searches.lock().unwrap().last().unwrap()["query"],
+        "热线 [CN_MOBILE_1]"
+    );
+
+    // Neither fake saw a value: not in an embeddings call, not in a chat call.
+    let seen = format!(
+        "{}\n{}",
+        recorded(&env.commercial),
+        env.onprem.requests()[o0..]
+            .iter()
+            .map(|r| r.body.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for value in [PHONE, "13912345678"] {
+        assert!(!seen.contains(value), "{value} left the gateway: {seen}");
+    }
+    env.assert_log_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_retrieval_query_is_refused_before_any_search() {
+    let (url, searches) = spawn_search_service().await;
+    let env = start_dense(&url).await;
+    let (c0, o0) = (env.commercial.requests().len(), env.onprem.requests().len());
+    let r = prompt(&env.gw, "lookup-blocked", &format!("热线 {PHONE}")).await;
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "sensitive_data", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("retrieval query") && msg.contains("cn_mobile"),
+        "{msg}"
+    );
+    assert!(!body.contains(PHONE));
+    // The chat extension on the same route.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "blocked",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "dense", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "sensitive_data", "{v}");
+    // A remote retriever's query, too.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "blocked",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "remote", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        (env.commercial.requests().len(), env.onprem.requests().len()),
+        (c0, o0),
+        "no embedding, search or chat call was made"
+    );
+    assert!(
+        searches.lock().unwrap().is_empty(),
+        "no remote search either"
+    );
+    let metrics = client()
+        .get(format!("{}/metrics", env.gw.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("sensitive_detections_total")
+                && l.contains("action=\"block\"")
+                && l.contains("route=\"blocked\"")
+                && l.contains("type=\"cn_mobile\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("promptgate_prompt_errors_total{prompt=\"lookup-blocked\"}"),
+        "a refused query is not a prompt error: {metrics}"
+    );
+    // A clean query on the same route is searched and served.
+    let r = prompt(&env.gw, "lookup-blocked", "售后服务热线").await;
+    assert_eq!(r.status(), 200);
+    env.assert_log_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_retrieval_query_is_embedded_and_answered_on_self_hosted_targets_only() {
+    let (url, searches) = spawn_search_service().await;
+    let env = start_dense(&url).await;
+    let (c0, o0) = (env.commercial.requests().len(), env.onprem.requests().len());
+    let r = prompt(&env.gw, "lookup-private", &format!("热线 {PHONE}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-retrieval"], "dense=1");
+    assert_eq!(
+        r.headers()["x-promptgate-provider"],
+        "onprem",
+        "the request became private"
+    );
+    assert_eq!(
+        env.commercial.requests().len(),
+        c0,
+        "the commercial fake recorded nothing: {}",
+        recorded(&env.commercial)
+    );
+    let inputs = embedded(&env.onprem, o0);
+    assert_eq!(inputs.len(), 1, "{inputs:?}");
+    assert!(
+        inputs[0].contains(PHONE),
+        "the self-hosted target gets the query as written"
+    );
+    // A remote retriever is the enterprise's own service: it gets the query
+    // as written, and the request stays on self-hosted targets.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", env.gw.base))
+        .json(&json!({"model": "private",
+            "messages": [{"role": "user", "content": "hello"}],
+            "retrieval": {"retriever": "remote", "query": format!("热线 {PHONE}")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-provider"], "onprem");
+    assert_eq!(
+        searches.lock().unwrap().last().unwrap()["query"],
+        format!("热线 {PHONE}")
+    );
+    assert_eq!(env.commercial.requests().len(), c0);
+    // Without sensitive data the commercial targets serve as usual.
+    let r = prompt(&env.gw, "lookup-private", "售后服务热线").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-provider"], "commercial");
+    assert_eq!(embedded(&env.commercial, c0).len(), 1);
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use super::context::{Placement, PromptUse};
-use super::retrieve::{self, Caller, RetrievalRef, Retrieved};
+use super::retrieve::{self, Caller, Guard, RetrievalRef, Retrieved};
 use super::Gateway;
 use crate::canonical::ChatRequest;
 use crate::error::GatewayError;
@@ -61,12 +61,18 @@ pub async fn render(
     };
     if let Some(r) = retrieval {
         // The question goes to the embeddings route only as far as the
-        // request itself may go: a private route keeps it self-hosted.
+        // request itself may go: a private route keeps it self-hosted, and
+        // it is searched under the request's data policy.
+        let route = snap.route(&req.model).cloned();
         let caller = Caller {
-            private: caller.private || private_route(snap, &req.model),
+            private: caller.private || route.as_ref().is_some_and(|r| r.private),
             ..caller
         };
-        let found = retrieve::run_extension(gw, snap, r, req, &caller)
+        let guard = Guard {
+            data: crate::protect::policy_for(snap, who, route.as_deref()),
+            route,
+        };
+        let found = retrieve::run_extension(gw, snap, r, req, &caller, &guard)
             .await
             .map_err(|error| Refused {
                 error,
@@ -74,6 +80,7 @@ pub async fn render(
             })?;
         prepared.retrieved.private |= found.private;
         prepared.retrieved.used.extend(found.used);
+        prepared.retrieved.protected.merge(found.protected);
     }
     Ok(prepared)
 }
@@ -125,6 +132,16 @@ async fn render_prompt(
         .resolve(&p.id, &p.selector)
         .ok()
         .and_then(|(_, v)| v.route.clone());
+    // Their data policy is the request's: the route it will be served on is
+    // the arm's split, else the version's route, else the client's.
+    let route = match &placement {
+        Some(pl) => Some(pl.route.clone()),
+        None => version_route
+            .as_deref()
+            .and_then(|r| snap.route(r))
+            .or_else(|| snap.route(&req.model))
+            .cloned(),
+    };
     let caller = Caller {
         private: caller.private
             || private_route(snap, &req.model)
@@ -132,7 +149,11 @@ async fn render_prompt(
             || placement.as_ref().is_some_and(|pl| pl.route.private),
         ..caller.clone()
     };
-    let (r, retrieved) = render_version(gw, snap, &p, &caller).await?;
+    let guard = Guard {
+        data: crate::protect::policy_for(snap, who, route.as_deref()),
+        route,
+    };
+    let (r, retrieved) = render_version(gw, snap, &p, &caller, &guard).await?;
     let used = PromptUse {
         id: r.id.clone(),
         version: r.version,
@@ -184,6 +205,7 @@ async fn render_version(
     snap: &Snapshot,
     p: &PromptRef,
     caller: &Caller,
+    guard: &Guard,
 ) -> Result<(Rendered, Retrieved), Refused> {
     let prepared = snap
         .prompts
@@ -192,7 +214,7 @@ async fn render_version(
     let (filled, retrieved) = if prepared.version.retrieval.is_empty() {
         Default::default()
     } else {
-        retrieve::run_hooks(gw, snap, &prepared, caller)
+        retrieve::run_hooks(gw, snap, &prepared, caller, guard)
             .await
             .map_err(|e| refuse(gw, snap, p, e))?
     };
@@ -204,9 +226,13 @@ async fn render_version(
 }
 
 /// A prompt the request cannot use; a prompt error (not a retriever's
-/// failure) is counted under the prompt's id when it is a configured one.
+/// failure, nor a query the data policy refused) is counted under the
+/// prompt's id when it is a configured one.
 fn refuse(gw: &Gateway, snap: &Snapshot, p: &PromptRef, e: GatewayError) -> Refused {
-    if !matches!(e, GatewayError::Retrieval { .. }) {
+    if !matches!(
+        e,
+        GatewayError::Retrieval { .. } | GatewayError::SensitiveData { .. }
+    ) {
         // Only configured ids become labels: a client naming random prompts
         // must not grow the metrics without bound.
         let label = if snap.prompts.get(&p.id).is_some() {

@@ -6,6 +6,14 @@
 //! A hook's passages are trimmed (`min_score`, then `max_tokens` from the
 //! lowest-ranked up) and given to the template as data. A private retriever
 //! that returned a passage makes the request private.
+//!
+//! Queries are searched under the request's data policy
+//! ([`crate::protect::protect_query`]), before any search: a sensitive value
+//! in a query refuses the request (`block`), keeps the query's embeddings on
+//! self-hosted targets and makes the request private (`private`), or is
+//! replaced by its placeholder in what is searched (`redact`; the prompt and
+//! the retriever's context template still get the query as written, and the
+//! rendered request is protected as a whole afterwards).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,12 +24,13 @@ use tokio::time::Instant;
 use super::embedder::GatewayEmbedder;
 use super::Gateway;
 use crate::canonical::{ChatRequest, Message, Role};
-use crate::config::RetrieverConfig;
+use crate::config::{DataPolicy, RetrieverConfig};
 use crate::error::GatewayError;
 use crate::metrics::{Branch, RetrievalError, RetrieverHandles};
 use crate::prompt::{Hook, OnError};
+use crate::protect::QueryFound;
 use crate::retrieval::{Filter, Passage, RetrieverState, Search, SearchError};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Route, Snapshot};
 
 /// The gateway's retrieval state that outlives snapshots: a results cache and
 /// metric handles per configured retriever.
@@ -97,6 +106,47 @@ impl Retrieval {
 pub struct Caller {
     pub request_id: Arc<str>,
     pub private: bool,
+}
+
+/// The data policy a request's queries are searched under
+/// ([`crate::protect::policy_for`]), and its route when known (the
+/// detections' metric label). The default is `off`: nothing is scanned.
+#[derive(Clone, Default)]
+pub struct Guard {
+    pub data: DataPolicy,
+    pub route: Option<Arc<Route>>,
+}
+
+impl Guard {
+    /// Data protection of `query` before it is searched.
+    pub fn check(
+        &self,
+        gw: &Gateway,
+        snap: &Snapshot,
+        query: &str,
+    ) -> Result<QueryFound, GatewayError> {
+        crate::protect::protect_query(
+            snap,
+            self.data,
+            self.route.as_deref(),
+            &gw.governor.metrics,
+            query,
+        )
+    }
+}
+
+impl Caller {
+    /// This caller, private when `found` says the query must stay on
+    /// self-hosted targets (cloned only then).
+    fn kept<'a>(&'a self, found: &QueryFound, private: &'a mut Option<Caller>) -> &'a Caller {
+        if !found.private() || self.private {
+            return self;
+        }
+        private.insert(Caller {
+            private: true,
+            ..self.clone()
+        })
+    }
 }
 
 /// One search through `state`: validated, under the retriever's timeout,
@@ -192,8 +242,11 @@ pub struct Used {
 #[derive(Debug, Default, Clone)]
 pub struct Retrieved {
     pub used: Vec<Used>,
-    /// A private retriever returned at least one passage.
+    /// A private retriever returned at least one passage, or a query held
+    /// sensitive data under the `private` policy.
     pub private: bool,
+    /// What data protection found in the queries (for the audit log).
+    pub protected: QueryFound,
 }
 
 impl Retrieved {
@@ -299,19 +352,33 @@ pub async fn run_hooks(
     snap: &Snapshot,
     prepared: &crate::prompt::Prepared<'_>,
     caller: &Caller,
+    guard: &Guard,
 ) -> Result<(Map<String, Value>, Retrieved), GatewayError> {
     let hooks = &prepared.version.retrieval;
     let mut searches = Vec::with_capacity(hooks.len());
+    let mut found = QueryFound::default();
+    // Every query is checked before any search runs.
     for i in 0..hooks.len() {
-        searches.push(snap.prompts.hook_query(prepared, i)?);
+        let query = snap.prompts.hook_query(prepared, i)?;
+        let mut f = guard.check(gw, snap, &query)?;
+        searches.push(f.redacted.take().unwrap_or(query));
+        if !f.detections.is_empty() {
+            found.merge(f);
+        }
     }
+    let mut private = None;
+    let caller = caller.kept(&found, &mut private);
     let runs = hooks
         .iter()
         .zip(searches)
         .map(|(h, query)| run_hook(gw, snap, h, query, caller));
     let results = futures_util::future::join_all(runs).await;
     let mut filled = Map::new();
-    let mut out = Retrieved::default();
+    let mut out = Retrieved {
+        private: found.private(),
+        protected: found,
+        ..Retrieved::default()
+    };
     for (h, r) in hooks.iter().zip(results) {
         let (passages, private) = r?;
         out.private |= private;
@@ -498,6 +565,7 @@ pub async fn run_extension(
     r: RetrievalRef,
     req: &mut ChatRequest,
     caller: &Caller,
+    guard: &Guard,
 ) -> Result<Retrieved, GatewayError> {
     let Some(state) = snap.retrievers.get(&r.retriever) else {
         return Err(GatewayError::invalid(
@@ -520,8 +588,17 @@ pub async fn run_extension(
             }
         },
     };
+    let mut found = guard.check(gw, snap, &query)?;
+    // A redacted query is searched; the context template gets the query as
+    // written (the rendered request is protected as a whole afterwards).
+    let (searched, written) = match found.redacted.take() {
+        Some(redacted) => (redacted, Some(query)),
+        None => (query, None),
+    };
+    let mut private = None;
+    let caller = caller.kept(&found, &mut private);
     let s = Search {
-        query,
+        query: searched,
         top_k: r.top_k.unwrap_or(state.config.top_k),
         filter: r.filter,
     };
@@ -529,7 +606,8 @@ pub async fn run_extension(
         .await
         .map_err(|e| search_error(&r.retriever, e, "retrieval."))?;
     let list = Value::Array(passages.iter().map(passage_json).collect());
-    let text = snap.prompts.render_context(&r.retriever, &list, &s.query)?;
+    let written = written.as_deref().unwrap_or(&s.query);
+    let text = snap.prompts.render_context(&r.retriever, &list, written)?;
     let at = req
         .messages
         .iter()
@@ -537,11 +615,12 @@ pub async fn run_extension(
         .unwrap_or(req.messages.len());
     req.messages.insert(at, Message::text(Role::System, text));
     Ok(Retrieved {
-        private: state.config.private && !passages.is_empty(),
+        private: (state.config.private && !passages.is_empty()) || found.private(),
         used: vec![Used {
             retriever: state.id.clone(),
             passages: passages.to_vec(),
         }],
+        protected: found,
     })
 }
 
@@ -833,7 +912,7 @@ mod tests {
                     passages: vec![passage("d", 0.125)],
                 },
             ],
-            private: false,
+            ..Retrieved::default()
         };
         assert_eq!(r.header(), "kb=3,faq=1");
         let c = r.citations_json();

@@ -25,6 +25,7 @@ use crate::config::{DataPolicy, ProtectConfig};
 use crate::error::GatewayError;
 use crate::metrics::GovMetrics;
 use crate::pipeline::{ChatOutcome, RequestContext};
+use crate::snapshot::{Route, Snapshot};
 
 use detect::{Enabled, Hit};
 pub use restore::Restorer;
@@ -202,11 +203,179 @@ pub struct Protection {
 
 /// The policy of a request: its key's, else its route's, else the gateway's.
 pub fn policy(ctx: &RequestContext) -> DataPolicy {
-    ctx.caller
-        .as_ref()
+    policy_for(&ctx.snapshot, ctx.caller.as_ref(), Some(ctx.route()))
+}
+
+/// The policy of a request before its context exists (the render stage, the
+/// search endpoint): `caller`'s key's, else `route`'s, else the gateway's.
+pub fn policy_for(
+    snapshot: &Snapshot,
+    caller: Option<&crate::governance::Caller>,
+    route: Option<&Route>,
+) -> DataPolicy {
+    caller
         .and_then(|c| c.key.data)
-        .or(ctx.route().governance.data)
-        .unwrap_or(ctx.snapshot.config.protect.policy)
+        .or(route.and_then(|r| r.governance.data))
+        .unwrap_or(snapshot.config.protect.policy)
+}
+
+/// What data protection found in a retrieval query, and what it did.
+#[derive(Debug, Clone, Default)]
+pub struct QueryFound {
+    /// Detections by type (counts only); empty when the query is clean.
+    pub detections: Vec<(Arc<str>, u32)>,
+    /// `redact` or `private`, when something was found.
+    pub action: Option<&'static str>,
+    /// The query to search with when values were replaced by placeholders.
+    pub redacted: Option<String>,
+}
+
+impl QueryFound {
+    /// The query must be embedded on self-hosted targets only, and the
+    /// request it serves becomes private.
+    pub fn private(&self) -> bool {
+        self.action == Some("private")
+    }
+}
+
+/// Data protection of a retrieval query (a prompt hook's rendered query, the
+/// chat `retrieval` extension's, the search endpoint's) before it is searched,
+/// under `policy`: `block` → 400 `sensitive_data`; `private` → the caller must
+/// keep the query on self-hosted embeddings targets (remote `http`/`chroma`
+/// retrievers, the enterprise's own services, still get it); `redact` → the
+/// query to search with, each value replaced by a placeholder of the shape
+/// [`apply`] uses (nothing to restore: passages are not answers). Detections
+/// are counted in `metrics` under `route` (the request's route, if known).
+/// A clean query (or `off`) allocates nothing.
+pub fn protect_query(
+    snapshot: &Snapshot,
+    policy: DataPolicy,
+    route: Option<&Route>,
+    metrics: &GovMetrics,
+    query: &str,
+) -> Result<QueryFound, GatewayError> {
+    let scanner = &snapshot.protect;
+    if policy == DataPolicy::Off || scanner.is_empty() {
+        return Ok(QueryFound::default());
+    }
+    let mut hits = Vec::new();
+    scanner.scan(query, &mut hits);
+    if hits.is_empty() {
+        return Ok(QueryFound::default());
+    }
+    let detections = count(scanner, hits.iter());
+    let action = action_of(policy);
+    let label = route.map_or("unknown", |r| &*r.name);
+    for (kind, n) in &detections {
+        metrics.detection(kind, label, action, *n);
+    }
+    match policy {
+        DataPolicy::Block => Err(refusal("retrieval query", &detections)),
+        DataPolicy::Private => Ok(QueryFound {
+            detections,
+            action: Some(action),
+            redacted: None,
+        }),
+        _ => {
+            let mut r = Redactor::new(scanner, query);
+            let mut q = query.to_owned();
+            r.redact(&mut q, &hits);
+            Ok(QueryFound {
+                detections,
+                action: Some(action),
+                redacted: Some(q),
+            })
+        }
+    }
+}
+
+fn action_of(policy: DataPolicy) -> &'static str {
+    match policy {
+        DataPolicy::Block => "block",
+        DataPolicy::Private => "private",
+        _ => "redact",
+    }
+}
+
+/// Detections by type, in the scanner's order.
+fn count<'a>(scanner: &Scanner, hits: impl Iterator<Item = &'a Hit>) -> Vec<(Arc<str>, u32)> {
+    let mut counts = vec![0u32; scanner.names.len()];
+    for h in hits {
+        counts[h.kind as usize] = counts[h.kind as usize].saturating_add(1);
+    }
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (scanner.name(k as u16).clone(), *n))
+        .collect()
+}
+
+/// The `block` answer: the types found, never the values.
+fn refusal(what: &str, detections: &[(Arc<str>, u32)]) -> GatewayError {
+    let types: Vec<&str> = detections.iter().map(|(k, _)| &**k).collect();
+    GatewayError::SensitiveData {
+        message: format!(
+            "the {what} contains sensitive data ({}), which the data policy of this route does not let leave the gateway",
+            types.join(", ")
+        ),
+    }
+}
+
+/// Replaces values by stable placeholders (`[CN_MOBILE_1]`): the same value
+/// gets the same placeholder; placeholders the client's own text already
+/// holds are not used, so restoring never touches what the client wrote.
+struct Redactor<'s> {
+    scanner: &'s Scanner,
+    taken: HashSet<String>,
+    numbers: Vec<u32>,
+    by_value: HashMap<String, String>,
+    restorer: Restorer,
+}
+
+impl<'s> Redactor<'s> {
+    fn new(scanner: &'s Scanner, text: &str) -> Redactor<'s> {
+        let mut taken = HashSet::new();
+        restore::placeholders_in(text, &mut taken);
+        Redactor::with_taken(scanner, taken)
+    }
+
+    fn with_taken(scanner: &'s Scanner, taken: HashSet<String>) -> Redactor<'s> {
+        Redactor {
+            scanner,
+            taken,
+            numbers: vec![0u32; scanner.names.len()],
+            by_value: HashMap::new(),
+            restorer: Restorer::default(),
+        }
+    }
+
+    /// Replaces the `hits` of `s` (in order, not overlapping).
+    fn redact(&mut self, s: &mut String, hits: &[Hit]) {
+        let mut out = String::with_capacity(s.len());
+        let mut at = 0;
+        for h in hits {
+            out.push_str(&s[at..h.start]);
+            let value = &s[h.start..h.end];
+            if !self.by_value.contains_key(value) {
+                let label = &self.scanner.labels[h.kind as usize];
+                let n = &mut self.numbers[h.kind as usize];
+                let p = loop {
+                    *n = n.saturating_add(1);
+                    let p = format!("[{label}_{n}]");
+                    if !self.taken.contains(&p) {
+                        break p;
+                    }
+                };
+                self.restorer.insert(p.clone(), value.to_owned());
+                self.by_value.insert(value.to_owned(), p);
+            }
+            out.push_str(&self.by_value[value]);
+            at = h.end;
+        }
+        out.push_str(&s[at..]);
+        *s = out;
+    }
 }
 
 /// Every scanned text of a chat request, in a fixed order.
@@ -289,21 +458,8 @@ fn protect(
     if found.is_empty() {
         return Ok(Protection::default());
     }
-    let mut counts = vec![0u32; scanner.names.len()];
-    for h in found.iter().flat_map(|(_, h)| h) {
-        counts[h.kind as usize] = counts[h.kind as usize].saturating_add(1);
-    }
-    let detections: Vec<(Arc<str>, u32)> = counts
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| (scanner.name(k as u16).clone(), *n))
-        .collect();
-    let action = match policy {
-        DataPolicy::Block => "block",
-        DataPolicy::Private => "private",
-        _ => "redact",
-    };
+    let detections = count(scanner, found.iter().flat_map(|(_, h)| h));
+    let action = action_of(policy);
     for (kind, n) in &detections {
         metrics.detection(kind, &ctx.route().name, action, *n);
     }
@@ -314,13 +470,7 @@ fn protect(
     };
     match policy {
         DataPolicy::Block => {
-            let types: Vec<&str> = protection.detections.iter().map(|(k, _)| &**k).collect();
-            return Err(GatewayError::SensitiveData {
-                message: format!(
-                    "the request contains sensitive data ({}), which the data policy of this route does not let leave the gateway",
-                    types.join(", ")
-                ),
-            });
+            return Err(refusal("request", &protection.detections));
         }
         DataPolicy::Private => {
             ctx.private = true;
@@ -332,41 +482,17 @@ fn protect(
     // so restoring never touches what the client wrote.
     let mut taken = HashSet::new();
     visit(&mut |s: &mut String| restore::placeholders_in(s, &mut taken));
-    let mut numbers = vec![0u32; scanner.names.len()];
-    let mut by_value: HashMap<String, String> = HashMap::new();
-    let mut restorer = Restorer::default();
+    let mut redactor = Redactor::with_taken(scanner, taken);
     let mut next = found.iter().peekable();
     let mut index = 0;
     visit(&mut |s: &mut String| {
         let here = index;
         index += 1;
-        let Some((_, hits)) = next.next_if(|(i, _)| *i == here) else {
-            return;
-        };
-        let mut out = String::with_capacity(s.len());
-        let mut at = 0;
-        for h in hits {
-            out.push_str(&s[at..h.start]);
-            let value = &s[h.start..h.end];
-            if !by_value.contains_key(value) {
-                let label = &scanner.labels[h.kind as usize];
-                let n = &mut numbers[h.kind as usize];
-                let p = loop {
-                    *n = n.saturating_add(1);
-                    let p = format!("[{label}_{n}]");
-                    if !taken.contains(&p) {
-                        break p;
-                    }
-                };
-                restorer.insert(p.clone(), value.to_owned());
-                by_value.insert(value.to_owned(), p);
-            }
-            out.push_str(&by_value[value]);
-            at = h.end;
+        if let Some((_, hits)) = next.next_if(|(i, _)| *i == here) {
+            redactor.redact(s, hits);
         }
-        out.push_str(&s[at..]);
-        *s = out;
     });
+    let restorer = redactor.restorer;
     if restorable {
         protection.map = Some(Arc::new(restorer));
     }
@@ -402,6 +528,31 @@ impl Protection {
 
     pub fn is_empty(&self) -> bool {
         self.detections.is_empty()
+    }
+
+    /// Adds what the render stage found in the request's retrieval queries
+    /// (counted in metrics there already), for the audit log.
+    pub fn absorb(&mut self, queries: &QueryFound) {
+        for (kind, n) in &queries.detections {
+            match self.detections.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, m)) => *m = m.saturating_add(*n),
+                None => self.detections.push((kind.clone(), *n)),
+            }
+        }
+        self.action = self.action.or(queries.action);
+    }
+}
+
+impl QueryFound {
+    /// Adds another query's findings to these (the request's queries together).
+    pub fn merge(&mut self, other: QueryFound) {
+        for (kind, n) in other.detections {
+            match self.detections.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, m)) => *m = m.saturating_add(n),
+                None => self.detections.push((kind, n)),
+            }
+        }
+        self.action = self.action.or(other.action);
     }
 }
 
@@ -532,6 +683,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn retrieval_queries_are_protected_under_each_policy() {
+        let snap = snapshot(
+            "listen: 127.0.0.1:0\ndata_protection: {policy: redact}\nroutes:\n  plain: {provider: sandbox, model: echo}\n",
+            "{}\n",
+        );
+        let metrics = crate::metrics::Metrics::new().unwrap().gov;
+        let route = snap.route("plain").map(|r| &**r);
+        let query = "[CN_MOBILE_1] and 13800138000, again 13800138000";
+        let run = |policy, q: &str| protect_query(&snap, policy, route, &metrics, q);
+        let off = run(DataPolicy::Off, query).unwrap();
+        assert!(off.detections.is_empty() && off.redacted.is_none());
+        let clean = run(DataPolicy::Block, "refund policy").unwrap();
+        assert!(clean.detections.is_empty() && clean.action.is_none());
+        let e = run(DataPolicy::Block, query).err().unwrap();
+        assert_eq!(e.code(), "sensitive_data");
+        assert!(e
+            .to_string()
+            .contains("retrieval query contains sensitive data (cn_mobile)"));
+        assert!(!e.to_string().contains("13800138000"));
+        let private = run(DataPolicy::Private, query).unwrap();
+        assert!(private.private());
+        assert_eq!(private.detections, [(Arc::from("cn_mobile"), 2)]);
+        assert!(
+            private.redacted.is_none(),
+            "searched as written, self-hosted"
+        );
+        let redacted = run(DataPolicy::Redact, query).unwrap();
+        assert!(!redacted.private());
+        // The placeholder the query already held is not reused.
+        assert_eq!(
+            redacted.redacted.as_deref(),
+            Some("[CN_MOBILE_1] and [CN_MOBILE_2], again [CN_MOBILE_2]")
+        );
+        // What the queries found joins the request's own findings.
+        let mut p = Protection::default();
+        p.absorb(&redacted);
+        assert_eq!(p.detections, [(Arc::from("cn_mobile"), 2)]);
+        assert_eq!(p.action, Some("redact"));
     }
 
     #[test]
