@@ -109,6 +109,9 @@ def non_200(path):
 
 def cmd_report(a):
     runs = json.load(open(a.runs))  # [{"name", "round", "before", "after"}]
+    for r in runs:  # JSON keys are strings: the bucket bounds back to numbers
+        for h in (r["before"], r["after"]):
+            h["buckets"] = {float(k): v for k, v in h["buckets"].items()}
     bad = {r["name"]: 0 for r in runs}
     for r in runs:
         bad[r["name"]] += non_200(os.path.join(os.path.dirname(a.runs), "runs", f"{r['name']}-{r['round']}.csv"))
