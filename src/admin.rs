@@ -99,7 +99,8 @@ fn problems_json(ps: &[Problem]) -> Value {
 }
 
 async fn status(State(st): State<AdminState>) -> Response {
-    let snap = st.reloader.gateway().snapshot();
+    let gw = st.reloader.gateway();
+    let snap = gw.snapshot();
     let rs = st.reloader.status();
     let prompts: Vec<Value> = snap
         .prompts
@@ -126,6 +127,10 @@ async fn status(State(st): State<AdminState>) -> Response {
             }
         })
         .collect();
+    let mut keys_status =
+        crate::governance::keys::status_json(&snap.access, crate::governance::keys::now());
+    // Each key's limits and budget with its current use, as in /admin/keys.
+    keys_status["list"] = Value::Array(keys_json(&gw, &snap));
     let body = json!({
         "config": {
             "file": snap.config.file.display().to_string(),
@@ -143,7 +148,7 @@ async fn status(State(st): State<AdminState>) -> Response {
         "cache": cache_json(&st).await,
         "providers": providers,
         "prompts": prompts,
-        "keys": crate::governance::keys::status_json(&snap.access, crate::governance::keys::now()),
+        "keys": keys_status,
     });
     json_response(StatusCode::OK, body)
 }
@@ -153,10 +158,20 @@ async fn status(State(st): State<AdminState>) -> Response {
 async fn keys(State(st): State<AdminState>) -> Response {
     let gw = st.reloader.gateway();
     let snap = gw.snapshot();
+    let data = keys_json(&gw, &snap);
+    json_response(
+        StatusCode::OK,
+        json!({"mode": crate::governance::keys::mode_name(snap.access.mode), "keys": data}),
+    )
+}
+
+/// Every configured key (never its hash), sorted by id, with its current use
+/// of its limits and budget.
+fn keys_json(gw: &crate::Gateway, snap: &crate::snapshot::Snapshot) -> Vec<Value> {
     let now = crate::governance::keys::now();
     let mut callers: Vec<&crate::governance::Caller> = snap.access.callers().collect();
     callers.sort_by(|a, b| a.id.cmp(&b.id));
-    let data: Vec<Value> = callers
+    callers
         .into_iter()
         .map(|c| {
             let usage = json!({
@@ -165,11 +180,7 @@ async fn keys(State(st): State<AdminState>) -> Response {
             });
             crate::governance::keys::admin_json(c, now, usage)
         })
-        .collect();
-    json_response(
-        StatusCode::OK,
-        json!({"mode": crate::governance::keys::mode_name(snap.access.mode), "keys": data}),
-    )
+        .collect()
 }
 
 fn routes_json(snap: &crate::snapshot::Snapshot) -> Value {

@@ -569,6 +569,12 @@ async fn admin_lists_keys_with_limits_and_usage_but_never_a_hash() {
     assert_eq!(status["keys"]["count"], 5);
     assert_eq!(status["keys"]["usable"], 3);
     assert_eq!(status["keys"]["expired"], 1);
+    // …and each key's limits and spend, as in /admin/keys.
+    let listed = status["keys"]["list"].as_array().unwrap();
+    assert_eq!(listed.len(), 5);
+    assert_eq!(listed[3]["id"], "team-a");
+    assert_eq!(listed[3]["limits"]["rpm"], 100);
+    assert!(listed[3]["usage"].get("spend").is_some(), "{status}");
     assert_no_secret(&status.to_string());
 }
 
