@@ -130,7 +130,7 @@ async fn status(State(st): State<AdminState>) -> Response {
     let mut keys_status =
         crate::governance::keys::status_json(&snap.access, crate::governance::keys::now());
     // Each key's limits and budget with its current use, as in /admin/keys.
-    keys_status["list"] = Value::Array(keys_json(&gw, &snap));
+    keys_status["list"] = Value::Array(keys_json(gw, &snap));
     let body = json!({
         "config": {
             "file": snap.config.file.display().to_string(),
@@ -158,7 +158,7 @@ async fn status(State(st): State<AdminState>) -> Response {
 async fn keys(State(st): State<AdminState>) -> Response {
     let gw = st.reloader.gateway();
     let snap = gw.snapshot();
-    let data = keys_json(&gw, &snap);
+    let data = keys_json(gw, &snap);
     json_response(
         StatusCode::OK,
         json!({"mode": crate::governance::keys::mode_name(snap.access.mode), "keys": data}),
