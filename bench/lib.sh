@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shared by bench/load.sh, bench/cache_hit.sh and bench/ab.sh: the tools they need, the release
-# build, waiting for an idle machine and for a port. The caller sets ROOT, BENCH, TOOLS,
+# Shared by the bench scripts: the tools they need, the release build, waiting for an idle
+# machine and for a port, and the clean-up of a run. The caller sets ROOT, BENCH, OUT, TOOLS,
 # PG_BIN, IDLE_WAIT and defines say/die before sourcing this file.
 
 apt_install() {
@@ -84,4 +84,45 @@ wait_port() {  # port pid name
     sleep 0.1
   done
   die "$3 is not listening on 127.0.0.1:$1 after 10s"
+}
+
+# The run's processes and scratch folder: every server and load generator goes into PIDS,
+# TMP is the scratch folder, KEEP_LOGS lists "file-in-TMP:name-in-OUT/logs" pairs to keep.
+# `bench_traps` makes every exit (normal, error, Ctrl-C, TERM) stop the processes (TERM,
+# up to 5 s, then KILL), copy those logs and remove TMP.
+PIDS=()
+TMP=""
+KEEP_LOGS=()
+bench_cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local pid pair
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ -n "$TMP" && -d "$TMP" ]]; then
+    mkdir -p "$OUT/logs"
+    for pair in "${KEEP_LOGS[@]}"; do
+      cp -f "$TMP/${pair%%:*}" "$OUT/logs/${pair#*:}" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+  fi
+  [[ $rc -eq 0 ]] || say "failed (exit $rc)"
+  exit "$rc"
+}
+bench_traps() {
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# Dies unless every port given is free on 127.0.0.1.
+bench_ports_free() {
+  local p
+  for p in "$@"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is already in use"; fi
+  done
 }

@@ -28,44 +28,16 @@ PORTS=(19001 19002 19003)
 say() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
-# ------------------------------------------------------------------ cleanup
-PIDS=()
-TMP=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if [[ -n "$TMP" && -d "$TMP" ]]; then
-    mkdir -p "$OUT/logs"
-    cp -f "$TMP/promptgate.log" "$OUT/logs/promptgate.log" 2>/dev/null || true
-    cp -f "$TMP/nginx-upstream/logs/error.log" "$OUT/logs/nginx-upstream-error.log" 2>/dev/null || true
-    cp -f "$TMP/nginx-proxy/logs/error.log" "$OUT/logs/nginx-proxy-error.log" 2>/dev/null || true
-    rm -rf "$TMP"
-  fi
-  [[ $rc -eq 0 ]] || say "failed (exit $rc)"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # ------------------------------------------------------------------ tools, build, idle machine
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
+KEEP_LOGS=(promptgate.log:promptgate.log nginx-upstream/logs/error.log:nginx-upstream-error.log nginx-proxy/logs/error.log:nginx-proxy-error.log)
+bench_traps
 bench_tools
 bench_build
 bench_wait_idle
 
-for p in "${PORTS[@]}"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is already in use"; fi
-done
+bench_ports_free "${PORTS[@]}"
 
 # ------------------------------------------------------------------ configs + start
 TMP=$(mktemp -d /tmp/promptgate-bench.XXXXXX)

@@ -33,37 +33,14 @@ PORTS=(19001 19003 19004)
 say() { printf '[governance/overhead.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
-PIDS=()
-TMP=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if [[ -n "$TMP" && -d "$TMP" ]]; then
-    mkdir -p "$OUT/logs"
-    for n in plain governed; do cp -f "$TMP/$n.log" "$OUT/logs/governance-$n.log" 2>/dev/null || true; done
-    rm -rf "$TMP"
-  fi
-  [[ $rc -eq 0 ]] || say "failed (exit $rc)"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # shellcheck source=../lib.sh
 source "$BENCH/lib.sh"
+KEEP_LOGS=(plain.log:governance-plain.log governed.log:governance-governed.log)
+bench_traps
 bench_tools
 bench_build
 
-for p in "${PORTS[@]}"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is already in use"; fi
-done
+bench_ports_free "${PORTS[@]}"
 
 TMP=$(mktemp -d /tmp/promptgate-governance.XXXXXX)
 python3 "$BENCH/bench.py" gen --dir "$TMP" >/dev/null   # its nginx upstream

@@ -51,34 +51,11 @@ PORTS=(19001 19003)
 say() { printf '[request_overhead.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
-# ------------------------------------------------------------------ cleanup
-PIDS=()
-TMP=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if [[ -n "$TMP" && -d "$TMP" ]]; then
-    mkdir -p "$OUT/logs"
-    cp -f "$TMP/promptgate.log" "$OUT/logs/overhead-promptgate.log" 2>/dev/null || true
-    cp -f "$TMP/nginx-upstream/logs/error.log" "$OUT/logs/overhead-nginx-upstream-error.log" 2>/dev/null || true
-    rm -rf "$TMP"
-  fi
-  [[ $rc -eq 0 ]] || say "failed (exit $rc)"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # ------------------------------------------------------------------ tools, build
 # shellcheck source=../lib.sh
 source "$BENCH/lib.sh"
+KEEP_LOGS=(promptgate.log:overhead-promptgate.log nginx-upstream/logs/error.log:overhead-nginx-upstream-error.log)
+bench_traps
 bench_tools
 bench_build
 if (( SCALE > 0 )) && [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
@@ -89,9 +66,7 @@ if (( SCALE > 0 )) && [[ ! -x "$EVAL_BIN" ]]; then
   die "no $EVAL_BIN for the ${SCALE}-passage corpus (build it, or BENCH_SCALE=0)"
 fi
 
-for p in "${PORTS[@]}"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is already in use"; fi
-done
+bench_ports_free "${PORTS[@]}"
 
 # ------------------------------------------------------------------ configs, ingest
 TMP=$(mktemp -d /tmp/promptgate-overhead.XXXXXX)
