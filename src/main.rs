@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand};
 
 use promptgate::backend::ProviderState;
 
+/// mimalloc instead of the system allocator: a request allocates and frees many
+/// small buffers on two worker threads, and glibc's arenas spent ~14 % of the
+/// CPU of a saturated gateway in malloc/free and their lock (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "promptgate",

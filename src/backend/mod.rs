@@ -82,6 +82,48 @@ pub trait Provider: Send + Sync {
     fn health(&self) -> Option<BoxFuture<'_, Result<(), UpstreamError>>> {
         None
     }
+
+    /// The same-dialect fast path: sends `body` (an OpenAI chat completion
+    /// request, already in this backend's format) as it is, and returns the
+    /// answer's bytes untouched. `None` when this backend does not speak
+    /// OpenAI's chat format byte for byte (its codec says so: see
+    /// [`Codec::forwards_openai_chat`]). A non-2xx answer is classified by the
+    /// codec, exactly as for [`Provider::chat`]; the caller reads the bytes
+    /// (usage, an error inside a 200, the stream's end).
+    fn forward(&self, _call: RawCall) -> Option<BoxFuture<'_, Result<RawAnswer, UpstreamError>>> {
+        None
+    }
+}
+
+/// How a backend takes forwarded OpenAI chat bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The chat completions path under the base URL.
+    pub path: &'a str,
+    /// Streams must ask for the final usage chunk
+    /// (`stream_options.include_usage`) even when the client did not.
+    pub stream_usage: bool,
+}
+
+/// A request forwarded as bytes by the fast path.
+#[derive(Debug, Clone)]
+pub struct RawCall {
+    /// The request body, in the backend's format (the client's bytes with the
+    /// backend's model spliced in).
+    pub body: bytes::Bytes,
+    /// The body asks for a stream: the answer is read as one.
+    pub stream: bool,
+}
+
+/// A 2xx answer to a [`RawCall`], its bytes untouched.
+pub enum RawAnswer {
+    /// A whole JSON body (a non-streaming answer, or a backend that answered a
+    /// stream request with JSON), read under the provider's limits.
+    Whole(bytes::Bytes),
+    /// The body of an event stream, chunk by chunk as it arrives, bounded by
+    /// the provider's idle and total timeouts and size limits; a cut, a stall
+    /// or an overflow ends it with one error.
+    Stream(futures_util::stream::BoxStream<'static, Result<bytes::Bytes, UpstreamError>>),
 }
 
 /// An HTTP call a codec wants made: path relative to the provider's base URL, JSON
@@ -125,6 +167,15 @@ pub trait Codec: Send + Sync + 'static {
     }
     /// A cheap `GET` path (relative to the base URL) that answers 2xx when the
     /// backend is ready to serve, for readiness and health checks.
+    /// The path under the base URL where this backend takes OpenAI chat
+    /// completion bodies as they are (no rewriting of messages, tools or
+    /// parameters beyond `model` and `stream_options`): the fast path may
+    /// forward the client's bytes to it. `None` (the default) for every codec
+    /// that translates.
+    fn forwards_openai_chat(&self) -> Option<Forwarding<'_>> {
+        None
+    }
+
     fn health_path(&self) -> Option<&str> {
         None
     }

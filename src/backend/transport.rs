@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
 use super::auth::{AuthPart, Credential};
-use super::{Codec, EventStream, HttpCall, Provider, StreamDecoder};
+use super::{Codec, EventStream, HttpCall, Provider, RawAnswer, RawCall, StreamDecoder};
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::framing::FrameDecoder;
@@ -238,12 +238,21 @@ impl HttpProvider {
     /// Sends `call` and waits for response headers. Non-2xx answers are read and
     /// classified by the codec.
     async fn send(&self, call: HttpCall) -> Result<reqwest::Response, UpstreamError> {
+        self.send_body(&call.path, call.body, call.headers).await
+    }
+
+    async fn send_body(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut rb = self
             .client
-            .post(self.url_for(&call.path)?)
+            .post(self.url_for(path)?)
             .headers(self.headers.clone())
-            .body(call.body);
-        for (k, v) in call.headers {
+            .body(body);
+        for (k, v) in headers {
             rb = rb.header(k, v);
         }
         let dynamic = match &self.credential {
@@ -435,6 +444,106 @@ impl Provider for HttpProvider {
             self.codec.embeddings_response(b)
         }))
     }
+
+    fn forward(&self, call: RawCall) -> Option<BoxFuture<'_, Result<RawAnswer, UpstreamError>>> {
+        let path = self.codec.forwards_openai_chat()?.path;
+        Some(Box::pin(async move {
+            let deadline = deadline_after(self.timeouts.total);
+            let timed_out = || {
+                self.own(UpstreamError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "backend did not finish within {}",
+                        humantime::format_duration(self.timeouts.total)
+                    ),
+                ))
+            };
+            let resp =
+                tokio::time::timeout_at(deadline, self.send_body(path, call.body, Vec::new()))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| self.own(e))?;
+            let is_json = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/json"));
+            if !call.stream || is_json {
+                let body = tokio::time::timeout_at(
+                    deadline,
+                    read_body(resp, self.limits.max_response_bytes),
+                )
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| self.own(e))?;
+                return Ok(RawAnswer::Whole(body));
+            }
+            Ok(RawAnswer::Stream(byte_stream(
+                resp,
+                StreamLimits {
+                    idle: self.timeouts.idle,
+                    deadline,
+                    sizes: self.limits,
+                },
+                self.id.clone(),
+                self.secret.clone(),
+            )))
+        }))
+    }
+}
+
+/// A streamed body's bytes as they arrive, under the stream's idle and total
+/// timeouts and its size limit; ends with one error on a stall, a cut or an
+/// overflow.
+fn byte_stream(
+    resp: reqwest::Response,
+    limits: StreamLimits,
+    provider: Arc<str>,
+    secret: Option<String>,
+) -> futures_util::stream::BoxStream<'static, Result<Bytes, UpstreamError>> {
+    let own = move |e: UpstreamError| {
+        let mut e = e.redact(secret.as_deref());
+        e.provider = provider.to_string();
+        e
+    };
+    Box::pin(async_stream::stream! {
+        let mut body = resp.bytes_stream();
+        let mut received: usize = 0;
+        loop {
+            let wait_until = deadline_after(limits.idle).min(limits.deadline);
+            let next = match tokio::time::timeout_at(wait_until, body.next()).await {
+                Err(_) => {
+                    let what = if Instant::now() >= limits.deadline { "the total time limit" } else { "the idle timeout" };
+                    yield Err(own(UpstreamError::new(
+                        ErrorKind::Timeout,
+                        format!("backend stream stalled past {what}"),
+                    )));
+                    return;
+                }
+                Ok(n) => n,
+            };
+            match next {
+                None => return,
+                Some(Err(e)) => {
+                    let mut e = classify_transport_error(e);
+                    if e.kind == ErrorKind::Connect {
+                        e.kind = ErrorKind::MalformedResponse;
+                        e.message = format!("backend stream was cut: {}", e.message);
+                    }
+                    yield Err(own(e));
+                    return;
+                }
+                Some(Ok(b)) => {
+                    received = received.saturating_add(b.len());
+                    if received > limits.sizes.max_response_bytes {
+                        yield Err(own(too_large("stream", limits.sizes.max_response_bytes)));
+                        return;
+                    }
+                    yield Ok(b);
+                }
+            }
+        }
+    })
 }
 
 struct StreamLimits {

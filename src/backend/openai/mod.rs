@@ -93,6 +93,14 @@ impl Codec for OpenAiCodec {
         Some("/models")
     }
 
+    /// Legacy function-calling servers need the transcript rewritten.
+    fn forwards_openai_chat(&self) -> Option<super::Forwarding<'_>> {
+        (!self.quirks.legacy_functions).then_some(super::Forwarding {
+            path: &self.quirks.chat_path,
+            stream_usage: self.quirks.stream_usage,
+        })
+    }
+
     fn chat_call(&self, req: &ChatRequest, model: &str) -> Result<HttpCall, UpstreamError> {
         Ok(HttpCall {
             path: self.quirks.chat_path.clone(),
