@@ -29,11 +29,41 @@ enum InRole {
     Function,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A message's `content`: a string or a list of parts. Written by hand rather
+/// than as an untagged enum, which would buffer every content into serde's
+/// intermediate form before trying each variant.
 enum InContent {
     Text(String),
     Parts(Vec<Value>),
+}
+
+impl<'de> Deserialize<'de> for InContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<InContent, E> {
+                Ok(InContent::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<InContent, E> {
+                Ok(InContent::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<InContent, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(p) = seq.next_element::<Value>()? {
+                    parts.push(p);
+                }
+                Ok(InContent::Parts(parts))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -142,44 +172,124 @@ struct InStreamOptions {
     include_usage: Option<bool>,
 }
 
-#[derive(Deserialize)]
+/// A client's chat request. Deserialized by hand (below): the known fields are
+/// read in one pass and every other member is kept in `extra`, which a
+/// `#[serde(flatten)]` map would do only after buffering the whole object.
 struct InChatRequest {
     model: String,
     messages: Vec<InMessage>,
-    #[serde(default)]
     temperature: Option<f64>,
-    #[serde(default)]
     top_p: Option<f64>,
-    #[serde(default)]
     max_tokens: Option<u32>,
-    #[serde(default)]
     max_completion_tokens: Option<u32>,
-    #[serde(default)]
     stop: Option<InStop>,
-    #[serde(default)]
     seed: Option<i64>,
-    #[serde(default)]
     n: Option<u32>,
-    #[serde(default)]
     presence_penalty: Option<f64>,
-    #[serde(default)]
     frequency_penalty: Option<f64>,
-    #[serde(default)]
     user: Option<String>,
-    #[serde(default)]
     tools: Option<Vec<InToolDef>>,
-    #[serde(default)]
     tool_choice: Option<Value>,
-    #[serde(default)]
     parallel_tool_calls: Option<bool>,
-    #[serde(default)]
     response_format: Option<Value>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     stream_options: Option<InStreamOptions>,
-    #[serde(flatten)]
     extra: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for InChatRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InChatRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a chat completion request object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<InChatRequest, A::Error> {
+                use serde::de::Error;
+                let mut model: Option<String> = None;
+                let mut messages: Option<Vec<InMessage>> = None;
+                let mut r = InChatRequest {
+                    model: String::new(),
+                    messages: Vec::new(),
+                    temperature: None,
+                    top_p: None,
+                    max_tokens: None,
+                    max_completion_tokens: None,
+                    stop: None,
+                    seed: None,
+                    n: None,
+                    presence_penalty: None,
+                    frequency_penalty: None,
+                    user: None,
+                    tools: None,
+                    tool_choice: None,
+                    parallel_tool_calls: None,
+                    response_format: None,
+                    stream: None,
+                    stream_options: None,
+                    extra: Map::new(),
+                };
+                // A known field given twice is refused, as a derived
+                // implementation would; `Option` fields hold `null` as `None`.
+                macro_rules! once {
+                    ($slot:expr, $name:literal) => {{
+                        if $slot.is_some() {
+                            return Err(A::Error::duplicate_field($name));
+                        }
+                        $slot = map.next_value()?;
+                    }};
+                }
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "model" => {
+                            if model.is_some() {
+                                return Err(A::Error::duplicate_field("model"));
+                            }
+                            model = Some(map.next_value()?);
+                        }
+                        "messages" => {
+                            if messages.is_some() {
+                                return Err(A::Error::duplicate_field("messages"));
+                            }
+                            messages = Some(map.next_value()?);
+                        }
+                        "temperature" => once!(r.temperature, "temperature"),
+                        "top_p" => once!(r.top_p, "top_p"),
+                        "max_tokens" => once!(r.max_tokens, "max_tokens"),
+                        "max_completion_tokens" => {
+                            once!(r.max_completion_tokens, "max_completion_tokens")
+                        }
+                        "stop" => once!(r.stop, "stop"),
+                        "seed" => once!(r.seed, "seed"),
+                        "n" => once!(r.n, "n"),
+                        "presence_penalty" => once!(r.presence_penalty, "presence_penalty"),
+                        "frequency_penalty" => once!(r.frequency_penalty, "frequency_penalty"),
+                        "user" => once!(r.user, "user"),
+                        "tools" => once!(r.tools, "tools"),
+                        "tool_choice" => once!(r.tool_choice, "tool_choice"),
+                        "parallel_tool_calls" => {
+                            once!(r.parallel_tool_calls, "parallel_tool_calls")
+                        }
+                        "response_format" => once!(r.response_format, "response_format"),
+                        "stream" => once!(r.stream, "stream"),
+                        "stream_options" => once!(r.stream_options, "stream_options"),
+                        _ => {
+                            let v: Value = map.next_value()?;
+                            r.extra.insert(key.into_owned(), v);
+                        }
+                    }
+                }
+                r.model = model.ok_or_else(|| A::Error::missing_field("model"))?;
+                r.messages = messages.ok_or_else(|| A::Error::missing_field("messages"))?;
+                Ok(r)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Turns a serde error into a 400 that names the offending field.
@@ -208,7 +318,13 @@ fn decode_error(e: serde_path_to_error::Error<serde_json::Error>) -> GatewayErro
     }
 }
 
+/// Decodes `body`; a body that fails is decoded again with the path of the
+/// failing field tracked, for the error message (tracking costs on every
+/// field, and almost every request is valid).
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    if let Ok(v) = serde_json::from_slice(body) {
+        return Ok(v);
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     let v = serde_path_to_error::deserialize(de).map_err(decode_error)?;
     Ok(v)
