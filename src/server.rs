@@ -170,7 +170,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Edge {
             .get::<Edge>()
             .cloned()
             .unwrap_or_else(|| Edge {
-                id: RequestId(new_request_id().into()),
+                id: RequestId(new_request_id()),
                 start: Instant::now(),
                 caller: None,
             }))
@@ -205,15 +205,24 @@ struct Outcome {
     cache: Option<&'static str>,
 }
 
-fn new_request_id() -> String {
+/// `pg-` and 20 hex digits: a random per-process prefix (8) and a counter (12).
+/// Written on the stack; the one allocation is the id's `Arc<str>`.
+fn new_request_id() -> Arc<str> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let prefix = *PREFIX.get_or_init(rand::random);
-    format!(
-        "pg-{prefix:08x}{:012x}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let prefix = u64::from(*PREFIX.get_or_init(rand::random));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff;
+    let mut out = *b"pg-00000000000000000000";
+    for (i, slot) in out[3..11].iter_mut().enumerate() {
+        *slot = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    for (i, slot) in out[11..].iter_mut().enumerate() {
+        *slot = HEX[((n >> (44 - 4 * i)) & 0xf) as usize];
+    }
+    // Only ASCII hex digits were written.
+    Arc::from(std::str::from_utf8(&out).unwrap_or("pg-0"))
 }
 
 fn valid_request_id(v: &HeaderValue) -> bool {
@@ -230,7 +239,7 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         .filter(|v| valid_request_id(v))
     {
         Some(v) => String::from_utf8_lossy(v.as_bytes()).into(),
-        None => new_request_id().into(),
+        None => new_request_id(),
     };
     let anthropic = req.uri().path() == "/v1/messages";
     // Every API call is authenticated here, once: the caller travels in `Edge`.
@@ -607,10 +616,22 @@ impl FromRequest<AppState> for LimitedBody {
         }
         let mut body = http_body_util::Limited::new(req.into_body(), limit);
         let mut buf = bytes::BytesMut::new();
+        let mut first: Option<Bytes> = None;
         loop {
-            let left = whole.saturating_sub(started.elapsed());
-            match tokio::time::timeout(idle.min(left), body.frame()).await {
-                Err(_) if left <= idle => {
+            // A frame already received (the usual small body arrives with its
+            // head) is taken without arming a timer.
+            let ready = futures_util::FutureExt::now_or_never(body.frame());
+            let next = match ready {
+                Some(frame) => Ok(frame),
+                None => {
+                    let left = whole.saturating_sub(started.elapsed());
+                    tokio::time::timeout(idle.min(left), body.frame())
+                        .await
+                        .map_err(|_| left <= idle)
+                }
+            };
+            match next {
+                Err(true) => {
                     return Ok(LimitedBody(Err(GatewayError::BodyTimeout {
                         message: format!(
                             "the request body did not arrive within {}",
@@ -618,7 +639,7 @@ impl FromRequest<AppState> for LimitedBody {
                         ),
                     })))
                 }
-                Err(_) => {
+                Err(false) => {
                     return Ok(LimitedBody(Err(GatewayError::BodyTimeout {
                         message: format!(
                             "the request body stalled: nothing arrived for {}",
@@ -629,7 +650,15 @@ impl FromRequest<AppState> for LimitedBody {
                 Ok(None) => break,
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        buf.extend_from_slice(&data);
+                        // The common case, one frame, is kept without a copy.
+                        if first.is_none() && buf.is_empty() {
+                            first = Some(data);
+                        } else {
+                            if let Some(f) = first.take() {
+                                buf.extend_from_slice(&f);
+                            }
+                            buf.extend_from_slice(&data);
+                        }
                     }
                 }
                 Ok(Some(Err(e))) => {
@@ -644,7 +673,10 @@ impl FromRequest<AppState> for LimitedBody {
                 }
             }
         }
-        Ok(LimitedBody(Ok(buf.freeze())))
+        Ok(LimitedBody(Ok(match first {
+            Some(f) => f,
+            None => buf.freeze(),
+        })))
     }
 }
 
@@ -1909,7 +1941,7 @@ pub async fn serve_with(
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        error_response(&OpenAi, self, &RequestId(new_request_id().into()), None).response
+        error_response(&OpenAi, self, &RequestId(new_request_id()), None).response
     }
 }
 
@@ -1972,6 +2004,21 @@ mod tests {
                 assert!(v["error"]["message"].is_string(), "{text}");
             }
         }
+    }
+
+    #[test]
+    fn request_ids_are_pg_and_twenty_hex_digits_and_never_repeat() {
+        let a = new_request_id();
+        let b = new_request_id();
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 23, "{id}");
+            assert!(id.starts_with("pg-"), "{id}");
+            assert!(id[3..]
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        }
+        assert_eq!(a[..11], b[..11], "one process prefix");
+        assert_ne!(a, b);
     }
 
     #[test]
