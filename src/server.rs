@@ -772,7 +772,9 @@ async fn chat_openai(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = chat(&app, &edge, headers, body, ClientDialect::OpenAi).await;
+    // Boxed: the pipeline's state is many KiB, and the handler's future is
+    // moved several times on its way into hyper; a box moves a pointer.
+    let handled = Box::pin(chat(&app, &edge, headers, body, ClientDialect::OpenAi)).await;
     finish(&app, &edge, handled)
 }
 
@@ -782,7 +784,7 @@ async fn chat_anthropic(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = chat(&app, &edge, headers, body, ClientDialect::Anthropic).await;
+    let handled = Box::pin(chat(&app, &edge, headers, body, ClientDialect::Anthropic)).await;
     finish(&app, &edge, handled)
 }
 
@@ -839,7 +841,7 @@ async fn prompt_chat(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = prompt_chat_handled(&app, &edge, prompt_id, headers, body).await;
+    let handled = Box::pin(prompt_chat_handled(&app, &edge, prompt_id, headers, body)).await;
     finish(&app, &edge, handled)
 }
 
@@ -1275,7 +1277,7 @@ async fn embeddings(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = embeddings_handled(&app, &edge, headers, body).await;
+    let handled = Box::pin(embeddings_handled(&app, &edge, headers, body)).await;
     finish(&app, &edge, handled)
 }
 
@@ -1363,7 +1365,7 @@ async fn retriever_search(
     headers: http::HeaderMap,
     body: LimitedBody,
 ) -> Response {
-    let handled = retriever_search_handled(&app, &edge, name, &headers, body).await;
+    let handled = Box::pin(retriever_search_handled(&app, &edge, name, &headers, body)).await;
     finish(&app, &edge, handled)
 }
 
