@@ -111,6 +111,45 @@ class Foreign:
         return round(max(0.0, (m1 - m0) - (o1 - o0)) / max(1e-9, t1 - t0), 3)
 
 
+class Instructions:
+    """Instructions the process retires over a window (`perf stat`; None without perf).
+    Unlike CPU time, the count hardly moves when other processes share the cores, so it
+    is the figure to compare on a busy machine."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.p = None
+
+    def __enter__(self):
+        try:
+            self.p = subprocess.Popen(["perf", "stat", "-x", ",", "-e", "instructions", "-p", str(self.pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.1)  # attached before the window starts
+        except OSError:
+            self.p = None
+        return self
+
+    def __exit__(self, *exc):
+        self.count = None
+        if self.p is None:
+            return False
+        self.p.send_signal(signal.SIGINT)
+        try:
+            err = self.p.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return False
+        for ln in err.splitlines():
+            f = ln.split(",")
+            if len(f) > 2 and f[2].startswith("instructions") and f[0].strip().isdigit():
+                self.count = int(f[0])
+        return False
+
+
+def per_unit(count, n):
+    return None if count is None else round(count / max(1, n))
+
+
 # ---------------------------------------------------------------- upstream
 
 def sse_chunk(i, content=None, finish=None, usage=None):
@@ -581,24 +620,26 @@ def per_request(a, route, body, stream, seconds, max_n, expect=None):
         s.sendall(req)
         rd.response()
     fg = Foreign([pg, a.upstream_pid])
-    f0 = fg.sample()
-    cpu0 = proc_cpu_s(pg)
-    t0 = time.monotonic()
     own, bad, n = [], 0, 0
-    while n < max_n and time.monotonic() - t0 < seconds:
-        s.sendall(req)
-        st, h, b = rd.response()
-        n += 1
-        if st != 200 or (expect and not expect(b)):
-            bad += 1
-        if "x-promptgate-overhead-us" in h:
-            own.append(int(h["x-promptgate-overhead-us"]))
-    cpu = proc_cpu_s(pg) - cpu0
+    with Instructions(pg) as ins:
+        f0 = fg.sample()
+        cpu0 = proc_cpu_s(pg)
+        t0 = time.monotonic()
+        while n < max_n and time.monotonic() - t0 < seconds:
+            s.sendall(req)
+            st, h, b = rd.response()
+            n += 1
+            if st != 200 or (expect and not expect(b)):
+                bad += 1
+            if "x-promptgate-overhead-us" in h:
+                own.append(int(h["x-promptgate-overhead-us"]))
+        cpu = proc_cpu_s(pg) - cpu0
     wall = time.monotonic() - t0
     s.close()
     own.sort()
     return {"requests": n, "errors": bad, "wall_s": round(wall, 2),
             "cpu_us_per_request": round(cpu / max(1, n) * 1e6, 1),
+            "instructions_per_request": per_unit(ins.count, n),
             "own_us_p50": own[len(own) // 2] if own else None,
             "own_us_p90": own[int(len(own) * 0.9)] if own else None,
             "foreign_cpu": fg.fraction(f0)}
@@ -611,6 +652,7 @@ def cmd_chunks(a):
                         expect=lambda b, n=n: b.count(b"data: ") >= n + 2 and b"[DONE]" in b)
         r["chunks"] = n
         r["cpu_us_per_chunk"] = round(r["cpu_us_per_request"] / n, 2)
+        r["instructions_per_chunk"] = per_unit(r["instructions_per_request"], n)
         out["sizes"][str(n)] = r
         log(f"chunks {n}: {r}")
     s = out["sizes"]
@@ -619,6 +661,11 @@ def cmd_chunks(a):
         "10->100": round((s["100"]["cpu_us_per_request"] - s["10"]["cpu_us_per_request"]) / 90, 2),
         "100->1000": round((s["1000"]["cpu_us_per_request"] - s["100"]["cpu_us_per_request"]) / 900, 2),
     }
+    if all(v["instructions_per_request"] for v in s.values()):
+        out["marginal_instructions_per_chunk"] = {
+            "10->100": round((s["100"]["instructions_per_request"] - s["10"]["instructions_per_request"]) / 90),
+            "100->1000": round((s["1000"]["instructions_per_request"] - s["100"]["instructions_per_request"]) / 900),
+        }
     out["machine"] = machine_state()
     write_phase(a.out, "chunks", out)
     if any(v["errors"] for v in s.values()):
@@ -635,6 +682,7 @@ def cmd_body(a):
                         expect=lambda b: b.startswith(b"{") and b"\"ok\"" in b)
         r["body_bytes"] = len(body)
         r["cpu_us_per_kib"] = round(r["cpu_us_per_request"] / (len(body) / 1024), 2)
+        r["instructions_per_kib"] = per_unit(r["instructions_per_request"], len(body) / 1024)
         out["sizes"][str(kb)] = r
         log(f"body {kb} KiB: {r}")
     s = out["sizes"]
@@ -644,6 +692,13 @@ def cmd_body(a):
         "10->100": round((s["100"]["cpu_us_per_request"] - s["10"]["cpu_us_per_request"]) / (kib["100"] - kib["10"]), 2),
         "100->1024": round((s["1024"]["cpu_us_per_request"] - s["100"]["cpu_us_per_request"]) / (kib["1024"] - kib["100"]), 2),
     }
+    if all(v["instructions_per_request"] for v in s.values()):
+        ins = {k: s[k]["instructions_per_request"] for k in s}
+        out["marginal_instructions_per_kib"] = {
+            "1->10": round((ins["10"] - ins["1"]) / (kib["10"] - kib["1"])),
+            "10->100": round((ins["100"] - ins["10"]) / (kib["100"] - kib["10"])),
+            "100->1024": round((ins["1024"] - ins["100"]) / (kib["1024"] - kib["100"])),
+        }
     out["machine"] = machine_state()
     write_phase(a.out, "body", out)
     if any(v["errors"] for v in s.values()):
@@ -778,13 +833,15 @@ def cmd_cost(a):
                         time.sleep(0.01)
                 wrk(2)
                 fg = Foreign([pr.pid])
-                f0 = fg.sample()
-                c0 = proc_cpu_s(pr.pid)
-                j = wrk(a.seconds)
-                c1 = proc_cpu_s(pr.pid)
+                with Instructions(pr.pid) as ins:
+                    f0 = fg.sample()
+                    c0 = proc_cpu_s(pr.pid)
+                    j = wrk(a.seconds)
+                    c1 = proc_cpu_s(pr.pid)
                 errs = sum(v for k, v in j.items() if k.startswith("errors_"))
                 r = {"rps": round(j["requests"] / (j["duration_us"] / 1e6)),
                      "cpu_us_per_request": round((c1 - c0) / max(1, j["requests"]) * 1e6, 1),
+                     "instructions_per_request": per_unit(ins.count, j["requests"]),
                      "errors": errs, "foreign_cpu": fg.fraction(f0)}
                 out[label].append(r)
                 log(f"cost {label} pair {i + 1}: {r}")
@@ -796,8 +853,10 @@ def cmd_cost(a):
                     pr.kill()
                     pr.wait()
     for label in ("small", "large"):
-        out[f"{label}_cpu_us_median"] = statistics.median(r["cpu_us_per_request"] for r in out[label])
+        out[f"{label}_cpu_us_median"] = round(statistics.median(r["cpu_us_per_request"] for r in out[label]), 1)
         out[f"{label}_rps_median"] = statistics.median(r["rps"] for r in out[label])
+        ins = [r["instructions_per_request"] for r in out[label] if r["instructions_per_request"]]
+        out[f"{label}_instructions_median"] = statistics.median(ins) if ins else None
     out["machine"] = machine_state()
     write_phase(a.out, "config-cost", out)
     if any(r["errors"] for lab in ("small", "large") for r in out[lab]):
@@ -819,6 +878,10 @@ def load_phase(out, name):
             return json.load(f)
     except OSError:
         return None
+
+
+def fmt_int(x):
+    return "—" if x is None else f"{x:,.0f}"
 
 
 def cmd_report(a):
@@ -848,25 +911,31 @@ def cmd_report(a):
     c = r["chunks"]
     if c:
         o += ["#### Cost per streamed chunk\n",
-              "| chunks per stream | requests | gateway CPU / request (µs) | per chunk (µs) | own time p50 / p90 (µs) | other CPU |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "| chunks per stream | requests | gateway CPU / request (µs) | per chunk (µs) | instructions / chunk | own time p50 / p90 (µs) | other CPU |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
         for k, v in c["sizes"].items():
             o.append(f"| {k} | {v['requests']} | {v['cpu_us_per_request']} | {v['cpu_us_per_chunk']} | "
+                     f"{fmt_int(v.get('instructions_per_chunk'))} | "
                      f"{v['own_us_p50']} / {v['own_us_p90']} | {v['foreign_cpu'] * 100:.0f}% |")
         m = c["marginal_us_per_chunk"]
-        o.append(f"\nMarginal cost per chunk: 10→100 {m['10->100']} µs, 100→1000 {m['100->1000']} µs "
+        mi = c.get("marginal_instructions_per_chunk") or {}
+        o.append(f"\nMarginal cost per chunk: 10→100 {m['10->100']} µs, 100→1000 {m['100->1000']} µs; "
+                 f"instructions 10→100 {fmt_int(mi.get('10->100'))}, 100→1000 {fmt_int(mi.get('100->1000'))} "
                  f"(equal = linear).\n")
     b = r["body"]
     if b:
         o += ["#### Cost per KiB of request body\n",
-              "| body | requests | gateway CPU / request (µs) | per KiB (µs) | own time p50 / p90 (µs) | other CPU |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "| body | requests | gateway CPU / request (µs) | per KiB (µs) | instructions / request | own time p50 / p90 (µs) | other CPU |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
         for k, v in b["sizes"].items():
             o.append(f"| {v['body_bytes']:,} B | {v['requests']} | {v['cpu_us_per_request']} | {v['cpu_us_per_kib']} | "
+                     f"{fmt_int(v.get('instructions_per_request'))} | "
                      f"{v['own_us_p50']} / {v['own_us_p90']} | {v['foreign_cpu'] * 100:.0f}% |")
         m = b["marginal_us_per_kib"]
+        mi = b.get("marginal_instructions_per_kib") or {}
         o.append(f"\nMarginal cost per KiB: 1→10 {m['1->10']} µs, 10→100 {m['10->100']} µs, "
-                 f"100→1024 {m['100->1024']} µs (equal = linear).\n")
+                 f"100→1024 {m['100->1024']} µs; instructions 1→10 {fmt_int(mi.get('1->10'))}, "
+                 f"10→100 {fmt_int(mi.get('10->100'))}, 100→1024 {fmt_int(mi.get('100->1024'))} (equal = linear).\n")
     cs, cl, cc = r["config-small"], r["config-large"], r["config-cost"]
     if cs or cl:
         o += ["#### Large configuration\n",
@@ -883,6 +952,8 @@ def cmd_report(a):
         if cc:
             o.append(f"| gateway CPU per request at saturation, median of {cc['pairs']} paired runs (µs) | "
                      f"{cc['small_cpu_us_median']} | {cc['large_cpu_us_median']} |")
+            o.append(f"| gateway instructions per request at saturation, median | "
+                     f"{fmt_int(cc.get('small_instructions_median'))} | {fmt_int(cc.get('large_instructions_median'))} |")
             o.append(f"| req/s at saturation, median | {cc['small_rps_median']:,.0f} | {cc['large_rps_median']:,.0f} |")
         if cl:
             o.append(f"\nLarge: {cl.get('shape', '')}. ¹ {cl['file_change_note']}. Medians of {cl['runs']} runs.\n")
