@@ -77,6 +77,17 @@ wait_port $UP_PORT "$UP" "upstream (scale.py)"
 "${PY[@]}" gen-small --dir "$TMP/small-cfg" --port $PG_PORT --admin-port $ADMIN_PORT --upstream-port $UP_PORT \
   --json-url "http://127.0.0.1:$NGINX_PORT/json/v1" >/dev/null
 
+# A phase's Python runs in the background and is waited for, so that Ctrl-C / TERM reach the
+# trap at once and the clean-up stops it too (it then stops the gateways it started itself).
+py_phase() {
+  "${PY[@]}" "$@" &
+  local p=$! rc=0
+  PIDS=("$p" "${PIDS[@]}")
+  wait "$p" || rc=$?
+  PIDS=("${PIDS[@]:1}")
+  return "$rc"
+}
+
 PG=""
 start_gateway() {  # config dir
   SCALE_ADMIN_KEY=scale-admin-key RUST_LOG=warn "$PG_BIN" serve --config "$1/promptgate.yaml" \
@@ -97,19 +108,19 @@ for phase in "${PHASES[@]}"; do
     streams)
       start_gateway "$TMP/small"
       say "streams: $STREAMS concurrent streams of $CHUNKS chunks, one per ${INTERVAL} ms (open-file hard limit $HARD)"
-      "${PY[@]}" streams --port $PG_PORT --pg-pid "$PG" --upstream-pid "$UP" --out "$OUT" --n "$STREAMS" \
+      py_phase streams --port $PG_PORT --pg-pid "$PG" --upstream-pid "$UP" --out "$OUT" --n "$STREAMS" \
         || die "streams phase failed (errors or incomplete streams)"
       stop_gateway ;;
     chunks)
       start_gateway "$TMP/small"
       say "chunks: streams of 10, 100 and 1000 chunks, ${SECONDS_PER} s each"
-      "${PY[@]}" chunks --port $PG_PORT --pg-pid "$PG" --upstream-pid "$UP" --out "$OUT" --seconds "$SECONDS_PER" \
+      py_phase chunks --port $PG_PORT --pg-pid "$PG" --upstream-pid "$UP" --out "$OUT" --seconds "$SECONDS_PER" \
         || die "chunks phase failed"
       stop_gateway ;;
     body)
       start_gateway "$TMP/small"
       say "body: request bodies of 1 KiB .. 1 MiB, ${SECONDS_PER} s each"
-      "${PY[@]}" body --port $PG_PORT --pg-pid "$PG" --upstream-pid "$UP" --out "$OUT" --seconds "$SECONDS_PER" \
+      py_phase body --port $PG_PORT --pg-pid "$PG" --upstream-pid "$UP" --out "$OUT" --seconds "$SECONDS_PER" \
         || die "body phase failed"
       stop_gateway ;;
     config)
@@ -146,11 +157,11 @@ NGX
       wait_port $NGINX_PORT "$NGX" "nginx upstream"
       for label in small large; do
         dir=$TMP/$label; [[ $label == small ]] && dir=$TMP/small-cfg
-        "${PY[@]}" config --dir "$dir" --bin "$PG_BIN" --port $PG_PORT --admin-port $ADMIN_PORT \
+        py_phase config --dir "$dir" --bin "$PG_BIN" --port $PG_PORT --admin-port $ADMIN_PORT \
           --label "$label" --touch-provider "$([[ $label == small ]] && echo up-json || echo p001)" \
           --log "$TMP/promptgate.log" --out "$OUT" --shape "$SHAPE" || die "config phase ($label) failed"
       done
-      "${PY[@]}" cost --tmp "$TMP" --bin "$PG_BIN" --small "$TMP/small-cfg" --large "$TMP/large" \
+      py_phase cost --tmp "$TMP" --bin "$PG_BIN" --small "$TMP/small-cfg" --large "$TMP/large" \
         --wrk "$(command -v wrk)" --lua "$BENCH/wrk_post.lua" --log "$TMP/promptgate.log" --out "$OUT" \
         --port $PG_PORT --pairs "$PAIRS" || die "config phase (per-request cost) failed" ;;
   esac
