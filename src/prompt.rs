@@ -6,7 +6,7 @@
 //! network). User variables are data: they are passed as values, never parsed as
 //! template code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -589,6 +589,11 @@ impl Registry {
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         limit(&mut env);
         let mut problems = Vec::new();
+        // Message templates are compiled here to be checked, then dropped: the
+        // environment compiles each again from `sources` the first time a request
+        // renders it. A compiled template costs ~15 KiB whatever its size, and a
+        // large configuration has thousands of versions of which few serve.
+        let mut sources: HashMap<String, String> = HashMap::new();
         for r in retrievers.values() {
             compile_context_template(&mut env, r, &mut problems);
         }
@@ -603,6 +608,7 @@ impl Registry {
                 declared.extend(&hooks);
                 for (i, m) in v.messages.iter().enumerate() {
                     let name = template_name(&p.id, v.number, i);
+                    sources.insert(name.clone(), m.source.clone());
                     if let Err(e) = env.add_template_owned(name.clone(), m.source.clone()) {
                         problems.push(Problem {
                             file: file.clone(),
@@ -660,10 +666,12 @@ impl Registry {
                             });
                         }
                     }
+                    env.remove_template(&name);
                 }
                 declared.truncate(declared.len() - hooks.len());
             }
         }
+        env.set_loader(move |name| Ok(sources.get(name).cloned()));
         if problems.is_empty() {
             Ok(Registry { env, prompts })
         } else {
@@ -1011,6 +1019,112 @@ pub fn version_hash(content: &Value) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn prompt_with_versions(id: &str, versions: u32) -> PromptDef {
+        let version = |n: u32| VersionDef {
+            number: n,
+            hash: format!("sha256:{n:016x}"),
+            description: None,
+            route: None,
+            params: PromptParams::default(),
+            retrieval: Vec::new(),
+            messages: vec![
+                MessageTemplate {
+                    role: Role::System,
+                    source: format!("Wording {n}.{{% if vip %}} VIP.{{% endif %}}"),
+                    line: 1,
+                },
+                MessageTemplate {
+                    role: Role::User,
+                    source: format!("{n}: {{{{ question | upper }}}}"),
+                    line: 2,
+                },
+            ],
+            line: 1,
+        };
+        PromptDef {
+            id: id.to_owned(),
+            file: PathBuf::from(format!("prompts/{id}.yaml")),
+            description: None,
+            variables: vec![
+                VarDef {
+                    name: "question".into(),
+                    ty: VarType::String,
+                    default: None,
+                    description: None,
+                },
+                VarDef {
+                    name: "vip".into(),
+                    ty: VarType::Boolean,
+                    default: Some(Value::Bool(false)),
+                    description: None,
+                },
+            ],
+            labels: BTreeMap::from([("production".to_owned(), versions)]),
+            versions: (1..=versions).map(|n| (n, version(n))).collect(),
+        }
+    }
+
+    /// A configuration holds thousands of versions of which few serve: a message
+    /// template is checked when the registry is built, then compiled again only
+    /// when a request renders it, and renders exactly as before.
+    #[test]
+    fn message_templates_are_compiled_when_first_rendered() {
+        let prompts: BTreeMap<String, PromptDef> = (0..20)
+            .map(|i| (format!("p{i}"), prompt_with_versions(&format!("p{i}"), 5)))
+            .collect();
+        let reg = Registry::build(prompts).unwrap();
+        assert_eq!(
+            reg.env.templates().count(),
+            0,
+            "nothing compiled is kept at build"
+        );
+        let ask = |id: &str, selector: Selector, vip: bool| {
+            reg.render(&PromptRef {
+                id: id.into(),
+                selector,
+                explicit_selector: None,
+                variables: Map::from_iter([
+                    ("question".to_owned(), Value::from("where is my parcel?")),
+                    ("vip".to_owned(), Value::Bool(vip)),
+                ]),
+            })
+            .unwrap()
+        };
+        let r = ask("p3", Selector::Version(2), true);
+        let text = |m: &Message| m.content.as_ref().unwrap().text().into_owned();
+        let texts: Vec<String> = r.messages.iter().map(text).collect();
+        assert_eq!(texts, ["Wording 2. VIP.", "2: WHERE IS MY PARCEL?"]);
+        assert_eq!(reg.env.templates().count(), 2, "the two messages of p3@2");
+        let r = ask("p3", Selector::Label("production".into()), false);
+        assert_eq!(r.version, 5);
+        assert_eq!(text(&r.messages[0]), "Wording 5.");
+        let r = ask("p3", Selector::Version(2), false);
+        assert_eq!(text(&r.messages[0]), "Wording 2.");
+        assert_eq!(reg.env.templates().count(), 4, "compiled once each");
+    }
+
+    /// Checking still compiles and test-renders every message template of every
+    /// version, used or not.
+    #[test]
+    fn every_version_is_still_checked_at_build() {
+        let mut p = prompt_with_versions("p", 5);
+        p.versions.get_mut(&3).unwrap().messages[1].source = "{{ question ".into();
+        p.versions.get_mut(&4).unwrap().messages[0].source = "{{ nope }}".into();
+        let problems = Registry::build(BTreeMap::from([("p".to_owned(), p)]))
+            .err()
+            .unwrap();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "versions.3.messages[1].content",
+                "versions.4.messages[0].content"
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[1].message.contains("`nope`"), "{problems:?}");
+    }
 
     #[test]
     fn widths_that_multiply_output_are_bounded() {
