@@ -1606,6 +1606,8 @@ pub struct ConnLimits {
     /// nothing) closes the connection, dropping the response and the backend
     /// call behind it.
     pub write_timeout: Duration,
+    /// Concurrent HTTP/2 streams (requests) one connection may have open.
+    pub max_streams: u32,
 }
 
 impl Default for ConnLimits {
@@ -1616,8 +1618,37 @@ impl Default for ConnLimits {
             max_connections: d.max_connections,
             shutdown_grace: d.shutdown_grace,
             write_timeout: d.write_timeout,
+            max_streams: d.max_streams,
         }
     }
+}
+
+/// How often an HTTP/2 connection with requests in progress is pinged, and how
+/// long the client has to answer before the connection is closed (a peer gone
+/// without a word, while its streams wait on a backend).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs HTTP/2 streams (hyper spawns one task per request) as named gateway
+/// tasks.
+#[derive(Clone, Copy)]
+struct StreamTasks;
+
+impl<F> hyper::rt::Executor<F> for StreamTasks
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        crate::task::spawn("h2-stream", fut);
+    }
+}
+
+/// A clock in milliseconds since the first call, for [`Conn::idle_since`].
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// One open connection: its requests in progress, whether the client has sent
@@ -1626,6 +1657,41 @@ struct Conn {
     active: std::sync::atomic::AtomicUsize,
     heard: std::sync::atomic::AtomicBool,
     evict: tokio::sync::Notify,
+    /// When the connection last had no request in progress ([`now_ms`]): its
+    /// opening, then the end of each last response.
+    idle_since: std::sync::atomic::AtomicU64,
+}
+
+impl Conn {
+    fn is_idle(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
+    /// Resolves when the connection has had no request in progress for
+    /// `limit`: from its opening (the TLS handshake, the protocol preface and
+    /// the first request head must arrive within it, whatever the protocol),
+    /// then from the end of each last response. HTTP/1.1 has hyper's own
+    /// header timer too; HTTP/2 has no other.
+    async fn idle_for(&self, limit: Duration) {
+        use std::sync::atomic::Ordering;
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let now = now_ms();
+            let wait = if self.is_idle() {
+                let since = self.idle_since.load(Ordering::Acquire);
+                let until = since.saturating_add(limit_ms);
+                if until <= now {
+                    return;
+                }
+                until - now
+            } else {
+                // Busy: look again a period later (the end of the request
+                // moves `idle_since`).
+                limit_ms
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
 }
 
 /// A client socket that notes the first bytes it reads on its [`Conn`], and
@@ -1762,6 +1828,7 @@ impl Conns {
             active: Default::default(),
             heard: Default::default(),
             evict: tokio::sync::Notify::new(),
+            idle_since: now_ms().into(),
         });
         open.insert(id, conn.clone());
         Some((id, conn))
@@ -1792,9 +1859,10 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        use std::sync::atomic::Ordering;
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since.store(now_ms(), Ordering::Release);
+        }
     }
 }
 
@@ -1808,20 +1876,48 @@ pub async fn serve(
     serve_with(listener, router, ConnLimits::default(), shutdown).await
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves; then stops
-/// accepting, lets running requests finish for at most the grace period, and
-/// returns (dropping whatever still runs).
+/// Serves `router` on `listener` (plain HTTP/1.1 and h2c) until `shutdown`
+/// resolves; then stops accepting, lets running requests finish for at most
+/// the grace period, and returns (dropping whatever still runs).
 pub async fn serve_with(
     listener: TcpListener,
     router: Router,
     limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    serve_tls(listener, router, limits, None, shutdown).await
+}
+
+/// The connection's protocol, HTTP/1.1 or HTTP/2 (the client's preface
+/// decides; over TLS, ALPN offers `h2` and `http/1.1`).
+type Http = hyper_util::server::conn::auto::Builder<StreamTasks>;
+
+/// Serves `router` on `listener`, over TLS when `tls` is given, like
+/// [`serve_with`]. Each connection speaks HTTP/1.1 or HTTP/2 as the client
+/// chooses, under the same protections: the TLS handshake and the first request
+/// head within `header_read_timeout` (and an idle connection closed after it),
+/// the connection cap with idle eviction, the write timeout on the socket, at
+/// most `max_streams` concurrent HTTP/2 streams, a graceful drain (`GOAWAY`
+/// on HTTP/2) on shutdown.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::TokioTimer;
+    let mut http: Http = hyper_util::server::conn::auto::Builder::new(StreamTasks);
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let http = Arc::new(http);
     let conns = Arc::new(Conns::default());
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
@@ -1844,15 +1940,6 @@ pub async fn serve_with(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let on_conn = conn.clone();
-        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let mut req = req.map(Body::new);
-            // Taken by the edge layer, which keeps it until the body ends; a
-            // router without that layer (admin) holds it for the handler.
-            req.extensions_mut().insert(Busy::new(&on_conn));
-            tower::ServiceExt::oneshot(router.clone(), req)
-        });
         let io = Watched {
             io: stream,
             conn: conn.clone(),
@@ -1860,24 +1947,27 @@ pub async fn serve_with(
             stalled: None,
             armed: false,
         };
-        let served = http.serve_connection(TokioIo::new(io), svc);
         let conns = conns.clone();
-        let mut drain = drain_rx.clone();
+        let served = ConnTask {
+            http: http.clone(),
+            router: router.clone(),
+            conn,
+            drain: drain_rx.clone(),
+            idle_limit: limits.header_read_timeout,
+        };
+        let tls = tls.clone();
         crate::task::spawn("connection", async move {
-            tokio::pin!(served);
-            let mut draining = *drain.borrow();
-            if draining {
-                served.as_mut().graceful_shutdown();
-            }
-            loop {
-                tokio::select! {
-                    _ = served.as_mut() => break,
-                    _ = conn.evict.notified() => break,
-                    r = drain.changed(), if !draining => {
-                        draining = true;
-                        if r.is_ok() {
-                            served.as_mut().graceful_shutdown();
-                        }
+            match tls {
+                None => served.run(io).await,
+                Some(tls) => {
+                    // The handshake counts against the first request's time.
+                    let handshake = tokio::select! {
+                        r = tls.accept(io) => r.ok(),
+                        _ = served.conn.idle_for(served.idle_limit) => None,
+                        _ = served.conn.evict.notified() => None,
+                    };
+                    if let Some(io) = handshake {
+                        served.run(io).await;
                     }
                 }
             }
@@ -1905,6 +1995,67 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// What one connection's task needs to serve it.
+struct ConnTask {
+    http: Arc<Http>,
+    router: Router,
+    conn: Arc<Conn>,
+    drain: tokio::sync::watch::Receiver<bool>,
+    idle_limit: Duration,
+}
+
+impl ConnTask {
+    /// Serves the connection until it ends, is evicted, stays idle past the
+    /// limit, or the drain and its grace are over.
+    async fn run<I>(mut self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        let on_conn = self.conn.clone();
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let mut req = req.map(Body::new);
+            // Taken by the edge layer, which keeps it until the body ends; a
+            // router without that layer (admin) holds it for the handler.
+            req.extensions_mut().insert(Busy::new(&on_conn));
+            tower::ServiceExt::oneshot(router.clone(), req)
+        });
+        let served = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+        tokio::pin!(served);
+        let mut draining = *self.drain.borrow();
+        if draining {
+            served.as_mut().graceful_shutdown();
+        }
+        // Idle past the limit: a graceful close (`GOAWAY` on HTTP/2), and if the
+        // client does not end it within another period, a hard one.
+        let mut closing = false;
+        let conn = self.conn.clone();
+        loop {
+            tokio::select! {
+                _ = served.as_mut() => break,
+                _ = conn.evict.notified() => break,
+                _ = conn.idle_for(self.idle_limit) => {
+                    if closing {
+                        break;
+                    }
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                    // A new period from now.
+                    conn.idle_since.store(now_ms(), std::sync::atomic::Ordering::Release);
+                }
+                r = self.drain.changed(), if !draining => {
+                    draining = true;
+                    if r.is_ok() {
+                        served.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl IntoResponse for GatewayError {
