@@ -1630,9 +1630,28 @@ const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs HTTP/2 streams (hyper spawns one task per request) as named gateway
-/// tasks.
+/// tasks, each under the write timeout: HTTP/2 flow control lets a client
+/// stop reading one stream while its connection stays busy and its socket
+/// drains, so the socket's timer ([`Watched`]) cannot see it. A stream whose
+/// response has had a frame waiting on the client for `write_timeout` is
+/// reset, dropping the response and the backend call behind it.
 #[derive(Clone, Copy)]
-struct StreamTasks;
+struct StreamTasks {
+    write_timeout: Duration,
+}
+
+tokio::task_local! {
+    /// The running HTTP/2 stream's [`StreamClock`], for its response body.
+    static STREAM_CLOCK: Arc<StreamClock>;
+}
+
+/// When the stream's response body last handed a frame to hyper that hyper
+/// has not followed by asking for the next ([`now_ms`]; 0: none waiting).
+/// Written and read only inside the stream's own task.
+#[derive(Default)]
+struct StreamClock {
+    handed: std::sync::atomic::AtomicU64,
+}
 
 impl<F> hyper::rt::Executor<F> for StreamTasks
 where
@@ -1640,7 +1659,106 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        crate::task::spawn("h2-stream", fut);
+        let limit_ms = u64::try_from(self.write_timeout.as_millis()).unwrap_or(u64::MAX);
+        crate::task::spawn("h2-stream", async move {
+            let clock = Arc::new(StreamClock::default());
+            let stream = STREAM_CLOCK.scope(clock.clone(), fut);
+            let stalled = Stalled {
+                clock: &clock,
+                limit_ms,
+                timer: None,
+            };
+            tokio::select! {
+                biased;
+                out = stream => Some(out),
+                () = stalled => {
+                    tracing::debug!("an HTTP/2 response waited on its client past the write timeout; stream reset");
+                    None
+                }
+            }
+        });
+    }
+}
+
+/// Resolves once the stream's response has waited on the client for the
+/// limit. It needs no waker of its own for a new frame: frames are handed out
+/// in the same task, whose every poll polls this too.
+struct Stalled<'a> {
+    clock: &'a StreamClock,
+    limit_ms: u64,
+    timer: Option<(u64, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Future for Stalled<'_> {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let handed = self.clock.handed.load(std::sync::atomic::Ordering::Relaxed);
+        if handed == 0 {
+            return Poll::Pending;
+        }
+        let due = handed.saturating_add(self.limit_ms);
+        let now = now_ms();
+        if now >= due {
+            return Poll::Ready(());
+        }
+        let Some(deadline) = Instant::now().checked_add(Duration::from_millis(due - now)) else {
+            return Poll::Pending;
+        };
+        let this = &mut *self;
+        match &mut this.timer {
+            Some((at, sleep)) => {
+                if *at != handed {
+                    *at = handed;
+                    sleep.as_mut().reset(deadline);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+            }
+            None => {
+                let mut sleep = Box::pin(tokio::time::sleep_until(deadline));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                this.timer = Some((handed, sleep));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// An HTTP/2 response body that notes on its stream's clock when a frame it
+/// handed out is waiting for the client.
+struct Paced {
+    inner: Body,
+    clock: Arc<StreamClock>,
+}
+
+impl hyper::body::Body for Paced {
+    type Data = Bytes;
+    type Error = axum::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        use std::sync::atomic::Ordering;
+        self.clock.handed.store(0, Ordering::Relaxed);
+        let out = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        // The last frame too: hyper holds it until the client has room.
+        if matches!(out, std::task::Poll::Ready(Some(Ok(_)))) {
+            self.clock.handed.store(now_ms().max(1), Ordering::Relaxed);
+        }
+        out
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -1907,7 +2025,9 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::TokioTimer;
-    let mut http: Http = hyper_util::server::conn::auto::Builder::new(StreamTasks);
+    let mut http: Http = hyper_util::server::conn::auto::Builder::new(StreamTasks {
+        write_timeout: limits.write_timeout,
+    });
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -2020,7 +2140,15 @@ impl ConnTask {
             // Taken by the edge layer, which keeps it until the body ends; a
             // router without that layer (admin) holds it for the handler.
             req.extensions_mut().insert(Busy::new(&on_conn));
-            tower::ServiceExt::oneshot(router.clone(), req)
+            let answer = tower::ServiceExt::oneshot(router.clone(), req);
+            async move {
+                let resp = answer.await?;
+                // An HTTP/2 stream's task has a clock for the write timeout.
+                Ok::<_, Infallible>(match STREAM_CLOCK.try_with(Arc::clone) {
+                    Ok(clock) => resp.map(|inner| Body::new(Paced { inner, clock })),
+                    Err(_) => resp,
+                })
+            }
         });
         let served = self
             .http

@@ -856,3 +856,66 @@ async fn shutdown_drains_an_h2_connection_with_goaway() {
     assert_eq!(streamed_text(&body), words);
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
 }
+
+/// An HTTP/2 client that stops reading one stream (it grants no flow-control
+/// window) while its connection stays open and answers: past the write timeout
+/// that stream is reset, its permit comes back, and the connection still
+/// serves other requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_stops_reading_is_reset_after_the_write_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(dir.path(), "limits: {write_timeout: 1s}"));
+    let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    // A 1 KiB stream window, never released: the server can send 1 KiB.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut ready = send.clone().ready().await.unwrap();
+    let req = http::Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (resp, mut out) = ready.send_request(req, false).unwrap();
+    let words = "word ".repeat(2000);
+    out.send_data(Bytes::from(chat_body("echo", true, &words)), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stuck = resp.into_body();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(in_flight(&gw.addr).await, 1.0, "the stream is being served");
+    let until = Instant::now() + Duration::from_secs(6);
+    while in_flight(&gw.addr).await != 0.0 {
+        assert!(
+            Instant::now() < until,
+            "the stalled stream still holds its permit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What was sent arrives, then the reset.
+    let mut got = 0;
+    let ended = loop {
+        match stuck.data().await {
+            Some(Ok(chunk)) => got += chunk.len(),
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+    };
+    assert!(got <= 1024, "{got} bytes past the window");
+    let reset = ended.expect("the stream ended cleanly instead of being reset");
+    assert!(reset.is_reset(), "{reset:?}");
+    // The connection is still good.
+    let (status, _, body) = h2_post(
+        &send,
+        "/v1/chat/completions",
+        chat_body("echo", false, "after"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
