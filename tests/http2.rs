@@ -919,3 +919,71 @@ async fn a_stream_the_client_stops_reading_is_reset_after_the_write_timeout() {
     .unwrap();
     assert_eq!(status, 200, "{body}");
 }
+
+/// `max_connections` counts HTTP/2 connections like HTTP/1.1 ones: at the
+/// limit the oldest idle one is closed to make room, and while every one has
+/// a stream in progress a newcomer is closed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_evicts_an_idle_h2_connection_never_a_busy_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(
+        dir.path(),
+        "limits: {max_connections: 2, header_read_timeout: 30s}",
+    ));
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let ended = tokio::spawn(conn);
+        let (status, _, _) = h2_post(&send, "/v1/chat/completions", chat_body("echo", false, "x"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        conns.push((send, ended));
+    }
+    // A third: the oldest idle connection makes room.
+    let third = h2c(&gw.addr).await;
+    let (status, _, _) = h2_post(
+        &third,
+        "/v1/chat/completions",
+        chat_body("echo", false, "y"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let (_, first) = conns.remove(0);
+    tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the oldest idle connection was not closed")
+        .unwrap()
+        .ok();
+    // Both open connections busy with a stream: a newcomer is closed at once.
+    let (second, _) = conns.remove(0);
+    let mut running = Vec::new();
+    for send in [&second, &third] {
+        let send = send.clone();
+        running.push(tokio::spawn(async move {
+            h2_post(
+                &send,
+                "/v1/chat/completions",
+                chat_body("slow", true, "one two three four five six"),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(tcp))
+        .await
+        .expect("the newcomer was kept waiting");
+    if let Ok((send, conn)) = refused {
+        tokio::spawn(conn);
+        let r = h2_post(&send, "/healthz", String::new()).await;
+        assert!(r.is_err(), "a newcomer was served past the limit: {r:?}");
+    }
+    for r in running {
+        let (status, _, body) = r.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(streamed_text(&body), "one two three four five six");
+    }
+}
