@@ -5,6 +5,8 @@ Subcommands:
   gen   --dir D        write the nginx (upstream + proxy) and promptgate configs into D
   check --dir D        one request per target: status, body shape, stream shape
   run   --dir D ...    all measurements; writes results.json / results.md into --out
+  run-h2 --dir D ...   HTTP/2 and TLS beside HTTP/1.1 (oha for every column);
+                       writes results-h2-*.json / latest-h2.md into --out
 
 Only the standard library is used. Everything talks to 127.0.0.1 only.
 """
@@ -31,6 +33,13 @@ HOST = "127.0.0.1"
 UPSTREAM_PORT = 19001
 NGINX_PORT = 19002
 PG_PORT = 19003
+# The HTTP/2 and TLS phase (run-h2): nginx's proxy also listens with h2c (prior
+# knowledge) and with TLS (ALPN h2 + http/1.1); a second promptgate serves TLS with
+# the same certificate. promptgate's plain port speaks h2c as well as HTTP/1.1.
+NGINX_H2C_PORT = 19012
+NGINX_TLS_PORT = 19022
+PG_TLS_PORT = 19023
+PG_TLS_ADMIN_PORT = 19033
 
 # Each target: the address and the paths for the plain and the streamed request.
 # The direct and nginx targets reach the upstream's streaming location by path;
@@ -113,6 +122,14 @@ def cmd_gen(a):
     # Reverse proxy: a separate nginx instance (its own single worker), so the
     # proxy does not share an event loop with the upstream it measures against.
     px = os.path.join(d, "nginx-proxy")
+    tls = make_tls(d)
+    proxy_location = """
+    location / {
+      proxy_pass http://bench_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }"""
     conf = nginx_common(px, "proxy") + f"""
   upstream bench_upstream {{
     server {HOST}:{UPSTREAM_PORT};
@@ -127,6 +144,18 @@ def cmd_gen(a):
       proxy_set_header Connection "";
       proxy_buffering off;
     }}
+  }}
+  # run-h2: h2c with prior knowledge, and TLS with ALPN h2 + http/1.1.
+  http2_max_concurrent_streams 128;
+  server {{
+    listen {HOST}:{NGINX_H2C_PORT} http2 backlog=4096;{proxy_location}
+  }}
+  server {{
+    listen {HOST}:{NGINX_TLS_PORT} ssl http2 backlog=4096;
+    ssl_certificate {tls['cert']};
+    ssl_certificate_key {tls['key']};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:bench:10m;{proxy_location}
   }}
 }}
 """
@@ -161,10 +190,44 @@ kind: openai
 base_url: http://{HOST}:{UPSTREAM_PORT}/sse/v1
 self_hosted: true
 """)
+    # The same gateway over TLS (run-h2), the certificate nginx serves.
+    pgt = os.path.join(d, "promptgate-tls")
+    os.makedirs(pgt, exist_ok=True)
+    for sub in ("providers", "prompts"):
+        dst = os.path.join(pgt, sub)
+        if not os.path.exists(dst):
+            os.symlink(os.path.join(pg, sub), dst)
+    with open(os.path.join(pg, "promptgate.yaml")) as f:
+        plain = f.read()
+    with open(os.path.join(pgt, "promptgate.yaml"), "w") as f:
+        f.write(plain.replace(f"listen: {HOST}:{PG_PORT}", f"listen: {HOST}:{PG_TLS_PORT}")
+                + f"admin: {{listen: {HOST}:{PG_TLS_ADMIN_PORT}}}\n"
+                + f"tls: {{cert: {tls['cert']}, key: {tls['key']}}}\n")
     for name, fx in (("body.json", "chat_request.json"), ("body_stream.json", "chat_request_stream.json")):
         with open(os.path.join(d, name), "wb") as f:
             f.write(read_fixture(fx).strip())
     print(d)
+
+
+def make_tls(d):
+    """A test CA and a server certificate for 127.0.0.1 (EC P-256), with the
+    openssl CLI; the same pair for nginx and promptgate."""
+    t = os.path.join(d, "tls")
+    os.makedirs(t, exist_ok=True)
+    files = {"ca": os.path.join(t, "ca.pem"), "cert": os.path.join(t, "server.pem"),
+             "key": os.path.join(t, "server.key")}
+    if all(os.path.exists(f) for f in files.values()):
+        return files
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=t, check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ossl("req", "-x509", *ec, "-days", "7", "-subj", "/CN=bench CA", "-keyout", "ca.key", "-out", "ca.pem")
+    ossl("req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    with open(os.path.join(t, "ext.cnf"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "7", "-extfile", "ext.cnf", "-out", "server.pem")
+    return files
 
 
 # ---------------------------------------------------------------- raw HTTP client
@@ -373,9 +436,9 @@ def run(cmd, timeout):
     return p.stdout
 
 
-def oha(a, url, body, rate, dur, conns):
+def oha(a, url, body, rate, dur, conns, extra=()):
     cmd = [a.oha, "--no-tui", "--output-format", "json", "-z", f"{dur}s", "-c", str(conns),
-           "-m", "POST", "-H", "content-type: application/json", "-d", body, url]
+           "-m", "POST", "-H", "content-type: application/json", "-d", body, *extra, url]
     if rate:
         cmd[1:1] = ["-q", str(rate), "--latency-correction"]
     j = json.loads(run(cmd, timeout=dur + 30))
@@ -764,6 +827,131 @@ def cmd_run(a):
         log(f"non-200 responses or transport errors in: {', '.join(failed)}")
 
 
+def h2_columns(d):
+    """The run-h2 columns: (name, server, URL, oha arguments, h2). Every column's
+    requests are the same JSON chat request through the same upstream."""
+    ca = os.path.join(d, "tls", "ca.pem")
+    path = "/v1/chat/completions"
+    return [
+        ("direct h1", "upstream", f"http://{HOST}:{UPSTREAM_PORT}{path}", [], False),
+        ("nginx h1", "nginx", f"http://{HOST}:{NGINX_PORT}{path}", [], False),
+        ("promptgate h1", "promptgate", f"http://{HOST}:{PG_PORT}{path}", [], False),
+        ("nginx h2c", "nginx", f"http://{HOST}:{NGINX_H2C_PORT}{path}", ["--http2"], True),
+        ("promptgate h2c", "promptgate", f"http://{HOST}:{PG_PORT}{path}", ["--http2"], True),
+        ("nginx TLS h1", "nginx", f"https://{HOST}:{NGINX_TLS_PORT}{path}",
+         ["--http-version", "1.1", "--cacert", ca], False),
+        ("promptgate TLS h1", "promptgate-tls", f"https://{HOST}:{PG_TLS_PORT}{path}",
+         ["--http-version", "1.1", "--cacert", ca], False),
+        ("nginx TLS h2", "nginx", f"https://{HOST}:{NGINX_TLS_PORT}{path}", ["--http2", "--cacert", ca], True),
+        ("promptgate TLS h2", "promptgate-tls", f"https://{HOST}:{PG_TLS_PORT}{path}",
+         ["--http2", "--cacert", ca], True),
+    ]
+
+
+def cmd_run_h2(a):
+    """HTTP/2 (h2c and over TLS) beside HTTP/1.1, nginx beside promptgate, every
+    column driven by oha: a fixed rate (h1: --rate-conns connections; h2: the same
+    number of streams on --h2-conns connections) and max throughput (h1: --tp-conns
+    connections; h2: --tp-conns streams on --h2-conns connections)."""
+    d = os.path.abspath(a.dir)
+    body = open(os.path.join(d, "body.json")).read()
+    up_w = children(a.nginx_upstream_pid)
+    px_w = children(a.nginx_proxy_pid)
+    if not up_w or not px_w:
+        raise SystemExit("cannot find the nginx worker processes")
+    pids = {"upstream": up_w[0], "nginx": px_w[0], "promptgate": a.pg_pid, "promptgate-tls": a.pg_tls_pid}
+    cpu = CpuMeter(pids)
+    foreign = ForeignCpu([*pids.values(), a.nginx_upstream_pid, a.nginx_proxy_pid])
+    load0 = open("/proc/loadavg").read().split()[:3]
+    t_start = time.monotonic()
+    res = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "params": {"rate": a.rate, "duration_s": a.duration, "rate_conns": a.rate_conns,
+                      "tp_conns": a.tp_conns, "tp_duration_s": a.tp_duration, "h2_conns": a.h2_conns,
+                      "warmup_s": a.warmup},
+           "columns": {}}
+    for name, server, url, extra, h2 in h2_columns(d):
+        if h2:
+            streams = max(1, a.rate_conns // a.h2_conns)
+            rate_shape = (a.h2_conns, [*extra, "-p", str(streams)])
+            streams = max(1, a.tp_conns // a.h2_conns)
+            tp_shape = (a.h2_conns, [*extra, "-p", str(streams)])
+        else:
+            rate_shape = (a.rate_conns, extra)
+            tp_shape = (a.tp_conns, extra)
+        col = {"server": server, "url": url, "h2": h2}
+        log(f"h2 phase, {name}: {a.rate} req/s for {a.duration}s, then max throughput for {a.tp_duration}s")
+        oha(a, url, body, a.rate, a.warmup, rate_shape[0], rate_shape[1])
+        c0, f0 = cpu.start(), foreign.start()
+        r = oha(a, url, body, a.rate, a.duration, rate_shape[0], rate_shape[1])
+        r["cpu_us_per_request"] = cpu.per_request_us(c0, r["requests"])[server]
+        r["foreign_cpu"] = foreign.fraction(f0)
+        col["rate"] = r
+        oha(a, url, body, None, a.warmup, tp_shape[0], tp_shape[1])
+        c0, f0 = cpu.start(), foreign.start()
+        r = oha(a, url, body, None, a.tp_duration, tp_shape[0], tp_shape[1])
+        r["cpu_us_per_request"] = cpu.per_request_us(c0, r["requests"])[server]
+        r["foreign_cpu"] = foreign.fraction(f0)
+        col["throughput"] = r
+        res["columns"][name] = col
+    res["rss_kib"] = {k: proc_status(p) for k, p in pids.items()}
+    res["machine"] = {"cpus": os.cpu_count(), "loadavg_before": load0, "kernel": platform.release()}
+    res["tools"] = {"oha": a.oha_version, "nginx": a.nginx_version, "promptgate": a.pg_version}
+    res["duration_s"] = round(time.monotonic() - t_start, 1)
+    os.makedirs(a.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    md = markdown_h2(res)
+    for name in (f"results-h2-{stamp}", "latest-h2"):
+        with open(os.path.join(a.out, name + ".json"), "w") as f:
+            json.dump(res, f, indent=2)
+        with open(os.path.join(a.out, name + ".md"), "w") as f:
+            f.write(md)
+    print(md)
+    bad = [n for n, c in res["columns"].items()
+           for ph in ("rate", "throughput")
+           if sum(v for k, v in c[ph]["status_codes"].items() if k != "200") or c[ph]["errors"]]
+    if bad:
+        log(f"non-200 responses or transport errors in: {', '.join(bad)}")
+
+
+def markdown_h2(r):
+    C, p = r["columns"], r["params"]
+    names = list(C)
+    base = C["direct h1"]["rate"]
+    o = [f"### HTTP/2 and TLS beside HTTP/1.1 — {r['started']}\n",
+         f"Load average before {' '.join(r['machine']['loadavg_before'])}; tools: {r['tools']['nginx']}, "
+         f"{r['tools']['oha']}, {r['tools']['promptgate']}. oha drives every column. HTTP/1.1: "
+         f"{p['rate_conns']} connections at {p['rate']} req/s, {p['tp_conns']} for max throughput; HTTP/2: "
+         f"the same number of streams on {p['h2_conns']} connections. TLS: the same EC P-256 certificate "
+         f"for both, connections kept alive (handshakes are not in the figures). Run time {r['duration_s']} s.\n",
+         "| column | p50 @ rate (ms) | p99 @ rate (ms) | added p50 / p99 vs direct h1 (ms) | "
+         "CPU µs/req @ rate | max req/s | p99 at max (ms) | CPU µs/req at max | other CPU | errors |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in names:
+        R, T = C[n]["rate"], C[n]["throughput"]
+        errs = sum(v for k, v in R["status_codes"].items() if k != "200") + sum(R["errors"].values()) \
+            + sum(v for k, v in T["status_codes"].items() if k != "200") + sum(T["errors"].values())
+        o.append(f"| {n} | {R['p50_ms']:.3f} | {R['p99_ms']:.3f} | "
+                 f"{R['p50_ms'] - base['p50_ms']:.3f} / {R['p99_ms'] - base['p99_ms']:.3f} | "
+                 f"{R['cpu_us_per_request']:.1f} | {T['rps']:,.0f} | {T['p99_ms']:.2f} | "
+                 f"{T['cpu_us_per_request']:.1f} | {max(R['foreign_cpu'], T['foreign_cpu']) * 100:.0f}% | {errs} |")
+    o.append("")
+    o.append("promptgate / nginx, same protocol (added latency vs direct h1 at the fixed rate; max throughput):")
+    for proto in ("h1", "h2c", "TLS h1", "TLS h2"):
+        pg, ng = C.get(f"promptgate {proto}"), C.get(f"nginx {proto}")
+        if not pg or not ng:
+            continue
+        ap = pg["rate"]["p50_ms"] - base["p50_ms"]
+        an = ng["rate"]["p50_ms"] - base["p50_ms"]
+        ratio = f"{ap / an:.2f}x" if an > 0 else "n/a"
+        o.append(f"- {proto}: added p50 {ratio}, throughput {pg['throughput']['rps'] / ng['throughput']['rps']:.2f}")
+    rs = r["rss_kib"]
+    o.append("")
+    o.append(f"Peak RSS (VmHWM): promptgate {rs['promptgate'].get('VmHWM', 0) / 1024:.1f} MiB, "
+             f"promptgate (TLS) {rs['promptgate-tls'].get('VmHWM', 0) / 1024:.1f} MiB, "
+             f"nginx proxy worker {rs['nginx'].get('VmHWM', 0) / 1024:.1f} MiB.")
+    return "\n".join(o) + "\n"
+
+
 def derive(r):
     L, T, F = r["latency"], r["throughput"], r["ttfb"]
     dv = {}
@@ -937,8 +1125,27 @@ def main():
     r.add_argument("--wrk-version", default="wrk")
     r.add_argument("--nginx-version", default="nginx")
     r.add_argument("--pg-version", default="promptgate")
+    h = sub.add_parser("run-h2")
+    h.add_argument("--dir", required=True)
+    h.add_argument("--out", required=True)
+    h.add_argument("--oha", required=True)
+    h.add_argument("--pg-pid", type=int, required=True)
+    h.add_argument("--pg-tls-pid", type=int, required=True)
+    h.add_argument("--nginx-proxy-pid", type=int, required=True)
+    h.add_argument("--nginx-upstream-pid", type=int, required=True)
+    h.add_argument("--rate", type=int, default=1000)
+    h.add_argument("--duration", type=int, default=10)
+    h.add_argument("--rate-conns", type=int, default=32)
+    h.add_argument("--tp-conns", type=int, default=64)
+    h.add_argument("--tp-duration", type=int, default=10)
+    h.add_argument("--h2-conns", type=int, default=4,
+                   help="HTTP/2 connections; the streams are spread over them")
+    h.add_argument("--warmup", type=int, default=2)
+    h.add_argument("--oha-version", default="oha")
+    h.add_argument("--nginx-version", default="nginx")
+    h.add_argument("--pg-version", default="promptgate")
     a = ap.parse_args()
-    {"gen": cmd_gen, "check": cmd_check, "run": cmd_run}[a.cmd](a)
+    {"gen": cmd_gen, "check": cmd_check, "run": cmd_run, "run-h2": cmd_run_h2}[a.cmd](a)
 
 
 if __name__ == "__main__":

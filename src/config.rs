@@ -59,6 +59,24 @@ struct RawGateway {
     audit: governance::RawAudit,
     #[serde(default)]
     data_protection: governance::RawProtect,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+/// `tls: {cert: PATH, key: PATH}`: PEM files, relative to the gateway file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+/// TLS on the public listener: where the pair lives, and the pair as read.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub pair: crate::tls::Pair,
 }
 
 #[derive(Deserialize, Default)]
@@ -186,6 +204,8 @@ struct RawLimits {
     write_timeout: Option<String>,
     #[serde(default)]
     body_read_timeout: Option<String>,
+    #[serde(default)]
+    max_streams: Option<u32>,
     /// Where rate-limit counters live (`memory` or `redis`).
     #[serde(flatten)]
     rate: governance::RawRateStore,
@@ -705,6 +725,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Longest the whole request body may take to arrive, however steadily.
     pub body_read_timeout: Duration,
+    /// Concurrent HTTP/2 streams (requests) one client connection may open.
+    pub max_streams: u32,
 }
 
 /// The longest any `limits` duration may be: longer is surely a typo, and
@@ -724,6 +746,7 @@ impl Default for Limits {
             list_ids_in_errors: true,
             write_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
+            max_streams: 128,
         }
     }
 }
@@ -751,6 +774,8 @@ pub struct Config {
     pub spend: SpendConfig,
     pub audit: AuditConfig,
     pub protect: ProtectConfig,
+    /// TLS on the public listener (`None`: plain HTTP).
+    pub tls: Option<TlsConfig>,
 }
 
 /// One problem found in the configuration.
@@ -1001,7 +1026,11 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             &gw.limits.body_read_timeout,
             d.body_read_timeout,
         ),
+        max_streams: gw.limits.max_streams.unwrap_or(d.max_streams),
     };
+    if limits.max_streams == 0 {
+        problems.add(gateway_file, "limits.max_streams", "must be at least 1");
+    }
     if limits.max_concurrency == 0 {
         problems.add(gateway_file, "limits.max_concurrency", "must be at least 1");
     }
@@ -1138,6 +1167,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         &routes,
         &mut problems,
     );
+    let tls = gw.tls.and_then(|t| tls(gateway_file, t, &mut problems));
     let route_names: Vec<&str> = routes.keys().map(String::as_str).collect();
     let retrievers = retrievers::load_dir(gateway_file, &route_names, &mut problems);
     let prompts = prompts::load_dir(
@@ -1166,9 +1196,33 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             spend: gov.spend,
             audit: gov.audit,
             protect: gov.protect,
+            tls,
         })
     } else {
         Err(problems.list)
+    }
+}
+
+/// The `tls` section: both files read (paths relative to the gateway file) and
+/// the key checked against the certificate.
+fn tls(gateway_file: &Path, raw: RawTls, problems: &mut Problems) -> Option<TlsConfig> {
+    let dir = gateway_file.parent().unwrap_or_else(|| Path::new(""));
+    let mut path = |field: &str, p: &str| {
+        if p.trim().is_empty() {
+            problems.add(gateway_file, field, "must be the path of a PEM file");
+            None
+        } else {
+            Some(dir.join(p))
+        }
+    };
+    let (cert, key) = (path("tls.cert", &raw.cert), path("tls.key", &raw.key));
+    let (cert, key) = (cert?, key?);
+    match crate::tls::load_pair(&cert, &key) {
+        Ok(pair) => Some(TlsConfig { cert, key, pair }),
+        Err((field, message)) => {
+            problems.add(gateway_file, field, message);
+            None
+        }
     }
 }
 

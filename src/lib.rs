@@ -25,6 +25,7 @@ pub mod retrieval;
 pub mod server;
 pub mod snapshot;
 pub mod task;
+pub mod tls;
 pub mod tokens;
 
 use std::path::Path;
@@ -73,5 +74,6 @@ pub fn conn_limits(cfg: &config::Config) -> server::ConnLimits {
         max_connections: cfg.limits.max_connections,
         shutdown_grace: cfg.limits.shutdown_grace,
         write_timeout: cfg.limits.write_timeout,
+        max_streams: cfg.limits.max_streams,
     }
 }

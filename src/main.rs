@@ -744,9 +744,10 @@ fn serve(
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        tracing::info!(address = %local, routes = cfg.routes.len(), "promptgate listening");
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        tracing::info!(address = %local, routes = cfg.routes.len(), tls = cfg.tls.is_some(), "promptgate listening");
         eprintln!(
-            "promptgate listening on http://{local} ({} routes)",
+            "promptgate listening on {scheme}://{local} ({} routes)",
             cfg.routes.len()
         );
         // The auth mode, once; without keys on a reachable address anyone
@@ -804,6 +805,17 @@ fn serve(
         });
         let _health = promptgate::pipeline::spawn_health_checks(gw.clone());
         let governor = gw.governor.clone();
+        // TLS is switched on or off at start; the pair itself follows reloads.
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => match promptgate::tls::acceptor(gw.clone(), t.pair.clone()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("error: cannot set up TLS: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let limits = promptgate::conn_limits(&cfg);
         warn_if_over_file_limit(limits.max_connections);
@@ -814,7 +826,7 @@ fn serve(
                 std::future::pending::<()>().await;
             }
         };
-        let served = promptgate::server::serve_with(listener, router, limits, shutdown).await;
+        let served = promptgate::server::serve_tls(listener, router, limits, tls, shutdown).await;
         // Audit records still queued are written before the process ends.
         governor.audit.close(std::time::Duration::from_secs(2));
         match served {

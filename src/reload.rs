@@ -5,7 +5,10 @@
 //! are logged, counted and kept for `GET /admin/status`. Triggers: file changes
 //! (notify, debounced; editors' write-then-rename saves and Kubernetes ConfigMap
 //! symlink swaps both show up as events in the watched folders), SIGHUP, and
-//! `POST /admin/reload`. The listen address and limits are read at start only.
+//! `POST /admin/reload`. The listen address and limits are read at start only;
+//! the TLS certificate and key files are inputs too (whether TLS is on is read
+//! at start): a reload that reads a good new pair serves it to the next
+//! handshake, a broken one is refused like any other problem.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,21 @@ pub struct Reloader {
     /// The digest of the input files as the last load read them: a file event
     /// that leaves them unchanged reloads nothing.
     inputs: Mutex<Option<[u8; 32]>>,
+    /// The TLS certificate and key files of the serving configuration
+    /// (absolute), watched and digested with the configuration's own files.
+    tls_files: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+/// The `tls` section's files, absolute, so that they compare equal to the
+/// paths file events carry.
+fn tls_files(snapshot: &Snapshot) -> Vec<PathBuf> {
+    snapshot
+        .config
+        .tls
+        .iter()
+        .flat_map(|t| [&t.cert, &t.key])
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect()
 }
 
 /// Whether `path` is (or may lead to) a file the configuration reads: the
@@ -69,6 +87,11 @@ fn is_input(path: &Path, gateway_file: &Path) -> bool {
 /// followed): the gateway file and the `*.yaml`/`*.yml` files directly in
 /// `providers/`, `prompts/` and `retrievers/`.
 pub fn input_digest(gateway_file: &Path) -> [u8; 32] {
+    input_digest_with(gateway_file, &[])
+}
+
+/// [`input_digest`] with `extra` files (the TLS pair) digested too.
+fn input_digest_with(gateway_file: &Path, extra: &[PathBuf]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let add = |h: &mut Sha256, p: &Path| {
@@ -91,6 +114,9 @@ pub fn input_digest(gateway_file: &Path) -> [u8; 32] {
         for f in &files {
             add(&mut h, f);
         }
+    }
+    for f in extra {
+        add(&mut h, f);
     }
     h.finalize().into()
 }
@@ -131,6 +157,7 @@ impl Reloader {
     pub fn new(gw: Arc<Gateway>, config_path: &Path, env: SharedEnv) -> Arc<Self> {
         let loaded = gw.snapshot().loaded_at;
         gw.metrics.last_reload.set(unix(loaded));
+        let tls = tls_files(&gw.snapshot());
         Arc::new(Reloader {
             gw,
             config_path: config_path.to_owned(),
@@ -142,7 +169,8 @@ impl Reloader {
                 failed: 0,
             }),
             running: tokio::sync::Mutex::new(()),
-            inputs: Mutex::new(Some(input_digest(config_path))),
+            inputs: Mutex::new(Some(input_digest_with(config_path, &tls))),
+            tls_files: Arc::new(Mutex::new(tls)),
         })
     }
 
@@ -177,9 +205,14 @@ impl Reloader {
         let _one = self.running.lock().await;
         let path = self.config_path.clone();
         let digest_path = path.clone();
+        let tls = self
+            .tls_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         // Taken before the files are read: a change racing the load makes the
         // next event reload again, never the reverse.
-        let digest = tokio::task::spawn_blocking(move || input_digest(&digest_path))
+        let digest = tokio::task::spawn_blocking(move || input_digest_with(&digest_path, &tls))
             .await
             .ok();
         {
@@ -217,6 +250,7 @@ impl Reloader {
         match result {
             Ok(next) => {
                 let at = next.loaded_at;
+                *self.tls_files.lock().unwrap_or_else(|e| e.into_inner()) = tls_files(&next);
                 self.gw.swap(next);
                 status.last_success = at;
                 status.succeeded += 1;
@@ -257,6 +291,7 @@ impl Reloader {
         let gateway_file =
             std::path::absolute(&self.config_path).unwrap_or_else(|_| self.config_path.clone());
         let file = gateway_file.clone();
+        let tls = self.tls_files.clone();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 if let Ok(ev) = res {
@@ -265,7 +300,10 @@ impl Reloader {
                         ev.kind,
                         EventKind::Access(_)
                             | EventKind::Modify(notify::event::ModifyKind::Metadata(_))
-                    ) && ev.paths.iter().any(|p| is_input(p, &file));
+                    ) && ev.paths.iter().any(|p| {
+                        is_input(p, &file)
+                            || tls.lock().unwrap_or_else(|e| e.into_inner()).contains(p)
+                    });
                     if relevant {
                         let _ = tx.send(());
                     }
@@ -281,6 +319,18 @@ impl Reloader {
             if p.is_dir() {
                 watcher.watch(&p, RecursiveMode::Recursive)?;
             }
+        }
+        // The folders of the TLS files, where they live elsewhere.
+        let tls_dirs: std::collections::BTreeSet<PathBuf> = self
+            .tls_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_owned))
+            .filter(|d| *d != dir)
+            .collect();
+        for d in tls_dirs {
+            watcher.watch(&d, RecursiveMode::NonRecursive)?;
         }
         let this = self.clone();
         crate::task::spawn("reload-watcher", async move {

@@ -1649,6 +1649,8 @@ pub struct ConnLimits {
     /// nothing) closes the connection, dropping the response and the backend
     /// call behind it.
     pub write_timeout: Duration,
+    /// Concurrent HTTP/2 streams (requests) one connection may have open.
+    pub max_streams: u32,
 }
 
 impl Default for ConnLimits {
@@ -1659,8 +1661,155 @@ impl Default for ConnLimits {
             max_connections: d.max_connections,
             shutdown_grace: d.shutdown_grace,
             write_timeout: d.write_timeout,
+            max_streams: d.max_streams,
         }
     }
+}
+
+/// How often an HTTP/2 connection with requests in progress is pinged, and how
+/// long the client has to answer before the connection is closed (a peer gone
+/// without a word, while its streams wait on a backend).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs HTTP/2 streams (hyper spawns one task per request) as named gateway
+/// tasks, each under the write timeout: HTTP/2 flow control lets a client
+/// stop reading one stream while its connection stays busy and its socket
+/// drains, so the socket's timer ([`Watched`]) cannot see it. A stream whose
+/// response has had a frame waiting on the client for `write_timeout` is
+/// reset, dropping the response and the backend call behind it.
+#[derive(Clone, Copy)]
+struct StreamTasks {
+    write_timeout: Duration,
+}
+
+tokio::task_local! {
+    /// The running HTTP/2 stream's [`StreamClock`], for its response body.
+    static STREAM_CLOCK: Arc<StreamClock>;
+}
+
+/// When the stream's response body last handed a frame to hyper that hyper
+/// has not followed by asking for the next ([`now_ms`]; 0: none waiting).
+/// Written and read only inside the stream's own task.
+#[derive(Default)]
+struct StreamClock {
+    handed: std::sync::atomic::AtomicU64,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamTasks
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let limit_ms = u64::try_from(self.write_timeout.as_millis()).unwrap_or(u64::MAX);
+        crate::task::spawn("h2-stream", async move {
+            let clock = Arc::new(StreamClock::default());
+            let stream = STREAM_CLOCK.scope(clock.clone(), fut);
+            let stalled = Stalled {
+                clock: &clock,
+                limit_ms,
+                timer: None,
+            };
+            tokio::select! {
+                biased;
+                out = stream => Some(out),
+                () = stalled => {
+                    tracing::debug!("an HTTP/2 response waited on its client past the write timeout; stream reset");
+                    None
+                }
+            }
+        });
+    }
+}
+
+/// Resolves once the stream's response has waited on the client for the
+/// limit. It needs no waker of its own for a new frame: frames are handed out
+/// in the same task, whose every poll polls this too.
+struct Stalled<'a> {
+    clock: &'a StreamClock,
+    limit_ms: u64,
+    timer: Option<(u64, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Future for Stalled<'_> {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let handed = self.clock.handed.load(std::sync::atomic::Ordering::Relaxed);
+        if handed == 0 {
+            return Poll::Pending;
+        }
+        let due = handed.saturating_add(self.limit_ms);
+        let now = now_ms();
+        if now >= due {
+            return Poll::Ready(());
+        }
+        let Some(deadline) = Instant::now().checked_add(Duration::from_millis(due - now)) else {
+            return Poll::Pending;
+        };
+        let this = &mut *self;
+        match &mut this.timer {
+            Some((at, sleep)) => {
+                if *at != handed {
+                    *at = handed;
+                    sleep.as_mut().reset(deadline);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+            }
+            None => {
+                let mut sleep = Box::pin(tokio::time::sleep_until(deadline));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                this.timer = Some((handed, sleep));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// An HTTP/2 response body that notes on its stream's clock when a frame it
+/// handed out is waiting for the client.
+struct Paced {
+    inner: Body,
+    clock: Arc<StreamClock>,
+}
+
+impl hyper::body::Body for Paced {
+    type Data = Bytes;
+    type Error = axum::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        use std::sync::atomic::Ordering;
+        self.clock.handed.store(0, Ordering::Relaxed);
+        let out = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        // The last frame too: hyper holds it until the client has room.
+        if matches!(out, std::task::Poll::Ready(Some(Ok(_)))) {
+            self.clock.handed.store(now_ms().max(1), Ordering::Relaxed);
+        }
+        out
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A clock in milliseconds since the first call, for [`Conn::idle_since`].
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// One open connection: its requests in progress, whether the client has sent
@@ -1669,6 +1818,41 @@ struct Conn {
     active: std::sync::atomic::AtomicUsize,
     heard: std::sync::atomic::AtomicBool,
     evict: tokio::sync::Notify,
+    /// When the connection last had no request in progress ([`now_ms`]): its
+    /// opening, then the end of each last response.
+    idle_since: std::sync::atomic::AtomicU64,
+}
+
+impl Conn {
+    fn is_idle(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
+    /// Resolves when the connection has had no request in progress for
+    /// `limit`: from its opening (the TLS handshake, the protocol preface and
+    /// the first request head must arrive within it, whatever the protocol),
+    /// then from the end of each last response. HTTP/1.1 has hyper's own
+    /// header timer too; HTTP/2 has no other.
+    async fn idle_for(&self, limit: Duration) {
+        use std::sync::atomic::Ordering;
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let now = now_ms();
+            let wait = if self.is_idle() {
+                let since = self.idle_since.load(Ordering::Acquire);
+                let until = since.saturating_add(limit_ms);
+                if until <= now {
+                    return;
+                }
+                until - now
+            } else {
+                // Busy: look again a period later (the end of the request
+                // moves `idle_since`).
+                limit_ms
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
 }
 
 /// A client socket that notes the first bytes it reads on its [`Conn`], and
@@ -1805,6 +1989,7 @@ impl Conns {
             active: Default::default(),
             heard: Default::default(),
             evict: tokio::sync::Notify::new(),
+            idle_since: now_ms().into(),
         });
         open.insert(id, conn.clone());
         Some((id, conn))
@@ -1835,9 +2020,10 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        use std::sync::atomic::Ordering;
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since.store(now_ms(), Ordering::Release);
+        }
     }
 }
 
@@ -1851,20 +2037,50 @@ pub async fn serve(
     serve_with(listener, router, ConnLimits::default(), shutdown).await
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves; then stops
-/// accepting, lets running requests finish for at most the grace period, and
-/// returns (dropping whatever still runs).
+/// Serves `router` on `listener` (plain HTTP/1.1 and h2c) until `shutdown`
+/// resolves; then stops accepting, lets running requests finish for at most
+/// the grace period, and returns (dropping whatever still runs).
 pub async fn serve_with(
     listener: TcpListener,
     router: Router,
     limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    serve_tls(listener, router, limits, None, shutdown).await
+}
+
+/// The connection's protocol, HTTP/1.1 or HTTP/2 (the client's preface
+/// decides; over TLS, ALPN offers `h2` and `http/1.1`).
+type Http = hyper_util::server::conn::auto::Builder<StreamTasks>;
+
+/// Serves `router` on `listener`, over TLS when `tls` is given, like
+/// [`serve_with`]. Each connection speaks HTTP/1.1 or HTTP/2 as the client
+/// chooses, under the same protections: the TLS handshake and the first request
+/// head within `header_read_timeout` (and an idle connection closed after it),
+/// the connection cap with idle eviction, the write timeout on the socket, at
+/// most `max_streams` concurrent HTTP/2 streams, a graceful drain (`GOAWAY`
+/// on HTTP/2) on shutdown.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::TokioTimer;
+    let mut http: Http = hyper_util::server::conn::auto::Builder::new(StreamTasks {
+        write_timeout: limits.write_timeout,
+    });
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let http = Arc::new(http);
     let conns = Arc::new(Conns::default());
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
@@ -1887,15 +2103,6 @@ pub async fn serve_with(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let on_conn = conn.clone();
-        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let mut req = req.map(Body::new);
-            // Taken by the edge layer, which keeps it until the body ends; a
-            // router without that layer (admin) holds it for the handler.
-            req.extensions_mut().insert(Busy::new(&on_conn));
-            tower::ServiceExt::oneshot(router.clone(), req)
-        });
         let io = Watched {
             io: stream,
             conn: conn.clone(),
@@ -1903,24 +2110,27 @@ pub async fn serve_with(
             stalled: None,
             armed: false,
         };
-        let served = http.serve_connection(TokioIo::new(io), svc);
         let conns = conns.clone();
-        let mut drain = drain_rx.clone();
+        let served = ConnTask {
+            http: http.clone(),
+            router: router.clone(),
+            conn,
+            drain: drain_rx.clone(),
+            idle_limit: limits.header_read_timeout,
+        };
+        let tls = tls.clone();
         crate::task::spawn("connection", async move {
-            tokio::pin!(served);
-            let mut draining = *drain.borrow();
-            if draining {
-                served.as_mut().graceful_shutdown();
-            }
-            loop {
-                tokio::select! {
-                    _ = served.as_mut() => break,
-                    _ = conn.evict.notified() => break,
-                    r = drain.changed(), if !draining => {
-                        draining = true;
-                        if r.is_ok() {
-                            served.as_mut().graceful_shutdown();
-                        }
+            match tls {
+                None => served.run(io).await,
+                Some(tls) => {
+                    // The handshake counts against the first request's time.
+                    let handshake = tokio::select! {
+                        r = tls.accept(io) => r.ok(),
+                        _ = served.conn.idle_for(served.idle_limit) => None,
+                        _ = served.conn.evict.notified() => None,
+                    };
+                    if let Some(io) = handshake {
+                        served.run(io).await;
                     }
                 }
             }
@@ -1948,6 +2158,75 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// What one connection's task needs to serve it.
+struct ConnTask {
+    http: Arc<Http>,
+    router: Router,
+    conn: Arc<Conn>,
+    drain: tokio::sync::watch::Receiver<bool>,
+    idle_limit: Duration,
+}
+
+impl ConnTask {
+    /// Serves the connection until it ends, is evicted, stays idle past the
+    /// limit, or the drain and its grace are over.
+    async fn run<I>(mut self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        let on_conn = self.conn.clone();
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let mut req = req.map(Body::new);
+            // Taken by the edge layer, which keeps it until the body ends; a
+            // router without that layer (admin) holds it for the handler.
+            req.extensions_mut().insert(Busy::new(&on_conn));
+            let answer = tower::ServiceExt::oneshot(router.clone(), req);
+            async move {
+                let resp = answer.await?;
+                // An HTTP/2 stream's task has a clock for the write timeout.
+                Ok::<_, Infallible>(match STREAM_CLOCK.try_with(Arc::clone) {
+                    Ok(clock) => resp.map(|inner| Body::new(Paced { inner, clock })),
+                    Err(_) => resp,
+                })
+            }
+        });
+        let served = self
+            .http
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+        tokio::pin!(served);
+        let mut draining = *self.drain.borrow();
+        if draining {
+            served.as_mut().graceful_shutdown();
+        }
+        // Idle past the limit: a graceful close (`GOAWAY` on HTTP/2), and if the
+        // client does not end it within another period, a hard one.
+        let mut closing = false;
+        let conn = self.conn.clone();
+        loop {
+            tokio::select! {
+                _ = served.as_mut() => break,
+                _ = conn.evict.notified() => break,
+                _ = conn.idle_for(self.idle_limit) => {
+                    if closing {
+                        break;
+                    }
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                    // A new period from now.
+                    conn.idle_since.store(now_ms(), std::sync::atomic::Ordering::Release);
+                }
+                r = self.drain.changed(), if !draining => {
+                    draining = true;
+                    if r.is_ok() {
+                        served.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl IntoResponse for GatewayError {
