@@ -59,6 +59,10 @@ struct RawGateway {
     audit: governance::RawAudit,
     #[serde(default)]
     data_protection: governance::RawProtect,
+    /// The same-dialect fast path (OpenAI client, OpenAI-compatible target):
+    /// on unless set to `false`.
+    #[serde(default)]
+    fast_path: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -751,6 +755,9 @@ pub struct Config {
     pub spend: SpendConfig,
     pub audit: AuditConfig,
     pub protect: ProtectConfig,
+    /// Forward an OpenAI client's bytes to an OpenAI-compatible target when
+    /// nothing needs the canonical form (`fast_path`, default true).
+    pub fast_path: bool,
 }
 
 /// One problem found in the configuration.
@@ -912,6 +919,7 @@ pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems { list: Vec::new() };
     let gw: RawGateway = read_yaml(gateway_file, &mut problems).unwrap_or_default();
+    let fast_path = gw.fast_path.unwrap_or(true);
 
     let currency = gw.spend.currency.clone().unwrap_or_else(|| "USD".into());
     let dir = providers_dir(gateway_file);
@@ -1166,6 +1174,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             spend: gov.spend,
             audit: gov.audit,
             protect: gov.protect,
+            fast_path,
         })
     } else {
         Err(problems.list)

@@ -339,7 +339,7 @@ pub(super) async fn run_chain<O: Operation>(
 /// What every call to a target starts with: its provider, and its provider's
 /// drill fault, of which failures and slowness are applied here; a stall or a
 /// stream cut is left to the operation, which knows how it shows.
-async fn prepare<'t>(
+pub(super) async fn prepare<'t>(
     gw: &Gateway,
     t: &'t Target,
 ) -> Result<(&'t Arc<dyn Provider>, Option<FaultKind>), UpstreamError> {
@@ -403,7 +403,7 @@ async fn chat_attempt(
     }
 }
 
-fn stall_error(after: Duration) -> UpstreamError {
+pub(super) fn stall_error(after: Duration) -> UpstreamError {
     UpstreamError::new(
         ErrorKind::Timeout,
         format!(
@@ -512,7 +512,7 @@ fn give_up(route: &str, mut errors: Vec<Failed>, skips: Vec<Skip>, private: bool
 }
 
 /// Whether a target can serve what the request needs.
-fn check_capabilities(t: &Target, req: &ChatRequest) -> Result<(), &'static str> {
+pub(super) fn check_capabilities(t: &Target, req: &ChatRequest) -> Result<(), &'static str> {
     let caps = &t.capabilities;
     if req.stream && !caps.streaming {
         return Err("streaming");
