@@ -1235,20 +1235,7 @@ async fn run_chat(
                     yield Ok(Bytes::from(buf));
                 }
             };
-            let mut out = Response::new(Body::from_stream(body));
-            let h = out.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(
-                http::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-cache"),
-            );
-            h.insert(
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            );
+            let mut out = sse_response(body);
             let mut outcome = served_headers(&mut out, &served, true);
             outcome.ticket = ctx.ticket.clone();
             if let Some(h) = cited {
@@ -1266,6 +1253,27 @@ async fn run_chat(
             Some(served.route.clone()),
         ),
     }
+}
+
+/// An event-stream response of `body`, unbuffered by proxies in between.
+fn sse_response(
+    body: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    let mut out = Response::new(Body::from_stream(body));
+    let h = out.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    out
 }
 
 /// The fast path's answer: its bytes as they are, with the headers and the
@@ -1303,20 +1311,7 @@ fn forwarded(raw: Raw, served: &Served<()>, ctx: &RequestContext, id: RequestId)
                     }
                 }
             };
-            let mut out = Response::new(Body::from_stream(body));
-            let h = out.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(
-                http::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-cache"),
-            );
-            h.insert(
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            );
+            let out = sse_response(body);
             (out, true)
         }
     };

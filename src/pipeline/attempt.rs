@@ -390,9 +390,18 @@ async fn chat_attempt(
         }
         peek_output(stream).await
     };
+    let (head, rest) = within_first_token_timeout(t, first_output).await?;
+    Ok(Answer::Stream(head, rest))
+}
+
+/// `first_output` (a stream's call up to its first output), failed as a
+/// timeout when it takes longer than the target's first-token timeout.
+pub(super) async fn within_first_token_timeout<T>(
+    t: &Target,
+    first_output: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
     match tokio::time::timeout(t.first_token_timeout, first_output).await {
-        Ok(Ok((head, rest))) => Ok(Answer::Stream(head, rest)),
-        Ok(Err(e)) => Err(e),
+        Ok(r) => r,
         Err(_) => Err(UpstreamError::new(
             ErrorKind::Timeout,
             format!(

@@ -200,16 +200,7 @@ impl Forward<'_> {
                 }
             }
         };
-        match tokio::time::timeout(t.first_token_timeout, first_output).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::new(
-                ErrorKind::Timeout,
-                format!(
-                    "no output within the first-token timeout of {}",
-                    humantime::format_duration(t.first_token_timeout)
-                ),
-            )),
-        }
+        attempt::within_first_token_timeout(t, first_output).await
     }
 
     /// A whole answer: decoded as the canonical path decodes it (an error
