@@ -734,3 +734,47 @@ async fn the_cache_prompts_retrieval_redaction_and_audit_content_need_the_canoni
     assert_eq!(r.status, 200);
     assert!(!was_forwarded(&p.up));
 }
+
+#[tokio::test]
+async fn drill_faults_apply_alike_on_both_paths() {
+    let p = pair().await;
+    let inject = |gw: &Gw, fault: Value| {
+        let url = gw.admin_url("/admin/faults");
+        async move {
+            let r = client()
+                .post(url)
+                .bearer_auth(common::ADMIN_KEY)
+                .json(&fault)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        }
+    };
+    // A cut after the first chunk of output: past the commit point, the
+    // stream ends with the gateway's error event.
+    let cut =
+        json!({"provider": "up", "fault": "stream_cut", "after_chunks": 1, "duration": "30s"});
+    inject(&p.fast, cut.clone()).await;
+    inject(&p.canonical, cut).await;
+    let (f, c) = both(&p, &body("fast", true)).await;
+    for s in [&f, &c] {
+        assert_eq!(s.streamed_text(), "Hi", "{}", s.text);
+        assert!(
+            s.text.contains("drill: stream cut after 1 chunks"),
+            "{}",
+            s.text
+        );
+    }
+    let last = |s: &Seen| normalized_error(s.events().last().unwrap().clone());
+    assert_eq!(last(&f), last(&c));
+    // An error fault: the attempt fails before any call, the same error.
+    let down = json!({"provider": "up", "fault": "error", "status": 503, "duration": "30s"});
+    inject(&p.fast, down.clone()).await;
+    inject(&p.canonical, down).await;
+    for stream in [false, true] {
+        let (f, c) = both(&p, &body("fast", stream)).await;
+        assert_eq!(f.status, 503, "{}", f.text);
+        assert_eq!(normalized_error(f.json()), normalized_error(c.json()));
+    }
+}
