@@ -556,8 +556,14 @@ fn value_end(b: &[u8], i: usize) -> Option<usize> {
         b'{' | b'[' => {
             let mut depth = 0usize;
             let mut j = i;
-            while let Some(c) = b.get(j) {
-                match c {
+            // Only quotes and brackets matter: jump from one to the next.
+            while let Some(skip) = b
+                .get(j..)?
+                .iter()
+                .position(|c| matches!(c, b'"' | b'{' | b'[' | b'}' | b']'))
+            {
+                j += skip;
+                match b[j] {
                     b'"' => {
                         j = string_end(b, j)?.0;
                         continue;
@@ -779,6 +785,26 @@ mod tests {
         assert!(spliced(r#"{"mod\u0065l":"conf"}"#, false, false).is_none());
         assert!(spliced(r#"{"model":"a","model":"b"}"#, false, false).is_none());
         assert!(spliced(r#"[1]"#, false, false).is_none());
+    }
+
+    #[test]
+    fn a_value_ends_where_serde_says_it_does() {
+        let values = [
+            json!({"a": [1, {"b": "]}\\\"{["}], "c": {}}),
+            json!([[[]], {"x": "\\"}, "}", 1.5e3, null, true]),
+            json!("plain \"quoted\" \\"),
+            json!(-12),
+        ];
+        for v in values {
+            for text in [
+                serde_json::to_string(&v).unwrap(),
+                serde_json::to_string_pretty(&v).unwrap(),
+            ] {
+                let padded = format!("{text} , ");
+                assert_eq!(value_end(padded.as_bytes(), 0), Some(text.len()), "{text}");
+            }
+        }
+        assert_eq!(value_end(b"{\"a\": [1, 2}", 0), None, "unbalanced: no end");
     }
 
     #[test]
