@@ -34,8 +34,8 @@ use crate::snapshot::Target;
 /// the stream's SSE bytes, ending after `data: [DONE]` or with one error (the
 /// server writes it as the dialect's error event).
 pub enum Raw {
-    /// The body, and whether its usage is the backend's (always, today: a
-    /// body without usage is answered canonically, with the estimate).
+    /// The body. Its usage is always the backend's: a body without usage is
+    /// answered canonically, with the estimate.
     Whole(Bytes),
     Stream(BoxStream<'static, Result<Bytes, UpstreamError>>),
 }
