@@ -61,6 +61,10 @@ struct RawGateway {
     data_protection: governance::RawProtect,
     #[serde(default)]
     tls: Option<RawTls>,
+    /// The same-dialect fast path (OpenAI client, OpenAI-compatible target):
+    /// on unless set to `false`.
+    #[serde(default)]
+    fast_path: Option<bool>,
 }
 
 /// `tls: {cert: PATH, key: PATH}`: PEM files, relative to the gateway file.
@@ -776,6 +780,9 @@ pub struct Config {
     pub protect: ProtectConfig,
     /// TLS on the public listener (`None`: plain HTTP).
     pub tls: Option<TlsConfig>,
+    /// Forward an OpenAI client's bytes to an OpenAI-compatible target when
+    /// nothing needs the canonical form (`fast_path`, default true).
+    pub fast_path: bool,
 }
 
 /// One problem found in the configuration.
@@ -937,6 +944,7 @@ pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems { list: Vec::new() };
     let gw: RawGateway = read_yaml(gateway_file, &mut problems).unwrap_or_default();
+    let fast_path = gw.fast_path.unwrap_or(true);
 
     let currency = gw.spend.currency.clone().unwrap_or_else(|| "USD".into());
     let dir = providers_dir(gateway_file);
@@ -1197,6 +1205,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             audit: gov.audit,
             protect: gov.protect,
             tls,
+            fast_path,
         })
     } else {
         Err(problems.list)

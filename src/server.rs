@@ -26,6 +26,7 @@ use crate::dialect::Dialect;
 use crate::error::GatewayError;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::ids::ProviderId;
+use crate::pipeline::forward::{Raw, Reply};
 use crate::pipeline::retrieve::RetrievalRef;
 use crate::pipeline::{render, ChatOutcome, ClientDialect, Gateway, RequestContext, Served};
 use crate::prompt::PromptRef;
@@ -808,8 +809,15 @@ async fn chat(
 ) -> Handled {
     let id = edge.id.clone();
     let d = codec(dialect);
+    // The client's bytes, for the fast path: an OpenAI body may be forwarded as it is.
+    let mut raw = None;
     let decoded = match body {
-        Ok(b) => off_thread_if_large(b, move |b| codec(dialect).decode_chat(b)).await,
+        Ok(b) => {
+            if dialect == ClientDialect::OpenAi {
+                raw = Some(b.clone());
+            }
+            off_thread_if_large(b, move |b| codec(dialect).decode_chat(b)).await
+        }
         Err(e) => Err(e),
     };
     let mut req = match decoded {
@@ -822,7 +830,9 @@ async fn chat(
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
-    serve_chat(app, dialect, edge, &headers, req, prompt).await
+    // A request that names a prompt is rendered: its bytes are not the call's.
+    let raw = raw.filter(|_| prompt.is_none());
+    serve_chat(app, dialect, edge, &headers, req, prompt, raw).await
 }
 
 /// A request body that must be a JSON object (the gateway's own endpoints).
@@ -893,6 +903,7 @@ async fn prompt_chat_handled(
         &headers,
         req,
         Some(prompt),
+        None,
     )
     .await
 }
@@ -949,6 +960,7 @@ async fn serve_chat(
     headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
+    raw: Option<Bytes>,
 ) -> Handled {
     let id = edge.id.clone();
     let caller = edge.caller.as_ref();
@@ -962,6 +974,7 @@ async fn serve_chat(
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => return error_response(d, e, &id, None),
     };
+    let retrieval_used = retrieval.is_some().then_some(());
     let snap = app.gw.snapshot();
     // A key refused its prompt (or, without one, its route) costs no rendering
     // or retrieval; the placed route is checked again below.
@@ -1024,7 +1037,15 @@ async fn serve_chat(
     if let Some(t) = &ctx.ticket {
         protection.note(t);
     }
-    let mut handled = run_chat(app, d, &id, &ctx, req, citing, &protection).await;
+    // The client's bytes are the call only when nothing rewrote the request:
+    // no prompt rendered, no passages inserted, nothing redacted.
+    let raw = raw.filter(|_| {
+        used.is_none()
+            && retrieval_used.is_none()
+            && citing.is_none()
+            && protection.action != Some("redact")
+    });
+    let mut handled = run_chat(app, d, &id, &ctx, req, citing, &protection, raw).await;
     if let Some(u) = used {
         let h = handled.response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&u.id) {
@@ -1141,6 +1162,7 @@ fn shown_model<'a>(ctx: &'a RequestContext, served: &'a str) -> &'a str {
         .unwrap_or(served)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_chat(
     app: &AppState,
     d: &dyn Dialect,
@@ -1149,6 +1171,7 @@ async fn run_chat(
     req: ChatRequest,
     mut citing: Option<Citing>,
     protection: &crate::protect::Protection,
+    raw: Option<Bytes>,
 ) -> Handled {
     let cited = citing.as_ref().map(|c| c.header.clone());
     // A stream's citations go into its final event, through its encoder.
@@ -1164,19 +1187,27 @@ async fn run_chat(
         }
     });
     let id = id.clone();
-    let served =
-        match tokio::time::timeout(app.settings.request_timeout, app.gw.chat(ctx, req)).await {
-            Err(_) => {
-                let e = UpstreamError::new(
-                    ErrorKind::Timeout,
-                    "no response from the backend within the gateway's request timeout",
-                );
-                return pipeline_error(d, e.into(), ctx);
-            }
-            Ok(Err(e)) => return pipeline_error(d, e, ctx),
-            Ok(Ok(s)) => s,
-        };
+    let served = match tokio::time::timeout(
+        app.settings.request_timeout,
+        app.gw.chat(ctx, req, raw),
+    )
+    .await
+    {
+        Err(_) => {
+            let e = UpstreamError::new(
+                ErrorKind::Timeout,
+                "no response from the backend within the gateway's request timeout",
+            );
+            return pipeline_error(d, e.into(), ctx);
+        }
+        Ok(Err(e)) => return pipeline_error(d, e, ctx),
+        Ok(Ok(s)) => s,
+    };
     let (value, served) = served.split();
+    let value = match value {
+        Reply::Canonical(v) => v,
+        Reply::Forwarded(raw) => return forwarded(raw, &served, ctx, id),
+    };
     // The audit record's answer text (when it keeps content) is the
     // backend's; redacted values go back into the answer after, before it is
     // encoded.
@@ -1247,20 +1278,7 @@ async fn run_chat(
                     yield Ok(Bytes::from(buf));
                 }
             };
-            let mut out = Response::new(Body::from_stream(body));
-            let h = out.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(
-                http::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-cache"),
-            );
-            h.insert(
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            );
+            let mut out = sse_response(body);
             let mut outcome = served_headers(&mut out, &served, true);
             outcome.ticket = ctx.ticket.clone();
             if let Some(h) = cited {
@@ -1277,6 +1295,74 @@ async fn run_chat(
             &id,
             Some(served.route.clone()),
         ),
+    }
+}
+
+/// An event-stream response of `body`, unbuffered by proxies in between.
+fn sse_response(
+    body: impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    let mut out = Response::new(Body::from_stream(body));
+    let h = out.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    out
+}
+
+/// The fast path's answer: its bytes as they are, with the headers and the
+/// outcome of the canonical path; a stream's failure ends it with OpenAI's
+/// error event.
+fn forwarded(raw: Raw, served: &Served<()>, ctx: &RequestContext, id: RequestId) -> Handled {
+    let (mut out, streaming) = match raw {
+        Raw::Whole(body) => {
+            let mut out = Response::new(Body::from(body));
+            let h = out.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(USAGE, HeaderValue::from_static("reported"));
+            (out, false)
+        }
+        Raw::Stream(mut chunks) => {
+            let ticket = ctx.ticket.clone();
+            let body = async_stream::stream! {
+                while let Some(chunk) = chunks.next().await {
+                    match chunk {
+                        Ok(b) => yield Ok::<Bytes, Infallible>(b),
+                        Err(e) => {
+                            let e = GatewayError::Upstream(e);
+                            if let Some(t) = &ticket {
+                                t.note(|l| l.error = Some(e.code()));
+                            }
+                            let mut buf = b"data: ".to_vec();
+                            buf.extend_from_slice(&OpenAi.error_body(&e, &id.0));
+                            buf.extend_from_slice(b"\n\n");
+                            yield Ok(Bytes::from(buf));
+                            return;
+                        }
+                    }
+                }
+            };
+            let out = sse_response(body);
+            (out, true)
+        }
+    };
+    let mut outcome = served_headers(&mut out, served, streaming);
+    outcome.ticket = ctx.ticket.clone();
+    Handled {
+        response: out,
+        outcome: Some(outcome),
     }
 }
 

@@ -15,10 +15,27 @@ struct Setup {
     fake: native::NativeState,
 }
 
+/// Which path an OpenAI request to an OpenAI-compatible backend takes: the
+/// fast path (the client's bytes forwarded, the default) or, with
+/// `fast_path: false`, the canonical one. Both pass every case.
+#[derive(Clone, Copy)]
+pub enum Path {
+    Fast,
+    Canonical,
+}
+
 async fn setup(proto: &'static Protocol) -> Setup {
+    setup_on(proto, Path::Fast).await
+}
+
+async fn setup_on(proto: &'static Protocol, path: Path) -> Setup {
     let (base, fake) = native::spawn(proto).await;
+    let knob = match path {
+        Path::Fast => "",
+        Path::Canonical => "fast_path: false\n",
+    };
     let gateway = format!(
-        "listen: 127.0.0.1:0\nroutes:\n  conf:\n    provider: {k}\n    model: {m}\n",
+        "listen: 127.0.0.1:0\n{knob}routes:\n  conf:\n    provider: {k}\n    model: {m}\n",
         k = proto.kind,
         m = proto.model
     );
@@ -123,8 +140,8 @@ async fn read_stream(
     (text, finish, usage, calls, raw)
 }
 
-pub async fn chat(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn chat(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     let v = ok_json(&s, &request("chat", false)).await;
     assert_eq!(v["choices"][0]["message"]["content"], EXPECTED_TEXT, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
@@ -132,8 +149,8 @@ pub async fn chat(proto: &'static Protocol) {
     check_usage(proto, &v["usage"]);
 }
 
-pub async fn multi_turn(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn multi_turn(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     let body = json!({"model": "conf", "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -146,8 +163,8 @@ pub async fn multi_turn(proto: &'static Protocol) {
     (proto.check_multi_turn)(&log.last().unwrap().1);
 }
 
-pub async fn stream(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn stream(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     let mut body = request("chat", true);
     body["stream_options"] = json!({"include_usage": true});
     let (text, finish, usage, _, raw) = read_stream(post(&s, &body).await).await;
@@ -156,8 +173,8 @@ pub async fn stream(proto: &'static Protocol) {
     check_usage(proto, &usage.expect("a usage chunk"));
 }
 
-pub async fn tools(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn tools(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     for stream in [false, true] {
         let mut body = request("tools", stream);
         body["tools"] = weather_tool();
@@ -203,8 +220,8 @@ pub async fn tools(proto: &'static Protocol) {
     }
 }
 
-pub async fn length(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn length(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     let mut body = request("length", false);
     body["max_tokens"] = json!(5);
     let v = ok_json(&s, &body).await;
@@ -219,8 +236,8 @@ pub async fn length(proto: &'static Protocol) {
     assert!(!text.is_empty());
 }
 
-pub async fn errors(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn errors(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     let common: [(&str, u16, &str); 5] = [
         ("error_429", 429, "rate_limited"),
         ("error_500", 503, "overloaded"),
@@ -243,8 +260,8 @@ pub async fn errors(proto: &'static Protocol) {
     }
 }
 
-pub async fn stream_error(proto: &'static Protocol) {
-    let s = setup(proto).await;
+pub async fn stream_error(proto: &'static Protocol, path: Path) {
+    let s = setup_on(proto, path).await;
     let resp = post(&s, &request("stream_error", true)).await;
     assert_eq!(resp.status(), 200);
     let raw = resp.text().await.unwrap();
@@ -491,13 +508,14 @@ async fn gemini_call_ids_go_back_to_gemini_unchanged() {
     assert!(part["functionCall"].get("id").is_none(), "{sent}");
 }
 
-/// Expands to the suite's test functions for the module's `PROTOCOL`.
+/// Expands to the suite's test functions for the module's `PROTOCOL`, on
+/// the path `conformance_path!()` names where the module is declared.
 macro_rules! conformance_cases {
     () => {
         conformance_cases!(no_stream_error);
         #[tokio::test]
         async fn stream_error() {
-            crate::stream_error(&PROTOCOL).await
+            crate::stream_error(&PROTOCOL, conformance_path!()).await
         }
     };
     // For backends without a streaming API: streams are replayed from a complete
@@ -505,28 +523,34 @@ macro_rules! conformance_cases {
     (no_stream_error) => {
         #[tokio::test]
         async fn chat() {
-            crate::chat(&PROTOCOL).await
+            crate::chat(&PROTOCOL, conformance_path!()).await
         }
         #[tokio::test]
         async fn multi_turn() {
-            crate::multi_turn(&PROTOCOL).await
+            crate::multi_turn(&PROTOCOL, conformance_path!()).await
         }
         #[tokio::test]
         async fn stream() {
-            crate::stream(&PROTOCOL).await
+            crate::stream(&PROTOCOL, conformance_path!()).await
         }
         #[tokio::test]
         async fn tools() {
-            crate::tools(&PROTOCOL).await
+            crate::tools(&PROTOCOL, conformance_path!()).await
         }
         #[tokio::test]
         async fn length() {
-            crate::length(&PROTOCOL).await
+            crate::length(&PROTOCOL, conformance_path!()).await
         }
         #[tokio::test]
         async fn errors() {
-            crate::errors(&PROTOCOL).await
+            crate::errors(&PROTOCOL, conformance_path!()).await
         }
+    };
+}
+
+macro_rules! conformance_path {
+    () => {
+        crate::Path::Fast
     };
 }
 
@@ -553,3 +577,16 @@ mod openai;
 mod qianfan;
 #[path = "protocols/zhipu.rs"]
 mod zhipu;
+
+// The OpenAI-compatible protocols (those whose backends take the client's
+// bytes) once more with `fast_path: false`: the same cases pass on both paths.
+// Declared last: the definition below holds for what follows it.
+macro_rules! conformance_path {
+    () => {
+        crate::Path::Canonical
+    };
+}
+// The second instance of the protocol's cases is the point.
+#[allow(clippy::duplicate_mod)]
+#[path = "protocols/openai.rs"]
+mod openai_canonical_path;

@@ -62,6 +62,19 @@ async fn retrieval_service() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk() {
+    openai_sdk(true).await;
+}
+
+/// The same SDK suite with `fast_path: false`: the OpenAI requests to the
+/// OpenAI-format fake take the canonical path (decode, encode) instead of
+/// being forwarded as bytes, and every test passes alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_on_the_canonical_path() {
+    openai_sdk(false).await;
+}
+
+/// Runs tests/sdk against a gateway whose config differs only by `fast_path`.
+async fn openai_sdk(fast_path: bool) {
     let python = python();
     // An OpenAI-format fake for most routes, plus fakes speaking Anthropic's,
     // ChatGLM-6B's and ChatGLM3's formats behind `native-*` routes.
@@ -81,7 +94,10 @@ async fn openai_python_sdk() {
         ));
         natives.push((format!("{provider}.yaml"), (proto.provider_yaml)(&base)));
     }
-    let (g, mut p) = common::fake_config(&fake, &routes);
+    let (mut g, mut p) = common::fake_config(&fake, &routes);
+    if !fast_path {
+        g.push_str("fast_path: false\n");
+    }
     p.extend(natives);
     // Retriever `kb` for test_openai_sdk_retrieval.py: a loopback service
     // speaking the http kind's contract, always with the same two passages.

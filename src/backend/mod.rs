@@ -93,6 +93,12 @@ pub trait Provider: Send + Sync {
     fn forward(&self, _call: RawCall) -> Option<BoxFuture<'_, Result<RawAnswer, UpstreamError>>> {
         None
     }
+
+    /// Whether [`Provider::forward`] takes bodies, and how (`None`: it does
+    /// not), with the bound on one stream event the provider reads under.
+    fn forwarding(&self) -> Option<(Forwarding<'_>, usize)> {
+        None
+    }
 }
 
 /// How a backend takes forwarded OpenAI chat bodies.

@@ -445,6 +445,13 @@ impl Provider for HttpProvider {
         }))
     }
 
+    fn forwarding(&self) -> Option<(super::Forwarding<'_>, usize)> {
+        Some((
+            self.codec.forwards_openai_chat()?,
+            self.limits.max_line_bytes,
+        ))
+    }
+
     fn forward(&self, call: RawCall) -> Option<BoxFuture<'_, Result<RawAnswer, UpstreamError>>> {
         let path = self.codec.forwards_openai_chat()?.path;
         Some(Box::pin(async move {

@@ -339,7 +339,7 @@ pub(super) async fn run_chain<O: Operation>(
 /// What every call to a target starts with: its provider, and its provider's
 /// drill fault, of which failures and slowness are applied here; a stall or a
 /// stream cut is left to the operation, which knows how it shows.
-async fn prepare<'t>(
+pub(super) async fn prepare<'t>(
     gw: &Gateway,
     t: &'t Target,
 ) -> Result<(&'t Arc<dyn Provider>, Option<FaultKind>), UpstreamError> {
@@ -390,9 +390,18 @@ async fn chat_attempt(
         }
         peek_output(stream).await
     };
+    let (head, rest) = within_first_token_timeout(t, first_output).await?;
+    Ok(Answer::Stream(head, rest))
+}
+
+/// `first_output` (a stream's call up to its first output), failed as a
+/// timeout when it takes longer than the target's first-token timeout.
+pub(super) async fn within_first_token_timeout<T>(
+    t: &Target,
+    first_output: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
     match tokio::time::timeout(t.first_token_timeout, first_output).await {
-        Ok(Ok((head, rest))) => Ok(Answer::Stream(head, rest)),
-        Ok(Err(e)) => Err(e),
+        Ok(r) => r,
         Err(_) => Err(UpstreamError::new(
             ErrorKind::Timeout,
             format!(
@@ -403,7 +412,7 @@ async fn chat_attempt(
     }
 }
 
-fn stall_error(after: Duration) -> UpstreamError {
+pub(super) fn stall_error(after: Duration) -> UpstreamError {
     UpstreamError::new(
         ErrorKind::Timeout,
         format!(
@@ -512,7 +521,7 @@ fn give_up(route: &str, mut errors: Vec<Failed>, skips: Vec<Skip>, private: bool
 }
 
 /// Whether a target can serve what the request needs.
-fn check_capabilities(t: &Target, req: &ChatRequest) -> Result<(), &'static str> {
+pub(super) fn check_capabilities(t: &Target, req: &ChatRequest) -> Result<(), &'static str> {
     let caps = &t.capabilities;
     if req.stream && !caps.streaming {
         return Err("streaming");

@@ -16,6 +16,9 @@
 //! - [`attempt`]: the one fallback loop, for chat and embeddings alike: retries,
 //!   breakers, drill faults, capability and privacy skips, attempt history.
 //! - [`stream`]: the stream commit point and the usage tap.
+//! - [`forward`]: the same-dialect fast path (an OpenAI client's bytes to an
+//!   OpenAI-compatible target, the answer's bytes back, through the same
+//!   attempt loop and usage tap).
 //! - [`health_checks`]: active health checks.
 //!
 //! Dialect-free: the server decodes before and encodes after.
@@ -24,6 +27,7 @@ pub mod attempt;
 pub mod cache;
 pub mod context;
 pub mod embedder;
+pub mod forward;
 pub mod health_checks;
 pub mod render;
 pub mod retrieve;
@@ -48,6 +52,7 @@ pub use health_checks::spawn_health_checks;
 
 use attempt::{Answer, Chat, Embed, Won};
 use cache::{Cached, Store};
+use forward::{Forward, Forwarded, Raw, Reply};
 use stream::UsageTap;
 
 pub struct Gateway {
@@ -83,6 +88,19 @@ pub struct Served<T> {
 }
 
 impl<T> Served<T> {
+    /// The same facts with the value changed.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Served<U> {
+        Served {
+            route: self.route,
+            target: self.target,
+            arm: self.arm,
+            attempts: self.attempts,
+            value: f(self.value),
+            upstream: self.upstream,
+            cache: self.cache,
+        }
+    }
+
     /// Takes the value out, keeping the facts about who served it.
     pub fn split(self) -> (T, Served<()>) {
         (
@@ -161,37 +179,121 @@ impl Gateway {
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
     }
 
-    /// Chat, after the context is built: cache → attempt loop → usage.
+    /// Chat, after the context is built: cache → attempt loop → usage. `raw`
+    /// is the client's body when the server found nothing in the request that
+    /// needs the canonical form (an OpenAI request without a prompt, retrieval
+    /// or redaction): it is forwarded as it is where the rest allows
+    /// ([`forward`]).
     pub async fn chat(
         self: &Arc<Self>,
         ctx: &RequestContext,
-        mut req: ChatRequest,
-    ) -> Result<Served<ChatOutcome>, GatewayError> {
+        req: ChatRequest,
+        raw: Option<bytes::Bytes>,
+    ) -> Result<Served<Reply>, GatewayError> {
         let route = ctx.route();
         let snap = &ctx.snapshot;
-        let arm = ctx.arm();
         // The request's deadline covers waiting for an identical call too.
         let deadline = Self::deadline(route);
         let (lease, cache_use) = match cache::lookup(self, ctx, &req, deadline).await {
-            Cached::Hit(served) => return Ok(served),
+            Cached::Hit(served) => return Ok(served.map(Reply::Canonical)),
             Cached::Miss { lease, cache } => (lease, cache),
         };
         let started = Instant::now();
+        let forward = raw
+            .filter(|_| snap.config.fast_path && lease.is_none() && !forward::audits_content(ctx));
+        let Some(raw) = forward else {
+            let won = attempt::run_chain(
+                self,
+                snap,
+                route,
+                ctx.chain(),
+                &Chat(&req),
+                ctx.private,
+                deadline,
+            )
+            .await?;
+            return Ok(self
+                .answered(ctx, req, won, started, lease, cache_use)
+                .await
+                .map(Reply::Canonical));
+        };
+        let op = Forward {
+            req: &req,
+            raw: &raw,
+            shown: forward::shown(ctx, &route.name),
+        };
+        let Won {
+            output,
+            target,
+            attempts,
+            counts,
+        } = attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await?;
+        let answer = match output {
+            Forwarded::Canonical(answer) => answer,
+            Forwarded::Whole(body, usage) => {
+                let arm = ctx.arm();
+                self.count_tokens(route, &target, arm, &usage);
+                if let Some(t) = &ctx.ticket {
+                    t.settle(&target, &usage);
+                }
+                return Ok(Served {
+                    route: route.clone(),
+                    target,
+                    arm: arm.map(|a| a.name.clone()),
+                    attempts,
+                    value: Reply::Forwarded(Raw::Whole(body)),
+                    upstream: started.elapsed(),
+                    cache: cache_use,
+                });
+            }
+            Forwarded::Stream(head) => {
+                let upstream = started.elapsed();
+                let prompt_tokens = counts.known(target.encoding);
+                let tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, None);
+                return Ok(Served {
+                    route: route.clone(),
+                    arm: ctx.arm().map(|a| a.name.clone()),
+                    target,
+                    attempts,
+                    value: Reply::Forwarded(Raw::Stream(forward::committed(tap, head))),
+                    upstream,
+                    cache: cache_use,
+                });
+            }
+        };
+        let won = Won {
+            output: answer,
+            target,
+            attempts,
+            counts,
+        };
+        Ok(self
+            .answered(ctx, req, won, started, lease, cache_use)
+            .await
+            .map(Reply::Canonical))
+    }
+
+    /// The canonical answer of an attempt loop: usage (estimated where the
+    /// backend reported none) into metrics and the ticket, the cache filled,
+    /// a stream wrapped in its usage tap.
+    async fn answered(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        mut req: ChatRequest,
+        won: Won<Answer>,
+        started: Instant,
+        lease: Option<crate::cache::Lease>,
+        cache_use: Option<CacheUse>,
+    ) -> Served<ChatOutcome> {
+        let route = ctx.route();
+        let snap = &ctx.snapshot;
+        let arm = ctx.arm();
         let Won {
             output: answer,
             target,
             attempts,
             counts,
-        } = attempt::run_chain(
-            self,
-            snap,
-            route,
-            ctx.chain(),
-            &Chat(&req),
-            ctx.private,
-            deadline,
-        )
-        .await?;
+        } = won;
         // Counted for a context window already (overrides change no text), the
         // prompt is not counted again for the estimate.
         let prompt_tokens = counts.known(target.encoding);
@@ -227,30 +329,12 @@ impl Gateway {
                 ChatOutcome::Complete(resp)
             }
             Answer::Stream(head, rest) => {
-                self.metrics.ttft(
-                    target.metrics(&self.metrics),
-                    &route.name,
-                    arm.map(|a| &*a.name),
-                    upstream,
-                );
-                let tap = UsageTap {
-                    gateway: self.clone(),
-                    route: route.clone(),
-                    target: target.clone(),
-                    arm: arm.map(|a| (a.name.clone(), a.stats.clone())),
-                    req,
-                    prompt_tokens,
-                    started,
-                    output: String::new(),
-                    output_beyond: 0,
-                    usage: None,
-                    store: store.map(|s| (s, self.cache.assembler())),
-                    ticket: ctx.ticket.clone(),
-                };
+                let store = store.map(|s| (s, self.cache.assembler()));
+                let tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, store);
                 ChatOutcome::Stream(tap.wrap(head, rest))
             }
         };
-        Ok(Served {
+        Served {
             route: route.clone(),
             target,
             arm: arm_name,
@@ -258,7 +342,44 @@ impl Gateway {
             value,
             upstream,
             cache: cache_use,
-        })
+        }
+    }
+
+    /// The usage tap of a stream that has begun (its first output came after
+    /// `upstream`: the time to first token).
+    #[allow(clippy::too_many_arguments)]
+    fn tap(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        req: ChatRequest,
+        target: &Arc<Target>,
+        prompt_tokens: Option<u32>,
+        started: Instant,
+        upstream: Duration,
+        store: Option<(Store, crate::cache::Assembler)>,
+    ) -> UsageTap {
+        let route = ctx.route();
+        let arm = ctx.arm();
+        self.metrics.ttft(
+            target.metrics(&self.metrics),
+            &route.name,
+            arm.map(|a| &*a.name),
+            upstream,
+        );
+        UsageTap {
+            gateway: self.clone(),
+            route: route.clone(),
+            target: target.clone(),
+            arm: arm.map(|a| (a.name.clone(), a.stats.clone())),
+            req,
+            prompt_tokens,
+            started,
+            output: String::new(),
+            output_beyond: 0,
+            usage: None,
+            store,
+            ticket: ctx.ticket.clone(),
+        }
     }
 
     /// Embeddings, after the context is built: the same attempt loop as chat

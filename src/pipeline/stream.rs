@@ -38,12 +38,12 @@ pub(super) fn cut_after(mut inner: EventStream, n: usize) -> EventStream {
 /// Events a stream may send before its first output: the stream's identity
 /// and a role per choice (at most `wire::MAX_CHOICES`) are all a well-behaved backend sends, and
 /// the decoders drop deltas that carry nothing.
-const HEAD_MAX_EVENTS: usize = 256;
+pub(super) const HEAD_MAX_EVENTS: usize = 256;
 /// Bytes those events may hold (their own size and their text).
-const HEAD_MAX_BYTES: usize = 256 * 1024;
+pub(super) const HEAD_MAX_BYTES: usize = 256 * 1024;
 
 /// What an event held in memory costs, roughly: its own size and its text.
-fn event_bytes(ev: &StreamEvent) -> usize {
+pub(super) fn event_bytes(ev: &StreamEvent) -> usize {
     let text = match ev {
         StreamEvent::Meta(m) => {
             m.id.len() + m.model.len() + m.system_fingerprint.as_ref().map_or(0, String::len)
@@ -69,6 +69,16 @@ fn event_bytes(ev: &StreamEvent) -> usize {
     std::mem::size_of::<StreamEvent>().saturating_add(text)
 }
 
+/// Whether a client would see `ev` as output (text, a tool call, a finish,
+/// usage or the end): the stream's commit point.
+pub(super) fn is_output(ev: &StreamEvent) -> bool {
+    match ev {
+        StreamEvent::Delta(d) => d.has_output() || d.finish_reason.is_some(),
+        StreamEvent::Usage(_) | StreamEvent::Done => true,
+        StreamEvent::Meta(_) => false,
+    }
+}
+
 /// Reads events until the first one a client would see as output (text, a tool
 /// call, usage or the end). Returns them with the rest of the stream.
 ///
@@ -83,11 +93,7 @@ pub(super) async fn peek_output(
     let mut held = 0usize;
     while let Some(ev) = stream.next().await {
         let ev = ev?;
-        let output = match &ev {
-            StreamEvent::Delta(d) => d.has_output() || d.finish_reason.is_some(),
-            StreamEvent::Usage(_) | StreamEvent::Done => true,
-            StreamEvent::Meta(_) => false,
-        };
+        let output = is_output(&ev);
         if !output {
             held = held.saturating_add(event_bytes(&ev));
             if head.len() >= HEAD_MAX_EVENTS || held > HEAD_MAX_BYTES {
@@ -163,7 +169,7 @@ impl Drop for UsageTap {
 }
 
 impl UsageTap {
-    fn observe(&mut self, ev: &StreamEvent) {
+    pub(super) fn observe(&mut self, ev: &StreamEvent) {
         if let Some((_, asm)) = &mut self.store {
             asm.push(ev);
         }
@@ -192,7 +198,7 @@ impl UsageTap {
     }
 
     /// The reported usage, or the estimate.
-    async fn usage(&self) -> Usage {
+    pub(super) async fn usage(&self) -> Usage {
         match self.usage {
             Some(u) => u,
             None => {
@@ -208,7 +214,7 @@ impl UsageTap {
         }
     }
 
-    fn finish(&mut self, usage: Usage) -> Usage {
+    pub(super) fn finish(&mut self, usage: Usage) -> Usage {
         let arm = self.arm.as_ref().map(|(a, _)| &**a);
         let m = &self.gateway.metrics;
         m.tokens(self.target.metrics(m), &self.route.name, arm, &usage);
@@ -229,7 +235,7 @@ impl UsageTap {
         }
     }
 
-    fn fail(&self, e: &UpstreamError) {
+    pub(super) fn fail(&self, e: &UpstreamError) {
         self.gateway
             .metrics
             .stream_error(&self.route.name, &self.target.provider_id, e.kind);
