@@ -210,7 +210,135 @@ pub fn client(connect: Duration) -> Result<reqwest::Client, String> {
 const POOL_IDLE: Duration = Duration::from_secs(90);
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Connector = hyper_rustls::HttpsConnector<Connect>;
+type Proxies = hyper_util::client::proxy::matcher::Matcher;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens a provider connection: directly, or through the proxy the
+/// environment names for its destination (`HTTPS_PROXY`, `HTTP_PROXY`,
+/// `ALL_PROXY`, `NO_PROXY`, as reqwest read them): https through a `CONNECT`
+/// tunnel, plain http by sending requests to the proxy in absolute form.
+/// Decided per new connection, never per request.
+#[derive(Clone)]
+pub struct Connect {
+    http: HttpConnector,
+    proxies: Option<Arc<Proxies>>,
+}
+
+impl tower::Service<Uri> for Connect {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Conn, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let via = self.proxies.as_ref().and_then(|p| p.intercept(&dst));
+        Box::pin(async move {
+            let Some(via) = via else {
+                let io = http.call(dst).await?;
+                return Ok(Conn { io, proxied: false });
+            };
+            if via.uri().scheme_str() != Some("http") {
+                return Err("only http:// proxies are supported".into());
+            }
+            if dst.scheme_str() == Some("https") {
+                let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                    via.uri().clone(),
+                    http,
+                );
+                if let Some(auth) = via.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                let io = tunnel.call(dst).await?;
+                Ok(Conn { io, proxied: false })
+            } else {
+                let io = http.call(via.uri().clone()).await?;
+                Ok(Conn { io, proxied: true })
+            }
+        })
+    }
+}
+
+/// A provider connection; `proxied` when requests on it go to a proxy in
+/// absolute form.
+pub struct Conn {
+    io: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    proxied: bool,
+}
+
+impl hyper_util::client::legacy::connect::Connection for Conn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// The proxies the environment names, or `None` when it names none.
+fn env_proxies() -> Option<Arc<Proxies>> {
+    let set = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    set.then(|| Arc::new(Proxies::from_env()))
+}
 
 /// The TLS settings every provider connection shares: rustls (ring) with the
 /// webpki roots, built once per process.
@@ -235,15 +363,21 @@ fn default_tls() -> Result<rustls::ClientConfig, String> {
 #[derive(Clone)]
 pub struct Upstream {
     client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    proxies: Option<Arc<Proxies>>,
 }
 
 impl Upstream {
     pub fn new(connect: Duration) -> Result<Self, String> {
-        Ok(Upstream::with_tls(connect, default_tls()?))
+        Ok(Upstream::with_tls(connect, default_tls()?, env_proxies()))
     }
 
-    /// The client with its own TLS settings (tests trust their own root).
-    fn with_tls(connect: Duration, tls: rustls::ClientConfig) -> Self {
+    /// The client with its own TLS settings and proxies (tests trust their own
+    /// root and name their own proxy).
+    fn with_tls(
+        connect: Duration,
+        tls: rustls::ClientConfig,
+        proxies: Option<Arc<Proxies>>,
+    ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect));
@@ -253,13 +387,25 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(Connect {
+                http,
+                proxies: proxies.clone(),
+            });
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .pool_timer(TokioTimer::new())
             .build(https);
-        Upstream { client }
+        Upstream { client, proxies }
+    }
+
+    /// The `Proxy-Authorization` a plain-http request to `uri` needs: the
+    /// proxy that forwards it has a user and password.
+    fn proxy_auth(&self, uri: &Uri) -> Option<HeaderValue> {
+        let via = self.proxies.as_ref()?.intercept(uri)?;
+        (uri.scheme_str() == Some("http"))
+            .then(|| via.basic_auth().cloned())
+            .flatten()
     }
 
     /// Sends a request; resolves at the response headers. A failure before
@@ -447,9 +593,13 @@ impl HttpProvider {
             headers.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
         }
         let base_url = normalize_base(settings.base_url.trim_end_matches('/'), &mut headers);
+        let base = Base::parse(&base_url);
+        if let Some(auth) = base.uri("/", None).ok().and_then(|u| client.proxy_auth(&u)) {
+            headers.insert(http::header::PROXY_AUTHORIZATION, auth);
+        }
         HttpProvider {
             id: settings.id.into(),
-            base: Base::parse(&base_url),
+            base,
             client,
             headers,
             credential,
@@ -1086,6 +1236,9 @@ mod tests {
     struct Seen {
         version: http::Version,
         target: String,
+        /// The request target as it came (absolute form through a proxy).
+        uri: String,
+        proxy_authorization: Option<String>,
         authorization: Option<String>,
         body: Bytes,
     }
@@ -1128,6 +1281,11 @@ mod tests {
                         async move {
                             let version = req.version();
                             let target = req.uri().path_and_query().unwrap().to_string();
+                            let uri = req.uri().to_string();
+                            let proxy_authorization = req
+                                .headers()
+                                .get(http::header::PROXY_AUTHORIZATION)
+                                .map(|v| v.to_str().unwrap().to_owned());
                             let authorization = req
                                 .headers()
                                 .get(http::header::AUTHORIZATION)
@@ -1137,6 +1295,8 @@ mod tests {
                             log.lock().unwrap().push(Seen {
                                 version,
                                 target,
+                                uri,
+                                proxy_authorization,
                                 authorization,
                                 body,
                             });
@@ -1173,20 +1333,24 @@ mod tests {
         (addr, seen)
     }
 
-    /// A client that trusts the test certificate authority alone.
-    fn test_client() -> Upstream {
+    /// TLS settings that trust the test certificate authority alone.
+    fn test_tls() -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&fixture("ca.pem")) {
             roots.add(ca.unwrap()).unwrap();
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
-        Upstream::with_tls(Duration::from_secs(5), tls)
+        .with_no_client_auth()
+    }
+
+    /// A client that trusts the test certificate authority alone, no proxy.
+    fn test_client() -> Upstream {
+        Upstream::with_tls(Duration::from_secs(5), test_tls(), None)
     }
 
     fn chat_request(stream: bool) -> ChatRequest {
@@ -1283,6 +1447,114 @@ mod tests {
             e.message
         );
         assert!(seen.lock().unwrap().is_empty());
+    }
+
+    /// A `CONNECT` proxy on 127.0.0.1 that records each request head and
+    /// tunnels to where it asks.
+    async fn connect_proxy() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let log = heads.clone();
+        crate::task::spawn("test-proxy", async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let log = log.clone();
+                crate::task::spawn("test-proxy-conn", async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut b = [0u8; 1];
+                        if tcp.read(&mut b).await.unwrap() == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    let dst = head.split(' ').nth(1).unwrap().to_owned();
+                    log.lock().unwrap().push(head);
+                    let port = dst.rsplit(':').next().unwrap();
+                    let mut up = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+                        .await
+                        .unwrap();
+                    tcp.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    fn proxies(http: Option<String>, https: Option<String>) -> Option<Arc<Proxies>> {
+        let mut b = Proxies::builder();
+        if let Some(h) = http {
+            b = b.http(h);
+        }
+        if let Some(h) = https {
+            b = b.https(h);
+        }
+        Some(Arc::new(b.build()))
+    }
+
+    /// Through a proxy the environment names: https through a `CONNECT`
+    /// tunnel (TLS end to end, the proxy's credentials on the `CONNECT`),
+    /// plain http as absolute-form requests to the proxy, its credentials in
+    /// `Proxy-Authorization`.
+    #[tokio::test]
+    async fn providers_reach_their_upstream_through_an_environment_proxy() {
+        let (up, seen) = upstream(Some(vec![b"h2".to_vec()])).await;
+        let (proxy, heads) = connect_proxy().await;
+        let client = Upstream::with_tls(
+            Duration::from_secs(5),
+            test_tls(),
+            proxies(None, Some(format!("http://u:pw@{proxy}"))),
+        );
+        let p = openai(
+            format!("https://localhost:{}/v1", up.port()),
+            Credential::None,
+            client,
+        );
+        p.chat(&chat_request(false), "m").await.unwrap();
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        assert!(
+            heads[0].starts_with(&format!("CONNECT localhost:{} HTTP/1.1\r\n", up.port())),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[0]
+                .to_ascii_lowercase()
+                .contains("proxy-authorization: basic dtpwdw=="),
+            "{}",
+            heads[0]
+        );
+        let s = seen.lock().unwrap().clone();
+        assert_eq!(s[0].version, http::Version::HTTP_2);
+        assert_eq!(
+            s[0].proxy_authorization, None,
+            "credentials stay with the proxy"
+        );
+
+        // Plain http: the "proxy" is the test upstream itself, which sees the
+        // absolute-form target of a host it never had to resolve.
+        let (up, seen) = upstream(None).await;
+        let client = Upstream::with_tls(
+            Duration::from_secs(5),
+            default_tls().unwrap(),
+            proxies(Some(format!("http://u:pw@{up}")), None),
+        );
+        let p = openai(
+            "http://upstream.invalid:9/v1".into(),
+            Credential::None,
+            client,
+        );
+        p.chat(&chat_request(false), "m").await.unwrap();
+        let s = seen.lock().unwrap().clone();
+        assert_eq!(s[0].uri, "http://upstream.invalid:9/v1/chat/completions");
+        assert_eq!(s[0].proxy_authorization.as_deref(), Some("Basic dTpwdw=="));
     }
 
     /// A token that travels in the query string.
