@@ -209,6 +209,13 @@ pub fn client(connect: Duration) -> Result<reqwest::Client, String> {
 /// How long an idle upstream connection is kept, and how many per host.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// Keepalive probes on provider connections: first after 15 s of silence, then
+/// every 15 s, 3 unanswered end the connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long sent data may stay unacknowledged before the connection is
+/// dropped (where the OS has the option).
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Connector = hyper_rustls::HttpsConnector<Connect>;
 type Proxies = hyper_util::client::proxy::matcher::Matcher;
@@ -340,6 +347,22 @@ fn env_proxies() -> Option<Arc<Proxies>> {
     set.then(|| Arc::new(Proxies::from_env()))
 }
 
+/// The TCP side of every provider connection: `TCP_NODELAY`, the connect
+/// timeout, and TCP keepalive and user timeout as reqwest set them (a peer that
+/// vanished is noticed on an idle pooled connection too).
+fn tcp_connector(connect: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect));
+    http.enforce_http(false);
+    http.set_keepalive(Some(TCP_KEEPALIVE));
+    http.set_keepalive_interval(Some(TCP_KEEPALIVE));
+    http.set_keepalive_retries(Some(3));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    http.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+    http
+}
+
 /// The TLS settings every provider connection shares: rustls (ring) with the
 /// webpki roots, built once per process.
 fn default_tls() -> Result<rustls::ClientConfig, String> {
@@ -356,8 +379,8 @@ fn default_tls() -> Result<rustls::ClientConfig, String> {
     .clone()
 }
 
-/// One provider's pooled HTTP client on hyper: `TCP_NODELAY`, the provider's
-/// connect timeout, idle connections kept 90 s (256 per host); https through
+/// One provider's pooled HTTP client on hyper: `TCP_NODELAY`, TCP keepalive,
+/// the provider's connect timeout, idle connections kept 90 s (256 per host); https through
 /// rustls, offering h2 and http/1.1 (plain http is HTTP/1.1). Request bodies
 /// go out as one buffer. Cloning shares the pool.
 #[derive(Clone)]
@@ -378,10 +401,7 @@ impl Upstream {
         tls: rustls::ClientConfig,
         proxies: Option<Arc<Proxies>>,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect));
-        http.enforce_http(false);
+        let http = tcp_connector(connect);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -1555,6 +1575,27 @@ mod tests {
         let s = seen.lock().unwrap().clone();
         assert_eq!(s[0].uri, "http://upstream.invalid:9/v1/chat/completions");
         assert_eq!(s[0].proxy_authorization.as_deref(), Some("Basic dTpwdw=="));
+    }
+
+    /// Provider sockets: no Nagle delay, TCP keepalive, a user timeout.
+    #[tokio::test]
+    async fn provider_sockets_have_nodelay_and_keepalive() {
+        use tower::Service;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connect = Connect {
+            http: tcp_connector(Duration::from_secs(5)),
+            proxies: None,
+        };
+        let conn = connect
+            .call(format!("http://{addr}/").parse().unwrap())
+            .await
+            .unwrap();
+        let sock = socket2::SockRef::from(conn.io.inner());
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
     }
 
     /// A token that travels in the query string.
