@@ -7,6 +7,7 @@
 use futures_util::future::BoxFuture;
 use http::{HeaderName, HeaderValue};
 
+use super::transport::Upstream;
 use crate::error::UpstreamError;
 
 /// What to add to a request to authenticate it.
@@ -18,10 +19,8 @@ pub enum AuthPart {
 
 /// A credential that must be produced at call time (and may be cached).
 pub trait TokenSource: Send + Sync {
-    fn get<'a>(
-        &'a self,
-        client: &'a reqwest::Client,
-    ) -> BoxFuture<'a, Result<AuthPart, UpstreamError>>;
+    /// `client` is the provider's own (a token fetched over HTTP shares its pool).
+    fn get<'a>(&'a self, client: &'a Upstream) -> BoxFuture<'a, Result<AuthPart, UpstreamError>>;
     /// Drops a cached token the backend has rejected, so the next call refreshes it.
     fn invalidate(&self) {}
 }

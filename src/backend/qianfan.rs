@@ -730,7 +730,10 @@ impl QianfanToken {
         }
     }
 
-    async fn fetch(&self, client: &reqwest::Client) -> Result<(String, SystemTime), UpstreamError> {
+    async fn fetch(
+        &self,
+        client: &super::transport::Upstream,
+    ) -> Result<(String, SystemTime), UpstreamError> {
         #[derive(serde::Deserialize)]
         struct TokenReply {
             #[serde(default)]
@@ -740,19 +743,17 @@ impl QianfanToken {
             #[serde(default)]
             error_description: Option<String>,
         }
-        let resp = client
-            .post(&self.token_url)
-            .query(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", self.api_key.as_str()),
-                ("client_secret", self.secret_key.as_str()),
-            ])
-            .send()
-            .await
-            .map_err(super::transport::classify_transport_error)?;
-        let status = resp.status().as_u16();
+        // The credentials travel in the query, form-encoded; an error's text
+        // never holds the URL.
+        let mut url = reqwest::Url::parse(&self.token_url).map_err(|e| {
+            UpstreamError::new(ErrorKind::Connect, format!("invalid token URL: {e}"))
+        })?;
+        url.query_pairs_mut()
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", &self.api_key)
+            .append_pair("client_secret", &self.secret_key);
         // A token reply is a few hundred bytes; a larger one is not read whole.
-        let body = super::transport::read_body(resp, 64 * 1024).await?;
+        let (status, body) = client.post_empty(url.as_str(), 64 * 1024).await?;
         let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::new(
                 ErrorKind::Auth,
@@ -779,7 +780,7 @@ impl QianfanToken {
 impl TokenSource for QianfanToken {
     fn get<'a>(
         &'a self,
-        client: &'a reqwest::Client,
+        client: &'a super::transport::Upstream,
     ) -> BoxFuture<'a, Result<AuthPart, UpstreamError>> {
         Box::pin(async move {
             let mut cached = self.cached.lock().await;

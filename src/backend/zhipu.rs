@@ -378,7 +378,10 @@ impl ZhipuJwt {
 }
 
 impl TokenSource for ZhipuJwt {
-    fn get<'a>(&'a self, _: &'a reqwest::Client) -> BoxFuture<'a, Result<AuthPart, UpstreamError>> {
+    fn get<'a>(
+        &'a self,
+        _: &'a super::transport::Upstream,
+    ) -> BoxFuture<'a, Result<AuthPart, UpstreamError>> {
         let tok = self.token();
         Box::pin(async move {
             let mut v = HeaderValue::from_str(&format!("Bearer {tok}"))
