@@ -1189,7 +1189,7 @@ async fn run_chat(
     let id = id.clone();
     let served = match tokio::time::timeout(
         app.settings.request_timeout,
-        app.gw.chat(ctx, req, raw),
+        Box::pin(app.gw.chat(ctx, req, raw)),
     )
     .await
     {

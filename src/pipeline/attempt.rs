@@ -273,7 +273,10 @@ pub(super) async fn run_chain<O: Operation>(
             // only if it had at least the target's own headers timeout to answer:
             // a request that spent its budget waiting elsewhere says nothing of it.
             let mut cut_early = false;
-            let result = match tokio::time::timeout(remaining, op.call(gw, t)).await {
+            // Boxed: an attempt's future (a provider call, a stream's head) is
+            // the bulk of a request's state; a box keeps every future that
+            // holds it (this loop, the pipeline, the handler) a pointer wide.
+            let result = match tokio::time::timeout(remaining, Box::pin(op.call(gw, t))).await {
                 Ok(r) => r,
                 Err(_) => {
                     cut_early = remaining < t.headers_timeout;
