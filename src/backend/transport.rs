@@ -1030,7 +1030,8 @@ struct StreamLimits {
 
 /// Reads a streamed body, frames it, and yields the codec's events. Ends with one
 /// error on a stall, a cut, a malformed frame, an in-band error event, or a
-/// stream or line past the provider's [`ResponseLimits`].
+/// stream or line past the provider's [`ResponseLimits`]. The bytes come from
+/// [`byte_stream`] (timeouts, cut and size bound), as the fast path's do.
 fn event_stream(
     resp: Response<Incoming>,
     mut decoder: Box<dyn StreamDecoder>,
@@ -1039,36 +1040,24 @@ fn event_stream(
     provider: Arc<str>,
     secret: Option<String>,
 ) -> EventStream {
+    let max_line = limits.sizes.max_line_bytes;
+    let mut body = byte_stream(resp, limits, provider.clone(), secret.clone());
     let own = move |e: UpstreamError| {
         let mut e = e.redact(secret.as_deref());
         e.provider = provider.to_string();
         e
     };
     Box::pin(async_stream::stream! {
-        let mut body = resp.into_body();
-        let mut frames = FrameDecoder::with_max_line(framing, limits.sizes.max_line_bytes);
+        let mut frames = FrameDecoder::with_max_line(framing, max_line);
         let mut events = Vec::with_capacity(8);
-        let mut received: usize = 0;
         loop {
-            let wait_until = deadline_after(limits.idle).min(limits.deadline);
-            let next = match tokio::time::timeout_at(wait_until, next_chunk(&mut body)).await {
-                Err(_) => {
-                    let what = if Instant::now() >= limits.deadline { "the total time limit" } else { "the idle timeout" };
-                    yield Err(own(UpstreamError::new(
-                        ErrorKind::Timeout,
-                        format!("backend stream stalled past {what}"),
-                    )));
-                    return;
-                }
-                Ok(n) => n,
-            };
-            let bytes = match next {
+            let bytes = match body.next().await {
                 None => {
                     let mut result = Ok(());
                     if let Some(f) = frames.finish() {
                         result = decoder.frame(f, &mut events);
                     } else if frames.overflowed() {
-                        result = Err(too_large("stream line or event", limits.sizes.max_line_bytes));
+                        result = Err(too_large("stream line or event", max_line));
                     }
                     for ev in events.drain(..) {
                         yield Ok(ev);
@@ -1083,17 +1072,13 @@ fn event_stream(
                     }
                     return;
                 }
+                // Already the provider's own error (stall, cut, overflow).
                 Some(Err(e)) => {
-                    yield Err(own(body_error(&e, "backend stream was cut")));
+                    yield Err(e);
                     return;
                 }
                 Some(Ok(b)) => b,
             };
-            received = received.saturating_add(bytes.len());
-            if received > limits.sizes.max_response_bytes {
-                yield Err(own(too_large("stream", limits.sizes.max_response_bytes)));
-                return;
-            }
             frames.push(&bytes);
             while let Some(frame) = frames.next_frame() {
                 let result = decoder.frame(frame, &mut events);
@@ -1109,7 +1094,7 @@ fn event_stream(
                 }
             }
             if frames.overflowed() {
-                yield Err(own(too_large("stream line or event", limits.sizes.max_line_bytes)));
+                yield Err(own(too_large("stream line or event", max_line)));
                 return;
             }
         }
