@@ -90,11 +90,8 @@ impl Operation for Embed<'_> {
         gw: &'a Gateway,
         t: &'a Target,
     ) -> Result<EmbeddingsResponse, UpstreamError> {
-        let (provider, fault) = prepare(gw, t).await?;
-        if fault == Some(FaultKind::Stall) {
-            tokio::time::sleep(t.headers_timeout).await;
-            return Err(stall_error(t.headers_timeout));
-        }
+        let (provider, drill) = prepare(gw, t).await?;
+        drill.stall_whole(t).await?;
         let req = self.0;
         let resp = provider.embed(req, &t.model).await?;
         if resp.vectors.len() != req.input.len() {
@@ -341,11 +338,11 @@ pub(super) async fn run_chain<O: Operation>(
 
 /// What every call to a target starts with: its provider, and its provider's
 /// drill fault, of which failures and slowness are applied here; a stall or a
-/// stream cut is left to the operation, which knows how it shows.
+/// stream cut is left to the call, through the [`Drill`] it gets back.
 pub(super) async fn prepare<'t>(
     gw: &Gateway,
     t: &'t Target,
-) -> Result<(&'t Arc<dyn Provider>, Option<FaultKind>), UpstreamError> {
+) -> Result<(&'t Arc<dyn Provider>, Drill), UpstreamError> {
     let ProviderState::Ready(provider) = &t.provider else {
         return Err(UpstreamError::new(
             ErrorKind::Connect,
@@ -361,7 +358,43 @@ pub(super) async fn prepare<'t>(
             tokio::time::sleep(*d).await;
         }
     }
-    Ok((provider, fault))
+    Ok((
+        provider,
+        Drill {
+            stall: fault == Some(FaultKind::Stall),
+            cut: match fault {
+                Some(FaultKind::StreamCut(n)) => Some(n),
+                _ => None,
+            },
+        },
+    ))
+}
+
+/// The part of a drill fault a call applies itself, the same way in every
+/// attempt (canonical, forwarded, embeddings).
+pub(super) struct Drill {
+    stall: bool,
+    /// A stream is cut after this many outputs.
+    pub cut: Option<usize>,
+}
+
+impl Drill {
+    /// A call answered whole: a stall waits out the target's headers timeout
+    /// and fails as a backend that sent nothing would.
+    pub async fn stall_whole(&self, t: &Target) -> Result<(), UpstreamError> {
+        if self.stall {
+            tokio::time::sleep(t.headers_timeout).await;
+            return Err(stall_error(t.headers_timeout));
+        }
+        Ok(())
+    }
+
+    /// A stream: a stall never answers, and the first-token timeout ends it.
+    pub async fn stall_stream(&self) {
+        if self.stall {
+            futures_util::future::pending::<()>().await;
+        }
+    }
 }
 
 /// One chat call to one target, with the drill fault of its provider applied.
@@ -370,25 +403,15 @@ async fn chat_attempt(
     t: &Target,
     req: &ChatRequest,
 ) -> Result<Answer, UpstreamError> {
-    let (provider, fault) = prepare(gw, t).await?;
-    let stall = fault == Some(FaultKind::Stall);
+    let (provider, drill) = prepare(gw, t).await?;
     if !req.stream {
-        if stall {
-            tokio::time::sleep(t.headers_timeout).await;
-            return Err(stall_error(t.headers_timeout));
-        }
+        drill.stall_whole(t).await?;
         return provider.chat(req, &t.model).await.map(Answer::Complete);
     }
-    let cut = match fault {
-        Some(FaultKind::StreamCut(n)) => Some(n),
-        _ => None,
-    };
     let first_output = async {
-        if stall {
-            futures_util::future::pending::<()>().await;
-        }
+        drill.stall_stream().await;
         let mut stream = provider.chat_stream(req, &t.model).await?;
-        if let Some(n) = cut {
+        if let Some(n) = drill.cut {
             stream = cut_after(stream, n);
         }
         peek_output(stream).await

@@ -27,7 +27,6 @@ use crate::backend::{EventStream, ProviderState, RawAnswer, RawCall, StreamDecod
 use crate::canonical::*;
 use crate::error::{ErrorKind, UpstreamError};
 use crate::framing::{Frame, FrameDecoder, Framing};
-use crate::health::FaultKind;
 use crate::snapshot::Target;
 
 /// A forwarded answer's bytes as the client gets them: a whole JSON body, or
@@ -139,16 +138,12 @@ impl Forward<'_> {
         body: Bytes,
         max_line: usize,
     ) -> Result<Forwarded, UpstreamError> {
-        let (provider, fault) = attempt::prepare(gw, t).await?;
-        let stall = fault == Some(FaultKind::Stall);
+        let (provider, drill) = attempt::prepare(gw, t).await?;
         let stream = self.req.stream;
         let not_forwarding =
             || UpstreamError::new(ErrorKind::Connect, "the provider stopped forwarding");
         if !stream {
-            if stall {
-                tokio::time::sleep(t.headers_timeout).await;
-                return Err(attempt::stall_error(t.headers_timeout));
-            }
+            drill.stall_whole(t).await?;
             let call = provider
                 .forward(RawCall { body, stream })
                 .ok_or_else(not_forwarding)?;
@@ -160,14 +155,9 @@ impl Forward<'_> {
                 )),
             };
         }
-        let cut = match fault {
-            Some(FaultKind::StreamCut(n)) => Some(n),
-            _ => None,
-        };
+        let cut = drill.cut;
         let first_output = async {
-            if stall {
-                futures_util::future::pending::<()>().await;
-            }
+            drill.stall_stream().await;
             let call = provider
                 .forward(RawCall { body, stream })
                 .ok_or_else(not_forwarding)?;
