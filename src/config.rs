@@ -16,6 +16,7 @@ mod governance;
 mod prompts;
 mod retrievers;
 mod routes;
+mod shadow;
 
 pub use governance::{
     keys_dir, AuditConfig, AuthMode, Budget, BudgetLimit, DataPolicy, KeyConfig, OnStoreError,
@@ -29,6 +30,7 @@ pub use retrievers::{
 pub use routes::{
     ArmConfig, BreakerConfig, RetryPolicy, RouteConfig, Strategy, Subject, TargetConfig,
 };
+pub use shadow::{Readiness, ShadowConfig, ShadowStore};
 
 use crate::backend::transport::{ResponseLimits, Timeouts};
 use crate::backend::{Kind, Settings};
@@ -65,6 +67,9 @@ struct RawGateway {
     /// on unless set to `false`.
     #[serde(default)]
     fast_path: Option<bool>,
+    /// `shadow: {store: PATH}`: where shadow comparisons are kept.
+    #[serde(default)]
+    shadow: Option<shadow::RawShadowStore>,
 }
 
 /// `tls: {cert: PATH, key: PATH}`: PEM files, relative to the gateway file.
@@ -783,6 +788,8 @@ pub struct Config {
     /// Forward an OpenAI client's bytes to an OpenAI-compatible target when
     /// nothing needs the canonical form (`fast_path`, default true).
     pub fast_path: bool,
+    /// Where shadow comparisons are kept.
+    pub shadow: ShadowStore,
 }
 
 /// One problem found in the configuration.
@@ -1078,6 +1085,22 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         let route = routes::route(gateway_file, &name, r, &providers, &mut problems);
         routes.insert(name, route);
     }
+    for (name, r) in &routes {
+        let arms = match &r.strategy {
+            Strategy::Split { arms, .. } => arms.iter().map(|a| &a.shadow).collect(),
+            Strategy::Chain(_) => Vec::new(),
+        };
+        for s in std::iter::once(&r.shadow).chain(arms).flatten() {
+            if let Some(e) = s.embeddings.as_deref().filter(|e| !routes.contains_key(*e)) {
+                problems.add(
+                    gateway_file,
+                    format!("routes.{name}.shadow.embeddings"),
+                    format!("no route `{e}`"),
+                );
+            }
+        }
+    }
+    let shadow = shadow::store(gateway_file, gw.shadow);
     let breaker = routes::breaker(gateway_file, gw.breaker, &mut problems);
     let max_bytes = gw.cache.max_bytes.unwrap_or(64 * 1024 * 1024);
     let max_entry_bytes = gw.cache.max_entry_bytes.unwrap_or(4 * 1024 * 1024);
@@ -1206,6 +1229,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             protect: gov.protect,
             tls,
             fast_path,
+            shadow,
         })
     } else {
         Err(problems.list)

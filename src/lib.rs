@@ -23,6 +23,7 @@ pub mod protect;
 pub mod reload;
 pub mod retrieval;
 pub mod server;
+pub mod shadow;
 pub mod snapshot;
 pub mod task;
 pub mod tls;

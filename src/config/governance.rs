@@ -501,7 +501,7 @@ pub(super) struct Governance {
     pub protect: ProtectConfig,
 }
 
-fn beside(gateway_file: &Path, p: &str) -> PathBuf {
+pub(super) fn beside(gateway_file: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
         p.to_owned()

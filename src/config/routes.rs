@@ -47,6 +47,12 @@ pub(super) struct RawRoute {
     /// `{content: true}`: audit records of this route carry message content.
     #[serde(default)]
     audit: Option<super::governance::RawRouteAudit>,
+    /// Candidates that receive a sampled copy of the route's traffic.
+    #[serde(default)]
+    shadow: Option<super::shadow::RawShadow>,
+    /// The thresholds a readiness report judges candidates against.
+    #[serde(default)]
+    readiness: Option<super::shadow::RawReadiness>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +103,9 @@ struct RawArm {
     /// prompt version or label.
     #[serde(default)]
     prompt: Option<RawArmPrompt>,
+    /// Candidates that receive a sampled copy of the arm's traffic.
+    #[serde(default)]
+    shadow: Option<super::shadow::RawShadow>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +171,8 @@ pub struct ArmConfig {
     pub weight: f64,
     pub chain: Vec<TargetConfig>,
     pub prompt: Option<Selector>,
+    /// Overrides the route's `shadow` for this arm's requests.
+    pub shadow: Option<super::ShadowConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +204,8 @@ pub struct RouteConfig {
     pub cache: super::RouteCache,
     /// Rate limits, data policy, audit content.
     pub governance: super::RouteGovernance,
+    pub shadow: Option<super::ShadowConfig>,
+    pub readiness: super::Readiness,
 }
 
 impl RouteConfig {
@@ -319,6 +332,25 @@ impl Ctx<'_> {
                 route_ftt,
             ),
         }
+    }
+
+    /// A `shadow` section, its candidates checked like route targets.
+    fn shadow(
+        &self,
+        field: &str,
+        raw: super::shadow::RawShadow,
+        route_ftt: Duration,
+        problems: &mut Problems,
+    ) -> super::ShadowConfig {
+        super::shadow::shadow(
+            self.file,
+            field,
+            raw,
+            |f, t, problems| {
+                self.target(f, t.provider, t.model, t.params, &None, route_ftt, problems)
+            },
+            problems,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -452,11 +484,15 @@ pub(super) fn route(
                 let chain = ctx.chain(
                     &af, a.provider, a.model, a.params, a.targets, route_ftt, problems,
                 );
+                let shadow = a
+                    .shadow
+                    .map(|s| ctx.shadow(&format!("{af}.shadow"), s, route_ftt, problems));
                 arms.push(ArmConfig {
                     name: a.name,
                     weight: a.weight,
                     chain,
                     prompt,
+                    shadow,
                 });
             }
             Strategy::Split { subject, arms }
@@ -500,6 +536,11 @@ pub(super) fn route(
         );
     }
     let private = r.private.unwrap_or(false);
+    let shadow = r
+        .shadow
+        .map(|s| ctx.shadow(&format!("{field}.shadow"), s, route_ftt, problems));
+    let readiness =
+        super::shadow::readiness(file, &format!("{field}.readiness"), r.readiness, problems);
     let cache = match r.cache {
         None => super::RouteCache::default(),
         Some(c) => super::RouteCache {
@@ -532,6 +573,8 @@ pub(super) fn route(
             data: r.data,
             audit_content: r.audit.and_then(|a| a.content).unwrap_or(false),
         },
+        shadow,
+        readiness,
     };
     if private {
         let public: Vec<String> = route
