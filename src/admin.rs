@@ -338,7 +338,24 @@ async fn experiments(State(st): State<AdminState>) -> Response {
             "arms": arms_json,
         }));
     }
-    json_response(StatusCode::OK, json!({"experiments": out}))
+    let shadows: Vec<Value> = st
+        .reloader
+        .gateway()
+        .shadows
+        .figures()
+        .into_iter()
+        .map(|((route, arm, candidate), f)| {
+            let mut v = json!({"route": route, "arm": arm, "candidate": candidate});
+            if let (Value::Object(o), Ok(Value::Object(f))) = (&mut v, serde_json::to_value(&f)) {
+                o.extend(f);
+            }
+            v
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"experiments": out, "shadows": shadows}),
+    )
 }
 
 /// The longest fault `duration` or `latency`, given as a number or as text.

@@ -805,6 +805,7 @@ fn serve(
         });
         let _health = promptgate::pipeline::spawn_health_checks(gw.clone());
         let governor = gw.governor.clone();
+        let shadows = gw.clone();
         // TLS is switched on or off at start; the pair itself follows reloads.
         let tls = match &cfg.tls {
             None => None,
@@ -829,6 +830,8 @@ fn serve(
         let served = promptgate::server::serve_tls(listener, router, limits, tls, shutdown).await;
         // Audit records still queued are written before the process ends.
         governor.audit.close(std::time::Duration::from_secs(2));
+        // Shadow pairs too.
+        shadows.shadows.close(std::time::Duration::from_secs(2));
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -232,6 +232,8 @@ pub struct Metrics {
     pub embedding_seconds: HistogramVec,
     /// Keys, limits, spend, audit and data protection.
     pub gov: GovMetrics,
+    /// Shadow traffic: candidate calls, drops, latency, similarity.
+    pub shadow: ShadowMetrics,
 }
 
 /// Governance metrics (keys, limits, budgets and cost, audit, data
@@ -262,6 +264,103 @@ pub struct GovMetrics {
     pub audit_dropped: IntCounterVec,
     /// Sensitive values found, by type, route and action.
     pub detections: IntCounterVec,
+}
+
+/// Shadow traffic's metrics: every series carries `route` and, per call,
+/// `candidate` (`provider/model`), so shadow figures never mix with live ones.
+pub struct ShadowMetrics {
+    /// Candidate calls by route, candidate and outcome (`ok` or the error kind).
+    calls: IntCounterVec,
+    /// Copies not sent, by route and reason (`in_flight`: `max_in_flight`
+    /// candidates busy; `private`: a private request and a candidate that is
+    /// not self-hosted; `unsupported`: the candidate lacks a capability the
+    /// request needs; `store_full`: the pair's write queue was full).
+    dropped: IntCounterVec,
+    /// Candidate latency (the whole answer).
+    seconds: HistogramVec,
+    /// Character-level similarity of compared pairs.
+    similarity: HistogramVec,
+    /// Candidate calls in flight, by route.
+    in_flight: prometheus::IntGaugeVec,
+}
+
+impl ShadowMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let calls = IntCounterVec::new(
+            Opts::new(
+                "shadow_calls_total",
+                "Shadow calls to candidates, by route, candidate and outcome",
+            ),
+            &["route", "candidate", "outcome"],
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "shadow_dropped_total",
+                "Shadow copies not sent (or pairs not stored), by route and reason",
+            ),
+            &["route", "reason"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "shadow_duration_seconds",
+                "Candidate latency to the whole answer, by route and candidate",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "candidate"],
+        )?;
+        let similarity = HistogramVec::new(
+            HistogramOpts::new(
+                "shadow_similarity",
+                "Character-level similarity of primary and candidate answers",
+            )
+            .buckets(vec![
+                0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
+            ]),
+            &["route", "candidate"],
+        )?;
+        let in_flight = prometheus::IntGaugeVec::new(
+            Opts::new("shadow_in_flight", "Shadow calls in flight, by route"),
+            &["route"],
+        )?;
+        registry.register(Box::new(calls.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        registry.register(Box::new(similarity.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(ShadowMetrics {
+            calls,
+            dropped,
+            seconds,
+            similarity,
+            in_flight,
+        })
+    }
+
+    /// A copy that was not sent (or a pair that was not stored).
+    pub fn dropped(&self, route: &str, reason: &str) {
+        self.dropped.with_label_values(&[route, reason]).inc();
+    }
+
+    /// A candidate call ended: its outcome and latency.
+    pub fn call(&self, route: &str, candidate: &str, outcome: &str, took: Duration) {
+        self.calls
+            .with_label_values(&[route, candidate, outcome])
+            .inc();
+        self.seconds
+            .with_label_values(&[route, candidate])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn similarity(&self, route: &str, candidate: &str, s: f64) {
+        self.similarity
+            .with_label_values(&[route, candidate])
+            .observe(s);
+    }
+
+    /// The route's shadow calls in flight went up (`1`) or down (`-1`).
+    pub fn in_flight(&self, route: &str, delta: i64) {
+        self.in_flight.with_label_values(&[route]).add(delta);
+    }
 }
 
 impl GovMetrics {
@@ -647,6 +746,7 @@ impl Metrics {
         registry.register(Box::new(stream_errors.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         let gov = GovMetrics::new(&registry)?;
+        let shadow = ShadowMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             requests,
@@ -682,6 +782,7 @@ impl Metrics {
             retrieval_cache,
             embedding_seconds,
             gov,
+            shadow,
         })
     }
 

@@ -63,6 +63,24 @@ pub struct Arm {
     pub chain: Vec<Arc<Target>>,
     pub prompt: Option<Selector>,
     pub stats: Arc<ArmStats>,
+    /// The arm's own shadow candidates (else the route's).
+    pub shadow: Option<Arc<Shadow>>,
+}
+
+/// A route's (or arm's) shadow candidates, built once per snapshot.
+pub struct Shadow {
+    /// Each candidate, built like a route target (health is never recorded
+    /// for shadow calls: a candidate's failures open no breaker).
+    pub candidates: Vec<Arc<Target>>,
+    pub sample: f64,
+    /// Candidate calls in flight at most (a per-snapshot gate: after a reload
+    /// the calls of the old snapshot finish under the old gate).
+    pub gate: Arc<tokio::sync::Semaphore>,
+    /// The prompt version candidates render instead of the live one.
+    pub prompt: Option<Selector>,
+    pub keep_outputs: bool,
+    /// The embeddings route for embedding similarity.
+    pub embeddings: Option<String>,
 }
 
 pub enum Plan {
@@ -79,6 +97,10 @@ pub struct Route {
     pub cache: crate::config::RouteCache,
     /// Rate limits, data policy, audit content.
     pub governance: crate::config::RouteGovernance,
+    /// Shadow candidates of the whole route (an arm may have its own).
+    pub shadow: Option<Arc<Shadow>>,
+    /// Thresholds of its readiness report.
+    pub readiness: crate::config::Readiness,
     /// Its metric handles, resolved on first use ([`Route::metrics`]).
     handles: std::sync::OnceLock<crate::metrics::RouteHandles>,
 }
@@ -205,7 +227,19 @@ impl Snapshot {
         let mut routes = HashMap::new();
         for (name, r) in &config.routes {
             let route_id = RouteId::from(name.as_str());
-            let target = |t| target(&route_id, t);
+            let target = |t: &crate::config::TargetConfig| target(&route_id, t);
+            let shadow = |s: &Option<crate::config::ShadowConfig>| {
+                s.as_ref().map(|s| {
+                    Arc::new(Shadow {
+                        candidates: s.targets.iter().map(&target).collect(),
+                        sample: s.sample,
+                        gate: Arc::new(tokio::sync::Semaphore::new(s.max_in_flight as usize)),
+                        prompt: s.prompt.clone(),
+                        keep_outputs: s.keep_outputs,
+                        embeddings: s.embeddings.clone(),
+                    })
+                })
+            };
             let plan = match &r.strategy {
                 Strategy::Chain(c) => Plan::Chain(c.iter().map(target).collect()),
                 Strategy::Split { subject, arms } => {
@@ -223,6 +257,7 @@ impl Snapshot {
                                     chain: a.chain.iter().map(target).collect(),
                                     prompt: a.prompt.clone(),
                                     stats: book.arm(name, &a.name),
+                                    shadow: shadow(&a.shadow),
                                 }
                             })
                             .collect(),
@@ -238,6 +273,8 @@ impl Snapshot {
                     private: r.private,
                     cache: r.cache,
                     governance: r.governance.clone(),
+                    shadow: shadow(&r.shadow),
+                    readiness: r.readiness,
                     handles: std::sync::OnceLock::new(),
                 }),
             );

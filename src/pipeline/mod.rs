@@ -31,6 +31,7 @@ pub mod forward;
 pub mod health_checks;
 pub mod render;
 pub mod retrieve;
+pub mod shadow;
 pub mod stream;
 
 use std::sync::Arc;
@@ -64,6 +65,8 @@ pub struct Gateway {
     pub retrieval: retrieve::Retrieval,
     /// Keys, limits, spend and audit: state that outlives snapshots.
     pub governor: Arc<crate::governance::Governor>,
+    /// Shadow traffic's live figures and its store.
+    pub shadows: shadow::Shadows,
 }
 
 /// How the cache took part in a response.
@@ -137,7 +140,9 @@ impl Gateway {
                 redis_errors: metrics.cache_redis_errors.clone(),
             },
         );
+        let shadows = shadow::Shadows::new(snapshot.config.shadow.path.clone());
         Ok(Arc::new(Gateway {
+            shadows,
             snapshot: ArcSwap::from_pointee(snapshot),
             book,
             cache,
@@ -199,8 +204,19 @@ impl Gateway {
             Cached::Miss { lease, cache } => (lease, cache),
         };
         let started = Instant::now();
-        let forward = raw
-            .filter(|_| snap.config.fast_path && lease.is_none() && !forward::audits_content(ctx));
+        // A request copied to shadow candidates takes the canonical path: its
+        // answer is compared as canonical values.
+        let shadow = if route.shadow.is_some() || ctx.arm().is_some_and(|a| a.shadow.is_some()) {
+            self.shadow_offer(ctx, &req)
+        } else {
+            None
+        };
+        let forward = raw.filter(|_| {
+            snap.config.fast_path
+                && lease.is_none()
+                && shadow.is_none()
+                && !forward::audits_content(ctx)
+        });
         let Some(raw) = forward else {
             let won = attempt::run_chain(
                 self,
@@ -211,9 +227,31 @@ impl Gateway {
                 ctx.private,
                 deadline,
             )
-            .await?;
+            .await;
+            let shadow = shadow.map(|offer| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                offer.launch(self, req.clone(), rx);
+                tx
+            });
+            let won = match won {
+                Ok(won) => won,
+                Err(e) => {
+                    if let (Some(tx), GatewayError::Upstream(u)) = (shadow, &e) {
+                        let target = ctx.chain().first().cloned();
+                        if let Some(target) = target {
+                            let _ = tx.send(shadow::Primary {
+                                target,
+                                latency: started.elapsed(),
+                                ttft: None,
+                                result: Err(u.kind),
+                            });
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             return Ok(self
-                .answered(ctx, req, won, started, lease, cache_use)
+                .answered(ctx, req, won, started, lease, cache_use, shadow)
                 .await
                 .map(Reply::Canonical));
         };
@@ -268,14 +306,16 @@ impl Gateway {
             counts,
         };
         Ok(self
-            .answered(ctx, req, won, started, lease, cache_use)
+            .answered(ctx, req, won, started, lease, cache_use, None)
             .await
             .map(Reply::Canonical))
     }
 
     /// The canonical answer of an attempt loop: usage (estimated where the
     /// backend reported none) into metrics and the ticket, the cache filled,
-    /// a stream wrapped in its usage tap.
+    /// a stream wrapped in its usage tap; the primary's outcome sent to the
+    /// request's shadow task, if it has one, when the answer has ended.
+    #[allow(clippy::too_many_arguments)]
     async fn answered(
         self: &Arc<Self>,
         ctx: &RequestContext,
@@ -284,6 +324,7 @@ impl Gateway {
         started: Instant,
         lease: Option<crate::cache::Lease>,
         cache_use: Option<CacheUse>,
+        shadow: Option<shadow::PrimaryTx>,
     ) -> Served<ChatOutcome> {
         let route = ctx.route();
         let snap = &ctx.snapshot;
@@ -326,11 +367,20 @@ impl Gateway {
                 if let Some(store) = store {
                     store.put(&resp).await;
                 }
+                if let Some(tx) = shadow {
+                    let _ = tx.send(shadow::Primary {
+                        target: target.clone(),
+                        latency: started.elapsed(),
+                        ttft: None,
+                        result: Ok(resp.clone()),
+                    });
+                }
                 ChatOutcome::Complete(resp)
             }
             Answer::Stream(head, rest) => {
                 let store = store.map(|s| (s, self.cache.assembler()));
-                let tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, store);
+                let mut tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, store);
+                tap.shadow = shadow.map(|tx| stream::ShadowTap::new(tx, upstream));
                 ChatOutcome::Stream(tap.wrap(head, rest))
             }
         };
@@ -379,6 +429,7 @@ impl Gateway {
             usage: None,
             store,
             ticket: ctx.ticket.clone(),
+            shadow: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! the cache once it has ended properly.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -146,6 +147,40 @@ pub(super) struct UsageTap {
     pub store: Option<(Store, crate::cache::Assembler)>,
     /// The request's governance ticket: settled with the usage at the end.
     pub ticket: Option<Arc<crate::governance::Ticket>>,
+    /// A copied request's stream, assembled for its shadow comparison.
+    pub shadow: Option<ShadowTap>,
+}
+
+/// The primary's stream as its shadow task needs it: assembled, and sent
+/// when it ended (dropped unsent when the client left first).
+pub(super) struct ShadowTap {
+    tx: super::shadow::PrimaryTx,
+    asm: crate::cache::Assembler,
+    ttft: Duration,
+}
+
+impl ShadowTap {
+    pub(super) fn new(tx: super::shadow::PrimaryTx, ttft: Duration) -> Self {
+        ShadowTap {
+            tx,
+            asm: crate::cache::Assembler::with_limit(super::shadow::MAX_ASSEMBLED),
+            ttft,
+        }
+    }
+
+    fn send(self, target: &Arc<Target>, started: Instant, result: Result<Usage, ErrorKind>) {
+        let result = result.map(|usage| {
+            let mut resp = self.asm.finish();
+            resp.usage = Some(usage);
+            resp
+        });
+        let _ = self.tx.send(super::shadow::Primary {
+            target: target.clone(),
+            latency: started.elapsed(),
+            ttft: Some(self.ttft),
+            result,
+        });
+    }
 }
 
 /// A stream that did not reach its end (the client left, the upstream
@@ -172,6 +207,9 @@ impl UsageTap {
     pub(super) fn observe(&mut self, ev: &StreamEvent) {
         if let Some((_, asm)) = &mut self.store {
             asm.push(ev);
+        }
+        if let Some(s) = &mut self.shadow {
+            s.asm.push(ev);
         }
         match ev {
             StreamEvent::Delta(d) => {
@@ -235,7 +273,10 @@ impl UsageTap {
         }
     }
 
-    pub(super) fn fail(&self, e: &UpstreamError) {
+    pub(super) fn fail(&mut self, e: &UpstreamError) {
+        if let Some(s) = self.shadow.take() {
+            s.send(&self.target, self.started, Err(e.kind));
+        }
         self.gateway
             .metrics
             .stream_error(&self.route.name, &self.target.provider_id, e.kind);
@@ -267,6 +308,9 @@ impl UsageTap {
                     let estimated = self.usage.is_none();
                     let usage = self.usage().await;
                     let usage = self.finish(usage);
+                    if let Some(s) = self.shadow.take() {
+                        s.send(&self.target, self.started, Ok(usage));
+                    }
                     if estimated {
                         yield Ok(StreamEvent::Usage(usage));
                     }
