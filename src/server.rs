@@ -986,6 +986,19 @@ async fn serve_chat(
             return error_response(d, e, &id, route.cloned());
         }
     }
+    // Shadow candidates that render another prompt version start from the
+    // request as it was before rendering.
+    let shadow_source = prompt
+        .as_ref()
+        .filter(|_| snap.route(&req.model).is_some_and(|r| r.shadow_renders()))
+        .map(|p| {
+            Arc::new(crate::pipeline::shadow::Source {
+                req: req.clone(),
+                prompt: p.clone(),
+                caller: caller.cloned(),
+                dialect,
+            })
+        });
     let rendered = render::render(
         &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval,
     )
@@ -1018,6 +1031,7 @@ async fn serve_chat(
         Ok(ctx) => ctx,
         Err((e, route)) => return error_response(d, e, &id, route),
     };
+    ctx.shadow_source = shadow_source;
     // Governance, in order: may the caller use this route and prompt; what
     // may leave (data protection, which can make the request private); then
     // budgets and rate limits, which hand out the request's ticket.

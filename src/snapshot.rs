@@ -136,6 +136,14 @@ impl Route {
         }
     }
 
+    /// Whether some shadow of the route renders its own prompt version (the
+    /// request is then kept as it was before rendering).
+    pub fn shadow_renders(&self) -> bool {
+        let renders = |s: &Option<Arc<Shadow>>| s.as_ref().is_some_and(|s| s.prompt.is_some());
+        renders(&self.shadow)
+            || matches!(&self.plan, Plan::Split { arms, .. } if arms.iter().any(|a| renders(&a.shadow)))
+    }
+
     /// The chain of a plain route (empty for a split: its arms hold the chains).
     pub fn chain(&self) -> &[Arc<Target>] {
         match &self.plan {

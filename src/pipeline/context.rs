@@ -120,6 +120,9 @@ pub struct RequestContext {
     pub caller: Option<crate::governance::Caller>,
     /// Its hold on governance state (limits, spend, audit), once admitted.
     pub ticket: Option<Arc<crate::governance::Ticket>>,
+    /// The request before rendering, kept when its route's shadow candidates
+    /// render another prompt version.
+    pub shadow_source: Option<Arc<super::shadow::Source>>,
 }
 
 impl RequestContext {
@@ -160,6 +163,7 @@ impl RequestContext {
             prompt,
             caller,
             ticket: None,
+            shadow_source: None,
         }
     }
 

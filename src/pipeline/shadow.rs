@@ -216,9 +216,20 @@ impl Live {
     }
 }
 
+/// A request before rendering, for candidates that render another prompt
+/// version ([`Shadow::prompt`]).
+pub struct Source {
+    pub req: ChatRequest,
+    pub prompt: crate::prompt::PromptRef,
+    pub caller: Option<crate::governance::Caller>,
+    pub dialect: super::ClientDialect,
+}
+
 /// A sampled request's copy, its candidates' permits taken.
 pub struct Offer {
     shadow: Arc<Shadow>,
+    snapshot: Arc<crate::snapshot::Snapshot>,
+    source: Option<Arc<Source>>,
     candidates: Vec<(Arc<Target>, OwnedSemaphorePermit)>,
     route: RouteId,
     arm: Option<Arc<str>>,
@@ -275,6 +286,8 @@ impl Gateway {
         }
         Some(Offer {
             shadow: shadow.clone(),
+            snapshot: ctx.snapshot.clone(),
+            source: ctx.shadow_source.clone(),
             candidates,
             route: route.name.clone(),
             arm: ctx.arm().map(|a| a.name.clone()),
@@ -304,13 +317,19 @@ impl Offer {
         let m = &gw.metrics.shadow;
         let route = self.route.clone();
         let rid = &self.request_id;
+        let this = &self;
         let calls = self.candidates.iter().map(|(t, _)| {
             let gw = &gw;
             let req = &req;
             let route = &route;
             async move {
                 m.in_flight(route, 1);
-                let side = call(gw, t, req).await;
+                let side = match (&this.shadow.prompt, &this.source) {
+                    (Some(selector), Some(source)) => {
+                        this.rerendered(gw, t, source, selector).await
+                    }
+                    _ => call(gw, t, req).await,
+                };
                 m.in_flight(route, -1);
                 let outcome = side.0.error.as_deref().unwrap_or("ok");
                 m.call(route, &t.id, outcome, ms(side.0.latency_ms));
@@ -379,6 +398,76 @@ impl Offer {
                 m.dropped(&route, "store_full");
             }
         }
+    }
+}
+
+impl Offer {
+    /// A candidate's call with the request rendered at the shadow's prompt
+    /// version, under the same data protection as the live request: a block
+    /// fails the side (`blocked`), and a request that this makes private is
+    /// not sent to a candidate that is not self-hosted.
+    async fn rerendered(
+        &self,
+        gw: &Arc<Gateway>,
+        t: &Target,
+        source: &Source,
+        selector: &crate::prompt::Selector,
+    ) -> (Side, Option<ChatResponse>) {
+        let failed = |kind: &str| {
+            let side = Side {
+                target: t.id.to_string(),
+                error: Some(kind.to_owned()),
+                ..Side::default()
+            };
+            (side, None)
+        };
+        let mut req = source.req.clone();
+        let mut prompt = source.prompt.clone();
+        prompt.selector = selector.clone();
+        prompt.explicit_selector = Some(selector.clone());
+        let mut headers = http::HeaderMap::new();
+        if self.private {
+            headers.insert(
+                super::PRIVATE_HEADER,
+                http::HeaderValue::from_static("private"),
+            );
+        }
+        let snap = &self.snapshot;
+        let who = source.caller.as_ref();
+        let rendered = super::render::render(
+            gw,
+            &self.request_id,
+            snap,
+            &headers,
+            who,
+            &mut req,
+            Some(prompt),
+            None,
+        )
+        .await;
+        let Ok(prepared) = rendered else {
+            return failed("prompt_error");
+        };
+        let Ok(mut ctx) = RequestContext::for_chat(
+            self.request_id.clone(),
+            source.dialect,
+            snap.clone(),
+            &headers,
+            &req,
+            prepared,
+            source.caller.clone(),
+        ) else {
+            return failed("prompt_error");
+        };
+        ctx.private |= self.private;
+        if crate::protect::apply(&mut ctx, &mut req, &gw.governor.metrics).is_err() {
+            return failed("blocked");
+        }
+        if ctx.private && !t.self_hosted {
+            gw.metrics.shadow.dropped(&self.route, "private");
+            return failed("private");
+        }
+        call(gw, t, &req).await
     }
 }
 

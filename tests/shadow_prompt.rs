@@ -1,0 +1,101 @@
+//! Shadow candidates that render their own prompt version: the candidate gets
+//! the request rendered at the shadow's label, the client the live version.
+#![allow(clippy::disallowed_methods)]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const GREET: &str = r#"
+variables:
+  name: {type: string}
+labels:
+  production: 1
+  candidate: 2
+versions:
+  1:
+    route: assist
+    messages:
+      - {role: system, content: "Live version."}
+      - {role: user, content: "Hello {{ name }}"}
+  2:
+    route: assist
+    messages:
+      - {role: system, content: "Candidate version."}
+      - {role: user, content: "Hi {{ name }}"}
+"#;
+
+fn system_text(body: &Value) -> String {
+    body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+async fn wait_for(fake: &Fake, n: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while fake.requests().len() < n {
+        assert!(
+            Instant::now() < until,
+            "the candidate saw {} of {n} requests",
+            fake.requests().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_candidate_renders_the_shadows_prompt_label() {
+    let primary = spawn_fake().await;
+    let candidate = spawn_fake().await;
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  assist:\n    provider: live\n    model: chat\n    shadow:\n      targets: [{provider: cand, model: chat}]\n      sample: 1.0\n      prompt: {label: candidate}\n";
+    let provider = |f: &Fake| {
+        format!(
+            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\n",
+            f.base_url()
+        )
+    };
+    let providers = vec![
+        ("live.yaml".to_string(), provider(&primary)),
+        ("cand.yaml".to_string(), provider(&candidate)),
+    ];
+    let gw = spawn_gateway_with_prompts(gateway, &providers, &[("greet.yaml", GREET)]).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "assist",
+            "messages": [],
+            "prompt": {"id": "greet", "variables": {"name": "Ada"}},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-promptgate-prompt-version"], "1");
+    wait_for(&candidate, 1).await;
+    let live = primary.last().body;
+    let shadow = candidate.last().body;
+    assert_eq!(system_text(&live), "Live version.");
+    assert_eq!(live["messages"][1]["content"], "Hello Ada");
+    assert_eq!(system_text(&shadow), "Candidate version.");
+    assert_eq!(shadow["messages"][1]["content"], "Hi Ada");
+    assert_eq!(primary.requests().len(), 1);
+
+    // A request without a prompt goes to the candidate as it is.
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("assist", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for(&candidate, 2).await;
+    assert_eq!(
+        candidate.last().body["messages"],
+        primary.last().body["messages"]
+    );
+}
