@@ -605,21 +605,26 @@ fn check_report(report: &Value, n: u64) {
 
 // === 2. the client's answer never changes ===
 
-/// A completion without what differs between two calls (id, created).
-fn comparable(mut v: Value) -> Value {
+/// A completion (or chunk) without what differs between two calls (id,
+/// created) and with `model`, the route the client asked for, checked and
+/// set aside.
+fn comparable(mut v: Value, route: &str) -> Value {
     if let Value::Object(o) = &mut v {
         o.remove("id");
         o.remove("created");
+        if let Some(m) = o.remove("model") {
+            assert_eq!(m, route, "the answer shows the route asked for");
+        }
     }
     v
 }
 
-/// The data events of a stream, each without id and created.
-fn comparable_stream(text: &str) -> Vec<Value> {
+/// The data events of a stream, each made comparable.
+fn comparable_stream(text: &str, route: &str) -> Vec<Value> {
     common::sse_data(text)
         .into_iter()
         .map(|d| match serde_json::from_str(&d) {
-            Ok(v) => comparable(v),
+            Ok(v) => comparable(v, route),
             Err(_) => Value::String(d),
         })
         .collect()
@@ -667,17 +672,16 @@ async fn shadowing_never_changes_the_clients_answer() {
             );
             if b["stream"] == true {
                 assert_eq!(
-                    comparable_stream(&a.text),
-                    comparable_stream(&p.text),
+                    comparable_stream(&a.text, route),
+                    comparable_stream(&p.text, "plain"),
                     "{route} #{i}"
                 );
             } else {
-                // The route's name is the model the client asked for.
-                let mut want = comparable(p.json());
-                want["model"] = route.into();
-                let mut got = comparable(a.json());
-                got["model"] = route.into();
-                assert_eq!(got, want, "{route} #{i}");
+                assert_eq!(
+                    comparable(a.json(), route),
+                    comparable(p.json(), "plain"),
+                    "{route} #{i}"
+                );
             }
             assert_eq!(a.header("x-promptgate-target"), "live/mirror");
         }
@@ -725,7 +729,8 @@ async fn private_requests_never_reach_a_commercial_candidate() {
     let private = [("x-promptgate-data", "private")];
     let mut rag = ask("pub", "secret four: what is the vault code?");
     rag["retrieval"] = json!({"retriever": "vault"});
-    let cases: Vec<(&str, Value, &[(&str, &str)])> = vec![
+    type Case<'a> = (&'a str, Value, &'a [(&'a str, &'a str)]);
+    let cases: Vec<Case> = vec![
         ("pub", ask("pub", "secret one"), &private),
         ("pub", ask_stream("pub", "secret one, streamed"), &private),
         ("priv", ask("priv", "secret two"), &[]),
