@@ -569,6 +569,26 @@ pub(crate) async fn call(
     side_of(t, started.elapsed(), ttft, result)
 }
 
+/// Tells the request's shadow task, if it has one, that the primary failed
+/// (an upstream failure: the first target of its chain is named).
+pub(super) fn primary_failed(
+    ctx: &RequestContext,
+    tx: Option<PrimaryTx>,
+    started: Instant,
+    e: &crate::error::GatewayError,
+) {
+    if let (Some(tx), crate::error::GatewayError::Upstream(u)) = (tx, e) {
+        if let Some(target) = ctx.chain().first().cloned() {
+            let _ = tx.send(Primary {
+                target,
+                latency: started.elapsed(),
+                ttft: None,
+                result: Err(u.kind),
+            });
+        }
+    }
+}
+
 /// The primary's side and answer.
 fn primary_side(p: &Primary) -> (Side, Option<ChatResponse>) {
     side_of(&p.target, p.latency, p.ttft, p.result.clone())

@@ -260,6 +260,9 @@ impl UsageTap {
             t.settle(&self.target, &usage);
         }
         self.record_end(true, u64::from(usage.total_tokens));
+        if let Some(s) = self.shadow.take() {
+            s.send(&self.target, self.started, Ok(usage));
+        }
         usage
     }
 
@@ -308,9 +311,6 @@ impl UsageTap {
                     let estimated = self.usage.is_none();
                     let usage = self.usage().await;
                     let usage = self.finish(usage);
-                    if let Some(s) = self.shadow.take() {
-                        s.send(&self.target, self.started, Ok(usage));
-                    }
                     if estimated {
                         yield Ok(StreamEvent::Usage(usage));
                     }
