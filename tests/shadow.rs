@@ -633,12 +633,13 @@ fn comparable_stream(text: &str, route: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadowing_never_changes_the_clients_answer() {
     let fake = Script::start().await;
-    let gateway = "listen: 127.0.0.1:0\nroutes:\n  plain:\n    provider: live\n    model: mirror\n  hangs:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: cand, model: hang}], sample: 1.0}\n  fails:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: cand, model: fail500}, {provider: cand, model: error200}], sample: 1.0}\n";
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  plain:\n    provider: live\n    model: mirror\n  hangs:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: cand, model: hang}], sample: 1.0}\n  fails:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: cand, model: fail500}, {provider: cand, model: error200}], sample: 1.0}\n  plain-down:\n    provider: live\n    model: fail500\n  down:\n    provider: live\n    model: fail500\n    shadow: {targets: [{provider: cand, model: mirror}], sample: 1.0}\n  locked:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: own, model: mirror}], sample: 1.0}\n";
     let (_dir, gw) = start(
         gateway,
         &[
             ("live", fake.provider(false)),
             ("cand", fake.provider(false)),
+            ("own", fake.provider(true)),
         ],
         &[],
     );
@@ -702,6 +703,50 @@ async fn shadowing_never_changes_the_clients_answer() {
         assert_eq!(f["compared"], 0, "{f}");
     }
     assert!(figures(&gw, "hangs", None, "cand/hang").await.is_none());
+
+    // A primary that fails (its upstream, or no target may take a private
+    // request): the client's error is the same with a candidate (which
+    // answers) as without one; the pair records the primary's failure.
+    let private: &[(&str, &str)] = &[("x-promptgate-data", "private")];
+    for (bare, shadowed, headers) in [
+        ("plain-down", "down", &[][..]),
+        ("plain", "locked", private),
+    ] {
+        for stream in [false, true] {
+            let mut want = ask(bare, "Is anyone there?");
+            let mut got = ask(shadowed, "Is anyone there?");
+            want["stream"] = stream.into();
+            got["stream"] = stream.into();
+            let p = post(&gw, &want, headers).await;
+            let a = post(&gw, &got, headers).await;
+            assert!(p.status >= 500, "{bare}: {} {}", p.status, p.text);
+            assert_eq!(a.status, p.status, "{shadowed}: {}", a.text);
+            assert_eq!(
+                without_request_id(a.json(), shadowed),
+                without_request_id(p.json(), bare),
+                "{shadowed}, stream: {stream}"
+            );
+        }
+    }
+    let f = pairs(&gw, "down", None, "cand/mirror", 2).await;
+    assert_eq!(f["primary_errors"], 2, "{f}");
+    assert_eq!(f["candidate_errors"], 0, "{f}");
+    assert_eq!(f["compared"], 0, "{f}");
+    let f = pairs(&gw, "locked", None, "own/mirror", 2).await;
+    assert_eq!(f["primary_errors"], 2, "{f}");
+    assert_eq!(f["candidate_errors"], 0, "{f}");
+}
+
+/// An error body without its request id (it differs per request), the
+/// route's name in its message made generic.
+fn without_request_id(mut v: Value, route: &str) -> Value {
+    if let Some(e) = v["error"].as_object_mut() {
+        e.remove("request_id");
+        if let Some(Value::String(m)) = e.get_mut("message") {
+            *m = m.replace(&format!("`{route}`"), "`(route)`");
+        }
+    }
+    v
 }
 
 // === 3. privacy ===
