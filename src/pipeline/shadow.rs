@@ -633,3 +633,67 @@ fn request_json(req: &ChatRequest) -> String {
     ))
     .into_owned()
 }
+
+/// One replayed request (`promptgate replay`): the route's shadow candidate
+/// called as a live copy would be, against the recorded primary side when the
+/// record has one, else against the route's first target called now (one
+/// attempt, like the candidate). Both calls run at once.
+pub async fn replay_pair(
+    gw: &Arc<Gateway>,
+    route: &crate::snapshot::Route,
+    req: ChatRequest,
+    request_id: String,
+    recorded: Option<Side>,
+) -> Option<Pair> {
+    let shadow = route.shadow.as_ref()?;
+    let candidate = shadow.candidates.first()?;
+    let primary = async {
+        match recorded {
+            Some(side) => {
+                let answered = side.error.is_none();
+                (side, answered)
+            }
+            None => match route.targets().first() {
+                Some(t) => {
+                    let (side, resp) = call(gw, t, &req).await;
+                    (side, resp.is_some())
+                }
+                None => (
+                    Side {
+                        error: Some("no_target".into()),
+                        ..Side::default()
+                    },
+                    false,
+                ),
+            },
+        }
+    };
+    let ((p_side, p_ok), (c_side, c_resp)) =
+        futures_util::future::join(primary, call(gw, candidate, &req)).await;
+    let at_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut pair = Pair {
+        at_ms,
+        request_id,
+        route: route.name.to_string(),
+        arm: None,
+        source: "replay".into(),
+        stream: req.stream,
+        primary: p_side,
+        candidate: c_side,
+        comparison: None,
+        request: Some(request_json(&req)),
+    };
+    if p_ok && c_resp.is_some() {
+        let rid: Arc<str> = Arc::from(pair.request_id.as_str());
+        pair.comparison = Some(compared(gw, shadow, &rid, route.private, &req, &pair).await);
+    }
+    if !shadow.keep_outputs {
+        pair.primary.text.clear();
+        pair.candidate.text.clear();
+        pair.request = None;
+    }
+    Some(pair)
+}
