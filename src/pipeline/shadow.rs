@@ -235,6 +235,8 @@ pub struct Offer {
     arm: Option<Arc<str>>,
     request_id: Arc<str>,
     private: bool,
+    /// A candidate's call ends by then at the latest: the route's deadline.
+    deadline: Duration,
 }
 
 /// How the primary's outcome reaches the shadow task: sent when the answer
@@ -293,6 +295,7 @@ impl Gateway {
             arm: ctx.arm().map(|a| a.name.clone()),
             request_id: ctx.request_id.clone(),
             private: ctx.private,
+            deadline: route.retry.deadline,
         })
     }
 }
@@ -324,11 +327,25 @@ impl Offer {
             let route = &route;
             async move {
                 m.in_flight(route, 1);
-                let side = match (&this.shadow.prompt, &this.source) {
-                    (Some(selector), Some(source)) => {
-                        this.rerendered(gw, t, source, selector).await
+                let called = async {
+                    match (&this.shadow.prompt, &this.source) {
+                        (Some(selector), Some(source)) => {
+                            this.rerendered(gw, t, source, selector).await
+                        }
+                        _ => call(gw, t, req).await,
                     }
-                    _ => call(gw, t, req).await,
+                };
+                let side = match tokio::time::timeout(this.deadline, called).await {
+                    Ok(side) => side,
+                    Err(_) => (
+                        Side {
+                            target: t.id.to_string(),
+                            latency_ms: millis(this.deadline),
+                            error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
+                            ..Side::default()
+                        },
+                        None,
+                    ),
                 };
                 m.in_flight(route, -1);
                 let outcome = side.0.error.as_deref().unwrap_or("ok");
