@@ -438,45 +438,18 @@ impl Offer {
             };
             (side, None)
         };
-        let mut req = source.req.clone();
-        let mut prompt = source.prompt.clone();
-        prompt.selector = selector.clone();
-        prompt.explicit_selector = Some(selector.clone());
-        let mut headers = http::HeaderMap::new();
-        if self.private {
-            headers.insert(
-                super::PRIVATE_HEADER,
-                http::HeaderValue::from_static("private"),
-            );
-        }
-        let snap = &self.snapshot;
-        let who = source.caller.as_ref();
-        let rendered = super::render::render(
+        let rendered = super::render::for_shadow(
             gw,
+            &self.snapshot,
             &self.request_id,
-            snap,
-            &headers,
-            who,
-            &mut req,
-            Some(prompt),
-            None,
+            source,
+            selector,
+            self.private,
         )
         .await;
-        let Ok(prepared) = rendered else {
+        let Some((mut req, mut ctx)) = rendered else {
             return failed("prompt_error");
         };
-        let Ok(mut ctx) = RequestContext::for_chat(
-            self.request_id.clone(),
-            source.dialect,
-            snap.clone(),
-            &headers,
-            &req,
-            prepared,
-            source.caller.clone(),
-        ) else {
-            return failed("prompt_error");
-        };
-        ctx.private |= self.private;
         if crate::protect::apply(&mut ctx, &mut req, &gw.governor.metrics).is_err() {
             return failed("blocked");
         }
