@@ -109,6 +109,7 @@ struct LiveInner {
     primary_ms: Window,
     candidate_ms: Window,
     similarity: Window,
+    embedding: Window,
     primary_cost: f64,
     candidate_cost: f64,
 }
@@ -150,6 +151,7 @@ pub struct Figures {
     pub compared: u64,
     pub exact_match_rate: Option<f64>,
     pub similarity_p50: Option<f64>,
+    pub embedding_similarity_p50: Option<f64>,
     pub tool_agreement: Option<f64>,
     pub json_validity: Option<f64>,
     pub primary_latency_p50_ms: Option<f64>,
@@ -184,6 +186,9 @@ impl Live {
             l.compared += 1;
             l.exact += u64::from(c.exact);
             l.similarity.push(c.char_similarity);
+            if let Some(e) = c.embedding_similarity {
+                l.embedding.push(e);
+            }
             if let Some(t) = c.tool_agreement {
                 l.tool_pairs += 1;
                 l.tool_agree += u64::from(t);
@@ -204,6 +209,7 @@ impl Live {
             compared: l.compared,
             exact_match_rate: ratio(l.exact, l.compared),
             similarity_p50: l.similarity.quantile(0.5),
+            embedding_similarity_p50: l.embedding.quantile(0.5),
             tool_agreement: ratio(l.tool_agree, l.tool_pairs),
             json_validity: ratio(l.json_valid, l.json_asked),
             primary_latency_p50_ms: l.primary_ms.quantile(0.5),
