@@ -43,17 +43,28 @@ pub fn load(
 ) -> Result<(Arc<Gateway>, config::Config), Vec<Problem>> {
     let mut cfg = config::load(path)?;
     cache::resolve_secret(&mut cfg, path, env)?;
+    let gw = gateway_for(cfg.clone(), path, env)?;
+    Ok((gw, cfg))
+}
+
+/// The gateway of a loaded configuration whose shared-cache secret is
+/// resolved (`cache::resolve_secret`); a command may adjust the
+/// configuration first (`replay` adds its candidate).
+pub fn gateway_for(
+    cfg: config::Config,
+    path: &Path,
+    env: backend::EnvLookup<'_>,
+) -> Result<Arc<Gateway>, Vec<Problem>> {
     let book = std::sync::Arc::new(health::Book::default());
-    let snapshot = snapshot::Snapshot::build(cfg.clone(), env, &book)?;
-    let gw = Gateway::new(snapshot, book).map_err(|e| {
+    let snapshot = snapshot::Snapshot::build(cfg, env, &book)?;
+    Gateway::new(snapshot, book).map_err(|e| {
         vec![Problem {
             file: path.display().to_string(),
             line: None,
             field: String::new(),
             message: e,
         }]
-    })?;
-    Ok((gw, cfg))
+    })
 }
 
 /// The server settings a config asks for.

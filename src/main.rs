@@ -99,6 +99,34 @@ enum Command {
         #[arg(long, default_value = "drill-report")]
         out: PathBuf,
     },
+    /// Send recorded requests (an audit log kept with content, or a JSONL of
+    /// OpenAI chat requests) to a candidate at a bounded rate, compare its
+    /// answers with the primary's (recorded, or the route's first target
+    /// called now) and write the readiness report (Markdown + JSON), offline.
+    Replay {
+        /// The recorded requests, one JSON object per line.
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        route: String,
+        /// PROVIDER/MODEL, a configured provider's model.
+        #[arg(long)]
+        candidate: String,
+        /// Requests a second at most.
+        #[arg(long, default_value_t = 5.0)]
+        rps: f64,
+        /// Requests in flight at most.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// The shadow store the pairs are added to (default: `shadow.store`).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Report path prefix: writes PREFIX.md and PREFIX.json.
+        #[arg(long, default_value = "replay-report")]
+        out: PathBuf,
+    },
     /// Index documents into a retriever: .txt, .md, .html, .pdf and .jsonl
     /// files (folders are walked). Unchanged documents are skipped; changed
     /// ones replaced; everything becomes visible at once at the end.
@@ -429,6 +457,93 @@ fn load_gateway(
         }
         eprintln!("the configuration is invalid; run `promptgate check` for details");
         ExitCode::FAILURE
+    })
+}
+
+struct ReplayArgs {
+    from: PathBuf,
+    route: String,
+    candidate: String,
+    rps: f64,
+    concurrency: usize,
+    config: PathBuf,
+    store: Option<PathBuf>,
+    out: PathBuf,
+}
+
+#[allow(clippy::print_stdout)]
+fn replay(a: ReplayArgs) -> ExitCode {
+    use promptgate::shadow::replay;
+    if !(a.rps.is_finite() && a.rps > 0.0) {
+        eprintln!("error: --rps must be a positive number");
+        return ExitCode::FAILURE;
+    }
+    let mut cfg = match promptgate::config::load(&a.config) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = replay::prepare(&mut cfg, &a.route, &a.candidate) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(s) = &a.store {
+        cfg.shadow.path = s.clone();
+    }
+    let (items, skipped) = match replay::read(&a.from, &a.route) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    runtime.block_on(async move {
+        if let Err(problems) = promptgate::cache::resolve_secret(&mut cfg, &a.config, &env_lookup)
+        {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::FAILURE;
+        }
+        let readiness = cfg.routes.get(&a.route).map(|r| r.readiness).unwrap_or_default();
+        let route_cfg = cfg.routes.get(&a.route).cloned();
+        let store_path = cfg.shadow.path.clone();
+        let gw = match promptgate::gateway_for(cfg, &a.config, &env_lookup) {
+            Ok(gw) => gw,
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                return ExitCode::FAILURE;
+            }
+        };
+        let n = items.len();
+        println!("replaying {n} request(s) to {} at {} a second", a.candidate, a.rps);
+        let (pairs, private) = replay::run(&gw, &a.route, items, a.rps, a.concurrency).await;
+        let writer = promptgate::shadow::store::Writer::open(&store_path);
+        for p in &pairs {
+            let _ = writer.try_send(p.clone());
+        }
+        writer.close(std::time::Duration::from_secs(10));
+        let compared = pairs.iter().filter(|p| p.comparison.is_some()).count();
+        println!(
+            "{} pair(s), {compared} compared; not replayed: {} unreadable, {} truncated, {} without content, {} private",
+            pairs.len(),
+            skipped.unreadable,
+            skipped.truncated,
+            skipped.no_content,
+            skipped.private + private
+        );
+        let _ = (readiness, route_cfg, &a.out);
+        ExitCode::SUCCESS
     })
 }
 
@@ -1166,6 +1281,25 @@ fn main() -> ExitCode {
             explain,
             json,
         } => search(config, retriever, query, top_k, filter, explain, json),
+        Command::Replay {
+            from,
+            route,
+            candidate,
+            rps,
+            concurrency,
+            config,
+            store,
+            out,
+        } => replay(ReplayArgs {
+            from,
+            route,
+            candidate,
+            rps,
+            concurrency,
+            config,
+            store,
+            out,
+        }),
         Command::Drill {
             gateway,
             admin,

@@ -252,3 +252,53 @@ fn refuse(gw: &Gateway, snap: &Snapshot, p: &PromptRef, e: GatewayError) -> Refu
 fn private_route(snap: &Snapshot, name: &str) -> bool {
     snap.route(name).is_some_and(|r| r.private)
 }
+
+/// A shadow candidate's request: `source` (the request before rendering)
+/// rendered at `selector` with its retrieval hooks, and placed like a live
+/// request (`private`: the live request was private). `None` when it cannot
+/// be rendered (the version is unknown, a variable does not fit it).
+pub async fn for_shadow(
+    gw: &Arc<Gateway>,
+    snap: &Arc<Snapshot>,
+    request_id: &Arc<str>,
+    source: &super::shadow::Source,
+    selector: &crate::prompt::Selector,
+    private: bool,
+) -> Option<(ChatRequest, super::RequestContext)> {
+    let mut req = source.req.clone();
+    let mut prompt = source.prompt.clone();
+    prompt.selector = selector.clone();
+    prompt.explicit_selector = Some(selector.clone());
+    let mut headers = HeaderMap::new();
+    if private {
+        headers.insert(
+            super::PRIVATE_HEADER,
+            http::HeaderValue::from_static("private"),
+        );
+    }
+    let who = source.caller.as_ref();
+    let prepared = render(
+        gw,
+        request_id,
+        snap,
+        &headers,
+        who,
+        &mut req,
+        Some(prompt),
+        None,
+    )
+    .await
+    .ok()?;
+    let mut ctx = super::RequestContext::for_chat(
+        request_id.clone(),
+        source.dialect,
+        snap.clone(),
+        &headers,
+        &req,
+        prepared,
+        source.caller.clone(),
+    )
+    .ok()?;
+    ctx.private |= private;
+    Some((req, ctx))
+}

@@ -109,6 +109,7 @@ struct LiveInner {
     primary_ms: Window,
     candidate_ms: Window,
     similarity: Window,
+    embedding: Window,
     primary_cost: f64,
     candidate_cost: f64,
 }
@@ -150,6 +151,7 @@ pub struct Figures {
     pub compared: u64,
     pub exact_match_rate: Option<f64>,
     pub similarity_p50: Option<f64>,
+    pub embedding_similarity_p50: Option<f64>,
     pub tool_agreement: Option<f64>,
     pub json_validity: Option<f64>,
     pub primary_latency_p50_ms: Option<f64>,
@@ -184,6 +186,9 @@ impl Live {
             l.compared += 1;
             l.exact += u64::from(c.exact);
             l.similarity.push(c.char_similarity);
+            if let Some(e) = c.embedding_similarity {
+                l.embedding.push(e);
+            }
             if let Some(t) = c.tool_agreement {
                 l.tool_pairs += 1;
                 l.tool_agree += u64::from(t);
@@ -204,6 +209,7 @@ impl Live {
             compared: l.compared,
             exact_match_rate: ratio(l.exact, l.compared),
             similarity_p50: l.similarity.quantile(0.5),
+            embedding_similarity_p50: l.embedding.quantile(0.5),
             tool_agreement: ratio(l.tool_agree, l.tool_pairs),
             json_validity: ratio(l.json_valid, l.json_asked),
             primary_latency_p50_ms: l.primary_ms.quantile(0.5),
@@ -235,6 +241,8 @@ pub struct Offer {
     arm: Option<Arc<str>>,
     request_id: Arc<str>,
     private: bool,
+    /// A candidate's call ends by then at the latest: the route's deadline.
+    deadline: Duration,
 }
 
 /// How the primary's outcome reaches the shadow task: sent when the answer
@@ -293,6 +301,7 @@ impl Gateway {
             arm: ctx.arm().map(|a| a.name.clone()),
             request_id: ctx.request_id.clone(),
             private: ctx.private,
+            deadline: route.retry.deadline,
         })
     }
 }
@@ -324,11 +333,25 @@ impl Offer {
             let route = &route;
             async move {
                 m.in_flight(route, 1);
-                let side = match (&this.shadow.prompt, &this.source) {
-                    (Some(selector), Some(source)) => {
-                        this.rerendered(gw, t, source, selector).await
+                let called = async {
+                    match (&this.shadow.prompt, &this.source) {
+                        (Some(selector), Some(source)) => {
+                            this.rerendered(gw, t, source, selector).await
+                        }
+                        _ => call(gw, t, req).await,
                     }
-                    _ => call(gw, t, req).await,
+                };
+                let side = match tokio::time::timeout(this.deadline, called).await {
+                    Ok(side) => side,
+                    Err(_) => (
+                        Side {
+                            target: t.id.to_string(),
+                            latency_ms: millis(this.deadline),
+                            error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
+                            ..Side::default()
+                        },
+                        None,
+                    ),
                 };
                 m.in_flight(route, -1);
                 let outcome = side.0.error.as_deref().unwrap_or("ok");
@@ -421,45 +444,18 @@ impl Offer {
             };
             (side, None)
         };
-        let mut req = source.req.clone();
-        let mut prompt = source.prompt.clone();
-        prompt.selector = selector.clone();
-        prompt.explicit_selector = Some(selector.clone());
-        let mut headers = http::HeaderMap::new();
-        if self.private {
-            headers.insert(
-                super::PRIVATE_HEADER,
-                http::HeaderValue::from_static("private"),
-            );
-        }
-        let snap = &self.snapshot;
-        let who = source.caller.as_ref();
-        let rendered = super::render::render(
+        let rendered = super::render::for_shadow(
             gw,
+            &self.snapshot,
             &self.request_id,
-            snap,
-            &headers,
-            who,
-            &mut req,
-            Some(prompt),
-            None,
+            source,
+            selector,
+            self.private,
         )
         .await;
-        let Ok(prepared) = rendered else {
+        let Some((mut req, mut ctx)) = rendered else {
             return failed("prompt_error");
         };
-        let Ok(mut ctx) = RequestContext::for_chat(
-            self.request_id.clone(),
-            source.dialect,
-            snap.clone(),
-            &headers,
-            &req,
-            prepared,
-            source.caller.clone(),
-        ) else {
-            return failed("prompt_error");
-        };
-        ctx.private |= self.private;
         if crate::protect::apply(&mut ctx, &mut req, &gw.governor.metrics).is_err() {
             return failed("blocked");
         }
@@ -652,4 +648,68 @@ fn request_json(req: &ChatRequest) -> String {
         req, &req.model, false,
     ))
     .into_owned()
+}
+
+/// One replayed request (`promptgate replay`): the route's shadow candidate
+/// called as a live copy would be, against the recorded primary side when the
+/// record has one, else against the route's first target called now (one
+/// attempt, like the candidate). Both calls run at once.
+pub async fn replay_pair(
+    gw: &Arc<Gateway>,
+    route: &crate::snapshot::Route,
+    req: ChatRequest,
+    request_id: String,
+    recorded: Option<Side>,
+) -> Option<Pair> {
+    let shadow = route.shadow.as_ref()?;
+    let candidate = shadow.candidates.first()?;
+    let primary = async {
+        match recorded {
+            Some(side) => {
+                let answered = side.error.is_none();
+                (side, answered)
+            }
+            None => match route.targets().first() {
+                Some(t) => {
+                    let (side, resp) = call(gw, t, &req).await;
+                    (side, resp.is_some())
+                }
+                None => (
+                    Side {
+                        error: Some("no_target".into()),
+                        ..Side::default()
+                    },
+                    false,
+                ),
+            },
+        }
+    };
+    let ((p_side, p_ok), (c_side, c_resp)) =
+        futures_util::future::join(primary, call(gw, candidate, &req)).await;
+    let at_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut pair = Pair {
+        at_ms,
+        request_id,
+        route: route.name.to_string(),
+        arm: None,
+        source: "replay".into(),
+        stream: req.stream,
+        primary: p_side,
+        candidate: c_side,
+        comparison: None,
+        request: Some(request_json(&req)),
+    };
+    if p_ok && c_resp.is_some() {
+        let rid: Arc<str> = Arc::from(pair.request_id.as_str());
+        pair.comparison = Some(compared(gw, shadow, &rid, route.private, &req, &pair).await);
+    }
+    if !shadow.keep_outputs {
+        pair.primary.text.clear();
+        pair.candidate.text.clear();
+        pair.request = None;
+    }
+    Some(pair)
 }

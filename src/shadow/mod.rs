@@ -10,6 +10,7 @@
 //! - [`report`]: the readiness report (Markdown + JSON) and its verdict.
 
 pub mod compare;
+pub mod replay;
 pub mod report;
 pub mod store;
 

@@ -1,5 +1,6 @@
-//! Shadow candidates that render their own prompt version: the candidate gets
-//! the request rendered at the shadow's label, the client the live version.
+//! A shadow's options: candidates that render their own prompt version (the
+//! candidate gets the request rendered at the shadow's label, the client the
+//! live version), and the embedding similarity of a pair's answers.
 #![allow(clippy::disallowed_methods)]
 #![allow(clippy::unwrap_used)]
 
@@ -98,4 +99,57 @@ async fn a_candidate_renders_the_shadows_prompt_label() {
         candidate.last().body["messages"],
         primary.last().body["messages"]
     );
+}
+
+fn figures(gw: &Gw, candidate: &str) -> Option<promptgate::pipeline::shadow::Figures> {
+    gw.gw
+        .shadows
+        .figures()
+        .into_iter()
+        .find(|((_, _, c), _)| c == candidate)
+        .map(|(_, f)| f)
+}
+
+#[tokio::test]
+async fn pairs_carry_the_embedding_similarity_of_the_two_answers() {
+    let other = spawn_fake().await;
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  vectors:\n    provider: sandbox\n    model: echo\n  assist:\n    provider: sandbox\n    model: echo\n    shadow:\n      targets: [{provider: sandbox, model: echo}, {provider: other, model: chat}]\n      sample: 1.0\n      embeddings: vectors\n";
+    let providers = vec![
+        (
+            "sandbox.yaml".to_string(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".to_string(),
+        ),
+        (
+            "other.yaml".to_string(),
+            format!(
+                "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\n",
+                other.base_url()
+            ),
+        ),
+    ];
+    let gw = spawn_gateway(gateway, &providers).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "assist", "messages": [{"role": "user", "content": "the same words"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let until = Instant::now() + Duration::from_secs(10);
+    let (same, differs) = loop {
+        let same = figures(&gw, "sandbox/echo").filter(|f| f.pairs == 1);
+        let differs = figures(&gw, "other/chat").filter(|f| f.pairs == 1);
+        if let (Some(s), Some(d)) = (same, differs) {
+            break (s, d);
+        }
+        assert!(Instant::now() < until, "the pairs did not arrive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The same answer embeds to the same vector; another answer does not.
+    let s = same.embedding_similarity_p50.unwrap();
+    assert!((s - 1.0).abs() < 1e-6, "{s}");
+    assert_eq!(same.exact_match_rate, Some(1.0));
+    let d = differs.embedding_similarity_p50.unwrap();
+    assert!(d < 0.99, "{d}");
+    assert_eq!(differs.exact_match_rate, Some(0.0));
 }
