@@ -598,9 +598,88 @@ async fn readiness(config: &Path, route: &str, prefix: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(with("json")).unwrap()).unwrap()
 }
 
-/// The report's figures (filled in against the report's JSON shape).
+/// The report's figures: the same as the live ones, and the verdict the
+/// route's thresholds give.
 fn check_report(report: &Value, n: u64) {
-    let _ = (report, n);
+    assert_eq!(report["route"], "assist", "{report:#}");
+    assert_eq!(report["pairs"], 2 * n, "{report:#}");
+    let of = |c: &str| -> Value {
+        report["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["candidate"] == c)
+            .unwrap_or_else(|| panic!("no {c} in {report:#}"))
+            .clone()
+    };
+    let check = |r: &Value, name: &str| -> Value {
+        r["verdict"]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name} in {r:#}"))
+            .clone()
+    };
+    let sandbox = of("sandbox/echo");
+    let differ = of("cand/differ");
+    for r in [&sandbox, &differ] {
+        assert_eq!(r["pairs"], n, "{r:#}");
+        assert_eq!(r["compared"], n, "{r:#}");
+        assert_eq!(r["primary_side"]["errors"], 0, "{r:#}");
+        assert_eq!(r["candidate_side"]["errors"], 0, "{r:#}");
+        assert_eq!(r["json"]["pairs"], 2, "{r:#}");
+        assert_eq!(r["json"]["primary_validity"], 1.0, "{r:#}");
+        assert_eq!(r["tools"]["pairs"], 2, "{r:#}");
+        assert_eq!(
+            r["candidate_side"]["finish_reasons"],
+            json!({"stop": 4, "tool_calls": 2}),
+            "{r:#}"
+        );
+        assert_eq!(check(r, "max_error_rate")["met"], true, "{r:#}");
+        assert_eq!(check(r, "max_error_rate")["figure"], 0.0, "{r:#}");
+    }
+    assert_eq!(
+        sandbox["similarity"]["exact_match_rate"], 1.0,
+        "{sandbox:#}"
+    );
+    assert_eq!(sandbox["json"]["candidate_validity"], 1.0, "{sandbox:#}");
+    assert_eq!(sandbox["tools"]["agreement"], 1.0, "{sandbox:#}");
+    assert_eq!(sandbox["verdict"]["ready"], true, "{sandbox:#}");
+    for c in sandbox["verdict"]["checks"].as_array().unwrap() {
+        assert_eq!(c["met"], true, "{sandbox:#}");
+    }
+
+    assert!(
+        close(
+            differ["similarity"]["exact_match_rate"].as_f64().unwrap(),
+            4.0 / 6.0
+        ),
+        "{differ:#}"
+    );
+    assert_eq!(differ["json"]["candidate_validity"], 0.5, "{differ:#}");
+    assert_eq!(differ["tools"]["agreement"], 0.5, "{differ:#}");
+    let p50 = differ["candidate_side"]["latency_ms"]["p50"]
+        .as_f64()
+        .unwrap();
+    assert!(p50 >= DIFFER_DELAY.as_secs_f64() * 1000.0, "{differ:#}");
+    assert_eq!(differ["verdict"]["ready"], false, "{differ:#}");
+    for (name, figure) in [("min_tool_agreement", 0.5), ("min_json_validity", 0.5)] {
+        let c = check(&differ, name);
+        assert_eq!(c["met"], false, "{c}");
+        assert_eq!(c["figure"], figure, "{c}");
+    }
+    // The outputs were kept: the disagreements are listed, with their request.
+    let why: Vec<&str> = differ["worst"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["why"].as_str())
+        .collect();
+    assert!(
+        why.contains(&"tool_disagreement") && why.contains(&"invalid_json"),
+        "{differ:#}"
+    );
 }
 
 // === 2. the client's answer never changes ===
