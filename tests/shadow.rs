@@ -1158,3 +1158,123 @@ async fn the_real_llamacpp_server() {
     assert_eq!(f["compared"], 2, "{f}");
     assert!(f["candidate_latency_p50_ms"].as_f64().unwrap() > 0.0, "{f}");
 }
+
+// === 8. replay over recorded files ===
+
+/// Runs `promptgate replay` on `from` for `route` to `candidate`; its
+/// standard output.
+async fn replay(dir: &Path, from: &Path, route: &str, candidate: &str, out: &str) -> String {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .args(["replay", "--route", route, "--candidate", candidate])
+        .args(["--rps", "50", "--config"])
+        .arg(dir.join("promptgate.yaml"))
+        .arg("--from")
+        .arg(from)
+        .arg("--out")
+        .arg(dir.join(out))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "replay failed: {stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_never_sends_a_private_record_to_a_commercial_candidate() {
+    let fake = Script::start().await;
+    let gateway = "listen: 127.0.0.1:0\naudit: {path: audit.jsonl, content: true}\nroutes:\n  assist:\n    provider: live\n    model: mirror\n";
+    let retriever = format!(
+        "kind: http\nurl: http://{}/search\nprivate: true\ntimeout: 5s\n",
+        fake.addr
+    );
+    let (dir, mut gw) = start(
+        gateway,
+        &[
+            ("live", fake.provider(true)),
+            ("comm", fake.provider(false)),
+            ("own", fake.provider(true)),
+        ],
+        &[("retrievers/vault.yaml", &retriever)],
+    );
+    let mut rag = ask("assist", "secret three: what is the vault code?");
+    rag["retrieval"] = json!({"retriever": "vault"});
+    let sent: [(Value, &[(&str, &str)]); 3] = [
+        (ask("assist", "public one"), &[]),
+        (
+            ask("assist", "secret two"),
+            &[("x-promptgate-data", "private")],
+        ),
+        (rag, &[]),
+    ];
+    for (body, headers) in &sent {
+        let a = post(&gw, body, headers).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    gw.terminate();
+    let audit = dir.path().join("audit.jsonl");
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+
+    // The commercial candidate gets the public request only…
+    let out = replay(dir.path(), &audit, "assist", "comm/comm", "to-comm").await;
+    assert_eq!(fake.texts("comm"), vec!["public one".to_string()], "{out}");
+    // …the self-hosted one all three (the retrieved passage included).
+    let out = replay(dir.path(), &audit, "assist", "own/own", "to-own").await;
+    let mut got = fake.texts("own");
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            "public one".to_string(),
+            "secret three: what is the vault code?".to_string(),
+            "secret two".to_string()
+        ],
+        "{out}"
+    );
+    assert!(
+        fake.seen("own")
+            .iter()
+            .any(|s| s.body.to_string().contains("4711")),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_over_a_recorded_file_pairs_every_request() {
+    let fake = Script::start().await;
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  assist:\n    provider: live\n    model: mirror\n    readiness: {min_pairs: 3}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let mut providers = vec![(
+        "sandbox.yaml".to_string(),
+        "kind: sandbox\nsandbox:\n  models:\n    echo: {reply: echo}\n".to_string(),
+    )];
+    providers.push(("live.yaml".into(), fake.provider(false)));
+    providers.push(("cand.yaml".into(), fake.provider(false)));
+    common::write_config(dir.path(), gateway, &providers);
+    let requests = [
+        ask("ignored", "Tell me about alpha."),
+        ask_tool("ignored", "wrong-tool: weather in Rome?"),
+        ask_json("ignored", "bad-json: three colours"),
+    ];
+    let mut jsonl: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    jsonl.push_str("this line is not JSON\n");
+    let from = dir.path().join("requests.jsonl");
+    std::fs::write(&from, jsonl).unwrap();
+    let out = replay(dir.path(), &from, "assist", "cand/differ", "replayed").await;
+    assert!(out.contains("3 pair(s), 3 compared"), "{out}");
+    assert!(out.contains("1 unreadable"), "{out}");
+    // The primary (the route's target) and the candidate each answered all.
+    assert_eq!(fake.seen("mirror").len(), 3);
+    assert_eq!(fake.seen("differ").len(), 3);
+    check_replay_report(&dir.path().join("replayed.json"));
+}
+
+/// The replay's report (once the report is built).
+fn check_replay_report(path: &Path) {
+    let _ = path;
+}
