@@ -1223,6 +1223,10 @@ async fn replay_never_sends_a_private_record_to_a_commercial_candidate() {
     // The commercial candidate gets the public request only…
     let out = replay(dir.path(), &audit, "assist", "comm/comm", "to-comm").await;
     assert_eq!(fake.texts("comm"), vec!["public one".to_string()], "{out}");
+    assert!(
+        out.contains("1 pair(s), 1 compared") && out.contains(", 2 private"),
+        "{out}"
+    );
     // …the self-hosted one all three (the retrieved passage included).
     let out = replay(dir.path(), &audit, "assist", "own/own", "to-own").await;
     let mut got = fake.texts("own");
@@ -1234,6 +1238,10 @@ async fn replay_never_sends_a_private_record_to_a_commercial_candidate() {
             "secret three: what is the vault code?".to_string(),
             "secret two".to_string()
         ],
+        "{out}"
+    );
+    assert!(
+        out.contains("3 pair(s), 3 compared") && out.contains(", 0 private"),
         "{out}"
     );
     assert!(
