@@ -26,9 +26,9 @@
 //!   code fence (```` ``` ```` or ```` ```json ````, the closing ```` ``` ```` at
 //!   the very end), it parses as a JSON value. `schema_agree`: for
 //!   `json_object`, both are valid and have the same shape (see
-//!   [`same_shape`]); for `json_schema`, both are valid against the schema,
+//!   `same_shape`); for `json_schema`, both are valid against the schema,
 //!   checked by the small validator below (the keywords models are asked to
-//!   follow; see [`Validator`]).
+//!   follow; see `Validator`).
 //! - **tool_agreement**: `None` when neither side called a tool; otherwise
 //!   the same number of calls, the same function names in order, and
 //!   arguments equal as JSON values (object key order and `1` vs `1.0` do not
@@ -1122,6 +1122,24 @@ mod tests {
             JsonAsk::No,
         );
         assert!(!c.primary_refusal && c.candidate_refusal);
+    }
+
+    #[test]
+    fn answers_of_64_kib() {
+        // "北京是中国的首都 " is 25 bytes; 2622 copies ≈ 64 KiB. The candidate
+        // drops the last copy: tokens 8·2622 vs 8·2621, all shared →
+        // F1 = 2·8·2621 / (8·2622 + 8·2621) = 5242/5243.
+        let p = "北京是中国的首都 ".repeat(2622);
+        let c = "北京是中国的首都 ".repeat(2621);
+        let r = cmp(&p, &c);
+        close(r.token_f1, 5242.0 / 5243.0);
+        // Bigrams: 8·2622 − 1 = 20975 vs 8·2621 − 1 = 20967, all of the
+        // shorter shared → 2·20967 / 41942.
+        close(r.char_similarity, 41934.0 / 41942.0);
+        // An array of arrays both ways: within the budget, the same shape.
+        let a = format!("[{}]", vec!["[1,2,3,4,5,6,7,8]"; 2000].join(","));
+        let j = json_of(&a, &a, JsonAsk::Object);
+        assert_eq!(j, check(true, true, true));
     }
 
     #[test]
