@@ -162,6 +162,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Judge a route's shadow candidates: read the shadow store and write a
+    /// readiness report (PREFIX.md + PREFIX.json) with a verdict against the
+    /// route's `readiness` thresholds; safe while the gateway runs.
+    Readiness {
+        #[arg(long)]
+        route: String,
+        /// Only this candidate, `provider/model`.
+        #[arg(long)]
+        candidate: Option<String>,
+        /// Only pairs this recent (e.g. 24h, 7d).
+        #[arg(long)]
+        since: Option<humantime::Duration>,
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// The shadow store (default: the config's `shadow.store`).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Report path prefix: writes PREFIX.md and PREFIX.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -989,6 +1010,21 @@ fn usage(config: PathBuf, key: Option<String>, since: Option<String>, json: bool
     ExitCode::SUCCESS
 }
 
+/// `promptgate readiness`: the report's files and a short summary.
+#[allow(clippy::print_stdout)]
+fn readiness(args: promptgate::shadow::report::CliArgs) -> ExitCode {
+    match promptgate::shadow::report::cli(&args) {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[allow(clippy::print_stdout)]
 fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
     let runtime = match runtime() {
@@ -1148,6 +1184,21 @@ fn main() -> ExitCode {
             json,
         } => usage(config, key, since, json),
         Command::Keys { action } => keys(action),
+        Command::Readiness {
+            route,
+            candidate,
+            since,
+            config,
+            store,
+            out,
+        } => readiness(promptgate::shadow::report::CliArgs {
+            config,
+            route,
+            candidate,
+            since: since.map(Into::into),
+            store,
+            out,
+        }),
         Command::Ingest {
             retriever,
             paths,

@@ -1261,10 +1261,116 @@ fn render_moving(md: &mut String, r: &Report) {
     }
     let _ = writeln!(
         md,
-        "Rehearse the outage side of the switch too: `promptgate drill --route {} --provider PROVIDER --fault down` \
+        "Rehearse the outage side of the switch too: `promptgate drill --gateway URL --route {} --provider PROVIDER --fault down` \
          injects a provider fault on a running gateway and reports how the route's fallback held.",
         r.route
     );
+}
+
+/// `promptgate readiness`'s arguments.
+pub struct CliArgs {
+    pub config: std::path::PathBuf,
+    pub route: String,
+    /// Only this candidate, `provider/model`.
+    pub candidate: Option<String>,
+    pub since: Option<Duration>,
+    /// The store, instead of the config's `shadow.store`.
+    pub store: Option<std::path::PathBuf>,
+    /// Writes `PREFIX.md` and `PREFIX.json`.
+    pub out: std::path::PathBuf,
+}
+
+/// `promptgate readiness`: reads the config and the store, writes the two
+/// files and returns the summary to print (an error says what went wrong).
+pub fn cli(args: &CliArgs) -> Result<String, String> {
+    let cfg = crate::config::load(&args.config).map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    let Some(route) = cfg.routes.get(&args.route) else {
+        return Err(format!(
+            "unknown route `{}`; the routes are: {}",
+            args.route,
+            cfg.routes.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    };
+    let store = args
+        .store
+        .clone()
+        .unwrap_or_else(|| cfg.shadow.path.clone());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let since_ms = args
+        .since
+        .map(|d| now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    let pairs = super::store::read(&store, &route.name, args.candidate.as_deref(), since_ms)
+        .map_err(|e| super::store::describe_error(&store, &e))?;
+    let report = build(
+        &RouteView::of(route),
+        &pairs,
+        &route.readiness,
+        now_ms,
+        args.since,
+    );
+
+    let path = |ext: &str| {
+        let mut p = args.out.clone().into_os_string();
+        p.push(ext);
+        std::path::PathBuf::from(p)
+    };
+    let (md_path, json_path) = (path(".md"), path(".json"));
+    if let Some(dir) = md_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| format!("cannot serialise the report: {e}"))?;
+    std::fs::write(&md_path, render_markdown(&report))
+        .map_err(|e| format!("cannot write {}: {e}", md_path.display()))?;
+    std::fs::write(&json_path, json + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
+
+    let mut out = format!(
+        "readiness of route `{}`: {} pairs{}\n",
+        report.route,
+        report.pairs,
+        report
+            .since
+            .as_deref()
+            .map(|s| format!(" in the last {s}"))
+            .unwrap_or_default()
+    );
+    if report.candidates.is_empty() {
+        let _ = write!(out, "  no shadow pairs");
+        if let Some(c) = &args.candidate {
+            let known = super::store::candidates(&store, &route.name);
+            let _ = write!(
+                out,
+                " for candidate `{c}` (stored candidates: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            );
+        }
+        out.push('\n');
+    }
+    for c in &report.candidates {
+        let _ = writeln!(out, "  {}: {}", c.candidate, c.verdict.summary);
+    }
+    let _ = writeln!(
+        out,
+        "wrote {} and {}",
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(out)
 }
 
 #[cfg(test)]
