@@ -455,9 +455,10 @@ fn worst(pairs: &[&Pair]) -> Vec<Disagreement> {
         .filter(|p| kept_outputs(p))
         .filter_map(|p| {
             let c = p.comparison.as_ref();
-            let (class, sim) = if !both_answered(p) || c.is_none() {
+            let (class, sim) = if !both_answered(p) {
                 (0, 0.0)
             } else {
+                // Both answered but not compared: nothing to rank it by.
                 let c = c?;
                 if c.tool_agreement == Some(false) {
                     (1, c.char_similarity)
@@ -1693,12 +1694,55 @@ mod tests {
 - {provider: openai, model: gpt-4o-mini}\n      \
 - {provider: deepseek, model: deepseek-chat}\n```";
         assert!(moving.contains(switch), "{moving}");
-        assert!(moving.contains("promptgate drill --route support"));
+        assert!(moving.contains("promptgate drill --gateway URL --route support"));
         // The JSON form carries the same figures.
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["candidates"][0]["verdict"]["ready"], true);
         assert_eq!(json["candidates"][0]["candidate_side"]["error_rate"], 0.1);
         assert_eq!(json["quantile_method"], QUANTILE_METHOD);
+    }
+
+    #[test]
+    fn a_split_route_keeps_its_arms_in_the_canary() {
+        let t = |p: &str, m: &str| Target {
+            provider: p.into(),
+            model: m.into(),
+        };
+        let split = RouteView {
+            name: "support".into(),
+            layout: Layout::Split {
+                subject: "header:x-team".into(),
+                arms: vec![
+                    Arm {
+                        name: "control".into(),
+                        weight: 90.0,
+                        targets: vec![t("openai", "gpt-4o-mini")],
+                    },
+                    Arm {
+                        name: "canary".into(),
+                        weight: 10.0,
+                        targets: vec![t("deepseek", "deepseek-chat")],
+                    },
+                ],
+            },
+        };
+        assert_eq!(
+            split.describe(),
+            "control (90): openai/gpt-4o-mini; canary (10): deepseek/deepseek-chat"
+        );
+        let md = render_markdown(&build(&split, &pairs(), &thresholds(), 0, None));
+        let canary = "    split:\n      subject: \"header:x-team\"\n      arms:\n        \
+- name: control\n          weight: 85.5\n          targets:\n            \
+- {provider: openai, model: gpt-4o-mini}\n        \
+- name: canary\n          weight: 9.5\n          targets:\n            \
+- {provider: deepseek, model: deepseek-chat}\n        \
+- name: candidate\n          weight: 5\n";
+        assert!(md.contains(canary), "{md}");
+        // The switch keeps the first arm's chain as the fallback.
+        assert!(md.contains(
+            "    targets:\n      - {provider: llamacpp, model: local}\n      \
+- {provider: openai, model: gpt-4o-mini}\n```"
+        ));
     }
 
     #[test]
