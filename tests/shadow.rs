@@ -636,8 +636,10 @@ fn check_report(report: &Value, n: u64) {
             json!({"stop": 4, "tool_calls": 2}),
             "{r:#}"
         );
-        assert_eq!(check(r, "max_error_rate")["met"], true, "{r:#}");
-        assert_eq!(check(r, "max_error_rate")["figure"], 0.0, "{r:#}");
+        assert_eq!(check(r, "error_rate")["met"], true, "{r:#}");
+        assert_eq!(check(r, "error_rate")["figure"], 0.0, "{r:#}");
+        assert_eq!(check(r, "compared_pairs")["met"], true, "{r:#}");
+        assert_eq!(check(r, "compared_pairs")["figure"], n as f64, "{r:#}");
     }
     assert_eq!(
         sandbox["similarity"]["exact_match_rate"], 1.0,
@@ -664,7 +666,7 @@ fn check_report(report: &Value, n: u64) {
         .unwrap();
     assert!(p50 >= DIFFER_DELAY.as_secs_f64() * 1000.0, "{differ:#}");
     assert_eq!(differ["verdict"]["ready"], false, "{differ:#}");
-    for (name, figure) in [("min_tool_agreement", 0.5), ("min_json_validity", 0.5)] {
+    for (name, figure) in [("tool_agreement", 0.5), ("json_validity", 0.5)] {
         let c = check(&differ, name);
         assert_eq!(c["met"], false, "{c}");
         assert_eq!(c["figure"], figure, "{c}");
@@ -713,7 +715,7 @@ fn comparable_stream(text: &str, route: &str) -> Vec<Value> {
 async fn shadowing_never_changes_the_clients_answer() {
     let fake = Script::start().await;
     let gateway = "listen: 127.0.0.1:0\nroutes:\n  plain:\n    provider: live\n    model: mirror\n  hangs:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: cand, model: hang}], sample: 1.0}\n  fails:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: cand, model: fail500}, {provider: cand, model: error200}], sample: 1.0}\n  plain-down:\n    provider: live\n    model: fail500\n  down:\n    provider: live\n    model: fail500\n    shadow: {targets: [{provider: cand, model: mirror}], sample: 1.0}\n  locked:\n    provider: live\n    model: mirror\n    shadow: {targets: [{provider: own, model: mirror}], sample: 1.0}\n";
-    let (_dir, gw) = start(
+    let (dir, mut gw) = start(
         gateway,
         &[
             ("live", fake.provider(false)),
@@ -814,6 +816,23 @@ async fn shadowing_never_changes_the_clients_answer() {
     let f = pairs(&gw, "locked", None, "own/mirror", 2).await;
     assert_eq!(f["primary_errors"], 2, "{f}");
     assert_eq!(f["candidate_errors"], 0, "{f}");
+
+    // The stored pairs name the primary's failure: the upstream's kind, or
+    // that no target could take the request (the client did not leave).
+    gw.terminate();
+    let store = dir.path().join("data/shadow.sqlite");
+    let errors = |route: &str| -> Vec<Option<String>> {
+        promptgate::shadow::store::read(&store, route, None, None)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.primary.error)
+            .collect()
+    };
+    assert_eq!(errors("down"), vec![Some("overloaded".to_string()); 2]);
+    assert_eq!(
+        errors("locked"),
+        vec![Some("no_target_available".to_string()); 2]
+    );
 }
 
 /// An error body without its request id (it differs per request), the
@@ -1282,7 +1301,31 @@ async fn replay_over_a_recorded_file_pairs_every_request() {
     check_replay_report(&dir.path().join("replayed.json"));
 }
 
-/// The replay's report (once the report is built).
+/// The replay's report: three pairs of the candidate, each compared, one
+/// wrong tool call of one and one invalid JSON answer of one.
 fn check_replay_report(path: &Path) {
-    let _ = path;
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let c = report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["candidate"] == "cand/differ")
+        .unwrap_or_else(|| panic!("{report:#}"))
+        .clone();
+    assert_eq!(c["pairs"], 3, "{c:#}");
+    assert_eq!(c["compared"], 3, "{c:#}");
+    assert_eq!(c["tools"]["pairs"], 1, "{c:#}");
+    assert_eq!(c["tools"]["agreement"], 0.0, "{c:#}");
+    assert_eq!(c["json"]["pairs"], 1, "{c:#}");
+    assert_eq!(c["json"]["candidate_validity"], 0.0, "{c:#}");
+    assert!(
+        close(
+            c["similarity"]["exact_match_rate"].as_f64().unwrap(),
+            1.0 / 3.0
+        ),
+        "{c:#}"
+    );
+    assert_eq!(c["verdict"]["ready"], false, "{c:#}");
 }
