@@ -282,7 +282,7 @@ impl Gateway {
                         latency: started.elapsed(),
                         ttft: None,
                         result: crate::backend::openai::decode_chat_response(&body)
-                            .map_err(|e| e.kind),
+                            .map_err(|e| e.kind.as_str()),
                     });
                 }
                 return Ok(Served {

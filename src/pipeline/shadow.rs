@@ -274,7 +274,9 @@ pub struct Primary {
     pub latency: Duration,
     /// To the first output, for a stream.
     pub ttft: Option<Duration>,
-    pub result: Result<ChatResponse, crate::error::ErrorKind>,
+    /// The failure's name (an upstream failure's kind, else the gateway
+    /// error's code, e.g. `no_target_available`).
+    pub result: Result<ChatResponse, &'static str>,
 }
 
 impl Gateway {
@@ -558,7 +560,7 @@ pub(crate) async fn call(
     let started = Instant::now();
     let mut ttft = None;
     let result = match Chat(req).call(gw, t).await {
-        Err(e) => Err(e.kind),
+        Err(e) => Err(e.kind.as_str()),
         Ok(Answer::Complete(resp)) => Ok(resp),
         Ok(Answer::Stream(head, mut rest)) => {
             ttft = Some(started.elapsed());
@@ -572,7 +574,7 @@ pub(crate) async fn call(
                     Ok(StreamEvent::Done) => break,
                     Ok(ev) => asm.push(&ev),
                     Err(e) => {
-                        ended = Err(e.kind);
+                        ended = Err(e.kind.as_str());
                         break;
                     }
                 }
@@ -593,24 +595,29 @@ pub(crate) async fn call(
     side_of(t, latency, ttft, result)
 }
 
-/// Tells the request's shadow task, if it has one, that the primary failed
-/// (an upstream failure: the first target of its chain is named).
+/// Tells the request's shadow task, if it has one, that the primary failed:
+/// an upstream failure by its kind, any other (no target could take it, …)
+/// by its code, never as `cancelled` (the client did not leave). The first
+/// target of its chain is named.
 pub(super) fn primary_failed(
     ctx: &RequestContext,
     tx: Option<PrimaryTx>,
     started: Instant,
     e: &crate::error::GatewayError,
 ) {
-    if let (Some(tx), crate::error::GatewayError::Upstream(u)) = (tx, e) {
-        if let Some(target) = ctx.chain().first().cloned() {
-            let _ = tx.send(Primary {
-                target,
-                latency: started.elapsed(),
-                ttft: None,
-                result: Err(u.kind),
-            });
-        }
-    }
+    let (Some(tx), Some(target)) = (tx, ctx.chain().first().cloned()) else {
+        return;
+    };
+    let failure = match e {
+        crate::error::GatewayError::Upstream(u) => u.kind.as_str(),
+        other => other.code(),
+    };
+    let _ = tx.send(Primary {
+        target,
+        latency: started.elapsed(),
+        ttft: None,
+        result: Err(failure),
+    });
 }
 
 /// The primary's side and answer.
@@ -623,7 +630,7 @@ fn side_of(
     t: &Target,
     latency: Duration,
     ttft: Option<Duration>,
-    result: Result<ChatResponse, crate::error::ErrorKind>,
+    result: Result<ChatResponse, &'static str>,
 ) -> (Side, Option<ChatResponse>) {
     let mut side = Side {
         target: t.id.to_string(),
@@ -632,8 +639,8 @@ fn side_of(
         ..Side::default()
     };
     match result {
-        Err(kind) => {
-            side.error = Some(kind.as_str().to_owned());
+        Err(failure) => {
+            side.error = Some(failure.to_owned());
             (side, None)
         }
         Ok(resp) => {

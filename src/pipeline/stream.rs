@@ -169,11 +169,13 @@ impl ShadowTap {
     }
 
     fn send(self, target: &Arc<Target>, started: Instant, result: Result<Usage, ErrorKind>) {
-        let result = result.map(|usage| {
-            let mut resp = self.asm.finish();
-            resp.usage = Some(usage);
-            resp
-        });
+        let result = result
+            .map(|usage| {
+                let mut resp = self.asm.finish();
+                resp.usage = Some(usage);
+                resp
+            })
+            .map_err(ErrorKind::as_str);
         let _ = self.tx.send(super::shadow::Primary {
             target: target.clone(),
             latency: started.elapsed(),
