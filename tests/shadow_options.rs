@@ -153,3 +153,79 @@ async fn pairs_carry_the_embedding_similarity_of_the_two_answers() {
     assert!(d < 0.99, "{d}");
     assert_eq!(differs.exact_match_rate, Some(0.0));
 }
+
+const CONTACT: &str = r#"
+variables:
+  name: {type: string}
+labels:
+  production: 1
+  candidate: 2
+versions:
+  1:
+    route: assist
+    messages:
+      - {role: user, content: "Hello {{ name }}"}
+  2:
+    route: assist
+    messages:
+      - {role: system, content: "Escalate to ops@example.com."}
+      - {role: user, content: "Hello {{ name }}"}
+"#;
+
+#[tokio::test]
+async fn a_version_that_makes_the_copy_private_goes_to_self_hosted_candidates_only() {
+    let live = spawn_fake().await;
+    let commercial = spawn_fake().await;
+    let own = spawn_fake().await;
+    // The route's data policy makes a request with an e-mail address private:
+    // the live version has none, the candidate version has one.
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  assist:\n    data: private\n    provider: live\n    model: chat\n    shadow:\n      targets: [{provider: commercial, model: chat}, {provider: own, model: chat}]\n      sample: 1.0\n      prompt: {label: candidate}\n";
+    let provider = |f: &Fake, self_hosted: bool| {
+        format!(
+            "kind: openai\nbase_url: {}\napi_key_env: FAKE_UPSTREAM_KEY\nself_hosted: {self_hosted}\n",
+            f.base_url()
+        )
+    };
+    let providers = vec![
+        ("live.yaml".to_string(), provider(&live, true)),
+        ("commercial.yaml".to_string(), provider(&commercial, false)),
+        ("own.yaml".to_string(), provider(&own, true)),
+    ];
+    let gw = spawn_gateway_with_prompts(gateway, &providers, &[("contact.yaml", CONTACT)]).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "assist",
+            "messages": [],
+            "prompt": {"id": "contact", "variables": {"name": "Ada"}},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for(&own, 1).await;
+    assert_eq!(
+        system_text(&own.last().body),
+        "Escalate to ops@example.com."
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while figures(&gw, "own/chat").is_none_or(|f| f.pairs < 1) {
+        assert!(
+            Instant::now() < until,
+            "no pair for the self-hosted candidate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(commercial.requests().is_empty());
+    // Not sent is not a failure of the candidate: no pair, a counted drop.
+    assert!(figures(&gw, "commercial/chat").is_none());
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("promptgate_shadow_dropped_total{reason=\"private\",route=\"assist\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("candidate=\"commercial/chat\""),
+        "{metrics}"
+    );
+}

@@ -33,6 +33,11 @@ use crate::snapshot::{Shadow, Target};
 /// The most of one answer's text a pair keeps (and compares).
 pub const MAX_TEXT: usize = 64 * 1024;
 
+/// The side of a copy that was not sent after all (its re-rendered request
+/// became private and the candidate is not self-hosted): counted as dropped,
+/// never a pair.
+const NOT_SENT: &str = "not_sent";
+
 /// A stream is assembled up to this many bytes; past it the side has no text.
 pub(super) const MAX_ASSEMBLED: usize = 1024 * 1024;
 
@@ -374,6 +379,10 @@ impl Offer {
                     ),
                 };
                 m.in_flight(route, -1);
+                if side.0.error.as_deref() == Some(NOT_SENT) {
+                    // Not a call (counted as dropped): no outcome, no pair.
+                    return side;
+                }
                 let outcome = side.0.error.as_deref().unwrap_or("ok");
                 m.call(route, &t.id, outcome, ms(side.0.latency_ms));
                 tracing::debug!(shadow = true, route = %route, candidate = %t.id,
@@ -409,6 +418,9 @@ impl Offer {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         for (target, (c_side, c_resp)) in targets.iter().zip(sides) {
+            if c_side.error.as_deref() == Some(NOT_SENT) {
+                continue;
+            }
             let mut pair = Pair {
                 at_ms,
                 request_id: request_id.to_string(),
@@ -481,7 +493,7 @@ impl Offer {
         }
         if ctx.private && !t.self_hosted {
             gw.metrics.shadow.dropped(&self.route, "private");
-            return failed("private");
+            return failed(NOT_SENT);
         }
         call(gw, t, &req).await
     }
