@@ -203,14 +203,16 @@ impl Gateway {
             Cached::Hit(served) => return Ok(served.map(Reply::Canonical)),
             Cached::Miss { lease, cache } => (lease, cache),
         };
-        let started = Instant::now();
         // A request copied to shadow candidates takes the canonical path: its
-        // answer is compared as canonical values.
+        // answer is compared as canonical values. The offer, the copy and the
+        // task's launch are the gateway's own time, not the upstream's: the
+        // upstream's time starts after the offer and ends with the attempt loop.
         let shadow = if route.shadow.is_some() || ctx.arm().is_some_and(|a| a.shadow.is_some()) {
             self.shadow_offer(ctx, &req)
         } else {
             None
         };
+        let started = Instant::now();
         let forward = raw.filter(|_| {
             snap.config.fast_path
                 && lease.is_none()
@@ -228,6 +230,7 @@ impl Gateway {
                 deadline,
             )
             .await;
+            let upstream = started.elapsed();
             let shadow = shadow.map(|offer| {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 offer.launch(self, req.clone(), rx);
@@ -251,7 +254,7 @@ impl Gateway {
                 }
             };
             return Ok(self
-                .answered(ctx, req, won, started, lease, cache_use, shadow)
+                .answered(ctx, req, won, started, upstream, lease, cache_use, shadow)
                 .await
                 .map(Reply::Canonical));
         };
@@ -306,7 +309,16 @@ impl Gateway {
             counts,
         };
         Ok(self
-            .answered(ctx, req, won, started, lease, cache_use, None)
+            .answered(
+                ctx,
+                req,
+                won,
+                started,
+                started.elapsed(),
+                lease,
+                cache_use,
+                None,
+            )
             .await
             .map(Reply::Canonical))
     }
@@ -315,6 +327,7 @@ impl Gateway {
     /// backend reported none) into metrics and the ticket, the cache filled,
     /// a stream wrapped in its usage tap; the primary's outcome sent to the
     /// request's shadow task, if it has one, when the answer has ended.
+    /// `upstream` is the attempt loop's time (to the stream's first output).
     #[allow(clippy::too_many_arguments)]
     async fn answered(
         self: &Arc<Self>,
@@ -322,6 +335,7 @@ impl Gateway {
         mut req: ChatRequest,
         won: Won<Answer>,
         started: Instant,
+        upstream: Duration,
         lease: Option<crate::cache::Lease>,
         cache_use: Option<CacheUse>,
         shadow: Option<shadow::PrimaryTx>,
@@ -345,7 +359,6 @@ impl Gateway {
             target: target.id.to_string(),
             ttl: route.cache.ttl.unwrap_or(snap.config.cache.ttl),
         });
-        let upstream = started.elapsed();
         if !target.overrides.is_empty() {
             target.overrides.apply(&mut req);
         }
