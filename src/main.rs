@@ -190,6 +190,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Judge a route's shadow candidates: read the shadow store and write a
+    /// readiness report (PREFIX.md + PREFIX.json) with a verdict against the
+    /// route's `readiness` thresholds; safe while the gateway runs.
+    Readiness {
+        #[arg(long)]
+        route: String,
+        /// Only this candidate, `provider/model`.
+        #[arg(long)]
+        candidate: Option<String>,
+        /// Only pairs this recent (e.g. 24h, 7d).
+        #[arg(long)]
+        since: Option<humantime::Duration>,
+        #[arg(long, default_value = "promptgate.yaml")]
+        config: PathBuf,
+        /// The shadow store (default: the config's `shadow.store`).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Report path prefix: writes PREFIX.md and PREFIX.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -513,8 +534,10 @@ fn replay(a: ReplayArgs) -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
-        let readiness = cfg.routes.get(&a.route).map(|r| r.readiness).unwrap_or_default();
-        let route_cfg = cfg.routes.get(&a.route).cloned();
+        let Some(route_cfg) = cfg.routes.get(&a.route).cloned() else {
+            eprintln!("error: no route `{}`", a.route);
+            return ExitCode::FAILURE;
+        };
         let store_path = cfg.shadow.path.clone();
         let gw = match promptgate::gateway_for(cfg, &a.config, &env_lookup) {
             Ok(gw) => gw,
@@ -528,7 +551,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
         let n = items.len();
         println!("replaying {n} request(s) to {} at {} a second", a.candidate, a.rps);
         let (pairs, private) = replay::run(&gw, &a.route, items, a.rps, a.concurrency).await;
-        let writer = promptgate::shadow::store::Writer::open(&store_path);
+        let writer = promptgate::shadow::store::Writer::open(store_path.clone());
         for p in &pairs {
             let _ = writer.try_send(p.clone());
         }
@@ -542,8 +565,20 @@ fn replay(a: ReplayArgs) -> ExitCode {
             skipped.no_content,
             skipped.private + private
         );
-        let _ = (readiness, route_cfg, &a.out);
-        ExitCode::SUCCESS
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        match promptgate::shadow::report::replay(&route_cfg, &pairs, &a.out, now_ms) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 
@@ -1107,6 +1142,21 @@ fn usage(config: PathBuf, key: Option<String>, since: Option<String>, json: bool
     ExitCode::SUCCESS
 }
 
+/// `promptgate readiness`: the report's files and a short summary.
+#[allow(clippy::print_stdout)]
+fn readiness(args: promptgate::shadow::report::CliArgs) -> ExitCode {
+    match promptgate::shadow::report::cli(&args) {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[allow(clippy::print_stdout)]
 fn drill(plan: promptgate::drill::DrillPlan, out: PathBuf) -> ExitCode {
     let runtime = match runtime() {
@@ -1266,6 +1316,21 @@ fn main() -> ExitCode {
             json,
         } => usage(config, key, since, json),
         Command::Keys { action } => keys(action),
+        Command::Readiness {
+            route,
+            candidate,
+            since,
+            config,
+            store,
+            out,
+        } => readiness(promptgate::shadow::report::CliArgs {
+            config,
+            route,
+            candidate,
+            since: since.map(Into::into),
+            store,
+            out,
+        }),
         Command::Ingest {
             retriever,
             paths,

@@ -54,6 +54,10 @@ pub struct Content {
     /// they went, as they were, to a self-hosted target): the text is not
     /// kept, so detected values never reach the audit log.
     withheld: Option<&'static str>,
+    /// The request was private (its header, its route, a private retriever's
+    /// passages, data protection): a replay sends it to self-hosted
+    /// candidates only.
+    private: bool,
 }
 
 /// One message of the request, as the record shows it: its role, its text
@@ -201,6 +205,7 @@ pub fn wants_content(
         return None;
     }
     let mut c = Content::new();
+    c.private = ctx.private;
     if let Some(r) = req {
         c.chat(r);
     }
@@ -321,6 +326,9 @@ enum ContentLine<'a> {
         request_truncated: bool,
         response: &'a str,
         response_truncated: bool,
+        /// Only when true.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        private: bool,
     },
     /// `{"withheld": "private"}`
     Withheld { withheld: &'a str },
@@ -363,6 +371,7 @@ impl Record {
                     request_truncated: c.request_truncated,
                     response: &c.response,
                     response_truncated: c.response_truncated,
+                    private: c.private,
                 },
             }),
         };

@@ -203,22 +203,20 @@ impl Gateway {
             Cached::Hit(served) => return Ok(served.map(Reply::Canonical)),
             Cached::Miss { lease, cache } => (lease, cache),
         };
-        // A request copied to shadow candidates takes the canonical path: its
-        // answer is compared as canonical values. The offer, the copy and the
-        // task's launch are the gateway's own time, not the upstream's: the
-        // upstream's time starts after the offer and ends with the attempt loop.
+        // A request copied to shadow candidates takes the path it would take
+        // without them (its answer's bytes are the same); the primary's answer
+        // reaches the comparison as canonical values either way. The offer,
+        // the copy and the task's launch are the gateway's own time, not the
+        // upstream's: the upstream's time starts after the offer and ends with
+        // the attempt loop.
         let shadow = if route.shadow.is_some() || ctx.arm().is_some_and(|a| a.shadow.is_some()) {
             self.shadow_offer(ctx, &req)
         } else {
             None
         };
         let started = Instant::now();
-        let forward = raw.filter(|_| {
-            snap.config.fast_path
-                && lease.is_none()
-                && shadow.is_none()
-                && !forward::audits_content(ctx)
-        });
+        let forward = raw
+            .filter(|_| snap.config.fast_path && lease.is_none() && !forward::audits_content(ctx));
         let Some(raw) = forward else {
             let won = attempt::run_chain(
                 self,
@@ -239,17 +237,7 @@ impl Gateway {
             let won = match won {
                 Ok(won) => won,
                 Err(e) => {
-                    if let (Some(tx), GatewayError::Upstream(u)) = (shadow, &e) {
-                        let target = ctx.chain().first().cloned();
-                        if let Some(target) = target {
-                            let _ = tx.send(shadow::Primary {
-                                target,
-                                latency: started.elapsed(),
-                                ttft: None,
-                                result: Err(u.kind),
-                            });
-                        }
-                    }
+                    shadow::primary_failed(ctx, shadow, started, &e);
                     return Err(e);
                 }
             };
@@ -263,12 +251,26 @@ impl Gateway {
             raw: &raw,
             shown: forward::shown(ctx, &route.name),
         };
+        let won =
+            attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await;
+        let upstream = started.elapsed();
+        let shadow = shadow.map(|offer| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            offer.launch(self, req.clone(), rx);
+            tx
+        });
         let Won {
             output,
             target,
             attempts,
             counts,
-        } = attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await?;
+        } = match won {
+            Ok(won) => won,
+            Err(e) => {
+                shadow::primary_failed(ctx, shadow, started, &e);
+                return Err(e);
+            }
+        };
         let answer = match output {
             Forwarded::Canonical(answer) => answer,
             Forwarded::Whole(body, usage) => {
@@ -277,20 +279,31 @@ impl Gateway {
                 if let Some(t) = &ctx.ticket {
                     t.settle(&target, &usage);
                 }
+                if let Some(tx) = shadow {
+                    // Decoded again only for a copied request: the bytes
+                    // were decoded once already, as the canonical path does.
+                    let _ = tx.send(shadow::Primary {
+                        target: target.clone(),
+                        latency: started.elapsed(),
+                        ttft: None,
+                        result: crate::backend::openai::decode_chat_response(&body)
+                            .map_err(|e| e.kind.as_str()),
+                    });
+                }
                 return Ok(Served {
                     route: route.clone(),
                     target,
                     arm: arm.map(|a| a.name.clone()),
                     attempts,
                     value: Reply::Forwarded(Raw::Whole(body)),
-                    upstream: started.elapsed(),
+                    upstream,
                     cache: cache_use,
                 });
             }
             Forwarded::Stream(head) => {
-                let upstream = started.elapsed();
                 let prompt_tokens = counts.known(target.encoding);
-                let tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, None);
+                let mut tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, None);
+                tap.shadow = shadow.map(|tx| stream::ShadowTap::new(tx, upstream));
                 return Ok(Served {
                     route: route.clone(),
                     arm: ctx.arm().map(|a| a.name.clone()),
@@ -309,16 +322,7 @@ impl Gateway {
             counts,
         };
         Ok(self
-            .answered(
-                ctx,
-                req,
-                won,
-                started,
-                started.elapsed(),
-                lease,
-                cache_use,
-                None,
-            )
+            .answered(ctx, req, won, started, upstream, lease, cache_use, shadow)
             .await
             .map(Reply::Canonical))
     }

@@ -15,7 +15,7 @@
 //! self-hosted.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -40,8 +40,15 @@ pub(super) const MAX_ASSEMBLED: usize = 1024 * 1024;
 /// (they outlive snapshots) and the store's writer, opened on the first pair.
 pub struct Shadows {
     live: Mutex<BTreeMap<LiveKey, Arc<Live>>>,
-    writer: OnceLock<store::Writer>,
+    /// The store's writer, opened on the first pair; `closed` at shutdown.
+    writer: Mutex<WriterState>,
     path: std::path::PathBuf,
+}
+
+#[derive(Default)]
+struct WriterState {
+    writer: Option<store::Writer>,
+    closed: bool,
 }
 
 /// (route, arm, candidate)
@@ -51,7 +58,7 @@ impl Shadows {
     pub fn new(path: std::path::PathBuf) -> Self {
         Shadows {
             live: Mutex::new(BTreeMap::new()),
-            writer: OnceLock::new(),
+            writer: Mutex::new(WriterState::default()),
             path,
         }
     }
@@ -73,16 +80,27 @@ impl Shadows {
         map.iter().map(|(k, v)| (k.clone(), v.figures())).collect()
     }
 
-    /// Keeps a pair in the store; false when its queue is full.
+    /// Keeps a pair in the store; false when its queue is full (or the store
+    /// was closed at shutdown).
     fn keep(&self, pair: Pair) -> bool {
-        self.writer
-            .get_or_init(|| store::Writer::open(&self.path))
+        let mut st = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed {
+            return false;
+        }
+        st.writer
+            .get_or_insert_with(|| store::Writer::open(self.path.clone()))
             .try_send(pair)
     }
 
-    /// Writes out what the store's queue holds, for at most `within`.
+    /// Writes out what the store's queue holds, for at most `within`; pairs
+    /// after this are not kept.
     pub fn close(&self, within: Duration) {
-        if let Some(w) = self.writer.get() {
+        let writer = {
+            let mut st = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            st.closed = true;
+            st.writer.take()
+        };
+        if let Some(w) = writer {
             w.close(within);
         }
     }
@@ -256,7 +274,9 @@ pub struct Primary {
     pub latency: Duration,
     /// To the first output, for a stream.
     pub ttft: Option<Duration>,
-    pub result: Result<ChatResponse, crate::error::ErrorKind>,
+    /// The failure's name (an upstream failure's kind, else the gateway
+    /// error's code, e.g. `no_target_available`).
+    pub result: Result<ChatResponse, &'static str>,
 }
 
 impl Gateway {
@@ -540,7 +560,7 @@ pub(crate) async fn call(
     let started = Instant::now();
     let mut ttft = None;
     let result = match Chat(req).call(gw, t).await {
-        Err(e) => Err(e.kind),
+        Err(e) => Err(e.kind.as_str()),
         Ok(Answer::Complete(resp)) => Ok(resp),
         Ok(Answer::Stream(head, mut rest)) => {
             ttft = Some(started.elapsed());
@@ -554,7 +574,7 @@ pub(crate) async fn call(
                     Ok(StreamEvent::Done) => break,
                     Ok(ev) => asm.push(&ev),
                     Err(e) => {
-                        ended = Err(e.kind);
+                        ended = Err(e.kind.as_str());
                         break;
                     }
                 }
@@ -562,7 +582,42 @@ pub(crate) async fn call(
             ended.map(|()| asm.finish())
         }
     };
-    side_of(t, started.elapsed(), ttft, result)
+    let latency = started.elapsed();
+    // Usage the backend did not report is estimated, as for live traffic.
+    let result = match result {
+        Ok(mut resp) if resp.usage.is_none() => {
+            let text = crate::tokens::response_text(&resp);
+            resp.usage = Some(crate::tokens::estimate_async(t.encoding, req, None, &text, 0).await);
+            Ok(resp)
+        }
+        other => other,
+    };
+    side_of(t, latency, ttft, result)
+}
+
+/// Tells the request's shadow task, if it has one, that the primary failed:
+/// an upstream failure by its kind, any other (no target could take it, …)
+/// by its code, never as `cancelled` (the client did not leave). The first
+/// target of its chain is named.
+pub(super) fn primary_failed(
+    ctx: &RequestContext,
+    tx: Option<PrimaryTx>,
+    started: Instant,
+    e: &crate::error::GatewayError,
+) {
+    let (Some(tx), Some(target)) = (tx, ctx.chain().first().cloned()) else {
+        return;
+    };
+    let failure = match e {
+        crate::error::GatewayError::Upstream(u) => u.kind.as_str(),
+        other => other.code(),
+    };
+    let _ = tx.send(Primary {
+        target,
+        latency: started.elapsed(),
+        ttft: None,
+        result: Err(failure),
+    });
 }
 
 /// The primary's side and answer.
@@ -575,7 +630,7 @@ fn side_of(
     t: &Target,
     latency: Duration,
     ttft: Option<Duration>,
-    result: Result<ChatResponse, crate::error::ErrorKind>,
+    result: Result<ChatResponse, &'static str>,
 ) -> (Side, Option<ChatResponse>) {
     let mut side = Side {
         target: t.id.to_string(),
@@ -584,8 +639,8 @@ fn side_of(
         ..Side::default()
     };
     match result {
-        Err(kind) => {
-            side.error = Some(kind.as_str().to_owned());
+        Err(failure) => {
+            side.error = Some(failure.to_owned());
             (side, None)
         }
         Ok(resp) => {

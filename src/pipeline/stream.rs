@@ -169,11 +169,13 @@ impl ShadowTap {
     }
 
     fn send(self, target: &Arc<Target>, started: Instant, result: Result<Usage, ErrorKind>) {
-        let result = result.map(|usage| {
-            let mut resp = self.asm.finish();
-            resp.usage = Some(usage);
-            resp
-        });
+        let result = result
+            .map(|usage| {
+                let mut resp = self.asm.finish();
+                resp.usage = Some(usage);
+                resp
+            })
+            .map_err(ErrorKind::as_str);
         let _ = self.tx.send(super::shadow::Primary {
             target: target.clone(),
             latency: started.elapsed(),
@@ -260,6 +262,9 @@ impl UsageTap {
             t.settle(&self.target, &usage);
         }
         self.record_end(true, u64::from(usage.total_tokens));
+        if let Some(s) = self.shadow.take() {
+            s.send(&self.target, self.started, Ok(usage));
+        }
         usage
     }
 
@@ -308,9 +313,6 @@ impl UsageTap {
                     let estimated = self.usage.is_none();
                     let usage = self.usage().await;
                     let usage = self.finish(usage);
-                    if let Some(s) = self.shadow.take() {
-                        s.send(&self.target, self.started, Ok(usage));
-                    }
                     if estimated {
                         yield Ok(StreamEvent::Usage(usage));
                     }

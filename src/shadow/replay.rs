@@ -12,8 +12,9 @@
 //!
 //! Records that cannot be replayed are counted, never sent: truncated or
 //! withheld content, a failed or refused request with no messages, and a
-//! record of a private request (data action `private`) when the candidate is
-//! not self-hosted.
+//! record of a private request (data action `private`, or content marked
+//! `private`: its header, its route, a private retriever's passages) when the
+//! candidate is not self-hosted.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -149,7 +150,7 @@ fn item(v: &Value, route: &str, line: usize, skipped: &mut Skipped) -> Option<It
             .map(str::to_owned)
             .unwrap_or_else(|| format!("replay-{line}")),
         primary: Some(primary),
-        private: v["data_action"] == json!("private"),
+        private: v["data_action"] == json!("private") || content["private"] == json!(true),
     })
 }
 
