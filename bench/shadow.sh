@@ -11,8 +11,7 @@
 #   2. the `x-promptgate-overhead-us` header of sequential requests, cases interleaved
 #   3. the pairs in the store file once the gateway has stopped
 #   The cases `plain-anthropic` and `shadowed-anthropic` ask the same routes in the
-#   Anthropic dialect: the canonical path for both, so their difference is the shadow
-#   dispatch alone (an OpenAI request to `plain` takes the same-dialect fast path).
+#   Anthropic dialect (the canonical path), the OpenAI cases take the fast path.
 # See BENCHMARKS.md, section "Shadow traffic". Helpers: bench/shadow_bench.py (which
 # reuses bench/bench.py and bench/cache_bench.py).
 #

@@ -18,11 +18,9 @@ Subcommands:
   report --dir D --out O  O/shadow-latest.{md,json} (+ time-stamped copies)
 
 A case is a route and a client dialect: `plain`, `shadowed` and `kept` are
-OpenAI requests (`plain` takes the same-dialect fast path, a shadowed request
-the canonical path); with --canonical also `plain-anthropic` and
-`shadowed-anthropic`, the same two routes asked in the Anthropic dialect, which
-takes the canonical path on both, so their difference is the shadow dispatch
-alone.
+OpenAI requests (the same-dialect fast path); `plain-anthropic` and
+`shadowed-anthropic` ask the same two routes in the Anthropic dialect (the
+canonical path), so the dispatch is measured on both paths.
 
 Reuses bench/bench.py (imported, not modified) for the upstream config, the raw
 HTTP client, the oha runner, the histogram scrape and the /proc helpers.
@@ -62,7 +60,7 @@ CASES = {
 }
 SHADOWED = {"shadowed", "kept", "shadowed-anthropic"}
 # (shadowed case, its baseline): the differences the report shows
-DIFFS = [("shadowed", "plain", "shadowed − plain (the issue's figure: canonical path + dispatch)"),
+DIFFS = [("shadowed", "plain", "shadowed − plain (the issue's figure)"),
          ("kept", "plain", "kept − plain (keep_outputs: true)"),
          ("shadowed-anthropic", "plain-anthropic",
           "shadowed − plain, Anthropic clients (both canonical: the dispatch alone)")]
