@@ -203,15 +203,18 @@ impl Gateway {
             Cached::Hit(served) => return Ok(served.map(Reply::Canonical)),
             Cached::Miss { lease, cache } => (lease, cache),
         };
-        let started = Instant::now();
         // A request copied to shadow candidates takes the path it would take
         // without them (its answer's bytes are the same); the primary's answer
-        // reaches the comparison as canonical values either way.
+        // reaches the comparison as canonical values either way. The offer,
+        // the copy and the task's launch are the gateway's own time, not the
+        // upstream's: the upstream's time starts after the offer and ends with
+        // the attempt loop.
         let shadow = if route.shadow.is_some() || ctx.arm().is_some_and(|a| a.shadow.is_some()) {
             self.shadow_offer(ctx, &req)
         } else {
             None
         };
+        let started = Instant::now();
         let forward = raw
             .filter(|_| snap.config.fast_path && lease.is_none() && !forward::audits_content(ctx));
         let Some(raw) = forward else {
@@ -225,6 +228,7 @@ impl Gateway {
                 deadline,
             )
             .await;
+            let upstream = started.elapsed();
             let shadow = shadow.map(|offer| {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 offer.launch(self, req.clone(), rx);
@@ -238,7 +242,7 @@ impl Gateway {
                 }
             };
             return Ok(self
-                .answered(ctx, req, won, started, lease, cache_use, shadow)
+                .answered(ctx, req, won, started, upstream, lease, cache_use, shadow)
                 .await
                 .map(Reply::Canonical));
         };
@@ -249,6 +253,7 @@ impl Gateway {
         };
         let won =
             attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await;
+        let upstream = started.elapsed();
         let shadow = shadow.map(|offer| {
             let (tx, rx) = tokio::sync::oneshot::channel();
             offer.launch(self, req.clone(), rx);
@@ -291,12 +296,11 @@ impl Gateway {
                     arm: arm.map(|a| a.name.clone()),
                     attempts,
                     value: Reply::Forwarded(Raw::Whole(body)),
-                    upstream: started.elapsed(),
+                    upstream,
                     cache: cache_use,
                 });
             }
             Forwarded::Stream(head) => {
-                let upstream = started.elapsed();
                 let prompt_tokens = counts.known(target.encoding);
                 let mut tap = self.tap(ctx, req, &target, prompt_tokens, started, upstream, None);
                 tap.shadow = shadow.map(|tx| stream::ShadowTap::new(tx, upstream));
@@ -318,7 +322,7 @@ impl Gateway {
             counts,
         };
         Ok(self
-            .answered(ctx, req, won, started, lease, cache_use, shadow)
+            .answered(ctx, req, won, started, upstream, lease, cache_use, shadow)
             .await
             .map(Reply::Canonical))
     }
@@ -327,6 +331,7 @@ impl Gateway {
     /// backend reported none) into metrics and the ticket, the cache filled,
     /// a stream wrapped in its usage tap; the primary's outcome sent to the
     /// request's shadow task, if it has one, when the answer has ended.
+    /// `upstream` is the attempt loop's time (to the stream's first output).
     #[allow(clippy::too_many_arguments)]
     async fn answered(
         self: &Arc<Self>,
@@ -334,6 +339,7 @@ impl Gateway {
         mut req: ChatRequest,
         won: Won<Answer>,
         started: Instant,
+        upstream: Duration,
         lease: Option<crate::cache::Lease>,
         cache_use: Option<CacheUse>,
         shadow: Option<shadow::PrimaryTx>,
@@ -357,7 +363,6 @@ impl Gateway {
             target: target.id.to_string(),
             ttl: route.cache.ttl.unwrap_or(snap.config.cache.ttl),
         });
-        let upstream = started.elapsed();
         if !target.overrides.is_empty() {
             target.overrides.apply(&mut req);
         }

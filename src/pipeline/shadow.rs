@@ -342,8 +342,11 @@ impl Offer {
         primary: oneshot::Receiver<Primary>,
     ) {
         let gw = gw.clone();
+        // The task's whole state machine (the candidates' calls, the
+        // re-render, the comparison) is large: it is boxed inside the task,
+        // so the request's path moves and allocates only the small launcher.
         crate::task::spawn("shadow", async move {
-            self.run(gw, req, primary).await;
+            Box::pin(self.run(gw, req, primary)).await;
         });
     }
 
