@@ -280,14 +280,13 @@ impl Gateway {
                     t.settle(&target, &usage);
                 }
                 if let Some(tx) = shadow {
-                    // Decoded again only for a copied request: the bytes
-                    // were decoded once already, as the canonical path does.
+                    // The bytes (a reference count): the shadow task
+                    // decodes them, off the request's path.
                     let _ = tx.send(shadow::Primary {
                         target: target.clone(),
                         latency: started.elapsed(),
                         ttft: None,
-                        result: crate::backend::openai::decode_chat_response(&body)
-                            .map_err(|e| e.kind.as_str()),
+                        result: Ok(shadow::Answered::Forwarded(body.clone())),
                     });
                 }
                 return Ok(Served {
@@ -389,7 +388,7 @@ impl Gateway {
                         target: target.clone(),
                         latency: started.elapsed(),
                         ttft: None,
-                        result: Ok(resp.clone()),
+                        result: Ok(shadow::Answered::Decoded(resp.clone())),
                     });
                 }
                 ChatOutcome::Complete(resp)

@@ -281,7 +281,15 @@ pub struct Primary {
     pub ttft: Option<Duration>,
     /// The failure's name (an upstream failure's kind, else the gateway
     /// error's code, e.g. `no_target_available`).
-    pub result: Result<ChatResponse, &'static str>,
+    pub result: Result<Answered, &'static str>,
+}
+
+/// The primary's answer as the request's path has it.
+pub enum Answered {
+    Decoded(ChatResponse),
+    /// A forwarded (fast path) answer's bytes: decoded by the shadow task,
+    /// off the request's path.
+    Forwarded(bytes::Bytes),
 }
 
 impl Gateway {
@@ -406,7 +414,7 @@ impl Offer {
         } = self;
         let targets: Vec<Arc<Target>> = candidates.into_iter().map(|(t, _)| t).collect();
         let primary = primary.await.ok();
-        let (p_side, p_resp) = match &primary {
+        let (p_side, p_resp) = match primary {
             Some(p) => primary_side(p),
             None => (
                 Side {
@@ -636,8 +644,15 @@ pub(super) fn primary_failed(
 }
 
 /// The primary's side and answer.
-fn primary_side(p: &Primary) -> (Side, Option<ChatResponse>) {
-    side_of(&p.target, p.latency, p.ttft, p.result.clone())
+fn primary_side(p: Primary) -> (Side, Option<ChatResponse>) {
+    let result = match p.result {
+        Ok(Answered::Decoded(resp)) => Ok(resp),
+        Ok(Answered::Forwarded(body)) => {
+            crate::backend::openai::decode_chat_response(&body).map_err(|e| e.kind.as_str())
+        }
+        Err(e) => Err(e),
+    };
+    side_of(&p.target, p.latency, p.ttft, result)
 }
 
 /// A side from a target's outcome.

@@ -173,7 +173,7 @@ impl ShadowTap {
             .map(|usage| {
                 let mut resp = self.asm.finish();
                 resp.usage = Some(usage);
-                resp
+                super::shadow::Answered::Decoded(resp)
             })
             .map_err(ErrorKind::as_str);
         let _ = self.tx.send(super::shadow::Primary {
