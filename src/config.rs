@@ -1100,7 +1100,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             }
         }
     }
-    let shadow = shadow::store(gateway_file, gw.shadow);
+    let shadow = shadow::store(gateway_file, gw.shadow, &mut problems);
     let breaker = routes::breaker(gateway_file, gw.breaker, &mut problems);
     let max_bytes = gw.cache.max_bytes.unwrap_or(64 * 1024 * 1024);
     let max_entry_bytes = gw.cache.max_entry_bytes.unwrap_or(4 * 1024 * 1024);

@@ -539,6 +539,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
             return ExitCode::FAILURE;
         };
         let store_path = cfg.shadow.path.clone();
+        let retention = cfg.shadow.retention;
         let gw = match promptgate::gateway_for(cfg, &a.config, &env_lookup) {
             Ok(gw) => gw,
             Err(problems) => {
@@ -551,7 +552,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
         let n = items.len();
         println!("replaying {n} request(s) to {} at {} a second", a.candidate, a.rps);
         let (pairs, private) = replay::run(&gw, &a.route, items, a.rps, a.concurrency).await;
-        let writer = promptgate::shadow::store::Writer::open(store_path.clone());
+        let writer = promptgate::shadow::store::Writer::open(store_path.clone(), retention);
         for p in &pairs {
             let _ = writer.try_send(p.clone());
         }

@@ -118,7 +118,7 @@ fn setup(dir: &Path) {
         )],
     );
     let now = now_ms();
-    let w = Writer::open(dir.join("data/pairs.sqlite"));
+    let w = Writer::open(dir.join("data/pairs.sqlite"), None);
     for i in 1..=10 {
         let recent = now - 600_000 + i64::from(i);
         assert!(w.try_send(pair("local/fast", i, recent, 1.5)));

@@ -229,3 +229,34 @@ async fn a_version_that_makes_the_copy_private_goes_to_self_hosted_candidates_on
         "{metrics}"
     );
 }
+
+#[test]
+fn a_broken_shadow_section_names_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = "listen: 127.0.0.1:0\nshadow: {retention: 0s}\nroutes:\n  assist:\n    provider: sandbox\n    model: echo\n    shadow:\n      targets: [{provider: nowhere, model: x}]\n      sample: 2\n      max_in_flight: 0\n      prompt: {label: a, version: 2}\n      embeddings: missing\n    readiness: {max_error_rate: 1.5, max_p95_latency_ratio: -1}\n";
+    write_config(
+        dir.path(),
+        gateway,
+        &[(
+            "sandbox.yaml".to_string(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n".to_string(),
+        )],
+    );
+    let problems = match promptgate::config::load(&dir.path().join("promptgate.yaml")) {
+        Ok(_) => panic!("a broken shadow section was accepted"),
+        Err(p) => p,
+    };
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    for f in [
+        "shadow.retention",
+        "routes.assist.shadow.targets[0].provider",
+        "routes.assist.shadow.sample",
+        "routes.assist.shadow.max_in_flight",
+        "routes.assist.shadow.prompt",
+        "routes.assist.shadow.embeddings",
+        "routes.assist.readiness.max_error_rate",
+        "routes.assist.readiness.max_p95_latency_ratio",
+    ] {
+        assert!(fields.contains(&f), "no problem for {f}: {problems:#?}");
+    }
+}

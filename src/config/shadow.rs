@@ -68,6 +68,9 @@ pub(super) struct RawShadowStore {
     /// The SQLite file (relative paths beside the gateway file).
     #[serde(default)]
     store: Option<String>,
+    /// Pairs older than this are deleted (`30d` by default; `forever` keeps them).
+    #[serde(default)]
+    retention: Option<String>,
 }
 
 /// Where a route's (or arm's) live traffic is copied to.
@@ -121,12 +124,38 @@ impl Default for Readiness {
 pub struct ShadowStore {
     /// The SQLite file pairs are written to.
     pub path: PathBuf,
+    /// Pairs older than this are deleted (`None`: kept forever).
+    pub retention: Option<std::time::Duration>,
 }
 
-pub(super) fn store(file: &Path, raw: Option<RawShadowStore>) -> ShadowStore {
+pub(super) fn store(
+    file: &Path,
+    raw: Option<RawShadowStore>,
+    problems: &mut Problems,
+) -> ShadowStore {
     let raw = raw.unwrap_or_default();
+    let retention = match raw.retention.as_deref() {
+        Some("forever") => None,
+        text => Some(problems.duration(
+            file,
+            "shadow.retention",
+            &text.map(str::to_owned),
+            std::time::Duration::from_secs(30 * 86_400),
+        ))
+        .filter(|d| {
+            if d.is_zero() {
+                problems.add(
+                    file,
+                    "shadow.retention",
+                    "must be longer than zero (or `forever`)",
+                );
+            }
+            !d.is_zero()
+        }),
+    };
     ShadowStore {
         path: super::governance::beside(file, raw.store.as_deref().unwrap_or("data/shadow.sqlite")),
+        retention,
     }
 }
 

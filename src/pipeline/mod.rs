@@ -140,7 +140,10 @@ impl Gateway {
                 redis_errors: metrics.cache_redis_errors.clone(),
             },
         );
-        let shadows = shadow::Shadows::new(snapshot.config.shadow.path.clone());
+        let shadows = shadow::Shadows::new(
+            snapshot.config.shadow.path.clone(),
+            snapshot.config.shadow.retention,
+        );
         Ok(Arc::new(Gateway {
             shadows,
             snapshot: ArcSwap::from_pointee(snapshot),

@@ -48,6 +48,8 @@ pub struct Shadows {
     /// The store's writer, opened on the first pair; `closed` at shutdown.
     writer: Mutex<WriterState>,
     path: std::path::PathBuf,
+    /// Pairs older than this are deleted from the store.
+    retention: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -60,8 +62,9 @@ struct WriterState {
 type LiveKey = (String, Option<String>, String);
 
 impl Shadows {
-    pub fn new(path: std::path::PathBuf) -> Self {
+    pub fn new(path: std::path::PathBuf, retention: Option<Duration>) -> Self {
         Shadows {
+            retention,
             live: Mutex::new(BTreeMap::new()),
             writer: Mutex::new(WriterState::default()),
             path,
@@ -93,7 +96,7 @@ impl Shadows {
             return false;
         }
         st.writer
-            .get_or_insert_with(|| store::Writer::open(self.path.clone()))
+            .get_or_insert_with(|| store::Writer::open(self.path.clone(), self.retention))
             .try_send(pair)
     }
 

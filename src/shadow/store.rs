@@ -41,7 +41,12 @@ CREATE TABLE IF NOT EXISTS pairs (
     pair TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pairs_by_candidate ON pairs (route, candidate, at_ms);
+CREATE INDEX IF NOT EXISTS pairs_by_time ON pairs (at_ms);
 ";
+
+/// How often the writer deletes the pairs past the retention (and once after
+/// its first write).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 fn open_rw(path: &Path) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -113,13 +118,13 @@ impl Writer {
     /// Starts the writer thread for the file at `path` (created, with its
     /// folder, on the first write). Never fails: a thread that cannot start is
     /// logged and every `try_send` then reports a drop.
-    pub fn open(path: PathBuf) -> Writer {
+    pub fn open(path: PathBuf, retention: Option<Duration>) -> Writer {
         let (tx, rx) = sync_channel::<Pair>(QUEUE);
         let (done_tx, done_rx) = sync_channel::<()>(1);
         let spawned = std::thread::Builder::new()
             .name("promptgate-shadow".into())
             .spawn(move || {
-                run(&path, &rx);
+                run(&path, &rx, retention);
                 drop(done_tx);
             });
         if let Err(e) = spawned {
@@ -158,10 +163,12 @@ impl Writer {
     }
 }
 
-/// The writer thread: batches until the queue closes.
-fn run(path: &Path, rx: &Receiver<Pair>) {
+/// The writer thread: batches until the queue closes; pairs older than
+/// `retention` are deleted after the first write and every [`PRUNE_EVERY`].
+fn run(path: &Path, rx: &Receiver<Pair>, retention: Option<Duration>) {
     let mut conn: Option<Connection> = None;
     let mut failing = false;
+    let mut pruned: Option<std::time::Instant> = None;
     while let Some(batch) = next_batch(rx) {
         if conn.is_none() {
             match open_rw(path) {
@@ -182,6 +189,14 @@ fn run(path: &Path, rx: &Receiver<Pair>) {
                     tracing::info!(path = %path.display(), "the shadow store is written again");
                     failing = false;
                 }
+                if let Some(keep) = retention {
+                    if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                        pruned = Some(std::time::Instant::now());
+                        if let Err(e) = prune(c, keep, now_ms()) {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot delete old shadow pairs");
+                        }
+                    }
+                }
             }
             Err(e) => {
                 if !failing {
@@ -193,6 +208,19 @@ fn run(path: &Path, rx: &Receiver<Pair>) {
             }
         }
     }
+}
+
+/// Deletes the pairs older than `keep` (by when they completed); how many.
+fn prune(conn: &Connection, keep: Duration, now_ms: i64) -> rusqlite::Result<usize> {
+    let cutoff = now_ms.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    conn.execute("DELETE FROM pairs WHERE at_ms < ?1", params![cutoff])
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Waits for a pair, lets more gather briefly, then takes whatever is queued
@@ -310,11 +338,34 @@ mod tests {
     }
 
     #[test]
+    fn pairs_past_the_retention_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shadow.sqlite");
+        let day = 86_400_000;
+        let now = now_ms();
+        let w = Writer::open(path.clone(), Some(Duration::from_secs(7 * 86_400)));
+        let old = pair(now - 8 * day, "llamacpp/local", "old");
+        let recent = pair(now - 6 * day, "llamacpp/local", "recent");
+        assert!(w.try_send(old));
+        assert!(w.try_send(recent.clone()));
+        assert!(w.close(Duration::from_secs(10)));
+        assert_eq!(
+            read(&path, "chat", None, None).unwrap(),
+            vec![recent.clone()]
+        );
+        // Without a retention nothing is deleted.
+        let w = Writer::open(path.clone(), None);
+        assert!(w.try_send(pair(now - 400 * day, "llamacpp/local", "ancient")));
+        assert!(w.close(Duration::from_secs(10)));
+        assert_eq!(read(&path, "chat", None, None).unwrap().len(), 2);
+    }
+
+    #[test]
     fn pairs_written_through_the_writer_read_back_equal_and_filter() {
         let dir = tempfile::tempdir().unwrap();
         // The folder does not exist yet: created on the first write.
         let path = dir.path().join("data/nested/shadow.sqlite");
-        let w = Writer::open(path.clone());
+        let w = Writer::open(path.clone(), None);
         let written = vec![
             pair(1_000, "llamacpp/local", "r1"),
             pair(2_000, "deepseek/deepseek-chat", "r2"),
@@ -385,7 +436,7 @@ mod tests {
         // A path under a regular file: every open fails (logged once).
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
-        let w = Writer::open(blocker.join("shadow.sqlite"));
+        let w = Writer::open(blocker.join("shadow.sqlite"), None);
         for i in 0..10 {
             assert!(w.try_send(pair(i, "a/b", "r")));
         }
