@@ -126,6 +126,10 @@ enum Command {
         /// Report path prefix: writes PREFIX.md and PREFIX.json.
         #[arg(long, default_value = "replay-report")]
         out: PathBuf,
+        /// Keep both answers and the request in the store and the report's
+        /// worst disagreements (default: as the route's `shadow.keep_outputs`).
+        #[arg(long)]
+        keep_outputs: bool,
     },
     /// Index documents into a retriever: .txt, .md, .html, .pdf and .jsonl
     /// files (folders are walked). Unchanged documents are skipped; changed
@@ -490,6 +494,7 @@ struct ReplayArgs {
     config: PathBuf,
     store: Option<PathBuf>,
     out: PathBuf,
+    keep_outputs: bool,
 }
 
 #[allow(clippy::print_stdout)]
@@ -508,7 +513,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = replay::prepare(&mut cfg, &a.route, &a.candidate) {
+    if let Err(e) = replay::prepare(&mut cfg, &a.route, &a.candidate, a.keep_outputs) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
@@ -551,21 +556,29 @@ fn replay(a: ReplayArgs) -> ExitCode {
         };
         let n = items.len();
         println!("replaying {n} request(s) to {} at {} a second", a.candidate, a.rps);
-        let (pairs, private) = replay::run(&gw, &a.route, items, a.rps, a.concurrency).await;
+        let ran = replay::run(&gw, &a.route, items, a.rps, a.concurrency).await;
+        let pairs = ran.pairs;
         let writer = promptgate::shadow::store::Writer::open(store_path.clone(), retention);
+        let mut lost = 0;
         for p in &pairs {
-            let _ = writer.try_send(p.clone());
+            if !writer.send(p.clone()) {
+                lost += 1;
+            }
         }
         writer.close(std::time::Duration::from_secs(10));
         let compared = pairs.iter().filter(|p| p.comparison.is_some()).count();
         println!(
-            "{} pair(s), {compared} compared; not replayed: {} unreadable, {} truncated, {} without content, {} private",
+            "{} pair(s), {compared} compared; not replayed: {} unreadable, {} truncated, {} without content, {} private, {} blocked by data protection",
             pairs.len(),
             skipped.unreadable,
             skipped.truncated,
             skipped.no_content,
-            skipped.private + private
+            skipped.private + ran.private,
+            ran.blocked
         );
+        if lost > 0 {
+            eprintln!("warning: {lost} pair(s) could not be added to the shadow store");
+        }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -1356,7 +1369,9 @@ fn main() -> ExitCode {
             config,
             store,
             out,
+            keep_outputs,
         } => replay(ReplayArgs {
+            keep_outputs,
             from,
             route,
             candidate,

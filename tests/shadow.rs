@@ -1337,3 +1337,40 @@ fn check_replay_report(path: &Path) {
     );
     assert_eq!(c["verdict"]["ready"], false, "{c:#}");
 }
+
+/// Replay applies the route's data protection to every recorded request as a
+/// live request gets it: a request its policy makes private never reaches a
+/// commercial candidate, and a redacting route's candidate sees placeholders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_applies_the_routes_data_protection() {
+    let fake = Script::start().await;
+    let gateway = "listen: 127.0.0.1:0\nroutes:\n  guarded:\n    data: private\n    provider: own\n    model: mirror\n  redacting:\n    data: redact\n    provider: own\n    model: mirror\n";
+    let dir = tempfile::tempdir().unwrap();
+    let providers = vec![
+        ("own.yaml".to_string(), fake.provider(true)),
+        ("comm.yaml".to_string(), fake.provider(false)),
+    ];
+    common::write_config(dir.path(), gateway, &providers);
+    let secret = "mail ada@example.com about it";
+    let jsonl = format!("{}\n{}\n", ask("x", secret), ask("x", "nothing to hide"));
+    let from = dir.path().join("requests.jsonl");
+    std::fs::write(&from, jsonl).unwrap();
+
+    let out = replay(dir.path(), &from, "guarded", "comm/comm", "guarded").await;
+    assert!(
+        out.contains("1 pair(s)") && out.contains(", 1 private"),
+        "{out}"
+    );
+    let texts = fake.texts("comm");
+    assert_eq!(texts, vec!["nothing to hide".to_string()]);
+
+    let out = replay(dir.path(), &from, "redacting", "comm/comm", "redacting").await;
+    assert!(out.contains("2 pair(s)"), "{out}");
+    let texts = fake.texts("comm");
+    assert_eq!(texts.len(), 3, "{texts:?}");
+    assert!(
+        texts.iter().all(|t| !t.contains("ada@example.com")),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|t| t.contains("[EMAIL_1]")), "{texts:?}");
+}

@@ -435,6 +435,7 @@ pub(super) fn committed(
                 }
             }
             if done {
+                tap.mark_end();
                 let estimated = tap.usage.is_none();
                 let usage = tap.usage().await;
                 let usage = tap.finish(usage);
@@ -451,6 +452,7 @@ pub(super) fn committed(
             match reader.next_frame(&mut out, &mut events).await {
                 Ok(true) => {}
                 Ok(false) => {
+                    tap.shadow_failed(ErrorKind::MalformedResponse);
                     yield Err(UpstreamError::new(
                         ErrorKind::MalformedResponse,
                         "the backend stream ended without a finish",

@@ -207,16 +207,10 @@ impl Gateway {
             Cached::Miss { lease, cache } => (lease, cache),
         };
         // A request copied to shadow candidates takes the path it would take
-        // without them (its answer's bytes are the same); the primary's answer
-        // reaches the comparison as canonical values either way. The offer,
-        // the copy and the task's launch are the gateway's own time, not the
-        // upstream's: the upstream's time starts after the offer and ends with
-        // the attempt loop.
-        let shadow = if route.shadow.is_some() || ctx.arm().is_some_and(|a| a.shadow.is_some()) {
-            self.shadow_offer(ctx, &req)
-        } else {
-            None
-        };
+        // without them (its answer's bytes are the same); the copy is offered
+        // once the attempt loop has chosen the answer, so a candidate's permit
+        // is never held by a primary still running. The offer, the copy and
+        // the task's launch are the gateway's own time, not the upstream's.
         let started = Instant::now();
         let forward = raw
             .filter(|_| snap.config.fast_path && lease.is_none() && !forward::audits_content(ctx));
@@ -232,11 +226,7 @@ impl Gateway {
             )
             .await;
             let upstream = started.elapsed();
-            let shadow = shadow.map(|offer| {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                offer.launch(self, req.clone(), rx);
-                tx
-            });
+            let shadow = self.shadow_launch(ctx, &req);
             let won = match won {
                 Ok(won) => won,
                 Err(e) => {
@@ -257,11 +247,7 @@ impl Gateway {
         let won =
             attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await;
         let upstream = started.elapsed();
-        let shadow = shadow.map(|offer| {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            offer.launch(self, req.clone(), rx);
-            tx
-        });
+        let shadow = self.shadow_launch(ctx, &req);
         let Won {
             output,
             target,
@@ -287,9 +273,9 @@ impl Gateway {
                     // decodes them, off the request's path.
                     let _ = tx.send(shadow::Primary {
                         target: target.clone(),
-                        latency: started.elapsed(),
+                        latency: upstream,
                         ttft: None,
-                        result: Ok(shadow::Answered::Forwarded(body.clone())),
+                        result: Ok(shadow::Answered::Forwarded(body.clone(), usage)),
                     });
                 }
                 return Ok(Served {
@@ -389,7 +375,7 @@ impl Gateway {
                 if let Some(tx) = shadow {
                     let _ = tx.send(shadow::Primary {
                         target: target.clone(),
-                        latency: started.elapsed(),
+                        latency: upstream,
                         ttft: None,
                         result: Ok(shadow::Answered::Decoded(resp.clone())),
                     });

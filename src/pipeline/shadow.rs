@@ -290,12 +290,30 @@ pub struct Primary {
 /// The primary's answer as the request's path has it.
 pub enum Answered {
     Decoded(ChatResponse),
-    /// A forwarded (fast path) answer's bytes: decoded by the shadow task,
-    /// off the request's path.
-    Forwarded(bytes::Bytes),
+    /// A forwarded (fast path) answer's bytes, decoded by the shadow task
+    /// off the request's path, and its usage (estimated where the backend
+    /// reported none).
+    Forwarded(bytes::Bytes, Usage),
 }
 
 impl Gateway {
+    /// The request's copy, offered and launched once its answer is chosen
+    /// (`None`, the common case: a route without candidates, a draw that did
+    /// not sample it, or no candidate free to take it).
+    pub(super) fn shadow_launch(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        req: &ChatRequest,
+    ) -> Option<PrimaryTx> {
+        if ctx.route().shadow.is_none() && ctx.arm().is_none_or(|a| a.shadow.is_none()) {
+            return None;
+        }
+        let offer = self.shadow_offer(ctx, req)?;
+        let (tx, rx) = oneshot::channel();
+        offer.launch(self, req.clone(), rx);
+        Some(tx)
+    }
+
     /// Draws whether this request is copied to its route's (or arm's)
     /// candidates, and takes a permit for each candidate that may take it.
     /// `None` (the common case) costs one random draw, or nothing on a route
@@ -413,8 +431,13 @@ impl Offer {
             request_id,
             arm,
             private,
+            source,
             ..
         } = self;
+        // A candidate that rendered its own prompt version may have taken
+        // passages the live request did not: its answer is embedded on
+        // self-hosted targets only.
+        let private = private || (shadow.prompt.is_some() && source.is_some());
         let targets: Vec<Arc<Target>> = candidates.into_iter().map(|(t, _)| t).collect();
         let primary = primary.await.ok();
         let (p_side, p_resp) = match primary {
@@ -460,8 +483,7 @@ impl Offer {
             if shadow.keep_outputs {
                 pair.request = Some(request_json(&req));
             } else {
-                pair.primary.text.clear();
-                pair.candidate.text.clear();
+                forget_outputs(&mut pair);
             }
             if !gw.shadows.keep(pair) {
                 m.dropped(&route, "store_full");
@@ -650,9 +672,12 @@ pub(super) fn primary_failed(
 fn primary_side(p: Primary) -> (Side, Option<ChatResponse>) {
     let result = match p.result {
         Ok(Answered::Decoded(resp)) => Ok(resp),
-        Ok(Answered::Forwarded(body)) => {
-            crate::backend::openai::decode_chat_response(&body).map_err(|e| e.kind.as_str())
-        }
+        Ok(Answered::Forwarded(body, usage)) => crate::backend::openai::decode_chat_response(&body)
+            .map(|mut resp| {
+                resp.usage.get_or_insert(usage);
+                resp
+            })
+            .map_err(|e| e.kind.as_str()),
         Err(e) => Err(e),
     };
     side_of(&p.target, p.latency, p.ttft, result)
@@ -710,6 +735,17 @@ fn side_of(
     }
 }
 
+/// A pair that does not keep outputs: the texts and tool-call arguments go
+/// (the comparison was made already); the tool names stay.
+fn forget_outputs(pair: &mut Pair) {
+    for side in [&mut pair.primary, &mut pair.candidate] {
+        side.text.clear();
+        for call in &mut side.tool_calls {
+            call.arguments.clear();
+        }
+    }
+}
+
 /// The request as OpenAI chat JSON, for a pair that keeps outputs.
 fn request_json(req: &ChatRequest) -> String {
     String::from_utf8_lossy(&crate::backend::openai::encode_chat_request(
@@ -728,9 +764,20 @@ pub async fn replay_pair(
     req: ChatRequest,
     request_id: String,
     recorded: Option<Side>,
+    private: bool,
 ) -> Option<Pair> {
     let shadow = route.shadow.as_ref()?;
     let candidate = shadow.candidates.first()?;
+    let within = route.retry.deadline;
+    let timed_out = |t: &Target| {
+        let side = Side {
+            target: t.id.to_string(),
+            latency_ms: millis(within),
+            error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
+            ..Side::default()
+        };
+        (side, None)
+    };
     let primary = async {
         match recorded {
             Some(side) => {
@@ -739,7 +786,9 @@ pub async fn replay_pair(
             }
             None => match route.targets().first() {
                 Some(t) => {
-                    let (side, resp) = call(gw, t, &req).await;
+                    let (side, resp) = tokio::time::timeout(within, call(gw, t, &req))
+                        .await
+                        .unwrap_or_else(|_| timed_out(t));
                     (side, resp.is_some())
                 }
                 None => (
@@ -752,8 +801,12 @@ pub async fn replay_pair(
             },
         }
     };
-    let ((p_side, p_ok), (c_side, c_resp)) =
-        futures_util::future::join(primary, call(gw, candidate, &req)).await;
+    let ((p_side, p_ok), (c_side, c_resp)) = futures_util::future::join(primary, async {
+        tokio::time::timeout(within, call(gw, candidate, &req))
+            .await
+            .unwrap_or_else(|_| timed_out(candidate))
+    })
+    .await;
     let at_ms = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -772,11 +825,11 @@ pub async fn replay_pair(
     };
     if p_ok && c_resp.is_some() {
         let rid: Arc<str> = Arc::from(pair.request_id.as_str());
-        pair.comparison = Some(compared(gw, shadow, &rid, route.private, &req, &pair).await);
+        let private = private || route.private;
+        pair.comparison = Some(compared(gw, shadow, &rid, private, &req, &pair).await);
     }
     if !shadow.keep_outputs {
-        pair.primary.text.clear();
-        pair.candidate.text.clear();
+        forget_outputs(&mut pair);
         pair.request = None;
     }
     Some(pair)

@@ -157,6 +157,8 @@ pub(super) struct ShadowTap {
     tx: super::shadow::PrimaryTx,
     asm: crate::cache::Assembler,
     ttft: Duration,
+    /// When the stream's end arrived (before its usage was worked out).
+    ended: Option<Duration>,
 }
 
 impl ShadowTap {
@@ -165,6 +167,7 @@ impl ShadowTap {
             tx,
             asm: crate::cache::Assembler::with_limit(super::shadow::MAX_ASSEMBLED),
             ttft,
+            ended: None,
         }
     }
 
@@ -178,7 +181,7 @@ impl ShadowTap {
             .map_err(ErrorKind::as_str);
         let _ = self.tx.send(super::shadow::Primary {
             target: target.clone(),
-            latency: started.elapsed(),
+            latency: self.ended.unwrap_or_else(|| started.elapsed()),
             ttft: Some(self.ttft),
             result,
         });
@@ -278,6 +281,23 @@ impl UsageTap {
         }
     }
 
+    /// The stream's end arrived: the primary's latency for its shadow
+    /// comparison ends here, not after the usage is worked out.
+    pub(super) fn mark_end(&mut self) {
+        let at = self.started.elapsed();
+        if let Some(s) = &mut self.shadow {
+            s.ended = Some(at);
+        }
+    }
+
+    /// The stream ended without its end (the upstream stopped sending): the
+    /// shadow comparison records the primary as failed, not as cancelled.
+    pub(super) fn shadow_failed(&mut self, kind: ErrorKind) {
+        if let Some(s) = self.shadow.take() {
+            s.send(&self.target, self.started, Err(kind));
+        }
+    }
+
     pub(super) fn fail(&mut self, e: &UpstreamError) {
         if let Some(s) = self.shadow.take() {
             s.send(&self.target, self.started, Err(e.kind));
@@ -306,10 +326,14 @@ impl UsageTap {
                             yield Err(e);
                             return;
                         }
-                        None => return,
+                        None => {
+                            self.shadow_failed(ErrorKind::MalformedResponse);
+                            return;
+                        }
                     },
                 };
                 if ev == StreamEvent::Done {
+                    self.mark_end();
                     let estimated = self.usage.is_none();
                     let usage = self.usage().await;
                     let usage = self.finish(usage);

@@ -156,8 +156,14 @@ fn item(v: &Value, route: &str, line: usize, skipped: &mut Skipped) -> Option<It
 
 /// Puts `candidate` (`provider/model`) on `route` as its one shadow
 /// candidate, so the snapshot builds it as it builds any target. The
-/// route's own `shadow` settings (kept outputs, embeddings) stay.
-pub fn prepare(cfg: &mut Config, route: &str, candidate: &str) -> Result<(), String> {
+/// route's own `shadow` settings (kept outputs, embeddings) stay; outputs are
+/// kept when the route keeps them or `keep_outputs` asks.
+pub fn prepare(
+    cfg: &mut Config,
+    route: &str,
+    candidate: &str,
+    keep_outputs: bool,
+) -> Result<(), String> {
     let (provider, model) = candidate
         .split_once('/')
         .filter(|(p, m)| !p.is_empty() && !m.is_empty())
@@ -187,24 +193,36 @@ pub fn prepare(cfg: &mut Config, route: &str, candidate: &str) -> Result<(), Str
         sample: 1.0,
         max_in_flight: u32::MAX,
         prompt: None,
-        keep_outputs: kept.as_ref().is_none_or(|s| s.keep_outputs),
+        keep_outputs: keep_outputs || kept.as_ref().is_some_and(|s| s.keep_outputs),
         embeddings: kept.and_then(|s| s.embeddings),
     });
     Ok(())
 }
 
-/// Sends every item at most `rps` a second, `concurrency` at once; the pairs
-/// in the order they completed, and the private records not sent.
+/// What a run did: the pairs in the order they completed, and the items not
+/// sent — private ones (for a candidate that is not self-hosted) and those
+/// the route's data protection blocks.
+#[derive(Default)]
+pub struct Ran {
+    pub pairs: Vec<Pair>,
+    pub private: u64,
+    pub blocked: u64,
+}
+
+/// Sends every item at most `rps` a second, `concurrency` at once, each under
+/// the route's data protection as a live request is (a block is not sent; a
+/// request it makes private goes to a self-hosted candidate only; redacted
+/// values leave as placeholders).
 pub async fn run(
     gw: &Arc<crate::Gateway>,
     route: &str,
     items: Vec<Item>,
     rps: f64,
     concurrency: usize,
-) -> (Vec<Pair>, u64) {
+) -> Ran {
     let snap = gw.snapshot();
     let Some(route) = snap.route(route).cloned() else {
-        return (Vec::new(), 0);
+        return Ran::default();
     };
     let self_hosted = route
         .shadow
@@ -213,12 +231,31 @@ pub async fn run(
         .is_some_and(|c| c.self_hosted);
     let period = Duration::from_secs_f64(1.0 / rps.clamp(0.001, 100_000.0));
     let mut tick = tokio::time::interval(period);
+    // After a stall the pace resumes; missed ticks are not made up in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let gate = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut running = tokio::task::JoinSet::new();
-    let mut private = 0;
-    for it in items {
-        if (it.private || route.private) && !self_hosted {
-            private += 1;
+    let mut ran = Ran::default();
+    for mut it in items {
+        let mut ctx = match crate::pipeline::RequestContext::for_chat(
+            Arc::from(it.request_id.as_str()),
+            crate::pipeline::ClientDialect::OpenAi,
+            snap.clone(),
+            &http::HeaderMap::new(),
+            &it.req,
+            crate::pipeline::render::Prepared::default(),
+            None,
+        ) {
+            Ok(ctx) => ctx,
+            Err(_) => continue,
+        };
+        if crate::protect::apply(&mut ctx, &mut it.req, &gw.governor.metrics).is_err() {
+            ran.blocked += 1;
+            continue;
+        }
+        let private = it.private || ctx.private;
+        if private && !self_hosted {
+            ran.private += 1;
             continue;
         }
         tick.tick().await;
@@ -234,17 +271,17 @@ pub async fn run(
                 it.req,
                 it.request_id,
                 it.primary,
+                private,
             )
             .await;
             drop(permit);
             pair
         });
     }
-    let mut pairs = Vec::new();
     while let Some(done) = running.join_next().await {
         if let Ok(Some(p)) = done {
-            pairs.push(p);
+            ran.pairs.push(p);
         }
     }
-    (pairs, private)
+    ran
 }

@@ -145,6 +145,12 @@ impl Writer {
         }
     }
 
+    /// Queues a pair, waiting for room (for a command, not the request
+    /// path); `false` when the writer is gone.
+    pub fn send(&self, pair: Pair) -> bool {
+        self.tx.send(pair).is_ok()
+    }
+
     /// At shutdown: lets the writer drain what is queued, waiting `within` at
     /// most. `true` when everything was written (or given up on after an
     /// error) in time. Other clones of the handle keep the queue open: close
