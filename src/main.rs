@@ -288,10 +288,7 @@ fn check(config: PathBuf) -> ExitCode {
             if let Err(problems) =
                 promptgate::cache::resolve_secret(&mut cfg.clone(), &config, &env_lookup)
             {
-                for p in &problems {
-                    eprintln!("error: {p}");
-                }
-                return ExitCode::FAILURE;
+                return problems_failure(&problems);
             }
             for p in cfg.providers.values() {
                 if let ProviderState::Unavailable(reason) =
@@ -506,12 +503,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
     }
     let mut cfg = match promptgate::config::load(&a.config) {
         Ok(c) => c,
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("error: {p}");
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(problems) => return problems_failure(&problems),
     };
     if let Err(e) = replay::prepare(&mut cfg, &a.route, &a.candidate, a.keep_outputs) {
         eprintln!("error: {e}");
@@ -534,10 +526,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
     runtime.block_on(async move {
         if let Err(problems) = promptgate::cache::resolve_secret(&mut cfg, &a.config, &env_lookup)
         {
-            for p in &problems {
-                eprintln!("error: {p}");
-            }
-            return ExitCode::FAILURE;
+            return problems_failure(&problems);
         }
         let Some(route_cfg) = cfg.routes.get(&a.route).cloned() else {
             eprintln!("error: no route `{}`", a.route);
@@ -547,12 +536,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
         let retention = cfg.shadow.retention;
         let gw = match promptgate::gateway_for(cfg, &a.config, &env_lookup) {
             Ok(gw) => gw,
-            Err(problems) => {
-                for p in &problems {
-                    eprintln!("error: {p}");
-                }
-                return ExitCode::FAILURE;
-            }
+            Err(problems) => return problems_failure(&problems),
         };
         let n = items.len();
         println!("replaying {n} request(s) to {} at {} a second", a.candidate, a.rps);
@@ -579,10 +563,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
         if lost > 0 {
             eprintln!("warning: {lost} pair(s) could not be added to the shadow store");
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+        let now_ms = promptgate::shadow::now_ms();
         match promptgate::shadow::report::replay(&route_cfg, &pairs, &a.out, now_ms) {
             Ok(summary) => {
                 print!("{summary}");
@@ -594,6 +575,14 @@ fn replay(a: ReplayArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Prints each configuration problem; the command fails.
+fn problems_failure(problems: &[promptgate::config::Problem]) -> ExitCode {
+    for p in problems {
+        eprintln!("error: {p}");
+    }
+    ExitCode::FAILURE
 }
 
 /// "No such retriever", listing the configured ones.
@@ -1105,12 +1094,7 @@ fn usage(config: PathBuf, key: Option<String>, since: Option<String>, json: bool
     use promptgate::governance::spend;
     let cfg = match promptgate::config::load(&config) {
         Ok(c) => c,
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("error: {p}");
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(problems) => return problems_failure(&problems),
     };
     let today = spend::Period::now();
     let since = match spend::parse_since(since.as_deref(), today) {

@@ -89,8 +89,9 @@ pub struct ShadowConfig {
     pub embeddings: Option<String>,
 }
 
-/// A route's readiness thresholds; a report shows each as met or not.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A route's readiness thresholds; a report shows each as met or not (and
+/// carries them, serialized, in its JSON).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Readiness {
     /// Candidate errors / pairs.
     pub max_error_rate: f64,

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -156,15 +156,12 @@ impl Window {
         self.values.push_back(v);
     }
 
-    /// Nearest-rank quantile; `None` when empty.
+    /// Nearest-rank quantile, as the readiness report computes it; `None`
+    /// when empty.
     fn quantile(&self, q: f64) -> Option<f64> {
         let mut v: Vec<f64> = self.values.iter().copied().collect();
-        if v.is_empty() {
-            return None;
-        }
         v.sort_by(f64::total_cmp);
-        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-        Some(v[rank - 1])
+        crate::shadow::report::quantile(&v, q)
     }
 }
 
@@ -398,18 +395,7 @@ impl Offer {
                         _ => call(gw, t, req).await,
                     }
                 };
-                let side = match tokio::time::timeout(this.deadline, called).await {
-                    Ok(side) => side,
-                    Err(_) => (
-                        Side {
-                            target: t.id.to_string(),
-                            latency_ms: millis(this.deadline),
-                            error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
-                            ..Side::default()
-                        },
-                        None,
-                    ),
-                };
+                let side = within(this.deadline, t, called).await;
                 m.in_flight(route, -1);
                 if side.0.error.as_deref() == Some(NOT_SENT) {
                     // Not a call (counted as dropped): no outcome, no pair.
@@ -450,10 +436,7 @@ impl Offer {
                 None,
             ),
         };
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let at_ms = crate::shadow::now_ms();
         for (target, (c_side, c_resp)) in targets.iter().zip(sides) {
             if c_side.error.as_deref() == Some(NOT_SENT) {
                 continue;
@@ -595,6 +578,26 @@ fn ms(latency_ms: f64) -> Duration {
 
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A side's call, failed as a timeout when it takes longer than `deadline`.
+async fn within(
+    deadline: Duration,
+    t: &Target,
+    called: impl std::future::Future<Output = (Side, Option<ChatResponse>)>,
+) -> (Side, Option<ChatResponse>) {
+    match tokio::time::timeout(deadline, called).await {
+        Ok(side) => side,
+        Err(_) => {
+            let side = Side {
+                target: t.id.to_string(),
+                latency_ms: millis(deadline),
+                error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
+                ..Side::default()
+            };
+            (side, None)
+        }
+    }
 }
 
 /// One call to a candidate: a single attempt (no retries, no breaker, no
@@ -768,16 +771,7 @@ pub async fn replay_pair(
 ) -> Option<Pair> {
     let shadow = route.shadow.as_ref()?;
     let candidate = shadow.candidates.first()?;
-    let within = route.retry.deadline;
-    let timed_out = |t: &Target| {
-        let side = Side {
-            target: t.id.to_string(),
-            latency_ms: millis(within),
-            error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
-            ..Side::default()
-        };
-        (side, None)
-    };
+    let deadline = route.retry.deadline;
     let primary = async {
         match recorded {
             Some(side) => {
@@ -786,9 +780,7 @@ pub async fn replay_pair(
             }
             None => match route.targets().first() {
                 Some(t) => {
-                    let (side, resp) = tokio::time::timeout(within, call(gw, t, &req))
-                        .await
-                        .unwrap_or_else(|_| timed_out(t));
+                    let (side, resp) = within(deadline, t, call(gw, t, &req)).await;
                     (side, resp.is_some())
                 }
                 None => (
@@ -801,16 +793,10 @@ pub async fn replay_pair(
             },
         }
     };
-    let ((p_side, p_ok), (c_side, c_resp)) = futures_util::future::join(primary, async {
-        tokio::time::timeout(within, call(gw, candidate, &req))
-            .await
-            .unwrap_or_else(|_| timed_out(candidate))
-    })
-    .await;
-    let at_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let candidate_call = within(deadline, candidate, call(gw, candidate, &req));
+    let ((p_side, p_ok), (c_side, c_resp)) =
+        futures_util::future::join(primary, candidate_call).await;
+    let at_ms = crate::shadow::now_ms();
     let mut pair = Pair {
         at_ms,
         request_id,

@@ -16,6 +16,14 @@ pub mod store;
 
 use serde::{Deserialize, Serialize};
 
+/// Unix time in milliseconds: when a pair completed, a report's "now".
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// A tool call as the comparison sees it: the function and its arguments
 /// (the JSON text the model wrote).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -116,30 +116,6 @@ impl RouteView {
     }
 }
 
-/// The thresholds, as the report shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Thresholds {
-    pub max_error_rate: f64,
-    pub max_p95_latency_ratio: f64,
-    pub min_tool_agreement: f64,
-    pub min_json_validity: f64,
-    pub min_similarity_p50: f64,
-    pub min_pairs: u64,
-}
-
-impl From<&Readiness> for Thresholds {
-    fn from(r: &Readiness) -> Self {
-        Thresholds {
-            max_error_rate: r.max_error_rate,
-            max_p95_latency_ratio: r.max_p95_latency_ratio,
-            min_tool_agreement: r.min_tool_agreement,
-            min_json_validity: r.min_json_validity,
-            min_similarity_p50: r.min_similarity_p50,
-            min_pairs: r.min_pairs,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub route: String,
@@ -152,7 +128,8 @@ pub struct Report {
     pub since: Option<String>,
     pub since_ms: Option<i64>,
     pub quantile_method: &'static str,
-    pub thresholds: Thresholds,
+    /// The route's thresholds, as the verdict applied them.
+    pub thresholds: Readiness,
     /// Pairs read, all candidates.
     pub pairs: u64,
     pub candidates: Vec<CandidateReport>,
@@ -508,7 +485,7 @@ fn output(s: &super::Side) -> String {
     out
 }
 
-fn candidate_report(name: &str, pairs: &[&Pair], th: &Thresholds) -> CandidateReport {
+fn candidate_report(name: &str, pairs: &[&Pair], th: &Readiness) -> CandidateReport {
     let compared: Vec<&super::Comparison> = pairs
         .iter()
         .filter(|p| both_answered(p))
@@ -609,7 +586,7 @@ fn candidate_report(name: &str, pairs: &[&Pair], th: &Thresholds) -> CandidateRe
 
 #[allow(clippy::too_many_arguments)]
 fn verdict(
-    th: &Thresholds,
+    th: &Readiness,
     pairs: u64,
     compared: u64,
     candidate_errors: u64,
@@ -702,7 +679,7 @@ pub fn build(
     now_ms: i64,
     since: Option<Duration>,
 ) -> Report {
-    let th = Thresholds::from(thresholds);
+    let th = *thresholds;
     let mut by: BTreeMap<&str, Vec<&Pair>> = BTreeMap::new();
     for p in pairs {
         by.entry(p.candidate.target.as_str()).or_default().push(p);
@@ -1302,10 +1279,7 @@ pub fn cli(args: &CliArgs) -> Result<String, String> {
         .store
         .clone()
         .unwrap_or_else(|| cfg.shadow.path.clone());
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let now_ms = super::now_ms();
     let since_ms = args
         .since
         .map(|d| now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
