@@ -25,6 +25,7 @@ pub mod retrieval;
 pub mod server;
 pub mod shadow;
 pub mod snapshot;
+pub mod sqlite_writer;
 pub mod task;
 pub mod tls;
 pub mod tokens;

@@ -172,76 +172,35 @@ impl Writer {
 /// The writer thread: batches until the queue closes; pairs older than
 /// `retention` are deleted after the first write and every [`PRUNE_EVERY`].
 fn run(path: &Path, rx: &Receiver<Pair>, retention: Option<Duration>) {
-    let mut conn: Option<Connection> = None;
-    let mut failing = false;
     let mut pruned: Option<std::time::Instant> = None;
-    while let Some(batch) = next_batch(rx) {
-        if conn.is_none() {
-            match open_rw(path) {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot open the shadow store; pairs are dropped until it can");
-                        failing = true;
-                    }
-                    continue;
-                }
+    crate::sqlite_writer::run(
+        rx,
+        (GATHER, BATCH),
+        crate::sqlite_writer::Store {
+            name: "shadow",
+            path,
+            meanwhile: "pairs are dropped until it can",
+        },
+        open_rw,
+        write,
+        |_| {},
+        |c| {
+            let Some(keep) = retention else { return };
+            if pruned.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+                return;
             }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        match write(c, &batch) {
-            Ok(()) => {
-                if failing {
-                    tracing::info!(path = %path.display(), "the shadow store is written again");
-                    failing = false;
-                }
-                if let Some(keep) = retention {
-                    if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                        pruned = Some(std::time::Instant::now());
-                        if let Err(e) = prune(c, keep, now_ms()) {
-                            tracing::warn!(path = %path.display(), error = %e, "cannot delete old shadow pairs");
-                        }
-                    }
-                }
+            pruned = Some(std::time::Instant::now());
+            if let Err(e) = prune(c, keep, super::now_ms()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete old shadow pairs");
             }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot write the shadow store; pairs are dropped until it can");
-                    failing = true;
-                }
-                // Reopened for the next batch (the file may have been replaced).
-                conn = None;
-            }
-        }
-    }
+        },
+    );
 }
 
 /// Deletes the pairs older than `keep` (by when they completed); how many.
 fn prune(conn: &Connection, keep: Duration, now_ms: i64) -> rusqlite::Result<usize> {
     let cutoff = now_ms.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
     conn.execute("DELETE FROM pairs WHERE at_ms < ?1", params![cutoff])
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Waits for a pair, lets more gather briefly, then takes whatever is queued
-/// (up to a batch). `None` once the queue is closed and empty.
-fn next_batch(rx: &Receiver<Pair>) -> Option<Vec<Pair>> {
-    let first = rx.recv().ok()?;
-    std::thread::sleep(GATHER);
-    let mut batch = vec![first];
-    while batch.len() < BATCH {
-        match rx.try_recv() {
-            Ok(p) => batch.push(p),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
 }
 
 /// The pairs of `route` (of one candidate, `provider/model`, when given) from
@@ -348,7 +307,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shadow.sqlite");
         let day = 86_400_000;
-        let now = now_ms();
+        let now = crate::shadow::now_ms();
         let w = Writer::open(path.clone(), Some(Duration::from_secs(7 * 86_400)));
         let old = pair(now - 8 * day, "llamacpp/local", "old");
         let recent = pair(now - 6 * day, "llamacpp/local", "recent");

@@ -242,7 +242,7 @@ pub fn start_writer(
             };
             let mut conn: Option<ConnectionManager> = None;
             let mut failing = false;
-            while let Some(batch) = super::store::next_batch(&rx) {
+            while let Some(batch) = crate::sqlite_writer::next_batch(&rx, super::store::GATHER, super::BATCH) {
                 let ok: Result<(), String> = rt.block_on(async {
                     if conn.is_none() {
                         let c = tokio::time::timeout(

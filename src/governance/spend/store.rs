@@ -111,68 +111,26 @@ pub fn start_writer(path: PathBuf, rx: Receiver<Row>, metrics: GovMetrics) -> Re
     std::thread::Builder::new()
         .name("promptgate-spend".into())
         .spawn(move || {
-            let mut conn: Option<Connection> = None;
-            let mut failing = false;
-            while let Some(batch) = next_batch(&rx) {
-                if conn.is_none() {
-                    match open_rw(&path) {
-                        Ok(c) => conn = Some(c),
-                        Err(e) => {
-                            metrics.spend_store_error("open");
-                            if !failing {
-                                tracing::warn!(path = %path.display(), error = %e, "cannot open the spend store; spend is counted in memory until it can");
-                                failing = true;
-                            }
-                            continue;
-                        }
-                    }
-                }
-                let Some(c) = conn.as_mut() else { continue };
-                match write(c, &batch) {
-                    Ok(()) => {
-                        if failing {
-                            tracing::info!(path = %path.display(), "the spend store is written again");
-                            failing = false;
-                        }
-                    }
-                    Err(e) => {
-                        metrics.spend_store_error("write");
-                        if !failing {
-                            tracing::warn!(path = %path.display(), error = %e, "cannot write the spend store");
-                            failing = true;
-                        }
-                        // Reopen next time (the file may have been replaced).
-                        conn = None;
-                    }
-                }
-            }
+            crate::sqlite_writer::run(
+                &rx,
+                (GATHER, BATCH),
+                crate::sqlite_writer::Store {
+                    name: "spend",
+                    path: &path,
+                    meanwhile: "spend is counted in memory until it can",
+                },
+                open_rw,
+                write,
+                |stage| metrics.spend_store_error(stage),
+                |_| {},
+            );
         })
         .map(|_| ())
         .map_err(|e| format!("cannot start the spend writer: {e}"))
 }
 
 /// How long rows gather after the first of a batch arrives.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Waits for a row, then takes whatever else is queued (up to a batch).
-/// `None` once the queue is closed (the gateway is gone).
-///
-/// After the first row it lets more gather for [`GATHER`]: under load the
-/// writer sleeps instead of waiting on the queue, so a request's `try_send`
-/// never has to wake it (a futex wake on the request path), and rows are
-/// written in fewer, larger transactions.
-pub(super) fn next_batch(rx: &Receiver<Row>) -> Option<Vec<Row>> {
-    let first = rx.recv().ok()?;
-    std::thread::sleep(GATHER);
-    let mut batch = vec![first];
-    while batch.len() < BATCH {
-        match rx.try_recv() {
-            Ok(r) => batch.push(r),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
+pub(super) const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The usage report: sums per key, route and model from `since` on.
 pub fn report(path: &Path, since: i64, key: Option<&str>) -> Result<Vec<UsageLine>, String> {
