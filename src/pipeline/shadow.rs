@@ -33,11 +33,6 @@ use crate::snapshot::{Shadow, Target};
 /// The most of one answer's text a pair keeps (and compares).
 pub const MAX_TEXT: usize = 64 * 1024;
 
-/// The side of a copy that was not sent after all (its re-rendered request
-/// became private and the candidate is not self-hosted): counted as dropped,
-/// never a pair.
-const NOT_SENT: &str = "not_sent";
-
 /// A stream is assembled up to this many bytes; past it the side has no text.
 pub(super) const MAX_ASSEMBLED: usize = 1024 * 1024;
 
@@ -387,26 +382,27 @@ impl Offer {
             let route = &route;
             async move {
                 m.in_flight(route, 1);
+                // A copy whose re-rendered request turned private is not
+                // sent (counted as dropped): no call, no outcome, no pair.
                 let called = async {
                     match (&this.shadow.prompt, &this.source) {
                         (Some(selector), Some(source)) => {
                             this.rerendered(gw, t, source, selector).await
                         }
-                        _ => call(gw, t, req).await,
+                        _ => Some(call(gw, t, req).await),
                     }
                 };
-                let side = within(this.deadline, t, called).await;
+                let side = tokio::time::timeout(this.deadline, called)
+                    .await
+                    .unwrap_or_else(|_| Some(timed_out(t, this.deadline)));
                 m.in_flight(route, -1);
-                if side.0.error.as_deref() == Some(NOT_SENT) {
-                    // Not a call (counted as dropped): no outcome, no pair.
-                    return side;
-                }
+                let side = side?;
                 let outcome = side.0.error.as_deref().unwrap_or("ok");
                 m.call(route, &t.id, outcome, ms(side.0.latency_ms));
                 tracing::debug!(shadow = true, route = %route, candidate = %t.id,
                     request_id = %rid, outcome, latency_ms = side.0.latency_ms,
                     "shadow call ended");
-                side
+                Some(side)
             }
         });
         let sides = futures_util::future::join_all(calls).await;
@@ -437,10 +433,11 @@ impl Offer {
             ),
         };
         let at_ms = crate::shadow::now_ms();
-        for (target, (c_side, c_resp)) in targets.iter().zip(sides) {
-            if c_side.error.as_deref() == Some(NOT_SENT) {
-                continue;
-            }
+        let sent = targets
+            .iter()
+            .zip(sides)
+            .filter_map(|(t, side)| Some((t, side?)));
+        for (target, (c_side, c_resp)) in sent {
             let mut pair = Pair {
                 at_ms,
                 request_id: request_id.to_string(),
@@ -486,14 +483,14 @@ impl Offer {
         t: &Target,
         source: &Source,
         selector: &crate::prompt::Selector,
-    ) -> (Side, Option<ChatResponse>) {
+    ) -> Option<(Side, Option<ChatResponse>)> {
         let failed = |kind: &str| {
             let side = Side {
                 target: t.id.to_string(),
                 error: Some(kind.to_owned()),
                 ..Side::default()
             };
-            (side, None)
+            Some((side, None))
         };
         let rendered = super::render::for_shadow(
             gw,
@@ -512,9 +509,9 @@ impl Offer {
         }
         if ctx.private && !t.self_hosted {
             gw.metrics.shadow.dropped(&self.route, "private");
-            return failed(NOT_SENT);
+            return None;
         }
-        call(gw, t, &req).await
+        Some(call(gw, t, &req).await)
     }
 }
 
@@ -586,18 +583,20 @@ async fn within(
     t: &Target,
     called: impl std::future::Future<Output = (Side, Option<ChatResponse>)>,
 ) -> (Side, Option<ChatResponse>) {
-    match tokio::time::timeout(deadline, called).await {
-        Ok(side) => side,
-        Err(_) => {
-            let side = Side {
-                target: t.id.to_string(),
-                latency_ms: millis(deadline),
-                error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
-                ..Side::default()
-            };
-            (side, None)
-        }
-    }
+    tokio::time::timeout(deadline, called)
+        .await
+        .unwrap_or_else(|_| timed_out(t, deadline))
+}
+
+/// The side of a call that did not end within `deadline`.
+fn timed_out(t: &Target, deadline: Duration) -> (Side, Option<ChatResponse>) {
+    let side = Side {
+        target: t.id.to_string(),
+        latency_ms: millis(deadline),
+        error: Some(crate::error::ErrorKind::Timeout.as_str().to_owned()),
+        ..Side::default()
+    };
+    (side, None)
 }
 
 /// One call to a candidate: a single attempt (no retries, no breaker, no
