@@ -95,20 +95,7 @@ start_pg() {  # config-dir log  -> sets PG
   PG=$!; PIDS+=("$PG")
   wait_port 19003 "$PG" "promptgate"
 }
-drop_pid() {  # remove from PIDS
-  local keep=() p
-  for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-# Runs a python step in the background + wait, so Ctrl-C/TERM reach the trap at
-# once; cleanup then stops it like the servers.
-py_step() {  # timeout-seconds what args...
-  local t=$1 what=$2; shift 2
-  timeout "$t" python3 "$BENCH/cache_bench.py" "$@" &
-  local pid=$!; PIDS=("$pid" "${PIDS[@]}")
-  wait "$pid" || die "$what failed"
-  drop_pid "$pid"
-}
+py_step() { bench_py_step "$BENCH/cache_bench.py" "$@"; }  # timeout-seconds what args...
 
 "$NGINX" -t -q -c "$TMP/nginx-upstream/nginx.conf" -p "$TMP/nginx-upstream" \
   || die "nginx (upstream) config test failed"

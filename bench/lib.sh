@@ -119,6 +119,24 @@ bench_traps() {
   trap 'exit 143' TERM
 }
 
+# Removes a pid from PIDS (a step that ended by itself).
+drop_pid() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+# bench_py_step SCRIPT TIMEOUT-SECONDS WHAT ARGS...: runs a python step in the
+# background + wait, so Ctrl-C/TERM reach the trap at once; cleanup then stops
+# it like the servers.
+bench_py_step() {
+  local script=$1 t=$2 what=$3; shift 3
+  timeout "$t" python3 "$script" "$@" &
+  local pid=$!; PIDS=("$pid" "${PIDS[@]}")
+  wait "$pid" || die "$what failed"
+  drop_pid "$pid"
+}
+
 # Dies unless every port given is free on 127.0.0.1.
 bench_ports_free() {
   local p

@@ -54,19 +54,7 @@ TMP=$(mktemp -d /tmp/promptgate-shadowbench.XXXXXX)
 python3 "$BENCH/shadow_bench.py" gen --dir "$TMP" >/dev/null
 STORE=$TMP/pg/shadow.sqlite
 
-drop_pid() {  # remove from PIDS
-  local keep=() p
-  for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-# A python step in the background + wait, so Ctrl-C/TERM reach the trap at once.
-py_step() {  # timeout-seconds what args...
-  local t=$1 what=$2; shift 2
-  timeout "$t" python3 "$BENCH/shadow_bench.py" "$@" &
-  local pid=$!; PIDS=("$pid" "${PIDS[@]}")
-  wait "$pid" || die "$what failed"
-  drop_pid "$pid"
-}
+py_step() { bench_py_step "$BENCH/shadow_bench.py" "$@"; }  # timeout-seconds what args...
 
 "$NGINX" -t -q -c "$TMP/nginx-upstream/nginx.conf" -p "$TMP/nginx-upstream" \
   || die "nginx (upstream) config test failed"
