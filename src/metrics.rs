@@ -198,6 +198,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Unix time of the last successful config load.
     pub last_reload: IntGauge,
+    /// Unix time of the last reload that was rejected (0: none yet).
+    pub last_reload_failure: IntGauge,
     /// Attempts by route, target and result (`ok` or the error kind).
     pub attempts: IntCounterVec,
     /// Fallbacks by route, from-target, to-target and the kind that caused them.
@@ -234,6 +236,131 @@ pub struct Metrics {
     pub gov: GovMetrics,
     /// Shadow traffic: candidate calls, drops, latency, similarity.
     pub shadow: ShadowMetrics,
+    /// Gauges filled when `/metrics` is scraped (routes' targets, keys' budgets).
+    pub scraped: ScrapeGauges,
+}
+
+/// Gauges computed when `/metrics` is scraped, so the request path pays
+/// nothing for them: each route's targets (configured, and able to take a
+/// request now) and each key's budgets with its spend in them. A series whose
+/// route, key or budget is gone after a reload is removed at the next scrape.
+pub struct ScrapeGauges {
+    /// Targets of a route (every arm's), by route.
+    route_targets: prometheus::IntGaugeVec,
+    /// Targets of a route that could take a request now, by route.
+    route_available: prometheus::IntGaugeVec,
+    /// A key's budget, by key, period (`daily`/`monthly`) and unit (`tokens`/`cost`).
+    key_budget: prometheus::GaugeVec,
+    /// A key's spend in its budget's period, by key, period and unit.
+    key_spend: prometheus::GaugeVec,
+    /// The label sets set at the last scrape: routes, then `key|period|unit`.
+    last: std::sync::Mutex<(Vec<String>, Vec<[String; 3]>)>,
+}
+
+/// One route's targets, as [`ScrapeGauges::fill`] takes them.
+pub struct RouteFigures<'a> {
+    pub route: &'a str,
+    pub targets: usize,
+    /// Targets whose provider is configured and enabled and whose breaker is
+    /// not open.
+    pub available: usize,
+}
+
+/// One budget of a key with the spend counted against it.
+pub struct BudgetFigures<'a> {
+    pub key: &'a str,
+    /// `daily` or `monthly`.
+    pub period: &'static str,
+    /// `tokens` or `cost` (in `spend.currency`).
+    pub unit: &'static str,
+    pub limit: f64,
+    pub spent: f64,
+}
+
+impl ScrapeGauges {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let route_targets = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "route_targets",
+                "Targets configured on a route (every arm's), by route",
+            ),
+            &["route"],
+        )?;
+        let route_available = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "route_targets_available",
+                "Targets of a route that can take a request now (provider configured and enabled, breaker not open)",
+            ),
+            &["route"],
+        )?;
+        let key_budget = prometheus::GaugeVec::new(
+            Opts::new(
+                "key_budget",
+                "A gateway key's budget, by key, period (daily, monthly) and unit (tokens, cost in the spend currency)",
+            ),
+            &["key", "period", "unit"],
+        )?;
+        let key_spend = prometheus::GaugeVec::new(
+            Opts::new(
+                "key_spend",
+                "A gateway key's spend in its budget's current period as this replica knows it, by key, period and unit",
+            ),
+            &["key", "period", "unit"],
+        )?;
+        registry.register(Box::new(route_targets.clone()))?;
+        registry.register(Box::new(route_available.clone()))?;
+        registry.register(Box::new(key_budget.clone()))?;
+        registry.register(Box::new(key_spend.clone()))?;
+        Ok(ScrapeGauges {
+            route_targets,
+            route_available,
+            key_budget,
+            key_spend,
+            last: std::sync::Mutex::new((Vec::new(), Vec::new())),
+        })
+    }
+
+    /// Sets every route's and budget's figures and removes the series of
+    /// routes and budgets no longer configured.
+    pub fn fill(&self, routes: &[RouteFigures<'_>], budgets: &[BudgetFigures<'_>]) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        for r in routes {
+            let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+            self.route_targets
+                .with_label_values(&[r.route])
+                .set(n(r.targets));
+            self.route_available
+                .with_label_values(&[r.route])
+                .set(n(r.available));
+        }
+        for b in budgets {
+            let labels = [b.key, b.period, b.unit];
+            self.key_budget.with_label_values(&labels).set(b.limit);
+            self.key_spend.with_label_values(&labels).set(b.spent);
+        }
+        for gone in last
+            .0
+            .iter()
+            .filter(|g| !routes.iter().any(|r| r.route == *g))
+        {
+            let _ = self.route_targets.remove_label_values(&[gone]);
+            let _ = self.route_available.remove_label_values(&[gone]);
+        }
+        for gone in last.1.iter().filter(|g| {
+            !budgets
+                .iter()
+                .any(|b| b.key == g[0] && b.period == g[1] && b.unit == g[2])
+        }) {
+            let labels = [gone[0].as_str(), gone[1].as_str(), gone[2].as_str()];
+            let _ = self.key_budget.remove_label_values(&labels);
+            let _ = self.key_spend.remove_label_values(&labels);
+        }
+        last.0 = routes.iter().map(|r| r.route.to_owned()).collect();
+        last.1 = budgets
+            .iter()
+            .map(|b| [b.key.to_owned(), b.period.to_owned(), b.unit.to_owned()])
+            .collect();
+    }
 }
 
 /// Governance metrics (keys, limits, budgets and cost, audit, data
@@ -590,6 +717,10 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load",
         )?;
+        let last_reload_failure = IntGauge::new(
+            "config_last_reload_failure_timestamp_seconds",
+            "Unix time of the last rejected configuration reload (0: none since start)",
+        )?;
         let attempts = IntCounterVec::new(
             Opts::new(
                 "attempts_total",
@@ -736,6 +867,7 @@ impl Metrics {
         registry.register(Box::new(prompt_errors.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_reload.clone()))?;
+        registry.register(Box::new(last_reload_failure.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(upstream_seconds.clone()))?;
@@ -747,6 +879,7 @@ impl Metrics {
         registry.register(Box::new(in_flight.clone()))?;
         let gov = GovMetrics::new(&registry)?;
         let shadow = ShadowMetrics::new(&registry)?;
+        let scraped = ScrapeGauges::new(&registry)?;
         Ok(Metrics {
             registry,
             requests,
@@ -762,6 +895,7 @@ impl Metrics {
             prompt_errors,
             reloads,
             last_reload,
+            last_reload_failure,
             attempts,
             fallbacks,
             breaker_state,
@@ -783,6 +917,7 @@ impl Metrics {
             embedding_seconds,
             gov,
             shadow,
+            scraped,
         })
     }
 
@@ -823,11 +958,18 @@ impl Metrics {
         }
     }
 
-    /// A configuration reload's result.
+    /// A configuration reload's result (a rejected one also notes its time).
     pub fn reload(&self, ok: bool) {
         self.reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+        if !ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_reload_failure
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
     }
 
     /// Cache decisions of a route so far, by result (for the admin status).

@@ -1646,6 +1646,7 @@ async fn healthz() -> Response {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     app.gw.refresh_cache_gauges().await;
+    app.gw.refresh_scrape_gauges();
     let mut resp = Response::new(Body::from(app.gw.metrics.render()));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -423,6 +423,14 @@ impl Spend {
         }
     }
 
+    /// A key's totals in the current UTC day and month, as this replica knows
+    /// them (with Redis, as of its last read), for the scrape-time gauges.
+    pub fn current_totals(&self, key: &str) -> Totals {
+        let mut t = self.totals().get(key).copied().unwrap_or_default();
+        t.roll(Period::now());
+        t
+    }
+
     /// A key's spend in its budget periods, for the admin API: this UTC day's
     /// and month's tokens and cost, as this replica knows them (with Redis,
     /// as of its last read).

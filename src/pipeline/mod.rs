@@ -162,6 +162,67 @@ impl Gateway {
         self.metrics.cache_bytes.set(bytes as i64);
     }
 
+    /// Updates the gauges computed at scrape time: each route's targets and
+    /// how many can take a request now, each key's budgets and its spend in
+    /// them (as this replica knows it).
+    pub fn refresh_scrape_gauges(&self) {
+        use crate::health::{BreakerState, FaultKind};
+        use crate::metrics::{BudgetFigures, RouteFigures};
+        let snap = self.snapshot();
+        let up = |t: &Target| {
+            matches!(t.provider, crate::backend::ProviderState::Ready(_))
+                && self
+                    .book
+                    .fault(&t.provider_id)
+                    .is_none_or(|f| f.kind != FaultKind::Disabled)
+                && t.health.summary(&snap.breaker).0 != BreakerState::Open
+        };
+        let routes: Vec<RouteFigures<'_>> = snap
+            .routes()
+            .map(|r| {
+                let targets = r.targets();
+                RouteFigures {
+                    route: r.name.as_str(),
+                    targets: targets.len(),
+                    available: targets.iter().filter(|t| up(t)).count(),
+                }
+            })
+            .collect();
+        let mut budgets = Vec::new();
+        for c in snap.access.callers() {
+            let Some(b) = c.key.budget.as_ref() else {
+                continue;
+            };
+            let spent = self.governor.spend.current_totals(&c.id);
+            let periods = [
+                ("daily", &b.daily, spent.day_tokens, spent.day_cost),
+                ("monthly", &b.monthly, spent.month_tokens, spent.month_cost),
+            ];
+            for (period, limit, tokens, cost) in periods {
+                let Some(l) = limit else { continue };
+                if let Some(max) = l.tokens {
+                    budgets.push(BudgetFigures {
+                        key: &c.id,
+                        period,
+                        unit: "tokens",
+                        limit: max as f64,
+                        spent: tokens as f64,
+                    });
+                }
+                if let Some(max) = l.cost {
+                    budgets.push(BudgetFigures {
+                        key: &c.id,
+                        period,
+                        unit: "cost",
+                        limit: max,
+                        spent: cost,
+                    });
+                }
+            }
+        }
+        self.metrics.scraped.fill(&routes, &budgets);
+    }
+
     /// The current snapshot; a request loads it once and uses it throughout.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()

@@ -236,3 +236,50 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 }
+
+/// A program the tests need from the system (`prometheus`, `promtool`, …):
+/// its path, or `None` with a note when it is missing — except under
+/// `CI=true`, where a missing peer fails the test instead of skipping it.
+pub fn required_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let hint = format!(
+            "{name} is not installed (scripts/test installs it; Debian: apt-get install prometheus)"
+        );
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{hint}: under CI=true this test must run"
+        );
+        eprintln!("skipped: {hint}");
+    }
+    found
+}
+
+/// Every YAML document of `path` as JSON, read by the test venv's Python
+/// (PyYAML's safe loader): the tests read deployment files without a YAML
+/// parser of their own (only the config module reads YAML).
+pub fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(venv_bin().join("python"))
+        .args([
+            "-c",
+            "import json, sys, yaml\nprint(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1], encoding='utf-8')) if d is not None]))",
+        ])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run the venv's python ({e}): run the tests with scripts/test or set PROMPTGATE_PYTHON"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{} is not valid YAML: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
