@@ -13,11 +13,19 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::peers::{free_port, required_tool, start_prometheus, yaml_documents};
 use common::*;
 use serde_json::Value;
 use sha2::Digest;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
 
 fn sha(k: &str) -> String {
     sha2::Sha256::digest(k.as_bytes())
@@ -211,4 +219,427 @@ async fn eventually_metrics(gw: &Gw, ok: impl Fn(&str) -> bool) -> String {
         assert!(Instant::now() < until, "the metrics never matched: {m}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// === the alert rules under promtool ===
+
+/// `promtool check rules` and `promtool test rules` pass, and the unit tests
+/// fire every alert the rules define (and keep at least one silent).
+#[test]
+fn alert_rules_pass_promtool_and_every_alert_is_fired_by_a_unit_test() {
+    let Some(promtool) = required_tool("promtool") else {
+        return;
+    };
+    let dir = repo().join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yaml"][..],
+        &["test", "rules", "alerts_test.yaml"],
+        &["check", "config", "prometheus.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = &yaml_documents(&dir.join("alerts.yaml"))[0];
+    let alerts: BTreeSet<String> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| {
+            assert!(r["labels"]["severity"].is_string(), "{r}");
+            assert!(r["annotations"]["summary"].is_string(), "{r}");
+            assert!(r["annotations"]["description"].is_string(), "{r}");
+            r["alert"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let tests = &yaml_documents(&dir.join("alerts_test.yaml"))[0];
+    let cases: Vec<&Value> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .collect();
+    let fired: BTreeSet<String> = cases
+        .iter()
+        .filter(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()))
+        .map(|c| c["alertname"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(fired, alerts, "every alert is fired by a unit test");
+    assert!(
+        cases
+            .iter()
+            .any(|c| c["exp_alerts"].as_array().is_some_and(Vec::is_empty)),
+        "some case shows an alert silent below its threshold"
+    );
+}
+
+// === a real Prometheus scraping the real binary ===
+
+const SCRAPE_TEAM_KEY: &str = "pg-test-deploy-scrape-team-0123456789";
+const SCRAPE_LIMITED_KEY: &str = "pg-test-deploy-scrape-limited-0123456789";
+
+/// A configuration whose traffic makes every series the rules and the
+/// dashboard read appear: Redis stores on a port where nothing listens
+/// (their failures are counted), the audit log on /dev/full (its drops are
+/// counted), a cached route, a fallback chain, a split, a shadow, a stream
+/// cut short, a priced sandbox, a budgeted and a limited key, and a provider
+/// whose health checks fail.
+fn scrape_config(dir: &Path) {
+    let dead = free_port();
+    let gateway = format!(
+        r#"listen: 127.0.0.1:0
+limits:
+  store: redis
+  redis: {{url: "redis://127.0.0.1:{dead}", timeout: 50ms}}
+  on_store_error: fail_open
+spend:
+  store: redis
+  redis: {{url: "redis://127.0.0.1:{dead}", timeout: 50ms}}
+cache:
+  redis: {{url: "redis://127.0.0.1:{dead}", timeout: 50ms}}
+audit: {{path: /dev/full}}
+routes:
+  cached:
+    provider: sandbox
+    model: echo
+    cache: {{mode: on}}
+  broken:
+    provider: sandbox
+    model: overloaded
+  cut:
+    provider: sandbox
+    model: cut
+  resilient:
+    targets:
+      - {{provider: down, model: x}}
+      - {{provider: sandbox, model: echo}}
+  ab:
+    split:
+      arms:
+        - {{name: a, weight: 50, provider: sandbox, model: echo}}
+        - {{name: b, weight: 50, provider: sandbox, model: echo}}
+  shadowed:
+    provider: sandbox
+    model: echo
+    shadow:
+      targets: [{{provider: sandbox, model: slow}}]
+      sample: 1.0
+      max_in_flight: 1
+"#
+    );
+    let providers = vec![
+        (
+            "sandbox.yaml".to_string(),
+            "kind: sandbox\nsandbox:\n  models:\n    echo: {}\n    slow: {reply: echo, delay: 700ms}\n    cut: {reply: script, script: [\"one two three four five six\"], cut_after: 2}\n    overloaded: {fail: {status: 503}}\nprices:\n  currency: USD\n  models:\n    \"*\": {input: 1000, output: 1000}\n".to_string(),
+        ),
+        (
+            "down.yaml".to_string(),
+            format!(
+                "kind: openai\nbase_url: http://127.0.0.1:{dead}/v1\nauth: none\ntimeouts: {{connect: 1s, headers: 1s, idle: 1s, total: 2s}}\n"
+            ),
+        ),
+        // Checked every second, used by no route (so its failed checks open no
+        // breaker on the chain above).
+        (
+            "probed.yaml".to_string(),
+            format!(
+                "kind: openai\nbase_url: http://127.0.0.1:{dead}/v1\nauth: none\nhealth_check: {{interval: 1s, timeout: 1s}}\n"
+            ),
+        ),
+    ];
+    write_config(dir, &gateway, &providers);
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::write(
+        dir.join("keys/teams.yaml"),
+        format!(
+            "team:\n  sha256: {}\n  budget:\n    daily: {{tokens: 10}}\nlimited:\n  sha256: {}\n  limits: {{rpm: 1}}\n",
+            sha(SCRAPE_TEAM_KEY),
+            sha(SCRAPE_LIMITED_KEY)
+        ),
+    )
+    .unwrap();
+}
+
+/// Sends the traffic that makes the series appear.
+async fn scrape_traffic(gw: &process::Process) {
+    let c = client();
+    let chat = |model: &str, stream: bool, key: Option<&str>| {
+        let mut r = c
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body(model, stream));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(chat("cached", false, None).await, 200);
+    }
+    assert_eq!(chat("broken", false, None).await, 503);
+    assert_eq!(chat("cut", true, None).await, 200);
+    assert_eq!(chat("resilient", false, None).await, 200);
+    assert_eq!(chat("resilient", true, None).await, 200);
+    assert_eq!(chat("ab", true, None).await, 200);
+    // The first copy keeps the shadow's only slot busy: the second is dropped.
+    assert_eq!(chat("shadowed", false, None).await, 200);
+    assert_eq!(chat("shadowed", false, None).await, 200);
+    // A budget of 10 tokens: the first request crosses it, the next is refused.
+    assert_eq!(chat("cached", false, Some(SCRAPE_TEAM_KEY)).await, 200);
+    assert_eq!(chat("cached", false, Some(SCRAPE_TEAM_KEY)).await, 429);
+    // One request a minute.
+    assert_eq!(chat("ab", false, Some(SCRAPE_LIMITED_KEY)).await, 200);
+    assert_eq!(chat("ab", false, Some(SCRAPE_LIMITED_KEY)).await, 429);
+    let r = c
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth(process::ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The metric names a `/metrics` text exposes: its samples' and its HELP and
+/// TYPE lines'.
+fn exposed_names(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter_map(|l| match l.strip_prefix("# ") {
+            Some(meta) => meta.split_whitespace().nth(1),
+            None => l.split(['{', ' ']).next(),
+        })
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `promptgate_*` metric names a PromQL expression reads.
+fn referenced_names(expr: &str) -> BTreeSet<String> {
+    regex::Regex::new(r"promptgate_[a-z0-9_]+")
+        .unwrap()
+        .find_iter(expr)
+        .map(|m| m.as_str().to_owned())
+        .collect()
+}
+
+/// Every PromQL expression of the dashboard, with Grafana's variables
+/// replaced by what "All" and a range mean to Prometheus; and every variable
+/// query's metric.
+fn dashboard_expressions() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/promptgate.json")).unwrap();
+    let dash: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dash["schemaVersion"], 39);
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        "a prometheus data source variable"
+    );
+    let grafana = |e: &str| {
+        e.replace("$__rate_interval", "1m")
+            .replace("$__range", "1h")
+            .replace("$route", ".*")
+            .replace("$provider", ".*")
+            .replace("$key", ".*")
+    };
+    let mut out = Vec::new();
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        let def = v["definition"].as_str().unwrap();
+        let inner = def
+            .strip_prefix("label_values(")
+            .and_then(|d| d.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable {def}"));
+        let (metric, label) = inner.split_once(", ").unwrap();
+        out.push((
+            format!("variable {}", v["name"]),
+            format!("group by ({label}) ({metric})"),
+        ));
+    }
+    for p in dash["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for t in targets {
+            out.push((
+                format!("panel {}", p["title"]),
+                grafana(t["expr"].as_str().unwrap()),
+            ));
+        }
+    }
+    assert!(out.iter().all(|(_, e)| !e.contains('$')), "{out:?}");
+    out
+}
+
+/// A real Prometheus (Debian's) scrapes the real binary every second with
+/// the alert rules loaded: the target is up, every rule is healthy after its
+/// first evaluation, a gateway series is queryable; every rule's and every
+/// dashboard panel's expression evaluates without error, and every metric
+/// name they read is one the gateway exposes — renaming a metric fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_gateway_and_every_rule_and_panel_evaluates() {
+    let Some(prometheus) = required_tool("prometheus") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    scrape_config(dir.path());
+    let gw = process::Process::start(&dir.path().join("promptgate.yaml"), &[]);
+    scrape_traffic(&gw).await;
+
+    // Every series the traffic makes, once the shadow call and the health
+    // checks have been counted.
+    let c = client();
+    let mut metrics = String::new();
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        metrics = c
+            .get(gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if [
+            "promptgate_shadow_similarity_bucket",
+            "promptgate_health_checks_total",
+            "promptgate_audit_dropped_total",
+        ]
+        .iter()
+        .all(|s| metrics.contains(s))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exposed = exposed_names(&metrics);
+
+    let alerts = repo().join("deploy/prometheus/alerts.yaml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: promptgate\n    static_configs:\n      - targets: [\"{}\"]\n",
+        alerts.display(),
+        gw.base.trim_start_matches("http://")
+    );
+    let prom = start_prometheus(&prometheus, &config).await;
+
+    // The target is up and a gateway series is queryable.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = prom
+            .get_json("/api/v1/query", &[("query", "promptgate_requests_total")])
+            .await;
+        let up = prom
+            .get_json("/api/v1/query", &[("query", "up{job=\"promptgate\"}")])
+            .await;
+        if up["data"]["result"][0]["value"][1] == "1"
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "no scrape of the gateway: {up} {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let targets = prom.get_json("/api/v1/targets", &[]).await;
+    assert_eq!(
+        targets["data"]["activeTargets"][0]["health"], "up",
+        "{targets}"
+    );
+
+    // Every rule loaded, evaluated and healthy.
+    let mut rules;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        rules = prom.get_json("/api/v1/rules", &[]).await;
+        let all: Vec<&Value> = rules["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .collect();
+        let evaluated = all.iter().all(|r| {
+            r["lastEvaluation"]
+                .as_str()
+                .is_some_and(|t| !t.starts_with("0001"))
+        });
+        if !all.is_empty() && evaluated {
+            for r in &all {
+                assert_eq!(r["health"], "ok", "{r}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the rules were not evaluated: {rules}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rule_exprs: Vec<(String, String)> = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| {
+            (
+                format!("alert {}", r["name"]),
+                r["query"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let local = &yaml_documents(&alerts)[0];
+    let defined = local["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["rules"].as_array().unwrap().len())
+        .sum::<usize>();
+    assert_eq!(
+        rule_exprs.len(),
+        defined,
+        "every rule of alerts.yaml loaded"
+    );
+
+    // Every expression evaluates; every metric it reads is exported.
+    let mut missing = Vec::new();
+    for (what, expr) in rule_exprs.iter().chain(dashboard_expressions().iter()) {
+        let v = prom.get_json("/api/v1/query", &[("query", expr)]).await;
+        assert_eq!(v["status"], "success", "{what}: {expr}: {v}");
+        for name in referenced_names(expr) {
+            if !exposed.contains(&name) {
+                missing.push(format!("{what}: {name}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics the gateway does not export:\n{}\n\nexported: {exposed:?}",
+        missing.join("\n")
+    );
+    // The new route gauges reached Prometheus too.
+    let v = prom
+        .get_json(
+            "/api/v1/query",
+            &[(
+                "query",
+                "promptgate_route_targets_available{route=\"cached\"}",
+            )],
+        )
+        .await;
+    assert_eq!(v["data"]["result"][0]["value"][1], "1", "{v}");
 }

@@ -283,3 +283,40 @@ pub fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// A real Prometheus (the system's `prometheus`) on a free loopback port with
+/// `config` as its configuration file and its data in a temp folder, waited
+/// for until it is ready.
+pub async fn start_prometheus(program: &Path, config: &str) -> Peer {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prometheus.yml");
+    std::fs::write(&file, config).unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        format!("--config.file={}", file.display()),
+        format!("--storage.tsdb.path={}", data.display()),
+        format!("--web.listen-address=127.0.0.1:{port}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut peer = Peer::spawn(program, &args, port, dir);
+    peer.wait_ready("/-/ready", Duration::from_secs(30)).await;
+    peer
+}
+
+impl Peer {
+    /// `GET {base}{path}` as JSON (Prometheus's HTTP API).
+    pub async fn get_json(&self, path: &str, query: &[(&str, &str)]) -> serde_json::Value {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let r = client
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    }
+}
