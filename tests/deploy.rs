@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::peers::{free_port, required_tool, start_prometheus, yaml_documents};
+use common::peers::{free_port, required_tool, start_prometheus, venv_bin, yaml_documents};
 use common::*;
 use serde_json::Value;
 use sha2::Digest;
@@ -642,4 +642,268 @@ async fn prometheus_scrapes_the_gateway_and_every_rule_and_panel_evaluates() {
         )
         .await;
     assert_eq!(v["data"]["result"][0]["value"][1], "1", "{v}");
+}
+
+// === Kubernetes ===
+
+fn k8s() -> PathBuf {
+    repo().join("deploy/kubernetes")
+}
+
+/// Every resource of the kustomization, with the file it is in. The
+/// kustomization lists every manifest of the folder and nothing else.
+fn manifests() -> Vec<(String, Value)> {
+    let kustomization = &yaml_documents(&k8s().join("kustomization.yaml"))[0];
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(k8s())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, present, "kustomization.yaml lists every manifest");
+    listed
+        .into_iter()
+        .flat_map(|f| {
+            yaml_documents(&k8s().join(&f))
+                .into_iter()
+                .map(move |d| (f.clone(), d))
+        })
+        .collect()
+}
+
+fn resource<'a>(all: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+    all.iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// `a`'s labels all in `b`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| labels[k] == *v)
+}
+
+/// The gateway's folder as the Deployment mounts it: each ConfigMap key
+/// written at the path its projected volume gives it. Every key of the
+/// projected ConfigMaps is projected (a file added to a ConfigMap but not to
+/// the volume would never reach the pods).
+fn mounted_config(all: &[(String, Value)], into: &Path) {
+    let deployment = resource(all, "Deployment", "promptgate");
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    let config = volumes.iter().find(|v| v["name"] == "config").unwrap();
+    for source in config["projected"]["sources"].as_array().unwrap() {
+        let cm = &source["configMap"];
+        let data = &resource(all, "ConfigMap", cm["name"].as_str().unwrap())["data"];
+        let items = cm["items"].as_array().unwrap();
+        let projected: BTreeSet<&str> = items.iter().map(|i| i["key"].as_str().unwrap()).collect();
+        let keys: BTreeSet<&str> = data
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            projected, keys,
+            "every key of ConfigMap {} is mounted",
+            cm["name"]
+        );
+        for item in items {
+            let path = into.join(item["path"].as_str().unwrap());
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, data[item["key"].as_str().unwrap()].as_str().unwrap()).unwrap();
+        }
+    }
+}
+
+/// Every manifest of deploy/kubernetes validates offline with
+/// kubernetes-validate (the venv's, its schemas bundled) in strict mode
+/// against Kubernetes 1.33. ServiceMonitor and PrometheusRule are custom
+/// resources it has no schema for: their required fields are checked here,
+/// and the PrometheusRule must hold exactly the groups of
+/// deploy/prometheus/alerts.yaml. The Deployment's wiring is checked too:
+/// probes, rollout, grace period against `limits.shutdown_grace`, security
+/// context, the Secret's keys, the selectors of the Service, the PDB and the
+/// ServiceMonitor.
+#[test]
+fn kubernetes_manifests_validate_offline() {
+    let all = manifests();
+    let crd = |d: &Value| {
+        d["apiVersion"]
+            .as_str()
+            .unwrap()
+            .starts_with("monitoring.coreos.com/")
+    };
+    let mut files: Vec<&str> = all
+        .iter()
+        .filter(|(_, d)| !crd(d))
+        .map(|(f, _)| f.as_str())
+        .collect();
+    files.dedup();
+    let validator = venv_bin().join("kubernetes-validate");
+    assert!(
+        validator.exists(),
+        "{} is missing: run the tests with scripts/test (the venv has kubernetes-validate)",
+        validator.display()
+    );
+    let out = Command::new(&validator)
+        .args(["-k", "1.33.0", "--strict"])
+        .args(&files)
+        .current_dir(k8s())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
+    let validated = text.matches("passed for resource").count();
+    assert_eq!(
+        validated,
+        all.iter().filter(|(_, d)| !crd(d)).count(),
+        "every built-in resource was validated against a schema:\n{text}"
+    );
+
+    // The custom resources.
+    let service = resource(&all, "Service", "promptgate");
+    let monitor = resource(&all, "ServiceMonitor", "promptgate");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["namespace"], "promptgate");
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    let ports: Vec<&Value> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    for e in monitor["spec"]["endpoints"].as_array().unwrap() {
+        assert!(ports.iter().any(|p| p["name"] == e["port"]), "{e}");
+        assert_eq!(e["path"], "/metrics");
+    }
+    let rule = resource(&all, "PrometheusRule", "promptgate");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    let alerts = &yaml_documents(&repo().join("deploy/prometheus/alerts.yaml"))[0];
+    assert_eq!(
+        rule["spec"]["groups"], alerts["groups"],
+        "prometheusrule.yaml holds alerts.yaml's groups (regenerate it: see its header)"
+    );
+
+    // The gateway's Deployment.
+    let deployment = resource(&all, "Deployment", "promptgate");
+    let spec = &deployment["spec"];
+    let pod = &spec["template"]["spec"];
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    assert!(selects(&spec["selector"]["matchLabels"], pod_labels));
+    assert!(selects(&service["spec"]["selector"], pod_labels));
+    let pdb = resource(&all, "PodDisruptionBudget", "promptgate");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels));
+    assert_eq!(pdb["spec"]["minAvailable"], 2);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "promptgate:latest");
+    let sc = &container["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    for r in ["requests", "limits"] {
+        assert!(container["resources"][r]["memory"].is_string(), "{r}");
+        assert!(container["resources"][r]["cpu"].is_string(), "{r}");
+    }
+    let port = container["ports"][0]["name"].clone();
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], port);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], port);
+    let secret = resource(&all, "Secret", "promptgate-secrets");
+    for env in container["env"].as_array().unwrap() {
+        if let Some(r) = env["valueFrom"]["secretKeyRef"].as_object() {
+            assert_eq!(r["name"], "promptgate-secrets");
+            let key = r["key"].as_str().unwrap();
+            assert!(
+                secret["stringData"][key].is_string(),
+                "the Secret has {key}"
+            );
+        }
+    }
+    // The grace period covers the preStop pause and the gateway's own grace.
+    let dir = tempfile::tempdir().unwrap();
+    mounted_config(&all, dir.path());
+    let config = &yaml_documents(&dir.path().join("promptgate.yaml"))[0];
+    let grace = humantime::parse_duration(config["limits"]["shutdown_grace"].as_str().unwrap())
+        .unwrap()
+        .as_secs();
+    let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .unwrap();
+    let period = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        period > pause + grace,
+        "terminationGracePeriodSeconds {period} > preStop {pause} + shutdown_grace {grace}"
+    );
+    // The admin API stays on the pod's loopback.
+    assert!(
+        config["admin"]["listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{config}"
+    );
+}
+
+/// The ConfigMaps, laid out as the Deployment mounts them, are a
+/// configuration `promptgate check` accepts, with the environment the
+/// Deployment gives the container from the Secret.
+#[test]
+fn the_kubernetes_configmaps_pass_promptgate_check() {
+    let all = manifests();
+    let dir = tempfile::tempdir().unwrap();
+    mounted_config(&all, dir.path());
+    let secret = resource(&all, "Secret", "promptgate-secrets");
+    let container =
+        &resource(&all, "Deployment", "promptgate")["spec"]["template"]["spec"]["containers"][0];
+    let mut env = Vec::new();
+    for e in container["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap().to_owned();
+        let value = match e["valueFrom"]["secretKeyRef"]["key"].as_str() {
+            Some(key) => secret["stringData"][key].as_str().unwrap().to_owned(),
+            None => e["value"].as_str().unwrap().to_owned(),
+        };
+        env.push((name, value));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_promptgate"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("promptgate.yaml"))
+        .env_clear()
+        .envs(env)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "promptgate check rejected the ConfigMaps:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok: 4 route(s), 3 provider(s), 1 prompt(s)"),
+        "{stdout}"
+    );
 }
