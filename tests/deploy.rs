@@ -848,9 +848,15 @@ fn kubernetes_manifests_validate_offline() {
     let dir = tempfile::tempdir().unwrap();
     mounted_config(&all, dir.path());
     let config = &yaml_documents(&dir.path().join("promptgate.yaml"))[0];
-    let grace = humantime::parse_duration(config["limits"]["shutdown_grace"].as_str().unwrap())
-        .unwrap()
-        .as_secs();
+    let secs = |field: &str| {
+        config["limits"][field]
+            .as_str()
+            .map_or(0, |d| humantime::parse_duration(d).unwrap().as_secs())
+    };
+    let grace = secs("shutdown_grace");
+    assert!(grace > 0, "the ConfigMap sets limits.shutdown_grace");
+    // A drain delay (the listener still serving after SIGTERM) adds to it.
+    let grace = grace + secs("drain_delay");
     let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         .as_u64()
         .unwrap();
