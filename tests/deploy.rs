@@ -397,9 +397,30 @@ async fn scrape_traffic(gw: &process::Process) {
     // The first copy keeps the shadow's only slot busy: the second is dropped.
     assert_eq!(chat("shadowed", false, None).await, 200);
     assert_eq!(chat("shadowed", false, None).await, 200);
-    // A budget of 10 tokens: the first request crosses it, the next is refused.
-    assert_eq!(chat("cached", false, Some(SCRAPE_TEAM_KEY)).await, 200);
-    assert_eq!(chat("cached", false, Some(SCRAPE_TEAM_KEY)).await, 429);
+    // A budget of 10 tokens: the first request crosses it (once its spend is
+    // recorded, as its response's body is dropped), the next is refused.
+    assert_eq!(chat("ab", false, Some(SCRAPE_TEAM_KEY)).await, 200);
+    let spent = "promptgate_key_spend{key=\"team\",period=\"daily\",unit=\"tokens\"}";
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = c
+            .get(gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if sample(&m, spent).is_some_and(|t| t >= 10.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the key's spend was never recorded: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(chat("ab", false, Some(SCRAPE_TEAM_KEY)).await, 429);
     // One request a minute.
     assert_eq!(chat("ab", false, Some(SCRAPE_LIMITED_KEY)).await, 200);
     assert_eq!(chat("ab", false, Some(SCRAPE_LIMITED_KEY)).await, 429);
