@@ -207,6 +207,18 @@ async fn scrape_time_gauges_follow_targets_budgets_and_reloads() {
     assert!(failed > 0.0 && failed >= succeeded, "{m}");
 }
 
+/// The body of `GET url`.
+async fn text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// `/metrics` until `ok` holds of it (spend is recorded when the response's
 /// body is dropped, just after the client has read it).
 async fn eventually_metrics(gw: &Gw, ok: impl Fn(&str) -> bool) -> String {
@@ -403,14 +415,7 @@ async fn scrape_traffic(gw: &process::Process) {
     let spent = "promptgate_key_spend{key=\"team\",period=\"daily\",unit=\"tokens\"}";
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = c
-            .get(gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = text(&gw.url("/metrics")).await;
         if sample(&m, spent).is_some_and(|t| t >= 10.0) {
             break;
         }
@@ -524,18 +529,10 @@ async fn prometheus_scrapes_the_gateway_and_every_rule_and_panel_evaluates() {
 
     // Every series the traffic makes, once the shadow call and the health
     // checks have been counted.
-    let c = client();
     let mut metrics = String::new();
     let until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < until {
-        metrics = c
-            .get(gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        metrics = text(&gw.url("/metrics")).await;
         if [
             "promptgate_shadow_similarity_bucket",
             "promptgate_health_checks_total",
