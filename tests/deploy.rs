@@ -481,6 +481,14 @@ fn dashboard_expressions() -> Vec<(String, String)> {
             .replace("$provider", ".*")
             .replace("$key", ".*")
     };
+    let panels = dash["panels"].as_array().unwrap();
+    let ids: BTreeSet<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    for p in panels {
+        let g = &p["gridPos"];
+        let right = g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap();
+        assert!(right <= 24, "{} fits the 24-column grid", p["title"]);
+    }
     let mut out = Vec::new();
     for v in vars.iter().filter(|v| v["type"] == "query") {
         let def = v["definition"].as_str().unwrap();
@@ -494,7 +502,7 @@ fn dashboard_expressions() -> Vec<(String, String)> {
             format!("group by ({label}) ({metric})"),
         ));
     }
-    for p in dash["panels"].as_array().unwrap() {
+    for p in panels {
         if p["type"] == "row" {
             continue;
         }
