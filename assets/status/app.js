@@ -3,8 +3,12 @@
 'use strict';
 (function () {
   const KEY = 'promptgate.adminKey';
-  const POLL_MS = 2000;
-  const STALE_MS = 6000;
+  // `?refresh=SECONDS` (0.5 to 60) changes the polling interval (default 2 s).
+  const POLL_MS = (() => {
+    const v = Number(new URLSearchParams(window.location.search).get('refresh'));
+    return v >= 0.5 && v <= 60 ? v * 1000 : 2000;
+  })();
+  const STALE_MS = Math.max(6000, 3 * POLL_MS);
   const TIMEOUT_MS = 5000;
   const $ = (id) => document.getElementById(id);
 

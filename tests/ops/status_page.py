@@ -82,6 +82,13 @@ def watch(page, problems):
     )
 
 
+T0 = time.monotonic()
+
+
+def mark(what):
+    print("%5.1f s  %s" % (time.monotonic() - T0, what))
+
+
 def main():
     problems = []
     with sync_playwright() as p:
@@ -107,7 +114,11 @@ def main():
         assert page.url == ADMIN + "/admin/", page.url
         expect(page.locator("#login-form")).to_be_visible()
         expect(page.locator("#dash")).to_be_hidden()
+        # Faster polling for the test (`?refresh=SECONDS`).
+        page.goto(ADMIN + "/admin/?refresh=0.5")
+        expect(page.locator("#login-form")).to_be_visible()
 
+        mark('login form')
         # A wrong key is refused with a message, and the form stays.
         sign_in(page, "not-the-admin-key")
         expect(page.locator("#login-error")).to_be_visible()
@@ -144,6 +155,7 @@ def main():
         expect(page.locator("#updated")).to_contain_text("updated")
         shot(page, "status-page.png")
 
+        mark('healthy page')
         # A drill fault on the primary; requests until its breaker opens.
         status, body = admin(
             "POST",
@@ -170,6 +182,7 @@ def main():
         expect(page.locator("#alerts")).to_contain_text("Breaker open")
         expect(page.locator('#card-routes [data-target="primary/chat"]').first).to_have_text("breaker open")
 
+        mark('breaker open')
         # A broken prompt file and a reload: rejected, and the page shows the
         # file and the problem.
         with open(PROMPT_FILE, "a") as f:
@@ -189,6 +202,7 @@ def main():
         expect(page.locator("#alerts")).to_contain_text("last reload was rejected")
         shot(page, "status-page-fault.png")
 
+        mark('reload error')
         # The gateway stops answering: the page says so.
         page.route("**/admin/status", lambda route: route.abort())
         expect(page.locator("#conn-state")).to_have_text("stale")
@@ -198,12 +212,33 @@ def main():
         expect(page.locator("#conn-state")).to_have_text("live")
         expect(page.locator("#banner")).to_be_hidden()
 
+        mark('stale')
+        # A hidden tab stops polling; shown again, it refreshes at once.
+        fetched = []
+        page.on("request", lambda r: fetched.append(r.url) if "/admin/status" in r.url else None)
+        page.evaluate(
+            "Object.defineProperty(document, 'hidden', {value: true, configurable: true});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        expect(page.locator("#conn-state")).to_have_text("paused")
+        fetched.clear()
+        page.wait_for_timeout(1500)  # three polls' intervals
+        assert fetched == [], "a hidden tab kept polling: %s" % fetched
+        page.evaluate(
+            "Object.defineProperty(document, 'hidden', {value: false, configurable: true});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        expect(page.locator("#conn-state")).to_have_text("live")
+        assert fetched, "a visible tab polls again"
+
+        mark('paused')
         # Sign out clears the key.
         page.click("#signout")
         expect(page.locator("#login-form")).to_be_visible()
         assert page.evaluate("sessionStorage.getItem('promptgate.adminKey')") is None
         ctx.close()
 
+        mark('signed out')
         # A phone: one column, no sideways scrolling of the page.
         ctx = browser.new_context(
             viewport={"width": 390, "height": 844},
