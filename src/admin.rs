@@ -1,7 +1,7 @@
 //! The admin API, on its own listener (loopback unless configured otherwise) and
 //! behind its own key (`Authorization: Bearer <key>` or `x-admin-key`). Without a
 //! configured key every admin call is refused. The status page's files
-//! (`/admin/`, [`ui`]) are the exception: they carry no data.
+//! (`/admin/`, `admin/ui.rs`) are the exception: they carry no data.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
