@@ -255,7 +255,8 @@ async fn the_status_page_in_chromium() {
         assert_eq!(r.status(), 200);
     }
 
-    // A gateway whose admin API has no key: the page says it is disabled.
+    // A gateway whose admin API has no key: the page says it is disabled
+    // (and, on its keyed listener, shows no Keys card: no gateway keys).
     let (_fake, disabled_gw) = setup().await;
     let disabled = promptgate::admin::router(disabled_gw.reloader.clone(), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -273,6 +274,9 @@ async fn the_status_page_in_chromium() {
         .env("PG_CLIENT_KEY", &client_key)
         .env("PG_PROMPT_FILE", dir.path().join("prompts/greeting.yaml"))
         .env("PG_DISABLED_ADMIN", &disabled_url)
+        // The same in-process gateway's own admin listener: a key, no gateway keys.
+        .env("PG_PLAIN_ADMIN", disabled_gw.admin_url(""))
+        .env("PG_PLAIN_KEY", ADMIN_KEY)
         .env("PROMPTGATE_CHROMIUM", &chromium)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("NO_PROXY", "127.0.0.1,localhost")

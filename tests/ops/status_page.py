@@ -7,6 +7,7 @@ Run by tests/status_page.rs against the real binary, which passes:
   PG_CLIENT_KEY      a gateway key for chat requests
   PG_PROMPT_FILE     the prompt file to break
   PG_DISABLED_ADMIN  an admin listener without a key
+  PG_PLAIN_ADMIN, PG_PLAIN_KEY  a gateway without gateway keys, and its admin key
   PROMPTGATE_CHROMIUM  the Chromium binary (no browser download)
   PROMPTGATE_SCREENSHOTS  optional: a folder for the PNGs
 """
@@ -26,6 +27,8 @@ KEY = os.environ["PG_ADMIN_KEY"]
 CLIENT_KEY = os.environ["PG_CLIENT_KEY"]
 PROMPT_FILE = os.environ["PG_PROMPT_FILE"]
 DISABLED = os.environ["PG_DISABLED_ADMIN"]
+PLAIN = os.environ["PG_PLAIN_ADMIN"]
+PLAIN_KEY = os.environ["PG_PLAIN_KEY"]
 CHROMIUM = os.environ.get("PROMPTGATE_CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.environ.get("PROMPTGATE_SCREENSHOTS")
 WAIT_MS = 10_000
@@ -104,6 +107,13 @@ def main():
         expect(page.locator("#disabled")).to_be_visible()
         expect(page.locator("#disabled")).to_contain_text("disabled")
         expect(page.locator("#login-form")).to_be_hidden()
+
+        # A gateway without gateway keys: no Keys card.
+        page.goto(PLAIN + "/admin/")
+        sign_in(page, PLAIN_KEY)
+        expect(page.locator("#dash")).to_be_visible()
+        expect(page.locator("#card-routes")).to_contain_text("sandbox-echo")
+        expect(page.locator("#card-keys")).to_be_hidden()
         ctx.close()
 
         ctx = browser.new_context(viewport={"width": 1280, "height": 900})
