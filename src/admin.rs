@@ -1,6 +1,7 @@
 //! The admin API, on its own listener (loopback unless configured otherwise) and
 //! behind its own key (`Authorization: Bearer <key>` or `x-admin-key`). Without a
-//! configured key every admin call is refused.
+//! configured key every admin call is refused. The status page's files
+//! (`/admin/`, `admin/ui.rs`) are the exception: they carry no data.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,6 +21,8 @@ use crate::health::FaultKind;
 use crate::reload::Reloader;
 use crate::snapshot::Plan;
 
+mod ui;
+
 #[derive(Clone)]
 struct AdminState {
     reloader: Arc<Reloader>,
@@ -33,6 +36,11 @@ fn json_response(status: StatusCode, v: Value) -> Response {
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    // Answers about the gateway's state are never stored by a browser or proxy.
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
     );
     r
 }
@@ -114,17 +122,25 @@ async fn status(State(st): State<AdminState>) -> Response {
             })
         })
         .collect();
+    let faults = gw.book().active_faults();
     let providers: Vec<Value> = snap
         .providers
         .iter()
         .map(|(id, state)| {
             let kind = snap.config.providers.get(id).map(|p| p.kind.name);
-            match state {
+            let mut v = match state {
                 ProviderState::Ready(_) => json!({"id": id, "kind": kind, "state": "ready"}),
                 ProviderState::Unavailable(r) => {
                     json!({"id": id, "kind": kind, "state": "unavailable", "reason": r})
                 }
-            }
+            };
+            // Taken out of rotation (`drain`/`disable`), or under a drill fault.
+            let fault = faults.iter().find(|(p, _)| p == id).map(|(_, f)| &f.kind);
+            v["draining"] = json!(fault == Some(&FaultKind::Disabled));
+            v["fault"] = json!(fault
+                .filter(|k| **k != FaultKind::Disabled)
+                .map(FaultKind::describe));
+            v
         })
         .collect();
     let mut keys_status =
@@ -132,6 +148,7 @@ async fn status(State(st): State<AdminState>) -> Response {
     // Each key's limits and budget with its current use, as in /admin/keys.
     keys_status["list"] = Value::Array(keys_json(gw, &snap));
     let body = json!({
+        "now": unix(SystemTime::now()),
         "config": {
             "file": snap.config.file.display().to_string(),
             "loaded_at": unix(snap.loaded_at),
@@ -313,6 +330,7 @@ async fn experiments(State(st): State<AdminState>) -> Response {
             .iter()
             .map(|a| {
                 let (requests, errors, p50, p95, mean_tokens) = a.stats.summary();
+                let (tokens, cost) = a.stats.totals();
                 let share = a.upper - lower;
                 lower = a.upper;
                 json!({
@@ -325,6 +343,8 @@ async fn experiments(State(st): State<AdminState>) -> Response {
                     "latency_p50_ms": p50 * 1000.0,
                     "latency_p95_ms": p95 * 1000.0,
                     "mean_tokens": mean_tokens,
+                    "tokens": tokens,
+                    "cost": cost,
                 })
             })
             .collect();
@@ -354,7 +374,7 @@ async fn experiments(State(st): State<AdminState>) -> Response {
         .collect();
     json_response(
         StatusCode::OK,
-        json!({"experiments": out, "shadows": shadows}),
+        json!({"experiments": out, "shadows": shadows, "currency": snap.config.spend.currency}),
     )
 }
 
@@ -572,7 +592,8 @@ pub fn router(reloader: Arc<Reloader>, key: Option<String>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(st.clone(), authorize))
         .with_state(st);
-    catch_panics(app)
+    // The status page's files carry no data: served without the key.
+    catch_panics(ui::router().merge(app))
 }
 
 /// A panic in an admin handler answers 500 instead of dropping the connection.

@@ -260,6 +260,8 @@ struct ArmInner {
     requests: u64,
     errors: u64,
     tokens: u64,
+    /// The summed cost of the arm's answers whose target has a price.
+    cost: f64,
     /// The most recent latencies, seconds.
     latencies: VecDeque<f64>,
 }
@@ -271,11 +273,24 @@ impl ArmStats {
         if !ok {
             s.errors += 1;
         }
-        s.tokens += tokens;
+        s.tokens = s.tokens.saturating_add(tokens);
         s.latencies.push_back(latency.as_secs_f64());
         if s.latencies.len() > 2048 {
             s.latencies.pop_front();
         }
+    }
+
+    /// Adds an answer's cost (in `spend.currency`) to the arm's total.
+    pub fn add_cost(&self, cost: f64) {
+        if cost.is_finite() && cost > 0.0 {
+            lock(&self.inner).cost += cost;
+        }
+    }
+
+    /// (total tokens, total cost) of the arm's answers so far.
+    pub fn totals(&self) -> (u64, f64) {
+        let s = lock(&self.inner);
+        (s.tokens, s.cost)
     }
 
     /// (requests, errors, p50, p95, mean tokens per request).

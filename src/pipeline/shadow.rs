@@ -133,6 +133,8 @@ struct LiveInner {
     embedding: Window,
     primary_cost: f64,
     candidate_cost: f64,
+    primary_tokens: u64,
+    candidate_tokens: u64,
 }
 
 /// The latest values, at most [`Window::SIZE`].
@@ -178,6 +180,9 @@ pub struct Figures {
     pub candidate_latency_p95_ms: Option<f64>,
     pub primary_cost: f64,
     pub candidate_cost: f64,
+    /// Input plus output tokens of each side, summed over the pairs.
+    pub primary_tokens: u64,
+    pub candidate_tokens: u64,
 }
 
 fn ratio(n: u64, d: u64) -> Option<f64> {
@@ -200,6 +205,10 @@ impl Live {
         }
         l.primary_cost += pair.primary.cost.unwrap_or(0.0);
         l.candidate_cost += pair.candidate.cost.unwrap_or(0.0);
+        let tokens =
+            |s: &crate::shadow::Side| u64::from(s.input_tokens) + u64::from(s.output_tokens);
+        l.primary_tokens = l.primary_tokens.saturating_add(tokens(&pair.primary));
+        l.candidate_tokens = l.candidate_tokens.saturating_add(tokens(&pair.candidate));
         if let Some(c) = &pair.comparison {
             l.compared += 1;
             l.exact += u64::from(c.exact);
@@ -236,6 +245,8 @@ impl Live {
             candidate_latency_p95_ms: l.candidate_ms.quantile(0.95),
             primary_cost: l.primary_cost,
             candidate_cost: l.candidate_cost,
+            primary_tokens: l.primary_tokens,
+            candidate_tokens: l.candidate_tokens,
         }
     }
 }

@@ -265,6 +265,9 @@ impl UsageTap {
             t.settle(&self.target, &usage);
         }
         self.record_end(true, u64::from(usage.total_tokens));
+        if let (Some((_, stats)), Some(price)) = (&self.arm, self.target.price) {
+            stats.add_cost(crate::governance::spend::cost(&price, &usage));
+        }
         if let Some(s) = self.shadow.take() {
             s.send(&self.target, self.started, Ok(usage));
         }

@@ -320,3 +320,43 @@ impl Peer {
         r.json().await.unwrap()
     }
 }
+
+/// What a browser test needs: the venv's Python (with Playwright) and a
+/// Chromium binary (`PROMPTGATE_CHROMIUM`, else Debian's `/usr/bin/chromium`;
+/// Playwright downloads no browser). `None` (the test is skipped) when one is
+/// missing, except under `CI=true`, where a missing peer fails the test.
+pub fn browser() -> Option<(PathBuf, PathBuf)> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let missing = |what: String| {
+        assert!(
+            !ci,
+            "{what} (CI=true: browser tests must run; scripts/test installs it)"
+        );
+        eprintln!("skipped: {what}");
+    };
+    let python = std::env::var_os("PROMPTGATE_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| venv_bin().join("python"));
+    let chromium = std::env::var_os("PROMPTGATE_CHROMIUM")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    if !chromium.exists() {
+        missing(format!("no Chromium at {}", chromium.display()));
+        return None;
+    }
+    let playwright = Command::new(&python)
+        .args(["-c", "import playwright.sync_api"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !playwright.is_ok_and(|s| s.success()) {
+        missing(format!(
+            "no Python with Playwright at {} (set PROMPTGATE_PYTHON)",
+            python.display()
+        ));
+        return None;
+    }
+    Some((python, chromium))
+}
