@@ -267,7 +267,7 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     let busy = req.extensions_mut().remove::<Busy>();
     // Health checks and scrapes hold no backend and must answer at the
     // concurrency limit too.
-    let exempt = matches!(req.uri().path(), "/healthz" | "/metrics");
+    let exempt = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
     let in_flight = if exempt {
         None
     } else {
@@ -1644,6 +1644,18 @@ async fn healthz() -> Response {
     json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
 }
 
+/// Readiness (not liveness): 503 while draining or while the configuration on
+/// disk fails to load ([`crate::lifecycle::Readiness`]).
+async fn readyz(State(app): State<AppState>) -> Response {
+    let (ready, body) = app.gw.readiness.report();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, body.to_string().into_bytes())
+}
+
 async fn metrics(State(app): State<AppState>) -> Response {
     app.gw.refresh_cache_gauges().await;
     let mut resp = Response::new(Body::from(app.gw.metrics.render()));
@@ -1718,6 +1730,7 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))

@@ -488,6 +488,13 @@ fn shutdown_ends_within_the_grace_period_with_a_stream_running() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The stream was cut at the end of the grace period, not finished.
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("[DONE]"), "{rest}");
+    assert!(rest.contains("data: "), "nothing streamed before the cut");
 }
 
 #[tokio::test]
