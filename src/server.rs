@@ -243,6 +243,10 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         None => new_request_id(),
     };
     let anthropic = req.uri().path() == "/v1/messages";
+    // While a shutdown's drain delay runs, HTTP/1 clients are told to close
+    // their connection after the answer: their next request opens a new one,
+    // which the load balancer no longer sends here.
+    let close_after = req.version() < http::Version::HTTP_2 && app.gw.readiness.draining();
     // Every API call is authenticated here, once: the caller travels in `Edge`.
     let (caller, refused) = if req.uri().path().starts_with("/v1/") {
         match app.gw.snapshot().access.authenticate(req.headers()) {
@@ -306,6 +310,9 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(REQUEST_ID, v);
+    }
+    if close_after {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     // Set by `finish` for the API handlers; everything else is all overhead.
     if !h.contains_key(OVERHEAD) {

@@ -52,6 +52,14 @@ async fn sigterm_fails_readiness_serves_through_the_drain_delay_then_drains() {
         (status, &body),
         (200, &serde_json::json!({"status": "ready"}))
     );
+    let before = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("fake-chat", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(before.status(), 200);
+    assert!(before.headers().get("connection").is_none());
 
     // A stream of 200 events 20 ms apart (4 s), longer than the drain delay.
     let url = gw.url("/v1/chat/completions");
@@ -66,7 +74,7 @@ async fn sigterm_fails_readiness_serves_through_the_drain_delay_then_drains() {
         r.text().await.unwrap()
     });
     eventually("the stream to start", || {
-        (!fake.requests().is_empty()).then_some(())
+        (fake.requests().len() == 2).then_some(())
     })
     .await;
 
@@ -85,18 +93,17 @@ async fn sigterm_fails_readiness_serves_through_the_drain_delay_then_drains() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // ... while a new connection is still accepted and served, and the
+    // ... while a new connection is still accepted and served (its client
+    // told to close it after the answer, to come back on a new one), and the
     // process is alive.
-    let r = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+    let r = client()
         .post(gw.url("/v1/chat/completions"))
         .json(&chat_body("fake-chat", false))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
     assert_eq!(get(&gw.base, "/healthz").await.0, 200);
     assert!(
         term.elapsed() < Duration::from_millis(900),
@@ -154,4 +161,10 @@ async fn sigterm_fails_readiness_serves_through_the_drain_delay_then_drains() {
             .load(std::sync::atomic::Ordering::SeqCst),
         1
     );
+    let models: Vec<Value> = fake
+        .requests()
+        .iter()
+        .map(|r| r.body["model"].clone())
+        .collect();
+    assert_eq!(models, ["chat", "slow", "chat"]);
 }
