@@ -33,7 +33,9 @@ const CAPPED_KEY: &str = "pg-test-replicas-capped-0123456789";
 /// through `..data`. An update writes a new version, points `..data_tmp` at
 /// it, renames that over `..data` (one atomic swap) and removes the old one.
 struct ConfigMap {
-    root: tempfile::TempDir,
+    dir: PathBuf,
+    /// Top-level names: files (`promptgate.yaml`) and folders (`providers`).
+    entries: Vec<&'static str>,
     version: u32,
 }
 
@@ -42,25 +44,28 @@ fn version_dir(n: u32) -> String {
 }
 
 impl ConfigMap {
-    fn new(files: &[(&str, String)]) -> ConfigMap {
-        let root = tempfile::tempdir().unwrap();
-        let map = ConfigMap { root, version: 1 };
+    /// Mounts `files` (paths relative to `dir`) at `dir`, with `entries` as
+    /// the volume's top-level names.
+    fn mount(dir: &Path, entries: &[&'static str], files: &[(&str, String)]) -> ConfigMap {
+        std::fs::create_dir_all(dir).unwrap();
+        let map = ConfigMap {
+            dir: dir.to_owned(),
+            entries: entries.to_vec(),
+            version: 1,
+        };
         map.write_version(1, files);
-        std::os::unix::fs::symlink(version_dir(1), map.root.path().join("..data")).unwrap();
-        for entry in ["promptgate.yaml", "providers", "prompts", "keys"] {
-            std::os::unix::fs::symlink(
-                Path::new("..data").join(entry),
-                map.root.path().join(entry),
-            )
-            .unwrap();
+        std::os::unix::fs::symlink(version_dir(1), dir.join("..data")).unwrap();
+        for entry in entries {
+            std::os::unix::fs::symlink(Path::new("..data").join(entry), dir.join(entry)).unwrap();
         }
         map
     }
 
     fn write_version(&self, n: u32, files: &[(&str, String)]) {
-        let dir = self.root.path().join(version_dir(n));
-        for sub in ["providers", "prompts", "keys"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        let dir = self.dir.join(version_dir(n));
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in self.entries.iter().filter(|e| !e.ends_with(".yaml")) {
+            std::fs::create_dir_all(dir.join(entry)).unwrap();
         }
         for (name, text) in files {
             std::fs::write(dir.join(name), text).unwrap();
@@ -72,14 +77,10 @@ impl ConfigMap {
         let old = self.version;
         self.version += 1;
         self.write_version(self.version, files);
-        let tmp = self.root.path().join("..data_tmp");
+        let tmp = self.dir.join("..data_tmp");
         std::os::unix::fs::symlink(version_dir(self.version), &tmp).unwrap();
-        std::fs::rename(&tmp, self.root.path().join("..data")).unwrap();
-        std::fs::remove_dir_all(self.root.path().join(version_dir(old))).unwrap();
-    }
-
-    fn gateway_file(&self) -> PathBuf {
-        self.root.path().join("promptgate.yaml")
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(self.dir.join(version_dir(old))).unwrap();
     }
 }
 
@@ -213,10 +214,17 @@ where
 async fn three_replicas_behind_nginx_share_redis_and_a_configmap() {
     let redis = Redis::start(None);
     let fake = spawn_fake().await;
-    let mut map = ConfigMap::new(&files(&fake, &redis, ""));
+    // One projected volume: the gateway file and the folders in one swap.
+    let root = tempfile::tempdir().unwrap();
+    let mut map = ConfigMap::mount(
+        root.path(),
+        &["promptgate.yaml", "providers", "prompts", "keys"],
+        &files(&fake, &redis, ""),
+    );
+    let gateway_file = root.path().join("promptgate.yaml");
     let env = [("FAKE_UPSTREAM_KEY", FAKE_KEY)];
     let mut replicas: Vec<Process> = (0..3)
-        .map(|_| Process::start(&map.gateway_file(), &env))
+        .map(|_| Process::start(&gateway_file, &env))
         .collect();
     let upstreams: Vec<String> = replicas
         .iter()
@@ -484,4 +492,58 @@ async fn three_replicas_behind_nginx_share_redis_and_a_configmap() {
     );
     assert!(replicas[2].exited().is_some());
     drop(replicas);
+}
+
+const GREET: &str = "versions:
+  1:
+    route: chat
+    messages:
+      - role: user
+        content: \"{{ question }}\"
+variables:
+  question: {type: string}
+labels: {production: 1}
+";
+
+/// The other way to mount: the prompts in a ConfigMap of their own mounted
+/// on `prompts/` inside the main one. Its swap (its own `..data`) is a
+/// configuration change as well: a prompt added there serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompts_configmap_mounted_on_its_own_reloads_on_its_swap() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "  chat: {provider: fake, model: chat}\n");
+    let root = tempfile::tempdir().unwrap();
+    let mut main_files: Vec<(&str, String)> = vec![("promptgate.yaml", g)];
+    let names: Vec<String> = p.iter().map(|(n, _)| format!("providers/{n}")).collect();
+    for ((_, text), name) in p.iter().zip(&names) {
+        main_files.push((name.as_str(), text.clone()));
+    }
+    let _main = ConfigMap::mount(root.path(), &["promptgate.yaml", "providers"], &main_files);
+    let mut prompts = ConfigMap::mount(&root.path().join("prompts"), &[], &[]);
+    let gw = Process::start(
+        &root.path().join("promptgate.yaml"),
+        &[("FAKE_UPSTREAM_KEY", FAKE_KEY)],
+    );
+    let ask = || async {
+        client()
+            .post(gw.url("/v1/prompts/greet/chat/completions"))
+            .json(&json!({"variables": {"question": "hello?"}}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ask().await, 404);
+    prompts.entries = vec!["greet.yaml"];
+    prompts.update(&[("greet.yaml", GREET.to_owned())]);
+    std::os::unix::fs::symlink("..data/greet.yaml", root.path().join("prompts/greet.yaml"))
+        .unwrap();
+    within(
+        Duration::from_secs(10),
+        "the new prompt served",
+        || async move { ask().await == 200 },
+    )
+    .await;
+    assert_eq!(fake.last().body["messages"][0]["content"], "hello?");
 }
