@@ -253,13 +253,39 @@ fn nginx_program() -> PathBuf {
     p
 }
 
+/// `deploy/nginx/promptgate.conf` with its upstream's `server` lines
+/// replaced by `upstreams` (`host:port` each) and its `listen` by `listen`.
+pub fn nginx_site(upstreams: &[String], listen: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/promptgate.conf");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    let mut replaced = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("server ") && t.ends_with(';') {
+            if !replaced {
+                for u in upstreams {
+                    out.push_str(&format!("    server {u} max_fails=1 fail_timeout=10s;\n"));
+                }
+                replaced = true;
+            }
+            continue;
+        }
+        if t.starts_with("listen ") {
+            out.push_str(&format!("    listen {listen};\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(replaced, "{}: no upstream server lines", path.display());
+    out
+}
+
 /// A real nginx on a free loopback port: a round-robin load balancer in front
-/// of gateway replicas, configured as `deploy/` documents it. Retries: a
-/// request whose replica cannot be reached (refused, reset before the answer's
-/// head, connect timeout) goes to the next replica, POST included
-/// (`non_idempotent`): a chat call is worth a possible duplicate upstream call
-/// more than an error. Answers the gateway itself gave (a 502/503 after its
-/// own fallbacks, a 429) are passed through, not retried.
+/// of gateway replicas, configured with `deploy/nginx/promptgate.conf` (see
+/// there for the retry policy: a replica that cannot be reached or drops a
+/// request before its answer's head is skipped, POST included).
 pub struct Nginx {
     child: Child,
     /// `http://127.0.0.1:PORT`
@@ -275,10 +301,7 @@ impl Nginx {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         let port = free_port();
-        let servers: String = upstreams
-            .iter()
-            .map(|u| format!("        server {u} max_fails=1 fail_timeout=10s;\n"))
-            .collect();
+        let site = nginx_site(upstreams, &format!("127.0.0.1:{port}"));
         // One process, no master: killing it on drop leaves no worker behind,
         // and it keeps the test's user (no switch to `nobody`, who could not
         // use the private temp folder).
@@ -295,25 +318,7 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    upstream promptgate {{
-{servers}        keepalive 32;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://promptgate;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            proxy_buffering off;
-            proxy_connect_timeout 1s;
-            proxy_read_timeout 600s;
-            proxy_send_timeout 60s;
-            proxy_next_upstream error timeout non_idempotent;
-            proxy_next_upstream_tries 3;
-            proxy_next_upstream_timeout 10s;
-        }}
-    }}
-}}
+{site}}}
 "
         );
         let conf_path = dir.path().join("nginx.conf");
