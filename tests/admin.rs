@@ -184,3 +184,36 @@ async fn readiness_fails_while_the_configuration_on_disk_is_invalid() {
     );
     assert_eq!(gw.admin_status().await["ready"]["status"], "ready");
 }
+
+/// With `list_ids_in_errors: false` the public `/readyz` tells only how many
+/// problems there are, not their text (files, fields, ids).
+#[tokio::test]
+async fn readiness_names_no_ids_when_errors_list_none() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "");
+    let g = g.replace("limits:\n", "limits:\n  list_ids_in_errors: false\n");
+    let gw = spawn_gateway(&g, &p).await;
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        good.replace("model: chat\n", "model: chat\n    secret_route_field: 1\n"),
+    )
+    .unwrap();
+    assert_eq!(gw.admin_reload().await.0, 422);
+    let r = client().get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "config_invalid");
+    assert_eq!(
+        body["problems"],
+        serde_json::json!(["1 problem(s) in the configuration; see the log or GET /admin/status"])
+    );
+    // The admin API, behind its key, keeps the detail.
+    let status = gw.admin_status().await;
+    assert!(
+        status["ready"]["problems"]
+            .to_string()
+            .contains("secret_route_field"),
+        "{status}"
+    );
+}
