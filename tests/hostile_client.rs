@@ -770,6 +770,7 @@ fn check_reports_limits_durations_past_the_maximum() {
         ("idle_timeout", "0s", ZERO),
         ("write_timeout", "25h", LONG),
         ("body_read_timeout", "0s", ZERO),
+        ("drain_delay", "2days", LONG),
     ];
     let limits: Vec<String> = cases
         .iter()
@@ -795,7 +796,10 @@ fn check_reports_limits_durations_past_the_maximum() {
         );
     }
     // At the maximum, the config is fine.
-    write_hostile_config(dir.path(), "  shutdown_grace: 1day\n  request_timeout: 24h");
+    write_hostile_config(
+        dir.path(),
+        "  shutdown_grace: 1day\n  request_timeout: 24h\n  drain_delay: 1day",
+    );
     let out = check();
     assert!(
         out.status.success(),
