@@ -166,6 +166,7 @@ async fn status(State(st): State<AdminState>) -> Response {
         "providers": providers,
         "prompts": prompts,
         "keys": keys_status,
+        "ready": gw.readiness.report().1,
     });
     json_response(StatusCode::OK, body)
 }

@@ -208,6 +208,8 @@ struct RawLimits {
     #[serde(default)]
     shutdown_grace: Option<String>,
     #[serde(default)]
+    drain_delay: Option<String>,
+    #[serde(default)]
     list_ids_in_errors: Option<bool>,
     #[serde(default)]
     write_timeout: Option<String>,
@@ -726,6 +728,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// After SIGTERM / ctrl-c, how long running requests may still finish.
     pub shutdown_grace: Duration,
+    /// After SIGTERM / ctrl-c and before the listener stops accepting: how
+    /// long the process keeps serving new connections while `/readyz` already
+    /// fails, so that load balancers (Kubernetes endpoints) stop sending it
+    /// traffic first. `shutdown_grace` starts when it ends.
+    pub drain_delay: Duration,
     /// Whether "unknown model/prompt" errors list the configured ids (and
     /// unavailability errors name providers and their settings).
     pub list_ids_in_errors: bool,
@@ -752,6 +759,10 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
+            // Outside an orchestrator nothing reroutes traffic away from a
+            // process that says it is draining: waiting would only delay the
+            // stop. Kubernetes deployments set it (deploy/kubernetes).
+            drain_delay: Duration::ZERO,
             list_ids_in_errors: true,
             write_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
@@ -1028,6 +1039,12 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             &gw.limits.shutdown_grace,
             d.shutdown_grace,
         ),
+        drain_delay: problems.duration(
+            gateway_file,
+            "limits.drain_delay",
+            &gw.limits.drain_delay,
+            d.drain_delay,
+        ),
         list_ids_in_errors: gw.limits.list_ids_in_errors.unwrap_or(d.list_ids_in_errors),
         write_timeout: problems.duration(
             gateway_file,
@@ -1061,6 +1078,7 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         ),
         ("limits.idle_timeout", limits.idle_timeout, false),
         ("limits.shutdown_grace", limits.shutdown_grace, true),
+        ("limits.drain_delay", limits.drain_delay, true),
         ("limits.write_timeout", limits.write_timeout, false),
         ("limits.body_read_timeout", limits.body_read_timeout, false),
     ] {

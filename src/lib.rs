@@ -16,6 +16,7 @@ pub mod framing;
 pub mod governance;
 pub mod health;
 pub mod ids;
+pub mod lifecycle;
 pub mod metrics;
 pub mod pipeline;
 pub mod prompt;

@@ -970,10 +970,11 @@ fn serve(
                 }
             },
         };
+        let draining = gw.clone();
         let router = promptgate::server::router(gw, promptgate::server_settings(&cfg));
         let limits = promptgate::conn_limits(&cfg);
         warn_if_over_file_limit(limits.max_connections);
-        let signalled = watch_signals(limits.shutdown_grace);
+        let signalled = watch_signals(limits.shutdown_grace, cfg.limits.drain_delay, draining);
         let shutdown = async {
             if signalled.await.is_err() {
                 // No signal watcher: serve until killed.
@@ -1034,9 +1035,17 @@ fn bind_public(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Waits for SIGTERM or ctrl-c on a thread of its own (so a busy runtime cannot
-/// miss it) and resolves the returned receiver; if the process has not exited
-/// `grace` later (or on a second signal), ends it.
-fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<()> {
+/// miss it). On the signal readiness fails at once (`/readyz` answers 503
+/// `draining`) while the listener keeps accepting and serving for
+/// `drain_delay` (load balancers take the process out of rotation meanwhile);
+/// then the returned receiver resolves and the server stops accepting and
+/// drains. If the process has not exited `grace` after that (or on a second
+/// signal), it ends it.
+fn watch_signals(
+    grace: std::time::Duration,
+    drain_delay: std::time::Duration,
+    gw: std::sync::Arc<promptgate::Gateway>,
+) -> tokio::sync::oneshot::Receiver<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("promptgate-signals".into())
@@ -1068,6 +1077,21 @@ fn watch_signals(grace: std::time::Duration) -> tokio::sync::oneshot::Receiver<(
                     }
                 }
                 signal().await;
+                gw.readiness.start_draining();
+                drop(gw);
+                if !drain_delay.is_zero() {
+                    tracing::info!(
+                        drain_delay = %humantime::format_duration(drain_delay),
+                        "shutdown signal: readiness fails; still serving until the drain delay is over"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(drain_delay) => {}
+                        _ = signal() => {
+                            eprintln!("promptgate: second signal; exiting now");
+                            std::process::exit(1);
+                        }
+                    }
+                }
                 tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
                 let _ = tx.send(());
                 // The margin lets an orderly drain that ends right at the grace

@@ -252,6 +252,7 @@ impl Reloader {
                 let at = next.loaded_at;
                 *self.tls_files.lock().unwrap_or_else(|e| e.into_inner()) = tls_files(&next);
                 self.gw.swap(next);
+                self.gw.readiness.config_loaded();
                 status.last_success = at;
                 status.succeeded += 1;
                 self.gw.metrics.reload(true);
@@ -263,6 +264,7 @@ impl Reloader {
                 for p in &problems {
                     tracing::error!(trigger, problem = %p, "configuration reload rejected; the last good configuration keeps serving");
                 }
+                self.gw.readiness.config_failed(&problems);
                 status.failed += 1;
                 status.last_failure = Some(FailedReload {
                     at: SystemTime::now(),

@@ -243,6 +243,10 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         None => new_request_id(),
     };
     let anthropic = req.uri().path() == "/v1/messages";
+    // While a shutdown's drain delay runs, HTTP/1 clients are told to close
+    // their connection after the answer: their next request opens a new one,
+    // which the load balancer no longer sends here.
+    let close_after = req.version() < http::Version::HTTP_2 && app.gw.readiness.draining();
     // Every API call is authenticated here, once: the caller travels in `Edge`.
     let (caller, refused) = if req.uri().path().starts_with("/v1/") {
         match app.gw.snapshot().access.authenticate(req.headers()) {
@@ -267,7 +271,7 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     let busy = req.extensions_mut().remove::<Busy>();
     // Health checks and scrapes hold no backend and must answer at the
     // concurrency limit too.
-    let exempt = matches!(req.uri().path(), "/healthz" | "/metrics");
+    let exempt = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
     let in_flight = if exempt {
         None
     } else {
@@ -306,6 +310,9 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(REQUEST_ID, v);
+    }
+    if close_after {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     // Set by `finish` for the API handlers; everything else is all overhead.
     if !h.contains_key(OVERHEAD) {
@@ -1650,6 +1657,28 @@ async fn healthz() -> Response {
     json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
 }
 
+/// Readiness (not liveness): 503 while draining or while the configuration on
+/// disk fails to load ([`crate::lifecycle::Readiness`]). The problems name
+/// files, fields and ids: with `list_ids_in_errors: false` only their number
+/// is told here (they stay in the log and `/admin/status`).
+async fn readyz(State(app): State<AppState>) -> Response {
+    let (ready, mut body) = app.gw.readiness.report();
+    if !app.settings.list_ids_in_errors {
+        if let Some(problems) = body.get_mut("problems") {
+            let n = problems.as_array().map_or(0, Vec::len);
+            *problems = serde_json::json!([format!(
+                "{n} problem(s) in the configuration; see the log or GET /admin/status"
+            )]);
+        }
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, body.to_string().into_bytes())
+}
+
 async fn metrics(State(app): State<AppState>) -> Response {
     app.gw.refresh_cache_gauges().await;
     app.gw.refresh_scrape_gauges();
@@ -1725,6 +1754,7 @@ pub fn router(gw: Arc<Gateway>, settings: ServerSettings) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))

@@ -132,3 +132,88 @@ async fn reloads_forget_the_health_of_removed_targets() {
     routed.dedup();
     assert_eq!(targets, routed);
 }
+
+/// `/readyz` on the public listener, no key: ready; 503 `config_invalid` with
+/// the problems while the configuration on disk fails to load (the last good
+/// one keeps serving, and `/healthz` stays 200); ready again once a reload
+/// succeeds. `/admin/status` reports the same under `ready`.
+#[tokio::test]
+async fn readiness_fails_while_the_configuration_on_disk_is_invalid() {
+    let (_fake, gw) = setup().await;
+    let readyz = || async {
+        let r = client().get(gw.url("/readyz")).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!(
+        readyz().await,
+        (200, serde_json::json!({"status": "ready"}))
+    );
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        good.replace("model: chat\n", "model: chat\n    bogus_field: 1\n"),
+    )
+    .unwrap();
+    assert_eq!(gw.admin_reload().await.0, 422);
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "config_invalid");
+    let problems = body["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("bogus_field")),
+        "{body}"
+    );
+    assert_eq!(gw.admin_status().await["ready"], body);
+    let health = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let served = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("fake-chat", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    std::fs::write(gw.config_path(), good).unwrap();
+    assert_eq!(gw.admin_reload().await.0, 200);
+    assert_eq!(
+        readyz().await,
+        (200, serde_json::json!({"status": "ready"}))
+    );
+    assert_eq!(gw.admin_status().await["ready"]["status"], "ready");
+}
+
+/// With `list_ids_in_errors: false` the public `/readyz` tells only how many
+/// problems there are, not their text (files, fields, ids).
+#[tokio::test]
+async fn readiness_names_no_ids_when_errors_list_none() {
+    let fake = spawn_fake().await;
+    let (g, p) = fake_config(&fake, "");
+    let g = g.replace("limits:\n", "limits:\n  list_ids_in_errors: false\n");
+    let gw = spawn_gateway(&g, &p).await;
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        good.replace("model: chat\n", "model: chat\n    secret_route_field: 1\n"),
+    )
+    .unwrap();
+    assert_eq!(gw.admin_reload().await.0, 422);
+    let r = client().get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "config_invalid");
+    assert_eq!(
+        body["problems"],
+        serde_json::json!(["1 problem(s) in the configuration; see the log or GET /admin/status"])
+    );
+    // The admin API, behind its key, keeps the detail.
+    let status = gw.admin_status().await;
+    assert!(
+        status["ready"]["problems"]
+            .to_string()
+            .contains("secret_route_field"),
+        "{status}"
+    );
+}

@@ -488,6 +488,13 @@ fn shutdown_ends_within_the_grace_period_with_a_stream_running() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The stream was cut at the end of the grace period, not finished.
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("[DONE]"), "{rest}");
+    assert!(rest.contains("data: "), "nothing streamed before the cut");
 }
 
 #[tokio::test]
@@ -763,6 +770,7 @@ fn check_reports_limits_durations_past_the_maximum() {
         ("idle_timeout", "0s", ZERO),
         ("write_timeout", "25h", LONG),
         ("body_read_timeout", "0s", ZERO),
+        ("drain_delay", "2days", LONG),
     ];
     let limits: Vec<String> = cases
         .iter()
@@ -788,7 +796,10 @@ fn check_reports_limits_durations_past_the_maximum() {
         );
     }
     // At the maximum, the config is fine.
-    write_hostile_config(dir.path(), "  shutdown_grace: 1day\n  request_timeout: 24h");
+    write_hostile_config(
+        dir.path(),
+        "  shutdown_grace: 1day\n  request_timeout: 24h\n  drain_delay: 1day",
+    );
     let out = check();
     assert!(
         out.status.success(),

@@ -67,6 +67,9 @@ pub struct Gateway {
     pub governor: Arc<crate::governance::Governor>,
     /// Shadow traffic's live figures and its store.
     pub shadows: shadow::Shadows,
+    /// Whether the process is ready for traffic (`/readyz`): draining, or
+    /// the configuration on disk invalid.
+    pub readiness: crate::lifecycle::Readiness,
 }
 
 /// How the cache took part in a response.
@@ -152,6 +155,7 @@ impl Gateway {
             metrics,
             retrieval: retrieve::Retrieval::default(),
             governor,
+            readiness: crate::lifecycle::Readiness::default(),
         }))
     }
 

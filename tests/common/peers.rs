@@ -360,3 +360,141 @@ pub fn browser() -> Option<(PathBuf, PathBuf)> {
     }
     Some((python, chromium))
 }
+
+/// The nginx binary: on `PATH`, else Debian's `/usr/sbin/nginx` (not on a
+/// normal user's `PATH`). A missing nginx fails the test.
+fn nginx_program() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nginx"))
+            .find(|p| p.is_file())
+    });
+    let p = on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"));
+    assert!(
+        p.is_file(),
+        "nginx is needed for this test (scripts/test installs it; Debian: apt-get install nginx)"
+    );
+    p
+}
+
+/// `deploy/nginx/promptgate.conf` with its upstream's `server` lines
+/// replaced by `upstreams` (`host:port` each) and its `listen` by `listen`.
+pub fn nginx_site(upstreams: &[String], listen: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/promptgate.conf");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    let mut replaced = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("server ") && t.ends_with(';') {
+            if !replaced {
+                for u in upstreams {
+                    out.push_str(&format!("    server {u} max_fails=1 fail_timeout=10s;\n"));
+                }
+                replaced = true;
+            }
+            continue;
+        }
+        if t.starts_with("listen ") {
+            out.push_str(&format!("    listen {listen};\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(replaced, "{}: no upstream server lines", path.display());
+    out
+}
+
+/// A real nginx on a free loopback port: a round-robin load balancer in front
+/// of gateway replicas, configured with `deploy/nginx/promptgate.conf` (see
+/// there for the retry policy: a replica that cannot be reached or drops a
+/// request before its answer's head is skipped, POST included).
+pub struct Nginx {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx balancing over `upstreams` (`host:port` each) and waits
+    /// until it accepts connections.
+    pub fn start(upstreams: &[String]) -> Nginx {
+        let program = nginx_program();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let port = free_port();
+        let site = nginx_site(upstreams, &format!("127.0.0.1:{port}"));
+        // One process, no master: killing it on drop leaves no worker behind,
+        // and it keeps the test's user (no switch to `nobody`, who could not
+        // use the private temp folder).
+        let conf = format!(
+            "master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{site}}}
+"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut child = Command::new(&program)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                let read =
+                    |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+                panic!(
+                    "nginx did not start ({exited:?}):\n{}\n{}",
+                    read("stderr.log"),
+                    read("error.log")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    /// nginx's error log (upstream failures and retries are logged there).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
