@@ -17,6 +17,7 @@ pub mod governance;
 pub mod health;
 pub mod ids;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod prompt;
 pub mod protect;

@@ -212,6 +212,8 @@ pub struct Metrics {
     /// Cache decisions by route and result (hit, miss, bypass, refresh).
     pub cache_requests: IntCounterVec,
     pub cache_evictions: prometheus::IntCounter,
+    /// Trace exports that failed (the collector unreachable or refusing).
+    pub trace_export_failures: prometheus::IntCounter,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     /// Failures of the Redis tier by operation.
@@ -650,6 +652,10 @@ impl Metrics {
             "Entries evicted from the in-memory cache to stay within its byte bound",
         )?;
         let cache_entries = IntGauge::new("cache_entries", "Entries in the in-memory cache")?;
+        let trace_export_failures = prometheus::IntCounter::new(
+            "trace_export_failures_total",
+            "Trace exports to the OTLP collector that failed (their spans are dropped)",
+        )?;
         let cache_bytes = IntGauge::new(
             "cache_bytes",
             "Approximate bytes held by the in-memory cache",
@@ -722,6 +728,7 @@ impl Metrics {
         registry.register(Box::new(health_checks.clone()))?;
         registry.register(Box::new(cache_requests.clone()))?;
         registry.register(Box::new(cache_evictions.clone()))?;
+        registry.register(Box::new(trace_export_failures.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_redis_errors.clone()))?;
@@ -771,6 +778,7 @@ impl Metrics {
             arm_tokens,
             cache_requests,
             cache_evictions,
+            trace_export_failures,
             cache_entries,
             cache_bytes,
             cache_redis_errors,

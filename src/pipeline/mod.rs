@@ -67,6 +67,8 @@ pub struct Gateway {
     pub governor: Arc<crate::governance::Governor>,
     /// Shadow traffic's live figures and its store.
     pub shadows: shadow::Shadows,
+    /// Traces over OTLP, when `serve` started them (never set: off).
+    pub tracing: std::sync::OnceLock<crate::otel::Tracing>,
 }
 
 /// How the cache took part in a response.
@@ -152,6 +154,7 @@ impl Gateway {
             metrics,
             retrieval: retrieve::Retrieval::default(),
             governor,
+            tracing: std::sync::OnceLock::new(),
         }))
     }
 
@@ -223,6 +226,7 @@ impl Gateway {
                 &Chat(&req),
                 ctx.private,
                 deadline,
+                &ctx.trace,
             )
             .await;
             let upstream = started.elapsed();
@@ -243,9 +247,19 @@ impl Gateway {
             req: &req,
             raw: &raw,
             shown: forward::shown(ctx, &route.name),
+            trace: &ctx.trace,
         };
-        let won =
-            attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await;
+        let won = attempt::run_chain(
+            self,
+            snap,
+            route,
+            ctx.chain(),
+            &op,
+            ctx.private,
+            deadline,
+            &ctx.trace,
+        )
+        .await;
         let upstream = started.elapsed();
         let shadow = self.shadow_launch(ctx, &req);
         let Won {
@@ -263,6 +277,7 @@ impl Gateway {
         let answer = match output {
             Forwarded::Canonical(answer) => answer,
             Forwarded::Whole(body, usage) => {
+                ctx.trace.usage(&usage);
                 let arm = ctx.arm();
                 self.count_tokens(route, &target, arm, &usage);
                 if let Some(t) = &ctx.ticket {
@@ -365,6 +380,7 @@ impl Gateway {
                     }
                 };
                 resp.usage = Some(usage);
+                ctx.trace.response(&resp);
                 self.count_tokens(route, &target, arm, &usage);
                 if let Some(t) = &ctx.ticket {
                     t.settle(&target, &usage);
@@ -435,6 +451,7 @@ impl Gateway {
             store,
             ticket: ctx.ticket.clone(),
             shadow: None,
+            trace: ctx.trace.clone(),
         }
     }
 
@@ -461,6 +478,7 @@ impl Gateway {
             &Embed(&req),
             ctx.private,
             Self::deadline(route),
+            &ctx.trace,
         )
         .await?;
         let upstream = started.elapsed();
@@ -478,6 +496,7 @@ impl Gateway {
         if let Some(t) = &ctx.ticket {
             t.settle(&target, &resp.usage);
         }
+        ctx.trace.usage(&resp.usage);
         Ok(Served {
             route: route.clone(),
             target,

@@ -149,6 +149,8 @@ pub(super) struct UsageTap {
     pub ticket: Option<Arc<crate::governance::Ticket>>,
     /// A copied request's stream, assembled for its shadow comparison.
     pub shadow: Option<ShadowTap>,
+    /// The request's span: the stream's id, model, finish reason and usage.
+    pub trace: crate::otel::Trace,
 }
 
 /// The primary's stream as its shadow task needs it: assembled, and sent
@@ -216,6 +218,17 @@ impl UsageTap {
         if let Some(s) = &mut self.shadow {
             s.asm.push(ev);
         }
+        if self.trace.is_on() {
+            match ev {
+                StreamEvent::Meta(m) => self.trace.response_meta(&m.id, &m.model),
+                StreamEvent::Delta(d) => {
+                    if let Some(r) = d.finish_reason {
+                        self.trace.finish_reason(r);
+                    }
+                }
+                _ => {}
+            }
+        }
         match ev {
             StreamEvent::Delta(d) => {
                 let texts = d.content.iter().chain(&d.reasoning).chain(
@@ -264,6 +277,7 @@ impl UsageTap {
         if let Some(t) = self.ticket.take() {
             t.settle(&self.target, &usage);
         }
+        self.trace.usage(&usage);
         self.record_end(true, u64::from(usage.total_tokens));
         if let Some(s) = self.shadow.take() {
             s.send(&self.target, self.started, Ok(usage));
@@ -306,6 +320,7 @@ impl UsageTap {
             .metrics
             .stream_error(&self.route.name, &self.target.provider_id, e.kind);
         self.record_end(false, 0);
+        self.trace.failed(e.kind.as_str());
         tracing::warn!(route = %self.route.name, target = %self.target.id,
             kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "stream failed after it began");
     }
