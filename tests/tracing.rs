@@ -26,6 +26,27 @@ fn config(fake: &common::Fake, extra: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A remote retriever's search service on loopback (`kind: http`): every
+/// search finds two passages. Returns its URL.
+async fn search_service() -> String {
+    let app = axum::Router::new().route(
+        "/search",
+        axum::routing::post(|| async {
+            axum::Json(json!({"results": [
+                {"text": "Refunds are accepted within 30 days.", "score": 0.9, "source": "policy.md", "chunk_id": "p1"},
+                {"text": "Invoices are sent monthly.", "score": 0.6, "source": "billing.md", "chunk_id": "p2"},
+            ]}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    #[allow(clippy::disallowed_methods)]
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/search")
+}
+
 fn tracing_section(r: &Receiver) -> String {
     format!(
         "tracing:\n  otlp_endpoint: {}\n  service_name: promptgate-test\n  sample_ratio: 1.0\n  flush_interval: 100ms\n  timeout: 2s\n  headers_env: {{x-collector-token: OTLP_TEST_TOKEN}}\n",
@@ -99,6 +120,9 @@ async fn requests_are_traced_over_otlp_with_genai_attributes() {
     let receiver = Receiver::start();
     let fake = common::spawn_fake().await;
     let dir = config(&fake, &tracing_section(&receiver));
+    let kb = format!("kind: http\nurl: {}\n", search_service().await);
+    std::fs::create_dir_all(dir.path().join("retrievers")).unwrap();
+    std::fs::write(dir.path().join("retrievers/kb.yaml"), kb).unwrap();
     let gw = start(&dir);
 
     // A plain request: one SERVER span with the GenAI attributes, one CLIENT
@@ -211,6 +235,40 @@ async fn requests_are_traced_over_otlp_with_genai_attributes() {
         &json!(["stop"])
     );
     assert_eq!(attr(&span, "promptgate.stream"), true);
+
+    // A retrieval: its search is a child of the request's span.
+    let body = json!({"model": "fake-chat", "messages": [{"role": "user", "content": "refunds?"}],
+        "retrieval": {"retriever": "kb"}});
+    let (id, _) = chat(&gw, body, &[]).await;
+    let (_, kids) = traced(&receiver, &id, 2).await;
+    let search = kids
+        .iter()
+        .find(|k| k["name"] == "retrieval kb")
+        .unwrap_or_else(|| panic!("no retrieval span: {kids:#?}"));
+    assert_eq!(search["kind"], INTERNAL);
+    assert_eq!(attr(search, "gen_ai.data_source.id"), "kb");
+    assert_eq!(attr(search, "promptgate.retrieval.passages"), 2);
+    assert!(kids.iter().any(|k| k["kind"] == CLIENT));
+
+    // Embeddings: their own operation, the usage the backend reported.
+    let resp = common::client()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "fake-chat", "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let (span, kids) = traced(&receiver, &id, 1).await;
+    assert_eq!(span["name"], "embeddings fake-chat");
+    assert_eq!(attr(&span, "gen_ai.operation.name"), "embeddings");
+    assert_eq!(attr(&span, "gen_ai.usage.input_tokens"), 8);
+    assert_eq!(kids[0]["name"], "embeddings chat");
+    assert_eq!(kids[0]["kind"], CLIENT);
+    assert_eq!(
+        fake.last().headers["traceparent"].to_str().unwrap(),
+        traceparent(&kids[0])
+    );
 
     // The cache: a miss calls upstream, a hit shows its cache span and no attempt.
     let body = json!({"model": "cached", "messages": [{"role": "user", "content": "cache me"}]});

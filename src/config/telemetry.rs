@@ -188,3 +188,76 @@ pub fn peek_log_format(gateway_file: &Path) -> Option<LogFormat> {
     let raw: LogOnly = serde_yaml::from_str(&text).ok()?;
     LogFormat::parse(raw.log_format.as_deref()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems_of(yaml: &str) -> (TracingConfig, Vec<String>) {
+        let raw: RawTracing = serde_yaml::from_str(yaml).unwrap();
+        let mut p = Problems { list: Vec::new() };
+        let cfg = tracing(Path::new("promptgate.yaml"), raw, &mut p);
+        let list = p.list.iter().map(|p| p.to_string()).collect();
+        (cfg, list)
+    }
+
+    #[test]
+    fn tracing_defaults_and_validation() {
+        let (cfg, p) = problems_of("otlp_endpoint: http://127.0.0.1:4318/v1/traces\n");
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(cfg.service_name, "promptgate");
+        assert_eq!(cfg.sample_ratio, 1.0);
+        assert_eq!(cfg.timeout, Duration::from_secs(5));
+        assert_eq!(cfg.flush_interval, Duration::from_secs(5));
+        assert_eq!(cfg.max_queue, 2048);
+        let (_, p) = problems_of(
+            "otlp_endpoint: localhost:4318\nsample_ratio: 1.5\ntimeout: soon\nflush_interval: 0s\nmax_queue: 0\nservice_name: ' '\n",
+        );
+        for field in [
+            "tracing.otlp_endpoint",
+            "tracing.sample_ratio",
+            "tracing.timeout",
+            "tracing.flush_interval",
+            "tracing.max_queue",
+            "tracing.service_name",
+        ] {
+            assert!(p.iter().any(|l| l.contains(field)), "{field}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn header_values_are_never_repeated_in_problems_or_debug_output() {
+        let (_, p) = problems_of(
+            "otlp_endpoint: https://collector/v1/traces\nheaders: {authorization: \"Bearer s3cr3t\\n\"}\nheaders_env: {x-token: not a variable, 'bad name': TOKEN}\n",
+        );
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p.iter().all(|l| !l.contains("s3cr3t")), "{p:?}");
+        let (cfg, p) = problems_of(
+            "otlp_endpoint: https://collector/v1/traces\nheaders: {authorization: Bearer s3cr3t}\nheaders_env: {x-token: OTLP_TOKEN}\n",
+        );
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(
+            cfg.headers,
+            vec![
+                (
+                    "authorization".into(),
+                    HeaderSource::Value("Bearer s3cr3t".into())
+                ),
+                ("x-token".into(), HeaderSource::Env("OTLP_TOKEN".into())),
+            ]
+        );
+        assert!(!format!("{cfg:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let mut p = Problems { list: Vec::new() };
+        let file = Path::new("promptgate.yaml");
+        assert_eq!(log_format(file, None, &mut p), LogFormat::Text);
+        assert_eq!(log_format(file, Some("json"), &mut p), LogFormat::Json);
+        assert!(p.list.is_empty());
+        assert_eq!(log_format(file, Some("xml"), &mut p), LogFormat::Text);
+        assert_eq!(p.list.len(), 1);
+        assert_eq!(p.list[0].field, "log_format");
+    }
+}
