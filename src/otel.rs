@@ -551,3 +551,76 @@ async fn post(client: &reqwest::Client, request: http::Request<Bytes>) -> HttpRe
     *out.headers_mut() = headers;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn server_address_and_port_come_from_the_base_url() {
+        let kv = |v: Vec<KeyValue>| -> Vec<(String, String)> {
+            v.into_iter()
+                .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            kv(server_of("http://10.0.0.7:8000/v1")),
+            vec![
+                ("server.address".into(), "10.0.0.7".into()),
+                ("server.port".into(), "8000".into())
+            ]
+        );
+        assert_eq!(
+            kv(server_of("https://api.example.com/v1")),
+            vec![
+                ("server.address".into(), "api.example.com".into()),
+                ("server.port".into(), "443".into())
+            ]
+        );
+        assert!(server_of("not a url").is_empty());
+    }
+
+    #[tokio::test]
+    async fn off_means_no_span_no_header() {
+        let off = Trace::default();
+        assert!(!off.is_on());
+        let child = off.child(
+            || unreachable!("no name is made when tracing is off"),
+            SpanKind::Client,
+            || unreachable!("no attribute is made when tracing is off"),
+        );
+        assert!(child.outgoing().is_none());
+        let mut headers = HeaderMap::new();
+        scoped(child.outgoing(), async { outgoing_headers(&mut headers) }).await;
+        assert!(headers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_attempt_call_carries_its_spans_traceparent() {
+        let provider = SdkTracerProvider::builder().build();
+        let tracer = provider.tracer("test");
+        let mut incoming = HeaderMap::new();
+        incoming.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        let t = Tracing {
+            provider: provider.clone(),
+            tracer,
+        };
+        let trace = t.request(&incoming, "chat", "m", "pg-1", SystemTime::now());
+        let child = trace.child(|| "chat x".into(), SpanKind::Client, Vec::new);
+        let span_id = child.0.as_ref().unwrap().span_context().span_id();
+        let mut headers = HeaderMap::new();
+        scoped(child.outgoing(), async { outgoing_headers(&mut headers) }).await;
+        assert_eq!(
+            headers["traceparent"],
+            format!("00-0af7651916cd43dd8448eb211c80319c-{span_id}-01").as_str()
+        );
+        // Outside the attempt's scope nothing is added.
+        let mut other = HeaderMap::new();
+        outgoing_headers(&mut other);
+        assert!(other.is_empty());
+    }
+}

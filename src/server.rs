@@ -1070,7 +1070,8 @@ async fn serve_chat_in(
                 dialect,
             })
         });
-    let model_named = (!req.model.is_empty()).then_some(());
+    // The prompt endpoint's request names no model: its version's route is the model.
+    let model_named = !req.model.is_empty();
     let rendered = render::render(
         &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval, &trace,
     )
@@ -1105,7 +1106,7 @@ async fn serve_chat_in(
     };
     ctx.shadow_source = shadow_source;
     if trace.is_on() {
-        if model_named.is_none() {
+        if !model_named {
             trace.model("chat", &req.model);
         }
         trace.placed(&ctx.route().name, ctx.arm().map(|a| &*a.name));

@@ -191,6 +191,7 @@ pub fn peek_log_format(gateway_file: &Path) -> Option<LogFormat> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn problems_of(yaml: &str) -> (TracingConfig, Vec<String>) {
