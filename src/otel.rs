@@ -281,10 +281,14 @@ impl Trace {
         });
     }
 
-    pub fn finish_reason(&self, r: FinishReason) {
+    /// A stream's finish reasons, once it ended.
+    pub fn finish_reasons(&self, reasons: &[FinishReason]) {
+        if reasons.is_empty() {
+            return;
+        }
         self.with(|l| {
             l.cx.span()
-                .set_attribute(finish_reasons(std::iter::once(r)))
+                .set_attribute(finish_reasons(reasons.iter().copied()))
         });
     }
 

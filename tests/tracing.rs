@@ -99,12 +99,18 @@ fn children<'a>(spans: &'a [Value], parent: &Value) -> Vec<&'a Value> {
 
 /// The request span of `id`, once it and `n` children have arrived.
 async fn traced(r: &Receiver, id: &str, n: usize) -> (Value, Vec<Value>) {
-    r.wait_for(&format!("the spans of request {id}"), |spans| {
-        let span = request_span(spans, id)?;
-        let kids: Vec<Value> = children(spans, &span).into_iter().cloned().collect();
-        (kids.len() >= n).then_some((span, kids))
-    })
-    .await
+    let found = r
+        .wait_for(&format!("the spans of request {id}"), |spans| {
+            let span = request_span(spans, id)?;
+            let kids: Vec<Value> = children(spans, &span).into_iter().cloned().collect();
+            (kids.len() >= n).then_some((span, kids))
+        })
+        .await;
+    // Each attribute is set once.
+    for s in std::iter::once(&found.0).chain(&found.1) {
+        assert_eq!(s["duplicate_keys"], json!([]), "{s:#}");
+    }
+    found
 }
 
 fn traceparent(span: &Value) -> String {

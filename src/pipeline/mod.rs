@@ -277,7 +277,6 @@ impl Gateway {
         let answer = match output {
             Forwarded::Canonical(answer) => answer,
             Forwarded::Whole(body, usage) => {
-                ctx.trace.usage(&usage);
                 let arm = ctx.arm();
                 self.count_tokens(route, &target, arm, &usage);
                 if let Some(t) = &ctx.ticket {
@@ -452,6 +451,7 @@ impl Gateway {
             ticket: ctx.ticket.clone(),
             shadow: None,
             trace: ctx.trace.clone(),
+            finish_reasons: Vec::new(),
         }
     }
 

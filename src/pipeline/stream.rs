@@ -149,8 +149,10 @@ pub(super) struct UsageTap {
     pub ticket: Option<Arc<crate::governance::Ticket>>,
     /// A copied request's stream, assembled for its shadow comparison.
     pub shadow: Option<ShadowTap>,
-    /// The request's span: the stream's id, model, finish reason and usage.
+    /// The request's span: the stream's id, model, finish reasons and usage.
     pub trace: crate::otel::Trace,
+    /// The choices' finish reasons, for the span (kept only when it records).
+    pub finish_reasons: Vec<crate::canonical::FinishReason>,
 }
 
 /// The primary's stream as its shadow task needs it: assembled, and sent
@@ -223,7 +225,10 @@ impl UsageTap {
                 StreamEvent::Meta(m) => self.trace.response_meta(&m.id, &m.model),
                 StreamEvent::Delta(d) => {
                     if let Some(r) = d.finish_reason {
-                        self.trace.finish_reason(r);
+                        // Bounded: a backend's choice indexes are capped.
+                        if self.finish_reasons.len() < crate::backend::MAX_CHOICES as usize {
+                            self.finish_reasons.push(r);
+                        }
                     }
                 }
                 _ => {}
@@ -278,6 +283,7 @@ impl UsageTap {
             t.settle(&self.target, &usage);
         }
         self.trace.usage(&usage);
+        self.trace.finish_reasons(&self.finish_reasons);
         self.record_end(true, u64::from(usage.total_tokens));
         if let Some(s) = self.shadow.take() {
             s.send(&self.target, self.started, Ok(usage));

@@ -4,7 +4,8 @@ Listens on 127.0.0.1 (an ephemeral port unless one is given), decodes every
 POST /v1/traces body as an ExportTraceServiceRequest (protobuf, from the
 opentelemetry-proto package) and appends each span to OUT as one JSON object
 per line: ids in hex, kind and status as numbers, attributes as plain values,
-the resource's service.name, and the request's headers (lower-cased names).
+the attribute keys set more than once, the resource's service.name, and the
+request's headers (lower-cased names).
 Prints `listening PORT` once ready. Anything else is answered 404; a body that
 does not decode is answered 400 and recorded as {"error": ...}.
 
@@ -79,6 +80,7 @@ class Handler(BaseHTTPRequestHandler):
             resource = attributes(rs.resource.attributes)
             for ss in rs.scope_spans:
                 for s in ss.spans:
+                    keys = [kv.key for kv in s.attributes]
                     lines.append(
                         {
                             "trace_id": s.trace_id.hex(),
@@ -89,6 +91,7 @@ class Handler(BaseHTTPRequestHandler):
                             "start_ns": s.start_time_unix_nano,
                             "end_ns": s.end_time_unix_nano,
                             "attributes": attributes(s.attributes),
+                            "duplicate_keys": sorted({k for k in keys if keys.count(k) > 1}),
                             "status": s.status.code,
                             "service": resource.get("service.name"),
                             "scope": ss.scope.name,
