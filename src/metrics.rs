@@ -212,7 +212,7 @@ pub struct Metrics {
     /// Cache decisions by route and result (hit, miss, bypass, refresh).
     pub cache_requests: IntCounterVec,
     pub cache_evictions: prometheus::IntCounter,
-    /// Trace exports that failed (the collector unreachable or refusing).
+    /// Trace export attempts that failed (the collector unreachable or refusing).
     pub trace_export_failures: prometheus::IntCounter,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
@@ -654,7 +654,7 @@ impl Metrics {
         let cache_entries = IntGauge::new("cache_entries", "Entries in the in-memory cache")?;
         let trace_export_failures = prometheus::IntCounter::new(
             "trace_export_failures_total",
-            "Trace exports to the OTLP collector that failed (their spans are dropped)",
+            "Trace export attempts to the OTLP collector that failed (a batch is tried up to 4 times, then dropped)",
         )?;
         let cache_bytes = IntGauge::new(
             "cache_bytes",
