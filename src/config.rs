@@ -17,6 +17,7 @@ mod prompts;
 mod retrievers;
 mod routes;
 mod shadow;
+mod telemetry;
 
 pub use governance::{
     keys_dir, AuditConfig, AuthMode, Budget, BudgetLimit, DataPolicy, KeyConfig, OnStoreError,
@@ -31,6 +32,7 @@ pub use routes::{
     ArmConfig, BreakerConfig, RetryPolicy, RouteConfig, Strategy, Subject, TargetConfig,
 };
 pub use shadow::{Readiness, ShadowConfig, ShadowStore};
+pub use telemetry::{peek_log_format, HeaderSource, LogFormat, TracingConfig};
 
 use crate::backend::transport::{ResponseLimits, Timeouts};
 use crate::backend::{Kind, Settings};
@@ -70,6 +72,12 @@ struct RawGateway {
     /// `shadow: {store: PATH}`: where shadow comparisons are kept.
     #[serde(default)]
     shadow: Option<shadow::RawShadowStore>,
+    /// `text` (default) or `json`: read at start only.
+    #[serde(default)]
+    log_format: Option<String>,
+    /// OpenTelemetry traces over OTLP/HTTP; off without it. Read at start only.
+    #[serde(default)]
+    tracing: Option<telemetry::RawTracing>,
 }
 
 /// `tls: {cert: PATH, key: PATH}`: PEM files, relative to the gateway file.
@@ -801,6 +809,10 @@ pub struct Config {
     pub fast_path: bool,
     /// Where shadow comparisons are kept.
     pub shadow: ShadowStore,
+    /// The log lines' format (applied at start).
+    pub log_format: LogFormat,
+    /// Traces over OTLP/HTTP (`None`: off; applied at start).
+    pub tracing: Option<TracingConfig>,
 }
 
 /// One problem found in the configuration.
@@ -1217,6 +1229,10 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
         &mut problems,
     );
     let tls = gw.tls.and_then(|t| tls(gateway_file, t, &mut problems));
+    let log_format = telemetry::log_format(gateway_file, gw.log_format.as_deref(), &mut problems);
+    let tracing = gw
+        .tracing
+        .map(|t| telemetry::tracing(gateway_file, t, &mut problems));
     let route_names: Vec<&str> = routes.keys().map(String::as_str).collect();
     let retrievers = retrievers::load_dir(gateway_file, &route_names, &mut problems);
     let prompts = prompts::load_dir(
@@ -1248,6 +1264,8 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             tls,
             fast_path,
             shadow,
+            log_format,
+            tracing,
         })
     } else {
         Err(problems.list)

@@ -18,6 +18,7 @@ pub mod health;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod prompt;
 pub mod protect;

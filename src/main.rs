@@ -872,6 +872,21 @@ fn serve(
             Ok(x) => x,
             Err(code) => return code,
         };
+        // Traces: started once; a reload does not change them.
+        if let Some(t) = &cfg.tracing {
+            let failures = gw.metrics.trace_export_failures.clone();
+            match promptgate::otel::Tracing::start(t, tokio::runtime::Handle::current(), failures, &env_lookup) {
+                Ok(tracing) => {
+                    let _ = gw.tracing.set(tracing);
+                    tracing::info!(endpoint = %t.endpoint, sample_ratio = t.sample_ratio, "traces go to the collector over OTLP/HTTP");
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let traces = gw.clone();
         let snap = gw.snapshot();
         for (id, state) in &snap.providers {
             match state {
@@ -899,10 +914,10 @@ fn serve(
             .unwrap_or_default();
         let scheme = if cfg.tls.is_some() { "https" } else { "http" };
         tracing::info!(address = %local, routes = cfg.routes.len(), tls = cfg.tls.is_some(), "promptgate listening");
-        eprintln!(
+        announce(format!(
             "promptgate listening on {scheme}://{local} ({} routes)",
             cfg.routes.len()
-        );
+        ));
         // The auth mode, once; without keys on a reachable address anyone
         // who reaches the port spends the providers' keys.
         tracing::info!("{}", promptgate::governance::describe(snap.access.mode, snap.access.len()));
@@ -943,7 +958,7 @@ fn serve(
             tracing::warn!(variable = %cfg.admin.key_env, "no admin key set: the admin API refuses every call");
         }
         let admin_local = admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        eprintln!("promptgate admin API on http://{admin_local}");
+        announce(format!("promptgate admin API on http://{admin_local}"));
         let admin = promptgate::admin::router(reloader.clone(), admin_key);
         // The admin port gets the same connection protections as the public one.
         let admin_limits = promptgate::conn_limits(&cfg);
@@ -986,6 +1001,16 @@ fn serve(
         governor.audit.close(std::time::Duration::from_secs(2));
         // Shadow pairs too.
         shadows.shadows.close(std::time::Duration::from_secs(2));
+        // Spans still queued are sent (the export runs on this runtime, so
+        // the wait is on the blocking pool).
+        if traces.tracing.get().is_some() {
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(t) = traces.tracing.get() {
+                    t.shutdown(std::time::Duration::from_secs(2));
+                }
+            })
+            .await;
+        }
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -1309,16 +1334,65 @@ fn keys(action: KeysAction) -> ExitCode {
     }
 }
 
+/// The log lines' format: `PROMPTGATE_LOG_FORMAT`, else the gateway file's
+/// `log_format` (for `serve`, read once here, before the first line), else text.
+fn log_format(command: &Command) -> promptgate::config::LogFormat {
+    use promptgate::config::LogFormat;
+    if let Ok(v) = std::env::var("PROMPTGATE_LOG_FORMAT") {
+        match LogFormat::parse(v.trim()) {
+            Some(f) => return f,
+            None => {
+                eprintln!("warning: PROMPTGATE_LOG_FORMAT is `{v}`, not `text` or `json`: ignored")
+            }
+        }
+    }
+    match command {
+        Command::Serve { config, .. } => {
+            promptgate::config::peek_log_format(config).unwrap_or_default()
+        }
+        _ => LogFormat::Text,
+    }
+}
+
+/// A line for whoever started the process (where it listens): plain on
+/// stderr, or a log line when the log is JSON (every line on stderr is then
+/// one JSON object).
+fn announce(line: String) {
+    if promptgate::otel::request_spans() {
+        tracing::info!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// Logging, on stderr, filtered by `PROMPTGATE_LOG` (default `info`); JSON
+/// lines carry the request's span (its id) where there is one.
+fn init_logging(format: promptgate::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROMPTGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match format {
+        promptgate::config::LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        promptgate::config::LogFormat::Json => {
+            promptgate::otel::log_request_spans();
+            tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_current_span(true)
+                .with_span_list(false)
+                .init()
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROMPTGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(log_format(&cli.command));
+    match cli.command {
         Command::Serve {
             config,
             listen,

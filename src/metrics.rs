@@ -214,6 +214,8 @@ pub struct Metrics {
     /// Cache decisions by route and result (hit, miss, bypass, refresh).
     pub cache_requests: IntCounterVec,
     pub cache_evictions: prometheus::IntCounter,
+    /// Trace export attempts that failed (the collector unreachable or refusing).
+    pub trace_export_failures: prometheus::IntCounter,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     /// Failures of the Redis tier by operation.
@@ -781,6 +783,10 @@ impl Metrics {
             "Entries evicted from the in-memory cache to stay within its byte bound",
         )?;
         let cache_entries = IntGauge::new("cache_entries", "Entries in the in-memory cache")?;
+        let trace_export_failures = prometheus::IntCounter::new(
+            "trace_export_failures_total",
+            "Trace export attempts to the OTLP collector that failed (a batch is tried up to 4 times, then dropped)",
+        )?;
         let cache_bytes = IntGauge::new(
             "cache_bytes",
             "Approximate bytes held by the in-memory cache",
@@ -853,6 +859,7 @@ impl Metrics {
         registry.register(Box::new(health_checks.clone()))?;
         registry.register(Box::new(cache_requests.clone()))?;
         registry.register(Box::new(cache_evictions.clone()))?;
+        registry.register(Box::new(trace_export_failures.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         registry.register(Box::new(cache_redis_errors.clone()))?;
@@ -905,6 +912,7 @@ impl Metrics {
             arm_tokens,
             cache_requests,
             cache_evictions,
+            trace_export_failures,
             cache_entries,
             cache_bytes,
             cache_redis_errors,

@@ -250,6 +250,14 @@ impl Reloader {
         match result {
             Ok(next) => {
                 let at = next.loaded_at;
+                {
+                    let now = &self.gw.snapshot().config;
+                    if now.tracing != next.config.tracing
+                        || now.log_format != next.config.log_format
+                    {
+                        tracing::warn!("`tracing` and `log_format` are read at start: the running process keeps its own until it restarts");
+                    }
+                }
                 *self.tls_files.lock().unwrap_or_else(|e| e.into_inner()) = tls_files(&next);
                 self.gw.swap(next);
                 self.gw.readiness.config_loaded();

@@ -293,6 +293,14 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
             };
             finish(&app, &edge, error_response(d, e, &edge.id, None))
         }
+        None if crate::otel::request_spans() => {
+            use tracing::Instrument;
+            let span = tracing::info_span!("request", request_id = %id);
+            LIST_IDS
+                .scope(app.settings.list_ids_in_errors, next.run(req))
+                .instrument(span)
+                .await
+        }
         None => {
             LIST_IDS
                 .scope(app.settings.list_ids_in_errors, next.run(req))
@@ -971,9 +979,72 @@ async fn serve_chat(
     dialect: ClientDialect,
     edge: &Edge,
     headers: &http::HeaderMap,
+    req: ChatRequest,
+    prompt: Option<PromptRef>,
+    raw: Option<Bytes>,
+) -> Handled {
+    let trace = request_trace(app, edge, headers, "chat", &req.model);
+    trace.chat_request(&req);
+    let handled = serve_chat_in(app, dialect, edge, headers, req, prompt, raw, trace.clone()).await;
+    traced(app, trace, handled)
+}
+
+/// The request's span, when tracing is on: it began when the request arrived.
+fn request_trace(
+    app: &AppState,
+    edge: &Edge,
+    headers: &http::HeaderMap,
+    operation: &'static str,
+    model: &str,
+) -> crate::otel::Trace {
+    match app.gw.tracing.get() {
+        None => crate::otel::Trace::default(),
+        Some(t) => {
+            let now = std::time::SystemTime::now();
+            let arrived = now.checked_sub(edge.start.elapsed()).unwrap_or(now);
+            t.request(headers, operation, model, &edge.id.0, arrived)
+        }
+    }
+}
+
+/// Records what the handler tells about the response on its span, which the
+/// response body then holds to its end (a stream's last byte).
+fn traced(app: &AppState, trace: crate::otel::Trace, mut handled: Handled) -> Handled {
+    if !trace.is_on() {
+        return handled;
+    }
+    trace.status(handled.response.status().as_u16());
+    if let Some(o) = &handled.outcome {
+        if let Some(e) = o.error {
+            trace.failed(e);
+        }
+        if let Some(c) = o.cache {
+            trace.cache_status(c);
+        }
+        if let Some(t) = &o.target {
+            let snap = app.gw.snapshot();
+            let kind = snap
+                .config
+                .providers
+                .get(&*t.provider_id)
+                .map_or("", |p| p.kind.name);
+            trace.served(kind, &t.provider_id, &t.id, o.attempts);
+        }
+    }
+    handled.response = guard_body(handled.response, trace);
+    handled
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_chat_in(
+    app: &AppState,
+    dialect: ClientDialect,
+    edge: &Edge,
+    headers: &http::HeaderMap,
     mut req: ChatRequest,
     prompt: Option<PromptRef>,
     raw: Option<Bytes>,
+    trace: crate::otel::Trace,
 ) -> Handled {
     let id = edge.id.clone();
     let caller = edge.caller.as_ref();
@@ -1012,8 +1083,10 @@ async fn serve_chat(
                 dialect,
             })
         });
+    // The prompt endpoint's request names no model: its version's route is the model.
+    let model_named = !req.model.is_empty();
     let rendered = render::render(
-        &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval,
+        &app.gw, &id.0, &snap, headers, caller, &mut req, prompt, retrieval, &trace,
     )
     .await;
     let mut prepared = match rendered {
@@ -1045,6 +1118,13 @@ async fn serve_chat(
         Err((e, route)) => return error_response(d, e, &id, route),
     };
     ctx.shadow_source = shadow_source;
+    if trace.is_on() {
+        if !model_named {
+            trace.model("chat", &req.model);
+        }
+        trace.placed(&ctx.route().name, ctx.arm().map(|a| &*a.name));
+        ctx.trace = trace;
+    }
     // Governance, in order: may the caller use this route and prompt; what
     // may leave (data protection, which can make the request private); then
     // budgets and rate limits, which hand out the request's ticket.
@@ -1418,17 +1498,34 @@ async fn embeddings_handled(
         Ok(r) => r,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
+    let trace = request_trace(app, edge, &headers, "embeddings", &req.model);
+    let handled = embeddings_in(app, edge, &headers, req, trace.clone()).await;
+    traced(app, trace, handled)
+}
+
+async fn embeddings_in(
+    app: &AppState,
+    edge: &Edge,
+    headers: &http::HeaderMap,
+    req: crate::canonical::EmbeddingsRequest,
+    trace: crate::otel::Trace,
+) -> Handled {
+    let id = edge.id.clone();
     let encoding: EmbeddingEncoding = req.encoding;
     let mut ctx = match RequestContext::for_embeddings(
         id.0.clone(),
         app.gw.snapshot(),
-        &headers,
+        headers,
         &req,
         edge.caller.clone(),
     ) {
         Ok(ctx) => ctx,
         Err(e) => return error_response(&OpenAi, e, &id, None),
     };
+    if trace.is_on() {
+        trace.placed(&ctx.route().name, ctx.arm().map(|a| &*a.name));
+        ctx.trace = trace;
+    }
     if let Err(e) = crate::governance::keys::authorize(&ctx) {
         return pipeline_error(&OpenAi, e, &ctx);
     }
@@ -1584,6 +1681,7 @@ async fn retriever_search_handled(
     let caller = retrieve::Caller {
         request_id: id.0.clone(),
         private: crate::pipeline::context::private_header(headers) || found.private(),
+        trace: crate::otel::Trace::default(),
     };
     if let Some(q) = found.redacted {
         search.query = q;

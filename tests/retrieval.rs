@@ -864,6 +864,7 @@ async fn retriever_embeddings_are_timed_and_a_private_retrievers_stay_self_hoste
         let caller = promptgate::pipeline::retrieve::Caller {
             request_id: "req-embed".into(),
             private: false,
+            trace: Default::default(),
         };
         promptgate::pipeline::retrieve::search(&gw.gw, &state, &search, &caller)
             .await

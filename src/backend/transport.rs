@@ -704,6 +704,8 @@ impl HttpProvider {
         if let Some(AuthPart::Header(k, v)) = dynamic {
             headers.append(k, v);
         }
+        // The attempt's `traceparent`, when tracing is on (every kind alike).
+        crate::otel::outgoing_headers(headers);
         Ok(req)
     }
 

@@ -27,6 +27,8 @@ use crate::tokens;
 /// What one attempt of an operation does with one target.
 pub(super) trait Operation: Sync {
     type Output: Send;
+    /// Its GenAI operation name (an attempt's span is `{operation} {model}`).
+    const OPERATION: &'static str = "chat";
     /// The capability a target lacks for this request, if it lacks one.
     fn lacks(&self, t: &Target) -> Option<&'static str>;
     /// The chat request, for the context-window check (`None`: no window applies).
@@ -76,6 +78,7 @@ pub(super) struct Embed<'r>(pub &'r EmbeddingsRequest);
 
 impl Operation for Embed<'_> {
     type Output = EmbeddingsResponse;
+    const OPERATION: &'static str = "embeddings";
 
     fn lacks(&self, t: &Target) -> Option<&'static str> {
         (!t.capabilities.embeddings).then_some("embeddings")
@@ -164,6 +167,8 @@ fn unfit<O: Operation>(gw: &Gateway, t: &Target, op: &O, private: bool) -> Optio
 /// Tries the chain in order: the next target on a retryable failure, at once
 /// on a non-retryable one; retries with backoff when the chain is exhausted
 /// and attempts remain; within the route's deadline.
+// The request's parts the loop reads, each from its context; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_chain<O: Operation>(
     gw: &Gateway,
     snap: &Snapshot,
@@ -172,6 +177,7 @@ pub(super) async fn run_chain<O: Operation>(
     op: &O,
     private: bool,
     deadline: Instant,
+    trace: &crate::otel::Trace,
 ) -> Result<Won<O::Output>, GatewayError> {
     let policy = route.retry;
     let max_attempts = policy.max_attempts.unwrap_or(chain.len() as u32).max(1);
@@ -273,7 +279,14 @@ pub(super) async fn run_chain<O: Operation>(
             // Boxed: an attempt's future (a provider call, a stream's head) is
             // the bulk of a request's state; a box keeps every future that
             // holds it (this loop, the pipeline, the handler) a pointer wide.
-            let result = match tokio::time::timeout(remaining, Box::pin(op.call(gw, t))).await {
+            // Its span (tracing on), whose `traceparent` the call carries.
+            let mut span = trace.child(
+                || format!("{} {}", O::OPERATION, t.model),
+                opentelemetry::trace::SpanKind::Client,
+                || attempt_attributes(snap, t, O::OPERATION, attempts, errors.len(), round),
+            );
+            let call = crate::otel::scoped(span.outgoing(), Box::pin(op.call(gw, t)));
+            let result = match tokio::time::timeout(remaining, call).await {
                 Ok(r) => r,
                 Err(_) => {
                     cut_early = remaining < t.headers_timeout;
@@ -288,6 +301,7 @@ pub(super) async fn run_chain<O: Operation>(
             handles.upstream(elapsed);
             match result {
                 Ok(output) => {
+                    drop(span);
                     let state = pass.record(&snap.breaker, false);
                     handles.breaker(state);
                     handles.attempt_ok();
@@ -306,6 +320,16 @@ pub(super) async fn run_chain<O: Operation>(
                     if e.provider.is_empty() {
                         e.provider = t.provider_id.to_string();
                     }
+                    if let Some(status) = e.status {
+                        span.set(|| {
+                            opentelemetry::KeyValue::new(
+                                "http.response.status_code",
+                                i64::from(status),
+                            )
+                        });
+                    }
+                    span.failed(e.kind.as_str());
+                    drop(span);
                     if cut_early {
                         drop(pass);
                     } else {
@@ -334,6 +358,37 @@ pub(super) async fn run_chain<O: Operation>(
         }
     }
     Err(give_up(&route.name, errors, skips, private))
+}
+
+/// An attempt span's attributes: what is called, where, and its place in
+/// the request's attempts (`promptgate.fallback`: failures before it).
+fn attempt_attributes(
+    snap: &Snapshot,
+    t: &Target,
+    operation: &'static str,
+    attempt: u32,
+    fallback: usize,
+    round: u32,
+) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    let provider = snap.config.providers.get(&*t.provider_id);
+    let mut out = vec![
+        KeyValue::new("gen_ai.operation.name", operation),
+        KeyValue::new("gen_ai.request.model", t.model.clone()),
+        KeyValue::new("promptgate.provider", t.provider_id.to_string()),
+        KeyValue::new("promptgate.target", t.id.to_string()),
+        KeyValue::new("promptgate.attempt", i64::from(attempt)),
+        KeyValue::new(
+            "promptgate.fallback",
+            i64::try_from(fallback).unwrap_or(i64::MAX),
+        ),
+        KeyValue::new("promptgate.retry", i64::from(round)),
+    ];
+    if let Some(p) = provider {
+        out.push(KeyValue::new("gen_ai.provider.name", p.kind.name));
+        out.extend(crate::otel::server_of(&p.base_url));
+    }
+    out
 }
 
 /// What every call to a target starts with: its provider, and its provider's

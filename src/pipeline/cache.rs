@@ -82,24 +82,49 @@ pub async fn lookup(
                 }),
             }
         }
-        Admission::Lookup { key, refresh } => match gw.cache.lookup(key, refresh, deadline).await {
-            crate::cache::Lookup::Hit(entry) => {
-                route.metrics(&gw.metrics).cache(Status::Hit);
-                Cached::Hit(serve_hit(ctx, &entry, req.stream))
+        Admission::Lookup { key, refresh } => {
+            // Its span covers waiting for an identical request's answer too.
+            let mut span = ctx.trace.child(
+                || "cache lookup".to_owned(),
+                opentelemetry::trace::SpanKind::Internal,
+                Vec::new,
+            );
+            let found = gw.cache.lookup(key, refresh, deadline).await;
+            lookup_result(gw, ctx, req, found, refresh, &mut span)
+        }
+    }
+}
+
+/// A lookup's answer: a hit served, or the lease to fill.
+fn lookup_result(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    req: &ChatRequest,
+    found: crate::cache::Lookup,
+    refresh: bool,
+    span: &mut crate::otel::Child,
+) -> Cached {
+    let route = ctx.route();
+    match found {
+        crate::cache::Lookup::Hit(entry) => {
+            route.metrics(&gw.metrics).cache(Status::Hit);
+            span.set(|| opentelemetry::KeyValue::new("promptgate.cache", "hit"));
+            ctx.trace.response(&entry.response);
+            Cached::Hit(serve_hit(ctx, &entry, req.stream))
+        }
+        crate::cache::Lookup::Lead(lease) => {
+            let status = if refresh {
+                Status::Refresh
+            } else {
+                Status::Miss
+            };
+            span.set(|| opentelemetry::KeyValue::new("promptgate.cache", status.as_str()));
+            route.metrics(&gw.metrics).cache(status);
+            Cached::Miss {
+                lease: Some(lease),
+                cache: Some(CacheUse { status, age: None }),
             }
-            crate::cache::Lookup::Lead(lease) => {
-                let status = if refresh {
-                    Status::Refresh
-                } else {
-                    Status::Miss
-                };
-                route.metrics(&gw.metrics).cache(status);
-                Cached::Miss {
-                    lease: Some(lease),
-                    cache: Some(CacheUse { status, age: None }),
-                }
-            }
-        },
+        }
     }
 }
 

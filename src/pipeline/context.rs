@@ -123,6 +123,8 @@ pub struct RequestContext {
     /// The request before rendering, kept when its route's shadow candidates
     /// render another prompt version.
     pub shadow_source: Option<Arc<super::shadow::Source>>,
+    /// Its span, when tracing is on (`Trace::default()`: off).
+    pub trace: crate::otel::Trace,
 }
 
 impl RequestContext {
@@ -164,6 +166,7 @@ impl RequestContext {
             caller,
             ticket: None,
             shadow_source: None,
+            trace: crate::otel::Trace::default(),
         }
     }
 

@@ -93,6 +93,8 @@ pub(super) struct Forward<'r> {
     pub raw: &'r Bytes,
     /// The model name the answer shows, as a JSON string.
     pub shown: Bytes,
+    /// The request's span (the answer's id, model and finish reasons).
+    pub trace: &'r crate::otel::Trace,
 }
 
 impl Operation for Forward<'_> {
@@ -199,11 +201,15 @@ impl Forward<'_> {
     fn whole(&self, body: Bytes) -> Result<Forwarded, UpstreamError> {
         let resp = decode_chat_response(&body)?;
         let Some(usage) = resp.usage else {
+            // The canonical path records it on the request's span.
             // The estimate needs the canonical answer: it is shown in the body.
             return Ok(Forwarded::Canonical(Answer::Complete(resp)));
         };
         match splice_answer(&body, &self.shown, false) {
-            Some(out) => Ok(Forwarded::Whole(Bytes::from(out), usage)),
+            Some(out) => {
+                self.trace.response(&resp);
+                Ok(Forwarded::Whole(Bytes::from(out), usage))
+            }
             None => Ok(Forwarded::Canonical(Answer::Complete(resp))),
         }
     }

@@ -70,6 +70,8 @@ pub struct Gateway {
     /// Whether the process is ready for traffic (`/readyz`): draining, or
     /// the configuration on disk invalid.
     pub readiness: crate::lifecycle::Readiness,
+    /// Traces over OTLP, when `serve` started them (never set: off).
+    pub tracing: std::sync::OnceLock<crate::otel::Tracing>,
 }
 
 /// How the cache took part in a response.
@@ -156,6 +158,7 @@ impl Gateway {
             retrieval: retrieve::Retrieval::default(),
             governor,
             readiness: crate::lifecycle::Readiness::default(),
+            tracing: std::sync::OnceLock::new(),
         }))
     }
 
@@ -288,6 +291,7 @@ impl Gateway {
                 &Chat(&req),
                 ctx.private,
                 deadline,
+                &ctx.trace,
             )
             .await;
             let upstream = started.elapsed();
@@ -308,9 +312,19 @@ impl Gateway {
             req: &req,
             raw: &raw,
             shown: forward::shown(ctx, &route.name),
+            trace: &ctx.trace,
         };
-        let won =
-            attempt::run_chain(self, snap, route, ctx.chain(), &op, ctx.private, deadline).await;
+        let won = attempt::run_chain(
+            self,
+            snap,
+            route,
+            ctx.chain(),
+            &op,
+            ctx.private,
+            deadline,
+            &ctx.trace,
+        )
+        .await;
         let upstream = started.elapsed();
         let shadow = self.shadow_launch(ctx, &req);
         let Won {
@@ -430,6 +444,7 @@ impl Gateway {
                     }
                 };
                 resp.usage = Some(usage);
+                ctx.trace.response(&resp);
                 self.count_tokens(route, &target, arm, &usage);
                 if let Some(t) = &ctx.ticket {
                     t.settle(&target, &usage);
@@ -500,6 +515,8 @@ impl Gateway {
             store,
             ticket: ctx.ticket.clone(),
             shadow: None,
+            trace: ctx.trace.clone(),
+            finish_reasons: Vec::new(),
         }
     }
 
@@ -526,6 +543,7 @@ impl Gateway {
             &Embed(&req),
             ctx.private,
             Self::deadline(route),
+            &ctx.trace,
         )
         .await?;
         let upstream = started.elapsed();
@@ -543,6 +561,7 @@ impl Gateway {
         if let Some(t) = &ctx.ticket {
             t.settle(&target, &resp.usage);
         }
+        ctx.trace.usage(&resp.usage);
         Ok(Served {
             route: route.clone(),
             target,

@@ -47,6 +47,7 @@ pub async fn render(
     req: &mut ChatRequest,
     prompt: Option<PromptRef>,
     retrieval: Option<RetrievalRef>,
+    trace: &crate::otel::Trace,
 ) -> Result<Prepared, Refused> {
     if prompt.is_none() && retrieval.is_none() {
         return Ok(Prepared::default());
@@ -54,6 +55,7 @@ pub async fn render(
     let caller = Caller {
         request_id: request_id.clone(),
         private: super::context::private_header(headers),
+        trace: trace.clone(),
     };
     let mut prepared = match prompt {
         Some(p) => render_prompt(gw, snap, headers, who, req, p, &caller).await?,
@@ -286,6 +288,7 @@ pub async fn for_shadow(
         &mut req,
         Some(prompt),
         None,
+        &crate::otel::Trace::default(),
     )
     .await
     .ok()?;

@@ -106,6 +106,8 @@ impl Retrieval {
 pub struct Caller {
     pub request_id: Arc<str>,
     pub private: bool,
+    /// The request's span: each search is a child of it.
+    pub trace: crate::otel::Trace,
 }
 
 /// The data policy a request's queries are searched under
@@ -153,6 +155,41 @@ impl Caller {
 /// through the results cache, counted. At most `search.top_k` passages, best
 /// first.
 pub async fn search(
+    gw: &Arc<Gateway>,
+    state: &RetrieverState,
+    search: &Search,
+    caller: &Caller,
+) -> Result<Arc<[Passage]>, SearchError> {
+    if !caller.trace.is_on() {
+        return search_in(gw, state, search, caller).await;
+    }
+    let mut span = caller.trace.child(
+        || format!("retrieval {}", state.id),
+        opentelemetry::trace::SpanKind::Internal,
+        || {
+            vec![
+                opentelemetry::KeyValue::new("gen_ai.operation.name", "retrieval"),
+                opentelemetry::KeyValue::new("gen_ai.data_source.id", state.id.to_string()),
+                opentelemetry::KeyValue::new("promptgate.retrieval.top_k", i64::from(search.top_k)),
+            ]
+        },
+    );
+    let out = search_in(gw, state, search, caller).await;
+    match &out {
+        Ok(p) => span.set(|| {
+            opentelemetry::KeyValue::new(
+                "promptgate.retrieval.passages",
+                i64::try_from(p.len()).unwrap_or(i64::MAX),
+            )
+        }),
+        Err(SearchError::Invalid { .. }) => span.failed("invalid"),
+        Err(SearchError::Timeout(_)) => span.failed("timeout"),
+        Err(SearchError::Failed(_)) => span.failed("failed"),
+    }
+    out
+}
+
+async fn search_in(
     gw: &Arc<Gateway>,
     state: &RetrieverState,
     search: &Search,
@@ -739,6 +776,7 @@ mod tests {
         Caller {
             request_id: "req-1".into(),
             private: false,
+            trace: crate::otel::Trace::default(),
         }
     }
 

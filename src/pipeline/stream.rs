@@ -149,6 +149,10 @@ pub(super) struct UsageTap {
     pub ticket: Option<Arc<crate::governance::Ticket>>,
     /// A copied request's stream, assembled for its shadow comparison.
     pub shadow: Option<ShadowTap>,
+    /// The request's span: the stream's id, model, finish reasons and usage.
+    pub trace: crate::otel::Trace,
+    /// The choices' finish reasons, for the span (kept only when it records).
+    pub finish_reasons: Vec<crate::canonical::FinishReason>,
 }
 
 /// The primary's stream as its shadow task needs it: assembled, and sent
@@ -216,6 +220,20 @@ impl UsageTap {
         if let Some(s) = &mut self.shadow {
             s.asm.push(ev);
         }
+        if self.trace.is_on() {
+            match ev {
+                StreamEvent::Meta(m) => self.trace.response_meta(&m.id, &m.model),
+                StreamEvent::Delta(d) => {
+                    if let Some(r) = d.finish_reason {
+                        // Bounded: a backend's choice indexes are capped.
+                        if self.finish_reasons.len() < crate::backend::MAX_CHOICES as usize {
+                            self.finish_reasons.push(r);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         match ev {
             StreamEvent::Delta(d) => {
                 let texts = d.content.iter().chain(&d.reasoning).chain(
@@ -264,6 +282,8 @@ impl UsageTap {
         if let Some(t) = self.ticket.take() {
             t.settle(&self.target, &usage);
         }
+        self.trace.usage(&usage);
+        self.trace.finish_reasons(&self.finish_reasons);
         self.record_end(true, u64::from(usage.total_tokens));
         if let (Some((_, stats)), Some(price)) = (&self.arm, self.target.price) {
             stats.add_cost(crate::governance::spend::cost(&price, &usage));
@@ -309,6 +329,7 @@ impl UsageTap {
             .metrics
             .stream_error(&self.route.name, &self.target.provider_id, e.kind);
         self.record_end(false, 0);
+        self.trace.failed(e.kind.as_str());
         tracing::warn!(route = %self.route.name, target = %self.target.id,
             kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "stream failed after it began");
     }

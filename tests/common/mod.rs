@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod native;
+pub mod otlp;
 pub mod peers;
 
 use std::collections::HashMap;

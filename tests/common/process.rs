@@ -77,7 +77,8 @@ impl Process {
             let addr = |marker: &str| {
                 line.split(marker)
                     .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
+                    // Up to a space, or a quote when the line is JSON.
+                    .and_then(|rest| rest.split(|c: char| c.is_whitespace() || c == '"').next())
                     .map(|a| format!("http://{a}"))
             };
             if let Some(a) = addr("promptgate listening on http://") {
