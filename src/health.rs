@@ -280,6 +280,13 @@ impl ArmStats {
         }
     }
 
+    /// Adds a whole answer's tokens to the arm's total (its request is
+    /// recorded apart, when its response ends).
+    pub fn add_tokens(&self, tokens: u64) {
+        let mut s = lock(&self.inner);
+        s.tokens = s.tokens.saturating_add(tokens);
+    }
+
     /// Adds an answer's cost (in `spend.currency`) to the arm's total.
     pub fn add_cost(&self, cost: f64) {
         if cost.is_finite() && cost > 0.0 {

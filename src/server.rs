@@ -353,8 +353,6 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
         if let Some(c) = &edge.caller {
             gov.key_request(&c.id, route_name, status.as_u16());
         }
-        // What the ticket settled (a whole answer's tokens and cost), for the arm.
-        let mut settled: (u64, Option<f64>) = (0, None);
         match &o.ticket {
             Some(t) => {
                 // A replayed stream (a cache hit) is a stream too.
@@ -373,7 +371,6 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
                     if l.target.is_none() {
                         l.target = o.target.clone();
                     }
-                    settled = (l.usage.map_or(0, |u| u64::from(u.total_tokens)), l.cost);
                 });
                 for (name, value) in &t.held.headers {
                     if let Ok(v) = HeaderValue::from_str(value) {
@@ -413,12 +410,11 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
             // Streams record their own duration when they end.
             whole: (!o.streaming).then_some(elapsed),
         });
+        // A whole answer's tokens and cost were added to its arm where the
+        // pipeline counted them; streams record their own end.
         if let Some((_, stats)) = &o.arm {
             if !o.streaming {
-                stats.record(status.is_success(), elapsed, settled.0);
-                if let Some(cost) = settled.1 {
-                    stats.add_cost(cost);
-                }
+                stats.record(status.is_success(), elapsed, 0);
             }
         }
     }

@@ -302,6 +302,13 @@ async fn sticky_split_assigns_subjects_to_arms() {
         .sum();
     assert_eq!(total, 120, "{e}");
     assert!(arms_json[0]["latency_p95_ms"].as_f64().unwrap() > 0.0);
+    // Without keys, prices or an audit log the arms still count their
+    // answers' tokens (the fixture reports 18 per answer); no price, no cost.
+    for arm in arms_json {
+        let requests = arm["requests"].as_u64().unwrap();
+        assert_eq!(arm["tokens"].as_u64(), Some(requests * 18), "{e}");
+        assert_eq!(arm["cost"].as_f64(), Some(0.0), "{e}");
+    }
     let m = gw.metrics().await;
     assert!(m.contains("promptgate_arm_requests_total{arm=\"canary\",route=\"ab\",status=\"200\"}"));
 }

@@ -573,6 +573,9 @@ impl Gateway {
         })
     }
 
+    /// Counts an upstream answer's tokens (metrics) and, on a split, adds
+    /// them and their cost at the target's price to the arm's figures — with
+    /// or without governance (the status page's per-arm tokens and cost).
     fn count_tokens(&self, route: &Route, t: &Target, arm: Option<&Arm>, u: &Usage) {
         self.metrics.tokens(
             t.metrics(&self.metrics),
@@ -580,5 +583,11 @@ impl Gateway {
             arm.map(|a| &*a.name),
             u,
         );
+        if let Some(a) = arm {
+            a.stats.add_tokens(u64::from(u.total_tokens));
+            if let Some(price) = &t.price {
+                a.stats.add_cost(crate::governance::spend::cost(price, u));
+            }
+        }
     }
 }
