@@ -200,6 +200,8 @@ pub struct Metrics {
     pub last_reload: IntGauge,
     /// Unix time of the last reload that was rejected (0: none yet).
     pub last_reload_failure: IntGauge,
+    /// 1 while the latest configuration load succeeded, 0 after a rejected one.
+    pub last_reload_successful: IntGauge,
     /// Attempts by route, target and result (`ok` or the error kind).
     pub attempts: IntCounterVec,
     /// Fallbacks by route, from-target, to-target and the kind that caused them.
@@ -723,6 +725,11 @@ impl Metrics {
             "config_last_reload_failure_timestamp_seconds",
             "Unix time of the last rejected configuration reload (0: none since start)",
         )?;
+        let last_reload_successful = IntGauge::new(
+            "config_last_reload_successful",
+            "1 while the latest configuration load succeeded, 0 while the latest was rejected",
+        )?;
+        last_reload_successful.set(1);
         let attempts = IntCounterVec::new(
             Opts::new(
                 "attempts_total",
@@ -875,6 +882,7 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_reload.clone()))?;
         registry.register(Box::new(last_reload_failure.clone()))?;
+        registry.register(Box::new(last_reload_successful.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(upstream_seconds.clone()))?;
@@ -903,6 +911,7 @@ impl Metrics {
             reloads,
             last_reload,
             last_reload_failure,
+            last_reload_successful,
             attempts,
             fallbacks,
             breaker_state,
@@ -971,6 +980,7 @@ impl Metrics {
         self.reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+        self.last_reload_successful.set(i64::from(ok));
         if !ok {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

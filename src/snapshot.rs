@@ -54,6 +54,12 @@ impl Target {
         self.handles
             .get_or_init(|| metrics.target_handles(&self.route, &self.id, &self.provider_id))
     }
+
+    /// Its metric handles if a request already made them (a scrape refreshes
+    /// those without adding series for targets nobody used).
+    pub fn metrics_if_used(&self) -> Option<&crate::metrics::TargetHandles> {
+        self.handles.get()
+    }
 }
 
 pub struct Arm {

@@ -180,6 +180,11 @@ async fn scrape_time_gauges_follow_targets_budgets_and_reloads() {
         Some(0.0),
         "no reload was rejected yet: {m}"
     );
+    assert_eq!(
+        sample(&m, "promptgate_config_last_reload_successful"),
+        Some(1.0),
+        "{m}"
+    );
     std::fs::write(gw.config_path(), gateway(false)).unwrap();
     assert_eq!(gw.admin_reload().await.0, 200);
     let m = gw.metrics().await;
@@ -205,6 +210,21 @@ async fn scrape_time_gauges_follow_targets_budgets_and_reloads() {
     )
     .unwrap();
     assert!(failed > 0.0 && failed >= succeeded, "{m}");
+    // The flag the alert reads has no one-second blind spot.
+    assert_eq!(
+        sample(&m, "promptgate_config_last_reload_successful"),
+        Some(0.0),
+        "{m}"
+    );
+    // A good file again: the flag comes back.
+    std::fs::write(gw.config_path(), gateway(false)).unwrap();
+    assert_eq!(gw.admin_reload().await.0, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        sample(&m, "promptgate_config_last_reload_successful"),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 /// The body of `GET url`.

@@ -177,12 +177,18 @@ impl Gateway {
         use crate::metrics::{BudgetFigures, RouteFigures};
         let snap = self.snapshot();
         let up = |t: &Target| {
+            let breaker = t.health.summary(&snap.breaker).0;
+            // The gauge follows an open breaker's cooldown even when no
+            // request comes to move it.
+            if let Some(h) = t.metrics_if_used() {
+                h.breaker(breaker);
+            }
             matches!(t.provider, crate::backend::ProviderState::Ready(_))
                 && self
                     .book
                     .fault(&t.provider_id)
                     .is_none_or(|f| f.kind != FaultKind::Disabled)
-                && t.health.summary(&snap.breaker).0 != BreakerState::Open
+                && breaker != BreakerState::Open
         };
         let routes: Vec<RouteFigures<'_>> = snap
             .routes()
