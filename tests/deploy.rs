@@ -890,7 +890,8 @@ fn kubernetes_manifests_validate_offline() {
             );
         }
     }
-    // The grace period covers the preStop pause and the gateway's own grace.
+    // The grace period covers a preStop pause (if any), the drain delay and
+    // the gateway's own grace.
     let dir = tempfile::tempdir().unwrap();
     mounted_config(&all, dir.path());
     let config = &yaml_documents(&dir.path().join("promptgate.yaml"))[0];
@@ -905,11 +906,15 @@ fn kubernetes_manifests_validate_offline() {
     let grace = grace + secs("drain_delay");
     let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         .as_u64()
-        .unwrap();
+        .unwrap_or(0);
+    assert!(
+        secs("drain_delay") > 0 || pause > 0,
+        "SIGTERM is followed by some serving while endpoints update"
+    );
     let period = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
         period > pause + grace,
-        "terminationGracePeriodSeconds {period} > preStop {pause} + shutdown_grace {grace}"
+        "terminationGracePeriodSeconds {period} > preStop {pause} + drain_delay + shutdown_grace {grace}"
     );
     // The admin API stays on the pod's loopback.
     assert!(
@@ -919,6 +924,46 @@ fn kubernetes_manifests_validate_offline() {
             .starts_with("127.0.0.1:"),
         "{config}"
     );
+    // Every Redis URL names a Service of the manifests. The one holding rate
+    // limits and spend never evicts (an evicted spend key would re-open a
+    // budget); the cache tier has a Redis of its own that may.
+    let policy = |section: &str| {
+        let url = config[section]["redis"]["url"].as_str().unwrap();
+        let host = url
+            .trim_start_matches("redis://")
+            .split(':')
+            .next()
+            .unwrap();
+        let service = resource(&all, "Service", host);
+        let component = &service["spec"]["selector"]["app.kubernetes.io/component"];
+        let (_, redis) = all
+            .iter()
+            .find(|(_, r)| {
+                r["kind"] == "Deployment"
+                    && &r["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+                        == component
+            })
+            .unwrap_or_else(|| panic!("a Deployment behind Service {host}"));
+        let args: Vec<&str> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| *a == "--maxmemory-policy")
+            .unwrap();
+        (host.to_owned(), args[at + 1].to_owned())
+    };
+    let (limits_host, limits_policy) = policy("limits");
+    let (spend_host, spend_policy) = policy("spend");
+    let (cache_host, cache_policy) = policy("cache");
+    assert_eq!(limits_policy, "noeviction");
+    assert_eq!(spend_policy, "noeviction");
+    assert_eq!(cache_policy, "allkeys-lru");
+    assert_eq!(limits_host, spend_host);
+    assert_ne!(cache_host, limits_host);
 }
 
 /// The ConfigMaps, laid out as the Deployment mounts them, are a
