@@ -309,12 +309,17 @@ impl Trace {
         });
     }
 
-    /// The request failed: `error.type` and the span's status.
-    pub fn failed(&self, error: &str) {
+    /// The request failed: `error.type`, and for a server-side failure (a
+    /// 5xx, a stream cut after it began) the span's error status — a client's
+    /// error (4xx) leaves a SERVER span's status unset, as the HTTP
+    /// conventions say.
+    pub fn failed(&self, error: &str, server_fault: bool) {
         self.with(|l| {
             let span = l.cx.span();
             span.set_attribute(KeyValue::new("error.type", error.to_owned()));
-            span.set_status(Status::error(error.to_owned()));
+            if server_fault {
+                span.set_status(Status::error(error.to_owned()));
+            }
         });
     }
 

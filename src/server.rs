@@ -1012,7 +1012,7 @@ fn traced(app: &AppState, trace: crate::otel::Trace, mut handled: Handled) -> Ha
     trace.status(handled.response.status().as_u16());
     if let Some(o) = &handled.outcome {
         if let Some(e) = o.error {
-            trace.failed(e);
+            trace.failed(e, handled.response.status().is_server_error());
         }
         if let Some(c) = o.cache {
             trace.cache_status(c);

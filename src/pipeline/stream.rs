@@ -329,7 +329,7 @@ impl UsageTap {
             .metrics
             .stream_error(&self.route.name, &self.target.provider_id, e.kind);
         self.record_end(false, 0);
-        self.trace.failed(e.kind.as_str());
+        self.trace.failed(e.kind.as_str(), true);
         tracing::warn!(route = %self.route.name, target = %self.target.id,
             kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "stream failed after it began");
     }
