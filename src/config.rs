@@ -218,6 +218,8 @@ struct RawLimits {
     #[serde(default)]
     drain_delay: Option<String>,
     #[serde(default)]
+    fail_readiness_on_invalid_config: Option<bool>,
+    #[serde(default)]
     list_ids_in_errors: Option<bool>,
     #[serde(default)]
     write_timeout: Option<String>,
@@ -741,6 +743,11 @@ pub struct Limits {
     /// fails, so that load balancers (Kubernetes endpoints) stop sending it
     /// traffic first. `shutdown_grace` starts when it ends.
     pub drain_delay: Duration,
+    /// Whether `/readyz` fails (503 `config_invalid`) while the configuration
+    /// on disk does not load. With one ConfigMap behind every replica a bad
+    /// push makes all of them unready at once; `false` keeps them ready
+    /// (the answer still says `"config": "invalid"`) and leaves it to alerts.
+    pub fail_readiness_on_invalid_config: bool,
     /// Whether "unknown model/prompt" errors list the configured ids (and
     /// unavailability errors name providers and their settings).
     pub list_ids_in_errors: bool,
@@ -771,6 +778,7 @@ impl Default for Limits {
             // process that says it is draining: waiting would only delay the
             // stop. Kubernetes deployments set it (deploy/kubernetes).
             drain_delay: Duration::ZERO,
+            fail_readiness_on_invalid_config: true,
             list_ids_in_errors: true,
             write_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(60),
@@ -1057,6 +1065,10 @@ pub fn load(gateway_file: &Path) -> Result<Config, Vec<Problem>> {
             &gw.limits.drain_delay,
             d.drain_delay,
         ),
+        fail_readiness_on_invalid_config: gw
+            .limits
+            .fail_readiness_on_invalid_config
+            .unwrap_or(d.fail_readiness_on_invalid_config),
         list_ids_in_errors: gw.limits.list_ids_in_errors.unwrap_or(d.list_ids_in_errors),
         write_timeout: problems.duration(
             gateway_file,

@@ -17,15 +17,31 @@ use serde_json::{json, Value};
 
 use crate::config::Problem;
 
-#[derive(Default)]
 pub struct Readiness {
     draining: AtomicBool,
     /// The problems of the configuration on disk, while its last reload
     /// failed; `None` once a load succeeded.
     invalid: Mutex<Option<Vec<String>>>,
+    /// `limits.fail_readiness_on_invalid_config`: whether those problems make
+    /// the process unready, or are only reported.
+    fail_on_invalid: bool,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness::new(true)
+    }
 }
 
 impl Readiness {
+    pub fn new(fail_on_invalid: bool) -> Self {
+        Readiness {
+            draining: AtomicBool::new(false),
+            invalid: Mutex::new(None),
+            fail_on_invalid,
+        }
+    }
+
     /// A shutdown began: readiness fails from now on.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
@@ -48,15 +64,21 @@ impl Readiness {
 
     /// Whether the process is ready, and the body `/readyz` answers:
     /// `{"status":"ready"}`, `{"status":"draining"}`, or
-    /// `{"status":"config_invalid","problems":[..]}` (draining wins when both).
+    /// `{"status":"config_invalid","problems":[..]}` (draining wins when both);
+    /// with `fail_on_invalid` off, `{"status":"ready","config":"invalid",
+    /// "problems":[..]}` instead of the last.
     pub fn report(&self) -> (bool, Value) {
         if self.draining() {
             return (false, json!({"status": "draining"}));
         }
         match &*self.invalid.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(problems) => (
+            Some(problems) if self.fail_on_invalid => (
                 false,
                 json!({"status": "config_invalid", "problems": problems}),
+            ),
+            Some(problems) => (
+                true,
+                json!({"status": "ready", "config": "invalid", "problems": problems}),
             ),
             None => (true, json!({"status": "ready"})),
         }
@@ -92,6 +114,19 @@ mod tests {
         assert_eq!(r.report(), (false, json!({"status": "draining"})));
         // Draining is for good.
         r.config_loaded();
+        assert_eq!(r.report(), (false, json!({"status": "draining"})));
+    }
+
+    #[test]
+    fn an_invalid_configuration_can_be_reported_without_failing() {
+        let r = Readiness::new(false);
+        r.config_failed(&[problem()]);
+        let (ready, body) = r.report();
+        assert!(ready);
+        assert_eq!(body["status"], "ready");
+        assert_eq!(body["config"], "invalid");
+        assert_eq!(body["problems"][0], problem().to_string());
+        r.start_draining();
         assert_eq!(r.report(), (false, json!({"status": "draining"})));
     }
 }

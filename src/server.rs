@@ -1752,18 +1752,18 @@ async fn healthz() -> Response {
 }
 
 /// Readiness (not liveness): 503 while draining or while the configuration on
-/// disk fails to load ([`crate::lifecycle::Readiness`]). The problems name
-/// files, fields and ids: with `list_ids_in_errors: false` only their number
-/// is told here (they stay in the log and `/admin/status`).
+/// disk fails to load ([`crate::lifecycle::Readiness`], unless
+/// `limits.fail_readiness_on_invalid_config` is off).
 async fn readyz(State(app): State<AppState>) -> Response {
     let (ready, mut body) = app.gw.readiness.report();
-    if !app.settings.list_ids_in_errors {
-        if let Some(problems) = body.get_mut("problems") {
-            let n = problems.as_array().map_or(0, Vec::len);
-            *problems = serde_json::json!([format!(
-                "{n} problem(s) in the configuration; see the log or GET /admin/status"
-            )]);
-        }
+    // The public answer, asked without a key, gives the problems' number:
+    // their text names files, fields and ids, and a parser's message may
+    // quote a value. The log and the admin API have the text.
+    if let Some(problems) = body.get_mut("problems") {
+        let n = problems.as_array().map_or(0, Vec::len);
+        *problems = serde_json::json!([format!(
+            "{n} problem(s) in the configuration; see the log or GET /admin/status"
+        )]);
     }
     let status = if ready {
         StatusCode::OK

@@ -149,6 +149,8 @@ impl Gateway {
             snapshot.config.shadow.path.clone(),
             snapshot.config.shadow.retention,
         );
+        // Read at start, like the other limits.
+        let unready_when_invalid = snapshot.config.limits.fail_readiness_on_invalid_config;
         Ok(Arc::new(Gateway {
             shadows,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -157,7 +159,7 @@ impl Gateway {
             metrics,
             retrieval: retrieve::Retrieval::default(),
             governor,
-            readiness: crate::lifecycle::Readiness::default(),
+            readiness: crate::lifecycle::Readiness::new(unready_when_invalid),
             tracing: std::sync::OnceLock::new(),
         }))
     }
