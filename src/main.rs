@@ -878,10 +878,10 @@ fn serve(
             match promptgate::otel::Tracing::start(t, tokio::runtime::Handle::current(), failures, &env_lookup) {
                 Ok(tracing) => {
                     let _ = gw.tracing.set(tracing);
-                    tracing::info!(endpoint = %t.endpoint, sample_ratio = t.sample_ratio, "traces go to the collector over OTLP/HTTP");
+                    tracing::info!(endpoint = %redacted_url(&t.endpoint), sample_ratio = t.sample_ratio, "traces go to the collector over OTLP/HTTP");
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    say_error(format!("error: {e}"));
                     return ExitCode::FAILURE;
                 }
             }
@@ -904,7 +904,7 @@ fn serve(
         let listener = match bind_public(addr) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("error: cannot listen on {addr}: {e}");
+                say_error(format!("error: cannot listen on {addr}: {e}"));
                 return ExitCode::FAILURE;
             }
         };
@@ -949,7 +949,7 @@ fn serve(
         let admin_listener = match tokio::net::TcpListener::bind(admin_addr).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("error: cannot listen on {admin_addr} for the admin API: {e}");
+                say_error(format!("error: cannot listen on {admin_addr} for the admin API: {e}"));
                 return ExitCode::FAILURE;
             }
         };
@@ -980,7 +980,7 @@ fn serve(
             Some(t) => match promptgate::tls::acceptor(gw.clone(), t.pair.clone()) {
                 Ok(a) => Some(a),
                 Err(e) => {
-                    eprintln!("error: cannot set up TLS: {e}");
+                    say_error(format!("error: cannot set up TLS: {e}"));
                     return ExitCode::FAILURE;
                 }
             },
@@ -997,24 +997,22 @@ fn serve(
             }
         };
         let served = promptgate::server::serve_tls(listener, router, limits, tls, shutdown).await;
-        // Audit records still queued are written before the process ends.
-        governor.audit.close(std::time::Duration::from_secs(2));
-        // Shadow pairs too.
-        shadows.shadows.close(std::time::Duration::from_secs(2));
-        // Spans still queued are sent (the export runs on this runtime, so
-        // the wait is on the blocking pool).
-        if traces.tracing.get().is_some() {
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Some(t) = traces.tracing.get() {
-                    t.shutdown(std::time::Duration::from_secs(2));
-                }
-            })
-            .await;
-        }
+        // What is still queued is written out, all three at once within
+        // FLUSH (the signal thread's deadline leaves room for it): audit
+        // records, shadow pairs, spans (the export runs on this runtime, so
+        // every wait is on the blocking pool).
+        let audit = tokio::task::spawn_blocking(move || governor.audit.close(FLUSH));
+        let pairs = tokio::task::spawn_blocking(move || shadows.shadows.close(FLUSH));
+        let spans = tokio::task::spawn_blocking(move || {
+            if let Some(t) = traces.tracing.get() {
+                t.shutdown(FLUSH);
+            }
+        });
+        let _ = tokio::join!(audit, pairs, spans);
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: server failed: {e}");
+                say_error(format!("error: server failed: {e}"));
                 ExitCode::FAILURE
             }
         }
@@ -1059,13 +1057,17 @@ fn bind_public(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(4096)
 }
 
+/// How long, after the drain, queued audit records, shadow pairs and spans
+/// have to be written out (together).
+const FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Waits for SIGTERM or ctrl-c on a thread of its own (so a busy runtime cannot
 /// miss it). On the signal readiness fails at once (`/readyz` answers 503
 /// `draining`) while the listener keeps accepting and serving for
 /// `drain_delay` (load balancers take the process out of rotation meanwhile);
 /// then the returned receiver resolves and the server stops accepting and
-/// drains. If the process has not exited `grace` after that (or on a second
-/// signal), it ends it.
+/// drains. If the process has not exited `grace` + [`FLUSH`] + 0.5 s after
+/// that (or on a second signal), it ends it.
 fn watch_signals(
     grace: std::time::Duration,
     drain_delay: std::time::Duration,
@@ -1112,7 +1114,7 @@ fn watch_signals(
                     tokio::select! {
                         _ = tokio::time::sleep(drain_delay) => {}
                         _ = signal() => {
-                            eprintln!("promptgate: second signal; exiting now");
+                            say_error("promptgate: second signal; exiting now".into());
                             std::process::exit(1);
                         }
                     }
@@ -1120,12 +1122,13 @@ fn watch_signals(
                 tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
                 let _ = tx.send(());
                 // The margin lets an orderly drain that ends right at the grace
-                // period return on its own.
+                // period return on its own and write out what is queued.
+                let margin = FLUSH.saturating_add(std::time::Duration::from_millis(500));
                 tokio::select! {
-                    _ = tokio::time::sleep(grace.saturating_add(std::time::Duration::from_millis(500))) => {
-                        eprintln!("promptgate: requests still running after the shutdown grace period; exiting");
+                    _ = tokio::time::sleep(grace.saturating_add(margin)) => {
+                        say_error("promptgate: requests still running after the shutdown grace period; exiting".into());
                     }
-                    _ = signal() => eprintln!("promptgate: second signal; exiting now"),
+                    _ = signal() => say_error("promptgate: second signal; exiting now".into()),
                 }
                 std::process::exit(1);
             });
@@ -1357,6 +1360,30 @@ fn log_format(command: &Command) -> promptgate::config::LogFormat {
 /// A line for whoever started the process (where it listens): plain on
 /// stderr, or a log line when the log is JSON (every line on stderr is then
 /// one JSON object).
+/// A serving process's fatal or shutdown message: a log line (JSON with
+/// `log_format: json`), else plain text on stderr.
+fn say_error(line: String) {
+    if promptgate::otel::request_spans() {
+        tracing::error!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// A URL for a log line: without user, password or query (where a
+/// collector's credential could be).
+fn redacted_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".into(),
+    }
+}
+
 fn announce(line: String) {
     if promptgate::otel::request_spans() {
         tracing::info!("{line}");
