@@ -237,9 +237,26 @@ impl Redis {
     }
 }
 
+/// Whether a missing peer fails its test instead of skipping it: under
+/// `CI=true`, and under `scripts/test` (which installs every peer first and
+/// sets `PROMPTGATE_REQUIRE_PEERS=1`).
+fn peers_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("PROMPTGATE_REQUIRE_PEERS").is_ok_and(|v| v == "1")
+}
+
+/// A peer the test needs is missing: fails the test where peers are
+/// required ([`peers_required`]), else notes the skip.
+fn missing_peer(what: &str) {
+    assert!(
+        !peers_required(),
+        "{what} (scripts/test installs it; with CI=true or PROMPTGATE_REQUIRE_PEERS=1 this test must run)"
+    );
+    eprintln!("skipped: {what}");
+}
+
 /// A program the tests need from the system (`prometheus`, `promtool`, …):
-/// its path, or `None` with a note when it is missing — except under
-/// `CI=true`, where a missing peer fails the test instead of skipping it.
+/// its path, or `None` when it is missing (see [`missing_peer`]).
 pub fn required_tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -247,14 +264,7 @@ pub fn required_tool(name: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        let hint = format!(
-            "{name} is not installed (scripts/test installs it; Debian: apt-get install prometheus)"
-        );
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{hint}: under CI=true this test must run"
-        );
-        eprintln!("skipped: {hint}");
+        missing_peer(&format!("{name} is not installed"));
     }
     found
 }
@@ -326,14 +336,6 @@ impl Peer {
 /// Playwright downloads no browser). `None` (the test is skipped) when one is
 /// missing, except under `CI=true`, where a missing peer fails the test.
 pub fn browser() -> Option<(PathBuf, PathBuf)> {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let missing = |what: String| {
-        assert!(
-            !ci,
-            "{what} (CI=true: browser tests must run; scripts/test installs it)"
-        );
-        eprintln!("skipped: {what}");
-    };
     let python = std::env::var_os("PROMPTGATE_PYTHON")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
@@ -343,7 +345,7 @@ pub fn browser() -> Option<(PathBuf, PathBuf)> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
     if !chromium.exists() {
-        missing(format!("no Chromium at {}", chromium.display()));
+        missing_peer(&format!("no Chromium at {}", chromium.display()));
         return None;
     }
     let playwright = Command::new(&python)
@@ -352,7 +354,7 @@ pub fn browser() -> Option<(PathBuf, PathBuf)> {
         .stderr(Stdio::null())
         .status();
     if !playwright.is_ok_and(|s| s.success()) {
-        missing(format!(
+        missing_peer(&format!(
             "no Python with Playwright at {} (set PROMPTGATE_PYTHON)",
             python.display()
         ));
@@ -388,8 +390,16 @@ pub fn nginx_site(upstreams: &[String], listen: &str) -> String {
         let t = line.trim_start();
         if t.starts_with("server ") && t.ends_with(';') {
             if !replaced {
+                // The shipped line's parameters (`max_fails=…`), its
+                // address replaced by each replica's.
+                let params = t
+                    .trim_end_matches(';')
+                    .split_whitespace()
+                    .skip(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 for u in upstreams {
-                    out.push_str(&format!("    server {u} max_fails=1 fail_timeout=10s;\n"));
+                    out.push_str(&format!("    server {u} {params};\n"));
                 }
                 replaced = true;
             }
