@@ -328,7 +328,10 @@ impl Trace {
         self.set(|| KeyValue::new("http.response.status_code", i64::from(status)));
     }
 
-    /// A child span (`None` when tracing is off or the request is not sampled).
+    /// A child span (`None` when tracing is off). Under a request that is
+    /// not sampled the child is not recorded either, but it exists: its id
+    /// goes upstream in `traceparent` (marked not sampled), so its name and
+    /// attributes are not even built then.
     pub fn child(
         &self,
         name: impl FnOnce() -> String,
@@ -338,16 +341,18 @@ impl Trace {
         let Some(l) = &self.0 else {
             return Child(None);
         };
-        if !l.cx.span().is_recording() && !l.cx.span().span_context().is_valid() {
+        let parent = l.cx.span();
+        if !parent.is_recording() && !parent.span_context().is_valid() {
             return Child(None);
         }
-        let span = l.tracer.build_with_context(
+        let builder = if parent.is_recording() {
             SpanBuilder::from_name(name())
                 .with_kind(kind)
-                .with_attributes(attrs()),
-            &l.cx,
-        );
-        Child(Some(span))
+                .with_attributes(attrs())
+        } else {
+            SpanBuilder::from_name("").with_kind(kind)
+        };
+        Child(Some(l.tracer.build_with_context(builder, &l.cx)))
     }
 }
 

@@ -342,6 +342,78 @@ async fn an_unreachable_collector_never_fails_a_request() {
     assert_eq!(logged, 1, "{:#?}", gw.stderr_lines());
 }
 
+/// Sampling: with `sample_ratio: 0` a new trace is not kept, nor one whose
+/// caller did not sample it (`-00`), yet the upstream still gets a
+/// `traceparent` continuing the trace, marked not sampled; a caller's sampled
+/// trace (`-01`) is kept whatever the ratio. Spans still queued at SIGTERM
+/// are sent before the process exits (the flush interval here is far longer
+/// than the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_follows_the_caller_then_the_ratio_and_shutdown_sends_what_is_queued() {
+    let receiver = Receiver::start();
+    let fake = common::spawn_fake().await;
+    let section = tracing_section(&receiver)
+        .replace("sample_ratio: 1.0", "sample_ratio: 0.0")
+        .replace("flush_interval: 100ms", "flush_interval: 1h");
+    let dir = config(&fake, &section);
+    let mut gw = start(&dir);
+    let body = || json!({"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]});
+
+    // A new trace at ratio 0: not kept, but propagated as not sampled.
+    let (new_root, _) = chat(&gw, body(), &[]).await;
+    let sent = fake.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sent.starts_with("00-") && sent.ends_with("-00") && sent.len() == 55,
+        "{sent}"
+    );
+
+    // The caller did not sample: the same trace goes on, not sampled.
+    let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let (dropped, _) = chat(&gw, body(), &[("traceparent", unsampled)]).await;
+    let sent = fake.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && sent.ends_with("-00"),
+        "{sent}"
+    );
+
+    // The caller sampled: kept, ratio or not.
+    let sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (kept, _) = chat(&gw, body(), &[("traceparent", sampled)]).await;
+    let sent = fake.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && sent.ends_with("-01"),
+        "{sent}"
+    );
+
+    // Nothing was exported yet (the flush interval is an hour); SIGTERM sends it.
+    assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
+    gw.terminate();
+    let status = gw.exited().expect("the gateway exited");
+    assert!(status.success(), "{status:?}");
+    let (span, kids) = traced(&receiver, &kept, 1).await;
+    assert_eq!(span["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(sent, traceparent(&kids[0]));
+    let spans = receiver.spans();
+    for id in [&new_root, &dropped] {
+        assert!(request_span(&spans, id).is_none(), "{id}: {spans:#?}");
+    }
+    assert!(
+        spans
+            .iter()
+            .all(|s| s["trace_id"] == "0af7651916cd43dd8448eb211c80319c"),
+        "only the sampled trace was exported: {spans:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracing_off_sends_nothing() {
     let receiver = Receiver::start();
