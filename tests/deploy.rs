@@ -964,6 +964,40 @@ fn kubernetes_manifests_validate_offline() {
     assert_eq!(cache_policy, "allkeys-lru");
     assert_eq!(limits_host, spend_host);
     assert_ne!(cache_host, limits_host);
+    // The NetworkPolicy covers both Redis pods and admits the gateway's.
+    let netpol = resource(&all, "NetworkPolicy", "promptgate-redis");
+    let matches = |selector: &Value, labels: &Value| {
+        let plain = selector["matchLabels"]
+            .as_object()
+            .is_none_or(|m| m.iter().all(|(k, v)| &labels[k] == v));
+        let exprs = selector["matchExpressions"].as_array().is_none_or(|es| {
+            es.iter().all(|e| {
+                assert_eq!(e["operator"], "In", "{e}");
+                e["values"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&labels[e["key"].as_str().unwrap()])
+            })
+        });
+        plain && exprs
+    };
+    for host in [&limits_host, &cache_host] {
+        let service = resource(&all, "Service", host);
+        let component = &service["spec"]["selector"]["app.kubernetes.io/component"];
+        let (_, redis) = all
+            .iter()
+            .find(|(_, r)| {
+                r["kind"] == "Deployment"
+                    && &r["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+                        == component
+            })
+            .unwrap();
+        let labels = &redis["spec"]["template"]["metadata"]["labels"];
+        assert!(matches(&netpol["spec"]["podSelector"], labels), "{host}");
+    }
+    let gateway = pod_labels;
+    let from = &netpol["spec"]["ingress"][0]["from"][0]["podSelector"];
+    assert!(matches(from, gateway), "{from}");
 }
 
 /// The ConfigMaps, laid out as the Deployment mounts them, are a
