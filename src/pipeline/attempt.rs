@@ -385,7 +385,10 @@ fn attempt_attributes(
         KeyValue::new("promptgate.retry", i64::from(round)),
     ];
     if let Some(p) = provider {
-        out.push(KeyValue::new("gen_ai.provider.name", p.kind.name));
+        out.push(KeyValue::new(
+            "gen_ai.provider.name",
+            crate::otel::provider_name(p.kind.name),
+        ));
         out.extend(crate::otel::server_of(&p.base_url));
     }
     out
