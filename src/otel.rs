@@ -238,14 +238,11 @@ impl Trace {
         });
     }
 
-    /// Who answered: the provider (its kind as `gen_ai.provider.name`) and the target.
+    /// Who answered: the provider (its kind's `gen_ai.provider.name`) and the target.
     pub fn served(&self, kind: &str, provider: &str, target: &str, attempts: u32) {
         self.with(|l| {
             let span = l.cx.span();
-            span.set_attribute(KeyValue::new(
-                "gen_ai.provider.name",
-                provider_name(kind).to_owned(),
-            ));
+            span.set_attribute(KeyValue::new("gen_ai.provider.name", kind.to_owned()));
             span.set_attribute(KeyValue::new("promptgate.provider", provider.to_owned()));
             span.set_attribute(KeyValue::new("promptgate.target", target.to_owned()));
             span.set_attribute(KeyValue::new("promptgate.attempts", i64::from(attempts)));
@@ -356,18 +353,6 @@ impl Trace {
             SpanBuilder::from_name("").with_kind(kind)
         };
         Child(Some(l.tracer.build_with_context(builder, &l.cx)))
-    }
-}
-
-/// `gen_ai.provider.name` for a provider kind: the GenAI conventions' value
-/// where they name the service a kind speaks to (`azure.ai.openai`,
-/// `gcp.gemini`, `openai`, `anthropic`), else the kind itself (self-hosted
-/// servers and services the conventions do not list).
-pub fn provider_name(kind: &str) -> &str {
-    match kind {
-        "azure" => "azure.ai.openai",
-        "gemini" => "gcp.gemini",
-        other => other,
     }
 }
 
@@ -585,14 +570,6 @@ async fn post(client: &reqwest::Client, request: http::Request<Bytes>) -> HttpRe
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn provider_names_follow_the_conventions_where_they_have_one() {
-        assert_eq!(provider_name("azure"), "azure.ai.openai");
-        assert_eq!(provider_name("gemini"), "gcp.gemini");
-        assert_eq!(provider_name("openai"), "openai");
-        assert_eq!(provider_name("llamacpp"), "llamacpp");
-    }
 
     #[test]
     fn server_address_and_port_come_from_the_base_url() {

@@ -243,10 +243,7 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         None => new_request_id(),
     };
     let anthropic = req.uri().path() == "/v1/messages";
-    // While a shutdown's drain delay runs, HTTP/1 clients are told to close
-    // their connection after the answer: their next request opens a new one,
-    // which the load balancer no longer sends here.
-    let close_after = req.version() < http::Version::HTTP_2 && app.gw.readiness.draining();
+    let http1 = req.version() < http::Version::HTTP_2;
     // Every API call is authenticated here, once: the caller travels in `Edge`.
     let (caller, refused) = if req.uri().path().starts_with("/v1/") {
         match app.gw.snapshot().access.authenticate(req.headers()) {
@@ -319,7 +316,11 @@ async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(REQUEST_ID, v);
     }
-    if close_after {
+    // While a shutdown's drain delay runs, HTTP/1 clients are told to close
+    // their connection after the answer (one that was running when the
+    // signal came, too): their next request opens a new one, which the load
+    // balancer no longer sends here.
+    if http1 && app.gw.readiness.draining() {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     // Set by `finish` for the API handlers; everything else is all overhead.
@@ -1023,7 +1024,7 @@ fn traced(app: &AppState, trace: crate::otel::Trace, mut handled: Handled) -> Ha
                 .config
                 .providers
                 .get(&*t.provider_id)
-                .map_or("", |p| p.kind.name);
+                .map_or("", |p| p.kind.gen_ai_provider);
             trace.served(kind, &t.provider_id, &t.id, o.attempts);
         }
     }

@@ -113,6 +113,7 @@ impl StreamDecoder for ChunkDecoder {
 
 pub static KIND: Kind = Kind {
     name: "azure",
+    gen_ai_provider: "azure.ai.openai",
     auth_header: Some("api-key"),
     capabilities: Capabilities::ALL,
     reports_usage: true,

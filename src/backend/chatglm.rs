@@ -283,6 +283,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 
 pub static KIND: Kind = Kind {
     name: "chatglm",
+    gen_ai_provider: "chatglm",
     auth_header: None,
     capabilities: Capabilities {
         tools: false,

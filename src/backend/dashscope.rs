@@ -741,6 +741,7 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 
 pub static KIND: Kind = Kind {
     name: "dashscope",
+    gen_ai_provider: "dashscope",
     auth_header: None,
     capabilities: Capabilities::ALL,
     reports_usage: true,

@@ -1188,6 +1188,7 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 
 pub static KIND: Kind = Kind {
     name: "gemini",
+    gen_ai_provider: "gcp.gemini",
     auth_header: Some("x-goog-api-key"),
     capabilities: Capabilities::ALL,
     reports_usage: true,

@@ -489,6 +489,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 
 pub static KIND: Kind = Kind {
     name: "llamacpp",
+    gen_ai_provider: "llamacpp",
     auth_header: None,
     capabilities: Capabilities {
         tools: false,

@@ -242,6 +242,10 @@ pub fn kind(name: &str) -> Option<&'static Kind> {
 pub struct Kind {
     /// The `kind:` of provider files, and the name of the kind's own section.
     pub name: &'static str,
+    /// `gen_ai.provider.name` in traces: the OpenTelemetry GenAI conventions'
+    /// name of the service the kind speaks to, or the kind's own name where
+    /// they list none (self-hosted servers among them).
+    pub gen_ai_provider: &'static str,
     /// The header the API key goes in when the file sets no `auth`; `None` is
     /// `Authorization: Bearer`.
     pub auth_header: Option<&'static str>,
@@ -408,6 +412,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::{Config, Problem};
+
+    #[test]
+    fn kinds_name_their_service_as_the_genai_conventions_do() {
+        let name = |k: &str| kind(k).map(|k| k.gen_ai_provider);
+        assert_eq!(name("openai"), Some("openai"));
+        assert_eq!(name("anthropic"), Some("anthropic"));
+        assert_eq!(name("azure"), Some("azure.ai.openai"));
+        assert_eq!(name("gemini"), Some("gcp.gemini"));
+        // Kinds the conventions do not list keep their own name.
+        assert_eq!(name("llamacpp"), Some("llamacpp"));
+        for k in KINDS {
+            assert!(!k.gen_ai_provider.is_empty(), "{}", k.name);
+        }
+    }
 
     /// Loads a gateway with one provider file `p.yaml`.
     fn load(provider: &str) -> Result<Config, Vec<Problem>> {

@@ -583,6 +583,7 @@ pub fn classify_error_body(status: u16, body: &[u8]) -> UpstreamError {
 
 pub static KIND: Kind = Kind {
     name: "ollama",
+    gen_ai_provider: "ollama",
     auth_header: None,
     capabilities: Capabilities::ALL,
     reports_usage: true,

@@ -617,6 +617,7 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 
 pub static KIND: Kind = Kind {
     name: "qianfan",
+    gen_ai_provider: "qianfan",
     auth_header: None,
     capabilities: Capabilities {
         vision: false,

@@ -20,6 +20,7 @@ use crate::error::{ErrorKind, UpstreamError};
 
 pub static KIND: Kind = Kind {
     name: "sandbox",
+    gen_ai_provider: "sandbox",
     auth_header: None,
     capabilities: Capabilities::ALL,
     reports_usage: false,

@@ -239,6 +239,7 @@ pub fn decode_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Ups
 
 pub static KIND: Kind = Kind {
     name: "zhipu",
+    gen_ai_provider: "zhipu",
     auth_header: None,
     capabilities: Capabilities::ALL,
     reports_usage: true,

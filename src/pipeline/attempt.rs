@@ -387,7 +387,7 @@ fn attempt_attributes(
     if let Some(p) = provider {
         out.push(KeyValue::new(
             "gen_ai.provider.name",
-            crate::otel::provider_name(p.kind.name),
+            p.kind.gen_ai_provider,
         ));
         out.extend(crate::otel::server_of(&p.base_url));
     }

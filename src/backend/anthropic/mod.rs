@@ -24,6 +24,7 @@ use crate::error::UpstreamError;
 
 pub static KIND: Kind = Kind {
     name: "anthropic",
+    gen_ai_provider: "anthropic",
     auth_header: Some("x-api-key"),
     capabilities: Capabilities::ALL,
     reports_usage: true,

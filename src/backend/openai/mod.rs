@@ -25,6 +25,7 @@ use crate::error::UpstreamError;
 
 pub static KIND: Kind = Kind {
     name: "openai",
+    gen_ai_provider: "openai",
     auth_header: None,
     capabilities: Capabilities::ALL,
     reports_usage: true,
