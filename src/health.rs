@@ -267,30 +267,27 @@ struct ArmInner {
 }
 
 impl ArmStats {
-    pub fn record(&self, ok: bool, latency: Duration, tokens: u64) {
+    /// A request of the arm ended (its response body, a stream's too).
+    pub fn record(&self, ok: bool, latency: Duration) {
         let mut s = lock(&self.inner);
         s.requests += 1;
         if !ok {
             s.errors += 1;
         }
-        s.tokens = s.tokens.saturating_add(tokens);
         s.latencies.push_back(latency.as_secs_f64());
         if s.latencies.len() > 2048 {
             s.latencies.pop_front();
         }
     }
 
-    /// Adds a whole answer's tokens to the arm's total (its request is
-    /// recorded apart, when its response ends).
-    pub fn add_tokens(&self, tokens: u64) {
+    /// An upstream answer's tokens and, when its target has a price, its
+    /// cost (in `spend.currency`); the request is recorded apart, when its
+    /// response ends.
+    pub fn answered(&self, tokens: u64, cost: Option<f64>) {
         let mut s = lock(&self.inner);
         s.tokens = s.tokens.saturating_add(tokens);
-    }
-
-    /// Adds an answer's cost (in `spend.currency`) to the arm's total.
-    pub fn add_cost(&self, cost: f64) {
-        if cost.is_finite() && cost > 0.0 {
-            lock(&self.inner).cost += cost;
+        if let Some(c) = cost.filter(|c| c.is_finite() && *c > 0.0) {
+            s.cost += c;
         }
     }
 

@@ -27,12 +27,6 @@ pub struct Readiness {
     fail_on_invalid: bool,
 }
 
-impl Default for Readiness {
-    fn default() -> Self {
-        Readiness::new(true)
-    }
-}
-
 impl Readiness {
     pub fn new(fail_on_invalid: bool) -> Self {
         Readiness {
@@ -100,7 +94,7 @@ mod tests {
 
     #[test]
     fn readiness_follows_reloads_and_draining_wins() {
-        let r = Readiness::default();
+        let r = Readiness::new(true);
         assert_eq!(r.report(), (true, json!({"status": "ready"})));
         r.config_failed(&[problem()]);
         let (ready, body) = r.report();

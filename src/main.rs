@@ -1357,9 +1357,6 @@ fn log_format(command: &Command) -> promptgate::config::LogFormat {
     }
 }
 
-/// A line for whoever started the process (where it listens): plain on
-/// stderr, or a log line when the log is JSON (every line on stderr is then
-/// one JSON object).
 /// A serving process's fatal or shutdown message: a log line (JSON with
 /// `log_format: json`), else plain text on stderr.
 fn say_error(line: String) {
@@ -1384,6 +1381,9 @@ fn redacted_url(url: &str) -> String {
     }
 }
 
+/// A line for whoever started the process (where it listens): plain on
+/// stderr, or a log line when the log is JSON (every line on stderr is then
+/// one JSON object).
 fn announce(line: String) {
     if promptgate::otel::request_spans() {
         tracing::info!("{line}");

@@ -415,7 +415,7 @@ fn finish(app: &AppState, edge: &Edge, handled: Handled) -> Response {
         // pipeline counted them; streams record their own end.
         if let Some((_, stats)) = &o.arm {
             if !o.streaming {
-                stats.record(status.is_success(), elapsed, 0);
+                stats.record(status.is_success(), elapsed);
             }
         }
     }

@@ -73,6 +73,13 @@ pub struct Arm {
     pub shadow: Option<Arc<Shadow>>,
 }
 
+impl Arm {
+    /// Its name and running figures, as the pipeline counts an answer for it.
+    pub fn figures(&self) -> (&str, &ArmStats) {
+        (&self.name, &self.stats)
+    }
+}
+
 /// A route's (or arm's) shadow candidates, built once per snapshot.
 pub struct Shadow {
     /// Each candidate, built like a route target (health is never recorded

@@ -426,8 +426,13 @@ impl Spend {
     /// A key's totals in the current UTC day and month, as this replica knows
     /// them (with Redis, as of its last read), for the scrape-time gauges.
     pub fn current_totals(&self, key: &str) -> Totals {
+        self.totals_in(key, Period::now())
+    }
+
+    /// A key's totals rolled to the periods of `now`.
+    fn totals_in(&self, key: &str, now: Period) -> Totals {
         let mut t = self.totals().get(key).copied().unwrap_or_default();
-        t.roll(Period::now());
+        t.roll(now);
         t
     }
 
@@ -436,8 +441,7 @@ impl Spend {
     /// as of its last read).
     pub fn usage(&self, key: &str) -> serde_json::Value {
         let now = Period::now();
-        let mut t = self.totals().get(key).copied().unwrap_or_default();
-        t.roll(now);
+        let t = self.totals_in(key, now);
         json!({
             "currency": self.currency,
             "day": {

@@ -150,11 +150,7 @@ fn unfit<O: Operation>(gw: &Gateway, t: &Target, op: &O, private: bool) -> Optio
             "it is not configured for use",
         ));
     }
-    if gw
-        .book
-        .fault(&t.provider_id)
-        .is_some_and(|f| f.kind == FaultKind::Disabled)
-    {
+    if gw.disabled(&t.provider_id) {
         return Some(Skip::Unavailable(
             t.provider_id.clone(),
             "disabled by an operator".into(),

@@ -175,7 +175,7 @@ impl Gateway {
     /// how many can take a request now, each key's budgets and its spend in
     /// them (as this replica knows it).
     pub fn refresh_scrape_gauges(&self) {
-        use crate::health::{BreakerState, FaultKind};
+        use crate::health::BreakerState;
         use crate::metrics::{BudgetFigures, RouteFigures};
         let snap = self.snapshot();
         let up = |t: &Target| {
@@ -186,10 +186,7 @@ impl Gateway {
                 h.breaker(breaker);
             }
             matches!(t.provider, crate::backend::ProviderState::Ready(_))
-                && self
-                    .book
-                    .fault(&t.provider_id)
-                    .is_none_or(|f| f.kind != FaultKind::Disabled)
+                && !self.disabled(&t.provider_id)
                 && breaker != BreakerState::Open
         };
         let routes: Vec<RouteFigures<'_>> = snap
@@ -236,6 +233,14 @@ impl Gateway {
             }
         }
         self.metrics.scraped.fill(&routes, &budgets);
+    }
+
+    /// Whether an operator took the provider out of rotation (`drain`,
+    /// `disable`): the attempt loop skips its targets.
+    pub fn disabled(&self, provider: &crate::ids::ProviderId) -> bool {
+        self.book
+            .fault(provider)
+            .is_some_and(|f| f.kind == crate::health::FaultKind::Disabled)
     }
 
     /// The current snapshot; a request loads it once and uses it throughout.
@@ -351,7 +356,7 @@ impl Gateway {
             Forwarded::Canonical(answer) => answer,
             Forwarded::Whole(body, usage) => {
                 let arm = ctx.arm();
-                self.count_tokens(route, &target, arm, &usage);
+                self.count_tokens(route, &target, arm.map(Arm::figures), &usage);
                 if let Some(t) = &ctx.ticket {
                     t.settle(&target, &usage);
                 }
@@ -453,7 +458,7 @@ impl Gateway {
                 };
                 resp.usage = Some(usage);
                 ctx.trace.response(&resp);
-                self.count_tokens(route, &target, arm, &usage);
+                self.count_tokens(route, &target, arm.map(Arm::figures), &usage);
                 if let Some(t) = &ctx.ticket {
                     t.settle(&target, &usage);
                 }
@@ -565,7 +570,7 @@ impl Gateway {
             resp.usage = Usage::new(n, 0);
             resp.usage.estimated = true;
         }
-        self.count_tokens(route, &target, arm, &resp.usage);
+        self.count_tokens(route, &target, arm.map(Arm::figures), &resp.usage);
         if let Some(t) = &ctx.ticket {
             t.settle(&target, &resp.usage);
         }
@@ -584,18 +589,19 @@ impl Gateway {
     /// Counts an upstream answer's tokens (metrics) and, on a split, adds
     /// them and their cost at the target's price to the arm's figures — with
     /// or without governance (the status page's per-arm tokens and cost).
-    fn count_tokens(&self, route: &Route, t: &Target, arm: Option<&Arm>, u: &Usage) {
-        self.metrics.tokens(
-            t.metrics(&self.metrics),
-            &route.name,
-            arm.map(|a| &*a.name),
-            u,
-        );
-        if let Some(a) = arm {
-            a.stats.add_tokens(u64::from(u.total_tokens));
-            if let Some(price) = &t.price {
-                a.stats.add_cost(crate::governance::spend::cost(price, u));
-            }
+    /// Whole answers and streams alike.
+    fn count_tokens(
+        &self,
+        route: &Route,
+        t: &Target,
+        arm: Option<(&str, &crate::health::ArmStats)>,
+        u: &Usage,
+    ) {
+        self.metrics
+            .tokens(t.metrics(&self.metrics), &route.name, arm.map(|a| a.0), u);
+        if let Some((_, stats)) = arm {
+            let cost = t.price.map(|p| crate::governance::spend::cost(&p, u));
+            stats.answered(u64::from(u.total_tokens), cost);
         }
     }
 }

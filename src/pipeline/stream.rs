@@ -276,31 +276,28 @@ impl UsageTap {
     }
 
     pub(super) fn finish(&mut self, usage: Usage) -> Usage {
-        let arm = self.arm.as_ref().map(|(a, _)| &**a);
-        let m = &self.gateway.metrics;
-        m.tokens(self.target.metrics(m), &self.route.name, arm, &usage);
+        let arm = self.arm.as_ref().map(|(a, s)| (&**a, &**s));
+        self.gateway
+            .count_tokens(&self.route, &self.target, arm, &usage);
         if let Some(t) = self.ticket.take() {
             t.settle(&self.target, &usage);
         }
         self.trace.usage(&usage);
         self.trace.finish_reasons(&self.finish_reasons);
-        self.record_end(true, u64::from(usage.total_tokens));
-        if let (Some((_, stats)), Some(price)) = (&self.arm, self.target.price) {
-            stats.add_cost(crate::governance::spend::cost(&price, &usage));
-        }
+        self.record_end(true);
         if let Some(s) = self.shadow.take() {
             s.send(&self.target, self.started, Ok(usage));
         }
         usage
     }
 
-    fn record_end(&self, ok: bool, tokens: u64) {
+    fn record_end(&self, ok: bool) {
         let elapsed = self.started.elapsed();
         let arm = self.arm.as_ref().map(|(a, _)| &**a);
         let m = &self.gateway.metrics;
         m.stream_end((&self.route.name, self.route.metrics(m)), arm, elapsed);
         if let Some((_, stats)) = &self.arm {
-            stats.record(ok, elapsed, tokens);
+            stats.record(ok, elapsed);
         }
     }
 
@@ -328,7 +325,7 @@ impl UsageTap {
         self.gateway
             .metrics
             .stream_error(&self.route.name, &self.target.provider_id, e.kind);
-        self.record_end(false, 0);
+        self.record_end(false);
         self.trace.failed(e.kind.as_str(), true);
         tracing::warn!(route = %self.route.name, target = %self.target.id,
             kind = e.kind.as_str(), error = %crate::server::LogSafe(&e.message), "stream failed after it began");
