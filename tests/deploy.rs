@@ -34,13 +34,6 @@ fn sha(k: &str) -> String {
         .collect()
 }
 
-/// The value of the sample `series` (name and labels exactly as exposed).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 const TEAM_KEY: &str = "pg-test-deploy-team-0123456789";
 
 // === the gauges computed at scrape time ===
@@ -225,18 +218,6 @@ async fn scrape_time_gauges_follow_targets_budgets_and_reloads() {
         Some(1.0),
         "{m}"
     );
-}
-
-/// The body of `GET url`.
-async fn text(url: &str) -> String {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// `/metrics` until `ok` holds of it (spend is recorded when the response's
@@ -435,7 +416,7 @@ async fn scrape_traffic(gw: &process::Process) {
     let spent = "promptgate_key_spend{key=\"team\",period=\"daily\",unit=\"tokens\"}";
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = text(&gw.url("/metrics")).await;
+        let m = gw.metrics().await;
         if sample(&m, spent).is_some_and(|t| t >= 10.0) {
             break;
         }
@@ -560,7 +541,7 @@ async fn prometheus_scrapes_the_gateway_and_every_rule_and_panel_evaluates() {
     let mut metrics = String::new();
     let until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < until {
-        metrics = text(&gw.url("/metrics")).await;
+        metrics = gw.metrics().await;
         if [
             "promptgate_shadow_similarity_bucket",
             "promptgate_health_checks_total",

@@ -158,24 +158,12 @@ async fn get_json(url: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn metrics(p: &Process) -> String {
-    client()
-        .get(p.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of `promptgate_breaker_state{target="TARGET"}`, if reported.
 fn breaker_state(metrics: &str, target: &str) -> Option<f64> {
-    let prefix = format!("promptgate_breaker_state{{target=\"{target}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+    sample(
+        metrics,
+        &format!("promptgate_breaker_state{{target=\"{target}\"}}"),
+    )
 }
 
 async fn redis_conn(redis: &Redis) -> redis::aio::MultiplexedConnection {
@@ -424,25 +412,17 @@ async fn three_replicas_behind_nginx_share_redis_and_a_configmap() {
         );
     }
     assert_eq!(
-        breaker_state(&metrics(&replicas[0]).await, "fake/echo"),
+        breaker_state(&replicas[0].metrics().await, "fake/echo"),
         Some(2.0)
     );
     for r in &replicas[1..] {
-        assert_eq!(breaker_state(&metrics(r).await, "fake/echo"), Some(0.0));
+        assert_eq!(breaker_state(&r.metrics().await, "fake/echo"), Some(0.0));
         let (s, h, _) = chat(&r.base, "drill", "healthy here", None).await;
         assert_eq!(
             (s, &h["x-promptgate-target"]),
             (200, &"fake/echo".parse().unwrap())
         );
-        let status: Value = client()
-            .get(r.admin_url("/admin/status"))
-            .bearer_auth(process::ADMIN_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = r.admin_get("/admin/status").await;
         assert_eq!(status["faults"], json!([]), "{status}");
     }
     let cleared = client()

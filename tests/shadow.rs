@@ -31,7 +31,7 @@ use axum::response::Response;
 use axum::routing::post as route_post;
 use axum::Router;
 use common::client;
-use process::{Process, ADMIN_KEY};
+use process::Process;
 use serde_json::{json, Value};
 
 /// How long `differ` waits before it answers.
@@ -422,15 +422,7 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 async fn experiments(gw: &Process) -> Value {
-    client()
-        .get(gw.admin_url("/admin/experiments"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    gw.admin_get("/admin/experiments").await
 }
 
 /// The live figures of `candidate` on `route` (and `arm`), if it has any.
@@ -457,17 +449,6 @@ async fn pairs(gw: &Process, route: &str, arm: Option<&str>, candidate: &str, n:
         },
     )
     .await
-}
-
-async fn metrics(gw: &Process) -> String {
-    client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// The sum of the samples of `name` whose labels include every one of `labels`.
@@ -551,7 +532,7 @@ async fn a_report_against_two_candidates_has_exact_figures() {
         "{sandbox} {differ}"
     );
 
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     for c in ["sandbox/echo", "cand/differ"] {
         let calls = metric(
             &m,
@@ -771,7 +752,7 @@ async fn shadowing_never_changes_the_clients_answer() {
     // Every copy went out: the hanging ones are still in flight, the failing
     // ones are counted as candidate errors.
     wait_for("the hanging copies", || fake.seen("hang").len() == 4).await;
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert_eq!(
         metric(&m, "promptgate_shadow_in_flight", &[("route", "hangs")]),
         4.0,
@@ -913,7 +894,7 @@ async fn private_requests_never_reach_a_commercial_candidate() {
         "the passages went to the self-hosted candidate"
     );
     // …and the commercial one none: the drops are counted, per route.
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     let dropped = |route: &str| {
         metric(
             &m,
@@ -931,7 +912,7 @@ async fn private_requests_never_reach_a_commercial_candidate() {
     assert_eq!(a.status, 200, "{}", a.text);
     pairs(&gw, "pub", None, "comm/comm", 1).await;
     assert_eq!(fake.texts("comm"), vec!["public five".to_string()]);
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -972,7 +953,7 @@ async fn a_slow_candidate_drops_copies_beyond_max_in_flight() {
         assert_eq!(a.status, 200, "{}", a.text);
     }
     wait_for("the first copy", || fake.seen("held").len() == 1).await;
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -999,7 +980,7 @@ async fn a_slow_candidate_drops_copies_beyond_max_in_flight() {
         "the slot to be free",
         Duration::from_secs(20),
         || async move {
-            let m = metrics(g).await;
+            let m = g.metrics().await;
             (metric(&m, "promptgate_shadow_in_flight", &[("route", "busy")]) == 0.0).then_some(())
         },
     )
@@ -1012,7 +993,7 @@ async fn a_slow_candidate_drops_copies_beyond_max_in_flight() {
         fake.texts("held"),
         vec!["request 0".to_string(), "request 5".to_string()]
     );
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert_eq!(
         metric(&m, "promptgate_shadow_dropped_total", &[("route", "busy")]),
         4.0,
@@ -1082,7 +1063,7 @@ async fn shadow_calls_never_touch_the_cache() {
     );
 
     // Live metrics never name the candidate's calls; the shadow series do.
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     for name in ["promptgate_attempts_total", "promptgate_requests_total"] {
         let on_cached: Vec<&str> = m
             .lines()

@@ -19,18 +19,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-async fn admin_get(gw: &Gw, path: &str) -> Value {
-    client()
-        .get(gw.admin_url(path))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_page_is_served_without_the_key_and_its_data_is_not() {
     let (_fake, gw) = setup().await;
@@ -123,7 +111,7 @@ async fn the_admin_json_has_what_the_page_shows() {
     // (8 × 1000 + 4 × 1000 + 6 × 2000) / 1e6 = 0.024 per answer.
     let until = std::time::Instant::now() + Duration::from_secs(20);
     let x = loop {
-        let x = admin_get(&gw, "/admin/experiments").await;
+        let x = gw.admin_get("/admin/experiments").await;
         let arm = &x["experiments"][0]["arms"][0];
         if arm["requests"] == 3 && x["shadows"][0]["pairs"] == 1 {
             break x;
@@ -301,15 +289,7 @@ async fn the_status_page_in_chromium() {
     );
 
     // What the page showed is what the gateway says.
-    let s: Value = client()
-        .get(gw.admin_url("/admin/status"))
-        .bearer_auth(process::ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = gw.admin_get("/admin/status").await;
     let chain = s["routes"]
         .as_array()
         .unwrap()

@@ -345,8 +345,12 @@ impl Gw {
         (r.status().as_u16(), r.json().await.unwrap())
     }
     pub async fn admin_status(&self) -> Value {
+        self.admin_get("/admin/status").await
+    }
+    /// The JSON of an admin `GET`, with the admin key.
+    pub async fn admin_get(&self, path: &str) -> Value {
         client()
-            .get(self.admin_url("/admin/status"))
+            .get(self.admin_url(path))
             .bearer_auth(ADMIN_KEY)
             .send()
             .await
@@ -660,4 +664,12 @@ impl GatewayProcess {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     }
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) in
+/// Prometheus text.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -255,14 +255,19 @@ fn missing_peer(what: &str) {
     eprintln!("skipped: {what}");
 }
 
-/// A program the tests need from the system (`prometheus`, `promtool`, …):
-/// its path, or `None` when it is missing (see [`missing_peer`]).
-pub fn required_tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
+/// The program `name` in a folder of `PATH`, if there is one.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(name))
             .find(|p| p.is_file())
-    });
+    })
+}
+
+/// A program the tests need from the system (`prometheus`, `promtool`, …):
+/// its path, or `None` when it is missing (see [`missing_peer`]).
+pub fn required_tool(name: &str) -> Option<PathBuf> {
+    let found = on_path(name);
     if found.is_none() {
         missing_peer(&format!("{name} is not installed"));
     }
@@ -366,12 +371,7 @@ pub fn browser() -> Option<(PathBuf, PathBuf)> {
 /// The nginx binary: on `PATH`, else Debian's `/usr/sbin/nginx` (not on a
 /// normal user's `PATH`). A missing nginx fails the test.
 fn nginx_program() -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nginx"))
-            .find(|p| p.is_file())
-    });
-    let p = on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"));
+    let p = on_path("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"));
     assert!(
         p.is_file(),
         "nginx is needed for this test (scripts/test installs it; Debian: apt-get install nginx)"
